@@ -1,0 +1,223 @@
+//! The one interface every runtime implements, the tensors that cross it, and
+//! a mock backend for testing the runner.
+//!
+//! A backend never decides what is measured: it loads a model
+//! ([`Backend::prepare`]), binds inputs outside the clock
+//! ([`Prepared::bind`]) and runs ([`Prepared::run`]), returning only once the
+//! outputs are materialised (on a GPU: after a device synchronisation).
+
+pub mod mock;
+pub mod tensor;
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+
+use serde::{Deserialize, Serialize};
+
+pub use tensor::{
+    DType, Fill, Parity, Tensor, TensorData, TensorSpec, compare, load_tensors, save_tensors,
+};
+
+/// Where a case runs.
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    PartialEq,
+    Eq,
+    Hash,
+    PartialOrd,
+    Ord,
+    Serialize,
+    Deserialize,
+    schemars::JsonSchema,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Device {
+    Cpu,
+    Cuda,
+}
+
+impl fmt::Display for Device {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Device::Cpu => "cpu",
+            Device::Cuda => "cuda",
+        })
+    }
+}
+
+/// How a backend executes a model; the report labels interpreters as such so
+/// nobody compares an interpreter with a compiler unknowingly.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum ExecutionKind {
+    /// Graph optimised ahead of the run (ORT, tract).
+    OptimisedGraph,
+    /// Node-by-node evaluation of the ONNX graph (candle-onnx).
+    Interpreter,
+    /// Hand-written model code (candle-transformers).
+    Native,
+    /// For tests of the runner only.
+    Mock,
+}
+
+/// The result of asking a backend whether it can run on a device here.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "status", rename_all = "lowercase")]
+pub enum Probe {
+    Available {
+        /// Runtime version, e.g. `1.31.1` for ONNX Runtime.
+        version: String,
+        /// Anything else worth recording (library path, thread model).
+        detail: String,
+    },
+    Unavailable {
+        reason: String,
+    },
+}
+
+/// Why a backend could not do what was asked. The variant decides the status
+/// of the result cell.
+#[derive(Debug, Clone, PartialEq, thiserror::Error)]
+pub enum BackendError {
+    /// The model uses something this backend lacks (an op, a dtype).
+    #[error("unsupported: {0}")]
+    Unsupported(String),
+    /// The runtime or device is missing.
+    #[error("unavailable: {0}")]
+    Unavailable(String),
+    /// The model file is unreadable or invalid for this backend.
+    #[error("invalid model: {0}")]
+    InvalidModel(String),
+    /// Anything else the runtime reported.
+    #[error("{0}")]
+    Failed(String),
+}
+
+/// What `prepare` needs to know about the case.
+#[derive(Debug, Clone)]
+pub struct PrepareOptions {
+    pub device: Device,
+    pub threads: usize,
+    /// Concrete input shapes this session will see (some runtimes specialise).
+    pub inputs: Vec<TensorSpec>,
+    /// Backend-specific settings from the suite, already validated.
+    pub options: serde_json::Value,
+}
+
+/// A model file and what is known about it.
+#[derive(Debug, Clone)]
+pub struct ModelRef {
+    pub path: PathBuf,
+    pub id: String,
+}
+
+impl ModelRef {
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
+pub trait Backend: Send + Sync {
+    /// The name used in suites and results (`ort`, `tract`, `candle-onnx`).
+    fn name(&self) -> &'static str;
+
+    fn execution_kind(&self) -> ExecutionKind;
+
+    /// Says whether this backend can run on `device` here, and if not, why.
+    /// Never panics; cheap enough to call once per case.
+    fn probe(&self, device: Device) -> Probe;
+
+    /// Loads and compiles the model for the case. The time this takes is the
+    /// case's load time.
+    fn prepare(
+        &self,
+        model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError>;
+}
+
+pub trait Prepared {
+    /// Converts inputs into the runtime's own tensors, outside the clock.
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError>;
+
+    /// One inference on the bound inputs; returns once the outputs exist.
+    fn run(&mut self) -> Result<(), BackendError>;
+
+    /// The outputs of the last `run`, in the model's output order.
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError>;
+}
+
+/// Looks backends up by name; the CLI fills it with the runtimes compiled in.
+#[derive(Default)]
+pub struct Registry {
+    backends: Vec<Box<dyn Backend>>,
+}
+
+impl Registry {
+    pub fn new() -> Self {
+        Self::default()
+    }
+
+    pub fn with(mut self, backend: Box<dyn Backend>) -> Self {
+        self.backends.push(backend);
+        self
+    }
+
+    pub fn get(&self, name: &str) -> Option<&dyn Backend> {
+        self.backends
+            .iter()
+            .find(|b| b.name() == name)
+            .map(|b| b.as_ref())
+    }
+
+    pub fn names(&self) -> Vec<&'static str> {
+        self.backends.iter().map(|b| b.name()).collect()
+    }
+
+    pub fn iter(&self) -> impl Iterator<Item = &dyn Backend> {
+        self.backends.iter().map(|b| b.as_ref())
+    }
+}
+
+/// Pulls the op name out of a runtime's error text when it says an op is
+/// missing, so the cell reads `unsupported: op LayerNormalization`.
+pub fn unsupported_op_from_message(msg: &str) -> Option<String> {
+    const MARKERS: [&str; 5] = [
+        "Unimplemented(",
+        "unsupported op_type ",
+        "Unsupported op_type ",
+        "unsupported op ",
+        "Could not find an implementation for ",
+    ];
+    for marker in MARKERS {
+        if let Some(pos) = msg.find(marker) {
+            let rest = &msg[pos + marker.len()..];
+            let op: String = rest
+                .chars()
+                .take_while(|c| c.is_ascii_alphanumeric() || *c == '_' || *c == ':' || *c == '.')
+                .collect();
+            if !op.is_empty() {
+                return Some(op);
+            }
+        }
+    }
+    None
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn finds_op_names_in_runtime_messages() {
+        assert_eq!(
+            unsupported_op_from_message(
+                "unsupported op_type LayerNormalization for op NodeProto {..}"
+            ),
+            Some("LayerNormalization".into())
+        );
+        assert_eq!(unsupported_op_from_message("shape mismatch"), None);
+    }
+}

@@ -1,0 +1,144 @@
+//! A backend with no runtime behind it, for tests of the runner: it copies
+//! its first input to its output after spinning for a configurable time, and
+//! can be told to fail in each way a real runtime can.
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+use crate::{
+    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe, Tensor,
+};
+
+/// Settings of the mock backend (`backend_options.mock` in a suite).
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(deny_unknown_fields, default)]
+pub struct MockOptions {
+    /// Busy-wait per run, in microseconds (0: return at once).
+    pub latency_us: f64,
+    /// Multiplies the latency (1.1 = a 10% regression), for tests of the gate.
+    pub slowdown: Option<f64>,
+    /// Added to every output value, to exercise the parity check.
+    pub perturb: f64,
+    /// Make the backend fail: `prepare`, `run`, `unsupported`, `panic`,
+    /// `abort`, `hang`.
+    pub fail: Option<String>,
+}
+
+pub struct MockBackend {
+    name: &'static str,
+}
+
+impl MockBackend {
+    /// `name` lets tests register a second mock as a reference.
+    pub fn new(name: &'static str) -> Self {
+        Self { name }
+    }
+}
+
+impl Backend for MockBackend {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::Mock
+    }
+
+    fn probe(&self, device: Device) -> Probe {
+        match device {
+            Device::Cpu => Probe::Available {
+                version: env!("CARGO_PKG_VERSION").into(),
+                detail: "mock backend for tests".into(),
+            },
+            Device::Cuda => Probe::Unavailable {
+                reason: "mock backend has no GPU".into(),
+            },
+        }
+    }
+
+    fn prepare(
+        &self,
+        _model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        let opts: MockOptions = if options.options.is_null() {
+            MockOptions::default()
+        } else {
+            serde_json::from_value(options.options.clone())
+                .map_err(|e| BackendError::Failed(format!("mock options: {e}")))?
+        };
+        match opts.fail.as_deref() {
+            Some("prepare") => return Err(BackendError::Failed("mock prepare failure".into())),
+            Some("unsupported") => {
+                return Err(BackendError::Unsupported("op MockOp".into()));
+            }
+            Some("panic") => panic!("mock backend panicked on purpose"),
+            Some("abort") => std::process::abort(),
+            _ => {}
+        }
+        let latency = Duration::from_secs_f64(opts.latency_us * opts.slowdown.unwrap_or(1.0) / 1e6);
+        Ok(Box::new(MockPrepared {
+            latency,
+            perturb: opts.perturb as f32,
+            fail_run: opts.fail.as_deref() == Some("run"),
+            hang: opts.fail.as_deref() == Some("hang"),
+            input: None,
+            output: None,
+        }))
+    }
+}
+
+struct MockPrepared {
+    latency: Duration,
+    perturb: f32,
+    fail_run: bool,
+    hang: bool,
+    input: Option<Tensor>,
+    output: Option<Tensor>,
+}
+
+impl Prepared for MockPrepared {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        self.input = inputs.first().cloned();
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        if self.fail_run {
+            return Err(BackendError::Failed("mock run failure".into()));
+        }
+        if self.hang {
+            loop {
+                std::thread::sleep(Duration::from_secs(3600));
+            }
+        }
+        if !self.latency.is_zero() {
+            let start = Instant::now();
+            while start.elapsed() < self.latency {
+                std::hint::spin_loop();
+            }
+        }
+        // Only the first run pays for the copy; the timed loop measures the
+        // harness, not a memcpy.
+        if self.output.is_none() {
+            let mut out = self
+                .input
+                .clone()
+                .ok_or_else(|| BackendError::Failed("no input bound".into()))?;
+            out.name = "y".into();
+            if let crate::TensorData::F32(v) = &mut out.data {
+                v.iter_mut().for_each(|x| *x += self.perturb);
+            }
+            self.output = Some(out);
+        }
+        Ok(())
+    }
+
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
+        self.output
+            .clone()
+            .map(|t| vec![t])
+            .ok_or_else(|| BackendError::Failed("run first".into()))
+    }
+}

@@ -1,0 +1,416 @@
+//! Host tensors that cross the backend interface, how inputs are filled, and
+//! how outputs are compared.
+
+use std::collections::HashMap;
+use std::fmt;
+use std::path::Path;
+
+use serde::{Deserialize, Serialize};
+
+/// Element types handoff feeds to models.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize, schemars::JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum DType {
+    F32,
+    I64,
+    I32,
+}
+
+impl fmt::Display for DType {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            DType::F32 => "f32",
+            DType::I64 => "i64",
+            DType::I32 => "i32",
+        })
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub enum TensorData {
+    F32(Vec<f32>),
+    I64(Vec<i64>),
+    I32(Vec<i32>),
+}
+
+impl TensorData {
+    pub fn len(&self) -> usize {
+        match self {
+            TensorData::F32(v) => v.len(),
+            TensorData::I64(v) => v.len(),
+            TensorData::I32(v) => v.len(),
+        }
+    }
+
+    pub fn is_empty(&self) -> bool {
+        self.len() == 0
+    }
+
+    pub fn dtype(&self) -> DType {
+        match self {
+            TensorData::F32(_) => DType::F32,
+            TensorData::I64(_) => DType::I64,
+            TensorData::I32(_) => DType::I32,
+        }
+    }
+
+    /// Values as f64, for comparisons.
+    pub fn to_f64(&self) -> Vec<f64> {
+        match self {
+            TensorData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
+            TensorData::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct Tensor {
+    pub name: String,
+    pub shape: Vec<usize>,
+    pub data: TensorData,
+}
+
+/// How an input tensor is filled. Every fill is a pure function of the seed,
+/// so the reference and every backend see identical inputs, even in
+/// different processes.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Fill {
+    /// Uniform floats in [min, max).
+    Random {
+        min: f64,
+        max: f64,
+    },
+    /// Uniform integers in [min, max).
+    RandomInt {
+        min: i64,
+        max: i64,
+    },
+    Constant(f64),
+}
+
+/// A concrete input: every dimension known.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct TensorSpec {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<usize>,
+    pub fill: Fill,
+}
+
+impl TensorSpec {
+    pub fn numel(&self) -> usize {
+        self.shape.iter().product()
+    }
+
+    /// Generates the tensor from a seed mixed with the input's name.
+    pub fn generate(&self, seed: u64) -> Tensor {
+        let mut rng = SplitMix64(seed ^ fnv1a(self.name.as_bytes()));
+        let n = self.numel();
+        let data = match (self.dtype, &self.fill) {
+            (DType::F32, Fill::Random { min, max }) => TensorData::F32(
+                (0..n)
+                    .map(|_| (*min + (*max - *min) * rng.unit()) as f32)
+                    .collect(),
+            ),
+            (DType::F32, Fill::RandomInt { min, max }) => {
+                TensorData::F32((0..n).map(|_| rng.int(*min, *max) as f32).collect())
+            }
+            (DType::F32, Fill::Constant(c)) => TensorData::F32(vec![*c as f32; n]),
+            (DType::I64, Fill::Constant(c)) => TensorData::I64(vec![*c as i64; n]),
+            (DType::I32, Fill::Constant(c)) => TensorData::I32(vec![*c as i32; n]),
+            (DType::I64, Fill::RandomInt { min, max }) => {
+                TensorData::I64((0..n).map(|_| rng.int(*min, *max)).collect())
+            }
+            (DType::I32, Fill::RandomInt { min, max }) => {
+                TensorData::I32((0..n).map(|_| rng.int(*min, *max) as i32).collect())
+            }
+            (DType::I64, Fill::Random { min, max }) => TensorData::I64(
+                (0..n)
+                    .map(|_| rng.int(min.floor() as i64, max.ceil() as i64))
+                    .collect(),
+            ),
+            (DType::I32, Fill::Random { min, max }) => TensorData::I32(
+                (0..n)
+                    .map(|_| rng.int(min.floor() as i64, max.ceil() as i64) as i32)
+                    .collect(),
+            ),
+        };
+        Tensor {
+            name: self.name.clone(),
+            shape: self.shape.clone(),
+            data,
+        }
+    }
+}
+
+struct SplitMix64(u64);
+
+impl SplitMix64 {
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    fn unit(&mut self) -> f64 {
+        (self.next() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
+    fn int(&mut self, lo: i64, hi: i64) -> i64 {
+        if hi <= lo {
+            return lo;
+        }
+        lo + (self.next() % (hi - lo) as u64) as i64
+    }
+}
+
+fn fnv1a(bytes: &[u8]) -> u64 {
+    bytes.iter().fold(0xcbf2_9ce4_8422_2325, |h, &b| {
+        (h ^ u64::from(b)).wrapping_mul(0x0100_0000_01b3)
+    })
+}
+
+/// How far a backend's outputs are from the reference's.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Parity {
+    pub reference: String,
+    pub max_abs: f64,
+    pub max_rel: f64,
+    pub atol: f64,
+    pub rtol: f64,
+    pub ok: bool,
+    /// Set when the outputs could not be compared at all (shape or count).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub detail: Option<String>,
+}
+
+/// Compares outputs pairwise, with numpy's `allclose` rule:
+/// `|a - r| <= atol + rtol * |r|` for every element. NaN never matches.
+pub fn compare(
+    outputs: &[Tensor],
+    reference: &[Tensor],
+    reference_name: &str,
+    atol: f64,
+    rtol: f64,
+) -> Parity {
+    let mut parity = Parity {
+        reference: reference_name.to_owned(),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        atol,
+        rtol,
+        ok: true,
+        detail: None,
+    };
+    let fail = |mut p: Parity, why: String| {
+        p.ok = false;
+        p.detail = Some(why);
+        p.max_abs = f64::INFINITY;
+        p.max_rel = f64::INFINITY;
+        p
+    };
+    if outputs.len() != reference.len() {
+        return fail(
+            parity,
+            format!(
+                "{} outputs, reference has {}",
+                outputs.len(),
+                reference.len()
+            ),
+        );
+    }
+    for (o, r) in outputs.iter().zip(reference) {
+        if o.shape != r.shape {
+            return fail(
+                parity,
+                format!(
+                    "output `{}` has shape {:?}, reference `{}` has {:?}",
+                    o.name, o.shape, r.name, r.shape
+                ),
+            );
+        }
+        for (a, b) in o.data.to_f64().into_iter().zip(r.data.to_f64()) {
+            let abs = (a - b).abs();
+            if abs.is_nan() {
+                parity.ok = false;
+                parity.max_abs = f64::NAN;
+                parity.detail = Some(format!("output `{}` has NaN", o.name));
+                continue;
+            }
+            let rel = abs / b.abs().max(f64::MIN_POSITIVE);
+            parity.max_abs = parity.max_abs.max(abs);
+            if b.abs() > atol {
+                parity.max_rel = parity.max_rel.max(rel);
+            }
+            if abs > atol + rtol * b.abs() {
+                parity.ok = false;
+            }
+        }
+    }
+    parity
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum TensorFileError {
+    #[error("cannot read/write tensors at {path}: {detail}")]
+    Io { path: String, detail: String },
+}
+
+/// Saves tensors (safetensors format) so a reference computed in one process
+/// can be compared in another.
+pub fn save_tensors(path: &Path, tensors: &[Tensor]) -> Result<(), TensorFileError> {
+    use safetensors::tensor::{Dtype, TensorView};
+    let err = |detail: String| TensorFileError::Io {
+        path: path.display().to_string(),
+        detail,
+    };
+    let bytes: Vec<(String, Dtype, Vec<usize>, Vec<u8>)> = tensors
+        .iter()
+        .enumerate()
+        .map(|(i, t)| {
+            let (dtype, raw) = match &t.data {
+                TensorData::F32(v) => {
+                    (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
+                TensorData::I64(v) => {
+                    (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
+                TensorData::I32(v) => {
+                    (Dtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
+                }
+            };
+            // Position first so order survives the format's sorted keys.
+            (format!("{i:04}:{}", t.name), dtype, t.shape.clone(), raw)
+        })
+        .collect();
+    let views = bytes
+        .iter()
+        .map(|(name, dtype, shape, raw)| {
+            TensorView::new(*dtype, shape.clone(), raw)
+                .map(|v| (name.clone(), v))
+                .map_err(|e| err(e.to_string()))
+        })
+        .collect::<Result<Vec<_>, _>>()?;
+    let tmp = path.with_extension("tmp");
+    safetensors::serialize_to_file(views, None::<HashMap<String, String>>, &tmp)
+        .map_err(|e| err(e.to_string()))?;
+    std::fs::rename(&tmp, path).map_err(|e| err(e.to_string()))
+}
+
+pub fn load_tensors(path: &Path) -> Result<Vec<Tensor>, TensorFileError> {
+    use safetensors::tensor::Dtype;
+    let err = |detail: String| TensorFileError::Io {
+        path: path.display().to_string(),
+        detail,
+    };
+    let bytes = std::fs::read(path).map_err(|e| err(e.to_string()))?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| err(e.to_string()))?;
+    let mut names: Vec<String> = st.names().into_iter().map(str::to_owned).collect();
+    names.sort();
+    names
+        .into_iter()
+        .map(|key| {
+            let view = st.tensor(&key).map_err(|e| err(e.to_string()))?;
+            let raw = view.data();
+            let data = match view.dtype() {
+                Dtype::F32 => TensorData::F32(
+                    raw.chunks_exact(4)
+                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ),
+                Dtype::I64 => TensorData::I64(
+                    raw.chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
+                        .collect(),
+                ),
+                Dtype::I32 => TensorData::I32(
+                    raw.chunks_exact(4)
+                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                        .collect(),
+                ),
+                other => return Err(err(format!("unexpected dtype {other:?}"))),
+            };
+            let name = key
+                .split_once(':')
+                .map_or(key.clone(), |(_, n)| n.to_owned());
+            Ok(Tensor {
+                name,
+                shape: view.shape().to_vec(),
+                data,
+            })
+        })
+        .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn t(data: Vec<f32>) -> Tensor {
+        Tensor {
+            name: "y".into(),
+            shape: vec![data.len()],
+            data: TensorData::F32(data),
+        }
+    }
+
+    #[test]
+    fn generation_is_deterministic_and_seeded() {
+        let spec = TensorSpec {
+            name: "x".into(),
+            dtype: DType::F32,
+            shape: vec![2, 3],
+            fill: Fill::Random {
+                min: -1.0,
+                max: 1.0,
+            },
+        };
+        assert_eq!(spec.generate(7), spec.generate(7));
+        assert_ne!(spec.generate(7), spec.generate(8));
+        let TensorData::F32(v) = spec.generate(7).data else {
+            panic!("dtype")
+        };
+        assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+    }
+
+    #[test]
+    fn compare_uses_allclose_rule() {
+        let p = compare(
+            &[t(vec![1.0, 2.0])],
+            &[t(vec![1.0, 2.0005])],
+            "r",
+            1e-4,
+            1e-3,
+        );
+        assert!(p.ok, "{p:?}");
+        let p = compare(&[t(vec![1.0, 2.1])], &[t(vec![1.0, 2.0])], "r", 1e-4, 1e-3);
+        assert!(!p.ok);
+        assert!((p.max_abs - 0.1).abs() < 1e-6);
+        let p = compare(&[t(vec![f32::NAN])], &[t(vec![1.0])], "r", 1.0, 1.0);
+        assert!(!p.ok);
+        let p = compare(&[t(vec![1.0])], &[t(vec![1.0, 2.0])], "r", 1.0, 1.0);
+        assert!(!p.ok && p.detail.is_some());
+    }
+
+    #[test]
+    fn tensors_round_trip_through_files() {
+        let dir = std::env::temp_dir().join(format!("handoff-t-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let path = dir.join("a.safetensors");
+        let ts = vec![
+            t(vec![1.0, 2.0]),
+            Tensor {
+                name: "ids".into(),
+                shape: vec![1, 2],
+                data: TensorData::I64(vec![3, 4]),
+            },
+        ];
+        save_tensors(&path, &ts).unwrap();
+        assert_eq!(load_tensors(&path).unwrap(), ts);
+        std::fs::remove_dir_all(&dir).unwrap();
+    }
+}

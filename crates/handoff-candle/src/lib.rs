@@ -1,0 +1,171 @@
+//! candle backends. `candle-onnx` walks the ONNX graph node by node on every
+//! call (re-materialising initializers each time): it is an interpreter and
+//! results label it so.
+//!
+//! candle's matmuls use rayon's global pool, whose size is fixed per process
+//! (`RAYON_NUM_THREADS`), so a case asking for N threads must run in a
+//! process started with that value; `prepare` refuses rather than silently
+//! measure a different thread count.
+
+use std::collections::HashMap;
+
+use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
+use handoff_backend::{
+    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+    Tensor, TensorData, unsupported_op_from_message,
+};
+
+pub const CANDLE_VERSION: &str = "0.11.1";
+
+#[derive(Debug, Default)]
+pub struct CandleOnnxBackend;
+
+impl Backend for CandleOnnxBackend {
+    fn name(&self) -> &'static str {
+        "candle-onnx"
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::Interpreter
+    }
+
+    fn probe(&self, device: Device) -> Probe {
+        match device {
+            Device::Cpu => Probe::Available {
+                version: CANDLE_VERSION.into(),
+                detail: "interpreter (candle-onnx simple_eval); threads from RAYON_NUM_THREADS"
+                    .into(),
+            },
+            Device::Cuda => Probe::Unavailable {
+                reason: "no CUDA device: this build has no candle CUDA support (feature `cuda`)"
+                    .into(),
+            },
+        }
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        if options.device != Device::Cpu {
+            return Err(BackendError::Unavailable("no CUDA device".into()));
+        }
+        check_threads(options.threads)?;
+        let proto = candle_onnx::read_file(model.path())
+            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", model.path().display())))?;
+        let graph = proto
+            .graph
+            .as_ref()
+            .ok_or_else(|| BackendError::InvalidModel("model has no graph".into()))?;
+        let output_names = graph.output.iter().map(|o| o.name.clone()).collect();
+        Ok(Box::new(CandleOnnxPrepared {
+            model: proto,
+            inputs: HashMap::new(),
+            output_names,
+            last: HashMap::new(),
+        }))
+    }
+}
+
+/// candle sizes its pool once per process from `RAYON_NUM_THREADS`.
+pub fn check_threads(wanted: usize) -> Result<(), BackendError> {
+    let have = candle_core::utils::get_num_threads();
+    if have != wanted {
+        return Err(BackendError::Failed(format!(
+            "candle's thread pool is process-wide and has {have} threads here, not {wanted}: run with `isolation: process` (the default) so each case gets its own process"
+        )));
+    }
+    Ok(())
+}
+
+fn classify(e: &candle_core::Error) -> BackendError {
+    let msg = e.to_string();
+    match unsupported_op_from_message(&msg) {
+        Some(op) => BackendError::Unsupported(format!("op {op}")),
+        None => {
+            // candle's messages embed whole NodeProto dumps: keep them short.
+            let mut short: String = msg.chars().take(300).collect();
+            if short.len() < msg.len() {
+                short.push('…');
+            }
+            BackendError::Failed(short)
+        }
+    }
+}
+
+struct CandleOnnxPrepared {
+    model: candle_onnx::onnx::ModelProto,
+    inputs: HashMap<String, CTensor>,
+    output_names: Vec<String>,
+    last: HashMap<String, CTensor>,
+}
+
+pub fn to_candle(t: &Tensor) -> Result<CTensor, BackendError> {
+    let dev = CDevice::Cpu;
+    match &t.data {
+        TensorData::F32(v) => CTensor::from_slice(v, t.shape.as_slice(), &dev),
+        TensorData::I64(v) => CTensor::from_slice(v, t.shape.as_slice(), &dev),
+        TensorData::I32(v) => {
+            // candle has no i32: widen, as the ONNX ops it has accept i64.
+            let w: Vec<i64> = v.iter().map(|&x| i64::from(x)).collect();
+            CTensor::from_slice(&w, t.shape.as_slice(), &dev)
+        }
+    }
+    .map_err(|e| BackendError::Failed(format!("input `{}`: {e}", t.name)))
+}
+
+pub fn from_candle(name: &str, t: &CTensor) -> Result<Tensor, BackendError> {
+    let err = |e: candle_core::Error| BackendError::Failed(format!("output `{name}`: {e}"));
+    let flat = t.flatten_all().map_err(err)?;
+    let data = match t.dtype() {
+        CDType::F32 => TensorData::F32(flat.to_vec1::<f32>().map_err(err)?),
+        CDType::I64 => TensorData::I64(flat.to_vec1::<i64>().map_err(err)?),
+        CDType::F16 | CDType::BF16 | CDType::F64 => TensorData::F32(
+            flat.to_dtype(CDType::F32)
+                .map_err(err)?
+                .to_vec1::<f32>()
+                .map_err(err)?,
+        ),
+        other => {
+            return Err(BackendError::Unsupported(format!(
+                "output dtype {other:?} of `{name}`"
+            )));
+        }
+    };
+    Ok(Tensor {
+        name: name.to_owned(),
+        shape: t.dims().to_vec(),
+        data,
+    })
+}
+
+impl Prepared for CandleOnnxPrepared {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        self.inputs = inputs
+            .iter()
+            .map(|t| Ok((t.name.clone(), to_candle(t)?)))
+            .collect::<Result<_, BackendError>>()?;
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        // candle computes eagerly on the CPU: outputs exist when this returns.
+        self.last =
+            candle_onnx::simple_eval(&self.model, self.inputs.clone()).map_err(|e| classify(&e))?;
+        Ok(())
+    }
+
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
+        self.output_names
+            .iter()
+            .map(|name| {
+                let t = self
+                    .last
+                    .get(name)
+                    .ok_or_else(|| BackendError::Failed(format!("no output `{name}`")))?;
+                from_candle(name, t)
+            })
+            .collect()
+    }
+}

@@ -1,0 +1,396 @@
+//! `handoff`: where should we hand off from Python, and to what?
+//!
+//! Exit codes: 0 success, 1 regression found (compare), 2 bad input or
+//! internal error.
+
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+
+use anyhow::{Context, Result};
+use clap::{Parser, Subcommand};
+use handoff_backend::{Probe, Registry};
+use handoff_runner::isolate::{WorkerCommand, worker_main};
+use handoff_runner::{Observer, ResultRecord, RunOptions, Runner};
+use handoff_suite::{Case, Plan, PlanOptions, SuiteError};
+use indicatif::{ProgressBar, ProgressStyle};
+
+#[derive(Parser)]
+#[command(
+    name = "handoff",
+    version,
+    about = "Benchmark ONNX Runtime, tract and candle on the same models, with sound statistics.",
+    long_about = "handoff runs one YAML suite (models x backends x devices x threads x batch x dims) \
+across ONNX Runtime, tract and candle, checks every backend's outputs against a reference, measures \
+each case until the median is known to a set precision, and writes results.jsonl as it goes.\n\n\
+Start with:\n  handoff setup                      # fetch libonnxruntime from PyPI into .cache/\n  \
+handoff run suites/quickstart.yaml # measure, then print a table\n  \
+handoff run suites/quickstart.yaml --dry-run   # show the expanded cases only\n  \
+handoff schema > suite.schema.json # JSON Schema for editors",
+    after_help = "Exit codes: 0 success, 1 regression found, 2 bad input or internal error."
+)]
+struct Cli {
+    #[command(subcommand)]
+    command: Command,
+}
+
+#[derive(Subcommand)]
+enum Command {
+    /// Run a suite: every case, streamed to <out>/results.jsonl, then a table.
+    Run {
+        /// Suite file (YAML).
+        suite: PathBuf,
+        /// Only cases whose id contains this text (repeatable; any matches).
+        /// Ids look like `mlp/ort/cpu/t2/b8`.
+        #[arg(long, short)]
+        filter: Vec<String>,
+        /// Results directory (default: reports/<suite>-<UTC timestamp>).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Print the expanded cases and exit without measuring.
+        #[arg(long)]
+        dry_run: bool,
+        /// No progress bar and no table; errors only.
+        #[arg(long, short)]
+        quiet: bool,
+    },
+    /// Check a suite and print its expanded cases (like `run --dry-run`).
+    Validate {
+        suite: PathBuf,
+        /// One JSON object per case instead of a table.
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print the suite format's JSON Schema.
+    Schema,
+    /// Probe each compiled-in backend: version, or why it is unavailable.
+    ListBackends,
+    /// Fetch what runs need (libonnxruntime from the PyPI wheel) into the cache.
+    Setup,
+    /// Print the table and Markdown summary of a results file.
+    Report {
+        /// results.jsonl, or the run directory holding it.
+        results: PathBuf,
+        /// Write summary.md here (default: next to the results).
+        #[arg(long)]
+        out: Option<PathBuf>,
+    },
+    #[command(name = "__worker", hide = true)]
+    Worker,
+}
+
+fn registry() -> Registry {
+    Registry::new()
+        .with(Box::new(handoff_ort::OrtBackend))
+        .with(Box::new(handoff_tract::TractBackend))
+        .with(Box::new(handoff_candle::CandleOnnxBackend))
+        .with(Box::new(handoff_backend::mock::MockBackend::new("mock")))
+        .with(Box::new(handoff_backend::mock::MockBackend::new(
+            "mock-ref",
+        )))
+}
+
+fn repo_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../..")
+}
+
+fn plan_options(registry: &Registry) -> PlanOptions {
+    let model_cache = std::env::var_os("HANDOFF_MODEL_CACHE")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| repo_root().join("models/cache"));
+    PlanOptions {
+        model_cache,
+        known_backends: registry.names().into_iter().map(str::to_owned).collect(),
+    }
+}
+
+fn main() -> ExitCode {
+    let cli = Cli::parse();
+    match run(cli) {
+        Ok(code) => code,
+        Err(e) => {
+            if let Some(SuiteError::Invalid(problems)) = e.downcast_ref::<SuiteError>() {
+                for p in problems {
+                    eprintln!("error: {p}");
+                }
+            } else {
+                eprintln!("error: {e:#}");
+            }
+            ExitCode::from(2)
+        }
+    }
+}
+
+fn run(cli: Cli) -> Result<ExitCode> {
+    let registry = registry();
+    match cli.command {
+        Command::Worker => Ok(ExitCode::from(worker_main(&registry) as u8)),
+        Command::Schema => {
+            let schema = schemars::schema_for!(handoff_suite::raw::RawSuite);
+            println!("{}", serde_json::to_string_pretty(&schema)?);
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::ListBackends => {
+            for b in registry.iter() {
+                for device in [handoff_backend::Device::Cpu, handoff_backend::Device::Cuda] {
+                    match b.probe(device) {
+                        Probe::Available { version, detail } => {
+                            println!(
+                                "{:<12} {:<5} available  {version}  ({detail})",
+                                b.name(),
+                                device.to_string()
+                            );
+                        }
+                        Probe::Unavailable { reason } => {
+                            println!(
+                                "{:<12} {:<5} unavailable: {reason}",
+                                b.name(),
+                                device.to_string()
+                            );
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Setup => {
+            let lib = handoff_ort::provision::fetch().map_err(anyhow::Error::msg)?;
+            println!("onnxruntime: {}", lib.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Validate { suite, json } => {
+            let plan = Plan::from_file(&suite, &plan_options(&registry))?;
+            print_plan(&plan, json)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Report { results, out } => {
+            let path = if results.is_dir() {
+                results.join("results.jsonl")
+            } else {
+                results
+            };
+            let read = handoff_runner::read_results(&path)?;
+            let suite = read
+                .records
+                .first()
+                .map_or("(empty)".to_owned(), |r| r.suite.clone());
+            print!("{}", handoff_report::terminal_table(&read.records));
+            let md = handoff_report::summary_markdown(&suite, &read.records, read.torn_last_line);
+            let out = out.unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_owned());
+            std::fs::create_dir_all(&out)?;
+            std::fs::write(out.join("summary.md"), md)?;
+            eprintln!("wrote {}", out.join("summary.md").display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Run {
+            suite,
+            filter,
+            out,
+            dry_run,
+            quiet,
+        } => {
+            let plan = Plan::from_file(&suite, &plan_options(&registry))?;
+            if dry_run {
+                print_plan(&plan, false)?;
+                return Ok(ExitCode::SUCCESS);
+            }
+            if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {
+                ensure_ort(quiet);
+            }
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("reports").join(format!("{}-{}", plan.name, timestamp()))
+            });
+            let options = RunOptions {
+                out_dir: out.clone(),
+                worker: Some(WorkerCommand {
+                    program: std::env::current_exe()
+                        .context("cannot find the handoff executable")?,
+                    args: vec!["__worker".into()],
+                }),
+                filters: filter,
+            };
+            let runner = Runner::new(&plan, &registry, options);
+            let mut progress = Progress::new(quiet);
+            let summary = runner.run(&mut progress)?;
+            progress.finish();
+            let read = handoff_runner::read_results(&summary.results)?;
+            let md =
+                handoff_report::summary_markdown(&plan.name, &read.records, read.torn_last_line);
+            std::fs::write(out.join("summary.md"), md)?;
+            if !quiet {
+                println!("{}", handoff_report::terminal_table(&read.records));
+                let counts: Vec<String> = summary
+                    .counts
+                    .iter()
+                    .map(|(s, n)| format!("{n} {s}"))
+                    .collect();
+                println!("{} cases: {}", read.records.len(), counts.join(", "));
+                if summary.busy_cases > 0 {
+                    println!(
+                        "warning: {} case(s) ran while other processes used CPU; their numbers are marked BUSY",
+                        summary.busy_cases
+                    );
+                }
+                println!("results: {}", summary.results.display());
+                println!("summary: {}", out.join("summary.md").display());
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}
+
+/// Fetches libonnxruntime if no library can be found; on failure the ort
+/// cells will say why, and other backends still run.
+fn ensure_ort(quiet: bool) {
+    if handoff_ort::provision::locate().is_ok() {
+        return;
+    }
+    if !quiet {
+        eprintln!(
+            "libonnxruntime not found; fetching onnxruntime=={} from PyPI…",
+            handoff_ort::provision::PINNED_VERSION
+        );
+    }
+    if let Err(e) = handoff_ort::provision::fetch() {
+        eprintln!("warning: {e}; ort cells will be `unavailable`");
+    }
+}
+
+fn print_plan(plan: &Plan, json: bool) -> Result<()> {
+    let stdout = std::io::stdout();
+    let mut out = std::io::BufWriter::new(stdout.lock());
+    if json {
+        for case in plan.cases() {
+            serde_json::to_writer(&mut out, &case)?;
+            writeln!(out)?;
+        }
+        return Ok(out.flush()?);
+    }
+    writeln!(
+        out,
+        "suite {} ({}): {} cases",
+        plan.name,
+        plan.suite_path.display(),
+        plan.case_count()
+    )?;
+    for m in &plan.models {
+        let inputs: Vec<String> = m.info.inputs.iter().map(ToString::to_string).collect();
+        writeln!(
+            out,
+            "  model {}: {} ({}, {:.1} MB, {} params, opset {}; inputs {})",
+            m.id,
+            m.path.display(),
+            m.source,
+            m.info.size_bytes as f64 / 1e6,
+            m.info.parameter_count,
+            m.info.opset,
+            inputs.join(", ")
+        )?;
+    }
+    writeln!(
+        out,
+        "  measure: warm-up {:?}, {}..{} iterations, {:?}..{:?}, target CI ±{}%; check vs {} (atol {:e}, rtol {:e}); isolation {:?}, timeout {:?}",
+        plan.measure.warmup,
+        plan.measure.min_iterations,
+        plan.measure.max_iterations,
+        plan.measure.min_time,
+        plan.measure.max_time,
+        plan.measure.target_ci * 100.0,
+        plan.check.reference,
+        plan.check.atol,
+        plan.check.rtol,
+        plan.isolation,
+        plan.timeout
+    )?;
+    for case in plan.cases() {
+        writeln!(out, "{:>5}  {:<40} {}", case.index, case.id, shapes(&case))?;
+    }
+    Ok(out.flush()?)
+}
+
+fn shapes(case: &Case) -> String {
+    case.inputs
+        .iter()
+        .map(|t| format!("{}:{}{:?}", t.name, t.dtype, t.shape))
+        .collect::<Vec<_>>()
+        .join(" ")
+}
+
+struct Progress {
+    bar: Option<ProgressBar>,
+}
+
+impl Progress {
+    fn new(quiet: bool) -> Self {
+        Self {
+            bar: (!quiet).then(|| {
+                let bar = ProgressBar::new(0);
+                bar.set_style(
+                    ProgressStyle::with_template(
+                        "{spinner} [{elapsed_precise}] {bar:30} {pos}/{len} ETA {eta} {wide_msg}",
+                    )
+                    .unwrap_or_else(|_| ProgressStyle::default_bar()),
+                );
+                bar
+            }),
+        }
+    }
+
+    fn finish(&self) {
+        if let Some(b) = &self.bar {
+            b.finish_and_clear();
+        }
+    }
+}
+
+impl Observer for Progress {
+    fn started(&mut self, total: usize) {
+        if let Some(b) = &self.bar {
+            b.set_length(total as u64);
+        }
+    }
+
+    fn case_started(&mut self, case: &Case) {
+        if let Some(b) = &self.bar {
+            b.set_message(case.id.clone());
+        }
+    }
+
+    fn case_finished(&mut self, record: &ResultRecord) {
+        if let Some(b) = &self.bar {
+            if record.status != handoff_runner::Status::Ok {
+                b.println(format!(
+                    "{}: {} {}",
+                    record.case.id,
+                    record.status.as_str(),
+                    record.reason.as_deref().unwrap_or("")
+                ));
+            }
+            b.inc(1);
+        }
+    }
+}
+
+/// UTC `YYYYMMDD-HHMMSS`, without a date crate.
+fn timestamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs()) as i64;
+    let (days, rem) = (secs.div_euclid(86_400), secs.rem_euclid(86_400));
+    // Civil-from-days (Howard Hinnant's algorithm).
+    let z = days + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36_524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + i64::from(m <= 2);
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}

@@ -1,0 +1,168 @@
+//! A small builder for ONNX graphs, used by the synthetic models, the tests
+//! and (later) the converters.
+
+use std::path::Path;
+
+use crate::inspect::{ElemType, OnnxError};
+use crate::proto::{
+    AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto, NodeProto,
+    OperatorSetIdProto, TensorProto, TensorShapeProto, TypeProto, TypeProtoTensor, ValueInfoProto,
+    attribute_type,
+};
+
+/// One dimension of a graph input or output.
+#[derive(Debug, Clone)]
+pub enum D {
+    Fixed(i64),
+    Sym(&'static str),
+}
+
+#[derive(Debug, Default)]
+pub struct GraphBuilder {
+    graph: GraphProto,
+    counter: usize,
+}
+
+impl GraphBuilder {
+    pub fn new(name: &str) -> Self {
+        Self {
+            graph: GraphProto {
+                name: name.to_owned(),
+                ..Default::default()
+            },
+            counter: 0,
+        }
+    }
+
+    pub fn input(&mut self, name: &str, elem: ElemType, dims: &[D]) -> String {
+        self.graph.input.push(value_info(name, elem, dims));
+        name.to_owned()
+    }
+
+    pub fn output(&mut self, name: &str, elem: ElemType, dims: &[D]) {
+        self.graph.output.push(value_info(name, elem, dims));
+    }
+
+    pub fn init_f32(&mut self, name: &str, dims: &[i64], data: Vec<f32>) -> String {
+        debug_assert_eq!(dims.iter().product::<i64>() as usize, data.len());
+        self.graph.initializer.push(TensorProto {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            data_type: ElemType::F32.onnx_code(),
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.to_owned()
+    }
+
+    pub fn init_i64(&mut self, name: &str, dims: &[i64], data: Vec<i64>) -> String {
+        self.graph.initializer.push(TensorProto {
+            name: name.to_owned(),
+            dims: dims.to_vec(),
+            data_type: ElemType::I64.onnx_code(),
+            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            ..Default::default()
+        });
+        name.to_owned()
+    }
+
+    /// Adds a node with one output, named after the op and a counter.
+    pub fn node(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>) -> String {
+        self.counter += 1;
+        let out = format!("{}_{}", op.to_lowercase(), self.counter);
+        self.node_to(op, inputs, attrs, &out);
+        out
+    }
+
+    /// Adds a node whose output has a given name (a graph output, say).
+    pub fn node_to(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: &str) {
+        self.graph.node.push(NodeProto {
+            name: format!("{out}_node"),
+            op_type: op.to_owned(),
+            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+            output: vec![out.to_owned()],
+            attribute: attrs,
+            ..Default::default()
+        });
+    }
+
+    pub fn finish(self, opset: i64) -> ModelProto {
+        ModelProto {
+            ir_version: 8,
+            opset_import: vec![OperatorSetIdProto {
+                domain: String::new(),
+                version: opset,
+            }],
+            producer_name: "handoff".into(),
+            producer_version: env!("CARGO_PKG_VERSION").into(),
+            graph: Some(self.graph),
+            ..Default::default()
+        }
+    }
+}
+
+fn value_info(name: &str, elem: ElemType, dims: &[D]) -> ValueInfoProto {
+    ValueInfoProto {
+        name: name.to_owned(),
+        r#type: Some(TypeProto {
+            tensor_type: Some(TypeProtoTensor {
+                elem_type: elem.onnx_code(),
+                shape: Some(TensorShapeProto {
+                    dim: dims
+                        .iter()
+                        .map(|d| Dimension {
+                            value: Some(match d {
+                                D::Fixed(v) => DimensionValue::DimValue(*v),
+                                D::Sym(s) => DimensionValue::DimParam((*s).to_owned()),
+                            }),
+                            denotation: String::new(),
+                        })
+                        .collect(),
+                }),
+            }),
+        }),
+        doc_string: String::new(),
+    }
+}
+
+pub fn attr_int(name: &str, i: i64) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::INT,
+        i,
+        ..Default::default()
+    }
+}
+
+pub fn attr_ints(name: &str, ints: &[i64]) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::INTS,
+        ints: ints.to_vec(),
+        ..Default::default()
+    }
+}
+
+pub fn attr_float(name: &str, f: f32) -> AttributeProto {
+    AttributeProto {
+        name: name.into(),
+        r#type: attribute_type::FLOAT,
+        f,
+        ..Default::default()
+    }
+}
+
+/// Writes a model atomically (temp file + rename), so a crash never leaves a
+/// half-written model behind that a later run would trust.
+pub fn write_model(model: &ModelProto, path: &Path) -> Result<(), OnnxError> {
+    let err = |source| OnnxError::Write {
+        path: path.to_owned(),
+        source,
+    };
+    if let Some(dir) = path.parent() {
+        std::fs::create_dir_all(dir).map_err(err)?;
+    }
+    let tmp = path.with_extension(format!("onnx.tmp{}", std::process::id()));
+    std::fs::write(&tmp, model.encode_to_bytes()).map_err(err)?;
+    std::fs::rename(&tmp, path).map_err(err)
+}

@@ -1,0 +1,208 @@
+//! ONNX Runtime backend, loaded at run time from `libonnxruntime.so`
+//! (see [`provision`] for where the library comes from).
+
+pub mod provision;
+
+use std::sync::OnceLock;
+
+use handoff_backend::{
+    Backend, BackendError, DType, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+    Tensor, TensorData, unsupported_op_from_message,
+};
+use ort::session::Session;
+use ort::session::builder::GraphOptimizationLevel;
+use ort::value::{DynValue, TensorElementType, ValueType};
+
+/// The process-wide ORT environment (ORT allows one per process).
+static ENV: OnceLock<Result<(ort::environment::Environment, provision::Located), String>> =
+    OnceLock::new();
+
+fn environment() -> Result<&'static (ort::environment::Environment, provision::Located), String> {
+    ENV.get_or_init(|| {
+        let located = provision::locate()?;
+        let builder =
+            ort::init_from(&located.path).map_err(|e| format!("library not loadable: {e}"))?;
+        let env = builder
+            .with_name("handoff")
+            .build()
+            .map_err(|e| format!("cannot create ORT environment: {e}"))?;
+        Ok((env, located))
+    })
+    .as_ref()
+    .map_err(Clone::clone)
+}
+
+#[derive(Debug, Default)]
+pub struct OrtBackend;
+
+impl Backend for OrtBackend {
+    fn name(&self) -> &'static str {
+        "ort"
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::OptimisedGraph
+    }
+
+    fn probe(&self, device: Device) -> Probe {
+        let (_, located) = match environment() {
+            Ok(e) => e,
+            Err(reason) => return Probe::Unavailable { reason },
+        };
+        match device {
+            Device::Cpu => Probe::Available {
+                version: located.version.clone(),
+                detail: format!("{} (from {})", located.path.display(), located.origin),
+            },
+            Device::Cuda => Probe::Unavailable {
+                reason:
+                    "no CUDA device: this build has no ORT CUDA execution provider (feature `cuda`)"
+                        .into(),
+            },
+        }
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        let (env, _) = environment().map_err(BackendError::Unavailable)?;
+        if options.device != Device::Cpu {
+            return Err(BackendError::Unavailable("no CUDA device".into()));
+        }
+        let level = match options.options.get("optimization").and_then(|v| v.as_str()) {
+            Some("disable") => GraphOptimizationLevel::Disable,
+            Some("basic") => GraphOptimizationLevel::Level1,
+            Some("extended") => GraphOptimizationLevel::Level2,
+            _ => GraphOptimizationLevel::All,
+        };
+        let e = |e: ort::Error<_>| BackendError::Failed(e.to_string());
+        let session = Session::builder(env)
+            .map_err(|e| BackendError::Failed(e.to_string()))?
+            .with_intra_threads(options.threads)
+            .map_err(e)?
+            .with_inter_threads(1)
+            .map_err(e)?
+            .with_parallel_execution(false)
+            .map_err(e)?
+            .with_optimization_level(level)
+            .map_err(e)?
+            .commit_from_file(model.path())
+            .map_err(|err| classify(err.to_string()))?;
+        let output_names = session
+            .outputs()
+            .iter()
+            .map(|o| o.name().to_owned())
+            .collect();
+        Ok(Box::new(OrtPrepared {
+            session,
+            inputs: Vec::new(),
+            output_names,
+            last: Vec::new(),
+        }))
+    }
+}
+
+fn classify(msg: String) -> BackendError {
+    if let Some(op) = unsupported_op_from_message(&msg) {
+        BackendError::Unsupported(format!("op {op}"))
+    } else if msg.contains("INVALID_PROTOBUF")
+        || msg.contains("Load model")
+        || msg.contains("INVALID_GRAPH")
+    {
+        BackendError::InvalidModel(msg)
+    } else {
+        BackendError::Failed(msg)
+    }
+}
+
+struct OrtPrepared {
+    session: Session,
+    inputs: Vec<(String, DynValue)>,
+    output_names: Vec<String>,
+    last: Vec<DynValue>,
+}
+
+impl Prepared for OrtPrepared {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        let err = |e: ort::Error| BackendError::Failed(format!("input tensor: {e}"));
+        self.inputs = inputs
+            .iter()
+            .map(|t| {
+                let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
+                let value: DynValue = match &t.data {
+                    TensorData::F32(v) => ort::value::Tensor::from_array((shape, v.clone()))
+                        .map_err(err)?
+                        .into_dyn(),
+                    TensorData::I64(v) => ort::value::Tensor::from_array((shape, v.clone()))
+                        .map_err(err)?
+                        .into_dyn(),
+                    TensorData::I32(v) => ort::value::Tensor::from_array((shape, v.clone()))
+                        .map_err(err)?
+                        .into_dyn(),
+                };
+                Ok((t.name.clone(), value))
+            })
+            .collect::<Result<_, BackendError>>()?;
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        let inputs: Vec<(&str, &DynValue)> =
+            self.inputs.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let outputs = self
+            .session
+            .run(inputs)
+            .map_err(|e| classify(e.to_string()))?;
+        // ORT's CPU outputs are complete when `run` returns; keeping the
+        // values (not copying them) keeps the copy out of the clock.
+        self.last = outputs.into_iter().map(|(_, v)| v).collect();
+        Ok(())
+    }
+
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
+        self.last
+            .iter()
+            .zip(&self.output_names)
+            .map(|(v, name)| to_tensor(name, v))
+            .collect()
+    }
+}
+
+fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
+    let err = |e: ort::Error| BackendError::Failed(format!("output `{name}`: {e}"));
+    let elem = match v.dtype() {
+        ValueType::Tensor { ty, .. } => *ty,
+        other => {
+            return Err(BackendError::Unsupported(format!(
+                "output `{name}` is {other:?}, not a tensor"
+            )));
+        }
+    };
+    let (shape, data) = match elem {
+        TensorElementType::Float32 => {
+            let (s, d) = v.try_extract_tensor::<f32>().map_err(err)?;
+            (s.to_vec(), TensorData::F32(d.to_vec()))
+        }
+        TensorElementType::Int64 => {
+            let (s, d) = v.try_extract_tensor::<i64>().map_err(err)?;
+            (s.to_vec(), TensorData::I64(d.to_vec()))
+        }
+        TensorElementType::Int32 => {
+            let (s, d) = v.try_extract_tensor::<i32>().map_err(err)?;
+            (s.to_vec(), TensorData::I32(d.to_vec()))
+        }
+        other => {
+            return Err(BackendError::Unsupported(format!(
+                "output dtype {other:?} of `{name}`"
+            )));
+        }
+    };
+    let _ = DType::F32;
+    Ok(Tensor {
+        name: name.to_owned(),
+        shape: shape.iter().map(|&d| d as usize).collect(),
+        data,
+    })
+}

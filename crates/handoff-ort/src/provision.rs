@@ -1,0 +1,210 @@
+//! Finding `libonnxruntime.so`, in this order:
+//! 1. `ORT_DYLIB_PATH`;
+//! 2. the project cache (`$HANDOFF_CACHE`, default `.cache/` at the
+//!    repository root), filled by [`fetch`] with
+//!    `pip download onnxruntime==PINNED --no-deps` (a wheel is a zip);
+//! 3. the `onnxruntime` package of an installed `python3`.
+//!
+//! The `ort` crate is built with `api-31`, so the library must be 1.31 or
+//! newer; an older one is reported, not loaded.
+
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+
+/// The ONNX Runtime release handoff fetches and was tested with.
+pub const PINNED_VERSION: &str = "1.31.1";
+/// The lowest minor version the `ort` crate's `api-31` feature accepts.
+pub const MIN_MINOR: u32 = 31;
+
+#[derive(Debug, Clone)]
+pub struct Located {
+    pub path: PathBuf,
+    pub version: String,
+    pub origin: Origin,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Origin {
+    EnvVar,
+    ProjectCache,
+    PythonPackage,
+}
+
+impl fmt::Display for Origin {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        f.write_str(match self {
+            Origin::EnvVar => "ORT_DYLIB_PATH",
+            Origin::ProjectCache => "project cache",
+            Origin::PythonPackage => "python onnxruntime package",
+        })
+    }
+}
+
+/// The cache directory: `$HANDOFF_CACHE`, else `.cache` at the repository
+/// root this binary was built from.
+pub fn cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("HANDOFF_CACHE")
+        && !dir.is_empty()
+    {
+        return PathBuf::from(dir);
+    }
+    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache")
+}
+
+fn cached_library() -> PathBuf {
+    cache_dir()
+        .join(format!("onnxruntime-{PINNED_VERSION}"))
+        .join(format!("libonnxruntime.so.{PINNED_VERSION}"))
+}
+
+/// Where the library is, or why none was found (each place tried).
+pub fn locate() -> Result<Located, String> {
+    let mut tried = Vec::new();
+    if let Ok(p) = std::env::var("ORT_DYLIB_PATH")
+        && !p.is_empty()
+    {
+        let path = PathBuf::from(&p);
+        if path.is_file() {
+            return check(path, Origin::EnvVar);
+        }
+        return Err(format!(
+            "library not found: ORT_DYLIB_PATH={p} does not exist"
+        ));
+    }
+    tried.push("ORT_DYLIB_PATH (unset)".to_owned());
+    let cached = cached_library();
+    if cached.is_file() {
+        return check(cached, Origin::ProjectCache);
+    }
+    tried.push(format!(
+        "{} (absent; `handoff setup` fills it)",
+        cached.display()
+    ));
+    match python_library() {
+        Some(p) => check(p, Origin::PythonPackage),
+        None => {
+            tried.push("python3 -c 'import onnxruntime' (not installed)".to_owned());
+            Err(format!("library not found: tried {}", tried.join("; ")))
+        }
+    }
+}
+
+fn check(path: PathBuf, origin: Origin) -> Result<Located, String> {
+    let version = version_from_name(&path).unwrap_or_else(|| "unknown".into());
+    if let Some(minor) = version
+        .split('.')
+        .nth(1)
+        .and_then(|m| m.parse::<u32>().ok())
+        && minor < MIN_MINOR
+    {
+        return Err(format!(
+            "library {} is ONNX Runtime {version}; handoff needs 1.{MIN_MINOR} or newer (run `handoff setup` to fetch {PINNED_VERSION})",
+            path.display()
+        ));
+    }
+    Ok(Located {
+        path,
+        version,
+        origin,
+    })
+}
+
+/// `libonnxruntime.so.1.31.1` -> `1.31.1`.
+fn version_from_name(path: &Path) -> Option<String> {
+    let name = path.file_name()?.to_str()?;
+    let v = name.strip_prefix("libonnxruntime.so.")?;
+    (!v.is_empty()).then(|| v.to_owned())
+}
+
+fn python_library() -> Option<PathBuf> {
+    let out = Command::new("python3")
+        .args([
+            "-c",
+            "import onnxruntime, os, glob; d = os.path.join(os.path.dirname(onnxruntime.__file__), 'capi'); \
+             c = sorted(glob.glob(os.path.join(d, 'libonnxruntime.so.*'))); print(c[-1] if c else '')",
+        ])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    let p = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    (!p.is_empty()).then(|| PathBuf::from(p))
+}
+
+/// Fills the project cache from the onnxruntime wheel on PyPI. Returns the
+/// library path; a no-op when it is already there.
+pub fn fetch() -> Result<PathBuf, String> {
+    let lib = cached_library();
+    if lib.is_file() {
+        return Ok(lib);
+    }
+    let dir = lib.parent().unwrap_or(Path::new(".")).to_owned();
+    let wheels = cache_dir().join("wheels");
+    std::fs::create_dir_all(&wheels)
+        .map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
+    let status = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "-d",
+        ])
+        .arg(&wheels)
+        .arg(format!("onnxruntime=={PINNED_VERSION}"))
+        .status()
+        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
+    if !status.success() {
+        return Err(format!(
+            "pip download onnxruntime=={PINNED_VERSION} failed ({status})"
+        ));
+    }
+    let script = format!(
+        "import glob, sys, zipfile\n\
+         w = sorted(glob.glob(sys.argv[1] + '/onnxruntime-{PINNED_VERSION}-*.whl'))\n\
+         assert w, 'no onnxruntime wheel downloaded'\n\
+         z = zipfile.ZipFile(w[-1])\n\
+         name = 'onnxruntime/capi/libonnxruntime.so.{PINNED_VERSION}'\n\
+         data = z.read(name)\n\
+         tmp = sys.argv[2] + '.tmp'\n\
+         open(tmp, 'wb').write(data)\n\
+         import os; os.replace(tmp, sys.argv[2])\n"
+    );
+    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let status = Command::new("python3")
+        .arg("-c")
+        .arg(script)
+        .arg(&wheels)
+        .arg(&lib)
+        .status()
+        .map_err(|e| format!("cannot run python3: {e}"))?;
+    if !status.success() || !lib.is_file() {
+        return Err(format!(
+            "could not extract libonnxruntime from the wheel in {}",
+            wheels.display()
+        ));
+    }
+    Ok(lib)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn version_comes_from_the_file_name() {
+        assert_eq!(
+            version_from_name(Path::new("/x/libonnxruntime.so.1.31.1")).as_deref(),
+            Some("1.31.1")
+        );
+        assert_eq!(version_from_name(Path::new("/x/libonnxruntime.so")), None);
+    }
+
+    #[test]
+    fn old_libraries_are_refused_with_the_reason() {
+        let err = check(PathBuf::from("/x/libonnxruntime.so.1.20.0"), Origin::EnvVar).unwrap_err();
+        assert!(err.contains("needs 1.31 or newer"), "{err}");
+    }
+}

@@ -1,0 +1,248 @@
+//! Human-readable views of results: the terminal table printed after a run
+//! and the Markdown summary for CI step summaries and PR comments.
+
+use std::fmt::Write;
+
+use handoff_backend::ExecutionKind;
+use handoff_runner::{ResultRecord, Status};
+
+/// One row per case, columns aligned; failed cells show their reason.
+pub fn terminal_table(records: &[ResultRecord]) -> String {
+    let header = [
+        "model", "backend", "dev", "thr", "batch", "dims", "status", "p50 ms", "±95% CI", "p99 ms",
+        "items/s", "parity", "notes",
+    ];
+    let rows: Vec<Vec<String>> = records.iter().map(row).collect();
+    let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
+    for r in &rows {
+        for (i, c) in r.iter().enumerate().take(header.len() - 1) {
+            widths[i] = widths[i].max(c.chars().count());
+        }
+    }
+    let mut out = String::new();
+    let line = |cells: &[String], out: &mut String| {
+        let last = cells.len() - 1;
+        for (i, c) in cells.iter().enumerate() {
+            if i == last {
+                out.push_str(c);
+            } else {
+                let _ = write!(out, "{:<w$}  ", c, w = widths[i]);
+            }
+        }
+        let trimmed = out.trim_end().len();
+        out.truncate(trimmed);
+        out.push('\n');
+    };
+    line(&header.map(str::to_owned), &mut out);
+    line(
+        &widths.iter().map(|w| "-".repeat(*w)).collect::<Vec<_>>(),
+        &mut out,
+    );
+    for r in &rows {
+        line(r, &mut out);
+    }
+    out
+}
+
+fn dims(r: &ResultRecord) -> String {
+    let d: Vec<String> = r
+        .case
+        .dims
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    if d.is_empty() {
+        "-".into()
+    } else {
+        d.join(",")
+    }
+}
+
+fn backend_label(r: &ResultRecord) -> String {
+    match r.case.execution {
+        Some(ExecutionKind::Interpreter) => format!("{} (interp.)", r.case.backend),
+        _ => r.case.backend.clone(),
+    }
+}
+
+fn notes(r: &ResultRecord) -> String {
+    let mut n = Vec::new();
+    if r.status != Status::Ok {
+        if let Some(reason) = &r.reason {
+            n.push(reason.clone());
+        }
+    } else {
+        if let Some(reason) = &r.reason {
+            n.push(reason.clone());
+        }
+        if r.machine.as_ref().is_some_and(|m| m.busy) {
+            n.push(format!(
+                "BUSY machine ({:.1} cores used by others)",
+                r.machine.as_ref().map_or(0.0, |m| m.other_cpu_cores)
+            ));
+        }
+        if r.stop == Some(handoff_runner::measure::StopReason::MaxTime) {
+            n.push("CI target not met (max_time)".into());
+        }
+    }
+    n.join("; ")
+}
+
+fn row(r: &ResultRecord) -> Vec<String> {
+    let lat = r.latency_ms.as_ref();
+    let ci = lat.map_or("-".into(), |l| {
+        let half = (l.p50_ci95[1] - l.p50_ci95[0]) / 2.0;
+        format!("±{:.1}%", 100.0 * half / l.p50)
+    });
+    vec![
+        r.case.model.clone(),
+        backend_label(r),
+        r.case.device.to_string(),
+        r.case.threads.to_string(),
+        r.case.batch.to_string(),
+        dims(r),
+        r.status.as_str().to_owned(),
+        lat.map_or("-".into(), |l| fmt_ms(l.p50)),
+        ci,
+        lat.map_or("-".into(), |l| fmt_ms(l.p99)),
+        r.throughput_items_s.map_or("-".into(), fmt_rate),
+        r.parity.as_ref().map_or("-".into(), |p| {
+            if p.ok {
+                format!("ok {:.0e}", p.max_abs)
+            } else {
+                format!("FAIL {:.1e}", p.max_abs)
+            }
+        }),
+        notes(r),
+    ]
+}
+
+fn fmt_ms(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.1}")
+    } else if v >= 1.0 {
+        format!("{v:.3}")
+    } else {
+        format!("{v:.4}")
+    }
+}
+
+fn fmt_rate(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.0}")
+    } else {
+        format!("{v:.1}")
+    }
+}
+
+/// Markdown summary: counts by status and a table per model.
+pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: bool) -> String {
+    let mut out = String::new();
+    let _ = writeln!(out, "# handoff results: {}\n", escape_md(suite));
+    if records.is_empty() {
+        out.push_str(
+            "_No results yet: the run may have been interrupted before its first case finished._\n",
+        );
+        return out;
+    }
+    if torn_last_line {
+        out.push_str("> Note: the last line of the results file was cut off (interrupted run) and is not shown.\n\n");
+    }
+    let mut counts: Vec<(Status, usize)> = Vec::new();
+    for r in records {
+        match counts.iter_mut().find(|(s, _)| *s == r.status) {
+            Some((_, n)) => *n += 1,
+            None => counts.push((r.status, 1)),
+        }
+    }
+    let c: Vec<String> = counts
+        .iter()
+        .map(|(s, n)| format!("{n} {}", s.as_str()))
+        .collect();
+    let _ = writeln!(out, "{} cases: {}.\n", records.len(), c.join(", "));
+    let mut models: Vec<&str> = Vec::new();
+    for r in records {
+        if !models.contains(&r.case.model.as_str()) {
+            models.push(&r.case.model);
+        }
+    }
+    for m in models {
+        let _ = writeln!(out, "## {}\n", escape_md(m));
+        let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
+        if let Some(best) = rows
+            .iter()
+            .filter(|r| r.status == Status::Ok && r.case.batch == 1)
+            .min_by(|a, b| p99(a).total_cmp(&p99(b)))
+        {
+            let _ = writeln!(
+                out,
+                "Lowest p99 at batch 1: **{}**, {} thread(s): p99 {} ms, p50 {} ms.\n",
+                escape_md(&backend_label(best)),
+                best.case.threads,
+                fmt_ms(p99(best)),
+                fmt_ms(best.latency_ms.as_ref().map_or(f64::NAN, |l| l.p50))
+            );
+        }
+        if let Some(best) = rows
+            .iter()
+            .filter(|r| r.status == Status::Ok)
+            .max_by(|a, b| {
+                a.throughput_items_s
+                    .unwrap_or(0.0)
+                    .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
+            })
+        {
+            let _ = writeln!(
+                out,
+                "Highest throughput: **{}**, {} thread(s), batch {}: {} items/s.\n",
+                escape_md(&backend_label(best)),
+                best.case.threads,
+                best.case.batch,
+                best.throughput_items_s.map_or("-".into(), fmt_rate)
+            );
+        }
+        out.push_str("| backend | threads | batch | dims | status | p50 ms | p99 ms | items/s | parity max abs | notes |\n");
+        out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
+        for r in rows {
+            let cells = row(r);
+            let _ = writeln!(
+                out,
+                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+                escape_md(&cells[1]),
+                cells[3],
+                cells[4],
+                escape_md(&cells[5]),
+                cells[6],
+                cells[7],
+                cells[9],
+                cells[10],
+                r.parity
+                    .as_ref()
+                    .map_or("-".into(), |p| format!("{:.1e}", p.max_abs)),
+                escape_md(&cells[12]),
+            );
+        }
+        out.push('\n');
+    }
+    out
+}
+
+fn p99(r: &ResultRecord) -> f64 {
+    r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
+}
+
+/// Escapes what Markdown (and HTML inside it) would interpret.
+pub fn escape_md(s: &str) -> String {
+    let mut out = String::with_capacity(s.len());
+    for c in s.chars() {
+        match c {
+            '|' => out.push_str("\\|"),
+            '<' => out.push_str("&lt;"),
+            '>' => out.push_str("&gt;"),
+            '&' => out.push_str("&amp;"),
+            '\n' => out.push(' '),
+            c => out.push(c),
+        }
+    }
+    out
+}

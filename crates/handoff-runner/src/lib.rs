@@ -1,0 +1,15 @@
+//! Runs a [`Plan`](handoff_suite::Plan): each case is measured (in a child
+//! process by default) with warm-up and a stopping rule, its outputs are
+//! checked against a reference backend, and one JSON line per case is
+//! appended and flushed to `results.jsonl` as soon as it is known.
+
+pub mod isolate;
+pub mod machine;
+pub mod measure;
+pub mod record;
+pub mod run;
+pub mod worker;
+
+pub use record::{ResultRecord, Status, read_results};
+pub use run::{Observer, Quiet, RunError, RunOptions, RunSummary, Runner};
+pub use worker::{Job, JobMode, WorkerReport, execute_job};

@@ -1,0 +1,256 @@
+//! Facts about the machine: what else was running while a case was timed,
+//! peak memory, and the environment fingerprint stored with every run.
+
+use std::collections::BTreeMap;
+use std::time::Instant;
+
+use serde::{Deserialize, Serialize};
+
+/// Load on the machine while a case was timed.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct MachineLoad {
+    /// 1-minute load average before and after the case.
+    pub loadavg_before: f64,
+    pub loadavg_after: f64,
+    /// CPU used by *other* processes during the timed loop, in cores
+    /// (1.0 = one core fully busy with something else).
+    pub other_cpu_cores: f64,
+    /// Set when `other_cpu_cores` exceeds [`BUSY_THRESHOLD_CORES`]: the
+    /// numbers are suspect (a parallel build doubles latencies here).
+    pub busy: bool,
+}
+
+/// More than a quarter of a core used by others during timing marks a case.
+pub const BUSY_THRESHOLD_CORES: f64 = 0.25;
+
+/// CPU counters at one instant.
+#[derive(Debug, Clone)]
+pub struct CpuSnapshot {
+    system_busy_ticks: u64,
+    self_ticks: u64,
+    loadavg: f64,
+    at: Instant,
+}
+
+impl CpuSnapshot {
+    pub fn now() -> Self {
+        Self {
+            system_busy_ticks: system_busy_ticks().unwrap_or(0),
+            self_ticks: self_ticks().unwrap_or(0),
+            loadavg: loadavg().unwrap_or(0.0),
+            at: Instant::now(),
+        }
+    }
+
+    /// Load between `self` and `later`.
+    pub fn load_until(&self, later: &CpuSnapshot) -> MachineLoad {
+        let wall = (later.at - self.at).as_secs_f64();
+        let ticks_per_s = clock_ticks_per_second();
+        let system = later
+            .system_busy_ticks
+            .saturating_sub(self.system_busy_ticks) as f64;
+        let own = later.self_ticks.saturating_sub(self.self_ticks) as f64;
+        let other = if wall > 0.0 {
+            ((system - own).max(0.0) / ticks_per_s) / wall
+        } else {
+            0.0
+        };
+        MachineLoad {
+            loadavg_before: self.loadavg,
+            loadavg_after: later.loadavg,
+            other_cpu_cores: (other * 100.0).round() / 100.0,
+            busy: other > BUSY_THRESHOLD_CORES,
+        }
+    }
+}
+
+fn clock_ticks_per_second() -> f64 {
+    // SAFETY-free: sysconf is exposed safely through libc's signature but is
+    // an FFI call, so the workspace's unsafe ban is lifted for this line.
+    #[allow(unsafe_code)]
+    let t = unsafe { libc::sysconf(libc::_SC_CLK_TCK) };
+    if t > 0 { t as f64 } else { 100.0 }
+}
+
+fn system_busy_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/stat").ok()?;
+    let line = stat.lines().next()?;
+    let v: Vec<u64> = line
+        .split_whitespace()
+        .skip(1)
+        .filter_map(|x| x.parse().ok())
+        .collect();
+    // user nice system idle iowait irq softirq steal
+    let busy = v.first()?
+        + v.get(1)?
+        + v.get(2)?
+        + v.get(5).unwrap_or(&0)
+        + v.get(6).unwrap_or(&0)
+        + v.get(7).unwrap_or(&0);
+    Some(busy)
+}
+
+fn self_ticks() -> Option<u64> {
+    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    // The command name may contain spaces; fields resume after the last ')'.
+    let rest = &stat[stat.rfind(')')? + 2..];
+    let f: Vec<&str> = rest.split_whitespace().collect();
+    // utime and stime are fields 14 and 15 of the full line (11, 12 here).
+    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+}
+
+fn loadavg() -> Option<f64> {
+    std::fs::read_to_string("/proc/loadavg")
+        .ok()?
+        .split_whitespace()
+        .next()?
+        .parse()
+        .ok()
+}
+
+/// Peak resident set size of this process, in MiB.
+pub fn peak_rss_mb() -> Option<f64> {
+    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// Everything needed to know whether two runs are comparable.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Fingerprint {
+    pub cpu_model: String,
+    pub logical_cores: usize,
+    pub cpu_flags: Vec<String>,
+    pub os: String,
+    pub kernel: String,
+    pub handoff_version: String,
+    pub rustc: String,
+    pub build_profile: String,
+    pub git_commit: Option<String>,
+    /// Backend name -> runtime version (or why it is unavailable).
+    pub backends: BTreeMap<String, String>,
+    /// Thread-related environment variables as set for the run.
+    pub env_vars: BTreeMap<String, String>,
+}
+
+impl Fingerprint {
+    pub fn collect(backends: BTreeMap<String, String>) -> Self {
+        let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+        let field = |name: &str| {
+            cpuinfo
+                .lines()
+                .find(|l| l.starts_with(name))
+                .and_then(|l| l.split_once(':'))
+                .map(|(_, v)| v.trim().to_owned())
+        };
+        let interesting = [
+            "avx2",
+            "fma",
+            "avx512f",
+            "avx512_vnni",
+            "avx512_bf16",
+            "amx_tile",
+            "neon",
+            "asimd",
+        ];
+        let flags = field("flags")
+            .or_else(|| field("Features"))
+            .unwrap_or_default();
+        let cpu_flags = interesting
+            .iter()
+            .filter(|f| flags.split_whitespace().any(|x| x == **f))
+            .map(|f| (*f).to_owned())
+            .collect();
+        let os = std::fs::read_to_string("/etc/os-release")
+            .ok()
+            .and_then(|s| {
+                s.lines().find(|l| l.starts_with("PRETTY_NAME=")).map(|l| {
+                    l.trim_start_matches("PRETTY_NAME=")
+                        .trim_matches('"')
+                        .to_owned()
+                })
+            })
+            .unwrap_or_else(|| std::env::consts::OS.to_owned());
+        let env_vars = [
+            "OMP_NUM_THREADS",
+            "RAYON_NUM_THREADS",
+            "ORT_DYLIB_PATH",
+            "MKL_NUM_THREADS",
+        ]
+        .iter()
+        .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
+        .collect();
+        Self {
+            cpu_model: field("model name").unwrap_or_else(|| "unknown".into()),
+            logical_cores: std::thread::available_parallelism().map_or(1, usize::from),
+            cpu_flags,
+            os,
+            kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
+                .map(|s| s.trim().to_owned())
+                .unwrap_or_default(),
+            handoff_version: env!("CARGO_PKG_VERSION").into(),
+            rustc: option_env!("HANDOFF_RUSTC_VERSION")
+                .unwrap_or("unknown")
+                .into(),
+            build_profile: if cfg!(debug_assertions) {
+                "debug"
+            } else {
+                "release"
+            }
+            .into(),
+            git_commit: git_commit(),
+            backends,
+            env_vars,
+        }
+    }
+
+    pub fn hash(&self) -> String {
+        let json = serde_json::to_vec(self).unwrap_or_default();
+        handoff_onnx::inspect::sha256_hex(&json)[..16].to_owned()
+    }
+}
+
+fn git_commit() -> Option<String> {
+    let out = std::process::Command::new("git")
+        .args(["rev-parse", "--short=12", "HEAD"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()?;
+    if !out.status.success() {
+        return None;
+    }
+    let commit = String::from_utf8(out.stdout).ok()?.trim().to_owned();
+    let dirty = std::process::Command::new("git")
+        .args(["status", "--porcelain", "--untracked-files=no"])
+        .stderr(std::process::Stdio::null())
+        .output()
+        .ok()
+        .is_some_and(|o| !o.stdout.is_empty());
+    Some(if dirty {
+        format!("{commit}-dirty")
+    } else {
+        commit
+    })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn load_sees_a_busy_sibling_thread_as_own_cpu_not_others() {
+        let a = CpuSnapshot::now();
+        let t0 = Instant::now();
+        let mut x = 0u64;
+        while t0.elapsed().as_millis() < 150 {
+            x = x.wrapping_add(1);
+        }
+        std::hint::black_box(x);
+        let b = CpuSnapshot::now();
+        let load = a.load_until(&b);
+        // Our own spinning must not be counted as someone else's.
+        assert!(load.other_cpu_cores < 1.0, "{load:?}");
+        assert!(peak_rss_mb().unwrap() > 0.0);
+    }
+}

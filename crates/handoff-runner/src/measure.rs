@@ -1,0 +1,151 @@
+//! The timing loop: warm-up, then timed runs until the stopping rule says
+//! the median is known well enough, or a limit is reached.
+
+use std::time::{Duration, Instant};
+
+use handoff_backend::{BackendError, Prepared};
+use handoff_suite::Measure;
+use serde::{Deserialize, Serialize};
+
+/// Why the timed loop stopped.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum StopReason {
+    /// The 95% CI of the median reached the target width.
+    Converged,
+    /// `max_time` was reached first: the CI may be wider than asked.
+    MaxTime,
+    /// `max_iterations` was reached first.
+    MaxIterations,
+}
+
+#[derive(Debug, Clone)]
+pub struct Timed {
+    pub samples: Vec<Duration>,
+    pub warmup_runs: u64,
+    pub stop: StopReason,
+}
+
+/// Runs warm-up then the timed loop on an already bound session.
+pub fn measure(prepared: &mut dyn Prepared, policy: &Measure) -> Result<Timed, BackendError> {
+    let start = Instant::now();
+    let mut warmup_runs = 0;
+    while warmup_runs == 0 || start.elapsed() < policy.warmup {
+        prepared.run()?;
+        warmup_runs += 1;
+    }
+    let (samples, stop) = timed_loop(|| prepared.run(), policy)?;
+    Ok(Timed {
+        samples,
+        warmup_runs,
+        stop,
+    })
+}
+
+/// The loop itself, generic so the harness overhead can be benchmarked
+/// without dynamic dispatch getting in the way of what is measured.
+pub fn timed_loop<F>(
+    mut run: F,
+    policy: &Measure,
+) -> Result<(Vec<Duration>, StopReason), BackendError>
+where
+    F: FnMut() -> Result<(), BackendError>,
+{
+    let mut samples: Vec<Duration> = Vec::with_capacity(1024);
+    let start = Instant::now();
+    let min_iters = policy.min_iterations.max(1) as usize;
+    let max_iters = policy.max_iterations.max(1) as usize;
+    let mut next_check = min_iters;
+    let mut scratch = Vec::new();
+    loop {
+        let t0 = Instant::now();
+        run()?;
+        let t1 = Instant::now();
+        samples.push(t1 - t0);
+        let n = samples.len();
+        if n >= max_iters {
+            return Ok((samples, StopReason::MaxIterations));
+        }
+        let elapsed = t1 - start;
+        if elapsed >= policy.max_time {
+            return Ok((samples, StopReason::MaxTime));
+        }
+        if n >= next_check && elapsed >= policy.min_time {
+            // Checking costs a sort; doing it at geometrically spaced counts
+            // keeps the total cost O(n log n) over the whole loop.
+            next_check = (n + n / 10).max(n + 1);
+            if converged(&samples, policy.target_ci, &mut scratch) {
+                return Ok((samples, StopReason::Converged));
+            }
+        }
+    }
+}
+
+fn converged(samples: &[Duration], target: f64, scratch: &mut Vec<f64>) -> bool {
+    scratch.clear();
+    scratch.extend(samples.iter().map(Duration::as_secs_f64));
+    scratch.sort_by(f64::total_cmp);
+    let median = handoff_stats::quantile_sorted(scratch, 0.5);
+    match handoff_stats::median_ci_order_stat(scratch, 1.96) {
+        Some((lo, hi)) if median > 0.0 => (median - lo).max(hi - median) / median <= target,
+        _ => false,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn policy(min_time_ms: u64, max_time_ms: u64, target: f64) -> Measure {
+        Measure {
+            warmup: Duration::ZERO,
+            min_iterations: 10,
+            max_iterations: 1_000_000,
+            min_time: Duration::from_millis(min_time_ms),
+            max_time: Duration::from_millis(max_time_ms),
+            target_ci: target,
+        }
+    }
+
+    #[test]
+    fn stops_on_convergence_for_a_steady_workload() {
+        let (samples, stop) = timed_loop(
+            || {
+                std::thread::sleep(Duration::from_micros(200));
+                Ok(())
+            },
+            &policy(20, 5_000, 0.5),
+        )
+        .unwrap();
+        assert_eq!(stop, StopReason::Converged);
+        assert!(samples.len() >= 10);
+    }
+
+    #[test]
+    fn respects_max_time_when_the_target_is_unreachable() {
+        let mut i = 0u64;
+        let (_, stop) = timed_loop(
+            || {
+                // Alternating 0 / 1ms: the median never settles within 1e-9.
+                i += 1;
+                if i % 2 == 0 {
+                    std::thread::sleep(Duration::from_millis(1));
+                }
+                Ok(())
+            },
+            &policy(0, 50, 1e-9),
+        )
+        .unwrap();
+        assert_eq!(stop, StopReason::MaxTime);
+    }
+
+    #[test]
+    fn respects_max_iterations_and_propagates_errors() {
+        let mut p = policy(0, 60_000, 1e-12);
+        p.max_iterations = 25;
+        let (s, stop) = timed_loop(|| Ok(()), &p).unwrap();
+        assert_eq!((s.len(), stop), (25, StopReason::MaxIterations));
+        let err = timed_loop(|| Err(BackendError::Failed("boom".into())), &p).unwrap_err();
+        assert_eq!(err, BackendError::Failed("boom".into()));
+    }
+}

@@ -1,0 +1,188 @@
+//! One line of `results.jsonl`. The format is versioned ([`SCHEMA_VERSION`]);
+//! readers refuse newer versions rather than misread them.
+
+use std::collections::BTreeMap;
+use std::io::BufRead;
+use std::path::Path;
+
+use handoff_backend::{Device, ExecutionKind, Parity};
+use handoff_stats::Summary;
+use serde::{Deserialize, Serialize};
+
+use crate::machine::MachineLoad;
+use crate::measure::StopReason;
+
+pub const SCHEMA_VERSION: u32 = 1;
+
+/// The outcome of a case. Only `ok` carries headline numbers.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Hash, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Status {
+    Ok,
+    /// Outputs differ from the reference beyond tolerance.
+    Mismatch,
+    /// The model uses something the backend lacks (op, dtype).
+    Unsupported,
+    /// The backend's library or device is missing.
+    Unavailable,
+    /// An error or a crash.
+    Failed,
+    /// Killed after the case's time limit.
+    Timeout,
+}
+
+impl Status {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Status::Ok => "ok",
+            Status::Mismatch => "mismatch",
+            Status::Unsupported => "unsupported",
+            Status::Unavailable => "unavailable",
+            Status::Failed => "failed",
+            Status::Timeout => "timeout",
+        }
+    }
+}
+
+/// What identifies a case across runs (used by `compare`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CaseIdentity {
+    pub id: String,
+    pub model: String,
+    pub model_sha256: String,
+    pub model_source: String,
+    pub backend: String,
+    pub backend_version: Option<String>,
+    pub execution: Option<ExecutionKind>,
+    pub device: Device,
+    pub threads: u32,
+    pub batch: u32,
+    pub dims: BTreeMap<String, u32>,
+    pub scenario: String,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct ResultRecord {
+    pub schema: u32,
+    pub suite: String,
+    pub index: usize,
+    pub case: CaseIdentity,
+    pub status: Status,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub reason: Option<String>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub load_ms: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub first_ms: Option<f64>,
+    /// Summary of the timed runs, in milliseconds. Present only for `ok`.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub latency_ms: Option<Summary>,
+    /// Items (batch elements) per second at the median latency.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub throughput_items_s: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub stop: Option<StopReason>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub parity: Option<Parity>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub machine: Option<MachineLoad>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peak_rss_mb: Option<f64>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub wall_s: Option<f64>,
+    /// Raw timed samples in milliseconds, in run order; summaries are
+    /// derived from these and never the only copy.
+    #[serde(default)]
+    pub samples_ms: Vec<f64>,
+    /// sha256 of the environment fingerprint in `env.json`.
+    pub env: String,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum ReadError {
+    #[error("cannot read {path}: {source}")]
+    Io {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{path}:{line}: results schema version {found} is newer than this handoff understands ({SCHEMA_VERSION}); upgrade handoff"
+    )]
+    NewerSchema {
+        path: String,
+        line: usize,
+        found: u32,
+    },
+    #[error("{path}:{line}: not a results line: {detail}")]
+    Malformed {
+        path: String,
+        line: usize,
+        detail: String,
+    },
+}
+
+/// What reading a results file found.
+#[derive(Debug, Default)]
+pub struct Results {
+    pub records: Vec<ResultRecord>,
+    /// A last line cut off mid-write (power loss, kill -9): ignored.
+    pub torn_last_line: bool,
+}
+
+/// Reads a results file. A torn last line is skipped and reported; a
+/// malformed line elsewhere is an error.
+pub fn read_results(path: &Path) -> Result<Results, ReadError> {
+    let p = path.display().to_string();
+    let file = std::fs::File::open(path).map_err(|source| ReadError::Io {
+        path: p.clone(),
+        source,
+    })?;
+    let lines: Vec<String> = std::io::BufReader::new(file)
+        .lines()
+        .collect::<Result<_, _>>()
+        .map_err(|source| ReadError::Io {
+            path: p.clone(),
+            source,
+        })?;
+    let mut out = Results::default();
+    let last = lines.len();
+    for (i, line) in lines.iter().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let value: serde_json::Value = match serde_json::from_str(line) {
+            Ok(v) => v,
+            Err(_) if i + 1 == last => {
+                out.torn_last_line = true;
+                continue;
+            }
+            Err(e) => {
+                return Err(ReadError::Malformed {
+                    path: p,
+                    line: i + 1,
+                    detail: e.to_string(),
+                });
+            }
+        };
+        let schema = value
+            .get("schema")
+            .and_then(serde_json::Value::as_u64)
+            .unwrap_or(0) as u32;
+        if schema > SCHEMA_VERSION {
+            return Err(ReadError::NewerSchema {
+                path: p,
+                line: i + 1,
+                found: schema,
+            });
+        }
+        let record: ResultRecord =
+            serde_json::from_value(value).map_err(|e| ReadError::Malformed {
+                path: p.clone(),
+                line: i + 1,
+                detail: e.to_string(),
+            })?;
+        out.records.push(record);
+    }
+    Ok(out)
+}

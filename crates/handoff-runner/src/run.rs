@@ -1,0 +1,308 @@
+//! Runs a plan: references, cases, results streamed to disk.
+
+use std::collections::{BTreeMap, HashMap};
+use std::fs::{File, OpenOptions};
+use std::io::Write;
+use std::path::{Path, PathBuf};
+use std::time::Instant;
+
+use handoff_backend::{Probe, Registry};
+use handoff_suite::{Case, Isolation, Plan};
+
+use crate::isolate::{WorkerCommand, run_in_child, run_in_process};
+use crate::machine::Fingerprint;
+use crate::record::{CaseIdentity, ResultRecord, SCHEMA_VERSION, Status};
+use crate::worker::{Job, JobMode, ReferenceFile, WorkerReport};
+
+#[derive(Debug, Clone)]
+pub struct RunOptions {
+    pub out_dir: PathBuf,
+    /// How to start a worker process; required for `isolation: process`.
+    pub worker: Option<WorkerCommand>,
+    /// Run only cases whose id contains one of these.
+    pub filters: Vec<String>,
+}
+
+/// Progress callbacks (the CLI draws a progress bar with them).
+pub trait Observer {
+    fn started(&mut self, _total: usize) {}
+    fn case_started(&mut self, _case: &Case) {}
+    fn case_finished(&mut self, _record: &ResultRecord) {}
+}
+
+/// An observer that ignores everything.
+pub struct Quiet;
+impl Observer for Quiet {}
+
+#[derive(Debug, Default)]
+pub struct RunSummary {
+    pub results: PathBuf,
+    pub counts: BTreeMap<&'static str, usize>,
+    pub busy_cases: usize,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum RunError {
+    #[error("cannot write results to {path}: {source}")]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("isolation: process needs a worker command")]
+    NoWorker,
+}
+
+pub struct Runner<'a> {
+    plan: &'a Plan,
+    registry: &'a Registry,
+    options: RunOptions,
+}
+
+impl<'a> Runner<'a> {
+    pub fn new(plan: &'a Plan, registry: &'a Registry, options: RunOptions) -> Self {
+        Self {
+            plan,
+            registry,
+            options,
+        }
+    }
+
+    pub fn selected(&self) -> impl Iterator<Item = Case> + '_ {
+        self.plan.cases().filter(|c| {
+            self.options.filters.is_empty()
+                || self
+                    .options
+                    .filters
+                    .iter()
+                    .any(|f| c.id.contains(f.as_str()))
+        })
+    }
+
+    /// The environment fingerprint for this run, probing each backend.
+    pub fn fingerprint(&self) -> Fingerprint {
+        let backends = self
+            .registry
+            .iter()
+            .map(|b| {
+                let v = match b.probe(handoff_backend::Device::Cpu) {
+                    Probe::Available { version, .. } => version,
+                    Probe::Unavailable { reason } => format!("unavailable: {reason}"),
+                };
+                (b.name().to_owned(), v)
+            })
+            .collect();
+        Fingerprint::collect(backends)
+    }
+
+    pub fn run(&self, observer: &mut dyn Observer) -> Result<RunSummary, RunError> {
+        if self.plan.isolation == Isolation::Process && self.options.worker.is_none() {
+            return Err(RunError::NoWorker);
+        }
+        let dir = &self.options.out_dir;
+        let io = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RunError::Io { path, source }
+        };
+        std::fs::create_dir_all(dir.join("refs")).map_err(io(dir))?;
+        let fingerprint = self.fingerprint();
+        let env_hash = fingerprint.hash();
+        let env_path = dir.join("env.json");
+        std::fs::write(
+            &env_path,
+            serde_json::to_vec_pretty(&fingerprint).unwrap_or_default(),
+        )
+        .map_err(io(&env_path))?;
+        let suite_copy = dir.join("suite.yaml");
+        if let Ok(text) = std::fs::read(&self.plan.suite_path) {
+            std::fs::write(&suite_copy, text).map_err(io(&suite_copy))?;
+        }
+        let results_path = dir.join("results.jsonl");
+        let mut results = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&results_path)
+            .map_err(io(&results_path))?;
+
+        let total = self.selected().count();
+        observer.started(total);
+        let mut summary = RunSummary {
+            results: results_path.clone(),
+            ..Default::default()
+        };
+        let mut references: HashMap<String, Result<PathBuf, String>> = HashMap::new();
+        for case in self.selected() {
+            observer.case_started(&case);
+            let start = Instant::now();
+            let model = self
+                .plan
+                .model(&case.model)
+                .expect("plan cases name plan models");
+            let reference = self.reference_for(&case, &model.path, &mut references, dir);
+            let mut report = self.execute(
+                &case,
+                &model.path,
+                JobMode::Measure {
+                    reference: reference.as_ref().ok().map(|path| ReferenceFile {
+                        path: path.clone(),
+                        backend: self.plan.check.reference.clone(),
+                        atol: self.plan.check.atol,
+                        rtol: self.plan.check.rtol,
+                    }),
+                },
+            );
+            if let (Err(why), Status::Ok) = (&reference, report.status()) {
+                report.reason = Some(format!("parity unchecked: {why}"));
+            }
+            let record = self.record(
+                &case,
+                model,
+                report,
+                &env_hash,
+                start.elapsed().as_secs_f64(),
+            );
+            write_line(&mut results, &record).map_err(io(&results_path))?;
+            *summary.counts.entry(record.status.as_str()).or_default() += 1;
+            if record.machine.as_ref().is_some_and(|m| m.busy) {
+                summary.busy_cases += 1;
+            }
+            observer.case_finished(&record);
+        }
+        Ok(summary)
+    }
+
+    fn execute(&self, case: &Case, model_path: &Path, mode: JobMode) -> WorkerReport {
+        let job = Job {
+            case: case.clone(),
+            model_path: model_path.to_owned(),
+            seed: self.plan.seed,
+            measure: self.plan.measure.clone(),
+            backend_options: self
+                .plan
+                .backend_options
+                .get(&case.backend)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
+            mode,
+        };
+        match (&self.plan.isolation, &self.options.worker) {
+            (Isolation::Process, Some(cmd)) => run_in_child(cmd, &job, self.plan.timeout),
+            _ => run_in_process(&job, self.registry),
+        }
+    }
+
+    /// Computes (once per input key) the reference backend's outputs.
+    fn reference_for(
+        &self,
+        case: &Case,
+        model_path: &Path,
+        cache: &mut HashMap<String, Result<PathBuf, String>>,
+        dir: &Path,
+    ) -> Result<PathBuf, String> {
+        let key = case.input_key();
+        if let Some(r) = cache.get(&key) {
+            return r.clone();
+        }
+        let reference = &self.plan.check.reference;
+        let save_to = dir
+            .join("refs")
+            .join(format!("{}.safetensors", sanitize(&key)));
+        let mut ref_case = case.clone();
+        ref_case.backend = reference.clone();
+        ref_case.device = handoff_backend::Device::Cpu;
+        ref_case.threads = 1;
+        let report = self.execute(
+            &ref_case,
+            model_path,
+            JobMode::Reference {
+                save_to: save_to.clone(),
+            },
+        );
+        let result = match report.status() {
+            Status::Ok => Ok(save_to),
+            s => Err(format!(
+                "reference backend {reference} {}: {}",
+                s.as_str(),
+                report.reason.unwrap_or_default()
+            )),
+        };
+        cache.insert(key, result.clone());
+        result
+    }
+
+    fn record(
+        &self,
+        case: &Case,
+        model: &handoff_suite::PlanModel,
+        report: WorkerReport,
+        env: &str,
+        wall_s: f64,
+    ) -> ResultRecord {
+        let status = report.status();
+        let (latency, throughput) = if status == Status::Ok {
+            let s = handoff_stats::summarize(&report.samples_ms);
+            let t = s.as_ref().map(|s| f64::from(case.batch) / (s.p50 / 1e3));
+            (s, t)
+        } else {
+            (None, None)
+        };
+        ResultRecord {
+            schema: SCHEMA_VERSION,
+            suite: self.plan.name.clone(),
+            index: case.index,
+            case: CaseIdentity {
+                id: case.id.clone(),
+                model: case.model.clone(),
+                model_sha256: model.info.sha256.clone(),
+                model_source: model.source.clone(),
+                backend: case.backend.clone(),
+                backend_version: report.backend_version,
+                execution: report.execution,
+                device: case.device,
+                threads: case.threads,
+                batch: case.batch,
+                dims: case.dims.clone(),
+                scenario: "single-stream".into(),
+            },
+            status,
+            reason: report.reason,
+            load_ms: report.load_ms,
+            first_ms: report.first_ms,
+            latency_ms: latency,
+            throughput_items_s: throughput,
+            stop: report.stop,
+            parity: report.parity,
+            machine: report.machine,
+            peak_rss_mb: report.peak_rss_mb,
+            wall_s: Some((wall_s * 1000.0).round() / 1000.0),
+            samples_ms: if status == Status::Ok {
+                report.samples_ms
+            } else {
+                Vec::new()
+            },
+            env: env.to_owned(),
+        }
+    }
+}
+
+/// Appends one whole line and flushes it to disk, so a crash of this process
+/// loses at most the case in flight.
+fn write_line(file: &mut File, record: &ResultRecord) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(record).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    file.write_all(&line)?;
+    file.flush()?;
+    file.sync_data()
+}
+
+fn sanitize(s: &str) -> String {
+    s.chars()
+        .map(|c| {
+            if c.is_ascii_alphanumeric() || c == '-' || c == '_' {
+                c
+            } else {
+                '_'
+            }
+        })
+        .collect()
+}

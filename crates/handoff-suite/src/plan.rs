@@ -1,0 +1,805 @@
+//! A validated suite. [`Plan::from_file`] is the only place suite errors
+//! come from; everything after it can assume a well-formed plan.
+
+use std::collections::BTreeMap;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use handoff_backend::{DType, Device, Fill, TensorSpec};
+use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+use handoff_onnx::{Dim, ElemType, ModelInfo};
+use serde::{Deserialize, Serialize};
+
+use crate::error::{Problem, SuiteError};
+use crate::locate::Locator;
+use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawSuite, SyntheticKindName};
+
+/// Where the suite may write generated models.
+#[derive(Debug, Clone)]
+pub struct PlanOptions {
+    pub model_cache: PathBuf,
+    /// Backend names this build knows (for error messages and validation).
+    pub known_backends: Vec<String>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Isolation {
+    Process,
+    None,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Measure {
+    pub warmup: Duration,
+    pub min_iterations: u32,
+    pub max_iterations: u32,
+    pub min_time: Duration,
+    pub max_time: Duration,
+    pub target_ci: f64,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Check {
+    pub reference: String,
+    pub atol: f64,
+    pub rtol: f64,
+}
+
+/// A model ready to run: a file on disk and its input templates.
+#[derive(Debug, Clone)]
+pub struct PlanModel {
+    pub id: String,
+    pub path: PathBuf,
+    /// What the suite said, for results: `onnx:<path>` or `synthetic:<id>`.
+    pub source: String,
+    pub info: ModelInfo,
+    pub inputs: Vec<InputTemplate>,
+    pub batch: Vec<u32>,
+    /// Symbolic dims (other than batch) the inputs use, in name order.
+    pub dim_names: Vec<String>,
+}
+
+/// An input whose symbolic dims are filled in per case.
+#[derive(Debug, Clone)]
+pub struct InputTemplate {
+    pub name: String,
+    pub dtype: DType,
+    pub shape: Vec<RawDim>,
+    pub fill: Fill,
+}
+
+#[derive(Debug, Clone)]
+pub struct Plan {
+    pub name: String,
+    pub description: Option<String>,
+    pub suite_path: PathBuf,
+    pub suite_sha256: String,
+    pub models: Vec<PlanModel>,
+    pub backends: Vec<String>,
+    pub devices: Vec<Device>,
+    pub threads: Vec<u32>,
+    pub dims: BTreeMap<String, Vec<u32>>,
+    pub measure: Measure,
+    pub check: Check,
+    pub isolation: Isolation,
+    pub timeout: Duration,
+    pub seed: u64,
+    /// Validated options per backend, as JSON for the backend to read.
+    pub backend_options: BTreeMap<String, serde_json::Value>,
+}
+
+/// One measurement to make.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Case {
+    /// Position in expansion order.
+    pub index: usize,
+    pub id: String,
+    pub model: String,
+    pub backend: String,
+    pub device: Device,
+    pub threads: u32,
+    pub batch: u32,
+    pub dims: BTreeMap<String, u32>,
+    pub inputs: Vec<TensorSpec>,
+}
+
+impl Case {
+    /// Cases with the same key see identical inputs and can share one
+    /// reference output.
+    pub fn input_key(&self) -> String {
+        let mut k = format!("{}-b{}", self.model, self.batch);
+        for (n, v) in &self.dims {
+            k.push_str(&format!("-{n}{v}"));
+        }
+        k
+    }
+}
+
+struct Ctx<'a> {
+    file: &'a Path,
+    locator: Locator,
+    problems: Vec<Problem>,
+}
+
+impl Ctx<'_> {
+    fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
+        let path = path.into();
+        let loc = self.locator.find(&path);
+        self.problems.push(Problem {
+            file: self.file.to_owned(),
+            line: loc.map(|l| l.line),
+            column: loc.map(|l| l.column),
+            path,
+            message: message.into(),
+        });
+    }
+}
+
+pub fn parse_raw(file: &Path, text: &str) -> Result<RawSuite, SuiteError> {
+    let de = serde_yaml_ng::Deserializer::from_str(text);
+    serde_path_to_error::deserialize::<_, RawSuite>(de).map_err(|e| {
+        let path = e.path().to_string();
+        let inner = e.into_inner();
+        let loc = inner.location();
+        let mut message = inner.to_string();
+        // serde_yaml appends " at line L column C" and may prefix the path;
+        // both are printed once, up front.
+        if let Some(cut) = message.find(" at line ") {
+            message.truncate(cut);
+        }
+        let path = if path == "." { String::new() } else { path };
+        if let Some(rest) = message.strip_prefix(&format!("{path}: ")) {
+            message = rest.to_owned();
+        }
+        SuiteError::Invalid(vec![Problem {
+            file: file.to_owned(),
+            line: loc.as_ref().map(|l| l.line()),
+            column: loc.as_ref().map(|l| l.column()),
+            path,
+            message,
+        }])
+    })
+}
+
+impl Plan {
+    pub fn from_file(path: &Path, options: &PlanOptions) -> Result<Plan, SuiteError> {
+        let text = std::fs::read_to_string(path).map_err(|source| SuiteError::Read {
+            path: path.to_owned(),
+            source,
+        })?;
+        Self::from_str(path, &text, options)
+    }
+
+    pub fn from_str(file: &Path, text: &str, options: &PlanOptions) -> Result<Plan, SuiteError> {
+        let raw = parse_raw(file, text)?;
+        let mut ctx = Ctx {
+            file,
+            locator: Locator::new(text),
+            problems: Vec::new(),
+        };
+        let base = file.parent().unwrap_or(Path::new("."));
+        let plan = build(&raw, base, options, &mut ctx, text);
+        if ctx.problems.is_empty() {
+            Ok(plan)
+        } else {
+            Err(SuiteError::Invalid(ctx.problems))
+        }
+    }
+
+    /// Number of cases, without building them.
+    pub fn case_count(&self) -> usize {
+        self.models
+            .iter()
+            .map(|m| {
+                let dims: usize = m
+                    .dim_names
+                    .iter()
+                    .map(|d| self.dims.get(d).map_or(1, Vec::len))
+                    .product();
+                self.devices.len() * m.batch.len() * dims * self.backends.len() * self.threads.len()
+            })
+            .sum()
+    }
+
+    /// Cases in expansion order, built lazily so a huge suite costs no memory.
+    pub fn cases(&self) -> impl Iterator<Item = Case> + '_ {
+        let mut index = 0;
+        self.models
+            .iter()
+            .flat_map(move |m| {
+                let combos = dim_combinations(&m.dim_names, &self.dims);
+                let mut out = Vec::new();
+                for &device in &self.devices {
+                    for &batch in &m.batch {
+                        for dims in &combos {
+                            let inputs: Vec<TensorSpec> =
+                                m.inputs.iter().map(|t| t.concrete(batch, dims)).collect();
+                            for backend in &self.backends {
+                                for &threads in &self.threads {
+                                    let mut id =
+                                        format!("{}/{backend}/{device}/t{threads}/b{batch}", m.id);
+                                    for (n, v) in dims {
+                                        id.push_str(&format!("/{n}={v}"));
+                                    }
+                                    out.push(Case {
+                                        index: 0,
+                                        id,
+                                        model: m.id.clone(),
+                                        backend: backend.clone(),
+                                        device,
+                                        threads,
+                                        batch,
+                                        dims: dims.clone(),
+                                        inputs: inputs.clone(),
+                                    });
+                                }
+                            }
+                        }
+                    }
+                }
+                out.into_iter()
+            })
+            .map(move |mut c| {
+                c.index = index;
+                index += 1;
+                c
+            })
+    }
+
+    pub fn model(&self, id: &str) -> Option<&PlanModel> {
+        self.models.iter().find(|m| m.id == id)
+    }
+}
+
+impl InputTemplate {
+    fn concrete(&self, batch: u32, dims: &BTreeMap<String, u32>) -> TensorSpec {
+        let shape = self
+            .shape
+            .iter()
+            .map(|d| match d {
+                RawDim::Fixed(v) => *v as usize,
+                RawDim::Symbol(s) if s == "batch" => batch as usize,
+                RawDim::Symbol(s) => dims.get(s).copied().unwrap_or(1) as usize,
+            })
+            .collect();
+        TensorSpec {
+            name: self.name.clone(),
+            dtype: self.dtype,
+            shape,
+            fill: self.fill.clone(),
+        }
+    }
+}
+
+fn dim_combinations(
+    names: &[String],
+    values: &BTreeMap<String, Vec<u32>>,
+) -> Vec<BTreeMap<String, u32>> {
+    let mut combos = vec![BTreeMap::new()];
+    for name in names {
+        let vals = values.get(name).cloned().unwrap_or_default();
+        combos = combos
+            .into_iter()
+            .flat_map(|c| {
+                vals.iter().map(move |v| {
+                    let mut c = c.clone();
+                    c.insert(name.clone(), *v);
+                    c
+                })
+            })
+            .collect();
+    }
+    combos
+}
+
+fn nonempty_positive(
+    ctx: &mut Ctx<'_>,
+    path: &str,
+    v: Option<&Vec<u32>>,
+    default: u32,
+) -> Vec<u32> {
+    match v {
+        None => vec![default],
+        Some(v) if v.is_empty() => {
+            ctx.err(path, "must list at least one value");
+            vec![default]
+        }
+        Some(v) => {
+            for (i, x) in v.iter().enumerate() {
+                if *x == 0 {
+                    ctx.err(format!("{path}[{i}]"), "must be at least 1");
+                }
+            }
+            let mut seen = Vec::new();
+            for x in v {
+                if !seen.contains(x) {
+                    seen.push(*x);
+                }
+            }
+            seen
+        }
+    }
+}
+
+fn build(
+    raw: &RawSuite,
+    base: &Path,
+    options: &PlanOptions,
+    ctx: &mut Ctx<'_>,
+    text: &str,
+) -> Plan {
+    if raw.name.trim().is_empty()
+        || !raw
+            .name
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+    {
+        ctx.err("name", "must be non-empty and use only letters, digits, `-`, `_` and `.` (it names the results directory)");
+    }
+    if raw.models.is_empty() {
+        ctx.err("models", "must list at least one model");
+    }
+    if raw.backends.is_empty() {
+        ctx.err("backends", "must list at least one backend");
+    }
+    let mut backends = Vec::new();
+    for (i, b) in raw.backends.iter().enumerate() {
+        if !options.known_backends.contains(b) {
+            ctx.err(
+                format!("backends[{i}]"),
+                format!(
+                    "unknown backend `{b}` (known: {})",
+                    options.known_backends.join(", ")
+                ),
+            );
+        } else if backends.contains(b) {
+            ctx.err(
+                format!("backends[{i}]"),
+                format!("backend `{b}` is listed twice"),
+            );
+        } else {
+            backends.push(b.clone());
+        }
+    }
+    let devices = raw.devices.clone().unwrap_or_else(|| vec![Device::Cpu]);
+    if devices.is_empty() {
+        ctx.err("devices", "must list at least one device");
+    }
+    let threads = nonempty_positive(ctx, "threads", raw.threads.as_ref(), 1);
+    let batch = nonempty_positive(ctx, "batch", raw.batch.as_ref(), 1);
+    let mut dims = BTreeMap::new();
+    for (name, vals) in &raw.dims {
+        if name == "batch" {
+            ctx.err(
+                format!("dims.{name}"),
+                "`batch` is set by the top-level `batch` key",
+            );
+        }
+        dims.insert(
+            name.clone(),
+            nonempty_positive(ctx, &format!("dims.{name}"), Some(vals), 1),
+        );
+    }
+
+    let m = &raw.measure;
+    let measure = Measure {
+        warmup: m.warmup.map_or(Duration::from_millis(500), |d| d.0),
+        min_iterations: m.min_iterations.unwrap_or(10),
+        max_iterations: m.max_iterations.unwrap_or(100_000),
+        min_time: m.min_time.map_or(Duration::from_secs(1), |d| d.0),
+        max_time: m.max_time.map_or(Duration::from_secs(10), |d| d.0),
+        target_ci: m.target_ci.unwrap_or(0.01),
+    };
+    if measure.min_iterations == 0 {
+        ctx.err("measure.min_iterations", "must be at least 1");
+    }
+    if measure.max_iterations < measure.min_iterations {
+        ctx.err(
+            "measure.max_iterations",
+            format!("must be >= min_iterations ({})", measure.min_iterations),
+        );
+    }
+    if measure.max_time < measure.min_time {
+        ctx.err("measure.max_time", "must be >= min_time");
+    }
+    if !(measure.target_ci > 0.0 && measure.target_ci < 1.0) {
+        ctx.err(
+            "measure.target_ci",
+            "must be a fraction between 0 and 1, e.g. 0.01 for ±1%",
+        );
+    }
+
+    let check = Check {
+        reference: raw.check.reference.clone().unwrap_or_else(|| "ort".into()),
+        atol: raw.check.atol.unwrap_or(1e-4),
+        rtol: raw.check.rtol.unwrap_or(1e-3),
+    };
+    if !options.known_backends.contains(&check.reference) {
+        ctx.err(
+            "check.reference",
+            format!(
+                "unknown backend `{}` (known: {})",
+                check.reference,
+                options.known_backends.join(", ")
+            ),
+        );
+    }
+    if !(check.atol >= 0.0 && check.rtol >= 0.0) {
+        ctx.err("check", "atol and rtol must be >= 0");
+    }
+    let timeout = raw.timeout.map_or(Duration::from_secs(120), |d| d.0);
+    if timeout.is_zero() {
+        ctx.err("timeout", "must be more than zero");
+    }
+
+    let mut backend_options = BTreeMap::new();
+    if let Some(o) = &raw.backend_options.ort {
+        backend_options.insert(
+            "ort".to_owned(),
+            serde_json::to_value(o).unwrap_or_default(),
+        );
+    }
+    if let Some(o) = &raw.backend_options.mock {
+        backend_options.insert(
+            "mock".to_owned(),
+            serde_json::to_value(o).unwrap_or_default(),
+        );
+    }
+
+    let mut models: Vec<PlanModel> = Vec::new();
+    for (i, rm) in raw.models.iter().enumerate() {
+        let path = format!("models[{i}]");
+        if models.iter().any(|m| m.id == rm.id) {
+            ctx.err(
+                format!("{path}.id"),
+                format!("model id `{}` is used twice", rm.id),
+            );
+            continue;
+        }
+        if let Some(model) = build_model(
+            rm,
+            &path,
+            base,
+            options,
+            ctx,
+            &batch,
+            &dims,
+            raw.seed.unwrap_or(42),
+        ) {
+            models.push(model);
+        }
+    }
+
+    Plan {
+        name: raw.name.clone(),
+        description: raw.description.clone(),
+        suite_path: ctx.file.to_owned(),
+        suite_sha256: handoff_onnx::inspect::sha256_hex(text.as_bytes()),
+        models,
+        backends,
+        devices,
+        threads,
+        dims,
+        measure,
+        check,
+        isolation: match raw.isolation {
+            Some(RawIsolation::None) => Isolation::None,
+            _ => Isolation::Process,
+        },
+        timeout,
+        seed: raw.seed.unwrap_or(42),
+        backend_options,
+    }
+}
+
+#[allow(clippy::too_many_arguments)]
+fn build_model(
+    rm: &crate::raw::RawModel,
+    path: &str,
+    base: &Path,
+    options: &PlanOptions,
+    ctx: &mut Ctx<'_>,
+    suite_batch: &[u32],
+    dims: &BTreeMap<String, Vec<u32>>,
+    seed: u64,
+) -> Option<PlanModel> {
+    let (file, source) = match (&rm.source.onnx, &rm.source.synthetic) {
+        (Some(_), Some(_)) | (None, None) => {
+            ctx.err(
+                format!("{path}.source"),
+                "give exactly one of `onnx: <path>` or `synthetic: {kind, width, depth}`",
+            );
+            return None;
+        }
+        (Some(p), None) => {
+            let resolved = base.join(p);
+            if !resolved.is_file() {
+                ctx.err(
+                    format!("{path}.source.onnx"),
+                    format!("model file {} does not exist", resolved.display()),
+                );
+                return None;
+            }
+            (resolved, format!("onnx:{}", p.display()))
+        }
+        (None, Some(s)) => {
+            let spec = SyntheticSpec {
+                kind: match s.kind {
+                    SyntheticKindName::Mlp => Kind::Mlp,
+                    SyntheticKindName::Conv => Kind::Conv,
+                    SyntheticKindName::Encoder => Kind::Encoder,
+                },
+                width: i64::from(s.width),
+                depth: i64::from(s.depth),
+                seed: s.seed.unwrap_or(seed),
+            };
+            if s.width == 0 || s.depth == 0 || (spec.kind == Kind::Encoder && s.width % 4 != 0) {
+                ctx.err(
+                    format!("{path}.source.synthetic"),
+                    "width and depth must be >= 1 (and width a multiple of 4 for `encoder`)",
+                );
+                return None;
+            }
+            let file = options
+                .model_cache
+                .join("synthetic")
+                .join(format!("{}.onnx", spec.id()));
+            if !file.is_file()
+                && let Err(e) = handoff_onnx::builder::write_model(&spec.build(), &file)
+            {
+                ctx.err(format!("{path}.source"), e.to_string());
+                return None;
+            }
+            (file, format!("synthetic:{}", spec.id()))
+        }
+    };
+    let info = match ModelInfo::load(&file) {
+        Ok(info) => info,
+        Err(e) => {
+            ctx.err(format!("{path}.source"), e.to_string());
+            return None;
+        }
+    };
+    let batch = match &rm.batch {
+        Some(b) => nonempty_positive(ctx, &format!("{path}.batch"), Some(b), 1),
+        None => suite_batch.to_vec(),
+    };
+    let before = ctx.problems.len();
+    let inputs = match &rm.inputs {
+        Some(specs) => check_inputs(specs, &info, path, ctx, dims),
+        None => derive_inputs(&info, path, ctx, dims),
+    };
+    if ctx.problems.len() > before {
+        return None;
+    }
+    let mut dim_names: Vec<String> = inputs
+        .iter()
+        .flat_map(|t| t.shape.iter())
+        .filter_map(|d| match d {
+            RawDim::Symbol(s) if s != "batch" => Some(s.clone()),
+            _ => None,
+        })
+        .collect();
+    dim_names.sort();
+    dim_names.dedup();
+    Some(PlanModel {
+        id: rm.id.clone(),
+        path: file,
+        source,
+        info,
+        inputs,
+        batch,
+        dim_names,
+    })
+}
+
+fn dtype_of(elem: ElemType) -> Option<DType> {
+    match elem {
+        ElemType::F32 => Some(DType::F32),
+        ElemType::I64 => Some(DType::I64),
+        ElemType::I32 => Some(DType::I32),
+        _ => None,
+    }
+}
+
+fn fill_of(ctx: &mut Ctx<'_>, path: String, raw: Option<&RawFill>) -> Fill {
+    let Some(raw) = raw else {
+        return Fill::Random {
+            min: -1.0,
+            max: 1.0,
+        };
+    };
+    match (raw.random, raw.random_int, raw.constant) {
+        (Some(r), None, None) => {
+            if r.min >= r.max {
+                ctx.err(format!("{path}.random"), "min must be less than max");
+            }
+            Fill::Random {
+                min: r.min,
+                max: r.max,
+            }
+        }
+        (None, Some(r), None) => {
+            if r.min >= r.max {
+                ctx.err(format!("{path}.random_int"), "min must be less than max");
+            }
+            Fill::RandomInt {
+                min: r.min,
+                max: r.max,
+            }
+        }
+        (None, None, Some(c)) => Fill::Constant(c),
+        _ => {
+            ctx.err(path, "give exactly one of `random: {min, max}`, `random_int: {min, max}` or `constant: <value>`");
+            Fill::Random {
+                min: -1.0,
+                max: 1.0,
+            }
+        }
+    }
+}
+
+fn check_symbol(ctx: &mut Ctx<'_>, path: String, sym: &str, dims: &BTreeMap<String, Vec<u32>>) {
+    if sym != "batch" && !dims.contains_key(sym) {
+        let known: Vec<&str> = std::iter::once("batch")
+            .chain(dims.keys().map(String::as_str))
+            .collect();
+        ctx.err(
+            path,
+            format!("symbolic dim `{sym}` has no values; add `dims: {{{sym}: [...]}}` to the suite (known: {})", known.join(", ")),
+        );
+    }
+}
+
+fn check_inputs(
+    specs: &[RawInput],
+    info: &ModelInfo,
+    path: &str,
+    ctx: &mut Ctx<'_>,
+    dims: &BTreeMap<String, Vec<u32>>,
+) -> Vec<InputTemplate> {
+    let names = || {
+        info.inputs
+            .iter()
+            .map(|i| i.to_string())
+            .collect::<Vec<_>>()
+            .join(", ")
+    };
+    for model_input in &info.inputs {
+        if !specs.iter().any(|s| s.name == model_input.name) {
+            ctx.err(
+                format!("{path}.inputs"),
+                format!(
+                    "model input `{}` has no spec (model {} expects: {})",
+                    model_input.name,
+                    info.path.display(),
+                    names()
+                ),
+            );
+        }
+    }
+    let mut out = Vec::new();
+    for (j, spec) in specs.iter().enumerate() {
+        let p = format!("{path}.inputs[{j}]");
+        let Some(mi) = info.input(&spec.name) else {
+            ctx.err(
+                format!("{p}.name"),
+                format!(
+                    "model {} has no input `{}` (it expects: {})",
+                    info.path.display(),
+                    spec.name,
+                    names()
+                ),
+            );
+            continue;
+        };
+        if dtype_of(mi.elem) != Some(spec.dtype) {
+            ctx.err(
+                format!("{p}.dtype"),
+                format!(
+                    "model input `{}` is {}, not {}",
+                    mi.name, mi.elem, spec.dtype
+                ),
+            );
+        }
+        if let Some(model_dims) = &mi.dims {
+            if model_dims.len() != spec.shape.len() {
+                ctx.err(
+                    format!("{p}.shape"),
+                    format!(
+                        "model input is {mi} (rank {}), the spec has rank {}",
+                        model_dims.len(),
+                        spec.shape.len()
+                    ),
+                );
+            } else {
+                for (k, (md, sd)) in model_dims.iter().zip(&spec.shape).enumerate() {
+                    if let (Dim::Fixed(a), RawDim::Fixed(b)) = (md, sd)
+                        && *a != i64::from(*b)
+                    {
+                        ctx.err(
+                            format!("{p}.shape[{k}]"),
+                            format!("model input is {mi}: dim {k} is {a}, not {b}"),
+                        );
+                    }
+                }
+            }
+        }
+        for (k, d) in spec.shape.iter().enumerate() {
+            if let RawDim::Symbol(s) = d {
+                check_symbol(ctx, format!("{p}.shape[{k}]"), s, dims);
+            }
+        }
+        if spec.fill.is_none() && spec.dtype != DType::F32 {
+            ctx.err(
+                format!("{p}.fill"),
+                format!("integer input `{}` needs a fill, e.g. `fill: {{random_int: {{min: 0, max: 30522}}}}` for token ids or `fill: {{constant: 1}}` for a mask", spec.name),
+            );
+        }
+        let fill = fill_of(ctx, format!("{p}.fill"), spec.fill.as_ref());
+        out.push(InputTemplate {
+            name: spec.name.clone(),
+            dtype: spec.dtype,
+            shape: spec.shape.clone(),
+            fill,
+        });
+    }
+    out
+}
+
+fn derive_inputs(
+    info: &ModelInfo,
+    path: &str,
+    ctx: &mut Ctx<'_>,
+    dims: &BTreeMap<String, Vec<u32>>,
+) -> Vec<InputTemplate> {
+    let mut out = Vec::new();
+    for mi in &info.inputs {
+        if mi.elem != ElemType::F32 {
+            ctx.err(
+                format!("{path}.inputs"),
+                format!("model input `{mi}` is not f32: list the model's inputs with a `fill` for each (e.g. token ids)"),
+            );
+            continue;
+        }
+        let Some(model_dims) = &mi.dims else {
+            ctx.err(
+                format!("{path}.inputs"),
+                format!(
+                    "model input `{}` has no declared shape: give `inputs` with a shape",
+                    mi.name
+                ),
+            );
+            continue;
+        };
+        let mut shape = Vec::new();
+        for d in model_dims {
+            match d {
+                Dim::Fixed(v) if *v > 0 => shape.push(RawDim::Fixed(*v as u32)),
+                Dim::Symbolic(s) => {
+                    check_symbol(ctx, format!("{path}.source"), s, dims);
+                    shape.push(RawDim::Symbol(s.clone()));
+                }
+                _ => {
+                    ctx.err(
+                        format!("{path}.inputs"),
+                        format!(
+                            "model input `{mi}` has an unnamed dim: give `inputs` with a shape"
+                        ),
+                    );
+                }
+            }
+        }
+        out.push(InputTemplate {
+            name: mi.name.clone(),
+            dtype: DType::F32,
+            shape,
+            fill: Fill::Random {
+                min: -1.0,
+                max: 1.0,
+            },
+        });
+    }
+    out
+}
