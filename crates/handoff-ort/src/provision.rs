@@ -139,7 +139,10 @@ pub fn fetch() -> Result<PathBuf, String> {
         return Ok(lib);
     }
     let dir = lib.parent().unwrap_or(Path::new(".")).to_owned();
-    let wheels = cache_dir().join("wheels");
+    // Per-process download directory: parallel test processes may all
+    // find the cache empty; each extracts to its own temp name and the
+    // renames race harmlessly.
+    let wheels = cache_dir().join(format!("wheels-{}", std::process::id()));
     std::fs::create_dir_all(&wheels)
         .map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
     let status = Command::new("python3")
@@ -162,15 +165,15 @@ pub fn fetch() -> Result<PathBuf, String> {
         ));
     }
     let script = format!(
-        "import glob, sys, zipfile\n\
+        "import glob, os, sys, zipfile\n\
          w = sorted(glob.glob(sys.argv[1] + '/onnxruntime-{PINNED_VERSION}-*.whl'))\n\
          assert w, 'no onnxruntime wheel downloaded'\n\
          z = zipfile.ZipFile(w[-1])\n\
          name = 'onnxruntime/capi/libonnxruntime.so.{PINNED_VERSION}'\n\
          data = z.read(name)\n\
-         tmp = sys.argv[2] + '.tmp'\n\
+         tmp = sys.argv[2] + '.tmp' + str(os.getpid())\n\
          open(tmp, 'wb').write(data)\n\
-         import os; os.replace(tmp, sys.argv[2])\n"
+         os.replace(tmp, sys.argv[2])\n"
     );
     std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
     let status = Command::new("python3")

@@ -239,18 +239,36 @@ mod tests {
     use super::*;
 
     #[test]
-    fn load_sees_a_busy_sibling_thread_as_own_cpu_not_others() {
-        let a = CpuSnapshot::now();
+    fn other_cpu_excludes_our_own_time() {
         let t0 = Instant::now();
-        let mut x = 0u64;
-        while t0.elapsed().as_millis() < 150 {
-            x = x.wrapping_add(1);
-        }
-        std::hint::black_box(x);
-        let b = CpuSnapshot::now();
+        let a = CpuSnapshot {
+            system_busy_ticks: 1000,
+            self_ticks: 100,
+            loadavg: 0.5,
+            at: t0,
+        };
+        let tps = clock_ticks_per_second();
+        // One second: the system was busy 1.5 s of CPU, 1.0 s of it ours.
+        let b = CpuSnapshot {
+            system_busy_ticks: 1000 + (1.5 * tps) as u64,
+            self_ticks: 100 + tps as u64,
+            loadavg: 1.5,
+            at: t0 + std::time::Duration::from_secs(1),
+        };
         let load = a.load_until(&b);
-        // Our own spinning must not be counted as someone else's.
-        assert!(load.other_cpu_cores < 1.0, "{load:?}");
+        assert!((load.other_cpu_cores - 0.5).abs() < 0.02, "{load:?}");
+        assert!(load.busy);
+        let quiet = CpuSnapshot {
+            system_busy_ticks: 1000 + tps as u64,
+            ..b.clone()
+        };
+        assert!(!a.load_until(&quiet).busy);
+    }
+
+    #[test]
+    fn counters_are_read_from_proc() {
+        assert!(system_busy_ticks().unwrap() > 0);
+        assert!(self_ticks().is_some());
         assert!(peak_rss_mb().unwrap() > 0.0);
     }
 }

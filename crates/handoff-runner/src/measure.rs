@@ -141,7 +141,8 @@ mod tests {
 
     #[test]
     fn respects_max_iterations_and_propagates_errors() {
-        let mut p = policy(0, 60_000, 1e-12);
+        // min_time far away: the convergence check never runs.
+        let mut p = policy(60_000, 120_000, 0.5);
         p.max_iterations = 25;
         let (s, stop) = timed_loop(|| Ok(()), &p).unwrap();
         assert_eq!((s.len(), stop), (25, StopReason::MaxIterations));

@@ -28,6 +28,9 @@ enum Frame {
 struct Recorder {
     stack: Vec<Frame>,
     positions: HashMap<String, Location>,
+    /// A block mapping's start mark can sit past its first key; the first
+    /// key's own mark stands for the mapping instead.
+    pending_map: Option<String>,
 }
 
 impl Recorder {
@@ -76,6 +79,12 @@ impl MarkedEventReceiver for Recorder {
         match ev {
             Event::Scalar(value, ..) => {
                 if self.expecting_key() {
+                    if let Some(path) = self.pending_map.take() {
+                        self.positions.entry(path).or_insert(Location {
+                            line: mark.line(),
+                            column: mark.col() + 1,
+                        });
+                    }
                     if let Some(Frame::Map { key }) = self.stack.last_mut() {
                         *key = Some(value);
                     }
@@ -95,7 +104,7 @@ impl MarkedEventReceiver for Recorder {
                 }
             }
             Event::MappingStart(..) => {
-                self.value_at(mark);
+                self.pending_map = Some(self.path());
                 self.stack.push(Frame::Map { key: None });
             }
             Event::SequenceStart(..) => {
@@ -103,6 +112,7 @@ impl MarkedEventReceiver for Recorder {
                 self.stack.push(Frame::Seq { index: 0 });
             }
             Event::MappingEnd | Event::SequenceEnd => {
+                self.pending_map = None;
                 self.stack.pop();
                 self.value_done();
             }

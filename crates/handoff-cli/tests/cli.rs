@@ -1,0 +1,185 @@
+//! The `handoff` binary end to end: exit codes, process isolation (a crash
+//! or hang in one case is a result, the rest intact), and the real runtimes
+//! agreeing on generated models.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use handoff_runner::{Status, read_results};
+
+fn handoff(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(args)
+        .current_dir(dir)
+        .env("HANDOFF_MODEL_CACHE", dir.join("cache"))
+        .output()
+        .unwrap()
+}
+
+fn write(dir: &Path, name: &str, text: &str) -> String {
+    std::fs::write(dir.join(name), text).unwrap();
+    name.to_owned()
+}
+
+const QUICK: &str =
+    "measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n";
+
+#[test]
+fn bad_suite_exits_2_with_a_located_message() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        "name: t\nmodels:\n  - id: m\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\nbackends: [mock]\nthread: [2]\n",
+    );
+    for cmd in [vec!["validate", &suite], vec!["run", &suite]] {
+        let out = handoff(&cmd, dir.path());
+        assert_eq!(out.status.code(), Some(2));
+        let err = String::from_utf8_lossy(&out.stderr);
+        assert!(
+            err.contains("s.yaml:6:1: thread: unknown field `thread`"),
+            "{err}"
+        );
+    }
+    let out = handoff(&["run", "missing.yaml"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read suite missing.yaml"));
+}
+
+#[test]
+fn schema_and_dry_run_succeed() {
+    let dir = tempfile::tempdir().unwrap();
+    let out = handoff(&["schema"], dir.path());
+    assert_eq!(out.status.code(), Some(0));
+    let schema: serde_json::Value = serde_json::from_slice(&out.stdout).unwrap();
+    assert!(schema["properties"]["backends"].is_object());
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        "name: t\nmodels:\n  - id: m\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\nbackends: [mock, mock-ref]\nthreads: [1, 2]\n",
+    );
+    let out = handoff(&["run", &suite, "--dry-run"], dir.path());
+    assert_eq!(out.status.code(), Some(0));
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert!(
+        text.contains("4 cases") && text.contains("m/mock-ref/cpu/t2/b1"),
+        "{text}"
+    );
+    assert!(
+        !dir.path().join("reports").exists(),
+        "a dry run writes nothing"
+    );
+}
+
+fn crash_suite(dir: &Path, fail: &str) -> Vec<handoff_runner::ResultRecord> {
+    let suite = write(
+        dir,
+        "s.yaml",
+        &format!(
+            "name: t\nmodels:\n  - id: m\n    source: {{synthetic: {{kind: mlp, width: 8, depth: 1}}}}\n\
+             backends: [mock-ref, mock]\nbatch: [1, 2]\ncheck: {{reference: mock-ref}}\ntimeout: 3s\n\
+             backend_options: {{mock: {{fail: {fail}}}}}\n{QUICK}"
+        ),
+    );
+    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    read_results(&dir.join("out/results.jsonl"))
+        .unwrap()
+        .records
+}
+
+#[test]
+fn an_aborting_backend_is_a_failed_cell_and_the_others_are_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crash_suite(dir.path(), "abort");
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        if r.case.backend == "mock" {
+            assert_eq!(r.status, Status::Failed);
+            assert!(
+                r.reason.as_deref().unwrap().contains("SIGABRT"),
+                "{:?}",
+                r.reason
+            );
+        } else {
+            assert_eq!(r.status, Status::Ok, "{r:?}");
+            assert!(r.latency_ms.is_some());
+        }
+    }
+}
+
+#[test]
+fn a_hanging_backend_times_out_and_the_others_are_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crash_suite(dir.path(), "hang");
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        if r.case.backend == "mock" {
+            assert_eq!(r.status, Status::Timeout, "{r:?}");
+            assert!(r.wall_s.unwrap() < 10.0);
+        } else {
+            assert_eq!(r.status, Status::Ok);
+        }
+    }
+}
+
+#[test]
+fn a_panicking_backend_in_a_child_is_a_failed_cell() {
+    let dir = tempfile::tempdir().unwrap();
+    let records = crash_suite(dir.path(), "panic");
+    let failed: Vec<_> = records
+        .iter()
+        .filter(|r| r.case.backend == "mock")
+        .collect();
+    assert_eq!(failed.len(), 2);
+    assert!(failed.iter().all(|r| r.status == Status::Failed
+        && r.reason.as_deref().unwrap().contains("panicked on purpose")));
+}
+
+/// The three real runtimes on the three generated model families, in child
+/// processes at 1 and 2 threads: every output matches ORT's, and the one op
+/// candle-onnx lacks is reported as such.
+#[test]
+fn real_backends_agree_on_generated_models() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        &format!(
+            "name: real\nmodels:\n\
+             \x20 - id: mlp\n    source: {{synthetic: {{kind: mlp, width: 16, depth: 2}}}}\n\
+             \x20 - id: conv\n    source: {{synthetic: {{kind: conv, width: 4, depth: 2}}}}\n\
+             \x20 - id: enc\n    source: {{synthetic: {{kind: encoder, width: 16, depth: 1}}}}\n\
+             backends: [ort, tract, candle-onnx]\nthreads: [1, 2]\nbatch: [1, 3]\ndims: {{seq: [5]}}\n{QUICK}"
+        ),
+    );
+    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records;
+    assert_eq!(records.len(), 3 * 3 * 2 * 2);
+    for r in &records {
+        if r.case.model == "enc" && r.case.backend == "candle-onnx" {
+            assert_eq!(r.status, Status::Unsupported);
+            assert_eq!(r.reason.as_deref(), Some("op LayerNormalization"));
+            continue;
+        }
+        assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+        let p = r.parity.as_ref().expect("parity checked");
+        assert!(p.ok && p.max_abs < 1e-4, "{}: {p:?}", r.case.id);
+        assert!(r.case.backend_version.is_some());
+    }
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
+    assert!(summary.contains("## mlp") && summary.contains("candle-onnx (interp.)"));
+}
