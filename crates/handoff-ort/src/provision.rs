@@ -49,7 +49,8 @@ pub fn cache_dir() -> PathBuf {
     {
         return PathBuf::from(dir);
     }
-    Path::new(env!("CARGO_MANIFEST_DIR")).join("../../.cache")
+    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root).join(".cache")
 }
 
 fn cached_library() -> PathBuf {

@@ -128,7 +128,7 @@ mod tests {
             || {
                 // Alternating 0 / 1ms: the median never settles within 1e-9.
                 i += 1;
-                if i % 2 == 0 {
+                if i.is_multiple_of(2) {
                     std::thread::sleep(Duration::from_millis(1));
                 }
                 Ok(())
