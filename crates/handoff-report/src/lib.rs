@@ -201,6 +201,7 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
                 best.throughput_items_s.map_or("-".into(), fmt_rate)
             );
         }
+        scaling_section(&mut out, &rows);
         out.push_str("| backend | threads | batch | dims | status | p50 ms | p99 ms | items/s | parity max abs | notes |\n");
         out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
         for r in rows {
@@ -225,6 +226,71 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         out.push('\n');
     }
     out
+}
+
+/// Speed-up from the fewest to the most threads, per backend, batch and
+/// dims, so a thread setting that does not take effect is visible.
+fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
+    let mut lines = Vec::new();
+    for r in rows.iter().filter(|r| r.status == Status::Ok) {
+        let peers: Vec<&&ResultRecord> = rows
+            .iter()
+            .filter(|o| {
+                o.status == Status::Ok
+                    && o.case.backend == r.case.backend
+                    && o.case.device == r.case.device
+                    && o.case.batch == r.case.batch
+                    && o.case.dims == r.case.dims
+            })
+            .collect();
+        let min_t = peers
+            .iter()
+            .map(|o| o.case.threads)
+            .min()
+            .unwrap_or(r.case.threads);
+        let max_t = peers
+            .iter()
+            .map(|o| o.case.threads)
+            .max()
+            .unwrap_or(r.case.threads);
+        if r.case.threads != max_t || min_t == max_t {
+            continue;
+        }
+        let Some(base) = peers.iter().find(|o| o.case.threads == min_t) else {
+            continue;
+        };
+        let (Some(a), Some(b)) = (base.latency_ms.as_ref(), r.latency_ms.as_ref()) else {
+            continue;
+        };
+        let speedup = a.p50 / b.p50;
+        // Overlapping CIs of the medians: no measurable difference.
+        let overlap = b.p50_ci95[1] >= a.p50_ci95[0] && a.p50_ci95[1] >= b.p50_ci95[0];
+        let verdict = if speedup >= 1.05 && !overlap {
+            "faster"
+        } else if speedup <= 0.95 && !overlap {
+            "slower: threading overhead exceeds the parallel work at this size"
+        } else {
+            "no measurable gain: ops too small for the backend to split, or not parallelised"
+        };
+        lines.push(format!(
+            "| {} | {} | {} | {min_t} -> {max_t} | {speedup:.2}x | {verdict} |",
+            escape_md(&backend_label(r)),
+            r.case.batch,
+            escape_md(&dims(r)),
+        ));
+    }
+    if lines.is_empty() {
+        return;
+    }
+    out.push_str("Thread scaling (p50 speed-up, ideal = thread ratio):\n\n");
+    out.push_str(
+        "| backend | batch | dims | threads | speed-up | |\n|---|---:|---|---|---:|---|\n",
+    );
+    for l in lines {
+        out.push_str(&l);
+        out.push('\n');
+    }
+    out.push('\n');
 }
 
 fn p99(r: &ResultRecord) -> f64 {
