@@ -149,6 +149,31 @@ pub trait Prepared {
     fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError>;
 }
 
+/// The probe answer of a backend built without GPU support: available on
+/// the CPU, and on CUDA unavailable naming the cargo feature that adds it.
+pub fn cpu_only_probe(device: Device, version: &str, detail: &str, cuda_feature: &str) -> Probe {
+    match device {
+        Device::Cpu => Probe::Available {
+            version: version.to_owned(),
+            detail: detail.to_owned(),
+        },
+        Device::Cuda => Probe::Unavailable {
+            reason: format!("no CUDA device: this build has no {cuda_feature}"),
+        },
+    }
+}
+
+/// For `prepare` of a CPU-only backend: a GPU case is refused, never run on
+/// the CPU instead.
+pub fn require_cpu(device: Device) -> Result<(), BackendError> {
+    match device {
+        Device::Cpu => Ok(()),
+        Device::Cuda => Err(BackendError::Unavailable(
+            "no CUDA device: this backend was built for the CPU only".into(),
+        )),
+    }
+}
+
 /// Looks backends up by name; the CLI fills it with the runtimes compiled in.
 #[derive(Default)]
 pub struct Registry {

@@ -12,7 +12,7 @@ use std::collections::HashMap;
 use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
 use handoff_backend::{
     Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
-    Tensor, TensorData, unsupported_op_from_message,
+    Tensor, TensorData, cpu_only_probe, require_cpu, unsupported_op_from_message,
 };
 
 pub const CANDLE_VERSION: &str = "0.11.1";
@@ -30,17 +30,12 @@ impl Backend for CandleOnnxBackend {
     }
 
     fn probe(&self, device: Device) -> Probe {
-        match device {
-            Device::Cpu => Probe::Available {
-                version: CANDLE_VERSION.into(),
-                detail: "interpreter (candle-onnx simple_eval); threads from RAYON_NUM_THREADS"
-                    .into(),
-            },
-            Device::Cuda => Probe::Unavailable {
-                reason: "no CUDA device: this build has no candle CUDA support (feature `cuda`)"
-                    .into(),
-            },
-        }
+        cpu_only_probe(
+            device,
+            CANDLE_VERSION,
+            "interpreter (candle-onnx simple_eval); threads from RAYON_NUM_THREADS",
+            "candle CUDA support (feature `cuda`)",
+        )
     }
 
     fn prepare(
@@ -48,9 +43,7 @@ impl Backend for CandleOnnxBackend {
         model: &ModelRef,
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
-        if options.device != Device::Cpu {
-            return Err(BackendError::Unavailable("no CUDA device".into()));
-        }
+        require_cpu(options.device)?;
         check_threads(options.threads)?;
         let proto = candle_onnx::read_file(model.path())
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", model.path().display())))?;

@@ -6,8 +6,8 @@ pub mod provision;
 use std::sync::OnceLock;
 
 use handoff_backend::{
-    Backend, BackendError, DType, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
-    Tensor, TensorData, unsupported_op_from_message,
+    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+    Tensor, TensorData, cpu_only_probe, require_cpu, unsupported_op_from_message,
 };
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -49,17 +49,12 @@ impl Backend for OrtBackend {
             Ok(e) => e,
             Err(reason) => return Probe::Unavailable { reason },
         };
-        match device {
-            Device::Cpu => Probe::Available {
-                version: located.version.clone(),
-                detail: format!("{} (from {})", located.path.display(), located.origin),
-            },
-            Device::Cuda => Probe::Unavailable {
-                reason:
-                    "no CUDA device: this build has no ORT CUDA execution provider (feature `cuda`)"
-                        .into(),
-            },
-        }
+        cpu_only_probe(
+            device,
+            &located.version,
+            &format!("{} (from {})", located.path.display(), located.origin),
+            "ORT CUDA execution provider (feature `cuda`)",
+        )
     }
 
     fn prepare(
@@ -68,9 +63,7 @@ impl Backend for OrtBackend {
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
         let (env, _) = environment().map_err(BackendError::Unavailable)?;
-        if options.device != Device::Cpu {
-            return Err(BackendError::Unavailable("no CUDA device".into()));
-        }
+        require_cpu(options.device)?;
         let level = match options.options.get("optimization").and_then(|v| v.as_str()) {
             Some("disable") => GraphOptimizationLevel::Disable,
             Some("basic") => GraphOptimizationLevel::Level1,
@@ -199,7 +192,6 @@ fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
             )));
         }
     };
-    let _ = DType::F32;
     Ok(Tensor {
         name: name.to_owned(),
         shape: shape.iter().map(|&d| d as usize).collect(),

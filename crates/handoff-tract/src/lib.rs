@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use handoff_backend::{
     Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
-    Tensor, TensorData, unsupported_op_from_message,
+    Tensor, TensorData, cpu_only_probe, require_cpu, unsupported_op_from_message,
 };
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
@@ -32,15 +32,12 @@ impl Backend for TractBackend {
     }
 
     fn probe(&self, device: Device) -> Probe {
-        match device {
-            Device::Cpu => Probe::Available {
-                version: TRACT_VERSION.into(),
-                detail: "pure Rust; matmuls on a per-session rayon pool".into(),
-            },
-            Device::Cuda => Probe::Unavailable {
-                reason: "no CUDA device: this build has no tract-cuda (feature `cuda`)".into(),
-            },
-        }
+        cpu_only_probe(
+            device,
+            TRACT_VERSION,
+            "pure Rust; matmuls on a per-session rayon pool",
+            "tract-cuda (feature `cuda`)",
+        )
     }
 
     fn prepare(
@@ -48,9 +45,7 @@ impl Backend for TractBackend {
         model: &ModelRef,
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
-        if options.device != Device::Cpu {
-            return Err(BackendError::Unavailable("no CUDA device".into()));
-        }
+        require_cpu(options.device)?;
         let typed = tract_onnx::onnx()
             .model_for_path(model.path())
             .map_err(|e| classify(&e, true))?
