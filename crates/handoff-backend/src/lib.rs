@@ -109,8 +109,12 @@ pub struct PrepareOptions {
 /// A model file and what is known about it.
 #[derive(Debug, Clone)]
 pub struct ModelRef {
+    /// The ONNX file.
     pub path: PathBuf,
     pub id: String,
+    /// The HF directory (config.json + model.safetensors) the ONNX file was
+    /// converted from, when the model has one; native backends load it.
+    pub hf_dir: Option<PathBuf>,
 }
 
 impl ModelRef {

@@ -88,6 +88,9 @@ pub enum Fill {
         max: i64,
     },
     Constant(f64),
+    /// Explicit values (token ids from a tokenizer), repeated if shorter
+    /// than the tensor.
+    Values(Vec<i64>),
 }
 
 /// A concrete input: every dimension known.
@@ -109,6 +112,14 @@ impl TensorSpec {
         let mut rng = SplitMix64(seed ^ fnv1a(self.name.as_bytes()));
         let n = self.numel();
         let data = match (self.dtype, &self.fill) {
+            (dtype, Fill::Values(v)) => {
+                let at = |i: usize| if v.is_empty() { 0 } else { v[i % v.len()] };
+                match dtype {
+                    DType::F32 => TensorData::F32((0..n).map(|i| at(i) as f32).collect()),
+                    DType::I64 => TensorData::I64((0..n).map(at).collect()),
+                    DType::I32 => TensorData::I32((0..n).map(|i| at(i) as i32).collect()),
+                }
+            }
             (DType::F32, Fill::Random { min, max }) => TensorData::F32(
                 (0..n)
                     .map(|_| (*min + (*max - *min) * rng.unit()) as f32)

@@ -162,3 +162,121 @@ impl Prepared for CandleOnnxPrepared {
             .collect()
     }
 }
+
+/// candle-transformers' BERT, loaded from the same safetensors the ONNX
+/// model was converted from: the fair candle figure (no interpreter).
+#[derive(Debug, Default)]
+pub struct CandleNativeBackend;
+
+impl Backend for CandleNativeBackend {
+    fn name(&self) -> &'static str {
+        "candle-native"
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::Native
+    }
+
+    fn probe(&self, device: Device) -> Probe {
+        cpu_only_probe(
+            device,
+            CANDLE_VERSION,
+            "candle-transformers BERT from safetensors; threads from RAYON_NUM_THREADS",
+            "candle CUDA support (feature `cuda`)",
+        )
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        use candle_transformers::models::bert::{BertModel, Config};
+        require_cpu(options.device)?;
+        check_threads(options.threads)?;
+        let dir = model.hf_dir.as_ref().ok_or_else(|| {
+            BackendError::Unsupported(
+                "candle-native runs safetensors models (source `hf` or `pypi`), not a bare ONNX file".into(),
+            )
+        })?;
+        let cfg_path = dir.join("config.json");
+        let text = std::fs::read_to_string(&cfg_path)
+            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", cfg_path.display())))?;
+        let config: Config = serde_json::from_str(&text)
+            .map_err(|e| BackendError::Unsupported(format!("{}: {e}", cfg_path.display())))?;
+        let st = dir.join("model.safetensors");
+        let bytes = std::fs::read(&st)
+            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
+        let vb =
+            candle_nn::VarBuilder::from_buffered_safetensors(bytes, CDType::F32, &CDevice::Cpu)
+                .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
+        let bert = BertModel::load(vb, &config)
+            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
+        Ok(Box::new(CandleNativePrepared {
+            bert,
+            inputs: None,
+            last: Vec::new(),
+        }))
+    }
+}
+
+struct CandleNativePrepared {
+    bert: candle_transformers::models::bert::BertModel,
+    /// input_ids, token_type_ids, attention_mask
+    inputs: Option<(CTensor, CTensor, CTensor)>,
+    last: Vec<CTensor>,
+}
+
+impl Prepared for CandleNativePrepared {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        let find = |name: &str| {
+            inputs
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| {
+                    BackendError::Failed(format!("candle-native needs an input named `{name}`"))
+                })
+                .and_then(to_candle)
+        };
+        self.inputs = Some((
+            find("input_ids")?,
+            find("token_type_ids")?,
+            find("attention_mask")?,
+        ));
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        let (ids, types, mask) = self
+            .inputs
+            .as_ref()
+            .ok_or_else(|| BackendError::Failed("no inputs bound".into()))?;
+        let e = |e: candle_core::Error| BackendError::Failed(e.to_string());
+        let hidden = self.bert.forward(ids, types, Some(mask)).map_err(e)?;
+        // Masked mean pooling, as in the converted ONNX graph.
+        let mask_f = mask.to_dtype(CDType::F32).map_err(e)?;
+        let summed = mask_f
+            .unsqueeze(1)
+            .map_err(e)?
+            .matmul(&hidden)
+            .map_err(e)?
+            .squeeze(1)
+            .map_err(e)?;
+        let count = mask_f
+            .sum_keepdim(1)
+            .map_err(e)?
+            .clamp(1e-9f32, f32::MAX)
+            .map_err(e)?;
+        let pooled = summed.broadcast_div(&count).map_err(e)?;
+        self.last = vec![hidden, pooled];
+        Ok(())
+    }
+
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
+        ["last_hidden_state", "sentence_embedding"]
+            .iter()
+            .zip(&self.last)
+            .map(|(n, t)| from_candle(n, t))
+            .collect()
+    }
+}

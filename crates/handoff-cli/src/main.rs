@@ -6,6 +6,7 @@
 use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use clap::{Parser, Subcommand};
@@ -14,6 +15,8 @@ use handoff_runner::isolate::{WorkerCommand, worker_main};
 use handoff_runner::{Observer, ResultRecord, RunOptions, Runner};
 use handoff_suite::{Case, Plan, PlanOptions, SuiteError};
 use indicatif::{ProgressBar, ProgressStyle};
+
+mod tools;
 
 #[derive(Parser)]
 #[command(
@@ -84,6 +87,7 @@ fn registry() -> Registry {
         .with(Box::new(handoff_ort::OrtBackend))
         .with(Box::new(handoff_tract::TractBackend))
         .with(Box::new(handoff_candle::CandleOnnxBackend))
+        .with(Box::new(handoff_candle::CandleNativeBackend))
         .with(Box::new(handoff_backend::mock::MockBackend::new("mock")))
         .with(Box::new(handoff_backend::mock::MockBackend::new(
             "mock-ref",
@@ -95,13 +99,16 @@ fn repo_root() -> PathBuf {
     root.canonicalize().unwrap_or(root)
 }
 
-fn plan_options(registry: &Registry) -> PlanOptions {
+fn plan_options(registry: &Arc<Registry>) -> PlanOptions {
     let model_cache = std::env::var_os("HANDOFF_MODEL_CACHE")
         .map(PathBuf::from)
         .unwrap_or_else(|| repo_root().join("models/cache"));
     PlanOptions {
         model_cache,
         known_backends: registry.names().into_iter().map(str::to_owned).collect(),
+        tools: Some(Arc::new(tools::Tools {
+            registry: Arc::clone(registry),
+        })),
     }
 }
 
@@ -123,7 +130,7 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
-    let registry = registry();
+    let registry = Arc::new(registry());
     match cli.command {
         Command::Worker => Ok(ExitCode::from(worker_main(&registry) as u8)),
         Command::Schema => {

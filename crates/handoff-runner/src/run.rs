@@ -138,10 +138,10 @@ impl<'a> Runner<'a> {
                 .plan
                 .model(&case.model)
                 .expect("plan cases name plan models");
-            let reference = self.reference_for(&case, &model.path, &mut references, dir);
+            let reference = self.reference_for(&case, model, &mut references, dir);
             let mut report = self.execute(
                 &case,
-                &model.path,
+                model,
                 JobMode::Measure {
                     reference: reference.as_ref().ok().map(|path| ReferenceFile {
                         path: path.clone(),
@@ -171,10 +171,16 @@ impl<'a> Runner<'a> {
         Ok(summary)
     }
 
-    fn execute(&self, case: &Case, model_path: &Path, mode: JobMode) -> WorkerReport {
+    fn execute(
+        &self,
+        case: &Case,
+        model: &handoff_suite::PlanModel,
+        mode: JobMode,
+    ) -> WorkerReport {
         let job = Job {
             case: case.clone(),
-            model_path: model_path.to_owned(),
+            model_path: model.path.clone(),
+            model_hf_dir: model.hf_dir.clone(),
             seed: self.plan.seed,
             measure: self.plan.measure.clone(),
             backend_options: self
@@ -195,7 +201,7 @@ impl<'a> Runner<'a> {
     fn reference_for(
         &self,
         case: &Case,
-        model_path: &Path,
+        model: &handoff_suite::PlanModel,
         cache: &mut HashMap<String, Result<PathBuf, String>>,
         dir: &Path,
     ) -> Result<PathBuf, String> {
@@ -213,7 +219,7 @@ impl<'a> Runner<'a> {
         ref_case.threads = 1;
         let report = self.execute(
             &ref_case,
-            model_path,
+            model,
             JobMode::Reference {
                 save_to: save_to.clone(),
             },

@@ -20,6 +20,8 @@ use crate::record::Status;
 pub struct Job {
     pub case: Case,
     pub model_path: PathBuf,
+    /// The HF directory the model was converted from (native backends).
+    pub model_hf_dir: Option<PathBuf>,
     pub seed: u64,
     pub measure: Measure,
     pub backend_options: serde_json::Value,
@@ -110,6 +112,7 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
     let model = ModelRef {
         path: job.model_path.clone(),
         id: case.model.clone(),
+        hf_dir: job.model_hf_dir.clone(),
     };
     let t = Instant::now();
     let mut prepared = match backend.prepare(&model, &options) {

@@ -37,6 +37,7 @@ measure: {{warmup: 1ms, min_iterations: 5, min_time: 1ms, max_time: 200ms, targe
         &PlanOptions {
             model_cache: dir.join("cache"),
             known_backends: vec!["mock".into(), "mock-ref".into()],
+            tools: None,
         },
     )
     .unwrap()

