@@ -183,3 +183,146 @@ fn real_backends_agree_on_generated_models() {
     let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
     assert!(summary.contains("## mlp") && summary.contains("candle-onnx (interp.)"));
 }
+
+/// A WordLevel tokenizer.json over the tiny BERT's 100-token vocabulary.
+fn write_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
+        vocab.insert((*w).into(), i.into());
+    }
+    for i in 4..100 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&tok).unwrap(),
+    )
+    .unwrap();
+}
+
+#[test]
+fn a_tiny_bert_converts_and_runs_on_every_backend() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    // `handoff convert`: the converted graph agrees with candle's BERT.
+    let out = handoff(
+        &[
+            "convert",
+            "bert",
+            "--out",
+            "tiny.onnx",
+            "--seq",
+            "16",
+            "--lower-for",
+            "candle-onnx",
+        ],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    assert!(
+        text.contains("conversion check (32 tokenised sentences, seq 16)")
+            && text.contains("passed"),
+        "{text}"
+    );
+    assert!(
+        text.contains("lowered for candle-onnx") && text.contains("(LayerNormalization)"),
+        "{text}"
+    );
+    let prov: serde_json::Value = serde_json::from_slice(
+        &std::fs::read(dir.path().join("tiny.onnx.provenance.json")).unwrap(),
+    )
+    .unwrap();
+    let check = &prov["checks"][0];
+    assert!(check["passed"].as_bool().unwrap() && check["max_abs"].as_f64().unwrap() <= 1e-4);
+
+    // The same model as a suite source, on all four backends.
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        &format!(
+            "name: bert\nmodels:\n  - id: tiny\n    source: {{hf: bert}}\n    lower_for: [candle-onnx]\n    text: {{sentences: [w4 w5 w6, w7 w8]}}\n\
+             backends: [ort, tract, candle-onnx, candle-native]\nthreads: [1, 2]\nbatch: [2]\ndims: {{seq: [8]}}\n{QUICK}"
+        ),
+    );
+    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records;
+    assert_eq!(records.len(), 4 * 2 + 2);
+    for r in &records {
+        if r.case.model == "tiny" && r.case.backend == "candle-onnx" {
+            assert_eq!(
+                (r.status, r.reason.as_deref()),
+                (Status::Unsupported, Some("op LayerNormalization"))
+            );
+        } else {
+            assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+            assert!(r.parity.as_ref().unwrap().ok);
+        }
+    }
+    assert!(records.iter().any(|r| {
+        r.case.model == "tiny+lowered"
+            && r.case
+                .model_source
+                .ends_with("+lowered(LayerNormalization)")
+    }));
+}
+
+#[test]
+fn a_tokenizer_that_does_not_parse_is_named() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 8, 1, 2, 7).unwrap();
+    std::fs::write(bert.join("tokenizer.json"), "{ not json").unwrap();
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        "name: t\nmodels:\n  - id: m\n    source: {hf: bert}\nbackends: [ort]\ndims: {seq: [8]}\n",
+    );
+    let out = handoff(&["validate", &suite], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("s.yaml:4:5: models[0].source:")
+            && err.contains("tokenizer.json: not a tokenizer.json"),
+        "{err}"
+    );
+}
+
+#[test]
+fn an_unsupported_architecture_is_a_clear_error() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("gpt");
+    handoff_convert::bert::write_tiny_bert(&bert, 8, 1, 2, 7).unwrap();
+    let cfg = std::fs::read_to_string(bert.join("config.json"))
+        .unwrap()
+        .replace("\"bert\"", "\"gpt2\"");
+    std::fs::write(bert.join("config.json"), cfg).unwrap();
+    let out = handoff(&["convert", "gpt", "--out", "g.onnx"], dir.path());
+    assert_eq!(out.status.code(), Some(2));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        err.contains("config.json: field `model_type`: `gpt2` is not supported (supported: bert)"),
+        "{err}"
+    );
+    assert!(!dir.path().join("g.onnx").exists());
+}

