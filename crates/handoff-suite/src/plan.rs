@@ -724,11 +724,33 @@ fn build_model(
     let inputs = match (&rm.inputs, &hf_dir) {
         (Some(specs), _) => check_inputs(specs, &info, path, ctx, dims),
         (None, Some(dir)) => {
-            let sentences: Vec<String> = rm
-                .text
-                .as_ref()
-                .and_then(|t| t.sentences.clone())
-                .unwrap_or_else(|| DEFAULT_SENTENCES.iter().map(|s| (*s).to_owned()).collect());
+            let text_cfg = rm.text.clone().unwrap_or_default();
+            let sentences: Vec<String> = match (&text_cfg.sentences, &text_cfg.file) {
+                (Some(_), Some(_)) => {
+                    ctx.err(
+                        format!("{path}.text"),
+                        "give `sentences` or `file`, not both",
+                    );
+                    return None;
+                }
+                (Some(s), None) => s.clone(),
+                (None, Some(f)) => match std::fs::read_to_string(base.join(f)) {
+                    Ok(t) => t
+                        .lines()
+                        .map(str::trim)
+                        .filter(|l| !l.is_empty())
+                        .map(str::to_owned)
+                        .collect(),
+                    Err(e) => {
+                        ctx.err(
+                            format!("{path}.text.file"),
+                            format!("cannot read {}: {e}", base.join(f).display()),
+                        );
+                        return None;
+                    }
+                },
+                (None, None) => DEFAULT_SENTENCES.iter().map(|s| (*s).to_owned()).collect(),
+            };
             if sentences.is_empty() {
                 ctx.err(
                     format!("{path}.text.sentences"),

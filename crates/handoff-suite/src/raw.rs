@@ -126,6 +126,10 @@ pub struct RawText {
     /// English sentences of varied length).
     #[serde(default)]
     pub sentences: Option<Vec<String>>,
+    /// A text file with one sentence per line (relative to the suite file),
+    /// instead of `sentences`.
+    #[serde(default)]
+    pub file: Option<PathBuf>,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
