@@ -18,6 +18,8 @@ pub struct MockOptions {
     pub latency_us: f64,
     /// Multiplies the latency (1.1 = a 10% regression), for tests of the gate.
     pub slowdown: Option<f64>,
+    /// Apply `slowdown` only to the model with this id.
+    pub slowdown_model: Option<String>,
     /// Added to every output value, to exercise the parity check.
     pub perturb: f64,
     /// Make the backend fail: `prepare`, `run`, `unsupported`, `panic`,
@@ -59,7 +61,7 @@ impl Backend for MockBackend {
 
     fn prepare(
         &self,
-        _model: &ModelRef,
+        model: &ModelRef,
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
         let opts: MockOptions = if options.options.is_null() {
@@ -77,7 +79,11 @@ impl Backend for MockBackend {
             Some("abort") => std::process::abort(),
             _ => {}
         }
-        let latency = Duration::from_secs_f64(opts.latency_us * opts.slowdown.unwrap_or(1.0) / 1e6);
+        let slowdown = match &opts.slowdown_model {
+            Some(id) if *id != model.id => 1.0,
+            _ => opts.slowdown.unwrap_or(1.0),
+        };
+        let latency = Duration::from_secs_f64(opts.latency_us * slowdown / 1e6);
         Ok(Box::new(MockPrepared {
             latency,
             perturb: opts.perturb as f32,

@@ -56,6 +56,61 @@ enum Command {
         /// No progress bar and no table; errors only.
         #[arg(long, short)]
         quiet: bool,
+        /// Run every case N times (results carry `repeat`); `compare` then
+        /// measures run-to-run noise and widens its threshold to match.
+        #[arg(long, default_value_t = 1)]
+        repeat: u32,
+        /// Run shard I of N (`--shard 2/4`): cases with index % N == I-1, so a
+        /// CI matrix spreads a suite over machines; join with `handoff merge`.
+        #[arg(long, value_parser = parse_shard)]
+        shard: Option<(u32, u32)>,
+    },
+    /// Compare two runs case by case; exit 1 if any case regressed.
+    ///
+    /// BASE and HEAD are results.jsonl files or run directories; BASE may be
+    /// `@NAME` for a baseline saved with `handoff baseline save NAME`.
+    /// A case regresses when the 95% CI of the head/base ratio excludes 1
+    /// and the change exceeds the threshold: max(--threshold, --noise-k x
+    /// run-to-run noise) where runs were made with --repeat.
+    Compare {
+        base: String,
+        head: PathBuf,
+        /// p50 (Hodges-Lehmann ratio), p99 or mean (bootstrap CI).
+        #[arg(long, default_value = "p50")]
+        metric: String,
+        /// Smallest change that counts, as a fraction.
+        #[arg(long, default_value_t = 0.05)]
+        threshold: f64,
+        /// Per-case threshold, `TEXT=0.1`: cases whose id contains TEXT.
+        #[arg(long = "case-threshold", value_parser = parse_case_threshold)]
+        case_thresholds: Vec<(String, f64)>,
+        #[arg(long, default_value_t = 3.0)]
+        noise_k: f64,
+        /// Compare runs from different environments (CPU, cores, runtime
+        /// versions, thread settings) anyway, with a warning.
+        #[arg(long)]
+        allow_env_mismatch: bool,
+        /// Write the comparison as JSON here (`-` for stdout).
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// Write the Markdown summary here too (e.g. $GITHUB_STEP_SUMMARY).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+    },
+    /// Save a run as a named baseline (in .handoff/baselines/, or
+    /// $HANDOFF_BASELINES) for `handoff compare @NAME HEAD`.
+    Baseline {
+        #[command(subcommand)]
+        action: BaselineAction,
+    },
+    /// Join the results of shards (each keeps its own environment).
+    Merge {
+        /// Run directories or results.jsonl files.
+        #[arg(required = true)]
+        inputs: Vec<PathBuf>,
+        /// Output run directory.
+        #[arg(long, short)]
+        out: PathBuf,
     },
     /// Check a suite and print its expanded cases (like `run --dry-run`).
     Validate {
@@ -97,6 +152,60 @@ enum Command {
     },
     #[command(name = "__worker", hide = true)]
     Worker,
+}
+
+#[derive(Subcommand)]
+enum BaselineAction {
+    /// Copy RUN (a run directory or results.jsonl) to baseline NAME.
+    Save { name: String, run: PathBuf },
+    /// List saved baselines.
+    List,
+}
+
+fn parse_shard(s: &str) -> Result<(u32, u32), String> {
+    let (i, n) = s.split_once('/').ok_or("expected I/N, e.g. 1/4")?;
+    let (i, n): (u32, u32) = (
+        i.parse().map_err(|_| "I is not a number")?,
+        n.parse().map_err(|_| "N is not a number")?,
+    );
+    if n == 0 || i == 0 || i > n {
+        return Err(format!("shard {i}/{n}: need 1 <= I <= N"));
+    }
+    Ok((i, n))
+}
+
+fn parse_case_threshold(s: &str) -> Result<(String, f64), String> {
+    let (pat, t) = s.rsplit_once('=').ok_or("expected TEXT=FRACTION")?;
+    Ok((
+        pat.to_owned(),
+        t.parse().map_err(|_| format!("`{t}` is not a number"))?,
+    ))
+}
+
+fn baselines_dir() -> PathBuf {
+    std::env::var_os("HANDOFF_BASELINES")
+        .map_or_else(|| PathBuf::from(".handoff/baselines"), PathBuf::from)
+}
+
+/// Copies results.jsonl (+ env.json) of a run into `dir`.
+fn copy_run(run: &Path, dir: &Path) -> Result<()> {
+    let results = if run.is_dir() {
+        run.join("results.jsonl")
+    } else {
+        run.to_owned()
+    };
+    handoff_runner::read_results(&results)?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(&results, dir.join("results.jsonl"))
+        .with_context(|| format!("copying {}", results.display()))?;
+    if let Some(env) = results
+        .parent()
+        .map(|p| p.join("env.json"))
+        .filter(|p| p.is_file())
+    {
+        std::fs::copy(env, dir.join("env.json"))?;
+    }
+    Ok(())
 }
 
 fn registry() -> Registry {
@@ -216,12 +325,115 @@ fn run(cli: Cli) -> Result<ExitCode> {
             eprintln!("wrote {}", out.join("summary.md").display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Compare {
+            base,
+            head,
+            metric,
+            threshold,
+            case_thresholds,
+            noise_k,
+            allow_env_mismatch,
+            json,
+            markdown,
+        } => {
+            let base = match base.strip_prefix('@') {
+                Some(name) => baselines_dir().join(name),
+                None => PathBuf::from(base),
+            };
+            let metric = match metric.as_str() {
+                "p50" => handoff_compare::Metric::P50,
+                "p99" => handoff_compare::Metric::P99,
+                "mean" => handoff_compare::Metric::Mean,
+                other => anyhow::bail!("unknown metric `{other}` (p50, p99, mean)"),
+            };
+            let opts = handoff_compare::Options {
+                metric,
+                threshold,
+                case_thresholds,
+                noise_k,
+                allow_env_mismatch,
+            };
+            let b = handoff_compare::Run::load(&base)?;
+            let h = handoff_compare::Run::load(&head)?;
+            let c = handoff_compare::compare(&b, &h, &opts)?;
+            let md = handoff_compare::markdown(&c);
+            if !c.env_differences.is_empty() {
+                eprintln!(
+                    "warning: comparing across environments: {}",
+                    c.env_differences.join("; ")
+                );
+            }
+            match json.as_deref() {
+                Some(p) if p == Path::new("-") => println!("{}", serde_json::to_string_pretty(&c)?),
+                Some(p) => std::fs::write(p, serde_json::to_vec_pretty(&c)?)?,
+                None => {}
+            }
+            if json.as_deref() != Some(Path::new("-")) {
+                print!("{md}");
+            }
+            if let Some(p) = markdown {
+                std::fs::write(p, &md)?;
+            }
+            Ok(ExitCode::from(u8::from(c.regressions() > 0)))
+        }
+        Command::Baseline { action } => {
+            match action {
+                BaselineAction::Save { name, run } => {
+                    let dir = baselines_dir().join(&name);
+                    copy_run(&run, &dir)?;
+                    println!("saved baseline {name} in {}", dir.display());
+                }
+                BaselineAction::List => {
+                    if let Ok(entries) = std::fs::read_dir(baselines_dir()) {
+                        for e in entries.flatten() {
+                            println!("{}", e.file_name().to_string_lossy());
+                        }
+                    }
+                }
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Merge { inputs, out } => {
+            std::fs::create_dir_all(out.join("envs"))?;
+            let mut lines = String::new();
+            for input in &inputs {
+                let results = if input.is_dir() {
+                    input.join("results.jsonl")
+                } else {
+                    input.clone()
+                };
+                let read = handoff_runner::read_results(&results)?;
+                for r in &read.records {
+                    lines.push_str(&serde_json::to_string(r)?);
+                    lines.push('\n');
+                }
+                // Each shard's fingerprint is kept under its hash.
+                if let (Some(env), Some(first)) = (
+                    results
+                        .parent()
+                        .map(|p| p.join("env.json"))
+                        .filter(|p| p.is_file()),
+                    read.records.first(),
+                ) {
+                    std::fs::copy(env, out.join("envs").join(format!("{}.json", first.env)))?;
+                }
+            }
+            std::fs::write(out.join("results.jsonl"), lines)?;
+            println!(
+                "merged {} inputs into {}",
+                inputs.len(),
+                out.join("results.jsonl").display()
+            );
+            Ok(ExitCode::SUCCESS)
+        }
         Command::Run {
             suite,
             filter,
             out,
             dry_run,
             quiet,
+            repeat,
+            shard,
         } => {
             let plan = Plan::from_file(&suite, &plan_options(&registry))?;
             if dry_run {
@@ -242,6 +454,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     args: vec!["__worker".into()],
                 }),
                 filters: filter,
+                repeat,
+                shard,
             };
             let runner = Runner::new(&plan, &registry, options);
             let mut progress = Progress::new(quiet);

@@ -326,3 +326,122 @@ fn an_unsupported_architecture_is_a_clear_error() {
     );
     assert!(!dir.path().join("g.onnx").exists());
 }
+
+fn mock_run(dir: &Path, out: &str, slowdown: f64, extra_args: &[&str]) {
+    let suite = write(
+        dir,
+        &format!("{out}.yaml"),
+        &format!(
+            "name: gate\nmodels:\n  - id: a\n    source: {{synthetic: {{kind: mlp, width: 8, depth: 1, seed: 1}}}}\n\
+             \x20 - id: b\n    source: {{synthetic: {{kind: mlp, width: 8, depth: 1, seed: 2}}}}\n\
+             backends: [mock]\ncheck: {{reference: mock}}\nisolation: none\n\
+             backend_options: {{mock: {{latency_us: 300, slowdown: {slowdown}, slowdown_model: b}}}}\n\
+             measure: {{warmup: 20ms, min_iterations: 50, min_time: 150ms, max_time: 400ms, target_ci: 0.005}}\n"
+        ),
+    );
+    let mut args = vec!["run", &suite, "--out", out, "--quiet"];
+    args.extend_from_slice(extra_args);
+    let o = handoff(&args, dir);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+}
+
+#[test]
+fn compare_exit_codes_and_verdicts() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mock_run(d, "base", 1.0, &[]);
+    mock_run(d, "slow", 1.3, &[]);
+    // Identical inputs: nothing can be a change.
+    let o = handoff(&["compare", "base", "base", "--json", "-"], d);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let c: serde_json::Value = serde_json::from_slice(&o.stdout).unwrap();
+    assert!(
+        c["rows"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .all(|r| r["verdict"] == "unchanged"),
+        "{c}"
+    );
+    // A 30% slowdown of model b only.
+    let o = handoff(&["compare", "base", "slow", "--markdown", "pr.md"], d);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{}",
+        String::from_utf8_lossy(&o.stdout)
+    );
+    let md = std::fs::read_to_string(d.join("pr.md")).unwrap();
+    assert!(
+        md.contains("1 regression(s)") && md.contains("| b/mock/cpu/t1/b1 | **regressed**"),
+        "{md}"
+    );
+    assert!(md.contains("| a/mock/cpu/t1/b1 | unchanged"), "{md}");
+    // Baselines.
+    let o = handoff(&["baseline", "save", "main", "base"], d);
+    assert_eq!(o.status.code(), Some(0));
+    assert_eq!(
+        handoff(&["compare", "@main", "slow"], d).status.code(),
+        Some(1)
+    );
+    // Bad input: exit 2.
+    let o = handoff(&["compare", "base", "nope"], d);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("cannot read nope"));
+    // A different environment is refused unless overridden.
+    let env_path = d.join("slow/env.json");
+    let mut env: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(&env_path).unwrap()).unwrap();
+    env["logical_cores"] = 64.into();
+    std::fs::write(&env_path, serde_json::to_vec(&env).unwrap()).unwrap();
+    let o = handoff(&["compare", "base", "slow"], d);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(
+        String::from_utf8_lossy(&o.stderr).contains("logical cores: base"),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert_eq!(
+        handoff(&["compare", "base", "slow", "--allow-env-mismatch"], d)
+            .status
+            .code(),
+        Some(1)
+    );
+}
+
+#[test]
+fn shards_partition_the_cases_and_merge_back() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mock_run(d, "s1", 1.0, &["--shard", "1/2"]);
+    mock_run(d, "s2", 1.0, &["--shard", "2/2"]);
+    let o = handoff(&["merge", "s1", "s2", "--out", "all"], d);
+    assert_eq!(o.status.code(), Some(0));
+    let ids = |p: &str| -> Vec<String> {
+        read_results(&d.join(p).join("results.jsonl"))
+            .unwrap()
+            .records
+            .into_iter()
+            .map(|r| r.case.id)
+            .collect()
+    };
+    assert_eq!(ids("s1"), vec!["a/mock/cpu/t1/b1"]);
+    assert_eq!(ids("s2"), vec!["b/mock/cpu/t1/b1"]);
+    assert_eq!(ids("all").len(), 2);
+    assert_eq!(
+        handoff(&["run", "x.yaml", "--shard", "3/2"], d)
+            .status
+            .code(),
+        Some(2)
+    );
+}

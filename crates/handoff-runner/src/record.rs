@@ -96,6 +96,13 @@ pub struct ResultRecord {
     pub samples_ms: Vec<f64>,
     /// sha256 of the environment fingerprint in `env.json`.
     pub env: String,
+    /// Which repetition of the suite (`handoff run --repeat N`), from 0.
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeat: u32,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
 }
 
 #[derive(Debug, thiserror::Error)]

@@ -21,6 +21,10 @@ pub struct RunOptions {
     pub worker: Option<WorkerCommand>,
     /// Run only cases whose id contains one of these.
     pub filters: Vec<String>,
+    /// Run the selected cases this many times (>= 1), for run-to-run noise.
+    pub repeat: u32,
+    /// `(i, n)`: run only cases with `index % n == i - 1` (1-based shard).
+    pub shard: Option<(u32, u32)>,
 }
 
 /// Progress callbacks (the CLI draws a progress bar with them).
@@ -69,13 +73,10 @@ impl<'a> Runner<'a> {
     }
 
     pub fn selected(&self) -> impl Iterator<Item = Case> + '_ {
-        self.plan.cases().filter(|c| {
-            self.options.filters.is_empty()
-                || self
-                    .options
-                    .filters
-                    .iter()
-                    .any(|f| c.id.contains(f.as_str()))
+        let o = &self.options;
+        self.plan.cases().filter(move |c| {
+            (o.filters.is_empty() || o.filters.iter().any(|f| c.id.contains(f.as_str())))
+                && o.shard.is_none_or(|(i, n)| c.index as u32 % n == i - 1)
         })
     }
 
@@ -124,14 +125,15 @@ impl<'a> Runner<'a> {
             .open(&results_path)
             .map_err(io(&results_path))?;
 
-        let total = self.selected().count();
+        let repeat = self.options.repeat.max(1);
+        let total = self.selected().count() * repeat as usize;
         observer.started(total);
         let mut summary = RunSummary {
             results: results_path.clone(),
             ..Default::default()
         };
         let mut references: HashMap<String, Result<PathBuf, String>> = HashMap::new();
-        for case in self.selected() {
+        for (rep, case) in (0..repeat).flat_map(|r| self.selected().map(move |c| (r, c))) {
             observer.case_started(&case);
             let start = Instant::now();
             let model = self
@@ -154,13 +156,14 @@ impl<'a> Runner<'a> {
             if let (Err(why), Status::Ok) = (&reference, report.status()) {
                 report.reason = Some(format!("parity unchecked: {why}"));
             }
-            let record = self.record(
+            let mut record = self.record(
                 &case,
                 model,
                 report,
                 &env_hash,
                 start.elapsed().as_secs_f64(),
             );
+            record.repeat = rep;
             write_line(&mut results, &record).map_err(io(&results_path))?;
             *summary.counts.entry(record.status.as_str()).or_default() += 1;
             if record.machine.as_ref().is_some_and(|m| m.busy) {
@@ -286,6 +289,7 @@ impl<'a> Runner<'a> {
             } else {
                 Vec::new()
             },
+            repeat: 0,
             env: env.to_owned(),
         }
     }

@@ -52,6 +52,8 @@ fn run(plan: &Plan, out: &Path) -> Vec<handoff_runner::ResultRecord> {
             out_dir: out.to_owned(),
             worker: None,
             filters: vec![],
+            repeat: 1,
+            shard: None,
         },
     );
     runner.run(&mut Quiet).unwrap();
@@ -160,6 +162,8 @@ fn a_failing_reference_leaves_cells_measured_but_marked_unchecked() {
             out_dir: dir.path().join("o"),
             worker: None,
             filters: vec![],
+            repeat: 1,
+            shard: None,
         },
     );
     runner.run(&mut Quiet).unwrap();
@@ -215,6 +219,8 @@ fn filters_select_cases_by_id() {
             out_dir: dir.path().join("o"),
             worker: None,
             filters: vec!["/b2".into()],
+            repeat: 1,
+            shard: None,
         },
     );
     let ids: Vec<String> = runner.selected().map(|c| c.id).collect();

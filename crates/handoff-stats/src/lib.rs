@@ -8,6 +8,8 @@
 
 use serde::{Deserialize, Serialize};
 
+pub mod compare;
+
 /// Summary of a sample of latencies. Units are whatever the samples were in
 /// (handoff records milliseconds).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

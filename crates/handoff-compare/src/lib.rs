@@ -1,0 +1,439 @@
+//! Comparing a base run with a head run, case by case.
+//!
+//! A case is `regressed` only when the change is both statistically
+//! significant (the 95% CI of the head/base ratio excludes 1) and larger
+//! than the threshold, which is `max(floor, k x run-to-run noise)` when the
+//! runs carry repeats (`handoff run --repeat N`) to measure that noise.
+
+use std::collections::BTreeMap;
+use std::fmt::Write;
+use std::path::{Path, PathBuf};
+
+use handoff_runner::machine::Fingerprint;
+use handoff_runner::{ResultRecord, Status, read_results};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Metric {
+    P50,
+    P99,
+    Mean,
+}
+
+#[derive(Debug, Clone)]
+pub struct Options {
+    pub metric: Metric,
+    /// Smallest change that counts (0.05 = 5%).
+    pub threshold: f64,
+    /// Per-case thresholds: the first whose text is in the case id wins.
+    pub case_thresholds: Vec<(String, f64)>,
+    /// Threshold >= k x observed run-to-run noise, when repeats exist.
+    pub noise_k: f64,
+    pub allow_env_mismatch: bool,
+}
+
+impl Default for Options {
+    fn default() -> Self {
+        Self {
+            metric: Metric::P50,
+            threshold: 0.05,
+            case_thresholds: Vec::new(),
+            noise_k: 3.0,
+            allow_env_mismatch: false,
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Verdict {
+    Regressed,
+    Improved,
+    Unchanged,
+    Inconclusive,
+    New,
+    Missing,
+}
+
+impl Verdict {
+    pub fn as_str(self) -> &'static str {
+        match self {
+            Verdict::Regressed => "regressed",
+            Verdict::Improved => "improved",
+            Verdict::Unchanged => "unchanged",
+            Verdict::Inconclusive => "inconclusive",
+            Verdict::New => "new",
+            Verdict::Missing => "missing",
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Row {
+    pub id: String,
+    pub verdict: Verdict,
+    pub base_ms: Option<f64>,
+    pub head_ms: Option<f64>,
+    pub ratio: Option<f64>,
+    pub ratio_ci95: Option<[f64; 2]>,
+    pub threshold: f64,
+    /// Run-to-run noise (stddev of log medians over repeats), if measured.
+    pub noise: Option<f64>,
+    pub note: Option<String>,
+}
+
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct Comparison {
+    pub metric: Metric,
+    pub rows: Vec<Row>,
+    /// Environment differences that were allowed with the override.
+    pub env_differences: Vec<String>,
+}
+
+impl Comparison {
+    pub fn regressions(&self) -> usize {
+        self.rows
+            .iter()
+            .filter(|r| r.verdict == Verdict::Regressed)
+            .count()
+    }
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum CompareError {
+    #[error(transparent)]
+    Read(#[from] handoff_runner::record::ReadError),
+    #[error("{0} holds no results")]
+    Empty(PathBuf),
+    #[error(
+        "base and head ran in different environments; their numbers are not comparable:\n  {}\n(pass --allow-env-mismatch to compare anyway)",
+        .0.join("\n  ")
+    )]
+    EnvMismatch(Vec<String>),
+}
+
+/// A results file and the fingerprints beside it.
+pub struct Run {
+    pub path: PathBuf,
+    pub records: Vec<ResultRecord>,
+    pub fingerprint: Option<Fingerprint>,
+}
+
+impl Run {
+    /// Loads `results.jsonl` (or a run directory holding it) and `env.json`.
+    pub fn load(path: &Path) -> Result<Self, CompareError> {
+        let file = if path.is_dir() {
+            path.join("results.jsonl")
+        } else {
+            path.to_owned()
+        };
+        let records = read_results(&file)?.records;
+        if records.is_empty() {
+            return Err(CompareError::Empty(file));
+        }
+        let fingerprint = file
+            .parent()
+            .map(|d| d.join("env.json"))
+            .and_then(|p| std::fs::read(p).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        Ok(Self {
+            path: file,
+            records,
+            fingerprint,
+        })
+    }
+}
+
+/// What makes two results comparable: everything but the measurement.
+fn identity(r: &ResultRecord) -> String {
+    let c = &r.case;
+    let dims: Vec<String> = c.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
+    format!(
+        "{}|{}|{}|{}|{}|t{}|b{}|{}|{}",
+        c.model,
+        c.model_sha256,
+        c.backend,
+        c.backend_version.as_deref().unwrap_or("?"),
+        c.device,
+        c.threads,
+        c.batch,
+        dims.join(","),
+        c.scenario
+    )
+}
+
+fn env_differences(base: &Run, head: &Run) -> Vec<String> {
+    match (&base.fingerprint, &head.fingerprint) {
+        (Some(a), Some(b)) => {
+            let mut d = Vec::new();
+            let mut field = |name: &str, x: String, y: String| {
+                if x != y {
+                    d.push(format!("{name}: base {x}, head {y}"));
+                }
+            };
+            field("CPU model", a.cpu_model.clone(), b.cpu_model.clone());
+            field(
+                "logical cores",
+                a.logical_cores.to_string(),
+                b.logical_cores.to_string(),
+            );
+            field("CPU flags", a.cpu_flags.join(" "), b.cpu_flags.join(" "));
+            field(
+                "build profile",
+                a.build_profile.clone(),
+                b.build_profile.clone(),
+            );
+            for k in a.backends.keys().chain(b.backends.keys()) {
+                field(
+                    &format!("backend {k}"),
+                    a.backends.get(k).cloned().unwrap_or_default(),
+                    b.backends.get(k).cloned().unwrap_or_default(),
+                );
+            }
+            for k in a.env_vars.keys().chain(b.env_vars.keys()) {
+                field(
+                    &format!("${k}"),
+                    a.env_vars.get(k).cloned().unwrap_or_default(),
+                    b.env_vars.get(k).cloned().unwrap_or_default(),
+                );
+            }
+            d.sort();
+            d.dedup();
+            d
+        }
+        _ => {
+            let hashes = |r: &Run| {
+                let mut h: Vec<&str> = r.records.iter().map(|x| x.env.as_str()).collect();
+                h.sort_unstable();
+                h.dedup();
+                h.join(",")
+            };
+            let (a, b) = (hashes(base), hashes(head));
+            if a == b {
+                Vec::new()
+            } else {
+                vec![format!(
+                    "environment hash: base {a}, head {b} (no env.json beside the results to say which fields)"
+                )]
+            }
+        }
+    }
+}
+
+/// Compares head with base.
+pub fn compare(base: &Run, head: &Run, opts: &Options) -> Result<Comparison, CompareError> {
+    let env_differences = env_differences(base, head);
+    if !env_differences.is_empty() && !opts.allow_env_mismatch {
+        return Err(CompareError::EnvMismatch(env_differences));
+    }
+    let (b, h) = (group(base), group(head));
+    let mut rows = Vec::new();
+    let mut order: Vec<(&String, usize)> = h.iter().map(|(k, v)| (k, v[0].index)).collect();
+    order.extend(
+        b.iter()
+            .filter(|(k, _)| !h.contains_key(*k))
+            .map(|(k, v)| (k, v[0].index)),
+    );
+    order.sort_by_key(|(_, i)| *i);
+    for (key, _) in order {
+        rows.push(compare_case(
+            b.get(key).map(Vec::as_slice),
+            h.get(key).map(Vec::as_slice),
+            opts,
+        ));
+    }
+    Ok(Comparison {
+        metric: opts.metric,
+        rows,
+        env_differences,
+    })
+}
+
+fn group(run: &Run) -> BTreeMap<String, Vec<&ResultRecord>> {
+    let mut g: BTreeMap<String, Vec<&ResultRecord>> = BTreeMap::new();
+    for r in &run.records {
+        g.entry(identity(r)).or_default().push(r);
+    }
+    g
+}
+
+fn metric_of(samples: &[f64], metric: Metric) -> f64 {
+    let mut s = samples.to_vec();
+    s.sort_by(f64::total_cmp);
+    match metric {
+        Metric::P50 => handoff_stats::quantile_sorted(&s, 0.5),
+        Metric::P99 => handoff_stats::quantile_sorted(&s, 0.99),
+        Metric::Mean => s.iter().sum::<f64>() / s.len() as f64,
+    }
+}
+
+/// Stddev of the log of each repeat's metric: the run-to-run noise.
+fn noise(records: &[&ResultRecord], metric: Metric) -> Option<f64> {
+    let logs: Vec<f64> = records
+        .iter()
+        .filter(|r| r.status == Status::Ok && !r.samples_ms.is_empty())
+        .map(|r| metric_of(&r.samples_ms, metric).ln())
+        .collect();
+    if logs.len() < 2 {
+        return None;
+    }
+    let mean = logs.iter().sum::<f64>() / logs.len() as f64;
+    Some((logs.iter().map(|x| (x - mean).powi(2)).sum::<f64>() / (logs.len() - 1) as f64).sqrt())
+}
+
+fn compare_case(
+    base: Option<&[&ResultRecord]>,
+    head: Option<&[&ResultRecord]>,
+    opts: &Options,
+) -> Row {
+    let any = head
+        .or(base)
+        .and_then(|v| v.first())
+        .expect("one side exists");
+    let id = any.case.id.clone();
+    let floor = opts
+        .case_thresholds
+        .iter()
+        .find(|(pat, _)| id.contains(pat.as_str()))
+        .map_or(opts.threshold, |(_, t)| *t);
+    let mut row = Row {
+        id,
+        verdict: Verdict::Inconclusive,
+        base_ms: None,
+        head_ms: None,
+        ratio: None,
+        ratio_ci95: None,
+        threshold: floor,
+        noise: None,
+        note: None,
+    };
+    let (Some(base), Some(head)) = (base, head) else {
+        row.verdict = if head.is_some() {
+            Verdict::New
+        } else {
+            Verdict::Missing
+        };
+        return row;
+    };
+    let ok = |rs: &[&ResultRecord]| -> Vec<f64> {
+        rs.iter()
+            .filter(|r| r.status == Status::Ok)
+            .flat_map(|r| r.samples_ms.iter().copied())
+            .collect()
+    };
+    let (bs, hs) = (ok(base), ok(head));
+    if hs.is_empty() {
+        let status = head[0].status.as_str();
+        row.verdict = if bs.is_empty() {
+            Verdict::Inconclusive
+        } else {
+            Verdict::Regressed
+        };
+        row.note = Some(format!(
+            "head is `{status}`: {}",
+            head[0].reason.as_deref().unwrap_or("")
+        ));
+        return row;
+    }
+    if bs.is_empty() {
+        row.verdict = Verdict::New;
+        row.note = Some(format!("base was `{}`", base[0].status.as_str()));
+        return row;
+    }
+    let (bv, hv) = (metric_of(&bs, opts.metric), metric_of(&hs, opts.metric));
+    row.base_ms = Some(bv);
+    row.head_ms = Some(hv);
+    let noise = match (noise(base, opts.metric), noise(head, opts.metric)) {
+        (Some(a), Some(b)) => Some(a.max(b)),
+        (a, b) => a.or(b),
+    };
+    row.noise = noise;
+    let threshold = noise.map_or(floor, |n| floor.max(opts.noise_k * n));
+    row.threshold = threshold;
+    let est = match opts.metric {
+        Metric::P50 => handoff_stats::compare::hodges_lehmann_ratio(&bs, &hs, 1.96),
+        _ => {
+            handoff_stats::compare::bootstrap_ratio(&bs, &hs, |s| metric_of(s, opts.metric), 0x5eed)
+        }
+    };
+    let Some(est) = est else {
+        row.note = Some("too few samples".into());
+        return row;
+    };
+    let ratio = if opts.metric == Metric::P50 {
+        est.ratio
+    } else {
+        hv / bv
+    };
+    row.ratio = Some(ratio);
+    row.ratio_ci95 = Some([est.lo, est.hi]);
+    let significant_up = est.lo > 1.0;
+    let significant_down = est.hi < 1.0;
+    row.verdict = if significant_up && ratio > 1.0 + threshold {
+        Verdict::Regressed
+    } else if significant_down && ratio < 1.0 - threshold {
+        Verdict::Improved
+    } else if est.lo >= 1.0 - threshold && est.hi <= 1.0 + threshold {
+        Verdict::Unchanged
+    } else if (significant_up || significant_down) && (ratio - 1.0).abs() <= threshold {
+        // A real but small change: within what the gate tolerates.
+        Verdict::Unchanged
+    } else {
+        Verdict::Inconclusive
+    };
+    row
+}
+
+/// Markdown for PR comments and `$GITHUB_STEP_SUMMARY`.
+pub fn markdown(c: &Comparison) -> String {
+    let mut out = String::new();
+    let count = |v: Verdict| c.rows.iter().filter(|r| r.verdict == v).count();
+    let head = if c.regressions() > 0 {
+        format!(":x: **{} regression(s)**", c.regressions())
+    } else {
+        ":white_check_mark: **no regression**".to_owned()
+    };
+    let _ = writeln!(
+        out,
+        "## handoff compare: {head}\n\n{} cases ({:?}): {} regressed, {} improved, {} unchanged, {} inconclusive, {} new, {} missing.\n",
+        c.rows.len(),
+        c.metric,
+        count(Verdict::Regressed),
+        count(Verdict::Improved),
+        count(Verdict::Unchanged),
+        count(Verdict::Inconclusive),
+        count(Verdict::New),
+        count(Verdict::Missing)
+    );
+    if !c.env_differences.is_empty() {
+        let _ = writeln!(
+            out,
+            "> Compared across different environments (override): {}\n",
+            c.env_differences.join("; ")
+        );
+    }
+    out.push_str("| case | verdict | base ms | head ms | change | 95% CI | threshold | note |\n|---|---|---:|---:|---:|---|---:|---|\n");
+    let pct = |x: f64| format!("{:+.1}%", (x - 1.0) * 100.0);
+    for r in &c.rows {
+        let _ = writeln!(
+            out,
+            "| {} | {}{} | {} | {} | {} | {} | ±{:.1}% | {} |",
+            r.id.replace('|', "\\|"),
+            if r.verdict == Verdict::Regressed {
+                "**regressed**"
+            } else {
+                r.verdict.as_str()
+            },
+            "",
+            r.base_ms.map_or("-".into(), |v| format!("{v:.4}")),
+            r.head_ms.map_or("-".into(), |v| format!("{v:.4}")),
+            r.ratio.map_or("-".into(), pct),
+            r.ratio_ci95
+                .map_or("-".into(), |[a, b]| format!("{} … {}", pct(a), pct(b))),
+            r.threshold * 100.0,
+            r.note.as_deref().unwrap_or("").replace('|', "\\|"),
+        );
+    }
+    out
+}
