@@ -23,7 +23,7 @@ pub struct MockOptions {
     /// Added to every output value, to exercise the parity check.
     pub perturb: f64,
     /// Make the backend fail: `prepare`, `run`, `unsupported`, `panic`,
-    /// `abort`, `hang`.
+    /// `abort`, `hang`, `alloc` (allocates without bound).
     pub fail: Option<String>,
 }
 
@@ -77,6 +77,14 @@ impl Backend for MockBackend {
             }
             Some("panic") => panic!("mock backend panicked on purpose"),
             Some("abort") => std::process::abort(),
+            Some("alloc") => {
+                // Grows without bound, touching every page.
+                let mut hoard: Vec<Vec<u8>> = Vec::new();
+                loop {
+                    hoard.push(vec![1u8; 64 << 20]);
+                    std::hint::black_box(&hoard);
+                }
+            }
             _ => {}
         }
         let slowdown = match &opts.slowdown_model {

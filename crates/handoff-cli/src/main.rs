@@ -60,6 +60,10 @@ enum Command {
         /// measures run-to-run noise and widens its threshold to match.
         #[arg(long, default_value_t = 1)]
         repeat: u32,
+        /// Continue an interrupted run in DIR: cases already there are
+        /// skipped (refused if the suite or environment changed).
+        #[arg(long, value_name = "DIR", conflicts_with = "out")]
+        resume: Option<PathBuf>,
         /// Run shard I of N (`--shard 2/4`): cases with index % N == I-1, so a
         /// CI matrix spreads a suite over machines; join with `handoff merge`.
         #[arg(long, value_parser = parse_shard)]
@@ -434,6 +438,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             quiet,
             repeat,
             shard,
+            resume,
         } => {
             let plan = Plan::from_file(&suite, &plan_options(&registry))?;
             if dry_run {
@@ -443,9 +448,23 @@ fn run(cli: Cli) -> Result<ExitCode> {
             if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {
                 ensure_ort(quiet);
             }
-            let out = out.unwrap_or_else(|| {
+            let out = resume.clone().or(out).unwrap_or_else(|| {
                 PathBuf::from("reports").join(format!("{}-{}", plan.name, timestamp()))
             });
+            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+            {
+                let stop = Arc::clone(&stop);
+                // First Ctrl-C / SIGTERM: stop after killing the case in
+                // flight (nothing half-written); second: exit at once.
+                let _ = ctrlc::set_handler(move || {
+                    if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                        std::process::exit(130);
+                    }
+                    eprintln!(
+                        "\ninterrupted: stopping after killing the case in flight (Ctrl-C again to quit now)"
+                    );
+                });
+            }
             let options = RunOptions {
                 out_dir: out.clone(),
                 worker: Some(WorkerCommand {
@@ -456,6 +475,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 filters: filter,
                 repeat,
                 shard,
+                resume: resume.is_some(),
+                stop: Some(Arc::clone(&stop)),
             };
             let runner = Runner::new(&plan, &registry, options);
             let mut progress = Progress::new(quiet);
@@ -479,8 +500,31 @@ fn run(cli: Cli) -> Result<ExitCode> {
                         summary.busy_cases
                     );
                 }
+                if summary.resumed > 0 {
+                    println!(
+                        "resumed: {} case(s) were already in {}",
+                        summary.resumed,
+                        out.display()
+                    );
+                }
                 println!("results: {}", summary.results.display());
                 println!("summary: {}", out.join("summary.md").display());
+            }
+            if summary.suite_timeout {
+                eprintln!(
+                    "suite_timeout reached: remaining cases not run; resume with `handoff run {} --resume {}`",
+                    suite.display(),
+                    out.display()
+                );
+                return Ok(ExitCode::SUCCESS);
+            }
+            if summary.interrupted {
+                eprintln!(
+                    "interrupted: resume with `handoff run {} --resume {}`",
+                    suite.display(),
+                    out.display()
+                );
+                return Ok(ExitCode::from(130));
             }
             Ok(ExitCode::SUCCESS)
         }

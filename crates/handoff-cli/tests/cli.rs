@@ -445,3 +445,114 @@ fn shards_partition_the_cases_and_merge_back() {
         Some(2)
     );
 }
+
+#[test]
+fn an_unbounded_allocation_hits_the_memory_limit_and_the_others_are_intact() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        &format!(
+            "name: t\nmodels:\n  - id: m\n    source: {{synthetic: {{kind: mlp, width: 8, depth: 1}}}}\n\
+             backends: [mock-ref, mock]\ncheck: {{reference: mock-ref}}\nmemory_limit_mb: 512\ntimeout: 20s\n\
+             backend_options: {{mock: {{fail: alloc}}}}\n{QUICK}"
+        ),
+    );
+    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records;
+    assert_eq!(records.len(), 2);
+    let mock = records.iter().find(|r| r.case.backend == "mock").unwrap();
+    assert_eq!(mock.status, Status::Failed);
+    assert!(
+        mock.reason
+            .as_deref()
+            .unwrap()
+            .contains("exceeded memory_limit (512 MiB)"),
+        "{:?}",
+        mock.reason
+    );
+    assert_eq!(
+        records
+            .iter()
+            .find(|r| r.case.backend == "mock-ref")
+            .unwrap()
+            .status,
+        Status::Ok
+    );
+}
+
+fn ids(path: &Path) -> Vec<String> {
+    let mut v: Vec<String> = read_results(&path.join("results.jsonl"))
+        .unwrap()
+        .records
+        .into_iter()
+        .map(|r| r.case.id)
+        .collect();
+    v.sort();
+    v
+}
+
+#[test]
+fn sigint_mid_suite_then_resume_gives_the_same_cases() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let suite = write(
+        d,
+        "s.yaml",
+        "name: t\nmodels:\n  - id: m\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\n\
+         backends: [mock]\ncheck: {reference: mock}\nthreads: [1, 2, 3]\nbatch: [1, 2]\n\
+         backend_options: {mock: {latency_us: 100}}\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 300ms, max_time: 300ms, target_ci: 0.5}\n",
+    );
+    let full = handoff(&["run", &suite, "--out", "full", "--quiet"], d);
+    assert_eq!(full.status.code(), Some(0));
+    let mut child = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(["run", &suite, "--out", "part", "--quiet"])
+        .current_dir(d)
+        .env("HANDOFF_MODEL_CACHE", d.join("cache"))
+        .spawn()
+        .unwrap();
+    std::thread::sleep(std::time::Duration::from_millis(1200));
+    Command::new("kill")
+        .args(["-INT", &child.id().to_string()])
+        .status()
+        .unwrap();
+    let status = child.wait().unwrap();
+    assert_eq!(status.code(), Some(130));
+    let partial = ids(&d.join("part"));
+    assert!(!partial.is_empty() && partial.len() < 6, "{partial:?}");
+    // Starting over in the same directory is refused; resuming completes it.
+    assert_eq!(
+        handoff(&["run", &suite, "--out", "part", "--quiet"], d)
+            .status
+            .code(),
+        Some(2)
+    );
+    let resumed = handoff(&["run", &suite, "--resume", "part", "--quiet"], d);
+    assert_eq!(
+        resumed.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&resumed.stderr)
+    );
+    assert_eq!(ids(&d.join("part")), ids(&d.join("full")));
+    // A changed suite is not resumed into the old results.
+    std::fs::write(
+        d.join(&suite),
+        std::fs::read_to_string(d.join(&suite))
+            .unwrap()
+            .replace("[1, 2, 3]", "[1, 2]"),
+    )
+    .unwrap();
+    let o = handoff(&["run", &suite, "--resume", "part"], d);
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("the suite changed since that run"));
+}

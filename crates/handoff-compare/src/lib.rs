@@ -418,14 +418,13 @@ pub fn markdown(c: &Comparison) -> String {
     for r in &c.rows {
         let _ = writeln!(
             out,
-            "| {} | {}{} | {} | {} | {} | {} | ±{:.1}% | {} |",
+            "| {} | {} | {} | {} | {} | {} | ±{:.1}% | {} |",
             r.id.replace('|', "\\|"),
             if r.verdict == Verdict::Regressed {
                 "**regressed**"
             } else {
                 r.verdict.as_str()
             },
-            "",
             r.base_ms.map_or("-".into(), |v| format!("{v:.4}")),
             r.head_ms.map_or("-".into(), |v| format!("{v:.4}")),
             r.ratio.map_or("-".into(), pct),

@@ -5,6 +5,7 @@
 use std::io::{BufRead, BufReader, Read, Write};
 use std::path::PathBuf;
 use std::process::{Command, Stdio};
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use handoff_backend::Registry;
@@ -39,12 +40,31 @@ pub fn worker_main(registry: &Registry) -> i32 {
             return 2;
         }
     };
+    if let Some(mb) = job.memory_limit_mb {
+        limit_memory(mb);
+    }
     let report = run_in_process(&job, registry);
     let line = serde_json::to_string(&report).unwrap_or_default();
     let mut out = std::io::stdout().lock();
     let _ = writeln!(out, "{REPORT_PREFIX}{line}");
     let _ = out.flush();
     0
+}
+
+/// Caps this process's data segment (heap and private mappings), so a case
+/// that would take the machine down fails its allocation instead.
+fn limit_memory(mb: u64) {
+    let bytes = mb.saturating_mul(1 << 20);
+    let lim = libc::rlimit {
+        rlim_cur: bytes,
+        rlim_max: bytes,
+    };
+    // SAFETY: setrlimit reads a valid, initialised struct; no memory is shared.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::setrlimit(libc::RLIMIT_DATA, &lim) };
+    if rc != 0 {
+        eprintln!("worker: could not set the memory limit ({mb} MiB)");
+    }
 }
 
 /// Runs the job in this process, turning a panic into a `failed` report.
@@ -67,10 +87,17 @@ pub fn run_in_process(job: &Job, registry: &Registry) -> WorkerReport {
 }
 
 /// Runs the job in a child process, killing it after `timeout`.
-pub fn run_in_child(cmd: &WorkerCommand, job: &Job, timeout: Duration) -> WorkerReport {
+pub fn run_in_child(
+    cmd: &WorkerCommand,
+    job: &Job,
+    timeout: Duration,
+    stop: Option<&AtomicBool>,
+) -> WorkerReport {
     let mut child = match Command::new(&cmd.program)
         .args(&cmd.args)
         .env("RAYON_NUM_THREADS", job.case.threads.to_string())
+        // Keep the stderr tail quoted in a failed cell readable.
+        .env("RUST_BACKTRACE", "0")
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
@@ -104,21 +131,25 @@ pub fn run_in_child(cmd: &WorkerCommand, job: &Job, timeout: Duration) -> Worker
     });
     let err_thread = std::thread::spawn(move || {
         let mut tail: Vec<String> = Vec::new();
+        let mut out_of_memory = false;
         if let Some(s) = stderr {
             for line in BufReader::new(s).lines().map_while(Result::ok) {
+                out_of_memory |= line.contains("memory allocation of");
                 tail.push(line);
                 if tail.len() > 12 {
                     tail.remove(0);
                 }
             }
         }
-        tail.join("\n")
+        (tail.join("\n"), out_of_memory)
     });
     let start = Instant::now();
     let exit = loop {
         match child.try_wait() {
             Ok(Some(status)) => break Some(status),
-            Ok(None) if start.elapsed() >= timeout => {
+            Ok(None)
+                if start.elapsed() >= timeout || stop.is_some_and(|s| s.load(Ordering::SeqCst)) =>
+            {
                 let _ = child.kill();
                 let _ = child.wait();
                 break None;
@@ -128,7 +159,7 @@ pub fn run_in_child(cmd: &WorkerCommand, job: &Job, timeout: Duration) -> Worker
         }
     };
     let report = out_thread.join().ok().flatten();
-    let stderr_tail = err_thread.join().unwrap_or_default();
+    let (stderr_tail, out_of_memory) = err_thread.join().unwrap_or_default();
     match (exit, report) {
         (None, _) => WorkerReport {
             status: Some(Status::Timeout),
@@ -140,6 +171,12 @@ pub fn run_in_child(cmd: &WorkerCommand, job: &Job, timeout: Duration) -> Worker
             ..Default::default()
         },
         (Some(_), Some(r)) => r,
+        (Some(status), None) if out_of_memory => failed(format!(
+            "exceeded memory_limit ({} MiB): {}{}",
+            job.memory_limit_mb.unwrap_or(0),
+            describe_exit(status),
+            tail_note(&stderr_tail)
+        )),
         (Some(status), None) => failed(format!(
             "worker crashed ({}){}",
             describe_exit(status),

@@ -6,8 +6,13 @@ use std::io::Write;
 use std::path::{Path, PathBuf};
 use std::time::Instant;
 
+use std::collections::HashSet;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicBool, Ordering};
+
 use handoff_backend::{Probe, Registry};
 use handoff_suite::{Case, Isolation, Plan};
+use serde::{Deserialize, Serialize};
 
 use crate::isolate::{WorkerCommand, run_in_child, run_in_process};
 use crate::machine::Fingerprint;
@@ -25,6 +30,20 @@ pub struct RunOptions {
     pub repeat: u32,
     /// `(i, n)`: run only cases with `index % n == i - 1` (1-based shard).
     pub shard: Option<(u32, u32)>,
+    /// Continue a run in `out_dir`: skip cases it already holds (same suite
+    /// and environment, or refuse).
+    pub resume: bool,
+    /// Set (by a signal handler) to stop after killing the case in flight;
+    /// that case is not recorded, so a resume runs it again.
+    pub stop: Option<Arc<AtomicBool>>,
+}
+
+/// What a run directory was made from, checked by `--resume`.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct RunMeta {
+    pub suite: String,
+    pub suite_sha256: String,
+    pub env: String,
 }
 
 /// Progress callbacks (the CLI draws a progress bar with them).
@@ -41,6 +60,12 @@ impl Observer for Quiet {}
 #[derive(Debug, Default)]
 pub struct RunSummary {
     pub results: PathBuf,
+    /// Cases skipped because a resumed run already had them.
+    pub resumed: usize,
+    /// The run stopped early (a signal, or `suite_timeout`).
+    pub interrupted: bool,
+    /// `suite_timeout` was reached.
+    pub suite_timeout: bool,
     pub counts: BTreeMap<&'static str, usize>,
     pub busy_cases: usize,
 }
@@ -55,6 +80,12 @@ pub enum RunError {
     },
     #[error("isolation: process needs a worker command")]
     NoWorker,
+    #[error(
+        "{0} already holds results: pass --resume to continue that run, or choose another --out"
+    )]
+    Exists(PathBuf),
+    #[error("cannot resume {dir}: {detail}")]
+    Resume { dir: PathBuf, detail: String },
 }
 
 pub struct Runner<'a> {
@@ -119,6 +150,12 @@ impl<'a> Runner<'a> {
             std::fs::write(&suite_copy, text).map_err(io(&suite_copy))?;
         }
         let results_path = dir.join("results.jsonl");
+        let meta = RunMeta {
+            suite: self.plan.name.clone(),
+            suite_sha256: self.plan.suite_sha256.clone(),
+            env: env_hash.clone(),
+        };
+        let done = self.prepare_dir(dir, &results_path, &meta)?;
         let mut results = OpenOptions::new()
             .create(true)
             .append(true)
@@ -126,14 +163,38 @@ impl<'a> Runner<'a> {
             .map_err(io(&results_path))?;
 
         let repeat = self.options.repeat.max(1);
-        let total = self.selected().count() * repeat as usize;
+        let total = self.selected().count() * repeat as usize - done.len();
         observer.started(total);
         let mut summary = RunSummary {
             results: results_path.clone(),
+            resumed: done.len(),
             ..Default::default()
+        };
+        let run_start = Instant::now();
+        let stopped = || {
+            self.options
+                .stop
+                .as_ref()
+                .is_some_and(|s| s.load(Ordering::SeqCst))
         };
         let mut references: HashMap<String, Result<PathBuf, String>> = HashMap::new();
         for (rep, case) in (0..repeat).flat_map(|r| self.selected().map(move |c| (r, c))) {
+            if done.contains(&(case.id.clone(), rep)) {
+                continue;
+            }
+            if stopped() {
+                summary.interrupted = true;
+                break;
+            }
+            if self
+                .plan
+                .suite_timeout
+                .is_some_and(|limit| run_start.elapsed() >= limit)
+            {
+                summary.interrupted = true;
+                summary.suite_timeout = true;
+                break;
+            }
             observer.case_started(&case);
             let start = Instant::now();
             let model = self
@@ -156,6 +217,11 @@ impl<'a> Runner<'a> {
             if let (Err(why), Status::Ok) = (&reference, report.status()) {
                 report.reason = Some(format!("parity unchecked: {why}"));
             }
+            if stopped() {
+                // The case in flight was killed: not a result; a resume reruns it.
+                summary.interrupted = true;
+                break;
+            }
             let mut record = self.record(
                 &case,
                 model,
@@ -174,6 +240,76 @@ impl<'a> Runner<'a> {
         Ok(summary)
     }
 
+    /// Creates the run directory, or checks it for `--resume`; returns the
+    /// cases (id, repeat) already done.
+    fn prepare_dir(
+        &self,
+        dir: &Path,
+        results: &Path,
+        meta: &RunMeta,
+    ) -> Result<HashSet<(String, u32)>, RunError> {
+        let meta_path = dir.join("run.json");
+        let resume_err = |detail: String| RunError::Resume {
+            dir: dir.to_owned(),
+            detail,
+        };
+        let has_results = std::fs::metadata(results).is_ok_and(|m| m.len() > 0);
+        if !self.options.resume {
+            if has_results {
+                return Err(RunError::Exists(dir.to_owned()));
+            }
+            std::fs::write(
+                &meta_path,
+                serde_json::to_vec_pretty(meta).unwrap_or_default(),
+            )
+            .map_err(|source| RunError::Io {
+                path: meta_path.clone(),
+                source,
+            })?;
+            return Ok(HashSet::new());
+        }
+        let old: RunMeta = std::fs::read(&meta_path)
+            .ok()
+            .and_then(|b| serde_json::from_slice(&b).ok())
+            .ok_or_else(|| {
+                resume_err(format!("{} is missing or unreadable", meta_path.display()))
+            })?;
+        if old.suite_sha256 != meta.suite_sha256 {
+            return Err(resume_err(format!(
+                "the suite changed since that run (sha256 {} then, {} now)",
+                &old.suite_sha256[..12],
+                &meta.suite_sha256[..12]
+            )));
+        }
+        if old.env != meta.env {
+            return Err(resume_err(format!(
+                "the environment changed since that run (fingerprint {} then, {} now; see env.json)",
+                old.env, meta.env
+            )));
+        }
+        if !has_results {
+            return Ok(HashSet::new());
+        }
+        // A torn last line (killed mid-write) is cut off before appending.
+        let text = std::fs::read(results).map_err(|source| RunError::Io {
+            path: results.to_owned(),
+            source,
+        })?;
+        let keep = text.iter().rposition(|b| *b == b'\n').map_or(0, |i| i + 1);
+        if keep < text.len() {
+            std::fs::write(results, &text[..keep]).map_err(|source| RunError::Io {
+                path: results.to_owned(),
+                source,
+            })?;
+        }
+        let read = crate::record::read_results(results).map_err(|e| resume_err(e.to_string()))?;
+        Ok(read
+            .records
+            .into_iter()
+            .map(|r| (r.case.id, r.repeat))
+            .collect())
+    }
+
     fn execute(
         &self,
         case: &Case,
@@ -186,6 +322,7 @@ impl<'a> Runner<'a> {
             model_hf_dir: model.hf_dir.clone(),
             seed: self.plan.seed,
             measure: self.plan.measure.clone(),
+            memory_limit_mb: self.plan.memory_limit_mb,
             backend_options: self
                 .plan
                 .backend_options
@@ -195,7 +332,9 @@ impl<'a> Runner<'a> {
             mode,
         };
         match (&self.plan.isolation, &self.options.worker) {
-            (Isolation::Process, Some(cmd)) => run_in_child(cmd, &job, self.plan.timeout),
+            (Isolation::Process, Some(cmd)) => {
+                run_in_child(cmd, &job, self.plan.timeout, self.options.stop.as_deref())
+            }
             _ => run_in_process(&job, self.registry),
         }
     }

@@ -24,6 +24,9 @@ pub struct Job {
     pub model_hf_dir: Option<PathBuf>,
     pub seed: u64,
     pub measure: Measure,
+    /// Cap on the worker's heap (RLIMIT_DATA), in MiB.
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
     pub backend_options: serde_json::Value,
     pub mode: JobMode,
 }

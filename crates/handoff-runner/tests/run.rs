@@ -54,6 +54,8 @@ fn run(plan: &Plan, out: &Path) -> Vec<handoff_runner::ResultRecord> {
             filters: vec![],
             repeat: 1,
             shard: None,
+            resume: false,
+            stop: None,
         },
     );
     runner.run(&mut Quiet).unwrap();
@@ -164,6 +166,8 @@ fn a_failing_reference_leaves_cells_measured_but_marked_unchecked() {
             filters: vec![],
             repeat: 1,
             shard: None,
+            resume: false,
+            stop: None,
         },
     );
     runner.run(&mut Quiet).unwrap();
@@ -221,6 +225,8 @@ fn filters_select_cases_by_id() {
             filters: vec!["/b2".into()],
             repeat: 1,
             shard: None,
+            resume: false,
+            stop: None,
         },
     );
     let ids: Vec<String> = runner.selected().map(|c| c.id).collect();

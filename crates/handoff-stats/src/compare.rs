@@ -59,6 +59,34 @@ pub fn hodges_lehmann_ratio(base: &[f64], head: &[f64], z: f64) -> Option<RatioE
     })
 }
 
+/// Bootstrap percentile CI of `stat(head) / stat(base)` (for metrics such as
+/// p99 that have no rank-based interval).
+pub fn bootstrap_ratio<F: Fn(&[f64]) -> f64>(
+    base: &[f64],
+    head: &[f64],
+    stat: F,
+    seed: u64,
+) -> Option<RatioEstimate> {
+    if base.len() < 2 || head.len() < 2 {
+        return None;
+    }
+    let mut rng = crate::SplitMix64(seed);
+    let mut draw = |s: &[f64]| -> Vec<f64> {
+        (0..s.len())
+            .map(|_| s[(rng.next() % s.len() as u64) as usize])
+            .collect()
+    };
+    let mut ratios: Vec<f64> = (0..500)
+        .map(|_| stat(&draw(head)) / stat(&draw(base)))
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    Some(RatioEstimate {
+        ratio: stat(head) / stat(base),
+        lo: crate::quantile_sorted(&ratios, 0.025),
+        hi: crate::quantile_sorted(&ratios, 0.975),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -100,32 +128,4 @@ mod tests {
     fn too_few_samples_give_no_estimate() {
         assert!(hodges_lehmann_ratio(&[1.0], &[1.0, 2.0], 1.96).is_none());
     }
-}
-
-/// Bootstrap percentile CI of `stat(head) / stat(base)` (for metrics such as
-/// p99 that have no rank-based interval).
-pub fn bootstrap_ratio<F: Fn(&[f64]) -> f64>(
-    base: &[f64],
-    head: &[f64],
-    stat: F,
-    seed: u64,
-) -> Option<RatioEstimate> {
-    if base.len() < 2 || head.len() < 2 {
-        return None;
-    }
-    let mut rng = crate::SplitMix64(seed);
-    let mut draw = |s: &[f64]| -> Vec<f64> {
-        (0..s.len())
-            .map(|_| s[(rng.next() % s.len() as u64) as usize])
-            .collect()
-    };
-    let mut ratios: Vec<f64> = (0..500)
-        .map(|_| stat(&draw(head)) / stat(&draw(base)))
-        .collect();
-    ratios.sort_by(f64::total_cmp);
-    Some(RatioEstimate {
-        ratio: stat(head) / stat(base),
-        lo: crate::quantile_sorted(&ratios, 0.025),
-        hi: crate::quantile_sorted(&ratios, 0.975),
-    })
 }

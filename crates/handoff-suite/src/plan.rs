@@ -141,6 +141,8 @@ pub struct Plan {
     pub check: Check,
     pub isolation: Isolation,
     pub timeout: Duration,
+    pub memory_limit_mb: Option<u64>,
+    pub suite_timeout: Option<Duration>,
     pub seed: u64,
     /// Validated options per backend, as JSON for the backend to read.
     pub backend_options: BTreeMap<String, serde_json::Value>,
@@ -599,6 +601,8 @@ fn build(
             _ => Isolation::Process,
         },
         timeout,
+        memory_limit_mb: raw.memory_limit_mb,
+        suite_timeout: raw.suite_timeout.map(|d| d.0),
         seed: raw.seed.unwrap_or(42),
         backend_options,
     }
@@ -685,6 +689,23 @@ fn build_model(
                 depth: i64::from(s.depth),
                 seed: s.seed.unwrap_or(seed),
             };
+            // Rough parameter count, so a typo (width 80000) is an error, not
+            // a multi-gigabyte file.
+            let (w, d) = (u64::from(s.width), u64::from(s.depth));
+            let params = match spec.kind {
+                Kind::Mlp => 8 * w * w + 16 * w * w * d.saturating_sub(1),
+                Kind::Conv => (0..d.min(32))
+                    .map(|i| (w << i).saturating_mul(w << i) * 9)
+                    .sum::<u64>(),
+                Kind::Encoder => 12 * w * w * d,
+            };
+            if params > 50_000_000 || d > 32 {
+                ctx.err(
+                    format!("{path}.source.synthetic"),
+                    format!("this model would have about {params} parameters and {d} layers (limits: 50M, 32)"),
+                );
+                return None;
+            }
             if s.width == 0
                 || s.depth == 0
                 || (spec.kind == Kind::Encoder && !s.width.is_multiple_of(4))

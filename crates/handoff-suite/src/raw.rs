@@ -47,6 +47,15 @@ pub struct RawSuite {
     /// Kill a case after this long (default 120s).
     #[serde(default)]
     pub timeout: Option<HumanDuration>,
+    /// Start no new case after this long; the run stops like on Ctrl-C and
+    /// `--resume` continues it.
+    #[serde(default)]
+    pub suite_timeout: Option<HumanDuration>,
+    /// Cap on each case's memory (heap), in MiB, e.g. `4096`: a case that
+    /// needs more fails its allocation and is recorded, instead of taking
+    /// the machine down. Needs `isolation: process`.
+    #[serde(default)]
+    pub memory_limit_mb: Option<u64>,
     /// Seed for every generated input.
     #[serde(default)]
     pub seed: Option<u64>,
