@@ -23,7 +23,8 @@ pub struct MockOptions {
     /// Added to every output value, to exercise the parity check.
     pub perturb: f64,
     /// Make the backend fail: `prepare`, `run`, `unsupported`, `panic`,
-    /// `abort`, `hang`, `alloc` (allocates without bound).
+    /// `abort`, `hang`, `hang-later` (after 0.9 s of runs), `alloc`
+    /// (allocates without bound).
     pub fail: Option<String>,
 }
 
@@ -97,6 +98,12 @@ impl Backend for MockBackend {
             perturb: opts.perturb as f32,
             fail_run: opts.fail.as_deref() == Some("run"),
             hang: opts.fail.as_deref() == Some("hang"),
+            hang_after: if opts.fail.as_deref() == Some("hang-later") {
+                Some(Duration::from_millis(900))
+            } else {
+                None
+            },
+            started: None,
             input: None,
             output: None,
         }))
@@ -108,6 +115,9 @@ struct MockPrepared {
     perturb: f32,
     fail_run: bool,
     hang: bool,
+    /// `fail: hang-later`: hang once this long has passed since the first run.
+    hang_after: Option<Duration>,
+    started: Option<Instant>,
     input: Option<Tensor>,
     output: Option<Tensor>,
 }
@@ -122,7 +132,8 @@ impl Prepared for MockPrepared {
         if self.fail_run {
             return Err(BackendError::Failed("mock run failure".into()));
         }
-        if self.hang {
+        let started = *self.started.get_or_insert_with(Instant::now);
+        if self.hang || self.hang_after.is_some_and(|d| started.elapsed() > d) {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));
             }

@@ -556,3 +556,38 @@ fn sigint_mid_suite_then_resume_gives_the_same_cases() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("the suite changed since that run"));
 }
+
+#[test]
+fn a_case_killed_for_hanging_keeps_the_samples_it_gathered() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = write(
+        dir.path(),
+        "s.yaml",
+        "name: t\nmodels:\n  - id: m\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\n\
+         backends: [mock]\ncheck: {reference: mock-ref}\ntimeout: 3s\n\
+         backend_options: {mock: {latency_us: 200, fail: hang-later}}\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 10s, max_time: 10s, target_ci: 0.01}\n",
+    );
+    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let r = &read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records[0];
+    assert_eq!(r.status, Status::Timeout);
+    assert!(r.samples_ms.len() > 100, "{} samples", r.samples_ms.len());
+    assert!(
+        r.latency_ms.is_none(),
+        "a timed-out case has no headline number"
+    );
+    assert!(
+        r.reason
+            .as_deref()
+            .unwrap()
+            .contains("timed samples gathered before the kill are kept")
+    );
+}

@@ -27,14 +27,18 @@ pub struct Timed {
 }
 
 /// Runs warm-up then the timed loop on an already bound session.
-pub fn measure(prepared: &mut dyn Prepared, policy: &Measure) -> Result<Timed, BackendError> {
+pub fn measure(
+    prepared: &mut dyn Prepared,
+    policy: &Measure,
+    progress: &mut dyn FnMut(&[Duration]),
+) -> Result<Timed, BackendError> {
     let start = Instant::now();
     let mut warmup_runs = 0;
     while warmup_runs == 0 || start.elapsed() < policy.warmup {
         prepared.run()?;
         warmup_runs += 1;
     }
-    let (samples, stop) = timed_loop(|| prepared.run(), policy)?;
+    let (samples, stop) = timed_loop_with_progress(|| prepared.run(), policy, progress)?;
     Ok(Timed {
         samples,
         warmup_runs,
@@ -44,13 +48,25 @@ pub fn measure(prepared: &mut dyn Prepared, policy: &Measure) -> Result<Timed, B
 
 /// The loop itself, generic so the harness overhead can be benchmarked
 /// without dynamic dispatch getting in the way of what is measured.
-pub fn timed_loop<F>(
+pub fn timed_loop<F>(run: F, policy: &Measure) -> Result<(Vec<Duration>, StopReason), BackendError>
+where
+    F: FnMut() -> Result<(), BackendError>,
+{
+    timed_loop_with_progress(run, policy, &mut |_| {})
+}
+
+/// [`timed_loop`], handing the samples so far to `progress` at doubling
+/// intervals (250 ms, 500 ms, 1 s, …), so a case killed for hanging still
+/// has the samples it gathered.
+pub fn timed_loop_with_progress<F>(
     mut run: F,
     policy: &Measure,
+    progress: &mut dyn FnMut(&[Duration]),
 ) -> Result<(Vec<Duration>, StopReason), BackendError>
 where
     F: FnMut() -> Result<(), BackendError>,
 {
+    let mut next_progress = Duration::from_millis(250);
     let mut samples: Vec<Duration> = Vec::with_capacity(1024);
     let start = Instant::now();
     let min_iters = policy.min_iterations.max(1) as usize;
@@ -67,6 +83,10 @@ where
             return Ok((samples, StopReason::MaxIterations));
         }
         let elapsed = t1 - start;
+        if elapsed >= next_progress {
+            progress(&samples);
+            next_progress *= 2;
+        }
         if elapsed >= policy.max_time {
             return Ok((samples, StopReason::MaxTime));
         }

@@ -323,6 +323,12 @@ impl<'a> Runner<'a> {
             seed: self.plan.seed,
             measure: self.plan.measure.clone(),
             memory_limit_mb: self.plan.memory_limit_mb,
+            partial_path: Some(
+                self.options
+                    .out_dir
+                    .join("partial")
+                    .join(format!("{}.json", sanitize(&case.id))),
+            ),
             backend_options: self
                 .plan
                 .backend_options
@@ -333,7 +339,28 @@ impl<'a> Runner<'a> {
         };
         match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
-                run_in_child(cmd, &job, self.plan.timeout, self.options.stop.as_deref())
+                let partial = job.partial_path.clone();
+                if let Some(p) = partial.as_ref().and_then(|p| p.parent()) {
+                    let _ = std::fs::create_dir_all(p);
+                }
+                let mut report =
+                    run_in_child(cmd, &job, self.plan.timeout, self.options.stop.as_deref());
+                if let Some(p) = &partial {
+                    if report.status() == Status::Timeout
+                        && let Some(samples) = std::fs::read(p)
+                            .ok()
+                            .and_then(|b| serde_json::from_slice::<Vec<f64>>(&b).ok())
+                    {
+                        report.reason = Some(format!(
+                            "{}; {} timed samples gathered before the kill are kept",
+                            report.reason.unwrap_or_default(),
+                            samples.len()
+                        ));
+                        report.samples_ms = samples;
+                    }
+                    let _ = std::fs::remove_file(p);
+                }
+                report
             }
             _ => run_in_process(&job, self.registry),
         }
@@ -423,7 +450,7 @@ impl<'a> Runner<'a> {
             machine: report.machine,
             peak_rss_mb: report.peak_rss_mb,
             wall_s: Some((wall_s * 1000.0).round() / 1000.0),
-            samples_ms: if status == Status::Ok {
+            samples_ms: if matches!(status, Status::Ok | Status::Timeout) {
                 report.samples_ms
             } else {
                 Vec::new()

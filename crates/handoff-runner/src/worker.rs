@@ -24,6 +24,10 @@ pub struct Job {
     pub model_hf_dir: Option<PathBuf>,
     pub seed: u64,
     pub measure: Measure,
+    /// Where the timed loop leaves the samples gathered so far, for a
+    /// parent that has to kill a hanging case.
+    #[serde(default)]
+    pub partial_path: Option<PathBuf>,
     /// Cap on the worker's heap (RLIMIT_DATA), in MiB.
     #[serde(default)]
     pub memory_limit_mb: Option<u64>,
@@ -170,7 +174,16 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
     }
     drop(outputs);
     let before = CpuSnapshot::now();
-    let timed = match measure(prepared.as_mut(), &job.measure) {
+    let mut progress = |samples: &[std::time::Duration]| {
+        if let Some(path) = &job.partial_path {
+            let ms: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
+            let tmp = path.with_extension("tmp");
+            if std::fs::write(&tmp, serde_json::to_vec(&ms).unwrap_or_default()).is_ok() {
+                let _ = std::fs::rename(&tmp, path);
+            }
+        }
+    };
+    let timed = match measure(prepared.as_mut(), &job.measure, &mut progress) {
         Ok(t) => t,
         Err(e) => return report.fail(&e),
     };
