@@ -326,7 +326,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let out = out.unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_owned());
             std::fs::create_dir_all(&out)?;
             std::fs::write(out.join("summary.md"), md)?;
-            eprintln!("wrote {}", out.join("summary.md").display());
+            write_html(&out, path.parent().unwrap_or(Path::new(".")), &suite, &read)?;
+            eprintln!(
+                "wrote {} and {}",
+                out.join("summary.md").display(),
+                out.join("report.html").display()
+            );
             Ok(ExitCode::SUCCESS)
         }
         Command::Compare {
@@ -486,6 +491,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let md =
                 handoff_report::summary_markdown(&plan.name, &read.records, read.torn_last_line);
             std::fs::write(out.join("summary.md"), md)?;
+            write_html(&out, &out, &plan.name, &read)?;
             if !quiet {
                 println!("{}", handoff_report::terminal_table(&read.records));
                 let counts: Vec<String> = summary
@@ -508,7 +514,11 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     );
                 }
                 println!("results: {}", summary.results.display());
-                println!("summary: {}", out.join("summary.md").display());
+                println!(
+                    "summary: {} and {}",
+                    out.join("summary.md").display(),
+                    out.join("report.html").display()
+                );
             }
             if summary.suite_timeout {
                 eprintln!(
@@ -615,6 +625,22 @@ fn convert(
             None => println!("{backend} runs the model as it is: nothing to lower"),
         }
     }
+    Ok(())
+}
+
+/// Writes the self-contained HTML report, with the run's env.json if any.
+fn write_html(
+    out: &Path,
+    run_dir: &Path,
+    suite: &str,
+    read: &handoff_runner::record::Results,
+) -> Result<()> {
+    let env: Option<serde_json::Value> = std::fs::read(run_dir.join("env.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let html =
+        handoff_report::html::report_html(suite, &read.records, env.as_ref(), read.torn_last_line);
+    std::fs::write(out.join("report.html"), html)?;
     Ok(())
 }
 

@@ -1,6 +1,8 @@
 //! Human-readable views of results: the terminal table printed after a run
 //! and the Markdown summary for CI step summaries and PR comments.
 
+pub mod html;
+
 use std::fmt::Write;
 
 use handoff_backend::ExecutionKind;
