@@ -309,7 +309,7 @@ pub fn report_html(
         }
         o.push_str("</tbody></table>");
     }
-    let _ = write!(o, "<script>{SCRIPT}</script></body></html>\n");
+    let _ = writeln!(o, "<script>{SCRIPT}</script></body></html>");
     o
 }
 
