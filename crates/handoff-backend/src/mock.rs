@@ -92,7 +92,13 @@ impl Backend for MockBackend {
             Some(id) if *id != model.id => 1.0,
             _ => opts.slowdown.unwrap_or(1.0),
         };
-        let latency = Duration::from_secs_f64(opts.latency_us * slowdown / 1e6);
+        // A build-wide knob, so tests of `compare --rerun` can stand two
+        // "builds" side by side: a wrapper script that sets it is the slow one.
+        let build = std::env::var("HANDOFF_MOCK_BUILD_SLOWDOWN")
+            .ok()
+            .and_then(|v| v.parse::<f64>().ok())
+            .unwrap_or(1.0);
+        let latency = Duration::from_secs_f64(opts.latency_us * slowdown * build / 1e6);
         Ok(Box::new(MockPrepared {
             latency,
             perturb: opts.perturb as f32,

@@ -100,6 +100,17 @@ enum Command {
         /// Write the Markdown summary here too (e.g. $GITHUB_STEP_SUMMARY).
         #[arg(long)]
         markdown: Option<PathBuf>,
+        /// Confirm suspected regressions before failing: rerun just those
+        /// cases of SUITE with both builds in ABBA order (base, head, head,
+        /// base) and fail only if the rerun agrees.
+        #[arg(long, value_name = "SUITE", requires = "base_bin")]
+        rerun: Option<PathBuf>,
+        /// The base build's handoff binary, for --rerun.
+        #[arg(long, value_name = "PATH")]
+        base_bin: Option<PathBuf>,
+        /// The head build's handoff binary (default: this one).
+        #[arg(long, value_name = "PATH")]
+        head_bin: Option<PathBuf>,
     },
     /// Save a run as a named baseline (in .handoff/baselines/, or
     /// $HANDOFF_BASELINES) for `handoff compare @NAME HEAD`.
@@ -344,6 +355,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             allow_env_mismatch,
             json,
             markdown,
+            rerun,
+            base_bin,
+            head_bin,
         } => {
             let base = match base.strip_prefix('@') {
                 Some(name) => baselines_dir().join(name),
@@ -364,7 +378,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             };
             let b = handoff_compare::Run::load(&base)?;
             let h = handoff_compare::Run::load(&head)?;
-            let c = handoff_compare::compare(&b, &h, &opts)?;
+            let mut c = handoff_compare::compare(&b, &h, &opts)?;
+            if let (Some(suite), Some(base_bin), true) = (&rerun, &base_bin, c.regressions() > 0) {
+                let head_bin = match head_bin {
+                    Some(p) => p,
+                    None => std::env::current_exe()?,
+                };
+                c = confirm_by_rerun(c, suite, base_bin, &head_bin, &opts)?;
+            }
             let md = handoff_compare::markdown(&c);
             if !c.env_differences.is_empty() {
                 eprintln!(
@@ -626,6 +647,77 @@ fn convert(
         }
     }
     Ok(())
+}
+
+/// Reruns the regressed cases ABBA with both builds; a regression stands
+/// only if the rerun comparison also finds it.
+fn confirm_by_rerun(
+    mut c: handoff_compare::Comparison,
+    suite: &Path,
+    base_bin: &Path,
+    head_bin: &Path,
+    opts: &handoff_compare::Options,
+) -> Result<handoff_compare::Comparison> {
+    let ids: Vec<String> = c
+        .rows
+        .iter()
+        .filter(|r| r.verdict == handoff_compare::Verdict::Regressed)
+        .map(|r| r.id.clone())
+        .collect();
+    let work = std::env::temp_dir().join(format!("handoff-rerun-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&work);
+    let mut runs: [Vec<handoff_compare::Run>; 2] = [Vec::new(), Vec::new()];
+    for (k, (bin, side)) in [(base_bin, 0), (head_bin, 1), (head_bin, 1), (base_bin, 0)]
+        .into_iter()
+        .enumerate()
+    {
+        let out = work.join(format!("{k}"));
+        let mut cmd = std::process::Command::new(bin);
+        cmd.arg("run")
+            .arg(suite)
+            .arg("--out")
+            .arg(&out)
+            .arg("--quiet");
+        for id in &ids {
+            cmd.arg("--filter").arg(id);
+        }
+        let status = cmd
+            .status()
+            .with_context(|| format!("running {}", bin.display()))?;
+        anyhow::ensure!(
+            status.success(),
+            "rerun with {} failed ({status})",
+            bin.display()
+        );
+        runs[side].push(handoff_compare::Run::load(&out)?);
+    }
+    let [a, b] = runs;
+    let (a, b) = (
+        handoff_compare::Run::as_repeats(a).context("no base rerun")?,
+        handoff_compare::Run::as_repeats(b).context("no head rerun")?,
+    );
+    let again = handoff_compare::compare(&a, &b, opts)?;
+    for row in &mut c.rows {
+        if row.verdict != handoff_compare::Verdict::Regressed {
+            continue;
+        }
+        let confirmed = again
+            .rows
+            .iter()
+            .any(|r| r.id == row.id && r.verdict == handoff_compare::Verdict::Regressed);
+        let rr = again.rows.iter().find(|r| r.id == row.id);
+        let detail = rr
+            .and_then(|r| r.ratio)
+            .map_or(String::new(), |x| format!(" ({:+.1}%)", (x - 1.0) * 100.0));
+        if confirmed {
+            row.note = Some(format!("confirmed by ABBA rerun{detail}"));
+        } else {
+            row.verdict = handoff_compare::Verdict::Inconclusive;
+            row.note = Some(format!("not confirmed by ABBA rerun{detail}"));
+        }
+    }
+    let _ = std::fs::remove_dir_all(&work);
+    Ok(c)
 }
 
 /// Writes the self-contained HTML report, with the run's env.json if any.

@@ -591,3 +591,68 @@ fn a_case_killed_for_hanging_keeps_the_samples_it_gathered() {
             .contains("timed samples gathered before the kill are kept")
     );
 }
+
+#[test]
+fn compare_rerun_confirms_a_real_regression_and_drops_a_fluke() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    mock_run(d, "base", 1.0, &[]);
+    mock_run(d, "slow", 1.3, &[]);
+    let bin = env!("CARGO_BIN_EXE_handoff");
+    // Same build on both sides: the "regression" was a fluke of the runs.
+    let o = handoff(
+        &[
+            "compare",
+            "base",
+            "slow",
+            "--rerun",
+            "base.yaml",
+            "--base-bin",
+            bin,
+            "--head-bin",
+            bin,
+        ],
+        d,
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("not confirmed by ABBA rerun"), "{text}");
+    // A head build that really is slower (a wrapper standing in for it).
+    let slow_bin = d.join("slow-build.sh");
+    std::fs::write(
+        &slow_bin,
+        format!("#!/bin/sh\nHANDOFF_MOCK_BUILD_SLOWDOWN=1.3 exec {bin} \"$@\"\n"),
+    )
+    .unwrap();
+    Command::new("chmod")
+        .args(["+x", slow_bin.to_str().unwrap()])
+        .status()
+        .unwrap();
+    let o = handoff(
+        &[
+            "compare",
+            "base",
+            "slow",
+            "--rerun",
+            "base.yaml",
+            "--base-bin",
+            bin,
+            "--head-bin",
+            slow_bin.to_str().unwrap(),
+        ],
+        d,
+    );
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{text}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(text.contains("confirmed by ABBA rerun"), "{text}");
+}

@@ -121,6 +121,20 @@ pub struct Run {
 }
 
 impl Run {
+    /// Several runs of the same cases as one, each taken as a repeat (for
+    /// the noise estimate); the fingerprint is the first's.
+    pub fn as_repeats(runs: Vec<Run>) -> Option<Run> {
+        let mut it = runs.into_iter();
+        let mut first = it.next()?;
+        for (k, mut r) in it.enumerate() {
+            for rec in &mut r.records {
+                rec.repeat += (k as u32 + 1) * 1000;
+            }
+            first.records.extend(r.records);
+        }
+        Some(first)
+    }
+
     /// Loads `results.jsonl` (or a run directory holding it) and `env.json`.
     pub fn load(path: &Path) -> Result<Self, CompareError> {
         let file = if path.is_dir() {
