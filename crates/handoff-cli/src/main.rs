@@ -730,8 +730,31 @@ fn write_html(
     let env: Option<serde_json::Value> = std::fs::read(run_dir.join("env.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let html =
-        handoff_report::html::report_html(suite, &read.records, env.as_ref(), read.torn_last_line);
+    let mut images = std::collections::BTreeMap::new();
+    let mut models: Vec<&str> = Vec::new();
+    for r in &read.records {
+        if !models.contains(&r.case.model.as_str()) {
+            models.push(&r.case.model);
+        }
+    }
+    for m in models {
+        let rows: Vec<&ResultRecord> = read.records.iter().filter(|r| r.case.model == m).collect();
+        let files = handoff_report::plots::model_plots(m, &rows, &out.join("plots"))?;
+        images.insert(
+            m.to_owned(),
+            files
+                .iter()
+                .map(std::fs::read)
+                .collect::<std::io::Result<Vec<_>>>()?,
+        );
+    }
+    let html = handoff_report::html::report_html(
+        suite,
+        &read.records,
+        env.as_ref(),
+        read.torn_last_line,
+        &images,
+    );
     std::fs::write(out.join("report.html"), html)?;
     Ok(())
 }

@@ -114,12 +114,38 @@ fn chart(rows: &[&ResultRecord]) -> String {
     s
 }
 
-/// The whole report. `env` is the run's env.json, if any.
+/// Standard base64, for inlining PNGs as data URIs.
+pub fn base64(bytes: &[u8]) -> String {
+    const T: &[u8; 64] = b"ABCDEFGHIJKLMNOPQRSTUVWXYZabcdefghijklmnopqrstuvwxyz0123456789+/";
+    let mut out = String::with_capacity(bytes.len().div_ceil(3) * 4);
+    for c in bytes.chunks(3) {
+        let n = (u32::from(c[0]) << 16)
+            | (u32::from(*c.get(1).unwrap_or(&0)) << 8)
+            | u32::from(*c.get(2).unwrap_or(&0));
+        out.push(T[(n >> 18) as usize & 63] as char);
+        out.push(T[(n >> 12) as usize & 63] as char);
+        out.push(if c.len() > 1 {
+            T[(n >> 6) as usize & 63] as char
+        } else {
+            '='
+        });
+        out.push(if c.len() > 2 {
+            T[n as usize & 63] as char
+        } else {
+            '='
+        });
+    }
+    out
+}
+
+/// The whole report. `env` is the run's env.json, if any; `images` maps a
+/// model id to PNG plots inlined under its heading.
 pub fn report_html(
     suite: &str,
     records: &[ResultRecord],
     env: Option<&serde_json::Value>,
     torn_last_line: bool,
+    images: &std::collections::BTreeMap<String, Vec<Vec<u8>>>,
 ) -> String {
     let mut o = String::new();
     let _ = write!(
@@ -182,6 +208,14 @@ pub fn report_html(
         }
         o.push_str("</ul></div>");
         o.push_str(&chart(&rows));
+        for png in images.get(m).into_iter().flatten() {
+            let _ = write!(
+                o,
+                "<p><img alt='plot for {}' width='900' src='data:image/png;base64,{}'></p>",
+                esc(m),
+                base64(png)
+            );
+        }
         o.push_str("<table class='sortable'><thead><tr>");
         for h in [
             "backend",

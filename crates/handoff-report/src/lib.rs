@@ -2,6 +2,7 @@
 //! and the Markdown summary for CI step summaries and PR comments.
 
 pub mod html;
+pub mod plots;
 
 use std::fmt::Write;
 

@@ -37,7 +37,13 @@ fn html_report_is_self_contained_and_escapes_user_strings() {
     let mut records = fixture();
     records[0].case.model = "<script>alert(1)</script>".into();
     let env = serde_json::json!({"cpu_model": "AMD <EPYC>", "logical_cores": 2});
-    let html = handoff_report::html::report_html("quick<script>", &records, Some(&env), false);
+    let html = handoff_report::html::report_html(
+        "quick<script>",
+        &records,
+        Some(&env),
+        false,
+        &Default::default(),
+    );
     assert!(
         !html.contains("<script>alert"),
         "user strings must be escaped"
@@ -62,4 +68,58 @@ fn html_report_is_self_contained_and_escapes_user_strings() {
         1,
         "only handoff's own sorting script"
     );
+}
+
+#[test]
+fn plots_are_non_blank_pngs_of_the_promised_size() {
+    let records = fixture();
+    let dir = std::env::temp_dir().join(format!("handoff-plots-{}", std::process::id()));
+    let rows: Vec<&handoff_runner::ResultRecord> =
+        records.iter().filter(|r| r.case.model == "mlp").collect();
+    let files = handoff_report::plots::model_plots("mlp", &rows, &dir).unwrap();
+    assert_eq!(files.len(), 3);
+    for f in &files {
+        let img = image::open(f).unwrap().to_rgb8();
+        assert_eq!(
+            img.dimensions(),
+            handoff_report::plots::SIZE,
+            "{}",
+            f.display()
+        );
+        // Non-blank: a real share of pixels is not the white background.
+        let inked = img.pixels().filter(|p| p.0 != [255, 255, 255]).count();
+        assert!(
+            inked > 20_000,
+            "{}: only {inked} non-white pixels",
+            f.display()
+        );
+        let mean = img.pixels().map(|p| f64::from(p.0[0])).sum::<f64>()
+            / f64::from(img.width() * img.height());
+        let var = img
+            .pixels()
+            .map(|p| (f64::from(p.0[0]) - mean).powi(2))
+            .sum::<f64>()
+            / f64::from(img.width() * img.height());
+        assert!(var > 100.0, "{}: pixel variance {var}", f.display());
+    }
+    let html = handoff_report::html::report_html(
+        "q",
+        &records,
+        None,
+        false,
+        &[(
+            "mlp".to_owned(),
+            files.iter().map(|f| std::fs::read(f).unwrap()).collect(),
+        )]
+        .into(),
+    );
+    assert_eq!(html.matches("src='data:image/png;base64,").count(), 3);
+    std::fs::remove_dir_all(&dir).unwrap();
+}
+
+#[test]
+fn base64_matches_the_standard_alphabet() {
+    assert_eq!(handoff_report::html::base64(b"Man"), "TWFu");
+    assert_eq!(handoff_report::html::base64(b"Ma"), "TWE=");
+    assert_eq!(handoff_report::html::base64(b"M"), "TQ==");
 }
