@@ -5,6 +5,7 @@ use std::collections::HashMap;
 use std::fmt;
 use std::path::Path;
 
+use handoff_onnx::rng::SplitMix64;
 use serde::{Deserialize, Serialize};
 
 /// Element types handoff feeds to models.
@@ -109,7 +110,7 @@ impl TensorSpec {
 
     /// Generates the tensor from a seed mixed with the input's name.
     pub fn generate(&self, seed: u64) -> Tensor {
-        let mut rng = SplitMix64(seed ^ fnv1a(self.name.as_bytes()));
+        let mut rng = SplitMix64::new(seed ^ fnv1a(self.name.as_bytes()));
         let n = self.numel();
         let data = match (self.dtype, &self.fill) {
             (dtype, Fill::Values(v)) => {
@@ -122,29 +123,29 @@ impl TensorSpec {
             }
             (DType::F32, Fill::Random { min, max }) => TensorData::F32(
                 (0..n)
-                    .map(|_| (*min + (*max - *min) * rng.unit()) as f32)
+                    .map(|_| (*min + (*max - *min) * rng.next_f64()) as f32)
                     .collect(),
             ),
             (DType::F32, Fill::RandomInt { min, max }) => {
-                TensorData::F32((0..n).map(|_| rng.int(*min, *max) as f32).collect())
+                TensorData::F32((0..n).map(|_| rng.range_i64(*min, *max) as f32).collect())
             }
             (DType::F32, Fill::Constant(c)) => TensorData::F32(vec![*c as f32; n]),
             (DType::I64, Fill::Constant(c)) => TensorData::I64(vec![*c as i64; n]),
             (DType::I32, Fill::Constant(c)) => TensorData::I32(vec![*c as i32; n]),
             (DType::I64, Fill::RandomInt { min, max }) => {
-                TensorData::I64((0..n).map(|_| rng.int(*min, *max)).collect())
+                TensorData::I64((0..n).map(|_| rng.range_i64(*min, *max)).collect())
             }
             (DType::I32, Fill::RandomInt { min, max }) => {
-                TensorData::I32((0..n).map(|_| rng.int(*min, *max) as i32).collect())
+                TensorData::I32((0..n).map(|_| rng.range_i64(*min, *max) as i32).collect())
             }
             (DType::I64, Fill::Random { min, max }) => TensorData::I64(
                 (0..n)
-                    .map(|_| rng.int(min.floor() as i64, max.ceil() as i64))
+                    .map(|_| rng.range_i64(min.floor() as i64, max.ceil() as i64))
                     .collect(),
             ),
             (DType::I32, Fill::Random { min, max }) => TensorData::I32(
                 (0..n)
-                    .map(|_| rng.int(min.floor() as i64, max.ceil() as i64) as i32)
+                    .map(|_| rng.range_i64(min.floor() as i64, max.ceil() as i64) as i32)
                     .collect(),
             ),
         };
@@ -153,29 +154,6 @@ impl TensorSpec {
             shape: self.shape.clone(),
             data,
         }
-    }
-}
-
-struct SplitMix64(u64);
-
-impl SplitMix64 {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    fn unit(&mut self) -> f64 {
-        (self.next() >> 11) as f64 / (1u64 << 53) as f64
-    }
-
-    fn int(&mut self, lo: i64, hi: i64) -> i64 {
-        if hi <= lo {
-            return lo;
-        }
-        lo + (self.next() % (hi - lo) as u64) as i64
     }
 }
 

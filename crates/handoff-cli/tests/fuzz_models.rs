@@ -6,19 +6,7 @@ use handoff_onnx::proto::ModelProto;
 use handoff_onnx::synthetic::{Kind, SyntheticSpec};
 use prost::Message;
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use handoff_onnx::rng::SplitMix64 as Rng;
 
 fn mutate(model: &ModelProto, rng: &mut Rng) -> Vec<u8> {
     let mut bytes = model.encode_to_vec();
@@ -98,7 +86,7 @@ fn a_thousand_mutated_models_are_errors_not_crashes() {
             vec![1, 3, 8],
         ),
     ];
-    let mut rng = Rng(0x0ddba11);
+    let mut rng = Rng::new(0x0ddba11);
     let (mut rejected, mut backend_errors, mut backend_ok, mut panics) = (0, 0, 0, 0);
     let n = 1000;
     for i in 0..n {

@@ -22,14 +22,26 @@ impl SplitMix64 {
         (self.next_u64() >> 40) as f32 / (1u64 << 24) as f32
     }
 
+    /// Uniform in [0, 1) with 53 bits of precision.
+    pub fn next_f64(&mut self) -> f64 {
+        (self.next_u64() >> 11) as f64 / (1u64 << 53) as f64
+    }
+
     /// Uniform in [lo, hi).
     pub fn uniform(&mut self, lo: f32, hi: f32) -> f32 {
         lo + (hi - lo) * self.next_f32()
     }
 
-    /// Uniform integer in [lo, hi).
+    /// Uniform integer in [lo, hi); `lo` when the range is empty.
     pub fn range_i64(&mut self, lo: i64, hi: i64) -> i64 {
-        debug_assert!(hi > lo);
+        if hi <= lo {
+            return lo;
+        }
         lo + (self.next_u64() % (hi - lo) as u64) as i64
+    }
+
+    /// Uniform index in [0, n); 0 when `n` is 0.
+    pub fn below(&mut self, n: usize) -> usize {
+        (self.next_u64() % n.max(1) as u64) as usize
     }
 }

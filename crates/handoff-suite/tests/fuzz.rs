@@ -48,19 +48,7 @@ check: {reference: mock}
 
 const ALPHABET: &[u8] = b" :-[]{},\n\t\"'&*!#|>0123456789abcxyz_.%@`";
 
-struct Rng(u64);
-impl Rng {
-    fn next(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-    fn below(&mut self, n: usize) -> usize {
-        (self.next() % n.max(1) as u64) as usize
-    }
-}
+use handoff_onnx::rng::SplitMix64 as Rng;
 
 fn mutate(seed: &str, rng: &mut Rng) -> String {
     let mut b: Vec<u8> = seed.as_bytes().to_vec();
@@ -133,7 +121,7 @@ fn ten_thousand_mutated_suites_never_panic_and_every_error_is_located() {
     };
     let file = dir.path().join("fuzz.yaml");
     let (mut ok, mut invalid, mut problems) = (0, 0, 0);
-    let mut rng = Rng(0xF022);
+    let mut rng = Rng::new(0xF022);
     let n = 10_000;
     for i in 0..n {
         let text = mutate(SEEDS[i % SEEDS.len()], &mut rng);
