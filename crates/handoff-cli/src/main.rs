@@ -731,12 +731,7 @@ fn write_html(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let mut images = std::collections::BTreeMap::new();
-    let mut models: Vec<&str> = Vec::new();
-    for r in &read.records {
-        if !models.contains(&r.case.model.as_str()) {
-            models.push(&r.case.model);
-        }
-    }
+    let models = handoff_report::models(&read.records);
     for m in models {
         let rows: Vec<&ResultRecord> = read.records.iter().filter(|r| r.case.model == m).collect();
         let files = handoff_report::plots::model_plots(m, &rows, &out.join("plots"))?;

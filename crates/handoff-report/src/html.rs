@@ -160,12 +160,7 @@ pub fn report_html(
     if torn_last_line {
         o.push_str("<p class='note'>The last line of the results file was cut off (interrupted run) and is not shown.</p>");
     }
-    let mut models: Vec<&str> = Vec::new();
-    for r in records {
-        if !models.contains(&r.case.model.as_str()) {
-            models.push(&r.case.model);
-        }
-    }
+    let models = crate::models(records);
     for m in models {
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
         let _ = write!(o, "<h2>{}</h2>", esc(m));

@@ -163,12 +163,7 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         .map(|(s, n)| format!("{n} {}", s.as_str()))
         .collect();
     let _ = writeln!(out, "{} cases: {}.\n", records.len(), c.join(", "));
-    let mut models: Vec<&str> = Vec::new();
-    for r in records {
-        if !models.contains(&r.case.model.as_str()) {
-            models.push(&r.case.model);
-        }
-    }
+    let models = models(records);
     for m in models {
         let _ = writeln!(out, "## {}\n", escape_md(m));
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
@@ -298,6 +293,17 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
 
 fn p99(r: &ResultRecord) -> f64 {
     r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
+}
+
+/// Model ids in the order they first appear.
+pub fn models(records: &[ResultRecord]) -> Vec<&str> {
+    let mut out: Vec<&str> = Vec::new();
+    for r in records {
+        if !out.contains(&r.case.model.as_str()) {
+            out.push(&r.case.model);
+        }
+    }
+    out
 }
 
 /// Escapes what Markdown (and HTML inside it) would interpret.

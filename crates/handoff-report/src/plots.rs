@@ -209,26 +209,43 @@ fn throughput(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), Pl
             .iter()
             .map(|r| (f64::from(r.case.batch), r.throughput_items_s.unwrap_or(0.0)))
             .collect();
-        chart
-            .draw_series(LineSeries::new(xy.clone(), colour.stroke_width(3)))
-            .map_err(|x| e(x.to_string()))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3))
-            });
-        chart
-            .draw_series(xy.iter().map(|p| Circle::new(*p, 5, colour.filled())))
-            .map_err(|x| e(x.to_string()))?;
+        line_with_markers(&mut chart, xy, name, colour).map_err(&e)?;
     }
+    legend(&mut chart).map_err(&e)?;
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+type Chart<'a, 'b, Y> =
+    ChartContext<'a, BitMapBackend<'b>, Cartesian2d<plotters::coord::types::RangedCoordf64, Y>>;
+
+fn line_with_markers<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut Chart<'a, 'b, Y>,
+    xy: Vec<(f64, f64)>,
+    name: String,
+    colour: RGBColor,
+) -> Result<(), String> {
+    chart
+        .draw_series(LineSeries::new(xy.clone(), colour.stroke_width(3)))
+        .map_err(|x| x.to_string())?
+        .label(name)
+        .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3)));
+    chart
+        .draw_series(xy.iter().map(|p| Circle::new(*p, 5, colour.filled())))
+        .map_err(|x| x.to_string())?;
+    Ok(())
+}
+
+fn legend<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut Chart<'a, 'b, Y>,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
-        .label_font((FONT, 15))
+        .label_font((FONT, 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
         .position(SeriesLabelPosition::UpperLeft)
         .draw()
-        .map_err(|x| e(x.to_string()))?;
-    root.present().map_err(|x| e(x.to_string()))
+        .map_err(|x| x.to_string())
 }
 
 /// Speed-up of the median vs the fewest threads, per backend and batch,
@@ -299,24 +316,8 @@ fn scaling(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
                 })
             })
             .collect();
-        chart
-            .draw_series(LineSeries::new(xy.clone(), colour.stroke_width(3)))
-            .map_err(|x| e(x.to_string()))?
-            .label(name)
-            .legend(move |(x, y)| {
-                PathElement::new(vec![(x, y), (x + 20, y)], colour.stroke_width(3))
-            });
-        chart
-            .draw_series(xy.iter().map(|p| Circle::new(*p, 5, colour.filled())))
-            .map_err(|x| e(x.to_string()))?;
+        line_with_markers(&mut chart, xy, name, colour).map_err(&e)?;
     }
-    chart
-        .configure_series_labels()
-        .label_font((FONT, 14))
-        .background_style(WHITE.mix(0.9))
-        .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+    legend(&mut chart).map_err(&e)?;
     root.present().map_err(|x| e(x.to_string()))
 }
