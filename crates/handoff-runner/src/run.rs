@@ -38,6 +38,22 @@ pub struct RunOptions {
     pub stop: Option<Arc<AtomicBool>>,
 }
 
+impl RunOptions {
+    /// Every case once, in this process's choice of isolation, nothing
+    /// filtered or resumed.
+    pub fn new(out_dir: PathBuf) -> Self {
+        Self {
+            out_dir,
+            worker: None,
+            filters: Vec::new(),
+            repeat: 1,
+            shard: None,
+            resume: false,
+            stop: None,
+        }
+    }
+}
+
 /// What a run directory was made from, checked by `--resume`.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct RunMeta {

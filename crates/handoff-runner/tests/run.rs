@@ -45,19 +45,7 @@ measure: {{warmup: 1ms, min_iterations: 5, min_time: 1ms, max_time: 200ms, targe
 
 fn run(plan: &Plan, out: &Path) -> Vec<handoff_runner::ResultRecord> {
     let reg = registry();
-    let runner = Runner::new(
-        plan,
-        &reg,
-        RunOptions {
-            out_dir: out.to_owned(),
-            worker: None,
-            filters: vec![],
-            repeat: 1,
-            shard: None,
-            resume: false,
-            stop: None,
-        },
-    );
+    let runner = Runner::new(plan, &reg, RunOptions::new(out.to_owned()));
     runner.run(&mut Quiet).unwrap();
     read_results(&out.join("results.jsonl")).unwrap().records
 }
@@ -157,19 +145,7 @@ fn a_failing_reference_leaves_cells_measured_but_marked_unchecked() {
     let p = plan(dir.path(), "");
     let reg = Registry::new().with(Box::new(MockBackend::new("mock")));
     // mock-ref is missing from this build's registry.
-    let runner = Runner::new(
-        &p,
-        &reg,
-        RunOptions {
-            out_dir: dir.path().join("o"),
-            worker: None,
-            filters: vec![],
-            repeat: 1,
-            shard: None,
-            resume: false,
-            stop: None,
-        },
-    );
+    let runner = Runner::new(&p, &reg, RunOptions::new(dir.path().join("o")));
     runner.run(&mut Quiet).unwrap();
     let records = read_results(&dir.path().join("o/results.jsonl"))
         .unwrap()
@@ -220,13 +196,8 @@ fn filters_select_cases_by_id() {
         &p,
         &reg,
         RunOptions {
-            out_dir: dir.path().join("o"),
-            worker: None,
             filters: vec!["/b2".into()],
-            repeat: 1,
-            shard: None,
-            resume: false,
-            stop: None,
+            ..RunOptions::new(dir.path().join("o"))
         },
     );
     let ids: Vec<String> = runner.selected().map(|c| c.id).collect();

@@ -103,8 +103,8 @@ fn mutate(seed: &str, rng: &mut Rng) -> String {
     String::from_utf8_lossy(&b).into_owned()
 }
 
-#[test]
-fn ten_thousand_mutated_suites_never_panic_and_every_error_is_located() {
+/// A temp dir with the `tiny.onnx` the seeds name, and plan options.
+fn setup() -> (tempfile::TempDir, PlanOptions) {
     let dir = tempfile::tempdir().unwrap();
     let model = handoff_onnx::synthetic::SyntheticSpec {
         kind: handoff_onnx::synthetic::Kind::Mlp,
@@ -119,6 +119,12 @@ fn ten_thousand_mutated_suites_never_panic_and_every_error_is_located() {
         known_backends: vec!["mock".into(), "mock-ref".into()],
         tools: None,
     };
+    (dir, options)
+}
+
+#[test]
+fn ten_thousand_mutated_suites_never_panic_and_every_error_is_located() {
+    let (dir, options) = setup();
     let file = dir.path().join("fuzz.yaml");
     let (mut ok, mut invalid, mut problems) = (0, 0, 0);
     let mut rng = Rng::new(0xF022);
@@ -157,20 +163,7 @@ fn ten_thousand_mutated_suites_never_panic_and_every_error_is_located() {
 
 #[test]
 fn the_seed_suites_are_valid() {
-    let dir = tempfile::tempdir().unwrap();
-    let model = handoff_onnx::synthetic::SyntheticSpec {
-        kind: handoff_onnx::synthetic::Kind::Mlp,
-        width: 8,
-        depth: 1,
-        seed: 1,
-    }
-    .build();
-    handoff_onnx::builder::write_model(&model, &dir.path().join("tiny.onnx")).unwrap();
-    let options = PlanOptions {
-        model_cache: dir.path().join("cache"),
-        known_backends: vec!["mock".into(), "mock-ref".into()],
-        tools: None,
-    };
+    let (dir, options) = setup();
     for seed in SEEDS {
         if let Err(e) = Plan::from_str(&dir.path().join("s.yaml"), seed, &options) {
             panic!("{e}\n{seed}");
