@@ -178,6 +178,22 @@ pub fn require_cpu(device: Device) -> Result<(), BackendError> {
     }
 }
 
+/// The NVIDIA kernel driver's version line, when one is loaded; `None` on a
+/// machine without an NVIDIA GPU. Reads /proc, so it needs no CUDA library.
+pub fn nvidia_driver() -> Option<String> {
+    let text = std::fs::read_to_string("/proc/driver/nvidia/version").ok()?;
+    let line = text.lines().next()?.trim();
+    // "NVRM version: NVIDIA UNIX x86_64 Kernel Module  550.54.15  Tue Mar ..."
+    let version = line
+        .split_whitespace()
+        .find(|w| {
+            w.chars().filter(|c| *c == '.').count() >= 1
+                && w.chars().all(|c| c.is_ascii_digit() || c == '.')
+        })
+        .unwrap_or(line);
+    Some(version.to_owned())
+}
+
 /// Looks backends up by name; the CLI fills it with the runtimes compiled in.
 #[derive(Default)]
 pub struct Registry {

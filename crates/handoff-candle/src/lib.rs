@@ -6,6 +6,9 @@
 //! (`RAYON_NUM_THREADS`), so a case asking for N threads must run in a
 //! process started with that value; `prepare` refuses rather than silently
 //! measure a different thread count.
+//!
+//! With the `cuda` feature, candle-native runs on `cuda:0`; candle-onnx stays
+//! CPU-only because it builds every initializer on the CPU.
 
 use std::collections::HashMap;
 
@@ -30,12 +33,17 @@ impl Backend for CandleOnnxBackend {
     }
 
     fn probe(&self, device: Device) -> Probe {
-        cpu_only_probe(
-            device,
-            CANDLE_VERSION,
-            "interpreter (candle-onnx simple_eval); threads from RAYON_NUM_THREADS",
-            "candle CUDA support (feature `cuda`)",
-        )
+        match device {
+            Device::Cuda if cfg!(feature = "cuda") => Probe::Unavailable {
+                reason: ONNX_CPU_ONLY.into(),
+            },
+            _ => cpu_only_probe(
+                device,
+                CANDLE_VERSION,
+                "interpreter (candle-onnx simple_eval); threads from RAYON_NUM_THREADS",
+                "candle CUDA support (feature `cuda`)",
+            ),
+        }
     }
 
     fn prepare(
@@ -43,6 +51,9 @@ impl Backend for CandleOnnxBackend {
         model: &ModelRef,
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
+        if cfg!(feature = "cuda") && options.device == Device::Cuda {
+            return Err(BackendError::Unsupported(ONNX_CPU_ONLY.into()));
+        }
         require_cpu(options.device)?;
         check_threads(options.threads)?;
         let proto = candle_onnx::read_file(model.path())
@@ -58,6 +69,24 @@ impl Backend for CandleOnnxBackend {
             output_names,
             last: HashMap::new(),
         }))
+    }
+}
+
+const ONNX_CPU_ONLY: &str =
+    "candle-onnx runs on the CPU only (it creates every initializer on the CPU)";
+
+/// The candle device for a case; a GPU case without a GPU is refused with the
+/// reason, never moved to the CPU.
+pub fn candle_device(device: Device) -> Result<CDevice, BackendError> {
+    match device {
+        Device::Cpu => Ok(CDevice::Cpu),
+        #[cfg(feature = "cuda")]
+        Device::Cuda => CDevice::new_cuda(0)
+            .map_err(|e| BackendError::Unavailable(format!("no CUDA device: {e}"))),
+        #[cfg(not(feature = "cuda"))]
+        Device::Cuda => Err(BackendError::Unavailable(
+            "no CUDA device: this build has no candle CUDA support (feature `cuda`)".into(),
+        )),
     }
 }
 
@@ -94,15 +123,14 @@ struct CandleOnnxPrepared {
     last: HashMap<String, CTensor>,
 }
 
-pub fn to_candle(t: &Tensor) -> Result<CTensor, BackendError> {
-    let dev = CDevice::Cpu;
+pub fn to_candle(t: &Tensor, dev: &CDevice) -> Result<CTensor, BackendError> {
     match &t.data {
-        TensorData::F32(v) => CTensor::from_slice(v, t.shape.as_slice(), &dev),
-        TensorData::I64(v) => CTensor::from_slice(v, t.shape.as_slice(), &dev),
+        TensorData::F32(v) => CTensor::from_slice(v, t.shape.as_slice(), dev),
+        TensorData::I64(v) => CTensor::from_slice(v, t.shape.as_slice(), dev),
         TensorData::I32(v) => {
             // candle has no i32: widen, as the ONNX ops it has accept i64.
             let w: Vec<i64> = v.iter().map(|&x| i64::from(x)).collect();
-            CTensor::from_slice(&w, t.shape.as_slice(), &dev)
+            CTensor::from_slice(&w, t.shape.as_slice(), dev)
         }
     }
     .map_err(|e| BackendError::Failed(format!("input `{}`: {e}", t.name)))
@@ -137,7 +165,7 @@ impl Prepared for CandleOnnxPrepared {
     fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
         self.inputs = inputs
             .iter()
-            .map(|t| Ok((t.name.clone(), to_candle(t)?)))
+            .map(|t| Ok((t.name.clone(), to_candle(t, &CDevice::Cpu)?)))
             .collect::<Result<_, BackendError>>()?;
         Ok(())
     }
@@ -178,12 +206,20 @@ impl Backend for CandleNativeBackend {
     }
 
     fn probe(&self, device: Device) -> Probe {
-        cpu_only_probe(
-            device,
-            CANDLE_VERSION,
-            "candle-transformers BERT from safetensors; threads from RAYON_NUM_THREADS",
-            "candle CUDA support (feature `cuda`)",
-        )
+        match candle_device(device) {
+            Ok(CDevice::Cpu) => Probe::Available {
+                version: CANDLE_VERSION.into(),
+                detail: "candle-transformers BERT from safetensors; threads from RAYON_NUM_THREADS"
+                    .into(),
+            },
+            Ok(_) => Probe::Available {
+                version: CANDLE_VERSION.into(),
+                detail: "candle-transformers BERT from safetensors on cuda:0; synchronised before each clock stop".into(),
+            },
+            Err(e) => Probe::Unavailable {
+                reason: e.to_string().trim_start_matches("unavailable: ").to_owned(),
+            },
+        }
     }
 
     fn prepare(
@@ -192,8 +228,10 @@ impl Backend for CandleNativeBackend {
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
         use candle_transformers::models::bert::{BertModel, Config};
-        require_cpu(options.device)?;
-        check_threads(options.threads)?;
+        let device = candle_device(options.device)?;
+        if device.is_cpu() {
+            check_threads(options.threads)?;
+        }
         let dir = model.hf_dir.as_ref().ok_or_else(|| {
             BackendError::Unsupported(
                 "candle-native runs safetensors models (source `hf` or `pypi`), not a bare ONNX file".into(),
@@ -207,13 +245,13 @@ impl Backend for CandleNativeBackend {
         let st = dir.join("model.safetensors");
         let bytes = std::fs::read(&st)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
-        let vb =
-            candle_nn::VarBuilder::from_buffered_safetensors(bytes, CDType::F32, &CDevice::Cpu)
-                .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
+        let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, CDType::F32, &device)
+            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
         let bert = BertModel::load(vb, &config)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
         Ok(Box::new(CandleNativePrepared {
             bert,
+            device,
             inputs: None,
             last: Vec::new(),
         }))
@@ -222,6 +260,7 @@ impl Backend for CandleNativeBackend {
 
 struct CandleNativePrepared {
     bert: candle_transformers::models::bert::BertModel,
+    device: CDevice,
     /// input_ids, token_type_ids, attention_mask
     inputs: Option<(CTensor, CTensor, CTensor)>,
     last: Vec<CTensor>,
@@ -236,7 +275,7 @@ impl Prepared for CandleNativePrepared {
                 .ok_or_else(|| {
                     BackendError::Failed(format!("candle-native needs an input named `{name}`"))
                 })
-                .and_then(to_candle)
+                .and_then(|t| to_candle(t, &self.device))
         };
         self.inputs = Some((
             find("input_ids")?,
@@ -268,6 +307,9 @@ impl Prepared for CandleNativePrepared {
             .clamp(1e-9f32, f32::MAX)
             .map_err(e)?;
         let pooled = summed.broadcast_div(&count).map_err(e)?;
+        // CUDA kernels are queued asynchronously: the clock stops only once
+        // they have finished (a no-op on the CPU).
+        self.device.synchronize().map_err(e)?;
         self.last = vec![hidden, pooled];
         Ok(())
     }
@@ -278,5 +320,45 @@ impl Prepared for CandleNativePrepared {
             .zip(&self.last)
             .map(|(n, t)| from_candle(n, t))
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn cuda_without_a_device_is_unavailable_not_cpu() {
+        if handoff_backend::nvidia_driver().is_some() {
+            return; // a GPU machine: covered by suites/gpu.yaml
+        }
+        match CandleNativeBackend.probe(Device::Cuda) {
+            Probe::Unavailable { reason } => {
+                assert!(reason.starts_with("no CUDA device"), "{reason}")
+            }
+            other => panic!("cuda probe on a machine without a driver: {other:?}"),
+        }
+        let options = PrepareOptions {
+            device: Device::Cuda,
+            threads: 1,
+            inputs: Vec::new(),
+            options: serde_json::Value::Null,
+        };
+        let model = ModelRef {
+            path: "/nonexistent.onnx".into(),
+            id: "x".into(),
+            hf_dir: Some("/nonexistent".into()),
+        };
+        match CandleNativeBackend.prepare(&model, &options) {
+            Err(BackendError::Unavailable(reason)) => {
+                assert!(reason.starts_with("no CUDA device"), "{reason}")
+            }
+            Err(other) => panic!("expected unavailable, got {other}"),
+            Ok(_) => panic!("a cuda case was prepared without a GPU"),
+        }
+        assert!(matches!(
+            CandleOnnxBackend.probe(Device::Cuda),
+            Probe::Unavailable { .. }
+        ));
     }
 }

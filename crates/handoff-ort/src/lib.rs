@@ -1,5 +1,11 @@
 //! ONNX Runtime backend, loaded at run time from `libonnxruntime.so`
 //! (see [`provision`] for where the library comes from).
+//!
+//! With the `cuda` feature a `cuda` case registers the CUDA execution
+//! provider with error-on-failure: a library or machine without CUDA fails
+//! the case with ORT's reason instead of quietly running on the CPU. Outputs
+//! are copied to host memory by `Session::run`, so the clock includes the
+//! device-to-host copy and stops after the GPU finished.
 
 pub mod provision;
 
@@ -7,7 +13,7 @@ use std::sync::OnceLock;
 
 use handoff_backend::{
     Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
-    Tensor, TensorData, cpu_only_probe, require_cpu, unsupported_op_from_message,
+    Tensor, TensorData, cpu_only_probe, unsupported_op_from_message,
 };
 use ort::session::Session;
 use ort::session::builder::GraphOptimizationLevel;
@@ -49,6 +55,29 @@ impl Backend for OrtBackend {
             Ok(e) => e,
             Err(reason) => return Probe::Unavailable { reason },
         };
+        #[cfg(feature = "cuda")]
+        if device == Device::Cuda {
+            use ort::ep::ExecutionProvider;
+            return match ort::ep::CUDA::is_available() {
+                Ok(true) => Probe::Available {
+                    version: located.version.clone(),
+                    detail: format!(
+                        "CUDA execution provider, {} (from {})",
+                        located.path.display(),
+                        located.origin
+                    ),
+                },
+                Ok(false) => Probe::Unavailable {
+                    reason: format!(
+                        "no CUDA device: {} has no CUDA execution provider (use the onnxruntime-gpu library, scripts/build-gpu.sh)",
+                        located.path.display()
+                    ),
+                },
+                Err(e) => Probe::Unavailable {
+                    reason: format!("no CUDA device: {e}"),
+                },
+            };
+        }
         cpu_only_probe(
             device,
             &located.version,
@@ -63,7 +92,8 @@ impl Backend for OrtBackend {
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
         let (env, _) = environment().map_err(BackendError::Unavailable)?;
-        require_cpu(options.device)?;
+        #[cfg(not(feature = "cuda"))]
+        handoff_backend::require_cpu(options.device)?;
         let level = match options.options.get("optimization").and_then(|v| v.as_str()) {
             Some("disable") => GraphOptimizationLevel::Disable,
             Some("basic") => GraphOptimizationLevel::Level1,
@@ -71,8 +101,18 @@ impl Backend for OrtBackend {
             _ => GraphOptimizationLevel::All,
         };
         let e = |e: ort::Error<_>| BackendError::Failed(e.to_string());
-        let session = Session::builder(env)
-            .map_err(|e| BackendError::Failed(e.to_string()))?
+        #[allow(unused_mut)]
+        let mut builder = Session::builder(env).map_err(|e| BackendError::Failed(e.to_string()))?;
+        #[cfg(feature = "cuda")]
+        if options.device == Device::Cuda {
+            builder = builder
+                .with_execution_providers([ort::ep::CUDA::default()
+                    .with_device_id(0)
+                    .build()
+                    .error_on_failure()])
+                .map_err(|e| BackendError::Unavailable(format!("no CUDA device: {e}")))?;
+        }
+        let session = builder
             .with_intra_threads(options.threads)
             .map_err(e)?
             .with_inter_threads(1)

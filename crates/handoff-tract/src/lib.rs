@@ -1,12 +1,16 @@
 //! tract backend: the ONNX model is loaded, optimised into a typed plan
 //! (symbolic `batch`/`seq` kept, so one plan serves every shape) and run
 //! with a private rayon pool of the case's thread count for matmuls.
+//!
+//! With the `cuda` feature a `cuda` case goes through tract-cuda's runtime:
+//! the plan copies its outputs back to the host, so `run` returning means
+//! the GPU work is done.
 
 use std::sync::Arc;
 
 use handoff_backend::{
     Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
-    Tensor, TensorData, cpu_only_probe, require_cpu, unsupported_op_from_message,
+    Tensor, TensorData, cpu_only_probe, unsupported_op_from_message,
 };
 use tract_linalg::multithread::Executor;
 use tract_onnx::prelude::*;
@@ -32,6 +36,18 @@ impl Backend for TractBackend {
     }
 
     fn probe(&self, device: Device) -> Probe {
+        #[cfg(feature = "cuda")]
+        if device == Device::Cuda {
+            return match cuda_runtime() {
+                Ok(_) => Probe::Available {
+                    version: TRACT_VERSION.into(),
+                    detail: "tract-cuda on cuda:0 (NVRTC kernels); outputs copied to the host inside the clock".into(),
+                },
+                Err(e) => Probe::Unavailable {
+                    reason: e.to_string().trim_start_matches("unavailable: ").to_owned(),
+                },
+            };
+        }
         cpu_only_probe(
             device,
             TRACT_VERSION,
@@ -45,12 +61,33 @@ impl Backend for TractBackend {
         model: &ModelRef,
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
-        require_cpu(options.device)?;
+        #[cfg(feature = "cuda")]
+        let gpu = if options.device == Device::Cuda {
+            Some(cuda_runtime()?)
+        } else {
+            None
+        };
+        #[cfg(not(feature = "cuda"))]
+        handoff_backend::require_cpu(options.device)?;
         let typed = tract_onnx::onnx()
             .model_for_path(model.path())
             .map_err(|e| classify(&e, true))?
             .into_optimized()
             .map_err(|e| classify(&e, false))?;
+        let output_names = output_names(&typed)?;
+        #[cfg(feature = "cuda")]
+        if let Some(runtime) = gpu {
+            let runnable = runtime
+                .prepare_with_options(typed, &RunOptions::default())
+                .map_err(|e| classify(&e, false))?;
+            let state = runnable.spawn().map_err(|e| classify(&e, false))?;
+            return Ok(Box::new(TractPrepared {
+                engine: Engine::Gpu(state),
+                inputs: TVec::new(),
+                output_names,
+                last: TVec::new(),
+            }));
+        }
         let executor = if options.threads > 1 {
             Executor::multithread(options.threads)
         } else {
@@ -63,25 +100,42 @@ impl Backend for TractBackend {
         let plan: Arc<Plan> = typed
             .into_runnable_with_options(&run_options)
             .map_err(|e| classify(&e, false))?;
-        let output_names = plan
-            .model()
-            .output_outlets()
-            .map_err(|e| classify(&e, false))?
-            .iter()
-            .map(|o| {
-                plan.model()
-                    .outlet_label(*o)
-                    .unwrap_or(&plan.model().node(o.node).name)
-                    .to_owned()
-            })
-            .collect();
         let state = SimpleState::new(&plan).map_err(|e| classify(&e, false))?;
         Ok(Box::new(TractPrepared {
-            state,
+            engine: Engine::Cpu(state),
             inputs: TVec::new(),
             output_names,
             last: TVec::new(),
         }))
+    }
+}
+
+fn output_names(model: &TypedModel) -> Result<Vec<String>, BackendError> {
+    Ok(model
+        .output_outlets()
+        .map_err(|e| classify(&e, false))?
+        .iter()
+        .map(|o| {
+            model
+                .outlet_label(*o)
+                .unwrap_or(&model.node(o.node).name)
+                .to_owned()
+        })
+        .collect())
+}
+
+/// tract-cuda's runtime, or why it cannot run here (no driver, a missing
+/// CUDA library).
+#[cfg(feature = "cuda")]
+fn cuda_runtime() -> Result<&'static dyn tract_onnx::tract_core::runtime::Runtime, BackendError> {
+    // Linking the crate is what registers its runtime.
+    use tract_cuda as _;
+    match tract_onnx::tract_core::runtime::runtime_for_name("cuda") {
+        Ok(Some(rt)) => Ok(rt),
+        Ok(None) => Err(BackendError::Unavailable(
+            "no CUDA device: tract-cuda's runtime is not registered".into(),
+        )),
+        Err(e) => Err(BackendError::Unavailable(format!("no CUDA device: {e:#}"))),
     }
 }
 
@@ -98,8 +152,14 @@ fn classify(e: &TractError, loading: bool) -> BackendError {
     }
 }
 
+enum Engine {
+    Cpu(State),
+    #[cfg(feature = "cuda")]
+    Gpu(Box<dyn tract_onnx::tract_core::runtime::State>),
+}
+
 struct TractPrepared {
-    state: State,
+    engine: Engine,
     inputs: TVec<TValue>,
     output_names: Vec<String>,
     last: TVec<TValue>,
@@ -124,10 +184,13 @@ impl Prepared for TractPrepared {
     }
 
     fn run(&mut self) -> Result<(), BackendError> {
-        self.last = self
-            .state
-            .run(self.inputs.clone())
-            .map_err(|e| classify(&e, false))?;
+        let inputs = self.inputs.clone();
+        self.last = match &mut self.engine {
+            Engine::Cpu(state) => state.run(inputs),
+            #[cfg(feature = "cuda")]
+            Engine::Gpu(state) => state.run(inputs),
+        }
+        .map_err(|e| classify(&e, false))?;
         Ok(())
     }
 
@@ -172,5 +235,43 @@ impl Prepared for TractPrepared {
                 })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Without a GPU (or without the feature) a cuda case is refused with
+    /// the reason; it must never run on the CPU instead.
+    #[test]
+    fn cuda_without_a_device_is_unavailable_not_cpu() {
+        if handoff_backend::nvidia_driver().is_some() {
+            return; // a GPU machine: covered by suites/gpu.yaml
+        }
+        match TractBackend.probe(Device::Cuda) {
+            Probe::Unavailable { reason } => {
+                assert!(reason.starts_with("no CUDA device"), "{reason}")
+            }
+            other => panic!("cuda probe on a machine without a driver: {other:?}"),
+        }
+        let options = PrepareOptions {
+            device: Device::Cuda,
+            threads: 1,
+            inputs: Vec::new(),
+            options: serde_json::Value::Null,
+        };
+        let model = ModelRef {
+            path: "/nonexistent.onnx".into(),
+            id: "x".into(),
+            hf_dir: None,
+        };
+        match TractBackend.prepare(&model, &options) {
+            Err(BackendError::Unavailable(reason)) => {
+                assert!(reason.starts_with("no CUDA device"), "{reason}")
+            }
+            Err(other) => panic!("expected unavailable, got {other}"),
+            Ok(_) => panic!("a cuda case was prepared without a GPU"),
+        }
     }
 }
