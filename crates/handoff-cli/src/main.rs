@@ -157,6 +157,54 @@ enum Command {
         #[arg(long, default_value_t = 128)]
         seq: u32,
     },
+    /// Build a precision variant of an ONNX model, check it against the
+    /// original on ONNX Runtime and write `<out>.provenance.json`.
+    ///
+    /// `int8-dynamic`: MatMul weights int8 (symmetric, per output column),
+    /// activations quantised per call (DynamicQuantizeLinear + MatMulInteger,
+    /// the pattern ORT fuses), embedding tables int8 per row. `fp16`: weights
+    /// stored fp16 and cast back, so compute and I/O stay fp32. Nothing is
+    /// written when the check fails or the model has nothing to quantise.
+    ///
+    /// Example: handoff quantize model.onnx --to int8-dynamic --tokenizer tokenizer.json
+    Quantize {
+        /// The fp32 ONNX model.
+        model: PathBuf,
+        /// The variant.
+        #[arg(long, value_parser = ["int8-dynamic", "fp16", "ort-int8-dynamic"])]
+        to: String,
+        /// Output file (default: `<model stem>.<variant>.onnx` beside it).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// One scale per weight tensor instead of per output column.
+        #[arg(long)]
+        per_tensor: bool,
+        /// Keep embedding tables (Gather on a constant) in fp32.
+        #[arg(long)]
+        no_embeddings: bool,
+        /// Quantise down-projections (weights with rows >= 2 x columns) fully
+        /// too, instead of int8 weights with an fp32 multiply.
+        #[arg(long)]
+        full_down_proj: bool,
+        /// Node or initializer names to keep in fp32 (repeatable).
+        #[arg(long)]
+        exclude: Vec<String>,
+        /// Weights with fewer elements stay fp32.
+        #[arg(long, default_value_t = 4096)]
+        min_elements: usize,
+        /// Fail (write nothing) below this cosine similarity to fp32.
+        #[arg(long, default_value_t = 0.99)]
+        min_cosine: f64,
+        /// Tokenizer for the check inputs of a text model (else random token ids).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Batch of the check inputs.
+        #[arg(long, default_value_t = 32)]
+        batch: u32,
+        /// Size of every other symbolic dim of the check inputs (e.g. seq).
+        #[arg(long, default_value_t = 128)]
+        seq: u32,
+    },
     /// Print the table and Markdown summary of a results file.
     Report {
         /// results.jsonl, or the run directory holding it.
@@ -280,19 +328,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::ListBackends => {
+            match handoff_backend::nvidia_driver() {
+                Some(v) => println!("NVIDIA driver {v}"),
+                None => println!(
+                    "no NVIDIA driver (no /proc/driver/nvidia/version): cuda cells will be unavailable"
+                ),
+            }
+            let gpu_features: Vec<&str> = [
+                ("cuda-candle", cfg!(feature = "cuda-candle")),
+                ("cuda-tract", cfg!(feature = "cuda-tract")),
+                ("cuda-ort", cfg!(feature = "cuda-ort")),
+            ]
+            .into_iter()
+            .filter_map(|(n, on)| on.then_some(n))
+            .collect();
+            println!(
+                "GPU features in this build: {}",
+                if gpu_features.is_empty() {
+                    "none (scripts/build-gpu.sh builds them)".to_owned()
+                } else {
+                    gpu_features.join(", ")
+                }
+            );
             for b in registry.iter() {
                 for device in [handoff_backend::Device::Cpu, handoff_backend::Device::Cuda] {
                     match b.probe(device) {
                         Probe::Available { version, detail } => {
                             println!(
-                                "{:<12} {:<5} available  {version}  ({detail})",
+                                "{:<14} {:<5} available  {version}  ({detail})",
                                 b.name(),
                                 device.to_string()
                             );
                         }
                         Probe::Unavailable { reason } => {
                             println!(
-                                "{:<12} {:<5} unavailable: {reason}",
+                                "{:<14} {:<5} unavailable: {reason}",
                                 b.name(),
                                 device.to_string()
                             );
@@ -314,6 +384,66 @@ fn run(cli: Cli) -> Result<ExitCode> {
             seq,
         } => {
             convert(&registry, &hf_dir, &out, &lower_for, seq)?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Quantize {
+            model,
+            to,
+            out,
+            per_tensor,
+            no_embeddings,
+            full_down_proj,
+            exclude,
+            min_elements,
+            min_cosine,
+            tokenizer,
+            batch,
+            seq,
+        } => {
+            let out = out.unwrap_or_else(|| tools::variant_path(&model, &to));
+            let request = tools::VariantRequest {
+                variant: to.clone(),
+                dynamic: handoff_convert::quantize::DynamicOptions {
+                    per_channel: !per_tensor,
+                    embeddings: !no_embeddings,
+                    down_proj_weight_only: !full_down_proj,
+                    min_elements,
+                    exclude,
+                },
+                min_cosine,
+            };
+            let specs = check_inputs(&model, tokenizer.as_deref(), batch, seq)?;
+            // Always rebuild on request: the cache is for suites.
+            let _ = std::fs::remove_file(&out);
+            let (check, warning) = tools::build_variant(&registry, &model, &out, &request, &specs)
+                .map_err(anyhow::Error::msg)?;
+            if let Some(w) = warning {
+                eprintln!("warning: {w}");
+            }
+            let (a, b) = (
+                std::fs::metadata(&model)?.len(),
+                std::fs::metadata(&out)?.len(),
+            );
+            println!(
+                "{}: {:.1} MB -> {:.1} MB ({:.0}% of fp32); {}: min cosine {:.6}, max abs {:.2e} vs fp32",
+                out.display(),
+                a as f64 / 1e6,
+                b as f64 / 1e6,
+                100.0 * b as f64 / a as f64,
+                check.inputs,
+                check.min_cosine,
+                check.max_abs
+            );
+            if !check.passed {
+                let _ = std::fs::remove_file(&out);
+                let _ = std::fs::remove_file(
+                    handoff_convert::provenance::Provenance::sidecar_path(&out),
+                );
+                anyhow::bail!(
+                    "accuracy gate failed: min cosine {:.6} < {min_cosine}; nothing written",
+                    check.min_cosine
+                );
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Validate { suite, json } => {
@@ -560,6 +690,91 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Check inputs for `handoff quantize`: tokenised sentences for a text
+/// model when a tokenizer is given, else seeded random values (token-like
+/// ids for integer inputs).
+fn check_inputs(
+    model: &Path,
+    tokenizer: Option<&Path>,
+    batch: u32,
+    seq: u32,
+) -> Result<Vec<handoff_backend::TensorSpec>> {
+    use handoff_backend::{DType, Fill, TensorSpec};
+    use handoff_onnx::inspect::{Dim, ElemType, ModelInfo};
+    let info = ModelInfo::load(model)?;
+    let enc = match tokenizer {
+        Some(t) => {
+            let sentences: Vec<String> = handoff_suite::text::DEFAULT_SENTENCES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+            Some(
+                handoff_suite::text::encode(t, &sentences, &[seq])
+                    .map_err(anyhow::Error::msg)?
+                    .remove(&seq)
+                    .ok_or_else(|| anyhow::anyhow!("tokenizer gave no encoding"))?,
+            )
+        }
+        None => None,
+    };
+    info.inputs
+        .iter()
+        .map(|io| {
+            let dims = io.dims.clone().unwrap_or_default();
+            let shape: Vec<usize> = dims
+                .iter()
+                .enumerate()
+                .map(|(k, d)| match d {
+                    Dim::Fixed(v) => *v as usize,
+                    _ if k == 0 => batch as usize,
+                    _ => seq as usize,
+                })
+                .collect();
+            let (dtype, fill) = match io.elem {
+                ElemType::F32 => (
+                    DType::F32,
+                    Fill::Random {
+                        min: -1.0,
+                        max: 1.0,
+                    },
+                ),
+                ElemType::I64 | ElemType::I32 => {
+                    let dtype = if io.elem == ElemType::I64 {
+                        DType::I64
+                    } else {
+                        DType::I32
+                    };
+                    let rows = |e: &handoff_suite::text::Encoded| match io.name.as_str() {
+                        "input_ids" => Some(e.batch(&e.ids, batch as usize)),
+                        "attention_mask" => Some(e.batch(&e.mask, batch as usize)),
+                        "token_type_ids" => Some(e.batch(&e.types, batch as usize)),
+                        _ => None,
+                    };
+                    let fill = match enc.as_ref().and_then(rows) {
+                        Some(v) => Fill::Values(v),
+                        None if io.name.contains("mask") => Fill::Constant(1.0),
+                        None if io.name.contains("type") => Fill::Constant(0.0),
+                        None => Fill::RandomInt {
+                            min: 1000,
+                            max: 2000,
+                        },
+                    };
+                    (dtype, fill)
+                }
+                other => {
+                    anyhow::bail!("{}: input `{}` has dtype {other}", model.display(), io.name)
+                }
+            };
+            Ok(TensorSpec {
+                name: io.name.clone(),
+                dtype,
+                shape,
+                fill,
+            })
+        })
+        .collect()
 }
 
 fn convert(

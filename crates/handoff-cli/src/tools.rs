@@ -9,7 +9,7 @@ use handoff_backend::{
 };
 use handoff_convert::lower::{LOWERABLE, lower_op};
 use handoff_convert::provenance::{Check, Provenance, Step};
-use handoff_suite::{Lowered, ModelTools};
+use handoff_suite::{Lowered, ModelTools, Variant};
 
 /// Thresholds of the conversion check (ORT on the ONNX file vs candle's
 /// native BERT on the safetensors).
@@ -81,6 +81,23 @@ pub fn embedding_agreement(a: &Tensor, b: &Tensor) -> (f64, f64) {
 }
 
 impl ModelTools for Tools {
+    fn make_variant(
+        &self,
+        onnx: &Path,
+        variant: &str,
+        min_cosine: f64,
+        specs: &[TensorSpec],
+    ) -> Result<Variant, String> {
+        let out = variant_path(onnx, variant);
+        let request = VariantRequest::new(variant, min_cosine);
+        let (accuracy, warning) = build_variant(&self.registry, onnx, &out, &request, specs)?;
+        Ok(Variant {
+            path: out,
+            accuracy,
+            warning,
+        })
+    }
+
     fn verify_conversion(
         &self,
         onnx: &Path,
@@ -223,4 +240,183 @@ impl ModelTools for Tools {
 pub fn lowered_path(onnx: &Path, backend: &str) -> PathBuf {
     let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     onnx.with_file_name(format!("{stem}.lowered-{backend}.onnx"))
+}
+
+use handoff_convert::quantize::VARIANTS;
+
+/// ONNX Runtime's quantiser, run as the reference int8 variant.
+const ORT_QUANTIZE_PY: &str = include_str!("../../../scripts/ort_quantize.py");
+
+/// Where a variant of `onnx` is written.
+pub fn variant_path(onnx: &Path, variant: &str) -> PathBuf {
+    let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    onnx.with_file_name(format!("{stem}.{variant}.onnx"))
+}
+
+/// How a variant is made, for `handoff quantize` and suites.
+#[derive(Debug, Clone)]
+pub struct VariantRequest {
+    pub variant: String,
+    pub dynamic: handoff_convert::quantize::DynamicOptions,
+    pub min_cosine: f64,
+}
+
+impl VariantRequest {
+    pub fn new(variant: &str, min_cosine: f64) -> Self {
+        Self {
+            variant: variant.to_owned(),
+            dynamic: Default::default(),
+            min_cosine,
+        }
+    }
+}
+
+/// Builds the variant of `onnx` (once: an existing file with its sidecar is
+/// reused), checks it against the fp32 model on ORT and records both in the
+/// provenance sidecar. Returns the path, the accuracy check and any warning.
+pub fn build_variant(
+    registry: &Registry,
+    onnx: &Path,
+    out: &Path,
+    request: &VariantRequest,
+    specs: &[TensorSpec],
+) -> Result<(Check, Option<String>), String> {
+    use handoff_convert::quantize;
+    let step_name = format!("quantize:{}", request.variant);
+    if out.is_file()
+        && let Some(prov) = Provenance::load(out)
+        && prov.steps.iter().any(|s| s.name == step_name)
+        && let Some(check) = prov.checks.iter().find(|c| c.name == "accuracy")
+        && check.threshold_min_cosine == request.min_cosine
+    {
+        return Ok((check.clone(), None));
+    }
+    let tmp = out.with_extension(format!("tmp{}.onnx", std::process::id()));
+    let (params, warning) = match request.variant.as_str() {
+        "int8-dynamic" | "fp16" => {
+            let mut model = handoff_onnx::inspect::read_model(onnx).map_err(|e| e.to_string())?;
+            let (report, options) = if request.variant == "fp16" {
+                (
+                    quantize::fp16_weights(
+                        &mut model,
+                        request.dynamic.min_elements,
+                        &request.dynamic.exclude,
+                    ),
+                    serde_json::json!({"storage": "fp16", "compute": "fp32 (Cast after each weight)", "min_elements": request.dynamic.min_elements, "exclude": request.dynamic.exclude}),
+                )
+            } else {
+                (
+                    quantize::quantize_dynamic(&mut model, &request.dynamic),
+                    serde_json::to_value(&request.dynamic).unwrap_or_default(),
+                )
+            };
+            let report = report.map_err(|e| format!("{}: {e}", onnx.display()))?;
+            handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
+            (
+                serde_json::json!({"options": options, "report": report}),
+                report.warning(),
+            )
+        }
+        "ort-int8-dynamic" => {
+            let python = handoff_convert::pyenv::ensure(
+                &handoff_ort::provision::cache_dir(),
+                "quant",
+                &quantize::ORT_QUANT_PACKAGES,
+            )?;
+            let out = std::process::Command::new(python)
+                .arg("-c")
+                .arg(ORT_QUANTIZE_PY)
+                .arg(onnx)
+                .arg(&tmp)
+                .output()
+                .map_err(|e| format!("cannot run python: {e}"))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(format!(
+                    "onnxruntime quantize_dynamic failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                ));
+            }
+            (
+                serde_json::json!({"tool": "onnxruntime.quantization.quantize_dynamic", "packages": quantize::ORT_QUANT_PACKAGES, "weight_type": "QInt8", "per_channel": false}),
+                None,
+            )
+        }
+        other => {
+            return Err(format!(
+                "unknown variant `{other}` (known: {})",
+                VARIANTS.join(", ")
+            ));
+        }
+    };
+    let check = accuracy_check(registry, onnx, &tmp, specs, request.min_cosine);
+    let check = match check {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).map_err(|e| e.to_string())?;
+    let bytes = std::fs::read(out).map_err(|e| e.to_string())?;
+    let mut prov = Provenance::load(onnx).unwrap_or_default();
+    prov.tool = handoff_convert::CONVERTER_VERSION.into();
+    prov.sources.push(handoff_convert::provenance::SourceFile {
+        path: onnx.to_owned(),
+        sha256: handoff_onnx::inspect::sha256_hex(&std::fs::read(onnx).map_err(|e| e.to_string())?),
+    });
+    prov.steps.push(Step {
+        name: step_name,
+        params,
+    });
+    prov.output_sha256 = handoff_onnx::inspect::sha256_hex(&bytes);
+    prov.size_bytes = bytes.len() as u64;
+    prov.checks.retain(|c| c.name != "accuracy");
+    prov.checks.push(check.clone());
+    prov.save(out).map_err(|e| e.to_string())?;
+    Ok((check, warning))
+}
+
+/// The variant against the fp32 model, both on ORT (1 thread) on the same
+/// inputs: smallest row cosine and largest absolute difference of the last
+/// output (the embedding or logits).
+fn accuracy_check(
+    registry: &Registry,
+    fp32: &Path,
+    variant: &Path,
+    specs: &[TensorSpec],
+    min_cosine: f64,
+) -> Result<Check, String> {
+    let ort = registry
+        .get("ort")
+        .ok_or("ort is needed to check a variant")?;
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    let a = run_once(ort, fp32, None, &inputs, specs).map_err(|e| format!("ort (fp32): {e}"))?;
+    let b =
+        run_once(ort, variant, None, &inputs, specs).map_err(|e| format!("ort (variant): {e}"))?;
+    let (x, y) = (
+        a.last().ok_or("the model has no outputs")?,
+        b.last().ok_or("the variant has no outputs")?,
+    );
+    if x.shape != y.shape {
+        return Err(format!(
+            "variant output `{}` has shape {:?}, fp32 has {:?}",
+            y.name, y.shape, x.shape
+        ));
+    }
+    let (max_abs, min_cos) = embedding_agreement(x, y);
+    let shape = specs
+        .first()
+        .map(|s| format!("{:?}", s.shape))
+        .unwrap_or_default();
+    Ok(Check {
+        name: "accuracy".into(),
+        compared: format!("output `{}`: ort 1 thread, variant vs fp32", x.name),
+        inputs: format!("the suite's check inputs, shape {shape}"),
+        max_abs,
+        min_cosine: min_cos,
+        threshold_max_abs: f64::NAN,
+        threshold_min_cosine: min_cosine,
+        passed: min_cos >= min_cosine,
+    })
 }

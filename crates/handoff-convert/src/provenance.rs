@@ -37,11 +37,21 @@ pub struct Check {
     /// What was compared with what, e.g. `ort(onnx) vs candle-native(safetensors)`.
     pub compared: String,
     pub inputs: String,
+    #[serde(deserialize_with = "null_is_nan")]
     pub max_abs: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub min_cosine: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub threshold_max_abs: f64,
+    #[serde(deserialize_with = "null_is_nan")]
     pub threshold_min_cosine: f64,
     pub passed: bool,
+}
+
+/// JSON has no NaN: serde_json writes it (a figure that does not apply) as
+/// `null`, and reads it back here.
+fn null_is_nan<'de, D: serde::Deserializer<'de>>(d: D) -> Result<f64, D::Error> {
+    Ok(Option::<f64>::deserialize(d)?.unwrap_or(f64::NAN))
 }
 
 impl Provenance {

@@ -172,7 +172,7 @@ pub fn report_html(
                 esc(&src.case.model_sha256[..16.min(src.case.model_sha256.len())])
             );
         }
-        let ok = || rows.iter().filter(|r| r.status == Status::Ok);
+        let ok = || rows.iter().filter(|r| r.passes());
         let lat = ok()
             .filter(|r| r.case.batch == 1)
             .min_by(|a, b| p99(a).total_cmp(&p99(b)));
@@ -181,7 +181,7 @@ pub fn report_html(
                 .unwrap_or(0.0)
                 .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
         });
-        o.push_str("<div class='rec'><b>Recommendation</b> (fastest configuration that passed the parity check):<ul>");
+        o.push_str("<div class='rec'><b>Recommendation</b> (fastest configuration that passed the parity and accuracy checks):<ul>");
         match lat {
             Some(r) => {
                 let _ = write!(

@@ -88,6 +88,15 @@ fn notes(r: &ResultRecord) -> String {
             n.push("CI target not met (max_time)".into());
         }
     }
+    if let Some(a) = &r.accuracy {
+        n.push(format!(
+            "{}{}: cos {:.4} vs fp32, {:.1} MB",
+            if a.passed { "" } else { "ACCURACY-FAIL " },
+            a.variant,
+            a.min_cosine,
+            a.size_bytes as f64 / 1e6
+        ));
+    }
     n.join("; ")
 }
 
@@ -169,7 +178,7 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
         if let Some(best) = rows
             .iter()
-            .filter(|r| r.status == Status::Ok && r.case.batch == 1)
+            .filter(|r| r.passes() && r.case.batch == 1)
             .min_by(|a, b| p99(a).total_cmp(&p99(b)))
         {
             let _ = writeln!(
@@ -181,15 +190,11 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
                 fmt_ms(best.latency_ms.as_ref().map_or(f64::NAN, |l| l.p50))
             );
         }
-        if let Some(best) = rows
-            .iter()
-            .filter(|r| r.status == Status::Ok)
-            .max_by(|a, b| {
-                a.throughput_items_s
-                    .unwrap_or(0.0)
-                    .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
-            })
-        {
+        if let Some(best) = rows.iter().filter(|r| r.passes()).max_by(|a, b| {
+            a.throughput_items_s
+                .unwrap_or(0.0)
+                .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
+        }) {
             let _ = writeln!(
                 out,
                 "Highest throughput: **{}**, {} thread(s), batch {}: {} items/s.\n",
@@ -223,7 +228,64 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         }
         out.push('\n');
     }
+    variants_table(&mut out, records);
     out
+}
+
+/// Size, accuracy and best throughput of each precision variant beside its
+/// fp32 model: the trade-off a team decides on.
+fn variants_table(out: &mut String, records: &[ResultRecord]) {
+    if records.iter().all(|r| r.accuracy.is_none()) {
+        return;
+    }
+    let best = |model: &str| {
+        records
+            .iter()
+            .filter(|r| r.case.model == model && r.status == Status::Ok)
+            .filter_map(|r| r.throughput_items_s)
+            .max_by(f64::total_cmp)
+    };
+    out.push_str("## Precision variants\n\n");
+    out.push_str("Accuracy: smallest per-row cosine similarity of the last output to the fp32 model's on the check inputs (ORT, 1 thread). Speed: best items/s of any backend and configuration.\n\n");
+    out.push_str("| model | variant | size MB | % of fp32 | min cosine | gate | best items/s | x fp32 |\n|---|---|---:|---:|---:|---|---:|---:|\n");
+    for m in models(records) {
+        let Some(a) = records
+            .iter()
+            .find(|r| r.case.model == m)
+            .and_then(|r| r.accuracy.as_ref())
+        else {
+            continue;
+        };
+        let base = m.split('@').next().unwrap_or(m);
+        let (mine, fp32) = (best(m), best(base));
+        let _ = writeln!(
+            out,
+            "| {} | {} | {:.1} | {} | {:.4} | {} | {} | {} |",
+            escape_md(base),
+            escape_md(&a.variant),
+            a.size_bytes as f64 / 1e6,
+            if a.fp32_size_bytes > 0 {
+                format!(
+                    "{:.0}%",
+                    100.0 * a.size_bytes as f64 / a.fp32_size_bytes as f64
+                )
+            } else {
+                "-".into()
+            },
+            a.min_cosine,
+            if a.passed {
+                format!("pass (>= {})", a.threshold_min_cosine)
+            } else {
+                format!("**FAIL** (< {})", a.threshold_min_cosine)
+            },
+            mine.map_or("-".into(), |t| format!("{t:.1}")),
+            match (mine, fp32) {
+                (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
+                _ => "-".into(),
+            }
+        );
+    }
+    out.push('\n');
 }
 
 /// Speed-up from the fewest to the most threads, per backend, batch and

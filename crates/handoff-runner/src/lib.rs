@@ -10,6 +10,6 @@ pub mod record;
 pub mod run;
 pub mod worker;
 
-pub use record::{ResultRecord, Status, read_results};
+pub use record::{Accuracy, ResultRecord, Status, read_results};
 pub use run::{Observer, Quiet, RunError, RunOptions, RunSummary, Runner};
 pub use worker::{Job, JobMode, WorkerReport, execute_job};

@@ -99,6 +99,34 @@ pub struct ResultRecord {
     /// Which repetition of the suite (`handoff run --repeat N`), from 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub repeat: u32,
+    /// For a precision variant (`fp16`, `int8-dynamic`): its accuracy
+    /// against the fp32 model and its size.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub accuracy: Option<Accuracy>,
+}
+
+/// A precision variant's accuracy gate, measured once when it was built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Accuracy {
+    pub variant: String,
+    /// What was compared (output, runtime).
+    pub compared: String,
+    pub min_cosine: f64,
+    pub max_abs: f64,
+    pub threshold_min_cosine: f64,
+    pub passed: bool,
+    pub size_bytes: u64,
+    /// Size of the fp32 model it was made from.
+    #[serde(default)]
+    pub fp32_size_bytes: u64,
+}
+
+impl ResultRecord {
+    /// Passed every gate: ran, matched the reference backend, and (for a
+    /// precision variant) kept its accuracy. Only these are recommended.
+    pub fn passes(&self) -> bool {
+        self.status == Status::Ok && self.accuracy.as_ref().is_none_or(|a| a.passed)
+    }
 }
 
 fn is_zero(v: &u32) -> bool {

@@ -16,7 +16,7 @@ use serde::{Deserialize, Serialize};
 
 use crate::isolate::{WorkerCommand, run_in_child, run_in_process};
 use crate::machine::Fingerprint;
-use crate::record::{CaseIdentity, ResultRecord, SCHEMA_VERSION, Status};
+use crate::record::{Accuracy, CaseIdentity, ResultRecord, SCHEMA_VERSION, Status};
 use crate::worker::{Job, JobMode, ReferenceFile, WorkerReport};
 
 #[derive(Debug, Clone)]
@@ -472,6 +472,16 @@ impl<'a> Runner<'a> {
                 Vec::new()
             },
             repeat: 0,
+            accuracy: model.variant.as_ref().map(|v| Accuracy {
+                variant: v.name.clone(),
+                compared: v.accuracy.compared.clone(),
+                min_cosine: v.accuracy.min_cosine,
+                max_abs: v.accuracy.max_abs,
+                threshold_min_cosine: v.accuracy.threshold_min_cosine,
+                passed: v.accuracy.passed,
+                size_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
+                fp32_size_bytes: v.fp32_bytes,
+            }),
             env: env.to_owned(),
         }
     }

@@ -17,5 +17,6 @@ pub mod text;
 pub use duration::HumanDuration;
 pub use error::SuiteError;
 pub use plan::{
-    Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions,
+    Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions, Variant,
+    VariantInfo,
 };

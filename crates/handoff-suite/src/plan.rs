@@ -50,6 +50,25 @@ pub trait ModelTools: Send + Sync {
         backend: &str,
         inputs: &[TensorSpec],
     ) -> Result<Option<Lowered>, String>;
+
+    /// Builds (or reuses) a precision variant (`fp16`, `int8-dynamic`) and
+    /// checks it against the model on `inputs`.
+    fn make_variant(
+        &self,
+        onnx: &Path,
+        variant: &str,
+        min_cosine: f64,
+        inputs: &[TensorSpec],
+    ) -> Result<Variant, String>;
+}
+
+/// A precision variant of a model.
+#[derive(Debug, Clone)]
+pub struct Variant {
+    pub path: PathBuf,
+    pub accuracy: ProvCheck,
+    /// E.g. ops left in fp32.
+    pub warning: Option<String>,
 }
 
 /// A lowered copy of a model.
@@ -101,6 +120,17 @@ pub struct PlanModel {
     pub backends: Option<Vec<String>>,
     /// Tokenised text per `seq` value, for text inputs.
     pub text: Option<Arc<BTreeMap<u32, Encoded>>>,
+    /// For a precision variant (`fp16`, `int8-dynamic`): its name and its
+    /// accuracy against the fp32 model.
+    pub variant: Option<VariantInfo>,
+}
+
+/// What a precision variant is and how far it is from fp32.
+#[derive(Debug, Clone)]
+pub struct VariantInfo {
+    pub name: String,
+    pub accuracy: ProvCheck,
+    pub fp32_bytes: u64,
 }
 
 /// An input whose symbolic dims are filled in per case.
@@ -577,9 +607,11 @@ fn build(
                 }
             }
             let lowered = lowered_variants(rm, &model, &path, options, ctx, &backends);
+            let precision = precision_variants(rm, &model, &path, options, ctx);
             models.push(model);
             if ctx.problems.len() == before {
                 models.extend(lowered);
+                models.extend(precision);
             }
         }
     }
@@ -821,6 +853,7 @@ fn build_model(
         hf_dir,
         backends: rm.backends.clone(),
         text,
+        variant: None,
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
         verify_conversion(&model, dir, tools.as_ref(), path, ctx);
@@ -908,6 +941,82 @@ fn verify_conversion(
             format!("conversion check could not run: {e}"),
         ),
     }
+}
+
+fn precision_variants(
+    rm: &RawModel,
+    model: &PlanModel,
+    path: &str,
+    options: &PlanOptions,
+    ctx: &mut Ctx<'_>,
+) -> Vec<PlanModel> {
+    let Some(names) = &rm.variants else {
+        return Vec::new();
+    };
+    let min_cosine = rm.min_cosine.unwrap_or(0.99);
+    if !(0.0..=1.0).contains(&min_cosine) {
+        ctx.err(
+            format!("{path}.min_cosine"),
+            format!("{min_cosine} is not a cosine similarity between 0 and 1"),
+        );
+        return Vec::new();
+    }
+    let mut out = Vec::new();
+    for (j, name) in names.iter().enumerate() {
+        let at = format!("{path}.variants[{j}]");
+        if !handoff_convert::quantize::VARIANTS.contains(&name.as_str()) {
+            ctx.err(
+                at,
+                format!(
+                    "unknown variant `{name}` (known: {})",
+                    handoff_convert::quantize::VARIANTS.join(", ")
+                ),
+            );
+            continue;
+        }
+        if name == "fp32" || names[..j].contains(name) {
+            continue;
+        }
+        let Some(tools) = &options.tools else {
+            ctx.err(at, "variants need the runtimes of the handoff CLI");
+            continue;
+        };
+        // The same inputs as the conversion check: 32 sentences (or 8
+        // random rows) at the first value of each dim.
+        let mut dims: BTreeMap<String, u32> =
+            model.dim_names.iter().map(|d| (d.clone(), 1)).collect();
+        let batch = match &model.text {
+            Some(t) => {
+                if let Some(seq) = t.keys().next() {
+                    dims.insert("seq".into(), *seq);
+                }
+                32
+            }
+            None => 8,
+        };
+        let inputs = model.concrete_inputs(batch, &dims);
+        match tools.make_variant(&model.path, name, min_cosine, &inputs) {
+            Ok(v) => match ModelInfo::load(&v.path) {
+                Ok(info) => out.push(PlanModel {
+                    id: format!("{}@{name}", model.id),
+                    path: v.path,
+                    source: format!("{}@{name}", model.source),
+                    info,
+                    // Native backends load the fp32 safetensors, not this file.
+                    hf_dir: None,
+                    variant: Some(VariantInfo {
+                        name: name.clone(),
+                        accuracy: v.accuracy,
+                        fp32_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
+                    }),
+                    ..model.clone()
+                }),
+                Err(e) => ctx.err(at, e.to_string()),
+            },
+            Err(e) => ctx.err(at, e),
+        }
+    }
+    out
 }
 
 fn lowered_variants(

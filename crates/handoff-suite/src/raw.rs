@@ -94,6 +94,16 @@ pub struct RawModel {
     /// backend turns out to lack are rewritten into primitives.
     #[serde(default)]
     pub lower_for: Option<Vec<String>>,
+    /// Precision variants to build and run beside the model (`fp32` is the
+    /// model itself): `fp16` (fp16 weights, fp32 compute), `int8-dynamic`
+    /// (int8 weights, activations quantised per call). Each runs as
+    /// `<id>@<variant>` and is checked against fp32 on ORT.
+    #[serde(default)]
+    pub variants: Option<Vec<String>>,
+    /// Accuracy gate of the variants: smallest cosine similarity of the last
+    /// output (embedding, logits) to fp32's, per row. Default 0.99.
+    #[serde(default)]
+    pub min_cosine: Option<f64>,
 }
 
 /// Where a model comes from: exactly one of the keys.

@@ -1,0 +1,559 @@
+//! Precision variants written on the ONNX graph: int8 dynamic quantisation
+//! and fp16 weight storage.
+//!
+//! int8 dynamic follows the pattern ONNX Runtime's own quantiser emits, so
+//! ORT fuses it into its integer kernels (`DynamicQuantizeMatMul`):
+//!
+//! ```text
+//! A -> DynamicQuantizeLinear -> (Aq: u8, As, Azp)
+//! MatMulInteger(Aq, Wq: i8, Azp, Wzp) -> Cast(f32) -> Mul(As * Ws) -> Y
+//! ```
+//!
+//! Weights are symmetric int8 (zero point 0), per output column by default.
+//! Embedding tables (`Gather` on a constant) are stored int8 per row and
+//! dequantised after the lookup: `Cast(Gather(Tq, ids)) * Gather(Ts, ids)`.
+
+use std::collections::{BTreeMap, BTreeSet, HashMap};
+
+use handoff_onnx::builder::attr_int;
+use handoff_onnx::inspect::ElemType;
+use handoff_onnx::proto::{AttributeProto, ModelProto, NodeProto, TensorProto};
+use serde::{Deserialize, Serialize};
+
+#[derive(Debug, thiserror::Error)]
+pub enum QuantError {
+    #[error("model has no graph")]
+    NoGraph,
+    #[error(
+        "nothing to quantise: no MatMul or Gather has a constant float weight of at least {min_elements} elements{detail}"
+    )]
+    NothingToQuantize { min_elements: usize, detail: String },
+    #[error("initializer `{name}`: {detail}")]
+    Initializer { name: String, detail: String },
+    #[error(
+        "fp16 overflow: {count} weight values exceed 65504 in magnitude (largest {max:e}, in {names}); keep those initializers in fp32 with --exclude"
+    )]
+    Fp16Overflow {
+        count: usize,
+        max: f32,
+        names: String,
+    },
+}
+
+/// What to quantise.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct DynamicOptions {
+    /// One scale per output column (else one per tensor).
+    pub per_channel: bool,
+    /// Quantise embedding tables (`Gather` on a constant).
+    pub embeddings: bool,
+    /// Weights smaller than this stay fp32: no gain, and their scales cost.
+    pub min_elements: usize,
+    /// Node names (or initializer names) kept in fp32.
+    pub exclude: Vec<String>,
+    /// Down-projections (MatMul weights with at least twice as many rows as
+    /// columns, e.g. a transformer's FFN output after GELU) read activations
+    /// whose outliers a per-tensor uint8 scale cannot hold: store their
+    /// weights int8 but dequantise them and multiply in fp32.
+    pub down_proj_weight_only: bool,
+}
+
+impl Default for DynamicOptions {
+    fn default() -> Self {
+        Self {
+            per_channel: true,
+            embeddings: true,
+            min_elements: 4096,
+            exclude: Vec::new(),
+            down_proj_weight_only: true,
+        }
+    }
+}
+
+/// What a pass did, for the provenance sidecar and warnings.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct QuantReport {
+    /// op -> nodes rewritten.
+    pub quantized: BTreeMap<String, usize>,
+    /// Ops holding a large float constant that this pass does not know how to
+    /// quantise; they stay fp32.
+    pub left_fp32: BTreeSet<String>,
+    /// Nodes skipped on purpose, with why.
+    pub skipped: Vec<String>,
+    /// MatMuls whose weights are int8 but which multiply in fp32.
+    #[serde(default)]
+    pub weight_only: Vec<String>,
+}
+
+impl QuantReport {
+    /// A one-line warning when ops were left in fp32.
+    pub fn warning(&self) -> Option<String> {
+        (!self.left_fp32.is_empty()).then(|| {
+            format!(
+                "left in fp32 (the quantiser does not handle these ops): {}",
+                self.left_fp32
+                    .iter()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(", ")
+            )
+        })
+    }
+}
+
+/// A float initializer's values, from `raw_data` or `float_data`.
+pub fn f32_values(t: &TensorProto) -> Result<Vec<f32>, QuantError> {
+    let count: i64 = t.dims.iter().product();
+    let err = |detail: String| QuantError::Initializer {
+        name: t.name.clone(),
+        detail,
+    };
+    let values: Vec<f32> = if !t.raw_data.is_empty() {
+        if t.raw_data.len() % 4 != 0 {
+            return Err(err(format!(
+                "raw data of {} bytes is not a whole number of f32",
+                t.raw_data.len()
+            )));
+        }
+        t.raw_data
+            .chunks_exact(4)
+            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+            .collect()
+    } else if !t.external_data.is_empty() {
+        return Err(err(
+            "external data is not supported: save the model with weights inside".into(),
+        ));
+    } else {
+        t.float_data.clone()
+    };
+    if values.len() as i64 != count {
+        return Err(err(format!(
+            "has {} values, its dims {:?} say {count}",
+            values.len(),
+            t.dims
+        )));
+    }
+    Ok(values)
+}
+
+/// Symmetric int8: `q = round(w / s)`, `s = max|w| / 127` per group.
+/// `groups(i)` gives the scale index of element `i`.
+fn quantize_sym(
+    values: &[f32],
+    n_groups: usize,
+    group: impl Fn(usize) -> usize,
+) -> (Vec<i8>, Vec<f32>) {
+    let mut amax = vec![0f32; n_groups];
+    for (i, v) in values.iter().enumerate() {
+        let g = group(i);
+        amax[g] = amax[g].max(v.abs());
+    }
+    let scales: Vec<f32> = amax
+        .iter()
+        .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
+        .collect();
+    let q = values
+        .iter()
+        .enumerate()
+        .map(|(i, v)| {
+            (v / scales[group(i)])
+                .round_ties_even()
+                .clamp(-127.0, 127.0) as i8
+        })
+        .collect();
+    (q, scales)
+}
+
+fn tensor_i8(name: &str, dims: &[i64], data: &[i8]) -> TensorProto {
+    TensorProto {
+        name: name.to_owned(),
+        dims: dims.to_vec(),
+        data_type: ElemType::I8.onnx_code(),
+        raw_data: data.iter().map(|&v| v as u8).collect(),
+        ..Default::default()
+    }
+}
+
+fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    TensorProto {
+        name: name.to_owned(),
+        dims: dims.to_vec(),
+        data_type: ElemType::F32.onnx_code(),
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    TensorProto {
+        name: name.to_owned(),
+        dims: dims.to_vec(),
+        data_type: ElemType::I64.onnx_code(),
+        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
+        ..Default::default()
+    }
+}
+
+fn node(
+    op: &str,
+    name: String,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        output: outputs.iter().map(|s| (*s).to_owned()).collect(),
+        name,
+        op_type: op.to_owned(),
+        attribute,
+        ..Default::default()
+    }
+}
+
+/// Precision variants a suite can ask for (`fp32` is the model itself;
+/// `ort-int8-dynamic` is ONNX Runtime's own Python quantiser, the reference).
+pub const VARIANTS: [&str; 4] = ["fp32", "fp16", "int8-dynamic", "ort-int8-dynamic"];
+
+/// Pinned packages of the Python environment that runs ORT's quantiser.
+pub const ORT_QUANT_PACKAGES: [&str; 2] = ["onnxruntime==1.31.1", "onnx==1.20.1"];
+
+/// The ops this module quantises; anything else holding a large float
+/// constant is reported in [`QuantReport::left_fp32`].
+pub const QUANTIZABLE: [&str; 2] = ["MatMul", "Gather"];
+
+/// Rewrites `model` in place with int8 weights and dynamically quantised
+/// activations. Fails (leaving the model as it was) when nothing qualifies.
+pub fn quantize_dynamic(
+    model: &mut ModelProto,
+    options: &DynamicOptions,
+) -> Result<QuantReport, QuantError> {
+    let graph = model.graph.as_mut().ok_or(QuantError::NoGraph)?;
+    let inits: HashMap<String, usize> = graph
+        .initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect();
+    let big_float = |name: &str| -> Option<&TensorProto> {
+        let t = &graph.initializer[*inits.get(name)?];
+        let count: i64 = t.dims.iter().product();
+        (t.data_type == ElemType::F32.onnx_code() && count as usize >= options.min_elements)
+            .then_some(t)
+    };
+    let mut report = QuantReport::default();
+    let mut new_nodes = Vec::with_capacity(graph.node.len() * 2);
+    let mut new_inits: Vec<TensorProto> = Vec::new();
+    // Activations quantised once, shared by every MatMul reading them
+    // (Q, K and V read the same hidden state).
+    let mut quantized_acts: HashMap<String, [String; 3]> = HashMap::new();
+    let mut replaced: BTreeSet<String> = BTreeSet::new();
+    let excluded = |n: &NodeProto| {
+        options
+            .exclude
+            .iter()
+            .any(|e| *e == n.name || n.input.contains(e))
+    };
+    for (i, n) in graph.node.iter().enumerate() {
+        let standard = n.domain.is_empty() || n.domain == "ai.onnx";
+        let weight_at = match n.op_type.as_str() {
+            "MatMul" if standard => 1,
+            "Gather" if standard && options.embeddings => 0,
+            _ => {
+                if n.input.iter().any(|x| big_float(x).is_some()) {
+                    report.left_fp32.insert(n.op_type.clone());
+                }
+                new_nodes.push(n.clone());
+                continue;
+            }
+        };
+        let Some(w) = n.input.get(weight_at).and_then(|x| big_float(x)) else {
+            new_nodes.push(n.clone());
+            continue;
+        };
+        if excluded(n) {
+            report
+                .skipped
+                .push(format!("{} ({}): excluded", n.name, n.op_type));
+            new_nodes.push(n.clone());
+            continue;
+        }
+        if w.dims.len() != 2 {
+            report.skipped.push(format!(
+                "{} ({}): weight `{}` has rank {}, not 2",
+                n.name,
+                n.op_type,
+                w.name,
+                w.dims.len()
+            ));
+            new_nodes.push(n.clone());
+            continue;
+        }
+        let values = f32_values(w)?;
+        let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
+        let p = format!("q{i}");
+        let out = n.output.first().cloned().unwrap_or_default();
+        match n.op_type.as_str() {
+            "MatMul" => {
+                let groups = if options.per_channel { cols } else { 1 };
+                let per = options.per_channel;
+                let (q, scales) = quantize_sym(&values, groups, |k| if per { k % cols } else { 0 });
+                let scale_dims: Vec<i64> = if per { vec![cols as i64] } else { vec![] };
+                let (wq, ws, wzp) = (
+                    format!("{}_q", w.name),
+                    format!("{}_scale", w.name),
+                    format!("{}_zp", w.name),
+                );
+                new_inits.push(tensor_i8(&wq, &w.dims, &q));
+                new_inits.push(tensor_f32(&ws, &scale_dims, &scales));
+                new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
+                if options.down_proj_weight_only && rows >= 2 * cols {
+                    let wf = format!("{p}_w_f32");
+                    let attrs = if per {
+                        vec![attr_int("axis", 1)]
+                    } else {
+                        vec![]
+                    };
+                    new_nodes.push(node(
+                        "DequantizeLinear",
+                        format!("{p}_dq"),
+                        &[&wq, &ws, &wzp],
+                        &[&wf],
+                        attrs,
+                    ));
+                    new_nodes.push(node(
+                        "MatMul",
+                        n.name.clone(),
+                        &[&n.input[0], &wf],
+                        &[&out],
+                        vec![],
+                    ));
+                    report.weight_only.push(n.name.clone());
+                    replaced.insert(w.name.clone());
+                    *report
+                        .quantized
+                        .entry("MatMul (weight-only)".into())
+                        .or_default() += 1;
+                    continue;
+                }
+                let a = &n.input[0];
+                let [aq, as_, azp] = quantized_acts
+                    .entry(a.clone())
+                    .or_insert_with(|| {
+                        let names = [
+                            format!("{p}_a_q"),
+                            format!("{p}_a_scale"),
+                            format!("{p}_a_zp"),
+                        ];
+                        new_nodes.push(node(
+                            "DynamicQuantizeLinear",
+                            format!("{p}_dql"),
+                            &[a],
+                            &[&names[0], &names[1], &names[2]],
+                            vec![],
+                        ));
+                        names
+                    })
+                    .clone();
+                let (yi, yf, s) = (
+                    format!("{p}_int32"),
+                    format!("{p}_f32"),
+                    format!("{p}_scale"),
+                );
+                new_nodes.push(node(
+                    "MatMulInteger",
+                    format!("{p}_mmi"),
+                    &[&aq, &wq, &azp, &wzp],
+                    &[&yi],
+                    vec![],
+                ));
+                new_nodes.push(node(
+                    "Cast",
+                    format!("{p}_cast"),
+                    &[&yi],
+                    &[&yf],
+                    vec![attr_int("to", ElemType::F32.onnx_code().into())],
+                ));
+                new_nodes.push(node(
+                    "Mul",
+                    format!("{p}_scales"),
+                    &[&as_, &ws],
+                    &[&s],
+                    vec![],
+                ));
+                new_nodes.push(node(
+                    "Mul",
+                    format!("{p}_dequant"),
+                    &[&yf, &s],
+                    &[&out],
+                    vec![],
+                ));
+            }
+            _ => {
+                let axis = n
+                    .attribute
+                    .iter()
+                    .find(|a| a.name == "axis")
+                    .map_or(0, |a| a.i);
+                if axis != 0 {
+                    report
+                        .skipped
+                        .push(format!("{} (Gather): axis {axis}, not 0", n.name));
+                    new_nodes.push(n.clone());
+                    continue;
+                }
+                let (q, scales) = quantize_sym(&values, rows, |k| k / cols);
+                let (tq, ts) = (format!("{}_q", w.name), format!("{}_row_scale", w.name));
+                new_inits.push(tensor_i8(&tq, &w.dims, &q));
+                new_inits.push(tensor_f32(&ts, &[rows as i64], &scales));
+                let axes = format!("{p}_axes");
+                new_inits.push(tensor_i64(&axes, &[1], &[-1]));
+                let ids = &n.input[1];
+                let (gq, gf, gs, gs1) = (
+                    format!("{p}_rows_q"),
+                    format!("{p}_rows_f32"),
+                    format!("{p}_row_scales"),
+                    format!("{p}_row_scales_1"),
+                );
+                new_nodes.push(node(
+                    "Gather",
+                    format!("{p}_gather_q"),
+                    &[&tq, ids],
+                    &[&gq],
+                    vec![],
+                ));
+                new_nodes.push(node(
+                    "Cast",
+                    format!("{p}_cast"),
+                    &[&gq],
+                    &[&gf],
+                    vec![attr_int("to", ElemType::F32.onnx_code().into())],
+                ));
+                new_nodes.push(node(
+                    "Gather",
+                    format!("{p}_gather_scale"),
+                    &[&ts, ids],
+                    &[&gs],
+                    vec![],
+                ));
+                new_nodes.push(node(
+                    "Unsqueeze",
+                    format!("{p}_unsqueeze"),
+                    &[&gs, &axes],
+                    &[&gs1],
+                    vec![],
+                ));
+                new_nodes.push(node(
+                    "Mul",
+                    format!("{p}_dequant"),
+                    &[&gf, &gs1],
+                    &[&out],
+                    vec![],
+                ));
+            }
+        }
+        replaced.insert(w.name.clone());
+        *report.quantized.entry(n.op_type.clone()).or_default() += 1;
+    }
+    if report.quantized.is_empty() {
+        let detail = if report.skipped.is_empty() {
+            String::new()
+        } else {
+            format!(" (skipped: {})", report.skipped.join("; "))
+        };
+        return Err(QuantError::NothingToQuantize {
+            min_elements: options.min_elements,
+            detail,
+        });
+    }
+    // Drop float weights nothing reads any more.
+    let still_read: BTreeSet<&str> = new_nodes
+        .iter()
+        .flat_map(|n| n.input.iter().map(String::as_str))
+        .chain(graph.output.iter().map(|o| o.name.as_str()))
+        .collect();
+    let keep: Vec<TensorProto> = graph
+        .initializer
+        .iter()
+        .filter(|t| !replaced.contains(&t.name) || still_read.contains(t.name.as_str()))
+        .cloned()
+        .collect();
+    graph.initializer = keep;
+    graph.initializer.extend(new_inits);
+    graph.node = new_nodes;
+    Ok(report)
+}
+
+/// fp16 weight storage: float initializers of at least `min_elements` are
+/// stored as fp16 and cast back to fp32 where the graph reads them, so
+/// inputs, outputs and arithmetic stay fp32 (the file halves; the compute
+/// does not change precision). Values beyond fp16's range are an error.
+pub fn fp16_weights(
+    model: &mut ModelProto,
+    min_elements: usize,
+    exclude: &[String],
+) -> Result<QuantReport, QuantError> {
+    let graph = model.graph.as_mut().ok_or(QuantError::NoGraph)?;
+    let eligible = |t: &TensorProto| {
+        let count: i64 = t.dims.iter().product();
+        t.data_type == ElemType::F32.onnx_code()
+            && count as usize >= min_elements
+            && !exclude.contains(&t.name)
+    };
+    // Check everything before changing anything: an error leaves the model
+    // as it was.
+    let mut halves: Vec<(usize, Vec<u8>)> = Vec::new();
+    let (mut overflow, mut max, mut names) = (0usize, 0f32, BTreeSet::new());
+    for (i, t) in graph.initializer.iter().enumerate() {
+        if !eligible(t) {
+            continue;
+        }
+        let values = f32_values(t)?;
+        let over = values.iter().filter(|v| v.abs() > 65504.0).count();
+        if over > 0 {
+            overflow += over;
+            max = values.iter().fold(max, |m, v| m.max(v.abs()));
+            names.insert(t.name.clone());
+            continue;
+        }
+        let raw = values
+            .iter()
+            .flat_map(|v| half::f16::from_f32(*v).to_le_bytes())
+            .collect();
+        halves.push((i, raw));
+    }
+    if overflow > 0 {
+        return Err(QuantError::Fp16Overflow {
+            count: overflow,
+            max,
+            names: names.into_iter().collect::<Vec<_>>().join(", "),
+        });
+    }
+    if halves.is_empty() {
+        return Err(QuantError::NothingToQuantize {
+            min_elements,
+            detail: " (fp16: no float initializer is that large)".into(),
+        });
+    }
+    let mut report = QuantReport::default();
+    let mut casts = Vec::with_capacity(halves.len());
+    for (i, raw) in halves {
+        let t = &mut graph.initializer[i];
+        let half_name = format!("{}_fp16", t.name);
+        let original = std::mem::replace(&mut t.name, half_name);
+        t.data_type = ElemType::F16.onnx_code();
+        t.raw_data = raw;
+        t.float_data.clear();
+        casts.push(node(
+            "Cast",
+            format!("{original}_to_f32"),
+            &[&t.name],
+            &[&original],
+            vec![attr_int("to", ElemType::F32.onnx_code().into())],
+        ));
+        *report.quantized.entry("initializer".into()).or_default() += 1;
+    }
+    casts.append(&mut graph.node);
+    graph.node = casts;
+    Ok(report)
+}
