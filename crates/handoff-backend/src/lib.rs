@@ -15,7 +15,8 @@ use std::path::{Path, PathBuf};
 use serde::{Deserialize, Serialize};
 
 pub use tensor::{
-    DType, Fill, Parity, Tensor, TensorData, TensorSpec, compare, load_tensors, save_tensors,
+    DType, Fill, Parity, Tensor, TensorData, TensorSpec, compare, load_tensors, min_row_cosine,
+    save_tensors,
 };
 
 /// Where a case runs.

@@ -175,6 +175,35 @@ pub struct Parity {
     /// Set when the outputs could not be compared at all (shape or count).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub detail: Option<String>,
+    /// Smallest per-row cosine similarity, when the check is by cosine
+    /// (precision variants: int8 kernels of two runtimes may round a
+    /// quantisation boundary differently, so allclose would flag noise).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub min_cosine: Option<f64>,
+}
+
+/// Smallest cosine similarity between matching rows (last axis) of the
+/// float outputs; 1.0 when there is nothing to compare.
+pub fn min_row_cosine(outputs: &[Tensor], reference: &[Tensor]) -> f64 {
+    let mut worst = 1.0f64;
+    for (o, r) in outputs.iter().zip(reference) {
+        let (x, y) = (o.data.to_f64(), r.data.to_f64());
+        let width = (*o.shape.last().unwrap_or(&1)).max(1);
+        for (a, b) in x.chunks(width).zip(y.chunks(width)) {
+            let dot: f64 = a.iter().zip(b).map(|(p, q)| p * q).sum();
+            let n = a.iter().map(|v| v * v).sum::<f64>().sqrt()
+                * b.iter().map(|v| v * v).sum::<f64>().sqrt();
+            let c = if n > 0.0 {
+                dot / n
+            } else if a == b {
+                1.0
+            } else {
+                0.0
+            };
+            worst = worst.min(if c.is_nan() { -1.0 } else { c });
+        }
+    }
+    worst
 }
 
 /// Compares outputs pairwise, with numpy's `allclose` rule:
@@ -194,6 +223,7 @@ pub fn compare(
         rtol,
         ok: true,
         detail: None,
+        min_cosine: None,
     };
     let fail = |mut p: Parity, why: String| {
         p.ok = false;

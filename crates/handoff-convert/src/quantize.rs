@@ -557,3 +557,199 @@ pub fn fp16_weights(
     graph.node = casts;
     Ok(report)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_onnx::builder::{D, GraphBuilder};
+
+    /// x[2,4] -> MatMul(W[4,3]) -> y, W chosen so the int8 values are known
+    /// by hand.
+    fn tiny_matmul(w: Vec<f32>) -> ModelProto {
+        let mut g = GraphBuilder::new("t");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(4)]);
+        let w = g.init_f32("w", &[4, 3], w);
+        g.node_to("MatMul", &[&x, &w], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(2), D::Fixed(3)]);
+        g.finish(17)
+    }
+
+    fn init<'a>(m: &'a ModelProto, name: &str) -> &'a TensorProto {
+        m.graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .find(|t| t.name == name)
+            .unwrap_or_else(|| panic!("no initializer {name}"))
+    }
+
+    fn opts() -> DynamicOptions {
+        DynamicOptions {
+            min_elements: 1,
+            ..Default::default()
+        }
+    }
+
+    #[test]
+    fn matmul_weights_are_symmetric_int8_per_column_by_hand() {
+        // Column maxima |w|: 1.27, 2.54, 0.5 -> scales 0.01, 0.02, 0.5/127.
+        #[rustfmt::skip]
+        let w = vec![
+            1.27, -2.54, 0.5,
+            -0.635, 1.0, 0.3,
+            0.0, 0.012, -0.5,
+            0.004, -0.03, 0.0,
+        ];
+        let mut m = tiny_matmul(w);
+        let report = quantize_dynamic(&mut m, &opts()).unwrap();
+        assert_eq!(report.quantized.get("MatMul"), Some(&1));
+        let q: Vec<i8> = init(&m, "w_q").raw_data.iter().map(|&b| b as i8).collect();
+        // 0.004/0.01 = 0.4 -> 0; 1.0/0.02 = 50; 0.3/(0.5/127) = 76.2 -> 76; 0.012/0.02 = 0.6 -> 1.
+        #[rustfmt::skip]
+        assert_eq!(q, vec![
+            127, -127, 127,
+            -64, 50, 76,
+            0, 1, -127,
+            0, -2, 0,
+        ]);
+        let s = f32_values(init(&m, "w_scale")).unwrap();
+        assert!((s[0] - 0.01).abs() < 1e-7 && (s[1] - 0.02).abs() < 1e-7);
+        assert!((s[2] - 0.5 / 127.0).abs() < 1e-7);
+        let ops: Vec<&str> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                "DynamicQuantizeLinear",
+                "MatMulInteger",
+                "Cast",
+                "Mul",
+                "Mul"
+            ]
+        );
+        // The float weight is gone; the graph output keeps its name.
+        assert!(
+            m.graph
+                .as_ref()
+                .unwrap()
+                .initializer
+                .iter()
+                .all(|t| t.name != "w")
+        );
+        assert_eq!(m.graph.as_ref().unwrap().node.last().unwrap().output, ["y"]);
+    }
+
+    #[test]
+    fn down_projections_keep_an_fp32_multiply() {
+        let mut g = GraphBuilder::new("t");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(1), D::Fixed(8)]);
+        let w = g.init_f32("w", &[8, 2], (0..16).map(|i| i as f32 / 16.0).collect());
+        g.node_to("MatMul", &[&x, &w], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(1), D::Fixed(2)]);
+        let mut m = g.finish(17);
+        let report = quantize_dynamic(&mut m, &opts()).unwrap();
+        assert_eq!(report.weight_only.len(), 1);
+        let ops: Vec<&str> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect();
+        assert_eq!(ops, ["DequantizeLinear", "MatMul"]);
+    }
+
+    #[test]
+    fn a_model_with_nothing_to_quantise_is_an_error_and_unchanged() {
+        let mut g = GraphBuilder::new("t");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2)]);
+        g.node_to("Relu", &[&x], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(2)]);
+        let mut m = g.finish(17);
+        let before = m.clone();
+        let err = quantize_dynamic(&mut m, &opts()).unwrap_err();
+        assert!(err.to_string().starts_with("nothing to quantise"), "{err}");
+        assert_eq!(m, before);
+        assert!(matches!(
+            fp16_weights(&mut m, 1, &[]),
+            Err(QuantError::NothingToQuantize { .. })
+        ));
+        assert_eq!(m, before);
+    }
+
+    #[test]
+    fn ops_the_quantiser_does_not_know_are_left_fp32_and_listed() {
+        let mut g = GraphBuilder::new("t");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(4)]);
+        let w = g.init_f32("w", &[4, 3], vec![0.5; 12]);
+        let h = g.node("MatMul", &[&x, &w], vec![]);
+        let b = g.init_f32("gemm_w", &[3, 3], vec![0.1; 9]);
+        g.node_to("Gemm", &[&h, &b], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(2), D::Fixed(3)]);
+        let mut m = g.finish(17);
+        let report = quantize_dynamic(&mut m, &opts()).unwrap();
+        assert_eq!(report.left_fp32.iter().collect::<Vec<_>>(), ["Gemm"]);
+        assert!(report.warning().unwrap().contains("Gemm"));
+    }
+
+    #[test]
+    fn fp16_overflow_is_reported_and_nothing_changes() {
+        let mut m = tiny_matmul(vec![
+            1.0, 70000.0, -1e6, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0, 0.0,
+        ]);
+        let before = m.clone();
+        let err = fp16_weights(&mut m, 1, &[]).unwrap_err();
+        let msg = err.to_string();
+        assert!(
+            msg.contains("2 weight values exceed 65504") && msg.contains("(largest 1e6, in w)"),
+            "{msg}"
+        );
+        assert_eq!(m, before);
+        // Excluding the tensor is the way out the message names.
+        assert!(matches!(
+            fp16_weights(&mut m, 1, &["w".to_owned()]),
+            Err(QuantError::NothingToQuantize { .. })
+        ));
+    }
+
+    #[test]
+    fn fp16_weights_halve_and_cast_back() {
+        let mut m = tiny_matmul(vec![0.1; 12]);
+        fp16_weights(&mut m, 1, &[]).unwrap();
+        let t = init(&m, "w_fp16");
+        assert_eq!(t.data_type, ElemType::F16.onnx_code());
+        assert_eq!(t.raw_data.len(), 24);
+        let first = &m.graph.as_ref().unwrap().node[0];
+        assert_eq!(
+            (first.op_type.as_str(), first.output[0].as_str()),
+            ("Cast", "w")
+        );
+    }
+
+    #[test]
+    fn embedding_rows_are_int8_with_a_scale_per_row() {
+        let mut g = GraphBuilder::new("t");
+        let ids = g.input("ids", ElemType::I64, &[D::Fixed(3)]);
+        let table = g.init_f32("table", &[2, 2], vec![1.0, -0.3, 0.02, 0.005]);
+        g.node_to("Gather", &[&table, &ids], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(3), D::Fixed(2)]);
+        let mut m = g.finish(17);
+        quantize_dynamic(&mut m, &opts()).unwrap();
+        let q: Vec<i8> = init(&m, "table_q")
+            .raw_data
+            .iter()
+            .map(|&b| b as i8)
+            .collect();
+        assert_eq!(q, vec![127, -38, 127, 32]);
+        let s = f32_values(init(&m, "table_row_scale")).unwrap();
+        assert!((s[0] - 1.0 / 127.0).abs() < 1e-7 && (s[1] - 0.02 / 127.0).abs() < 1e-9);
+    }
+}

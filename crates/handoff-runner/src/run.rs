@@ -19,6 +19,11 @@ use crate::machine::Fingerprint;
 use crate::record::{Accuracy, CaseIdentity, ResultRecord, SCHEMA_VERSION, Status};
 use crate::worker::{Job, JobMode, ReferenceFile, WorkerReport};
 
+/// Cases of a precision variant are checked against the reference backend
+/// running the same variant by per-row cosine, not allclose: two runtimes'
+/// int8 kernels may round a quantisation boundary differently.
+pub const VARIANT_PARITY_MIN_COSINE: f64 = 0.999;
+
 #[derive(Debug, Clone)]
 pub struct RunOptions {
     pub out_dir: PathBuf,
@@ -227,6 +232,7 @@ impl<'a> Runner<'a> {
                         backend: self.plan.check.reference.clone(),
                         atol: self.plan.check.atol,
                         rtol: self.plan.check.rtol,
+                        min_cosine: model.variant.as_ref().map(|_| VARIANT_PARITY_MIN_COSINE),
                     }),
                 },
             );

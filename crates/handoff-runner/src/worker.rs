@@ -7,7 +7,7 @@ use std::time::Instant;
 
 use handoff_backend::{
     BackendError, ExecutionKind, ModelRef, Parity, PrepareOptions, Probe, Registry, Tensor,
-    compare, load_tensors, save_tensors,
+    compare, load_tensors, min_row_cosine, save_tensors,
 };
 use handoff_suite::{Case, Measure};
 use serde::{Deserialize, Serialize};
@@ -50,6 +50,9 @@ pub struct ReferenceFile {
     pub backend: String,
     pub atol: f64,
     pub rtol: f64,
+    /// Check by per-row cosine similarity instead of allclose (variants).
+    #[serde(default)]
+    pub min_cosine: Option<f64>,
 }
 
 #[derive(Debug, Clone, Default, Serialize, Deserialize)]
@@ -154,7 +157,17 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
                     return report.fail(&BackendError::Failed(format!("reference outputs: {e}")));
                 }
             };
-            let parity = compare(&outputs, &reference, &r.backend, r.atol, r.rtol);
+            let mut parity = compare(&outputs, &reference, &r.backend, r.atol, r.rtol);
+            if let Some(min) = r.min_cosine
+                && parity.detail.is_none()
+            {
+                let cos = min_row_cosine(&outputs, &reference);
+                parity.min_cosine = Some(cos);
+                parity.ok = cos >= min;
+                if !parity.ok {
+                    parity.detail = Some(format!("min cosine {cos:.6} < {min}"));
+                }
+            }
             let ok = parity.ok;
             report.parity = Some(parity.clone());
             if !ok {

@@ -1,0 +1,264 @@
+//! Precision variants: the int8 graph computes what the ONNX spec says (on
+//! ORT, against a hand-written reference), suites run variants with their
+//! accuracy recorded, and bad input writes nothing.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use handoff_backend::{Backend, Device, ModelRef, PrepareOptions, Tensor, TensorData};
+use handoff_convert::quantize::{DynamicOptions, quantize_dynamic};
+use handoff_onnx::builder::{D, GraphBuilder, write_model};
+use handoff_onnx::inspect::ElemType;
+use handoff_runner::{Status, read_results};
+
+fn handoff(args: &[&str], dir: &Path) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(args)
+        .current_dir(dir)
+        .env("HANDOFF_MODEL_CACHE", dir.join("cache"))
+        .output()
+        .unwrap()
+}
+
+/// DynamicQuantizeLinear as the ONNX spec defines it (uint8, range
+/// including 0, round half to even), then the integer matmul and rescale.
+fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+    let lo = x.iter().fold(0f32, |a, &v| a.min(v));
+    let hi = x.iter().fold(0f32, |a, &v| a.max(v));
+    let xs = (hi - lo) / 255.0;
+    let zp = (-lo / xs).round_ties_even().clamp(0.0, 255.0);
+    let xq: Vec<f32> = x
+        .iter()
+        .map(|v| ((v / xs).round_ties_even() + zp).clamp(0.0, 255.0))
+        .collect();
+    let ws: Vec<f32> = (0..n)
+        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / 127.0)
+        .collect();
+    let wq: Vec<f32> = (0..k * n)
+        .map(|i| (w[i] / ws[i % n]).round_ties_even())
+        .collect();
+    let mut y = vec![0f32; m * n];
+    for i in 0..m {
+        for c in 0..n {
+            let acc: f32 = (0..k).map(|r| (xq[i * k + r] - zp) * wq[r * n + c]).sum();
+            y[i * n + c] = acc * xs * ws[c];
+        }
+    }
+    y
+}
+
+#[test]
+fn int8_dynamic_on_ort_computes_what_the_onnx_spec_says() {
+    handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    let (m, k, n) = (3, 8, 5);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 37 % 23) as f32 - 7.0) / 5.0)
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 53 % 31) as f32 - 15.0) / 40.0)
+        .collect();
+    let mut g = GraphBuilder::new("t");
+    let xi = g.input(
+        "x",
+        ElemType::F32,
+        &[D::Fixed(m as i64), D::Fixed(k as i64)],
+    );
+    let wi = g.init_f32("w", &[k as i64, n as i64], w.clone());
+    g.node_to("MatMul", &[&xi, &wi], vec![], "y");
+    g.output(
+        "y",
+        ElemType::F32,
+        &[D::Fixed(m as i64), D::Fixed(n as i64)],
+    );
+    let mut model = g.finish(17);
+    let options = DynamicOptions {
+        min_elements: 1,
+        down_proj_weight_only: false,
+        ..Default::default()
+    };
+    quantize_dynamic(&mut model, &options).unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.onnx");
+    write_model(&model, &path).unwrap();
+
+    let backend = handoff_ort::OrtBackend;
+    let input = Tensor {
+        name: "x".into(),
+        shape: vec![m, k],
+        data: TensorData::F32(x.clone()),
+    };
+    let mut p = backend
+        .prepare(
+            &ModelRef {
+                path: path.clone(),
+                id: "q".into(),
+                hf_dir: None,
+            },
+            &PrepareOptions {
+                device: Device::Cpu,
+                threads: 1,
+                inputs: Vec::new(),
+                options: serde_json::Value::Null,
+            },
+        )
+        .unwrap();
+    p.bind(&[input]).unwrap();
+    p.run().unwrap();
+    let out = p.outputs().unwrap();
+    let TensorData::F32(got) = &out[0].data else {
+        panic!("f32 output expected")
+    };
+    let want = reference(&x, m, k, &w, n);
+    let exact: Vec<f32> = (0..m * n)
+        .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
+        .collect();
+    for i in 0..m * n {
+        assert!(
+            (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+            "y[{i}]: ORT {} vs spec {}",
+            got[i],
+            want[i]
+        );
+        // And int8 is close to, but not exactly, the float product.
+        assert!(
+            (got[i] - exact[i]).abs() < 0.05,
+            "y[{i}]: {} vs fp32 {}",
+            got[i],
+            exact[i]
+        );
+    }
+}
+
+#[test]
+fn a_suite_runs_variants_with_their_accuracy_and_size() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: v\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 64, depth: 2}}\n    variants: [fp32, int8-dynamic, fp16]\n    min_cosine: 0.9\n\
+         backends: [ort, tract]\nthreads: [1]\nbatch: [2]\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let out = handoff(&["run", "s.yaml", "--out", "out", "--quiet"], dir.path());
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records;
+    let models: Vec<&str> = records.iter().map(|r| r.case.model.as_str()).collect();
+    assert_eq!(
+        models,
+        [
+            "mlp",
+            "mlp",
+            "mlp@int8-dynamic",
+            "mlp@int8-dynamic",
+            "mlp@fp16",
+            "mlp@fp16"
+        ]
+    );
+    for r in &records {
+        match &r.accuracy {
+            None => assert_eq!(r.case.model, "mlp"),
+            Some(a) => {
+                assert!(
+                    a.passed && a.min_cosine >= 0.9 && a.min_cosine <= 1.0,
+                    "{a:?}"
+                );
+                assert!(
+                    a.size_bytes > 0 && a.size_bytes < a.fp32_size_bytes,
+                    "{a:?}"
+                );
+            }
+        }
+        // ort and tract agree on the same int8 graph, or tract says which op it lacks.
+        match r.status {
+            Status::Ok => assert!(
+                r.parity.as_ref().is_some_and(|p| p.ok),
+                "{}: {:?}",
+                r.case.id,
+                r.parity
+            ),
+            Status::Unsupported => assert!(
+                r.reason.as_deref().is_some_and(|s| s.starts_with("op ")),
+                "{:?}",
+                r.reason
+            ),
+            other => panic!("{}: {other:?} {:?}", r.case.id, r.reason),
+        }
+    }
+    assert!(
+        records
+            .iter()
+            .filter(|r| r.case.backend == "ort")
+            .all(|r| r.status == Status::Ok)
+    );
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
+    assert!(
+        summary.contains("## Precision variants") && summary.contains("| mlp | int8-dynamic |"),
+        "{summary}"
+    );
+    // The sidecar records the steps and the check.
+    let cache = dir.path().join("cache");
+    let sidecar = walk(&cache)
+        .into_iter()
+        .find(|p| {
+            p.to_string_lossy()
+                .ends_with(".int8-dynamic.onnx.provenance.json")
+        })
+        .expect("sidecar");
+    let text = std::fs::read_to_string(sidecar).unwrap();
+    assert!(
+        text.contains("quantize:int8-dynamic") && text.contains("\"accuracy\""),
+        "{text}"
+    );
+}
+
+fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walk(&p));
+        } else {
+            out.push(p);
+        }
+    }
+    out
+}
+
+#[test]
+fn quantising_a_model_with_nothing_to_quantise_writes_nothing() {
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = GraphBuilder::new("t");
+    let x = g.input("x", ElemType::F32, &[D::Fixed(2)]);
+    g.node_to("Relu", &[&x], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Fixed(2)]);
+    write_model(&g.finish(17), &dir.path().join("relu.onnx")).unwrap();
+    let out = handoff(
+        &[
+            "quantize",
+            "relu.onnx",
+            "--to",
+            "int8-dynamic",
+            "-o",
+            "q.onnx",
+        ],
+        dir.path(),
+    );
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("relu.onnx: nothing to quantise"), "{err}");
+    assert!(!dir.path().join("q.onnx").exists());
+
+    std::fs::write(dir.path().join("junk.onnx"), b"\x08\x07garbage").unwrap();
+    let out = handoff(&["quantize", "junk.onnx", "--to", "fp16"], dir.path());
+    assert_ne!(out.status.code(), Some(0));
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(err.contains("junk.onnx"), "{err}");
+    assert!(!dir.path().join("junk.fp16.onnx").exists());
+}
