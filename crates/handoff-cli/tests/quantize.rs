@@ -81,6 +81,17 @@ fn int8_dynamic_on_ort_computes_what_the_onnx_spec_says() {
     let path = dir.path().join("q.onnx");
     write_model(&model, &path).unwrap();
 
+    let want = reference(&x, m, k, &w, n);
+    for (name, backend) in [
+        ("ort", Box::new(handoff_ort::OrtBackend) as Box<dyn Backend>),
+        ("tract", Box::new(handoff_tract::TractBackend)),
+    ] {
+        let got = run(backend.as_ref(), &path, &x, m, k);
+        let worst = (0..m * n)
+            .map(|i| (got[i] - want[i]).abs())
+            .fold(0f32, f32::max);
+        eprintln!("{name}: max abs vs spec {worst:e}");
+    }
     let backend = handoff_ort::OrtBackend;
     let input = Tensor {
         name: "x".into(),
@@ -261,4 +272,134 @@ fn quantising_a_model_with_nothing_to_quantise_writes_nothing() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(err.contains("junk.onnx"), "{err}");
     assert!(!dir.path().join("junk.fp16.onnx").exists());
+}
+
+fn run(backend: &dyn Backend, path: &Path, x: &[f32], m: usize, k: usize) -> Vec<f32> {
+    let mut p = backend
+        .prepare(
+            &ModelRef {
+                path: path.to_owned(),
+                id: "q".into(),
+                hf_dir: None,
+            },
+            &PrepareOptions {
+                device: Device::Cpu,
+                threads: 1,
+                inputs: Vec::new(),
+                options: serde_json::Value::Null,
+            },
+        )
+        .unwrap();
+    p.bind(&[Tensor {
+        name: "x".into(),
+        shape: vec![m, k],
+        data: TensorData::F32(x.to_vec()),
+    }])
+    .unwrap();
+    p.run().unwrap();
+    match p.outputs().unwrap().remove(0).data {
+        TensorData::F32(v) => v,
+        _ => panic!("f32 output expected"),
+    }
+}
+
+/// Embedding rows and a weight-only down-projection: ORT and tract give the
+/// same numbers as dequantising by hand.
+#[test]
+fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
+    handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    let (vocab, width, out) = (6, 8, 3);
+    let table: Vec<f32> = (0..vocab * width)
+        .map(|i| ((i * 29 % 17) as f32 - 8.0) / 9.0)
+        .collect();
+    let w: Vec<f32> = (0..width * out)
+        .map(|i| ((i * 41 % 13) as f32 - 6.0) / 7.0)
+        .collect();
+    let mut g = GraphBuilder::new("t");
+    let ids = g.input("ids", ElemType::I64, &[D::Fixed(4)]);
+    let t = g.init_f32("table", &[vocab as i64, width as i64], table.clone());
+    let e = g.node("Gather", &[&t, &ids], vec![]);
+    let wi = g.init_f32("w", &[width as i64, out as i64], w.clone());
+    g.node_to("MatMul", &[&e, &wi], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Fixed(4), D::Fixed(out as i64)]);
+    let mut model = g.finish(17);
+    let options = DynamicOptions {
+        min_elements: 1,
+        ..Default::default()
+    };
+    let report = quantize_dynamic(&mut model, &options).unwrap();
+    assert_eq!(report.weight_only.len(), 1, "{report:?}");
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("q.onnx");
+    write_model(&model, &path).unwrap();
+    // By hand: symmetric int8 per table row and per weight column.
+    let q = |v: &[f32], scale: f32| -> Vec<f32> {
+        v.iter()
+            .map(|x| (x / scale).round_ties_even() * scale)
+            .collect()
+    };
+    let rows: Vec<f32> = (0..vocab)
+        .flat_map(|r| {
+            let row = &table[r * width..(r + 1) * width];
+            q(row, row.iter().fold(0f32, |a, v| a.max(v.abs())) / 127.0)
+        })
+        .collect();
+    let mut wd = w.clone();
+    for c in 0..out {
+        let s = (0..width)
+            .map(|r| w[r * out + c].abs())
+            .fold(0f32, f32::max)
+            / 127.0;
+        for r in 0..width {
+            wd[r * out + c] = (w[r * out + c] / s).round_ties_even() * s;
+        }
+    }
+    let ids_v = [5i64, 0, 3, 3];
+    let want: Vec<f32> = ids_v
+        .iter()
+        .flat_map(|&id| {
+            let e = &rows[id as usize * width..(id as usize + 1) * width];
+            (0..out)
+                .map(|c| (0..width).map(|r| e[r] * wd[r * out + c]).sum::<f32>())
+                .collect::<Vec<_>>()
+        })
+        .collect();
+    for (name, backend) in [
+        ("ort", Box::new(handoff_ort::OrtBackend) as Box<dyn Backend>),
+        ("tract", Box::new(handoff_tract::TractBackend)),
+    ] {
+        let mut p = backend
+            .prepare(
+                &ModelRef {
+                    path: path.clone(),
+                    id: "q".into(),
+                    hf_dir: None,
+                },
+                &PrepareOptions {
+                    device: Device::Cpu,
+                    threads: 1,
+                    inputs: Vec::new(),
+                    options: serde_json::Value::Null,
+                },
+            )
+            .unwrap();
+        p.bind(&[Tensor {
+            name: "ids".into(),
+            shape: vec![4],
+            data: TensorData::I64(ids_v.to_vec()),
+        }])
+        .unwrap();
+        p.run().unwrap();
+        let TensorData::F32(got) = p.outputs().unwrap().remove(0).data else {
+            panic!("f32")
+        };
+        for i in 0..want.len() {
+            assert!(
+                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                "{name} y[{i}]: {} vs {}",
+                got[i],
+                want[i]
+            );
+        }
+    }
 }
