@@ -152,6 +152,13 @@ pub trait Prepared {
 
     /// The outputs of the last `run`, in the model's output order.
     fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError>;
+
+    /// The last `run`'s time as the runtime itself measured it, in ms, for
+    /// backends behind a process boundary (the Python baseline): the row
+    /// keeps handoff's clock, this is reported beside it.
+    fn inner_ms(&self) -> Option<f64> {
+        None
+    }
 }
 
 /// The probe answer of a backend built without GPU support: available on

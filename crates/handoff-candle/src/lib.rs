@@ -232,6 +232,11 @@ impl Backend for CandleNativeBackend {
         if device.is_cpu() {
             check_threads(options.threads)?;
         }
+        if let Some((_, variant)) = model.id.split_once('@') {
+            return Err(BackendError::Unsupported(format!(
+                "precision variant {variant}: candle-native loads the fp32 safetensors (candle has no int8 tensors; a candle-quantized BERT is not built yet)"
+            )));
+        }
         let dir = model.hf_dir.as_ref().ok_or_else(|| {
             BackendError::Unsupported(
                 "candle-native runs safetensors models (source `hf` or `pypi`), not a bare ONNX file".into(),

@@ -277,6 +277,7 @@ fn registry() -> Registry {
         .with(Box::new(handoff_tract::TractBackend))
         .with(Box::new(handoff_candle::CandleOnnxBackend))
         .with(Box::new(handoff_candle::CandleNativeBackend))
+        .with(Box::new(handoff_python::PythonOrtBackend))
         .with(Box::new(handoff_backend::mock::MockBackend::new("mock")))
         .with(Box::new(handoff_backend::mock::MockBackend::new(
             "mock-ref",
@@ -375,6 +376,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Setup => {
             let lib = handoff_ort::provision::fetch().map_err(anyhow::Error::msg)?;
             println!("onnxruntime: {}", lib.display());
+            let python = handoff_python::setup().map_err(anyhow::Error::msg)?;
+            println!("python baseline: {}", python.display());
             Ok(ExitCode::SUCCESS)
         }
         Command::Convert {

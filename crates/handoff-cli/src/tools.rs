@@ -318,7 +318,7 @@ pub fn build_variant(
             )
         }
         "ort-int8-dynamic" => {
-            let python = handoff_convert::pyenv::ensure(
+            let python = handoff_python::pyenv::ensure(
                 &handoff_ort::provision::cache_dir(),
                 "quant",
                 &quantize::ORT_QUANT_PACKAGES,

@@ -7,7 +7,6 @@ pub mod bert;
 pub mod fetch;
 pub mod lower;
 pub mod provenance;
-pub mod pyenv;
 pub mod quantize;
 
 /// Converter version, recorded in provenance; bump when output changes.

@@ -88,6 +88,13 @@ fn notes(r: &ResultRecord) -> String {
             n.push("CI target not met (max_time)".into());
         }
     }
+    if let (Some(inner), Some(lat)) = (&r.inner_latency_ms, &r.latency_ms) {
+        n.push(format!(
+            "in-process p50 {} ms (IPC +{:.0} µs)",
+            fmt_ms(inner.p50),
+            (lat.p50 - inner.p50) * 1e3
+        ));
+    }
     if let Some(a) = &r.accuracy {
         n.push(format!(
             "{}{}: cos {:.4} vs fp32, {:.1} MB",
@@ -228,8 +235,58 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         }
         out.push('\n');
     }
+    handoff_gain(&mut out, records);
     variants_table(&mut out, records);
     out
+}
+
+/// What handing off from Python gains: the Python baseline timed inside
+/// Python (`session.run`, numpy in and out) against the Rust `ort` row on the
+/// same model file, inputs, threads and batch.
+fn handoff_gain(out: &mut String, records: &[ResultRecord]) {
+    let pairs: Vec<(&ResultRecord, &ResultRecord)> = records
+        .iter()
+        .filter(|p| p.case.backend == "python-onnxruntime" && p.passes())
+        .filter_map(|p| {
+            records
+                .iter()
+                .find(|r| {
+                    r.case.backend == "ort"
+                        && r.passes()
+                        && r.case.model == p.case.model
+                        && r.case.threads == p.case.threads
+                        && r.case.batch == p.case.batch
+                        && r.case.dims == p.case.dims
+                        && r.case.device == p.case.device
+                })
+                .map(|r| (p, r))
+        })
+        .collect();
+    if pairs.is_empty() {
+        return;
+    }
+    out.push_str("## Hand-off gain: Rust ort vs Python onnxruntime\n\n");
+    out.push_str("Same ONNX Runtime release, model file, inputs, threads and batch. Python p50 is timed inside Python around `session.run` (numpy in and out); Rust p50 around `Session::run`. The difference is what Python's binding costs per call.\n\n");
+    out.push_str("| model | threads | batch | dims | Rust ort p50 ms | Python p50 ms | Python overhead per call | |\n|---|---:|---:|---|---:|---:|---:|---:|\n");
+    for (p, r) in pairs {
+        let (Some(py), Some(rs)) = (p.inner_latency_ms.as_ref(), r.latency_ms.as_ref()) else {
+            continue;
+        };
+        let diff_us = (py.p50 - rs.p50) * 1e3;
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {:+.0} µs | {:+.1}% |",
+            escape_md(&p.case.model),
+            p.case.threads,
+            p.case.batch,
+            escape_md(&dims(p)),
+            fmt_ms(rs.p50),
+            fmt_ms(py.p50),
+            diff_us,
+            100.0 * (py.p50 - rs.p50) / rs.p50
+        );
+    }
+    out.push('\n');
 }
 
 /// Size, accuracy and best throughput of each precision variant beside its

@@ -90,13 +90,43 @@ fn system_busy_ticks() -> Option<u64> {
     Some(busy)
 }
 
+/// CPU ticks of this process and its children (live ones read from /proc,
+/// reaped ones from cutime/cstime): a backend's own worker process (the
+/// Python baseline) is part of the case, not "other" load.
 fn self_ticks() -> Option<u64> {
-    let stat = std::fs::read_to_string("/proc/self/stat").ok()?;
+    let me = std::process::id();
+    let (own, _) = proc_ticks("self")?;
+    let mut total = own;
+    if let Ok(dir) = std::fs::read_dir("/proc") {
+        for entry in dir.flatten() {
+            let name = entry.file_name();
+            let Some(pid) = name
+                .to_str()
+                .filter(|n| n.bytes().all(|b| b.is_ascii_digit()))
+            else {
+                continue;
+            };
+            if let Some((ticks, ppid)) = proc_ticks(pid)
+                && ppid == me
+            {
+                total += ticks;
+            }
+        }
+    }
+    Some(total)
+}
+
+/// utime+stime+cutime+cstime and the parent pid of /proc/<pid>/stat.
+fn proc_ticks(pid: &str) -> Option<(u64, u32)> {
+    let stat = std::fs::read_to_string(format!("/proc/{pid}/stat")).ok()?;
     // The command name may contain spaces; fields resume after the last ')'.
     let rest = &stat[stat.rfind(')')? + 2..];
     let f: Vec<&str> = rest.split_whitespace().collect();
-    // utime and stime are fields 14 and 15 of the full line (11, 12 here).
-    Some(f.get(11)?.parse::<u64>().ok()? + f.get(12)?.parse::<u64>().ok()?)
+    // Fields 4 (ppid) and 14-17 (utime, stime, cutime, cstime) of the full
+    // line are 1 and 11-14 here.
+    let n = |i: usize| f.get(i).and_then(|v| v.parse::<u64>().ok());
+    let ppid = f.get(1)?.parse::<u32>().ok()?;
+    Some((n(11)? + n(12)? + n(13)? + n(14)?, ppid))
 }
 
 fn loadavg() -> Option<f64> {

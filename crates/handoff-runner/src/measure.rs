@@ -22,6 +22,8 @@ pub enum StopReason {
 #[derive(Debug, Clone)]
 pub struct Timed {
     pub samples: Vec<Duration>,
+    /// The backend's own per-run times (ms), when it reports them.
+    pub inner_ms: Vec<f64>,
     pub warmup_runs: u64,
     pub stop: StopReason,
 }
@@ -38,9 +40,22 @@ pub fn measure(
         prepared.run()?;
         warmup_runs += 1;
     }
-    let (samples, stop) = timed_loop_with_progress(|| prepared.run(), policy, progress)?;
+    let mut inner_ms = Vec::new();
+    let (samples, stop) = timed_loop_with_progress(
+        || {
+            prepared.run()?;
+            // Inside the clock, but one predictable call and push (a few ns).
+            if let Some(ms) = prepared.inner_ms() {
+                inner_ms.push(ms);
+            }
+            Ok(())
+        },
+        policy,
+        progress,
+    )?;
     Ok(Timed {
         samples,
+        inner_ms,
         warmup_runs,
         stop,
     })

@@ -99,6 +99,12 @@ pub struct ResultRecord {
     /// Which repetition of the suite (`handoff run --repeat N`), from 0.
     #[serde(default, skip_serializing_if = "is_zero")]
     pub repeat: u32,
+    /// The backend's own clock around each timed run, for backends behind a
+    /// process boundary (python-onnxruntime: `session.run` timed in Python).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub inner_latency_ms: Option<Summary>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inner_samples_ms: Vec<f64>,
     /// For a precision variant (`fp16`, `int8-dynamic`): its accuracy
     /// against the fp32 model and its size.
     #[serde(skip_serializing_if = "Option::is_none", default)]

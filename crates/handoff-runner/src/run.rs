@@ -478,6 +478,16 @@ impl<'a> Runner<'a> {
                 Vec::new()
             },
             repeat: 0,
+            inner_latency_ms: if status == Status::Ok {
+                handoff_stats::summarize(&report.inner_samples_ms)
+            } else {
+                None
+            },
+            inner_samples_ms: if status == Status::Ok {
+                report.inner_samples_ms
+            } else {
+                Vec::new()
+            },
             accuracy: model.variant.as_ref().map(|v| Accuracy {
                 variant: v.name.clone(),
                 compared: v.accuracy.compared.clone(),

@@ -64,6 +64,9 @@ pub struct WorkerReport {
     pub load_ms: Option<f64>,
     pub first_ms: Option<f64>,
     pub samples_ms: Vec<f64>,
+    /// The backend's own clock per timed run (Python baseline), ms.
+    #[serde(default)]
+    pub inner_samples_ms: Vec<f64>,
     pub warmup_runs: u64,
     pub stop: Option<StopReason>,
     pub parity: Option<Parity>,
@@ -202,6 +205,7 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
     };
     report.machine = Some(before.load_until(&CpuSnapshot::now()));
     report.samples_ms = timed.samples.iter().map(|d| ms(*d)).collect();
+    report.inner_samples_ms = timed.inner_ms;
     report.warmup_runs = timed.warmup_runs;
     report.stop = Some(timed.stop);
     report.status = Some(Status::Ok);

@@ -7,13 +7,25 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+fn marker_text(packages: &[&str]) -> String {
+    packages.join("\n")
+}
+
+/// The interpreter of an environment created earlier with these pins.
+pub fn existing(cache: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> {
+    let dir = cache.join(format!("venv-{name}"));
+    let python = dir.join("bin").join("python");
+    let marker = std::fs::read_to_string(dir.join(".handoff-packages")).ok()?;
+    (python.is_file() && marker == marker_text(packages)).then_some(python)
+}
+
 /// A created environment's interpreter, or why there is none.
 pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, String> {
     let dir = cache.join(format!("venv-{name}"));
     let python = dir.join("bin").join("python");
     // The marker lists the pins: a changed pin rebuilds the environment.
     let marker = dir.join(".handoff-packages");
-    let wanted = packages.join("\n");
+    let wanted = marker_text(packages);
     if python.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted) {
         return Ok(python);
     }

@@ -1,0 +1,92 @@
+//! The Python baseline: it runs, agrees with Rust ort, reports its own clock;
+//! a worker that crashes or hangs becomes a cell that says so.
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use handoff_runner::{Status, read_results};
+
+fn handoff(args: &[&str], dir: &Path, fail: Option<&str>) -> Output {
+    let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff"));
+    cmd.args(args)
+        .current_dir(dir)
+        .env("HANDOFF_MODEL_CACHE", dir.join("cache"));
+    if let Some(f) = fail {
+        cmd.env("HANDOFF_PY_WORKER_FAIL", f);
+    }
+    cmd.output().unwrap()
+}
+
+#[test]
+fn python_baseline_runs_and_its_failures_are_cells() {
+    // Creates .cache/venv-python-ort from PyPI on first use (pinned).
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: py\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 32, depth: 2}}\n\
+         backends: [ort, python-onnxruntime]\nthreads: [1]\nbatch: [1, 4]\ntimeout: 5s\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 50ms, max_time: 300ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let out = handoff(
+        &["run", "s.yaml", "--out", "ok", "--quiet"],
+        dir.path(),
+        None,
+    );
+    assert_eq!(
+        out.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let records = read_results(&dir.path().join("ok/results.jsonl"))
+        .unwrap()
+        .records;
+    for r in records
+        .iter()
+        .filter(|r| r.case.backend == "python-onnxruntime")
+    {
+        assert_eq!(r.status, Status::Ok, "{:?}", r.reason);
+        assert!(r.parity.as_ref().is_some_and(|p| p.ok && p.max_abs < 1e-5));
+        let (inner, outer) = (
+            r.inner_latency_ms.as_ref().unwrap(),
+            r.latency_ms.as_ref().unwrap(),
+        );
+        // Python's own clock sits inside handoff's round trip.
+        assert!(
+            inner.p50 > 0.0 && inner.p50 < outer.p50,
+            "{} vs {}",
+            inner.p50,
+            outer.p50
+        );
+        assert_eq!(r.inner_samples_ms.len(), r.samples_ms.len());
+    }
+    let summary = std::fs::read_to_string(dir.path().join("ok/summary.md")).unwrap();
+    assert!(summary.contains("## Hand-off gain"), "{summary}");
+
+    for (fail, status, says) in [
+        ("crash", Status::Failed, "python worker exited"),
+        ("hang", Status::Timeout, "killed after 5s"),
+    ] {
+        let out = handoff(
+            &["run", "s.yaml", "--out", fail, "--quiet"],
+            dir.path(),
+            Some(fail),
+        );
+        assert!(out.status.code().is_some(), "{fail}: killed by a signal");
+        let records = read_results(&dir.path().join(fail).join("results.jsonl"))
+            .unwrap()
+            .records;
+        assert_eq!(records.len(), 4, "{fail}: every case has a cell");
+        for r in &records {
+            if r.case.backend == "ort" {
+                assert_eq!(r.status, Status::Ok, "{fail}: the other backend is intact");
+            } else {
+                assert_eq!(r.status, status, "{fail}: {:?}", r.reason);
+                let reason = r.reason.clone().unwrap_or_default();
+                assert!(reason.contains(says), "{fail}: {reason}");
+            }
+        }
+    }
+}

@@ -1,0 +1,273 @@
+//! Python baselines: the same model, inputs and thread count run through
+//! Python's `onnxruntime` package in a worker process (`scripts/py_worker.py`
+//! in `.cache/venv-python-ort`, created from PyPI by `handoff setup`).
+//!
+//! Two clocks: handoff's (around the whole request: pipe, JSON, Python,
+//! `session.run`, numpy) gives the row's samples, as for every backend; the
+//! worker's own `perf_counter_ns` around `session.run` is reported as the
+//! inner time. Inner minus the Rust `ort` row is what Python's binding costs
+//! per call; round trip minus inner is this harness's IPC.
+
+pub mod pyenv;
+
+use std::io::{BufRead, BufReader, Write};
+use std::path::PathBuf;
+use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
+
+use handoff_backend::{
+    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+    Tensor, TensorData,
+};
+use serde_json::{Value, json};
+
+/// Pinned packages of the baseline environment: the same ONNX Runtime
+/// release the Rust `ort` backend loads.
+pub const PYTHON_ORT_PACKAGES: [&str; 2] = ["onnxruntime==1.31.1", "numpy==2.4.6"];
+pub const PYTHON_ORT_ENV: &str = "python-ort";
+const WORKER_PY: &str = include_str!("../../../scripts/py_worker.py");
+
+/// `$HANDOFF_CACHE`, else `.cache` at the repository root.
+pub fn cache_dir() -> PathBuf {
+    if let Ok(dir) = std::env::var("HANDOFF_CACHE")
+        && !dir.is_empty()
+    {
+        return PathBuf::from(dir);
+    }
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+    root.canonicalize().unwrap_or(root).join(".cache")
+}
+
+/// Creates the baseline environment (no-op when it is there).
+pub fn setup() -> Result<PathBuf, String> {
+    pyenv::ensure(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES)
+}
+
+fn interpreter() -> Result<PathBuf, String> {
+    pyenv::existing(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES).ok_or_else(|| {
+        format!(
+            "python environment {} is not set up: run `handoff setup` (creates it from PyPI: {})",
+            cache_dir().join(format!("venv-{PYTHON_ORT_ENV}")).display(),
+            PYTHON_ORT_PACKAGES.join(" ")
+        )
+    })
+}
+
+#[derive(Debug, Default)]
+pub struct PythonOrtBackend;
+
+impl Backend for PythonOrtBackend {
+    fn name(&self) -> &'static str {
+        "python-onnxruntime"
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::OptimisedGraph
+    }
+
+    fn probe(&self, device: Device) -> Probe {
+        if device != Device::Cpu {
+            return Probe::Unavailable {
+                reason: "no CUDA device: the Python baseline runs onnxruntime's CPU provider"
+                    .into(),
+            };
+        }
+        match interpreter() {
+            Ok(p) => Probe::Available {
+                version: PYTHON_ORT_PACKAGES[0]
+                    .trim_start_matches("onnxruntime==")
+                    .into(),
+                detail: format!("Python onnxruntime in a worker process ({})", p.display()),
+            },
+            Err(reason) => Probe::Unavailable { reason },
+        }
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        handoff_backend::require_cpu(options.device)?;
+        let python = interpreter().map_err(BackendError::Unavailable)?;
+        let scratch = std::env::temp_dir().join(format!("handoff-py-{}", std::process::id()));
+        std::fs::create_dir_all(&scratch)
+            .map_err(|e| BackendError::Failed(format!("{}: {e}", scratch.display())))?;
+        let mut child = Command::new(python)
+            .arg("-c")
+            .arg(WORKER_PY)
+            // One thread pool, the case's: numpy's BLAS stays out of the way.
+            .env("OMP_NUM_THREADS", "1")
+            .env("OPENBLAS_NUM_THREADS", "1")
+            .stdin(Stdio::piped())
+            .stdout(Stdio::piped())
+            .stderr(Stdio::inherit())
+            .spawn()
+            .map_err(|e| BackendError::Unavailable(format!("cannot start python: {e}")))?;
+        let stdin = child.stdin.take().expect("piped");
+        let stdout = BufReader::new(child.stdout.take().expect("piped"));
+        let mut worker = Worker {
+            child,
+            stdin,
+            stdout,
+            scratch,
+            inner_ms: None,
+        };
+        let reply = worker.call(&json!({
+            "cmd": "load",
+            "model": model.path(),
+            "threads": options.threads,
+        }))?;
+        let _ = reply;
+        Ok(Box::new(worker))
+    }
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    scratch: PathBuf,
+    inner_ms: Option<f64>,
+}
+
+impl Worker {
+    fn call(&mut self, request: &Value) -> Result<Value, BackendError> {
+        let line = format!("{request}\n");
+        let dead = |w: &mut Worker, what: &str| {
+            let status = w
+                .child
+                .try_wait()
+                .ok()
+                .flatten()
+                .map_or("still running".to_owned(), |s| s.to_string());
+            BackendError::Failed(format!("python worker {what} ({status})"))
+        };
+        if self.stdin.write_all(line.as_bytes()).is_err() || self.stdin.flush().is_err() {
+            return Err(dead(self, "closed its input"));
+        }
+        let mut reply = String::new();
+        match self.stdout.read_line(&mut reply) {
+            Ok(0) | Err(_) => return Err(dead(self, "exited")),
+            Ok(_) => {}
+        }
+        let v: Value = serde_json::from_str(&reply)
+            .map_err(|e| BackendError::Failed(format!("python worker said {reply:?}: {e}")))?;
+        if v.get("ok") == Some(&Value::Bool(true)) {
+            Ok(v)
+        } else {
+            let msg = v
+                .get("error")
+                .and_then(Value::as_str)
+                .unwrap_or("unknown error")
+                .to_owned();
+            Err(classify(msg))
+        }
+    }
+}
+
+fn classify(msg: String) -> BackendError {
+    match handoff_backend::unsupported_op_from_message(&msg) {
+        Some(op) => BackendError::Unsupported(format!("op {op}")),
+        None if msg.contains("INVALID_PROTOBUF") || msg.contains("NO_SUCHFILE") => {
+            BackendError::InvalidModel(msg)
+        }
+        None => BackendError::Failed(format!("python: {msg}")),
+    }
+}
+
+impl Drop for Worker {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+        let _ = std::fs::remove_dir_all(&self.scratch);
+    }
+}
+
+impl Prepared for Worker {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        let mut list = Vec::new();
+        for (i, t) in inputs.iter().enumerate() {
+            let path = self.scratch.join(format!("in{i}.bin"));
+            let (dtype, bytes): (&str, Vec<u8>) = match &t.data {
+                TensorData::F32(v) => ("<f4", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                TensorData::I64(v) => ("<i8", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+                TensorData::I32(v) => ("<i4", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            };
+            std::fs::write(&path, bytes)
+                .map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
+            list.push(json!({"name": t.name, "dtype": dtype, "shape": t.shape, "path": path}));
+        }
+        self.call(&json!({"cmd": "bind", "inputs": list}))?;
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        let reply = self.call(&json!({"cmd": "run"}))?;
+        self.inner_ms = reply
+            .get("inner_ns")
+            .and_then(Value::as_f64)
+            .map(|ns| ns / 1e6);
+        Ok(())
+    }
+
+    fn inner_ms(&self) -> Option<f64> {
+        self.inner_ms
+    }
+
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
+        let reply = self.call(&json!({"cmd": "outputs", "dir": self.scratch}))?;
+        let list = reply
+            .get("outputs")
+            .and_then(Value::as_array)
+            .cloned()
+            .unwrap_or_default();
+        list.iter()
+            .map(|o| {
+                let name = o
+                    .get("name")
+                    .and_then(Value::as_str)
+                    .unwrap_or("?")
+                    .to_owned();
+                let path = PathBuf::from(o.get("path").and_then(Value::as_str).unwrap_or(""));
+                let shape: Vec<usize> = o
+                    .get("shape")
+                    .and_then(Value::as_array)
+                    .map(|a| {
+                        a.iter()
+                            .filter_map(Value::as_u64)
+                            .map(|d| d as usize)
+                            .collect()
+                    })
+                    .unwrap_or_default();
+                let bytes = std::fs::read(&path)
+                    .map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
+                let data = match o.get("dtype").and_then(Value::as_str) {
+                    Some("float32") => TensorData::F32(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    ),
+                    Some("int64") => TensorData::I64(
+                        bytes
+                            .chunks_exact(8)
+                            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
+                            .collect(),
+                    ),
+                    Some("int32") => TensorData::I32(
+                        bytes
+                            .chunks_exact(4)
+                            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
+                            .collect(),
+                    ),
+                    other => {
+                        return Err(BackendError::Unsupported(format!(
+                            "output dtype {other:?} of `{name}`"
+                        )));
+                    }
+                };
+                Ok(Tensor { name, shape, data })
+            })
+            .collect()
+    }
+}
