@@ -162,7 +162,9 @@ enum Command {
     ///
     /// `int8-dynamic`: MatMul weights int8 (symmetric, per output column),
     /// activations quantised per call (DynamicQuantizeLinear + MatMulInteger,
-    /// the pattern ORT fuses), embedding tables int8 per row. `fp16`: weights
+    /// the pattern ORT fuses), embedding tables int8 per row. `int8-static`:
+    /// the same weights, activations in QDQ form with ranges calibrated
+    /// (min-max) on the check inputs. `fp16`: weights
     /// stored fp16 and cast back, so compute and I/O stay fp32. Nothing is
     /// written when the check fails or the model has nothing to quantise.
     ///
@@ -171,7 +173,7 @@ enum Command {
         /// The fp32 ONNX model.
         model: PathBuf,
         /// The variant.
-        #[arg(long, value_parser = ["int8-dynamic", "fp16", "ort-int8-dynamic"])]
+        #[arg(long, value_parser = ["int8-dynamic", "int8-static", "fp16", "ort-int8-dynamic"])]
         to: String,
         /// Output file (default: `<model stem>.<variant>.onnx` beside it).
         #[arg(long, short)]

@@ -317,6 +317,19 @@ pub fn build_variant(
                 report.warning(),
             )
         }
+        "int8-static" => {
+            let mut model = handoff_onnx::inspect::read_model(onnx).map_err(|e| e.to_string())?;
+            let targets = quantize::calibration_targets(&model, &request.dynamic);
+            let ranges = calibrate(registry, &model, &targets, &tmp, specs)?;
+            let report = quantize::quantize_static(&mut model, &ranges, &request.dynamic)
+                .map_err(|e| format!("{}: {e}", onnx.display()))?;
+            handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
+            let options = serde_json::to_value(&request.dynamic).unwrap_or_default();
+            (
+                serde_json::json!({"options": options, "calibration": {"method": "min-max", "inputs": format!("the check inputs ({} activations)", ranges.len()), "ranges": ranges}, "report": report}),
+                report.warning(),
+            )
+        }
         "ort-int8-dynamic" => {
             let python = handoff_python::pyenv::ensure(
                 &handoff_ort::provision::cache_dir(),
@@ -419,4 +432,35 @@ fn accuracy_check(
         threshold_min_cosine: min_cosine,
         passed: min_cos >= min_cosine,
     })
+}
+
+/// Min-max ranges of `targets` over the calibration inputs, from one ORT
+/// run of the model with those activations added as outputs.
+fn calibrate(
+    registry: &Registry,
+    model: &handoff_onnx::proto::ModelProto,
+    targets: &[String],
+    scratch: &Path,
+    specs: &[TensorSpec],
+) -> Result<std::collections::BTreeMap<String, handoff_convert::quantize::Range>, String> {
+    use handoff_convert::quantize::{Range, with_extra_outputs};
+    let ort = registry.get("ort").ok_or("ort is needed to calibrate")?;
+    let probe = with_extra_outputs(model, targets);
+    let path = scratch.with_extension("calib.onnx");
+    handoff_onnx::builder::write_model(&probe, &path).map_err(|e| e.to_string())?;
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    let outputs = run_once(ort, &path, None, &inputs, specs);
+    let _ = std::fs::remove_file(&path);
+    let outputs = outputs.map_err(|e| format!("calibration run on ort: {e}"))?;
+    let first = outputs.len().saturating_sub(targets.len());
+    targets
+        .iter()
+        .zip(&outputs[first..])
+        .map(|(name, t)| {
+            let values: Vec<f32> = t.data.to_f64().into_iter().map(|v| v as f32).collect();
+            Range::of(&values)
+                .map(|r| (name.clone(), r))
+                .ok_or_else(|| format!("calibration: activation `{name}` has no finite values"))
+        })
+        .collect()
 }

@@ -145,7 +145,7 @@ fn a_suite_runs_variants_with_their_accuracy_and_size() {
     let dir = tempfile::tempdir().unwrap();
     std::fs::write(
         dir.path().join("s.yaml"),
-        "name: v\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 64, depth: 2}}\n    variants: [fp32, int8-dynamic, fp16]\n    min_cosine: 0.9\n\
+        "name: v\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 64, depth: 2}}\n    variants: [fp32, int8-dynamic, fp16, int8-static]\n    min_cosine: 0.9\n\
          backends: [ort, tract]\nthreads: [1]\nbatch: [2]\n\
          measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n",
     )
@@ -169,7 +169,9 @@ fn a_suite_runs_variants_with_their_accuracy_and_size() {
             "mlp@int8-dynamic",
             "mlp@int8-dynamic",
             "mlp@fp16",
-            "mlp@fp16"
+            "mlp@fp16",
+            "mlp@int8-static",
+            "mlp@int8-static"
         ]
     );
     for r in &records {
@@ -394,6 +396,85 @@ fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
             panic!("f32")
         };
         for i in 0..want.len() {
+            assert!(
+                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                "{name} y[{i}]: {} vs {}",
+                got[i],
+                want[i]
+            );
+        }
+    }
+}
+
+/// int8-static (QDQ with a calibrated range) on ORT and tract against the
+/// same arithmetic by hand.
+#[test]
+fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
+    use handoff_convert::quantize::{Range, quantize_static};
+    use std::collections::BTreeMap;
+    handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    let (m, k, n) = (2, 6, 4);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| ((i * 7 % 11) as f32 - 4.0) / 3.0)
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 5 % 9) as f32 - 4.0) / 8.0)
+        .collect();
+    let mut g = GraphBuilder::new("t");
+    let xi = g.input(
+        "x",
+        ElemType::F32,
+        &[D::Fixed(m as i64), D::Fixed(k as i64)],
+    );
+    let wi = g.init_f32("w", &[k as i64, n as i64], w.clone());
+    g.node_to("MatMul", &[&xi, &wi], vec![], "y");
+    g.output(
+        "y",
+        ElemType::F32,
+        &[D::Fixed(m as i64), D::Fixed(n as i64)],
+    );
+    let mut model = g.finish(17);
+    // A calibrated range narrower than the data: the top values saturate.
+    let range = Range {
+        min: -1.0,
+        max: 1.5,
+    };
+    let options = DynamicOptions {
+        min_elements: 1,
+        ..Default::default()
+    };
+    quantize_static(
+        &mut model,
+        &BTreeMap::from([("x".to_owned(), range)]),
+        &options,
+    )
+    .unwrap();
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("s.onnx");
+    write_model(&model, &path).unwrap();
+    let s = 2.5f32 / 255.0;
+    let zp = (1.0f32 / s).round_ties_even();
+    let xd: Vec<f32> = x
+        .iter()
+        .map(|v| (((v / s).round_ties_even() + zp).clamp(0.0, 255.0) - zp) * s)
+        .collect();
+    let ws: Vec<f32> = (0..n)
+        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / 127.0)
+        .collect();
+    let want: Vec<f32> = (0..m * n)
+        .map(|i| {
+            let (row, c) = (i / n, i % n);
+            (0..k)
+                .map(|r| xd[row * k + r] * (w[r * n + c] / ws[c]).round_ties_even() * ws[c])
+                .sum()
+        })
+        .collect();
+    for (name, backend) in [
+        ("ort", Box::new(handoff_ort::OrtBackend) as Box<dyn Backend>),
+        ("tract", Box::new(handoff_tract::TractBackend)),
+    ] {
+        let got = run(backend.as_ref(), &path, &x, m, k);
+        for i in 0..m * n {
             assert!(
                 (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
                 "{name} y[{i}]: {} vs {}",

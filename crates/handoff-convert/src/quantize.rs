@@ -28,6 +28,8 @@ pub enum QuantError {
         "nothing to quantise: no MatMul or Gather has a constant float weight of at least {min_elements} elements{detail}"
     )]
     NothingToQuantize { min_elements: usize, detail: String },
+    #[error("calibration: {0}")]
+    Calibration(String),
     #[error("initializer `{name}`: {detail}")]
     Initializer { name: String, detail: String },
     #[error(
@@ -109,7 +111,7 @@ pub fn f32_values(t: &TensorProto) -> Result<Vec<f32>, QuantError> {
         detail,
     };
     let values: Vec<f32> = if !t.raw_data.is_empty() {
-        if t.raw_data.len() % 4 != 0 {
+        if !t.raw_data.len().is_multiple_of(4) {
             return Err(err(format!(
                 "raw data of {} bytes is not a whole number of f32",
                 t.raw_data.len()
@@ -213,7 +215,13 @@ fn node(
 
 /// Precision variants a suite can ask for (`fp32` is the model itself;
 /// `ort-int8-dynamic` is ONNX Runtime's own Python quantiser, the reference).
-pub const VARIANTS: [&str; 4] = ["fp32", "fp16", "int8-dynamic", "ort-int8-dynamic"];
+pub const VARIANTS: [&str; 5] = [
+    "fp32",
+    "fp16",
+    "int8-dynamic",
+    "int8-static",
+    "ort-int8-dynamic",
+];
 
 /// Pinned packages of the Python environment that runs ORT's quantiser.
 pub const ORT_QUANT_PACKAGES: [&str; 2] = ["onnxruntime==1.31.1", "onnx==1.20.1"];
@@ -227,6 +235,104 @@ pub const QUANTIZABLE: [&str; 2] = ["MatMul", "Gather"];
 pub fn quantize_dynamic(
     model: &mut ModelProto,
     options: &DynamicOptions,
+) -> Result<QuantReport, QuantError> {
+    quantize_graph(model, options, None)
+}
+
+/// An activation's observed range on the calibration inputs.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+pub struct Range {
+    pub min: f32,
+    pub max: f32,
+}
+
+impl Range {
+    /// Min-max over the values (NaN and infinities ignored).
+    pub fn of(values: &[f32]) -> Option<Range> {
+        let finite = values.iter().copied().filter(|v| v.is_finite());
+        let (mut lo, mut hi) = (f32::INFINITY, f32::NEG_INFINITY);
+        for v in finite {
+            lo = lo.min(v);
+            hi = hi.max(v);
+        }
+        (lo <= hi).then_some(Range { min: lo, max: hi })
+    }
+
+    /// The uint8 scale and zero point (range widened to include 0, as
+    /// DynamicQuantizeLinear does).
+    fn qparams(self) -> (f32, u8) {
+        let (lo, hi) = (self.min.min(0.0), self.max.max(0.0));
+        let scale = if hi > lo { (hi - lo) / 255.0 } else { 1.0 };
+        let zp = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as u8;
+        (scale, zp)
+    }
+}
+
+/// The activations static quantisation needs ranges for: the input of each
+/// MatMul it would quantise with an int8 activation, in graph order.
+pub fn calibration_targets(model: &ModelProto, options: &DynamicOptions) -> Vec<String> {
+    let mut probe = model.clone();
+    let mut seen = Vec::new();
+    if quantize_graph(&mut probe, options, None).is_ok()
+        && let Some(g) = probe.graph.as_ref()
+    {
+        for n in g
+            .node
+            .iter()
+            .filter(|n| n.op_type == "DynamicQuantizeLinear")
+        {
+            if !seen.contains(&n.input[0]) {
+                seen.push(n.input[0].clone());
+            }
+        }
+    }
+    seen
+}
+
+/// A copy of `model` that also outputs `tensors`, for a calibration run.
+pub fn with_extra_outputs(model: &ModelProto, tensors: &[String]) -> ModelProto {
+    use handoff_onnx::proto::{TypeProto, TypeProtoTensor, ValueInfoProto};
+    let mut m = model.clone();
+    if let Some(g) = m.graph.as_mut() {
+        for t in tensors {
+            g.output.push(ValueInfoProto {
+                name: t.clone(),
+                r#type: Some(TypeProto {
+                    tensor_type: Some(TypeProtoTensor {
+                        elem_type: ElemType::F32.onnx_code(),
+                        shape: None,
+                    }),
+                }),
+                ..Default::default()
+            });
+        }
+    }
+    m
+}
+
+/// Rewrites `model` in place with int8 weights and statically quantised
+/// activations in QDQ form (QuantizeLinear/DequantizeLinear pairs with the
+/// calibrated scales, which ORT fuses into integer kernels). `ranges` must
+/// cover every name [`calibration_targets`] returns.
+pub fn quantize_static(
+    model: &mut ModelProto,
+    ranges: &BTreeMap<String, Range>,
+    options: &DynamicOptions,
+) -> Result<QuantReport, QuantError> {
+    for t in calibration_targets(model, options) {
+        if !ranges.contains_key(&t) {
+            return Err(QuantError::Calibration(format!(
+                "no calibrated range for activation `{t}`"
+            )));
+        }
+    }
+    quantize_graph(model, options, Some(ranges))
+}
+
+fn quantize_graph(
+    model: &mut ModelProto,
+    options: &DynamicOptions,
+    ranges: Option<&BTreeMap<String, Range>>,
 ) -> Result<QuantReport, QuantError> {
     let graph = model.graph.as_mut().ok_or(QuantError::NoGraph)?;
     let inits: HashMap<String, usize> = graph
@@ -337,6 +443,68 @@ pub fn quantize_dynamic(
                     continue;
                 }
                 let a = &n.input[0];
+                if let Some(ranges) = ranges {
+                    let Some(range) = ranges.get(a) else {
+                        return Err(QuantError::Calibration(format!(
+                            "no calibrated range for activation `{a}`"
+                        )));
+                    };
+                    let a_dq = quantized_acts.entry(a.clone()).or_insert_with(|| {
+                        let (scale, zp) = range.qparams();
+                        let names = [
+                            format!("{p}_a_scale"),
+                            format!("{p}_a_zp"),
+                            format!("{p}_a_q"),
+                            format!("{p}_a_dq"),
+                        ];
+                        new_inits.push(tensor_f32(&names[0], &[], &[scale]));
+                        new_inits.push(TensorProto {
+                            name: names[1].clone(),
+                            data_type: ElemType::U8.onnx_code(),
+                            raw_data: vec![zp],
+                            ..Default::default()
+                        });
+                        new_nodes.push(node(
+                            "QuantizeLinear",
+                            format!("{p}_ql"),
+                            &[a, &names[0], &names[1]],
+                            &[&names[2]],
+                            vec![],
+                        ));
+                        new_nodes.push(node(
+                            "DequantizeLinear",
+                            format!("{p}_a_dql"),
+                            &[&names[2], &names[0], &names[1]],
+                            &[&names[3]],
+                            vec![],
+                        ));
+                        [names[3].clone(), String::new(), String::new()]
+                    })[0]
+                        .clone();
+                    let wf = format!("{p}_w_f32");
+                    let attrs = if per {
+                        vec![attr_int("axis", 1)]
+                    } else {
+                        vec![]
+                    };
+                    new_nodes.push(node(
+                        "DequantizeLinear",
+                        format!("{p}_dq"),
+                        &[&wq, &ws, &wzp],
+                        &[&wf],
+                        attrs,
+                    ));
+                    new_nodes.push(node(
+                        "MatMul",
+                        n.name.clone(),
+                        &[&a_dq, &wf],
+                        &[&out],
+                        vec![],
+                    ));
+                    replaced.insert(w.name.clone());
+                    *report.quantized.entry("MatMul".into()).or_default() += 1;
+                    continue;
+                }
                 let [aq, as_, azp] = quantized_acts
                     .entry(a.clone())
                     .or_insert_with(|| {
@@ -751,5 +919,62 @@ mod tests {
         assert_eq!(q, vec![127, -38, 127, 32]);
         let s = f32_values(init(&m, "table_row_scale")).unwrap();
         assert!((s[0] - 1.0 / 127.0).abs() < 1e-7 && (s[1] - 0.02 / 127.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn static_quantisation_needs_a_range_for_every_activation() {
+        let mut m = tiny_matmul(vec![0.5; 12]);
+        let targets = calibration_targets(&m, &opts());
+        assert_eq!(targets, ["x"]);
+        let before = m.clone();
+        let err = quantize_static(&mut m, &BTreeMap::new(), &opts()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("no calibrated range for activation `x`"),
+            "{err}"
+        );
+        assert_eq!(m, before);
+        let ranges = BTreeMap::from([(
+            "x".to_owned(),
+            Range {
+                min: -1.0,
+                max: 3.0,
+            },
+        )]);
+        quantize_static(&mut m, &ranges, &opts()).unwrap();
+        let ops: Vec<&str> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .map(|n| n.op_type.as_str())
+            .collect();
+        assert_eq!(
+            ops,
+            [
+                "QuantizeLinear",
+                "DequantizeLinear",
+                "DequantizeLinear",
+                "MatMul"
+            ]
+        );
+        // Range [-1, 3]: scale 4/255, zero point round(1 / (4/255)) = round(63.75) = 64.
+        let zp = init(&m, "q0_a_zp");
+        assert_eq!(zp.raw_data, vec![64]);
+        let scale = f32_values(init(&m, "q0_a_scale")).unwrap()[0];
+        assert!((scale - 4.0 / 255.0).abs() < 1e-7);
+    }
+
+    #[test]
+    fn calibration_ranges_ignore_non_finite_values() {
+        assert_eq!(
+            Range::of(&[f32::NAN, 2.0, -1.0, f32::INFINITY]),
+            Some(Range {
+                min: -1.0,
+                max: 2.0
+            })
+        );
+        assert_eq!(Range::of(&[f32::NAN]), None);
     }
 }

@@ -96,7 +96,9 @@ pub struct RawModel {
     pub lower_for: Option<Vec<String>>,
     /// Precision variants to build and run beside the model (`fp32` is the
     /// model itself): `fp16` (fp16 weights, fp32 compute), `int8-dynamic`
-    /// (int8 weights, activations quantised per call). Each runs as
+    /// (int8 weights, activations quantised per call), `int8-static` (QDQ,
+    /// activation ranges calibrated on the check inputs), `ort-int8-dynamic`
+    /// (ONNX Runtime's Python quantiser, for comparison). Each runs as
     /// `<id>@<variant>` and is checked against fp32 on ORT.
     #[serde(default)]
     pub variants: Option<Vec<String>>,
