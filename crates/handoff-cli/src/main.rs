@@ -173,7 +173,7 @@ enum Command {
         /// The fp32 ONNX model.
         model: PathBuf,
         /// The variant.
-        #[arg(long, value_parser = ["int8-dynamic", "int8-static", "fp16", "ort-int8-dynamic"])]
+        #[arg(long, value_parser = ["int8-dynamic", "int8-static", "fp16", "ort-int8-dynamic", "nnef"])]
         to: String,
         /// Output file (default: `<model stem>.<variant>.onnx` beside it).
         #[arg(long, short)]

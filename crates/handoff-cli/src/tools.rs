@@ -250,7 +250,10 @@ const ORT_QUANTIZE_PY: &str = include_str!("../../../scripts/ort_quantize.py");
 /// Where a variant of `onnx` is written.
 pub fn variant_path(onnx: &Path, variant: &str) -> PathBuf {
     let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    onnx.with_file_name(format!("{stem}.{variant}.onnx"))
+    match variant {
+        "nnef" => onnx.with_file_name(format!("{stem}.nnef.tar")),
+        v => onnx.with_file_name(format!("{stem}.{v}.onnx")),
+    }
 }
 
 /// How a variant is made, for `handoff quantize` and suites.
@@ -330,6 +333,14 @@ pub fn build_variant(
                 report.warning(),
             )
         }
+        "nnef" => {
+            handoff_tract::export_nnef(onnx, &tmp)
+                .map_err(|e| format!("{}: {e}", onnx.display()))?;
+            (
+                serde_json::json!({"tool": format!("tract {} NNEF (tar), decluttered, not optimised", handoff_tract::TRACT_VERSION)}),
+                None,
+            )
+        }
         "ort-int8-dynamic" => {
             let python = handoff_python::pyenv::ensure(
                 &handoff_ort::provision::cache_dir(),
@@ -362,7 +373,13 @@ pub fn build_variant(
             ));
         }
     };
-    let check = accuracy_check(registry, onnx, &tmp, specs, request.min_cosine);
+    // NNEF is tract's format: tract runs it, against fp32 on ORT.
+    let runner = if request.variant == "nnef" {
+        "tract"
+    } else {
+        "ort"
+    };
+    let check = accuracy_check(registry, onnx, &tmp, runner, specs, request.min_cosine);
     let check = match check {
         Ok(c) => c,
         Err(e) => {
@@ -397,16 +414,20 @@ fn accuracy_check(
     registry: &Registry,
     fp32: &Path,
     variant: &Path,
+    runner: &str,
     specs: &[TensorSpec],
     min_cosine: f64,
 ) -> Result<Check, String> {
     let ort = registry
         .get("ort")
         .ok_or("ort is needed to check a variant")?;
+    let other = registry
+        .get(runner)
+        .ok_or_else(|| format!("{runner} is needed to check this variant"))?;
     let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
     let a = run_once(ort, fp32, None, &inputs, specs).map_err(|e| format!("ort (fp32): {e}"))?;
-    let b =
-        run_once(ort, variant, None, &inputs, specs).map_err(|e| format!("ort (variant): {e}"))?;
+    let b = run_once(other, variant, None, &inputs, specs)
+        .map_err(|e| format!("{runner} (variant): {e}"))?;
     let (x, y) = (
         a.last().ok_or("the model has no outputs")?,
         b.last().ok_or("the variant has no outputs")?,
@@ -424,7 +445,10 @@ fn accuracy_check(
         .unwrap_or_default();
     Ok(Check {
         name: "accuracy".into(),
-        compared: format!("output `{}`: ort 1 thread, variant vs fp32", x.name),
+        compared: format!(
+            "output `{}`: variant on {runner} vs fp32 on ort, 1 thread",
+            x.name
+        ),
         inputs: format!("the suite's check inputs, shape {shape}"),
         max_abs,
         min_cosine: min_cos,

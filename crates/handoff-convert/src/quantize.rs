@@ -215,12 +215,13 @@ fn node(
 
 /// Precision variants a suite can ask for (`fp32` is the model itself;
 /// `ort-int8-dynamic` is ONNX Runtime's own Python quantiser, the reference).
-pub const VARIANTS: [&str; 5] = [
+pub const VARIANTS: [&str; 6] = [
     "fp32",
     "fp16",
     "int8-dynamic",
     "int8-static",
     "ort-int8-dynamic",
+    "nnef",
 ];
 
 /// Pinned packages of the Python environment that runs ORT's quantiser.

@@ -304,7 +304,15 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
     };
     out.push_str("## Precision variants\n\n");
     out.push_str("Accuracy: smallest per-row cosine similarity of the last output to the fp32 model's on the check inputs (ORT, 1 thread). Speed: best items/s of any backend and configuration.\n\n");
-    out.push_str("| model | variant | size MB | % of fp32 | min cosine | gate | best items/s | x fp32 |\n|---|---|---:|---:|---:|---|---:|---:|\n");
+    out.push_str("| model | variant | size MB | % of fp32 | min cosine | gate | best items/s | x fp32 | load ms (vs fp32, same backend) |\n|---|---|---:|---:|---:|---|---:|---:|---|\n");
+    let fastest_load = |model: &str, backend: Option<&str>| {
+        records
+            .iter()
+            .filter(|r| r.case.model == model && r.status == Status::Ok)
+            .filter(|r| backend.is_none_or(|b| r.case.backend == b))
+            .filter_map(|r| r.load_ms.map(|l| (l, r.case.backend.as_str())))
+            .min_by(|a, b| a.0.total_cmp(&b.0))
+    };
     for m in models(records) {
         let Some(a) = records
             .iter()
@@ -315,9 +323,16 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
         };
         let base = m.split('@').next().unwrap_or(m);
         let (mine, fp32) = (best(m), best(base));
+        let load = match fastest_load(m, None) {
+            Some((l, b)) => match fastest_load(base, Some(b)) {
+                Some((f, _)) => format!("{l:.0} vs {f:.0} ({b})"),
+                None => format!("{l:.0} ({b})"),
+            },
+            None => "-".into(),
+        };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {} | {:.4} | {} | {} | {} |",
+            "| {} | {} | {:.1} | {} | {:.4} | {} | {} | {} | {} |",
             escape_md(base),
             escape_md(&a.variant),
             a.size_bytes as f64 / 1e6,
@@ -339,7 +354,8 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             match (mine, fp32) {
                 (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),
                 _ => "-".into(),
-            }
+            },
+            load
         );
     }
     out.push('\n');

@@ -404,6 +404,21 @@ impl<'a> Runner<'a> {
         let save_to = dir
             .join("refs")
             .join(format!("{}.safetensors", sanitize(&key)));
+        let swapped;
+        let model = match model
+            .variant
+            .as_ref()
+            .and_then(|v| v.reference_model.clone())
+        {
+            Some(path) => {
+                swapped = handoff_suite::PlanModel {
+                    path,
+                    ..model.clone()
+                };
+                &swapped
+            }
+            None => model,
+        };
         let mut ref_case = case.clone();
         ref_case.backend = reference.clone();
         ref_case.device = handoff_backend::Device::Cpu;

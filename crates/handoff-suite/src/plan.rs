@@ -131,6 +131,9 @@ pub struct VariantInfo {
     pub name: String,
     pub accuracy: ProvCheck,
     pub fp32_bytes: u64,
+    /// The file the reference backend runs instead of this one, when it
+    /// cannot read the variant's format (NNEF: the fp32 ONNX model).
+    pub reference_model: Option<PathBuf>,
 }
 
 /// An input whose symbolic dims are filled in per case.
@@ -995,9 +998,42 @@ fn precision_variants(
             None => 8,
         };
         let inputs = model.concrete_inputs(batch, &dims);
+        // NNEF is tract's own format: only tract runs it.
+        let only = if name == "nnef" {
+            if !model
+                .backends
+                .as_ref()
+                .map_or(options.known_backends.iter().any(|b| b == "tract"), |b| {
+                    b.iter().any(|x| x == "tract")
+                })
+            {
+                ctx.err(
+                    at,
+                    "the nnef variant runs on tract, which this model does not use",
+                );
+                continue;
+            }
+            Some(vec!["tract".to_owned()])
+        } else {
+            model.backends.clone()
+        };
+        let info = |path: &Path| -> Result<ModelInfo, String> {
+            if name == "nnef" {
+                let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
+                Ok(ModelInfo {
+                    path: path.to_owned(),
+                    sha256: handoff_onnx::inspect::sha256_hex(&bytes),
+                    size_bytes: bytes.len() as u64,
+                    ..model.info.clone()
+                })
+            } else {
+                ModelInfo::load(path).map_err(|e| e.to_string())
+            }
+        };
         match tools.make_variant(&model.path, name, min_cosine, &inputs) {
-            Ok(v) => match ModelInfo::load(&v.path) {
+            Ok(v) => match info(&v.path) {
                 Ok(info) => out.push(PlanModel {
+                    backends: only,
                     id: format!("{}@{name}", model.id),
                     path: v.path,
                     source: format!("{}@{name}", model.source),
@@ -1008,6 +1044,7 @@ fn precision_variants(
                         name: name.clone(),
                         accuracy: v.accuracy,
                         fp32_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
+                        reference_model: (name == "nnef").then(|| model.path.clone()),
                     }),
                     ..model.clone()
                 }),

@@ -69,11 +69,19 @@ impl Backend for TractBackend {
         };
         #[cfg(not(feature = "cuda"))]
         handoff_backend::require_cpu(options.device)?;
-        let typed = tract_onnx::onnx()
-            .model_for_path(model.path())
-            .map_err(|e| classify(&e, true))?
-            .into_optimized()
-            .map_err(|e| classify(&e, false))?;
+        let typed = if is_nnef(model.path()) {
+            nnef()
+                .model_for_path(model.path())
+                .map_err(|e| classify(&e, true))?
+        } else {
+            tract_onnx::onnx()
+                .model_for_path(model.path())
+                .map_err(|e| classify(&e, true))?
+                .into_typed()
+                .map_err(|e| classify(&e, true))?
+        }
+        .into_optimized()
+        .map_err(|e| classify(&e, false))?;
         let output_names = output_names(&typed)?;
         #[cfg(feature = "cuda")]
         if let Some(runtime) = gpu {
@@ -108,6 +116,41 @@ impl Backend for TractBackend {
             last: TVec::new(),
         }))
     }
+}
+
+/// tract's NNEF dialect with its core and ONNX extensions (the ops an
+/// ONNX model turns into).
+fn nnef() -> tract_nnef::framework::Nnef {
+    use tract_onnx::WithOnnx;
+    tract_nnef::nnef().with_onnx()
+}
+
+/// An NNEF archive (a tar file) rather than an ONNX protobuf.
+pub fn is_nnef(path: &std::path::Path) -> bool {
+    use std::io::Read;
+    let mut head = [0u8; 262];
+    std::fs::File::open(path)
+        .and_then(|mut f| f.read_exact(&mut head))
+        .is_ok()
+        && &head[257..262] == b"ustar"
+}
+
+/// Writes `onnx` as tract NNEF (a tar archive): typed, neither decluttered
+/// (declutter fuses ops, e.g. GeluExact, that 0.23.9 cannot serialise) nor
+/// optimised (machine-specific). Loading it skips ONNX parsing and type
+/// inference; the loader optimises as for ONNX.
+pub fn export_nnef(onnx: &std::path::Path, out: &std::path::Path) -> Result<(), BackendError> {
+    let typed = tract_onnx::onnx()
+        .model_for_path(onnx)
+        .map_err(|e| classify(&e, true))?
+        .into_typed()
+        .map_err(|e| classify(&e, true))?;
+    let file = std::fs::File::create(out)
+        .map_err(|e| BackendError::Failed(format!("{}: {e}", out.display())))?;
+    nnef()
+        .write_to_tar(&typed, file)
+        .map_err(|e| BackendError::Unsupported(format!("NNEF export: {e:#}")))?;
+    Ok(())
 }
 
 fn output_names(model: &TypedModel) -> Result<Vec<String>, BackendError> {
