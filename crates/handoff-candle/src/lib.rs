@@ -10,6 +10,8 @@
 //! With the `cuda` feature, candle-native runs on `cuda:0`; candle-onnx stays
 //! CPU-only because it builds every initializer on the CPU.
 
+pub mod qbert;
+
 use std::collections::HashMap;
 
 use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
@@ -232,11 +234,17 @@ impl Backend for CandleNativeBackend {
         if device.is_cpu() {
             check_threads(options.threads)?;
         }
-        if let Some((_, variant)) = model.id.split_once('@') {
-            return Err(BackendError::Unsupported(format!(
-                "precision variant {variant}: candle-native loads the fp32 safetensors (candle has no int8 tensors; a candle-quantized BERT is not built yet)"
-            )));
-        }
+        let quantized = match model.id.split_once('@') {
+            None => None,
+            Some((_, variant)) => match qbert::ggml_dtype(variant) {
+                Some(q) => Some(q),
+                None => {
+                    return Err(BackendError::Unsupported(format!(
+                        "precision variant {variant}: candle has no int8 tensor type for ONNX graphs; its int8 is the candle-q8 variant"
+                    )));
+                }
+            },
+        };
         let dir = model.hf_dir.as_ref().ok_or_else(|| {
             BackendError::Unsupported(
                 "candle-native runs safetensors models (source `hf` or `pypi`), not a bare ONNX file".into(),
@@ -252,8 +260,15 @@ impl Backend for CandleNativeBackend {
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
         let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, CDType::F32, &device)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
-        let bert = BertModel::load(vb, &config)
-            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
+        let bert = match quantized {
+            None => Bert::F32(BertModel::load(vb, &config)),
+            Some(q) => Bert::Quantized(qbert::QBert::load(vb, &config, q)),
+        };
+        let bert = match bert {
+            Bert::F32(r) => r.map(Bert::F32),
+            Bert::Quantized(r) => r.map(Bert::Quantized),
+        }
+        .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
         Ok(Box::new(CandleNativePrepared {
             bert,
             device,
@@ -263,8 +278,13 @@ impl Backend for CandleNativeBackend {
     }
 }
 
+enum Bert<F, Q> {
+    F32(F),
+    Quantized(Q),
+}
+
 struct CandleNativePrepared {
-    bert: candle_transformers::models::bert::BertModel,
+    bert: Bert<candle_transformers::models::bert::BertModel, qbert::QBert>,
     device: CDevice,
     /// input_ids, token_type_ids, attention_mask
     inputs: Option<(CTensor, CTensor, CTensor)>,
@@ -296,7 +316,11 @@ impl Prepared for CandleNativePrepared {
             .as_ref()
             .ok_or_else(|| BackendError::Failed("no inputs bound".into()))?;
         let e = |e: candle_core::Error| BackendError::Failed(e.to_string());
-        let hidden = self.bert.forward(ids, types, Some(mask)).map_err(e)?;
+        let hidden = match &self.bert {
+            Bert::F32(b) => b.forward(ids, types, Some(mask)),
+            Bert::Quantized(b) => b.forward(ids, types, mask),
+        }
+        .map_err(e)?;
         // Masked mean pooling, as in the converted ONNX graph.
         let mask_f = mask.to_dtype(CDType::F32).map_err(e)?;
         let summed = mask_f

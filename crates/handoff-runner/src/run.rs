@@ -232,7 +232,13 @@ impl<'a> Runner<'a> {
                         backend: self.plan.check.reference.clone(),
                         atol: self.plan.check.atol,
                         rtol: self.plan.check.rtol,
-                        min_cosine: model.variant.as_ref().map(|_| VARIANT_PARITY_MIN_COSINE),
+                        min_cosine: model.variant.as_ref().map(|v| {
+                            if v.reference_is_fp32 {
+                                v.accuracy.threshold_min_cosine
+                            } else {
+                                VARIANT_PARITY_MIN_COSINE
+                            }
+                        }),
                     }),
                 },
             );

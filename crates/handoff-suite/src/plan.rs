@@ -56,6 +56,7 @@ pub trait ModelTools: Send + Sync {
     fn make_variant(
         &self,
         onnx: &Path,
+        hf_dir: Option<&Path>,
         variant: &str,
         min_cosine: f64,
         inputs: &[TensorSpec],
@@ -134,6 +135,9 @@ pub struct VariantInfo {
     /// The file the reference backend runs instead of this one, when it
     /// cannot read the variant's format (NNEF: the fp32 ONNX model).
     pub reference_model: Option<PathBuf>,
+    /// The reference outputs come from the fp32 model (nnef, candle-q8), so
+    /// the case check is the accuracy gate, not runtime agreement.
+    pub reference_is_fp32: bool,
 }
 
 /// An input whose symbolic dims are filled in per case.
@@ -998,8 +1002,10 @@ fn precision_variants(
             None => 8,
         };
         let inputs = model.concrete_inputs(batch, &dims);
-        // NNEF is tract's own format: only tract runs it.
-        let only = if name == "nnef" {
+        // NNEF is tract's own format, candle-q8 candle's: only they run them.
+        let only = if name == "candle-q8" {
+            Some(vec!["candle-native".to_owned()])
+        } else if name == "nnef" {
             if !model
                 .backends
                 .as_ref()
@@ -1018,7 +1024,9 @@ fn precision_variants(
             model.backends.clone()
         };
         let info = |path: &Path| -> Result<ModelInfo, String> {
-            if name == "nnef" {
+            if name == "candle-q8" {
+                Ok(model.info.clone())
+            } else if name == "nnef" {
                 let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
                 Ok(ModelInfo {
                     path: path.to_owned(),
@@ -1030,7 +1038,13 @@ fn precision_variants(
                 ModelInfo::load(path).map_err(|e| e.to_string())
             }
         };
-        match tools.make_variant(&model.path, name, min_cosine, &inputs) {
+        match tools.make_variant(
+            &model.path,
+            model.hf_dir.as_deref(),
+            name,
+            min_cosine,
+            &inputs,
+        ) {
             Ok(v) => match info(&v.path) {
                 Ok(info) => out.push(PlanModel {
                     backends: only,
@@ -1038,13 +1052,18 @@ fn precision_variants(
                     path: v.path,
                     source: format!("{}@{name}", model.source),
                     info,
-                    // Native backends load the fp32 safetensors, not this file.
-                    hf_dir: None,
+                    // Native backends load safetensors: only candle-q8 is one.
+                    hf_dir: if name == "candle-q8" {
+                        model.hf_dir.clone()
+                    } else {
+                        None
+                    },
                     variant: Some(VariantInfo {
                         name: name.clone(),
                         accuracy: v.accuracy,
                         fp32_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
                         reference_model: (name == "nnef").then(|| model.path.clone()),
+                        reference_is_fp32: name == "nnef" || name == "candle-q8",
                     }),
                     ..model.clone()
                 }),
