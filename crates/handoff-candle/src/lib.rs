@@ -240,7 +240,7 @@ impl Backend for CandleNativeBackend {
                 Some(q) => Some(q),
                 None => {
                     return Err(BackendError::Unsupported(format!(
-                        "precision variant {variant}: candle has no int8 tensor type for ONNX graphs; its int8 is the candle-q8 variant"
+                        "precision variant {variant} is an ONNX file; candle-native runs the safetensors (candle has no int8 tensor type; its quantised variant is candle-q8)"
                     )));
                 }
             },

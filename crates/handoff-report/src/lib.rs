@@ -97,11 +97,15 @@ fn notes(r: &ResultRecord) -> String {
     }
     if let Some(a) = &r.accuracy {
         n.push(format!(
-            "{}{}: cos {:.4} vs fp32, {:.1} MB",
+            "{}{}: cos {:.4} vs fp32{}",
             if a.passed { "" } else { "ACCURACY-FAIL " },
             a.variant,
             a.min_cosine,
-            a.size_bytes as f64 / 1e6
+            if a.size_bytes > 0 {
+                format!(", {:.1} MB", a.size_bytes as f64 / 1e6)
+            } else {
+                String::new()
+            }
         ));
     }
     n.join("; ")
@@ -332,11 +336,15 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
         };
         let _ = writeln!(
             out,
-            "| {} | {} | {:.1} | {} | {:.4} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.4} | {} | {} | {} | {} |",
             escape_md(base),
             escape_md(&a.variant),
-            a.size_bytes as f64 / 1e6,
-            if a.fp32_size_bytes > 0 {
+            if a.size_bytes > 0 {
+                format!("{:.1}", a.size_bytes as f64 / 1e6)
+            } else {
+                "(at load)".into()
+            },
+            if a.fp32_size_bytes > 0 && a.size_bytes > 0 {
                 format!(
                     "{:.0}%",
                     100.0 * a.size_bytes as f64 / a.fp32_size_bytes as f64

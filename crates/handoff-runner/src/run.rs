@@ -516,7 +516,12 @@ impl<'a> Runner<'a> {
                 max_abs: v.accuracy.max_abs,
                 threshold_min_cosine: v.accuracy.threshold_min_cosine,
                 passed: v.accuracy.passed,
-                size_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
+                // 0: no file of its own (candle-q8 quantises at load).
+                size_bytes: if v.reference_is_fp32 && v.reference_model.is_none() {
+                    0
+                } else {
+                    std::fs::metadata(&model.path).map_or(0, |m| m.len())
+                },
                 fp32_size_bytes: v.fp32_bytes,
             }),
             env: env.to_owned(),

@@ -164,7 +164,14 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
             if let Some(min) = r.min_cosine
                 && parity.detail.is_none()
             {
-                let cos = min_row_cosine(&outputs, &reference);
+                // The output the accuracy gate uses (the embedding or
+                // logits): per-token states of padded positions carry no
+                // meaning and would dominate a cosine over every output.
+                let (o, r) = (
+                    outputs.len().saturating_sub(1),
+                    reference.len().saturating_sub(1),
+                );
+                let cos = min_row_cosine(&outputs[o..], &reference[r..]);
                 parity.min_cosine = Some(cos);
                 parity.ok = cos >= min;
                 if !parity.ok {
