@@ -468,11 +468,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 .first()
                 .map_or("(empty)".to_owned(), |r| r.suite.clone());
             print!("{}", handoff_report::terminal_table(&read.records));
-            let md = handoff_report::summary_markdown(&suite, &read.records, read.torn_last_line);
             let out = out.unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_owned());
-            std::fs::create_dir_all(&out)?;
-            std::fs::write(out.join("summary.md"), md)?;
-            write_html(&out, path.parent().unwrap_or(Path::new(".")), &suite, &read)?;
+            write_report(&out, path.parent().unwrap_or(Path::new(".")), &suite, &read)?;
             eprintln!(
                 "wrote {} and {}",
                 out.join("summary.md").display(),
@@ -644,10 +641,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             let summary = runner.run(&mut progress)?;
             progress.finish();
             let read = handoff_runner::read_results(&summary.results)?;
-            let md =
-                handoff_report::summary_markdown(&plan.name, &read.records, read.torn_last_line);
-            std::fs::write(out.join("summary.md"), md)?;
-            write_html(&out, &out, &plan.name, &read)?;
+            write_report(&out, &out, &plan.name, &read)?;
             if !quiet {
                 println!("{}", handoff_report::terminal_table(&read.records));
                 let counts: Vec<String> = summary
@@ -941,7 +935,9 @@ fn confirm_by_rerun(
 }
 
 /// Writes the self-contained HTML report, with the run's env.json if any.
-fn write_html(
+/// summary.md, plots and report.html into `out`, with the environment of
+/// the run in `run_dir`.
+fn write_report(
     out: &Path,
     run_dir: &Path,
     suite: &str,
@@ -950,27 +946,7 @@ fn write_html(
     let env: Option<serde_json::Value> = std::fs::read(run_dir.join("env.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    let mut images = std::collections::BTreeMap::new();
-    let models = handoff_report::models(&read.records);
-    for m in models {
-        let rows: Vec<&ResultRecord> = read.records.iter().filter(|r| r.case.model == m).collect();
-        let files = handoff_report::plots::model_plots(m, &rows, &out.join("plots"))?;
-        images.insert(
-            m.to_owned(),
-            files
-                .iter()
-                .map(std::fs::read)
-                .collect::<std::io::Result<Vec<_>>>()?,
-        );
-    }
-    let html = handoff_report::html::report_html(
-        suite,
-        &read.records,
-        env.as_ref(),
-        read.torn_last_line,
-        &images,
-    );
-    std::fs::write(out.join("report.html"), html)?;
+    handoff_report::write_report(out, suite, &read.records, env.as_ref(), read.torn_last_line)?;
     Ok(())
 }
 

@@ -32,7 +32,9 @@ const SCRIPT: &str = "document.querySelectorAll('table.sortable th').forEach(fun
 var t=th.closest('table'),b=t.tBodies[0],rows=Array.from(b.rows),asc=th.dataset.asc!=='1';th.dataset.asc=asc?'1':'0';
 rows.sort(function(x,y){var a=x.cells[i].dataset.v||x.cells[i].textContent,c=y.cells[i].dataset.v||y.cells[i].textContent;
 var na=parseFloat(a),nc=parseFloat(c);var r=(!isNaN(na)&&!isNaN(nc))?na-nc:a.localeCompare(c);return asc?r:-r;});
-rows.forEach(function(r){b.appendChild(r);});});});";
+rows.forEach(function(r){b.appendChild(r);});});});
+window.addEventListener('load',function(){var im=document.images,n=0;for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)n++;}
+document.body.setAttribute('data-images-loaded',n+'/'+im.length);});";
 
 fn num(v: Option<f64>, digits: usize) -> (String, String) {
     match v {

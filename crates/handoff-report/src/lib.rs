@@ -3,6 +3,9 @@
 
 pub mod html;
 pub mod plots;
+pub mod write;
+
+pub use write::{WriteError, write_report};
 
 use std::fmt::Write;
 
