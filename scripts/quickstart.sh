@@ -7,7 +7,7 @@ suite=${1:-suites/quickstart.yaml}
 shift || true
 echo "==> building handoff (release; the first build takes several minutes)"
 cargo build --release --locked -p handoff-cli
-echo "==> fetching runtime libraries into .cache/ (onnxruntime from PyPI)"
+echo "==> fetching runtime libraries into .cache/ (libonnxruntime and the Python baseline environment, from PyPI)"
 ./target/release/handoff setup
 ./target/release/handoff list-backends
 echo "==> running $suite"

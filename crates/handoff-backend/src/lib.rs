@@ -202,6 +202,27 @@ pub fn nvidia_driver() -> Option<String> {
     Some(version.to_owned())
 }
 
+/// A check every backend's tests run on a machine without a GPU: a `cuda`
+/// probe and a `cuda` prepare both refuse with `no CUDA device …` (never a
+/// CPU session). `Err` says what happened instead.
+pub fn check_cuda_refused(backend: &dyn Backend, model: &ModelRef) -> Result<(), String> {
+    match backend.probe(Device::Cuda) {
+        Probe::Unavailable { reason } if reason.starts_with("no CUDA device") => {}
+        other => return Err(format!("cuda probe: {other:?}")),
+    }
+    let options = PrepareOptions {
+        device: Device::Cuda,
+        threads: 1,
+        inputs: Vec::new(),
+        options: serde_json::Value::Null,
+    };
+    match backend.prepare(model, &options) {
+        Err(BackendError::Unavailable(reason)) if reason.starts_with("no CUDA device") => Ok(()),
+        Err(other) => Err(format!("cuda prepare: {other}")),
+        Ok(_) => Err("a cuda case was prepared without a GPU".into()),
+    }
+}
+
 /// Looks backends up by name; the CLI fills it with the runtimes compiled in.
 #[derive(Default)]
 pub struct Registry {

@@ -48,7 +48,7 @@ fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
 }
 
 #[test]
-fn int8_dynamic_on_ort_computes_what_the_onnx_spec_says() {
+fn int8_dynamic_on_ort_and_tract_computes_what_the_onnx_spec_says() {
     handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
     let (m, k, n) = (3, 8, 5);
     let x: Vec<f32> = (0..m * k)
@@ -57,20 +57,7 @@ fn int8_dynamic_on_ort_computes_what_the_onnx_spec_says() {
     let w: Vec<f32> = (0..k * n)
         .map(|i| ((i * 53 % 31) as f32 - 15.0) / 40.0)
         .collect();
-    let mut g = GraphBuilder::new("t");
-    let xi = g.input(
-        "x",
-        ElemType::F32,
-        &[D::Fixed(m as i64), D::Fixed(k as i64)],
-    );
-    let wi = g.init_f32("w", &[k as i64, n as i64], w.clone());
-    g.node_to("MatMul", &[&xi, &wi], vec![], "y");
-    g.output(
-        "y",
-        ElemType::F32,
-        &[D::Fixed(m as i64), D::Fixed(n as i64)],
-    );
-    let mut model = g.finish(17);
+    let mut model = matmul_model(m, k, n, &w);
     let options = DynamicOptions {
         min_elements: 1,
         down_proj_weight_only: false,
@@ -80,64 +67,53 @@ fn int8_dynamic_on_ort_computes_what_the_onnx_spec_says() {
     let dir = tempfile::tempdir().unwrap();
     let path = dir.path().join("q.onnx");
     write_model(&model, &path).unwrap();
-
-    let want = reference(&x, m, k, &w, n);
-    for (name, backend) in [
-        ("ort", Box::new(handoff_ort::OrtBackend) as Box<dyn Backend>),
-        ("tract", Box::new(handoff_tract::TractBackend)),
-    ] {
-        let got = run(backend.as_ref(), &path, &x, m, k);
-        let worst = (0..m * n)
-            .map(|i| (got[i] - want[i]).abs())
-            .fold(0f32, f32::max);
-        eprintln!("{name}: max abs vs spec {worst:e}");
-    }
-    let backend = handoff_ort::OrtBackend;
-    let input = Tensor {
-        name: "x".into(),
-        shape: vec![m, k],
-        data: TensorData::F32(x.clone()),
-    };
-    let mut p = backend
-        .prepare(
-            &ModelRef {
-                path: path.clone(),
-                id: "q".into(),
-                hf_dir: None,
-            },
-            &PrepareOptions {
-                device: Device::Cpu,
-                threads: 1,
-                inputs: Vec::new(),
-                options: serde_json::Value::Null,
-            },
-        )
-        .unwrap();
-    p.bind(&[input]).unwrap();
-    p.run().unwrap();
-    let out = p.outputs().unwrap();
-    let TensorData::F32(got) = &out[0].data else {
-        panic!("f32 output expected")
-    };
     let want = reference(&x, m, k, &w, n);
     let exact: Vec<f32> = (0..m * n)
         .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
         .collect();
-    for i in 0..m * n {
-        assert!(
-            (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-            "y[{i}]: ORT {} vs spec {}",
-            got[i],
-            want[i]
-        );
-        // And int8 is close to, but not exactly, the float product.
-        assert!(
-            (got[i] - exact[i]).abs() < 0.05,
-            "y[{i}]: {} vs fp32 {}",
-            got[i],
-            exact[i]
-        );
+    for (name, backend) in ort_and_tract() {
+        let got = run(backend.as_ref(), &path, &x, m, k);
+        for i in 0..m * n {
+            assert!(
+                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
+                "{name} y[{i}]: {} vs spec {}",
+                got[i],
+                want[i]
+            );
+            // And int8 is close to, but not exactly, the float product.
+            assert!(
+                (got[i] - exact[i]).abs() < 0.05,
+                "{name} y[{i}]: {} vs fp32 {}",
+                got[i],
+                exact[i]
+            );
+        }
     }
+}
+
+/// x[m, k] -> MatMul(W[k, n]) -> y.
+fn matmul_model(m: usize, k: usize, n: usize, w: &[f32]) -> handoff_onnx::proto::ModelProto {
+    let mut g = GraphBuilder::new("t");
+    let xi = g.input(
+        "x",
+        ElemType::F32,
+        &[D::Fixed(m as i64), D::Fixed(k as i64)],
+    );
+    let wi = g.init_f32("w", &[k as i64, n as i64], w.to_vec());
+    g.node_to("MatMul", &[&xi, &wi], vec![], "y");
+    g.output(
+        "y",
+        ElemType::F32,
+        &[D::Fixed(m as i64), D::Fixed(n as i64)],
+    );
+    g.finish(17)
+}
+
+fn ort_and_tract() -> [(&'static str, Box<dyn Backend>); 2] {
+    [
+        ("ort", Box::new(handoff_ort::OrtBackend)),
+        ("tract", Box::new(handoff_tract::TractBackend)),
+    ]
 }
 
 #[test]
@@ -368,10 +344,7 @@ fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
                 .collect::<Vec<_>>()
         })
         .collect();
-    for (name, backend) in [
-        ("ort", Box::new(handoff_ort::OrtBackend) as Box<dyn Backend>),
-        ("tract", Box::new(handoff_tract::TractBackend)),
-    ] {
+    for (name, backend) in ort_and_tract() {
         let mut p = backend
             .prepare(
                 &ModelRef {
@@ -422,20 +395,7 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
     let w: Vec<f32> = (0..k * n)
         .map(|i| ((i * 5 % 9) as f32 - 4.0) / 8.0)
         .collect();
-    let mut g = GraphBuilder::new("t");
-    let xi = g.input(
-        "x",
-        ElemType::F32,
-        &[D::Fixed(m as i64), D::Fixed(k as i64)],
-    );
-    let wi = g.init_f32("w", &[k as i64, n as i64], w.clone());
-    g.node_to("MatMul", &[&xi, &wi], vec![], "y");
-    g.output(
-        "y",
-        ElemType::F32,
-        &[D::Fixed(m as i64), D::Fixed(n as i64)],
-    );
-    let mut model = g.finish(17);
+    let mut model = matmul_model(m, k, n, &w);
     // A calibrated range narrower than the data: the top values saturate.
     let range = Range {
         min: -1.0,
@@ -471,10 +431,7 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
                 .sum()
         })
         .collect();
-    for (name, backend) in [
-        ("ort", Box::new(handoff_ort::OrtBackend) as Box<dyn Backend>),
-        ("tract", Box::new(handoff_tract::TractBackend)),
-    ] {
+    for (name, backend) in ort_and_tract() {
         let got = run(backend.as_ref(), &path, &x, m, k);
         for i in 0..m * n {
             assert!(

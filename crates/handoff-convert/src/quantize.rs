@@ -213,6 +213,34 @@ fn node(
     }
 }
 
+/// `MatMul(a, DequantizeLinear(Wq, Ws, Wzp))` in place of node `n`: int8
+/// weights on disk, the multiply in fp32 (per-column scales on axis 1).
+fn dequantized_matmul(
+    p: &str,
+    n: &NodeProto,
+    a: &str,
+    [wq, ws, wzp]: [&str; 3],
+    per_channel: bool,
+) -> [NodeProto; 2] {
+    let wf = format!("{p}_w_f32");
+    let axis = if per_channel {
+        vec![attr_int("axis", 1)]
+    } else {
+        vec![]
+    };
+    let out = n.output.first().map_or("", String::as_str);
+    [
+        node(
+            "DequantizeLinear",
+            format!("{p}_dq"),
+            &[wq, ws, wzp],
+            &[&wf],
+            axis,
+        ),
+        node("MatMul", n.name.clone(), &[a, &wf], &[out], vec![]),
+    ]
+}
+
 /// Precision variants a suite can ask for (`fp32` is the model itself;
 /// `ort-int8-dynamic` is ONNX Runtime's own Python quantiser, the reference).
 pub const VARIANTS: [&str; 7] = [
@@ -416,25 +444,12 @@ fn quantize_graph(
                 new_inits.push(tensor_f32(&ws, &scale_dims, &scales));
                 new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
                 if options.down_proj_weight_only && rows >= 2 * cols {
-                    let wf = format!("{p}_w_f32");
-                    let attrs = if per {
-                        vec![attr_int("axis", 1)]
-                    } else {
-                        vec![]
-                    };
-                    new_nodes.push(node(
-                        "DequantizeLinear",
-                        format!("{p}_dq"),
-                        &[&wq, &ws, &wzp],
-                        &[&wf],
-                        attrs,
-                    ));
-                    new_nodes.push(node(
-                        "MatMul",
-                        n.name.clone(),
-                        &[&n.input[0], &wf],
-                        &[&out],
-                        vec![],
+                    new_nodes.extend(dequantized_matmul(
+                        &p,
+                        n,
+                        &n.input[0],
+                        [&wq, &ws, &wzp],
+                        per,
                     ));
                     report.weight_only.push(n.name.clone());
                     replaced.insert(w.name.clone());
@@ -483,26 +498,7 @@ fn quantize_graph(
                         [names[3].clone(), String::new(), String::new()]
                     })[0]
                         .clone();
-                    let wf = format!("{p}_w_f32");
-                    let attrs = if per {
-                        vec![attr_int("axis", 1)]
-                    } else {
-                        vec![]
-                    };
-                    new_nodes.push(node(
-                        "DequantizeLinear",
-                        format!("{p}_dq"),
-                        &[&wq, &ws, &wzp],
-                        &[&wf],
-                        attrs,
-                    ));
-                    new_nodes.push(node(
-                        "MatMul",
-                        n.name.clone(),
-                        &[&a_dq, &wf],
-                        &[&out],
-                        vec![],
-                    ));
+                    new_nodes.extend(dequantized_matmul(&p, n, &a_dq, [&wq, &ws, &wzp], per));
                     replaced.insert(w.name.clone());
                     *report.quantized.entry("MatMul".into()).or_default() += 1;
                     continue;

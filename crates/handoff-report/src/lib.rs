@@ -273,7 +273,7 @@ fn handoff_gain(out: &mut String, records: &[ResultRecord]) {
         return;
     }
     out.push_str("## Hand-off gain: Rust ort vs Python onnxruntime\n\n");
-    out.push_str("Same ONNX Runtime release, model file, inputs, threads and batch. Python p50 is timed inside Python around `session.run` (numpy in and out); Rust p50 around `Session::run`. The difference is what Python's binding costs per call.\n\n");
+    out.push_str("Same ONNX Runtime release, model file, inputs, threads and batch. Python p50 is timed inside Python around `session.run` (numpy in and out); Rust p50 around `Session::run`. The difference is what Python's binding costs per call. The two rows are measured one after the other: with as many threads as the machine has cores, anything else running moves them apart, so a negative overhead means the conditions differed, not that Python is faster (repeat with `--repeat`).\n\n");
     out.push_str("| model | threads | batch | dims | Rust ort p50 ms | Python p50 ms | Python overhead per call | |\n|---|---:|---:|---|---:|---:|---:|---:|\n");
     for (p, r) in pairs {
         let (Some(py), Some(rs)) = (p.inner_latency_ms.as_ref(), r.latency_ms.as_ref()) else {

@@ -292,29 +292,11 @@ mod tests {
         if handoff_backend::nvidia_driver().is_some() {
             return; // a GPU machine: covered by suites/gpu.yaml
         }
-        match TractBackend.probe(Device::Cuda) {
-            Probe::Unavailable { reason } => {
-                assert!(reason.starts_with("no CUDA device"), "{reason}")
-            }
-            other => panic!("cuda probe on a machine without a driver: {other:?}"),
-        }
-        let options = PrepareOptions {
-            device: Device::Cuda,
-            threads: 1,
-            inputs: Vec::new(),
-            options: serde_json::Value::Null,
-        };
         let model = ModelRef {
             path: "/nonexistent.onnx".into(),
             id: "x".into(),
             hf_dir: None,
         };
-        match TractBackend.prepare(&model, &options) {
-            Err(BackendError::Unavailable(reason)) => {
-                assert!(reason.starts_with("no CUDA device"), "{reason}")
-            }
-            Err(other) => panic!("expected unavailable, got {other}"),
-            Ok(_) => panic!("a cuda case was prepared without a GPU"),
-        }
+        handoff_backend::check_cuda_refused(&TractBackend, &model).unwrap();
     }
 }
