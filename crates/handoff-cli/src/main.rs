@@ -208,10 +208,18 @@ enum Command {
         seq: u32,
     },
     /// Print the table and Markdown summary of a results file.
+    /// Render summary.md, plots and report.html from saved results.
+    ///
+    /// Several results files from different machines (different environment
+    /// fingerprints) become one report with a machine dimension: each model
+    /// is shown per machine (`minilm-l6 [AMD EPYC ...]`), never mixed.
+    ///
+    /// Example: handoff report runs/cpu-box runs/gpu-box --out reports/both
     Report {
-        /// results.jsonl, or the run directory holding it.
-        results: PathBuf,
-        /// Write summary.md here (default: next to the results).
+        /// results.jsonl files, or the run directories holding them.
+        #[arg(required = true)]
+        results: Vec<PathBuf>,
+        /// Write the report here (default: next to the first results).
         #[arg(long)]
         out: Option<PathBuf>,
     },
@@ -457,19 +465,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { results, out } => {
-            let path = if results.is_dir() {
-                results.join("results.jsonl")
+            let paths: Vec<PathBuf> = results
+                .into_iter()
+                .map(|p| {
+                    if p.is_dir() {
+                        p.join("results.jsonl")
+                    } else {
+                        p
+                    }
+                })
+                .collect();
+            let first = paths[0].parent().unwrap_or(Path::new(".")).to_owned();
+            let mut read = handoff_runner::read_results(&paths[0])?;
+            if paths.len() > 1 {
+                read = merge_machines(&paths)?;
+            }
+            let mut suites: Vec<String> = Vec::new();
+            for r in &read.records {
+                if !suites.contains(&r.suite) {
+                    suites.push(r.suite.clone());
+                }
+            }
+            let suite = if suites.is_empty() {
+                "(empty)".to_owned()
             } else {
-                results
+                suites.join(" + ")
             };
-            let read = handoff_runner::read_results(&path)?;
-            let suite = read
-                .records
-                .first()
-                .map_or("(empty)".to_owned(), |r| r.suite.clone());
             print!("{}", handoff_report::terminal_table(&read.records));
-            let out = out.unwrap_or_else(|| path.parent().unwrap_or(Path::new(".")).to_owned());
-            write_report(&out, path.parent().unwrap_or(Path::new(".")), &suite, &read)?;
+            let out = out.unwrap_or_else(|| first.clone());
+            write_report(&out, &first, &suite, &read)?;
             eprintln!(
                 "wrote {} and {}",
                 out.join("summary.md").display(),
@@ -935,6 +959,59 @@ fn confirm_by_rerun(
 }
 
 /// Writes the self-contained HTML report, with the run's env.json if any.
+/// Results from several runs in one list. Runs made on different machines
+/// (environment fingerprints) keep their numbers apart: the model id gets
+/// the machine's name (CPU model from env.json, else the fingerprint).
+fn merge_machines(paths: &[PathBuf]) -> Result<handoff_runner::record::Results> {
+    let mut all = Vec::new();
+    let mut torn = false;
+    let mut machines: Vec<(String, String)> = Vec::new();
+    for path in paths {
+        let read = handoff_runner::read_results(path)?;
+        torn |= read.torn_last_line;
+        let env: Option<serde_json::Value> = path
+            .parent()
+            .and_then(|d| std::fs::read(d.join("env.json")).ok())
+            .and_then(|b| serde_json::from_slice(&b).ok());
+        for r in read.records {
+            if !machines.iter().any(|(h, _)| *h == r.env) {
+                let cpu = env
+                    .as_ref()
+                    .and_then(|e| e.get("cpu_model"))
+                    .and_then(|v| v.as_str())
+                    .map(str::to_owned);
+                machines.push((
+                    r.env.clone(),
+                    cpu.unwrap_or_else(|| format!("env {}", r.env)),
+                ));
+            }
+            all.push(r);
+        }
+    }
+    if machines.len() > 1 {
+        // Two machines with the same CPU name still differ: add the hash.
+        let names: Vec<String> = machines
+            .iter()
+            .map(|(h, n)| {
+                if machines.iter().filter(|(_, m)| m == n).count() > 1 {
+                    format!("{n} {h}")
+                } else {
+                    n.clone()
+                }
+            })
+            .collect();
+        for r in &mut all {
+            if let Some(i) = machines.iter().position(|(h, _)| *h == r.env) {
+                r.case.model = format!("{} [{}]", r.case.model, names[i]);
+            }
+        }
+    }
+    Ok(handoff_runner::record::Results {
+        records: all,
+        torn_last_line: torn,
+    })
+}
+
 /// summary.md, plots and report.html into `out`, with the environment of
 /// the run in `run_dir`.
 fn write_report(

@@ -656,3 +656,41 @@ fn compare_rerun_confirms_a_real_regression_and_drops_a_fluke() {
     );
     assert!(text.contains("confirmed by ABBA rerun"), "{text}");
 }
+
+#[test]
+fn a_report_over_two_machines_keeps_their_numbers_apart() {
+    let dir = tempfile::tempdir().unwrap();
+    mock_run(dir.path(), "one", 1.0, &[]);
+    mock_run(dir.path(), "two", 1.0, &[]);
+    // Make run two come from another machine: another fingerprint and CPU.
+    let two = dir.path().join("two");
+    let text = std::fs::read_to_string(two.join("results.jsonl")).unwrap();
+    let env = read_results(&two.join("results.jsonl")).unwrap().records[0]
+        .env
+        .clone();
+    std::fs::write(
+        two.join("results.jsonl"),
+        text.replace(&env, "0000other0000000"),
+    )
+    .unwrap();
+    std::fs::write(two.join("env.json"), r#"{"cpu_model": "Other CPU"}"#).unwrap();
+    let o = handoff(&["report", "one", "two", "--out", "both"], dir.path());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let md = std::fs::read_to_string(dir.path().join("both/summary.md")).unwrap();
+    assert!(md.contains("## a [Other CPU]"), "{md}");
+    assert_eq!(
+        md.matches("## a [").count(),
+        2,
+        "one section per machine: {md}"
+    );
+    // The same machine twice is one dimension, not two.
+    let o = handoff(&["report", "one", "one", "--out", "same"], dir.path());
+    assert_eq!(o.status.code(), Some(0));
+    let md = std::fs::read_to_string(dir.path().join("same/summary.md")).unwrap();
+    assert!(md.contains("## a\n") && !md.contains("## a ["), "{md}");
+}

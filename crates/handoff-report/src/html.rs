@@ -162,6 +162,14 @@ pub fn report_html(
     if torn_last_line {
         o.push_str("<p class='note'>The last line of the results file was cut off (interrupted run) and is not shown.</p>");
     }
+    // Report-wide images (the precision-variant trade-off) under "".
+    for png in images.get("").into_iter().flatten() {
+        let _ = write!(
+            o,
+            "<h2>Precision variants</h2><p><img alt='precision variants: accuracy vs speed' width='900' src='data:image/png;base64,{}'></p>",
+            base64(png)
+        );
+    }
     let models = crate::models(records);
     for m in models {
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
@@ -184,23 +192,53 @@ pub fn report_html(
                 .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
         });
         o.push_str("<div class='rec'><b>Recommendation</b> (fastest configuration that passed the parity and accuracy checks):<ul>");
+        // The Python baseline at the recommended configuration, when the
+        // suite ran one: the hand-off gain in one number.
+        let python = |r: &ResultRecord| {
+            rows.iter().find(|p| {
+                p.case.backend == "python-onnxruntime"
+                    && p.passes()
+                    && (p.case.threads, p.case.batch, &p.case.dims)
+                        == (r.case.threads, r.case.batch, &r.case.dims)
+            })
+        };
         match lat {
             Some(r) => {
+                let vs = python(r)
+                    .filter(|_| r.case.backend != "python-onnxruntime")
+                    .map_or(String::new(), |p| {
+                        format!(
+                            "; Python onnxruntime there: p99 {:.3} ms ({:.2}x)",
+                            p99(p),
+                            p99(p) / p99(r)
+                        )
+                    });
                 let _ = write!(
                     o,
-                    "<li>latency: <b>{}</b> — p99 {:.3} ms at batch 1</li>",
+                    "<li>latency: <b>{}</b> — p99 {:.3} ms at batch 1{}</li>",
                     esc(&label(r)),
-                    p99(r)
+                    p99(r),
+                    vs
                 );
             }
             None => o.push_str("<li>latency: no passing batch-1 case</li>"),
         }
         if let Some(r) = thr {
+            let t = r.throughput_items_s.unwrap_or(0.0);
+            let vs = python(r)
+                .filter(|_| r.case.backend != "python-onnxruntime")
+                .and_then(|p| p.throughput_items_s)
+                .map_or(String::new(), |pt| {
+                    format!(
+                        "; Python onnxruntime there: {pt:.1} items/s ({:.2}x)",
+                        t / pt
+                    )
+                });
             let _ = write!(
                 o,
-                "<li>throughput: <b>{}</b> — {:.1} items/s</li>",
+                "<li>throughput: <b>{}</b> — {t:.1} items/s{}</li>",
                 esc(&label(r)),
-                r.throughput_items_s.unwrap_or(0.0)
+                vs
             );
         }
         o.push_str("</ul></div>");

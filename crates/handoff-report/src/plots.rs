@@ -85,6 +85,17 @@ pub fn model_plots(
         scaling(model, &rows, &p)?;
         out.push(p);
     }
+    let p = dir.join(format!("{safe}-frontier.png"));
+    frontier(model, &rows, &p)?;
+    out.push(p);
+    if rows.iter().any(|r| r.load_ms.is_some()) {
+        let p = dir.join(format!("{safe}-cold-start.png"));
+        cold_start(model, &rows, &p)?;
+        out.push(p);
+    }
+    let p = dir.join(format!("{safe}-heatmap.png"));
+    heatmap(model, &rows, &p)?;
+    out.push(p);
     Ok(out)
 }
 
@@ -114,7 +125,10 @@ fn latency(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(260)
-        .build_cartesian_2d(0.0..max.max(1e-6), (0..n).into_segmented())
+        .build_cartesian_2d(
+            0.0..max.max(1e-6),
+            (0..n.saturating_sub(1)).into_segmented(),
+        )
         .map_err(|x| e(x.to_string()))?;
     chart
         .configure_mesh()
@@ -238,12 +252,19 @@ fn line_with_markers<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
 fn legend<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
     chart: &mut Chart<'a, 'b, Y>,
 ) -> Result<(), String> {
+    legend_at(chart, SeriesLabelPosition::UpperLeft)
+}
+
+fn legend_at<'a, 'b: 'a, Y: Ranged<ValueType = f64>>(
+    chart: &mut Chart<'a, 'b, Y>,
+    position: SeriesLabelPosition,
+) -> Result<(), String> {
     chart
         .configure_series_labels()
         .label_font((FONT, 14))
         .background_style(WHITE.mix(0.9))
         .border_style(BLACK)
-        .position(SeriesLabelPosition::UpperLeft)
+        .position(position)
         .draw()
         .map_err(|x| x.to_string())
 }
@@ -320,4 +341,338 @@ fn scaling(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
     }
     legend(&mut chart).map_err(&e)?;
     root.present().map_err(|x| e(x.to_string()))
+}
+
+/// Latency against throughput, one line per (backend, threads) over batch
+/// sizes; configurations no other one beats on both axes are ringed.
+fn frontier(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotError> {
+    let e = err(path);
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let point = |r: &ResultRecord| {
+        (
+            r.latency_ms.as_ref().map_or(0.0, |l| l.p50),
+            r.throughput_items_s.unwrap_or(0.0),
+        )
+    };
+    let max_x = rows.iter().map(|r| point(r).0).fold(0.0f64, f64::max) * 1.1;
+    let max_y = rows.iter().map(|r| point(r).1).fold(0.0f64, f64::max) * 1.15;
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{model}: latency vs throughput (ringed: Pareto frontier)"),
+            (FONT, 26),
+        )
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..max_x.max(1e-6), 0.0..max_y.max(1e-6))
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("p50 latency per batch (ms)")
+        .y_desc("throughput (items/s)")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 18))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for (k, (name, mut pts)) in series(rows).into_iter().enumerate() {
+        pts.sort_by_key(|r| r.case.batch);
+        let xy: Vec<(f64, f64)> = pts.iter().map(|r| point(r)).collect();
+        line_with_markers(&mut chart, xy, name, PALETTE[k % PALETTE.len()]).map_err(&e)?;
+    }
+    let pareto: Vec<(f64, f64)> = rows
+        .iter()
+        .map(|r| point(r))
+        .filter(|&(x, y)| {
+            !rows
+                .iter()
+                .map(|r| point(r))
+                .any(|(ox, oy)| ox <= x && oy >= y && (ox < x || oy > y))
+        })
+        .collect();
+    chart
+        .draw_series(
+            pareto
+                .into_iter()
+                .map(|p| Circle::new(p, 11, BLACK.stroke_width(2))),
+        )
+        .map_err(|x| e(x.to_string()))?;
+    // High throughput at low latency is top left: keep the legend away.
+    legend_at(&mut chart, SeriesLabelPosition::LowerRight).map_err(&e)?;
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+/// Load (model to runnable session) and first inference per backend, for
+/// its smallest configuration: what a cold process pays before steady state.
+fn cold_start(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotError> {
+    let e = err(path);
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut firsts: Vec<&ResultRecord> = Vec::new();
+    for r in rows.iter().filter(|r| r.load_ms.is_some()) {
+        match firsts.iter_mut().find(|f| f.case.backend == r.case.backend) {
+            Some(f) if (r.case.batch, r.case.threads) < (f.case.batch, f.case.threads) => *f = r,
+            Some(_) => {}
+            None => firsts.push(r),
+        }
+    }
+    let total = |r: &ResultRecord| r.load_ms.unwrap_or(0.0) + r.first_ms.unwrap_or(0.0);
+    let max = firsts.iter().map(|r| total(r)).fold(0.0f64, f64::max) * 1.1;
+    let n = firsts.len();
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{model}: cold start (load, then first inference; blue = load)"),
+            (FONT, 26),
+        )
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(260)
+        .build_cartesian_2d(
+            0.0..max.max(1e-6),
+            (0..n.saturating_sub(1)).into_segmented(),
+        )
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("time (ms)")
+        .y_labels(n)
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => firsts.get(*i).map(|r| label(r)).unwrap_or_default(),
+            _ => String::new(),
+        })
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 18))
+        .disable_y_mesh()
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for (i, r) in firsts.iter().enumerate() {
+        let load = r.load_ms.unwrap_or(0.0);
+        for (from, to, colour) in [(0.0, load, PALETTE[0]), (load, total(r), PALETTE[3])] {
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [
+                        (from, SegmentValue::Exact(i)),
+                        (to, SegmentValue::Exact(i + 1)),
+                    ],
+                    colour.mix(0.85).filled(),
+                )))
+                .map_err(|x| e(x.to_string()))?;
+        }
+    }
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+/// Median latency per backend (rows) and (threads, batch) (columns),
+/// coloured by how far each cell is from the fastest backend of its column.
+fn heatmap(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotError> {
+    let e = err(path);
+    let root = BitMapBackend::new(path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let mut backends: Vec<&str> = Vec::new();
+    let mut columns: Vec<(u32, u32)> = Vec::new();
+    for r in rows {
+        if !backends.contains(&r.case.backend.as_str()) {
+            backends.push(&r.case.backend);
+        }
+        if !columns.contains(&(r.case.threads, r.case.batch)) {
+            columns.push((r.case.threads, r.case.batch));
+        }
+    }
+    columns.sort_unstable();
+    let p50 = |b: &str, c: (u32, u32)| {
+        rows.iter()
+            .find(|r| r.case.backend == b && (r.case.threads, r.case.batch) == c)
+            .and_then(|r| r.latency_ms.as_ref().map(|l| l.p50))
+    };
+    let (nx, ny) = (columns.len(), backends.len());
+    let mut chart = ChartBuilder::on(&root)
+        .caption(
+            format!("{model}: p50 ms per backend and (threads, batch); darker = slower than the column's best"),
+            (FONT, 22),
+        )
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(200)
+        .build_cartesian_2d((0..nx.saturating_sub(1)).into_segmented(),
+            (0..ny.saturating_sub(1)).into_segmented(),)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_labels(nx)
+        .y_labels(ny)
+        .x_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => columns
+                .get(*i)
+                .map(|(t, b)| format!("t{t} b{b}"))
+                .unwrap_or_default(),
+            _ => String::new(),
+        })
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => backends
+                .get(*i)
+                .map(|b| (*b).to_owned())
+                .unwrap_or_default(),
+            _ => String::new(),
+        })
+        .label_style((FONT, 15))
+        .disable_mesh()
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    for (ix, &c) in columns.iter().enumerate() {
+        let best = backends
+            .iter()
+            .filter_map(|b| p50(b, c))
+            .fold(f64::INFINITY, f64::min);
+        for (iy, b) in backends.iter().enumerate() {
+            let Some(v) = p50(b, c) else { continue };
+            // 1x -> white-ish, 4x or more -> full colour.
+            let t = ((v / best).log2() / 2.0).clamp(0.0, 1.0);
+            let shade = RGBColor(
+                (255.0 - t * (255.0 - 37.0)) as u8,
+                (255.0 - t * (255.0 - 99.0)) as u8,
+                (255.0 - t * (255.0 - 235.0)) as u8,
+            );
+            chart
+                .draw_series(std::iter::once(Rectangle::new(
+                    [
+                        (SegmentValue::Exact(ix), SegmentValue::Exact(iy)),
+                        (SegmentValue::Exact(ix + 1), SegmentValue::Exact(iy + 1)),
+                    ],
+                    shade.filled(),
+                )))
+                .map_err(|x| e(x.to_string()))?;
+            let text_colour = if t > 0.5 { WHITE } else { BLACK };
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!("{} ms", fmt_sig(v)),
+                    (SegmentValue::CenterOf(ix), SegmentValue::CenterOf(iy)),
+                    (FONT, 16).into_font().color(&text_colour),
+                )))
+                .map_err(|x| e(x.to_string()))?;
+        }
+    }
+    root.present().map_err(|x| e(x.to_string()))
+}
+
+/// Four significant digits, as in the tables.
+fn fmt_sig(v: f64) -> String {
+    if v >= 100.0 {
+        format!("{v:.1}")
+    } else if v >= 10.0 {
+        format!("{v:.2}")
+    } else {
+        format!("{v:.3}")
+    }
+}
+
+/// Accuracy (cosine to fp32) against speed (best items/s) for each base
+/// model's precision variants, marker area by file size; the variants no
+/// other one beats on both are ringed. `None` when no record is a variant.
+pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<PathBuf>, PlotError> {
+    font();
+    // (label, items/s, cosine, MB, passed)
+    let mut points: Vec<(String, f64, f64, f64, bool)> = Vec::new();
+    let best = |model: &str| {
+        records
+            .iter()
+            .filter(|r| r.case.model == model && r.status == Status::Ok)
+            .filter_map(|r| r.throughput_items_s)
+            .max_by(f64::total_cmp)
+    };
+    for m in crate::models(records) {
+        let Some(a) = records
+            .iter()
+            .find(|r| r.case.model == m)
+            .and_then(|r| r.accuracy.as_ref())
+        else {
+            continue;
+        };
+        let base = m.split('@').next().unwrap_or(m);
+        if !points.iter().any(|p| p.0 == format!("{base} fp32"))
+            && let Some(t) = best(base)
+        {
+            points.push((
+                format!("{base} fp32"),
+                t,
+                1.0,
+                a.fp32_size_bytes as f64 / 1e6,
+                true,
+            ));
+        }
+        if let Some(t) = best(m) {
+            points.push((
+                format!("{base} {}", a.variant),
+                t,
+                a.min_cosine,
+                a.size_bytes as f64 / 1e6,
+                a.passed,
+            ));
+        }
+    }
+    if points.len() < 2 {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir).map_err(|e| PlotError {
+        path: dir.to_owned(),
+        detail: e.to_string(),
+    })?;
+    let path = dir.join("variants.png");
+    let e = err(&path);
+    let root = BitMapBackend::new(&path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let max_x = points.iter().map(|p| p.1).fold(0.0f64, f64::max) * 1.2;
+    let min_y = points.iter().map(|p| p.2).fold(1.0f64, f64::min);
+    let lo = (min_y - (1.0 - min_y) * 0.2).min(0.98);
+    let mut chart = ChartBuilder::on(&root)
+        .caption("precision variants: accuracy vs speed (area = file size; ringed: Pareto; red = fails the gate)", (FONT, 22))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(90)
+        .build_cartesian_2d(0.0..max_x.max(1e-6), lo..1.002)
+        .map_err(|x| e(x.to_string()))?;
+    chart
+        .configure_mesh()
+        .x_desc("best throughput (items/s)")
+        .y_desc("min cosine vs fp32")
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 18))
+        .draw()
+        .map_err(|x| e(x.to_string()))?;
+    let max_mb = points.iter().map(|p| p.3).fold(1e-6f64, f64::max);
+    for (label, x, y, mb, passed) in &points {
+        let radius = (6.0 + 24.0 * (mb / max_mb).sqrt()) as i32;
+        let colour = if *passed { PALETTE[0] } else { PALETTE[1] };
+        let pareto = !points
+            .iter()
+            .any(|o| o.1 >= *x && o.2 >= *y && (o.1 > *x || o.2 > *y));
+        chart
+            .draw_series(std::iter::once(Circle::new(
+                (*x, *y),
+                radius,
+                colour.mix(0.5).filled(),
+            )))
+            .map_err(|x| e(x.to_string()))?;
+        if pareto {
+            chart
+                .draw_series(std::iter::once(Circle::new(
+                    (*x, *y),
+                    radius + 5,
+                    BLACK.stroke_width(2),
+                )))
+                .map_err(|x| e(x.to_string()))?;
+        }
+        chart
+            .draw_series(std::iter::once(Text::new(
+                if *mb > 0.0 {
+                    format!("  {label} ({mb:.0} MB)")
+                } else {
+                    format!("  {label} (quantised at load)")
+                },
+                (*x, *y),
+                (FONT, 15).into_font(),
+            )))
+            .map_err(|x| e(x.to_string()))?;
+    }
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(Some(dir.join("variants.png")))
 }

@@ -46,6 +46,12 @@ pub fn write_report(
         written.extend(files);
         images.insert(m.to_owned(), pngs);
     }
+    // The variants' trade-off, once for the whole report.
+    if let Some(p) = crate::plots::variants_plot(records, &out.join("plots"))? {
+        let png = std::fs::read(&p).map_err(io(&p))?;
+        images.insert(String::new(), vec![png]);
+        written.push(p);
+    }
     let html = out.join("report.html");
     std::fs::write(
         &html,

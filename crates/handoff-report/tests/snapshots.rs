@@ -77,7 +77,21 @@ fn plots_are_non_blank_pngs_of_the_promised_size() {
     let rows: Vec<&handoff_runner::ResultRecord> =
         records.iter().filter(|r| r.case.model == "mlp").collect();
     let files = handoff_report::plots::model_plots("mlp", &rows, &dir).unwrap();
-    assert_eq!(files.len(), 3);
+    let names: Vec<String> = files
+        .iter()
+        .map(|f| f.file_name().unwrap().to_string_lossy().into_owned())
+        .collect();
+    assert_eq!(
+        names,
+        [
+            "mlp-latency.png",
+            "mlp-throughput.png",
+            "mlp-scaling.png",
+            "mlp-frontier.png",
+            "mlp-cold-start.png",
+            "mlp-heatmap.png"
+        ]
+    );
     for f in &files {
         let img = image::open(f).unwrap().to_rgb8();
         assert_eq!(
@@ -113,7 +127,7 @@ fn plots_are_non_blank_pngs_of_the_promised_size() {
         )]
         .into(),
     );
-    assert_eq!(html.matches("src='data:image/png;base64,").count(), 3);
+    assert_eq!(html.matches("src='data:image/png;base64,").count(), 6);
     std::fs::remove_dir_all(&dir).unwrap();
 }
 
