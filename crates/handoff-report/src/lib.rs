@@ -302,13 +302,7 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
     if records.iter().all(|r| r.accuracy.is_none()) {
         return;
     }
-    let best = |model: &str| {
-        records
-            .iter()
-            .filter(|r| r.case.model == model && r.status == Status::Ok)
-            .filter_map(|r| r.throughput_items_s)
-            .max_by(f64::total_cmp)
-    };
+    let best = |model: &str| best_throughput(records, model);
     out.push_str("## Precision variants\n\n");
     out.push_str("Accuracy: smallest per-row cosine similarity of the last output to the fp32 model's on the check inputs (ORT, 1 thread). Speed: best items/s of any backend and configuration.\n\n");
     out.push_str("| model | variant | size MB | % of fp32 | min cosine | gate | best items/s | x fp32 | load ms (vs fp32, same backend) |\n|---|---|---:|---:|---:|---|---:|---:|---|\n");
@@ -439,6 +433,15 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
 
 fn p99(r: &ResultRecord) -> f64 {
     r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
+}
+
+/// The highest throughput of any `ok` case of `model`.
+pub(crate) fn best_throughput(records: &[ResultRecord], model: &str) -> Option<f64> {
+    records
+        .iter()
+        .filter(|r| r.case.model == model && r.status == Status::Ok)
+        .filter_map(|r| r.throughput_items_s)
+        .max_by(f64::total_cmp)
 }
 
 /// Model ids in the order they first appear.

@@ -106,6 +106,50 @@ fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     }
 }
 
+type BarChart<'a, 'b> = ChartContext<
+    'a,
+    BitMapBackend<'b>,
+    Cartesian2d<
+        plotters::coord::types::RangedCoordf64,
+        plotters::coord::ranged1d::SegmentedCoord<plotters::coord::types::RangedCoordusize>,
+    >,
+>;
+
+/// Horizontal bars, one labelled row each; x from 0 to `max`.
+fn bar_rows<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    caption: String,
+    x_desc: &str,
+    max: f64,
+    labels: Vec<String>,
+) -> Result<BarChart<'a, 'b>, String> {
+    let n = labels.len();
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, (FONT, 26))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(260)
+        .build_cartesian_2d(
+            0.0..max.max(1e-6),
+            (0..n.saturating_sub(1)).into_segmented(),
+        )
+        .map_err(|x| x.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc(x_desc)
+        .y_labels(n)
+        .y_label_formatter(&|v| match v {
+            SegmentValue::CenterOf(i) => labels.get(*i).cloned().unwrap_or_default(),
+            _ => String::new(),
+        })
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 18))
+        .disable_y_mesh()
+        .draw()
+        .map_err(|x| x.to_string())?;
+    Ok(chart)
+}
+
 /// p50 bars with the p99 drawn as a red tick, one row per configuration.
 fn latency(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotError> {
     let e = err(path);
@@ -116,33 +160,14 @@ fn latency(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
         .map(|r| r.latency_ms.as_ref().map_or(0.0, |l| l.p99))
         .fold(0.0f64, f64::max)
         * 1.1;
-    let n = rows.len();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{model}: latency per configuration (p50 bar, p99 tick)"),
-            (FONT, 26),
-        )
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(260)
-        .build_cartesian_2d(
-            0.0..max.max(1e-6),
-            (0..n.saturating_sub(1)).into_segmented(),
-        )
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("latency (ms)")
-        .y_labels(n)
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => rows.get(*i).map(|r| label(r)).unwrap_or_default(),
-            _ => String::new(),
-        })
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 18))
-        .disable_y_mesh()
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+    let mut chart = bar_rows(
+        &root,
+        format!("{model}: latency per configuration (p50 bar, p99 tick)"),
+        "latency (ms)",
+        max,
+        rows.iter().map(|r| label(r)).collect(),
+    )
+    .map_err(&e)?;
     for (i, r) in rows.iter().enumerate() {
         let l = r.latency_ms.as_ref().expect("ok rows have latency");
         let colour = PALETTE[backend_index(rows, &r.case.backend) % PALETTE.len()];
@@ -418,33 +443,14 @@ fn cold_start(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), Pl
     }
     let total = |r: &ResultRecord| r.load_ms.unwrap_or(0.0) + r.first_ms.unwrap_or(0.0);
     let max = firsts.iter().map(|r| total(r)).fold(0.0f64, f64::max) * 1.1;
-    let n = firsts.len();
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
-            format!("{model}: cold start (load, then first inference; blue = load)"),
-            (FONT, 26),
-        )
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(260)
-        .build_cartesian_2d(
-            0.0..max.max(1e-6),
-            (0..n.saturating_sub(1)).into_segmented(),
-        )
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("time (ms)")
-        .y_labels(n)
-        .y_label_formatter(&|v| match v {
-            SegmentValue::CenterOf(i) => firsts.get(*i).map(|r| label(r)).unwrap_or_default(),
-            _ => String::new(),
-        })
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 18))
-        .disable_y_mesh()
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+    let mut chart = bar_rows(
+        &root,
+        format!("{model}: cold start (load, then first inference; blue = load)"),
+        "time (ms)",
+        max,
+        firsts.iter().map(|r| label(r)).collect(),
+    )
+    .map_err(&e)?;
     for (i, r) in firsts.iter().enumerate() {
         let load = r.load_ms.unwrap_or(0.0);
         for (from, to, colour) in [(0.0, load, PALETTE[0]), (load, total(r), PALETTE[3])] {
@@ -572,13 +578,7 @@ pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<Path
     font();
     // (label, items/s, cosine, MB, passed)
     let mut points: Vec<(String, f64, f64, f64, bool)> = Vec::new();
-    let best = |model: &str| {
-        records
-            .iter()
-            .filter(|r| r.case.model == model && r.status == Status::Ok)
-            .filter_map(|r| r.throughput_items_s)
-            .max_by(f64::total_cmp)
-    };
+    let best = |model: &str| crate::best_throughput(records, model);
     for m in crate::models(records) {
         let Some(a) = records
             .iter()
