@@ -2,19 +2,14 @@
 //! or hang in one case is a result, the rest intact), and the real runtimes
 //! agreeing on generated models.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+use std::process::Command;
+
+use common::handoff;
 
 use handoff_runner::{Status, read_results};
-
-fn handoff(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .args(args)
-        .current_dir(dir)
-        .env("HANDOFF_MODEL_CACHE", dir.join("cache"))
-        .output()
-        .unwrap()
-}
 
 fn write(dir: &Path, name: &str, text: &str) -> String {
     std::fs::write(dir.join(name), text).unwrap();

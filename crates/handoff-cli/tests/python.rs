@@ -1,21 +1,11 @@
 //! The Python baseline: it runs, agrees with Rust ort, reports its own clock;
 //! a worker that crashes or hangs becomes a cell that says so.
 
-use std::path::Path;
-use std::process::{Command, Output};
+mod common;
+
+use common::{handoff_env, run_ok};
 
 use handoff_runner::{Status, read_results};
-
-fn handoff(args: &[&str], dir: &Path, fail: Option<&str>) -> Output {
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_handoff"));
-    cmd.args(args)
-        .current_dir(dir)
-        .env("HANDOFF_MODEL_CACHE", dir.join("cache"));
-    if let Some(f) = fail {
-        cmd.env("HANDOFF_PY_WORKER_FAIL", f);
-    }
-    cmd.output().unwrap()
-}
 
 #[test]
 fn python_baseline_runs_and_its_failures_are_cells() {
@@ -29,20 +19,7 @@ fn python_baseline_runs_and_its_failures_are_cells() {
          measure: {warmup: 10ms, min_iterations: 5, min_time: 50ms, max_time: 300ms, target_ci: 0.2}\n",
     )
     .unwrap();
-    let out = handoff(
-        &["run", "s.yaml", "--out", "ok", "--quiet"],
-        dir.path(),
-        None,
-    );
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records = read_results(&dir.path().join("ok/results.jsonl"))
-        .unwrap()
-        .records;
+    let records = run_ok(dir.path(), "s.yaml", "ok");
     for r in records
         .iter()
         .filter(|r| r.case.backend == "python-onnxruntime")
@@ -69,10 +46,10 @@ fn python_baseline_runs_and_its_failures_are_cells() {
         ("crash", Status::Failed, "python worker exited"),
         ("hang", Status::Timeout, "killed after 5s"),
     ] {
-        let out = handoff(
+        let out = handoff_env(
             &["run", "s.yaml", "--out", fail, "--quiet"],
             dir.path(),
-            Some(fail),
+            &[("HANDOFF_PY_WORKER_FAIL", fail)],
         );
         assert!(out.status.code().is_some(), "{fail}: killed by a signal");
         let records = read_results(&dir.path().join(fail).join("results.jsonl"))

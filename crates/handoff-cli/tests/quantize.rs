@@ -2,23 +2,17 @@
 //! ORT, against a hand-written reference), suites run variants with their
 //! accuracy recorded, and bad input writes nothing.
 
+mod common;
+
 use std::path::Path;
-use std::process::{Command, Output};
+
+use common::{handoff, run_ok};
 
 use handoff_backend::{Backend, Device, ModelRef, PrepareOptions, Tensor, TensorData};
 use handoff_convert::quantize::{DynamicOptions, quantize_dynamic};
 use handoff_onnx::builder::{D, GraphBuilder, write_model};
 use handoff_onnx::inspect::ElemType;
-use handoff_runner::{Status, read_results};
-
-fn handoff(args: &[&str], dir: &Path) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_handoff"))
-        .args(args)
-        .current_dir(dir)
-        .env("HANDOFF_MODEL_CACHE", dir.join("cache"))
-        .output()
-        .unwrap()
-}
+use handoff_runner::Status;
 
 /// DynamicQuantizeLinear as the ONNX spec defines it (uint8, range
 /// including 0, round half to even), then the integer matmul and rescale.
@@ -126,16 +120,7 @@ fn a_suite_runs_variants_with_their_accuracy_and_size() {
          measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n",
     )
     .unwrap();
-    let out = handoff(&["run", "s.yaml", "--out", "out", "--quiet"], dir.path());
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records = read_results(&dir.path().join("out/results.jsonl"))
-        .unwrap()
-        .records;
+    let records = run_ok(dir.path(), "s.yaml", "out");
     let models: Vec<&str> = records.iter().map(|r| r.case.model.as_str()).collect();
     assert_eq!(
         models,

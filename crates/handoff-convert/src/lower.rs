@@ -3,7 +3,7 @@
 //! it (see `handoff convert --lower-for`), not from a list kept here; this
 //! module only knows how to rewrite.
 
-use handoff_onnx::builder::{attr_int, attr_ints};
+use handoff_onnx::builder::{attr_int, attr_ints, tensor_f32};
 use handoff_onnx::proto::{ModelProto, NodeProto, TensorProto};
 
 #[derive(Debug, thiserror::Error)]
@@ -78,12 +78,7 @@ fn layer_norm(
         .map_or(1e-5, |a| a.f);
     let p = format!("lowered_ln{index}");
     let eps_name = format!("{p}_eps");
-    inits.push(TensorProto {
-        name: eps_name.clone(),
-        data_type: 1,
-        raw_data: eps.to_le_bytes().to_vec(),
-        ..Default::default()
-    });
+    inits.push(tensor_f32(&eps_name, &[], &[eps]));
     let x = node.input[0].clone();
     let mk = |op: &str, inputs: Vec<String>, out: String, attrs| NodeProto {
         name: format!("{out}_node"),

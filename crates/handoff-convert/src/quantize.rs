@@ -15,9 +15,11 @@
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
-use handoff_onnx::builder::attr_int;
+use handoff_onnx::builder::{
+    attr_int, named_node as node, tensor_f32, tensor_i8, tensor_i64, tensor_u8,
+};
 use handoff_onnx::inspect::ElemType;
-use handoff_onnx::proto::{AttributeProto, ModelProto, NodeProto, TensorProto};
+use handoff_onnx::proto::{ModelProto, NodeProto, TensorProto};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, thiserror::Error)]
@@ -164,53 +166,6 @@ fn quantize_sym(
         })
         .collect();
     (q, scales)
-}
-
-fn tensor_i8(name: &str, dims: &[i64], data: &[i8]) -> TensorProto {
-    TensorProto {
-        name: name.to_owned(),
-        dims: dims.to_vec(),
-        data_type: ElemType::I8.onnx_code(),
-        raw_data: data.iter().map(|&v| v as u8).collect(),
-        ..Default::default()
-    }
-}
-
-fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
-    TensorProto {
-        name: name.to_owned(),
-        dims: dims.to_vec(),
-        data_type: ElemType::F32.onnx_code(),
-        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
-}
-
-fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
-    TensorProto {
-        name: name.to_owned(),
-        dims: dims.to_vec(),
-        data_type: ElemType::I64.onnx_code(),
-        raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-        ..Default::default()
-    }
-}
-
-fn node(
-    op: &str,
-    name: String,
-    inputs: &[&str],
-    outputs: &[&str],
-    attribute: Vec<AttributeProto>,
-) -> NodeProto {
-    NodeProto {
-        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
-        output: outputs.iter().map(|s| (*s).to_owned()).collect(),
-        name,
-        op_type: op.to_owned(),
-        attribute,
-        ..Default::default()
-    }
 }
 
 /// `MatMul(a, DequantizeLinear(Wq, Ws, Wzp))` in place of node `n`: int8
@@ -475,12 +430,7 @@ fn quantize_graph(
                             format!("{p}_a_dq"),
                         ];
                         new_inits.push(tensor_f32(&names[0], &[], &[scale]));
-                        new_inits.push(TensorProto {
-                            name: names[1].clone(),
-                            data_type: ElemType::U8.onnx_code(),
-                            raw_data: vec![zp],
-                            ..Default::default()
-                        });
+                        new_inits.push(tensor_u8(&names[1], &[], &[zp]));
                         new_nodes.push(node(
                             "QuantizeLinear",
                             format!("{p}_ql"),

@@ -10,6 +10,58 @@ use crate::proto::{
     attribute_type,
 };
 
+/// An initializer held as little-endian raw bytes.
+pub fn tensor(name: &str, elem: ElemType, dims: &[i64], raw_data: Vec<u8>) -> TensorProto {
+    TensorProto {
+        name: name.to_owned(),
+        dims: dims.to_vec(),
+        data_type: elem.onnx_code(),
+        raw_data,
+        ..Default::default()
+    }
+}
+
+pub fn tensor_f32(name: &str, dims: &[i64], data: &[f32]) -> TensorProto {
+    let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    tensor(name, ElemType::F32, dims, raw)
+}
+
+pub fn tensor_i64(name: &str, dims: &[i64], data: &[i64]) -> TensorProto {
+    let raw = data.iter().flat_map(|v| v.to_le_bytes()).collect();
+    tensor(name, ElemType::I64, dims, raw)
+}
+
+pub fn tensor_i8(name: &str, dims: &[i64], data: &[i8]) -> TensorProto {
+    tensor(
+        name,
+        ElemType::I8,
+        dims,
+        data.iter().map(|&v| v as u8).collect(),
+    )
+}
+
+pub fn tensor_u8(name: &str, dims: &[i64], data: &[u8]) -> TensorProto {
+    tensor(name, ElemType::U8, dims, data.to_vec())
+}
+
+/// A node with its own name and any number of outputs (graph rewrites).
+pub fn named_node(
+    op: &str,
+    name: String,
+    inputs: &[&str],
+    outputs: &[&str],
+    attribute: Vec<AttributeProto>,
+) -> NodeProto {
+    NodeProto {
+        input: inputs.iter().map(|s| (*s).to_owned()).collect(),
+        output: outputs.iter().map(|s| (*s).to_owned()).collect(),
+        name,
+        op_type: op.to_owned(),
+        attribute,
+        ..Default::default()
+    }
+}
+
 /// One dimension of a graph input or output.
 #[derive(Debug, Clone)]
 pub enum D {
@@ -45,24 +97,12 @@ impl GraphBuilder {
 
     pub fn init_f32(&mut self, name: &str, dims: &[i64], data: Vec<f32>) -> String {
         debug_assert_eq!(dims.iter().product::<i64>() as usize, data.len());
-        self.graph.initializer.push(TensorProto {
-            name: name.to_owned(),
-            dims: dims.to_vec(),
-            data_type: ElemType::F32.onnx_code(),
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
+        self.graph.initializer.push(tensor_f32(name, dims, &data));
         name.to_owned()
     }
 
     pub fn init_i64(&mut self, name: &str, dims: &[i64], data: Vec<i64>) -> String {
-        self.graph.initializer.push(TensorProto {
-            name: name.to_owned(),
-            dims: dims.to_vec(),
-            data_type: ElemType::I64.onnx_code(),
-            raw_data: data.iter().flat_map(|v| v.to_le_bytes()).collect(),
-            ..Default::default()
-        });
+        self.graph.initializer.push(tensor_i64(name, dims, &data));
         name.to_owned()
     }
 
@@ -76,14 +116,9 @@ impl GraphBuilder {
 
     /// Adds a node whose output has a given name (a graph output, say).
     pub fn node_to(&mut self, op: &str, inputs: &[&str], attrs: Vec<AttributeProto>, out: &str) {
-        self.graph.node.push(NodeProto {
-            name: format!("{out}_node"),
-            op_type: op.to_owned(),
-            input: inputs.iter().map(|s| (*s).to_owned()).collect(),
-            output: vec![out.to_owned()],
-            attribute: attrs,
-            ..Default::default()
-        });
+        self.graph
+            .node
+            .push(named_node(op, format!("{out}_node"), inputs, &[out], attrs));
     }
 
     pub fn finish(self, opset: i64) -> ModelProto {

@@ -106,6 +106,40 @@ fn err(path: &Path) -> impl Fn(String) -> PlotError + '_ {
     }
 }
 
+/// The axes of an x-y chart.
+struct Axes<'s> {
+    x: std::ops::Range<f64>,
+    y: std::ops::Range<f64>,
+    x_desc: &'s str,
+    y_desc: &'s str,
+    /// Width of the y label area, px.
+    y_area: u32,
+}
+
+/// An x-y chart with the report's fonts, margins and mesh, drawn.
+fn xy_chart<'a, 'b>(
+    root: &'a DrawingArea<BitMapBackend<'b>, plotters::coord::Shift>,
+    (caption, size): (String, u32),
+    axes: Axes<'_>,
+) -> Result<Chart<'a, 'b, plotters::coord::types::RangedCoordf64>, String> {
+    let mut chart = ChartBuilder::on(root)
+        .caption(caption, (FONT, size))
+        .margin(20)
+        .x_label_area_size(50)
+        .y_label_area_size(axes.y_area)
+        .build_cartesian_2d(axes.x, axes.y)
+        .map_err(|x| x.to_string())?;
+    chart
+        .configure_mesh()
+        .x_desc(axes.x_desc)
+        .y_desc(axes.y_desc)
+        .label_style((FONT, 15))
+        .axis_desc_style((FONT, 18))
+        .draw()
+        .map_err(|x| x.to_string())?;
+    Ok(chart)
+}
+
 type BarChart<'a, 'b> = ChartContext<
     'a,
     BitMapBackend<'b>,
@@ -226,21 +260,18 @@ fn throughput(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), Pl
         .filter_map(|r| r.throughput_items_s)
         .fold(0.0f64, f64::max)
         * 1.1;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(format!("{model}: throughput vs batch"), (FONT, 26))
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(90)
-        .build_cartesian_2d(0.0..max_b * 1.05 + 0.5, 0.0..max_t.max(1e-6))
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("batch size")
-        .y_desc("throughput (items/s)")
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 18))
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+    let mut chart = xy_chart(
+        &root,
+        (format!("{model}: throughput vs batch"), 26),
+        Axes {
+            x: 0.0..max_b * 1.05 + 0.5,
+            y: 0.0..max_t.max(1e-6),
+            x_desc: "batch size",
+            y_desc: "throughput (items/s)",
+            y_area: 90,
+        },
+    )
+    .map_err(&e)?;
     for (k, (name, mut pts)) in series(rows).into_iter().enumerate() {
         pts.sort_by_key(|r| r.case.batch);
         let colour = PALETTE[k % PALETTE.len()];
@@ -315,24 +346,21 @@ fn scaling(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
             None => groups.push((key, vec![r])),
         }
     }
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
+    let mut chart = xy_chart(
+        &root,
+        (
             format!("{model}: thread scaling (p50 speed-up; dashed: ideal)"),
-            (FONT, 26),
-        )
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(70)
-        .build_cartesian_2d(0.5..max_threads + 0.5, 0.0..max_threads * 1.15)
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("threads")
-        .y_desc("speed-up")
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 18))
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+            26,
+        ),
+        Axes {
+            x: 0.5..max_threads + 0.5,
+            y: 0.0..max_threads * 1.15,
+            x_desc: "threads",
+            y_desc: "speed-up",
+            y_area: 70,
+        },
+    )
+    .map_err(&e)?;
     chart
         .draw_series(DashedLineSeries::new(
             vec![(1.0, 1.0), (max_threads, max_threads)],
@@ -382,24 +410,21 @@ fn frontier(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), Plot
     };
     let max_x = rows.iter().map(|r| point(r).0).fold(0.0f64, f64::max) * 1.1;
     let max_y = rows.iter().map(|r| point(r).1).fold(0.0f64, f64::max) * 1.15;
-    let mut chart = ChartBuilder::on(&root)
-        .caption(
+    let mut chart = xy_chart(
+        &root,
+        (
             format!("{model}: latency vs throughput (ringed: Pareto frontier)"),
-            (FONT, 26),
-        )
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(90)
-        .build_cartesian_2d(0.0..max_x.max(1e-6), 0.0..max_y.max(1e-6))
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("p50 latency per batch (ms)")
-        .y_desc("throughput (items/s)")
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 18))
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+            26,
+        ),
+        Axes {
+            x: 0.0..max_x.max(1e-6),
+            y: 0.0..max_y.max(1e-6),
+            x_desc: "p50 latency per batch (ms)",
+            y_desc: "throughput (items/s)",
+            y_area: 90,
+        },
+    )
+    .map_err(&e)?;
     for (k, (name, mut pts)) in series(rows).into_iter().enumerate() {
         pts.sort_by_key(|r| r.case.batch);
         let xy: Vec<(f64, f64)> = pts.iter().map(|r| point(r)).collect();
@@ -493,14 +518,19 @@ fn heatmap(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
     let (nx, ny) = (columns.len(), backends.len());
     let mut chart = ChartBuilder::on(&root)
         .caption(
-            format!("{model}: p50 ms per backend and (threads, batch); darker = slower than the column's best"),
+            format!(
+                "{model}: p50 ms per backend and (threads, batch); \
+                 darker = slower than the column's best"
+            ),
             (FONT, 22),
         )
         .margin(20)
         .x_label_area_size(50)
         .y_label_area_size(200)
-        .build_cartesian_2d((0..nx.saturating_sub(1)).into_segmented(),
-            (0..ny.saturating_sub(1)).into_segmented(),)
+        .build_cartesian_2d(
+            (0..nx.saturating_sub(1)).into_segmented(),
+            (0..ny.saturating_sub(1)).into_segmented(),
+        )
         .map_err(|x| e(x.to_string()))?;
     chart
         .configure_mesh()
@@ -623,21 +653,22 @@ pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<Path
     let max_x = points.iter().map(|p| p.1).fold(0.0f64, f64::max) * 1.2;
     let min_y = points.iter().map(|p| p.2).fold(1.0f64, f64::min);
     let lo = (min_y - (1.0 - min_y) * 0.2).min(0.98);
-    let mut chart = ChartBuilder::on(&root)
-        .caption("precision variants: accuracy vs speed (area = file size; ringed: Pareto; red = fails the gate)", (FONT, 22))
-        .margin(20)
-        .x_label_area_size(50)
-        .y_label_area_size(90)
-        .build_cartesian_2d(0.0..max_x.max(1e-6), lo..1.002)
-        .map_err(|x| e(x.to_string()))?;
-    chart
-        .configure_mesh()
-        .x_desc("best throughput (items/s)")
-        .y_desc("min cosine vs fp32")
-        .label_style((FONT, 15))
-        .axis_desc_style((FONT, 18))
-        .draw()
-        .map_err(|x| e(x.to_string()))?;
+    let mut chart = xy_chart(
+        &root,
+        (
+            "precision variants: accuracy vs speed (area = file size; ringed: Pareto; red = fails the gate)"
+                .into(),
+            22,
+        ),
+        Axes {
+            x: 0.0..max_x.max(1e-6),
+            y: lo..1.002,
+            x_desc: "best throughput (items/s)",
+            y_desc: "min cosine vs fp32",
+            y_area: 90,
+        },
+    )
+    .map_err(&e)?;
     let max_mb = points.iter().map(|p| p.3).fold(1e-6f64, f64::max);
     for (label, x, y, mb, passed) in &points {
         let radius = (6.0 + 24.0 * (mb / max_mb).sqrt()) as i32;

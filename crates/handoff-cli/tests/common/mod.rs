@@ -1,0 +1,38 @@
+//! What the CLI test files share: running the built `handoff` binary.
+#![allow(dead_code)] // each test file uses its own subset
+
+use std::path::Path;
+use std::process::{Command, Output};
+
+use handoff_runner::{ResultRecord, read_results};
+
+/// `handoff ARGS` in `dir`, with the model cache inside `dir`.
+pub fn handoff(args: &[&str], dir: &Path) -> Output {
+    handoff_env(args, dir, &[])
+}
+
+/// [`handoff`] with extra environment variables.
+pub fn handoff_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
+    Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(args)
+        .current_dir(dir)
+        .env("HANDOFF_MODEL_CACHE", dir.join("cache"))
+        .envs(env.iter().copied())
+        .output()
+        .unwrap()
+}
+
+/// `handoff run SUITE --out OUT --quiet` in `dir`, which must exit 0; the
+/// records it wrote.
+pub fn run_ok(dir: &Path, suite: &str, out: &str) -> Vec<ResultRecord> {
+    let o = handoff(&["run", suite, "--out", out, "--quiet"], dir);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    read_results(&dir.join(out).join("results.jsonl"))
+        .unwrap()
+        .records
+}
