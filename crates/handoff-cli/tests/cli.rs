@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::handoff;
+use common::{handoff, run_ok};
 
 use handoff_runner::{Status, read_results};
 
@@ -153,16 +153,7 @@ fn real_backends_agree_on_generated_models() {
              backends: [ort, tract, candle-onnx]\nthreads: [1, 2]\nbatch: [1, 3]\ndims: {{seq: [5]}}\n{QUICK}"
         ),
     );
-    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records = read_results(&dir.path().join("out/results.jsonl"))
-        .unwrap()
-        .records;
+    let records = run_ok(dir.path(), &suite, "out");
     assert_eq!(records.len(), 3 * 3 * 2 * 2);
     for r in &records {
         if r.case.model == "enc" && r.case.backend == "candle-onnx" {
@@ -252,16 +243,7 @@ fn a_tiny_bert_converts_and_runs_on_every_backend() {
              backends: [ort, tract, candle-onnx, candle-native]\nthreads: [1, 2]\nbatch: [2]\ndims: {{seq: [8]}}\n{QUICK}"
         ),
     );
-    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records = read_results(&dir.path().join("out/results.jsonl"))
-        .unwrap()
-        .records;
+    let records = run_ok(dir.path(), &suite, "out");
     assert_eq!(records.len(), 4 * 2 + 2);
     for r in &records {
         if r.case.model == "tiny" && r.case.backend == "candle-onnx" {
@@ -453,16 +435,7 @@ fn an_unbounded_allocation_hits_the_memory_limit_and_the_others_are_intact() {
              backend_options: {{mock: {{fail: alloc}}}}\n{QUICK}"
         ),
     );
-    let out = handoff(&["run", &suite, "--out", "out", "--quiet"], dir.path());
-    assert_eq!(
-        out.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&out.stderr)
-    );
-    let records = read_results(&dir.path().join("out/results.jsonl"))
-        .unwrap()
-        .records;
+    let records = run_ok(dir.path(), &suite, "out");
     assert_eq!(records.len(), 2);
     let mock = records.iter().find(|r| r.case.backend == "mock").unwrap();
     assert_eq!(mock.status, Status::Failed);

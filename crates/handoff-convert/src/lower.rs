@@ -147,14 +147,7 @@ mod tests {
         .build();
         let n = lower_op(&mut m, "LayerNormalization").unwrap();
         assert_eq!(n, 4);
-        let ops: Vec<&str> = m
-            .graph
-            .as_ref()
-            .unwrap()
-            .node
-            .iter()
-            .map(|n| n.op_type.as_str())
-            .collect();
+        let ops = m.op_types();
         assert!(!ops.contains(&"LayerNormalization"));
         assert_eq!(ops.iter().filter(|o| **o == "Sqrt").count(), 4);
         assert!(

@@ -732,14 +732,7 @@ mod tests {
         let s = f32_values(init(&m, "w_scale")).unwrap();
         assert!((s[0] - 0.01).abs() < 1e-7 && (s[1] - 0.02).abs() < 1e-7);
         assert!((s[2] - 0.5 / 127.0).abs() < 1e-7);
-        let ops: Vec<&str> = m
-            .graph
-            .as_ref()
-            .unwrap()
-            .node
-            .iter()
-            .map(|n| n.op_type.as_str())
-            .collect();
+        let ops = m.op_types();
         assert_eq!(
             ops,
             [
@@ -772,14 +765,7 @@ mod tests {
         let mut m = g.finish(17);
         let report = quantize_dynamic(&mut m, &opts()).unwrap();
         assert_eq!(report.weight_only.len(), 1);
-        let ops: Vec<&str> = m
-            .graph
-            .as_ref()
-            .unwrap()
-            .node
-            .iter()
-            .map(|n| n.op_type.as_str())
-            .collect();
+        let ops = m.op_types();
         assert_eq!(ops, ["DequantizeLinear", "MatMul"]);
     }
 
@@ -890,14 +876,7 @@ mod tests {
             },
         )]);
         quantize_static(&mut m, &ranges, &opts()).unwrap();
-        let ops: Vec<&str> = m
-            .graph
-            .as_ref()
-            .unwrap()
-            .node
-            .iter()
-            .map(|n| n.op_type.as_str())
-            .collect();
+        let ops = m.op_types();
         assert_eq!(
             ops,
             [

@@ -186,4 +186,12 @@ impl ModelProto {
     pub fn encode_to_bytes(&self) -> Vec<u8> {
         self.encode_to_vec()
     }
+
+    /// The op type of every node, in graph order.
+    pub fn op_types(&self) -> Vec<&str> {
+        self.graph
+            .iter()
+            .flat_map(|g| g.node.iter().map(|n| n.op_type.as_str()))
+            .collect()
+    }
 }

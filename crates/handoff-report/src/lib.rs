@@ -314,15 +314,7 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             .filter_map(|r| r.load_ms.map(|l| (l, r.case.backend.as_str())))
             .min_by(|a, b| a.0.total_cmp(&b.0))
     };
-    for m in models(records) {
-        let Some(a) = records
-            .iter()
-            .find(|r| r.case.model == m)
-            .and_then(|r| r.accuracy.as_ref())
-        else {
-            continue;
-        };
-        let base = m.split('@').next().unwrap_or(m);
+    for (m, base, a) in variant_models(records) {
         let (mine, fp32) = (best(m), best(base));
         let load = match fastest_load(m, None) {
             Some((l, b)) => match fastest_load(base, Some(b)) {
@@ -433,6 +425,23 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
 
 fn p99(r: &ResultRecord) -> f64 {
     r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
+}
+
+/// Each precision-variant model (`<base>@<variant>`), in order, with its
+/// base model's id and its accuracy record.
+pub(crate) fn variant_models(
+    records: &[ResultRecord],
+) -> Vec<(&str, &str, &handoff_runner::Accuracy)> {
+    models(records)
+        .into_iter()
+        .filter_map(|m| {
+            let a = records
+                .iter()
+                .find(|r| r.case.model == m)
+                .and_then(|r| r.accuracy.as_ref())?;
+            Some((m, m.split('@').next().unwrap_or(m), a))
+        })
+        .collect()
 }
 
 /// The highest throughput of any `ok` case of `model`.

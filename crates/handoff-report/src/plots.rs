@@ -609,15 +609,7 @@ pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<Path
     // (label, items/s, cosine, MB, passed)
     let mut points: Vec<(String, f64, f64, f64, bool)> = Vec::new();
     let best = |model: &str| crate::best_throughput(records, model);
-    for m in crate::models(records) {
-        let Some(a) = records
-            .iter()
-            .find(|r| r.case.model == m)
-            .and_then(|r| r.accuracy.as_ref())
-        else {
-            continue;
-        };
-        let base = m.split('@').next().unwrap_or(m);
+    for (m, base, a) in crate::variant_models(records) {
         if !points.iter().any(|p| p.0 == format!("{base} fp32"))
             && let Some(t) = best(base)
         {
