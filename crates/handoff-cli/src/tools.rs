@@ -67,25 +67,20 @@ fn candle_threads() -> usize {
         .unwrap_or_else(|| std::thread::available_parallelism().map_or(1, usize::from))
 }
 
-/// Largest absolute difference and smallest row-wise cosine similarity.
+/// Largest absolute difference and smallest row-wise cosine similarity
+/// (NaN counts as the worst, not as agreement).
 pub fn embedding_agreement(a: &Tensor, b: &Tensor) -> (f64, f64) {
     let (x, y) = (a.data.to_f64(), b.data.to_f64());
+    // A NaN difference is the worst difference, not one `max` skips.
     let max_abs = x
         .iter()
         .zip(&y)
-        .map(|(p, q)| (p - q).abs())
-        .fold(0.0, f64::max);
-    let width = *a.shape.last().unwrap_or(&1);
-    let min_cos = x
-        .chunks(width)
-        .zip(y.chunks(width))
         .map(|(p, q)| {
-            let dot: f64 = p.iter().zip(q).map(|(a, b)| a * b).sum();
-            let n = p.iter().map(|v| v * v).sum::<f64>().sqrt()
-                * q.iter().map(|v| v * v).sum::<f64>().sqrt();
-            if n > 0.0 { dot / n } else { 1.0 }
+            let d = (p - q).abs();
+            if d.is_nan() { f64::INFINITY } else { d }
         })
-        .fold(1.0, f64::min);
+        .fold(0.0, f64::max);
+    let min_cos = handoff_backend::min_row_cosine(std::slice::from_ref(a), std::slice::from_ref(b));
     (max_abs, min_cos)
 }
 
@@ -533,4 +528,30 @@ fn calibrate(
                 .ok_or_else(|| format!("calibration: activation `{name}` has no finite values"))
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_backend::TensorData;
+
+    fn t(v: Vec<f32>) -> Tensor {
+        Tensor {
+            name: "e".into(),
+            shape: vec![2, 2],
+            data: TensorData::F32(v),
+        }
+    }
+
+    #[test]
+    fn nan_outputs_fail_the_agreement_check() {
+        let (abs, cos) =
+            embedding_agreement(&t(vec![1.0, 0.0, 0.0, 1.0]), &t(vec![1.0, 0.0, 0.0, 1.0]));
+        assert_eq!((abs, cos), (0.0, 1.0));
+        let (abs, cos) = embedding_agreement(
+            &t(vec![1.0, 0.0, 0.0, 1.0]),
+            &t(vec![1.0, 0.0, f32::NAN, 1.0]),
+        );
+        assert!(abs.is_infinite() && cos <= 0.0, "{abs} {cos}");
+    }
 }
