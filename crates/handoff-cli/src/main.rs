@@ -140,6 +140,53 @@ enum Command {
     ListBackends,
     /// Fetch what runs need (libonnxruntime from the PyPI wheel) into the cache.
     Setup,
+    /// Serve a text model over HTTP, loaded once at start-up.
+    ///
+    /// POST /embed with {"texts": ["...", ...]} answers {"embeddings":
+    /// [[...], ...]} (the model's last output per text, tokenised padded to
+    /// --seq); GET /health answers once the model is loaded. One model
+    /// thread serves requests in arrival order. Suites measure it with the
+    /// `http` scenario, beside a FastAPI service for python-onnxruntime.
+    ///
+    ///   handoff serve models/cache/hf/<hash>/model.onnx --hf-dir DIR --port 8080
+    ///   curl -s localhost:8080/embed -d '{"texts": ["hello"]}' -H 'content-type: application/json'
+    Serve {
+        /// The ONNX model (e.g. what `handoff convert` wrote).
+        model: PathBuf,
+        /// The HF directory: tokenizer.json, and the safetensors native
+        /// backends (candle-native) load.
+        #[arg(long)]
+        hf_dir: Option<PathBuf>,
+        /// tokenizer.json (default: the one in --hf-dir, else next to MODEL).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Backend: ort, tract, candle-onnx, candle-native.
+        #[arg(long, default_value = "ort")]
+        backend: String,
+        #[arg(long, default_value = "cpu")]
+        device: String,
+        /// Intra-op threads of the session.
+        #[arg(long, default_value_t = 1)]
+        threads: usize,
+        /// Tokens per text (padding and truncation).
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Most texts in one request.
+        #[arg(long, default_value_t = 64)]
+        max_batch: usize,
+        /// Address to listen on. Only loopback is allowed unless
+        /// --allow-remote: this is a benchmark server, not a hardened one.
+        #[arg(long, default_value = "127.0.0.1")]
+        host: std::net::IpAddr,
+        /// Port (0: any free port; the one chosen is printed).
+        #[arg(long, default_value_t = 8080)]
+        port: u16,
+        #[arg(long)]
+        allow_remote: bool,
+        /// Exit when stdin closes (how `handoff run` stops its servers).
+        #[arg(long, hide = true)]
+        watch_stdin: bool,
+    },
     /// Convert an HF BERT-family model (config.json + model.safetensors) to
     /// ONNX, check it against candle's native BERT on 32 tokenised sentences,
     /// and write a provenance sidecar. Optionally lower it for backends.
@@ -390,6 +437,35 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("python baseline: {}", python.display());
             Ok(ExitCode::SUCCESS)
         }
+        Command::Serve {
+            model,
+            hf_dir,
+            tokenizer,
+            backend,
+            device,
+            threads,
+            seq,
+            max_batch,
+            host,
+            port,
+            allow_remote,
+            watch_stdin,
+        } => serve(
+            &registry,
+            ServeArgs {
+                model,
+                hf_dir,
+                tokenizer,
+                backend,
+                device,
+                threads,
+                seq,
+                max_batch,
+                addr: std::net::SocketAddr::new(host, port),
+                allow_remote,
+                watch_stdin,
+            },
+        ),
         Command::Convert {
             hf_dir,
             out,
@@ -659,6 +735,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 shard,
                 resume: resume.is_some(),
                 stop: Some(Arc::clone(&stop)),
+                servers: Some(server_launcher()?),
             };
             let runner = Runner::new(&plan, &registry, options);
             let mut progress = Progress::new(quiet);
@@ -1181,4 +1258,136 @@ fn timestamp() -> String {
         rem % 3600 / 60,
         rem % 60
     )
+}
+
+struct ServeArgs {
+    model: PathBuf,
+    hf_dir: Option<PathBuf>,
+    tokenizer: Option<PathBuf>,
+    backend: String,
+    device: String,
+    threads: usize,
+    seq: usize,
+    max_batch: usize,
+    addr: std::net::SocketAddr,
+    allow_remote: bool,
+    watch_stdin: bool,
+}
+
+/// Exit codes of `handoff serve` that `handoff run` reads as a cell status.
+const SERVE_EXIT_UNSUPPORTED: u8 = 3;
+const SERVE_EXIT_UNAVAILABLE: u8 = 4;
+
+fn serve(registry: &Registry, a: ServeArgs) -> Result<ExitCode> {
+    if !a.addr.ip().is_loopback() && !a.allow_remote {
+        anyhow::bail!(
+            "--host {} is not a loopback address; pass --allow-remote to listen there anyway",
+            a.addr.ip()
+        );
+    }
+    let device = match a.device.as_str() {
+        "cpu" => handoff_backend::Device::Cpu,
+        "cuda" => handoff_backend::Device::Cuda,
+        other => anyhow::bail!("--device {other}: use cpu or cuda"),
+    };
+    let backend = registry.get(&a.backend).with_context(|| {
+        format!(
+            "unknown backend `{}` (known: {})",
+            a.backend,
+            registry.names().join(", ")
+        )
+    })?;
+    if let Probe::Unavailable { reason } = backend.probe(device) {
+        eprintln!("error: {} is unavailable: {reason}", a.backend);
+        return Ok(ExitCode::from(SERVE_EXIT_UNAVAILABLE));
+    }
+    let tokenizer = a
+        .tokenizer
+        .or_else(|| a.hf_dir.as_ref().map(|d| d.join("tokenizer.json")))
+        .unwrap_or_else(|| a.model.with_file_name("tokenizer.json"));
+    if a.watch_stdin {
+        std::thread::spawn(|| {
+            let _ = std::io::copy(&mut std::io::stdin(), &mut std::io::sink());
+            std::process::exit(0);
+        });
+    }
+    let config = handoff_serve::ServeConfig {
+        model: handoff_backend::ModelRef {
+            id: a
+                .model
+                .file_stem()
+                .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned()),
+            path: a.model.clone(),
+            hf_dir: a.hf_dir.clone(),
+        },
+        device,
+        threads: a.threads,
+        seq: a.seq,
+        tokenizer,
+        addr: a.addr,
+        max_batch: a.max_batch,
+    };
+    // Before loading: a port in use fails in a millisecond, not after.
+    let listener = handoff_serve::bind(a.addr)?;
+    let result = handoff_serve::serve(backend, &config, listener, |addr| {
+        println!("{}{addr}", handoff_runner::http_case::READY_PREFIX);
+        let _ = std::io::stdout().flush();
+    });
+    match result {
+        Ok(()) => Ok(ExitCode::SUCCESS),
+        Err(handoff_serve::ServeError::Backend(e)) => {
+            eprintln!("error: {e}");
+            Ok(ExitCode::from(match e {
+                handoff_backend::BackendError::Unsupported(_) => SERVE_EXIT_UNSUPPORTED,
+                handoff_backend::BackendError::Unavailable(_) => SERVE_EXIT_UNAVAILABLE,
+                _ => 1,
+            }))
+        }
+        Err(e) => Err(e.into()),
+    }
+}
+
+/// How `handoff run` starts the server of an `http` case: FastAPI for
+/// python-onnxruntime, this binary's `serve` for every other backend.
+fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
+    let exe = std::env::current_exe().context("cannot find the handoff executable")?;
+    Ok(handoff_runner::ServerLauncher(Arc::new(
+        move |spec: &handoff_runner::ServerSpec| {
+            if spec.backend == "python-onnxruntime" {
+                let cmd = handoff_python::fastapi_command(
+                    &spec.model,
+                    &spec.tokenizer,
+                    spec.threads,
+                    spec.seq,
+                    spec.max_batch,
+                )
+                .map_err(|e| (handoff_runner::Status::Unavailable, e))?;
+                return Ok(handoff_runner::Launch {
+                    command: cmd,
+                    server: handoff_python::FASTAPI_SERVER.into(),
+                });
+            }
+            let mut cmd = std::process::Command::new(&exe);
+            cmd.arg("serve")
+                .arg(&spec.model)
+                .arg("--tokenizer")
+                .arg(&spec.tokenizer)
+                .args(["--backend", &spec.backend])
+                .args(["--device", &spec.device.to_string()])
+                .args(["--threads", &spec.threads.to_string()])
+                .args(["--seq", &spec.seq.to_string()])
+                .args(["--max-batch", &spec.max_batch.to_string()])
+                .args(["--port", "0", "--watch-stdin"])
+                .env("RAYON_NUM_THREADS", spec.threads.to_string())
+                .env("TOKENIZERS_PARALLELISM", "false")
+                .env("RUST_BACKTRACE", "0");
+            if let Some(d) = &spec.hf_dir {
+                cmd.arg("--hf-dir").arg(d);
+            }
+            Ok(handoff_runner::Launch {
+                command: cmd,
+                server: format!("handoff serve (Rust, axum) + {}", spec.backend),
+            })
+        },
+    )))
 }

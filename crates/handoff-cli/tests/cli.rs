@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{handoff, run_ok};
+use common::{handoff, run_ok, write_tokenizer};
 
 use handoff_runner::{Status, read_results};
 
@@ -168,27 +168,6 @@ fn real_backends_agree_on_generated_models() {
     }
     let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
     assert!(summary.contains("## mlp") && summary.contains("candle-onnx (interp.)"));
-}
-
-/// A WordLevel tokenizer.json over the tiny BERT's 100-token vocabulary.
-fn write_tokenizer(dir: &Path) {
-    let mut vocab = serde_json::Map::new();
-    for (i, w) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
-        vocab.insert((*w).into(), i.into());
-    }
-    for i in 4..100 {
-        vocab.insert(format!("w{i}"), i.into());
-    }
-    let tok = serde_json::json!({
-        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
-        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
-        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
-    });
-    std::fs::write(
-        dir.join("tokenizer.json"),
-        serde_json::to_vec(&tok).unwrap(),
-    )
-    .unwrap();
 }
 
 #[test]

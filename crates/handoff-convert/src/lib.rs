@@ -11,4 +11,4 @@ pub mod quantize;
 
 /// Converter version, recorded in provenance; bump when output changes.
 pub const CONVERTER_VERSION: &str =
-    concat!("handoff-convert ", env!("CARGO_PKG_VERSION"), "+bert1");
+    concat!("handoff-convert ", env!("CARGO_PKG_VERSION"), "+bert2");

@@ -95,15 +95,28 @@ impl GraphBuilder {
         self.graph.output.push(value_info(name, elem, dims));
     }
 
+    /// Adds an initializer; a second call with the same name and contents
+    /// reuses the first (ONNX Runtime warns about duplicates and stops
+    /// treating them as constants, which costs it constant folding).
     pub fn init_f32(&mut self, name: &str, dims: &[i64], data: Vec<f32>) -> String {
         debug_assert_eq!(dims.iter().product::<i64>() as usize, data.len());
-        self.graph.initializer.push(tensor_f32(name, dims, &data));
-        name.to_owned()
+        self.add_initializer(tensor_f32(name, dims, &data))
     }
 
     pub fn init_i64(&mut self, name: &str, dims: &[i64], data: Vec<i64>) -> String {
-        self.graph.initializer.push(tensor_i64(name, dims, &data));
-        name.to_owned()
+        self.add_initializer(tensor_i64(name, dims, &data))
+    }
+
+    fn add_initializer(&mut self, t: TensorProto) -> String {
+        let name = t.name.clone();
+        match self.graph.initializer.iter().find(|i| i.name == name) {
+            Some(existing) => assert!(
+                *existing == t,
+                "initializer `{name}` added twice with different contents"
+            ),
+            None => self.graph.initializer.push(t),
+        }
+        name
     }
 
     /// Adds a node with one output, named after the op and a counter.

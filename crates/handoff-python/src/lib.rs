@@ -22,9 +22,50 @@ use serde_json::{Value, json};
 
 /// Pinned packages of the baseline environment: the same ONNX Runtime
 /// release the Rust `ort` backend loads.
-pub const PYTHON_ORT_PACKAGES: [&str; 2] = ["onnxruntime==1.31.1", "numpy==2.4.6"];
+/// The serving comparison's FastAPI service runs in the same environment.
+pub const PYTHON_ORT_PACKAGES: [&str; 5] = [
+    "onnxruntime==1.31.1",
+    "numpy==2.4.6",
+    "fastapi==0.163.2",
+    "uvicorn==0.54.0",
+    "tokenizers==0.23.3",
+];
 pub const PYTHON_ORT_ENV: &str = "python-ort";
 const WORKER_PY: &str = include_str!("../../../scripts/py_worker.py");
+const FASTAPI_PY: &str = include_str!("../../../scripts/fastapi_server.py");
+
+/// What the FastAPI service is, for reports.
+pub const FASTAPI_SERVER: &str = "FastAPI + uvicorn (Python) + onnxruntime";
+
+/// The command that starts `scripts/fastapi_server.py` (the Python side of
+/// the serving comparison) on a free loopback port; it prints
+/// `listening on http://ADDR` once the model is loaded and exits when its
+/// stdin closes.
+pub fn fastapi_command(
+    model: &std::path::Path,
+    tokenizer: &std::path::Path,
+    threads: u32,
+    seq: u32,
+    max_batch: u32,
+) -> Result<Command, String> {
+    let python = interpreter()?;
+    let mut cmd = Command::new(python);
+    cmd.arg("-c")
+        .arg(FASTAPI_PY)
+        .arg("--model")
+        .arg(model)
+        .arg("--tokenizer")
+        .arg(tokenizer)
+        .args(["--threads", &threads.to_string()])
+        .args(["--seq", &seq.to_string()])
+        .args(["--max-batch", &max_batch.to_string()])
+        .args(["--host", "127.0.0.1", "--port", "0", "--watch-stdin"])
+        .env("OMP_NUM_THREADS", "1")
+        .env("OPENBLAS_NUM_THREADS", "1")
+        // The Rust tokenizer library would otherwise start its own pool.
+        .env("TOKENIZERS_PARALLELISM", "false");
+    Ok(cmd)
+}
 
 /// `$HANDOFF_CACHE`, else `.cache` at the repository root.
 pub fn cache_dir() -> PathBuf {

@@ -170,6 +170,8 @@ pub fn report_html(
             base64(png)
         );
     }
+    let (steady, loaded) = crate::split_scenarios(records);
+    let records = &steady[..];
     let models = crate::models(records);
     for m in models {
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
@@ -362,6 +364,18 @@ pub fn report_html(
         }
         o.push_str("</tbody></table>");
     }
+    if let Some(t) = crate::load_table(&loaded) {
+        let _ = write!(o, "<h2>Under load</h2><p>{}</p>", esc(crate::LOAD_NOTE));
+        table_html(&mut o, &t);
+    }
+    if let Some(t) = crate::serving_gain(&loaded) {
+        let _ = write!(
+            o,
+            "<h2>Hand-off gain: serving (handoff serve vs FastAPI)</h2><p>{}</p>",
+            esc(crate::SERVING_NOTE)
+        );
+        table_html(&mut o, &t);
+    }
     if let Some(env) = env.and_then(|e| e.as_object()) {
         o.push_str("<h2>Environment</h2><table><tbody>");
         for (k, v) in env {
@@ -384,4 +398,20 @@ pub fn report_html(
 
 fn p99(r: &ResultRecord) -> f64 {
     r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
+}
+
+fn table_html(o: &mut String, t: &crate::Table) {
+    o.push_str("<table class='sortable'><thead><tr>");
+    for h in &t.header {
+        let _ = write!(o, "<th class='l'>{}</th>", esc(h));
+    }
+    o.push_str("</tr></thead><tbody>");
+    for r in &t.rows {
+        o.push_str("<tr>");
+        for c in r {
+            let _ = write!(o, "<td class='l'>{}</td>", esc(c));
+        }
+        o.push_str("</tr>");
+    }
+    o.push_str("</tbody></table>");
 }

@@ -51,12 +51,15 @@ pub fn terminal_table(records: &[ResultRecord]) -> String {
 }
 
 fn dims(r: &ResultRecord) -> String {
-    let d: Vec<String> = r
+    let mut d: Vec<String> = r
         .case
         .dims
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
         .collect();
+    if !is_steady(r) {
+        d.push(r.case.scenario.clone());
+    }
     if d.is_empty() {
         "-".into()
     } else {
@@ -186,6 +189,8 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         .map(|(s, n)| format!("{n} {}", s.as_str()))
         .collect();
     let _ = writeln!(out, "{} cases: {}.\n", records.len(), c.join(", "));
+    let (steady, loaded) = split_scenarios(records);
+    let records = &steady[..];
     let models = models(records);
     for m in models {
         let _ = writeln!(out, "## {}\n", escape_md(m));
@@ -243,8 +248,207 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         out.push('\n');
     }
     handoff_gain(&mut out, records);
+    if let Some(t) = load_table(&loaded) {
+        out.push_str("## Under load\n\n");
+        out.push_str(LOAD_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
+    if let Some(t) = serving_gain(&loaded) {
+        out.push_str("## Hand-off gain: serving (handoff serve vs FastAPI)\n\n");
+        out.push_str(SERVING_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
     variants_table(&mut out, records);
     out
+}
+
+/// The one-query-at-a-time rows (what the per-model tables and plots show)
+/// apart from the load scenarios (offline, multi-stream, server, http).
+pub fn split_scenarios(records: &[ResultRecord]) -> (Vec<ResultRecord>, Vec<ResultRecord>) {
+    records.iter().cloned().partition(is_steady)
+}
+
+fn is_steady(r: &ResultRecord) -> bool {
+    r.case.scenario == "single-stream"
+}
+
+pub const LOAD_NOTE: &str = "Latency under load is measured from each query's scheduled arrival (Poisson, open loop), so time spent queued counts. `saturated`: the system did not keep up (queries unanswered at the end, errors, or a queue still draining long after the last arrival); its achieved rate is what it managed. `peak` is the highest rate tried whose p99 met the bound. The load generator runs on the same machine.";
+
+pub const SERVING_NOTE: &str = "The same model file, sentences, threads and load, over HTTP on loopback: `handoff serve` (Rust, axum, one model thread) against a FastAPI service (uvicorn, `tokenizers`, onnxruntime, one request in the model at a time). Both tokenise the texts; the difference is what the Python serving stack costs.";
+
+/// A table rendered to Markdown or HTML; cells are plain text.
+pub struct Table {
+    pub header: Vec<&'static str>,
+    pub rows: Vec<Vec<String>>,
+}
+
+impl Table {
+    pub fn markdown(&self, out: &mut String) {
+        let _ = writeln!(out, "| {} |", self.header.join(" | "));
+        let _ = writeln!(
+            out,
+            "|{}",
+            self.header.iter().map(|_| "---|").collect::<String>()
+        );
+        for r in &self.rows {
+            let cells: Vec<String> = r.iter().map(|c| escape_md(c)).collect();
+            let _ = writeln!(out, "| {} |", cells.join(" | "));
+        }
+        out.push('\n');
+    }
+}
+
+fn opt(v: Option<f64>, f: fn(f64) -> String) -> String {
+    v.map_or("-".into(), f)
+}
+
+/// Every load-scenario row: rates, latency under load, saturation.
+pub fn load_table(records: &[ResultRecord]) -> Option<Table> {
+    if records.is_empty() {
+        return None;
+    }
+    let rows = records
+        .iter()
+        .map(|r| {
+            let l = r.load.as_ref();
+            let lat = r.latency_ms.as_ref();
+            vec![
+                r.case.model.clone(),
+                backend_label(r),
+                r.case.threads.to_string(),
+                r.case.batch.to_string(),
+                r.case.scenario.clone(),
+                l.and_then(|l| l.server.clone())
+                    .unwrap_or("in-process".into()),
+                r.status.as_str().to_owned(),
+                opt(l.and_then(|l| l.offered_qps), fmt_rate),
+                opt(l.map(|l| l.achieved_qps), fmt_rate),
+                opt(lat.map(|l| l.p50), fmt_ms),
+                opt(lat.map(|l| l.p99), fmt_ms),
+                opt(r.throughput_items_s, fmt_rate),
+                match l {
+                    Some(l) if l.saturated => {
+                        format!("SATURATED ({} unanswered, {} errors)", l.unserved, l.errors)
+                    }
+                    Some(_) => "no".into(),
+                    None => "-".into(),
+                },
+                opt(l.and_then(|l| l.peak_qps), fmt_rate),
+                match (l, r.status) {
+                    (_, s) if s != Status::Ok => r.reason.clone().unwrap_or_default(),
+                    (Some(l), _) if !l.per_stream_p99_ms.is_empty() => format!(
+                        "per-stream p99 {} ms",
+                        l.per_stream_p99_ms
+                            .iter()
+                            .map(|p| fmt_ms(*p))
+                            .collect::<Vec<_>>()
+                            .join(" / ")
+                    ),
+                    (Some(l), _) => {
+                        let mut n = Vec::new();
+                        if let Some(mb) = l.server_rss_mb {
+                            n.push(format!("server RSS {mb:.0} MB"));
+                        }
+                        if let Some(why) = &r.reason {
+                            n.push(why.clone());
+                        }
+                        n.join("; ")
+                    }
+                    (None, _) => String::new(),
+                },
+            ]
+        })
+        .collect();
+    Some(Table {
+        header: vec![
+            "model",
+            "backend",
+            "threads",
+            "batch",
+            "scenario",
+            "server",
+            "status",
+            "offered QPS",
+            "achieved QPS",
+            "p50 ms",
+            "p99 ms",
+            "items/s",
+            "saturated",
+            "peak QPS",
+            "notes",
+        ],
+        rows,
+    })
+}
+
+/// `handoff serve` on ort against FastAPI on Python onnxruntime, at the
+/// same load: p99 at each fixed rate, and peak rate under the p99 bound.
+pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
+    let http = |r: &&ResultRecord| r.case.scenario.starts_with("http ") && r.status == Status::Ok;
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .filter(http)
+        .filter(|p| p.case.backend == "python-onnxruntime")
+        .filter_map(|p| {
+            let r = records.iter().filter(http).find(|r| {
+                r.case.backend == "ort"
+                    && (
+                        &r.case.model,
+                        r.case.threads,
+                        r.case.batch,
+                        &r.case.dims,
+                        &r.case.scenario,
+                    ) == (
+                        &p.case.model,
+                        p.case.threads,
+                        p.case.batch,
+                        &p.case.dims,
+                        &p.case.scenario,
+                    )
+            })?;
+            let (rl, pl) = (r.load.as_ref()?, p.load.as_ref()?);
+            let (rp99, pp99) = (r.latency_ms.as_ref()?.p99, p.latency_ms.as_ref()?.p99);
+            let sat = |l: &handoff_runner::LoadStats| if l.saturated { " (saturated)" } else { "" };
+            let peak = match (rl.peak_qps, pl.peak_qps) {
+                (Some(a), Some(b)) => format!("{} vs {} ({:.2}x)", fmt_rate(a), fmt_rate(b), a / b),
+                (a, b) if rl.p99_bound_ms.is_some() => {
+                    format!("{} vs {}", opt(a, fmt_rate), opt(b, fmt_rate))
+                }
+                _ => "-".into(),
+            };
+            Some(vec![
+                r.case.model.clone(),
+                r.case.threads.to_string(),
+                r.case.batch.to_string(),
+                r.case.scenario.trim_start_matches("http ").to_owned(),
+                format!("{}{}", fmt_ms(rp99), sat(rl)),
+                format!("{}{}", fmt_ms(pp99), sat(pl)),
+                format!("{:.2}x", pp99 / rp99),
+                format!(
+                    "{} vs {}",
+                    fmt_rate(rl.achieved_qps),
+                    fmt_rate(pl.achieved_qps)
+                ),
+                peak,
+            ])
+        })
+        .collect();
+    (!rows.is_empty()).then(|| Table {
+        header: vec![
+            "model",
+            "threads",
+            "batch",
+            "load",
+            "handoff serve p99 ms",
+            "FastAPI p99 ms",
+            "FastAPI / handoff p99",
+            "achieved QPS (handoff vs FastAPI)",
+            "peak QPS (handoff vs FastAPI)",
+        ],
+        rows,
+    })
 }
 
 /// What handing off from Python gains: the Python baseline timed inside

@@ -36,6 +36,10 @@ pub fn write_report(
         .map_err(io(&md))?;
     written.push(md);
     let mut images = std::collections::BTreeMap::new();
+    // Plots show one query at a time; load scenarios have their own tables.
+    let (steady, _) = crate::split_scenarios(records);
+    let records_all = records;
+    let records = &steady[..];
     for m in crate::models(records) {
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
         let files = crate::plots::model_plots(m, &rows, &out.join("plots"))?;
@@ -55,7 +59,7 @@ pub fn write_report(
     let html = out.join("report.html");
     std::fs::write(
         &html,
-        crate::html::report_html(suite, records, env, torn_last_line, &images),
+        crate::html::report_html(suite, records_all, env, torn_last_line, &images),
     )
     .map_err(io(&html))?;
     written.push(html);

@@ -3,6 +3,7 @@
 //! checked against a reference backend, and one JSON line per case is
 //! appended and flushed to `results.jsonl` as soon as it is known.
 
+pub mod http_case;
 pub mod isolate;
 pub mod machine;
 pub mod measure;
@@ -10,6 +11,7 @@ pub mod record;
 pub mod run;
 pub mod worker;
 
-pub use record::{Accuracy, ResultRecord, Status, read_results};
+pub use http_case::{Launch, ServerLauncher, ServerSpec};
+pub use record::{Accuracy, LoadStats, ResultRecord, Status, read_results};
 pub use run::{Observer, Quiet, RunError, RunOptions, RunSummary, Runner};
 pub use worker::{Job, JobMode, WorkerReport, execute_job};

@@ -109,6 +109,64 @@ pub struct ResultRecord {
     /// against the fp32 model and its size.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub accuracy: Option<Accuracy>,
+    /// For the load scenarios (server, http, multi-stream): rates, whether
+    /// the system kept up, the peak search. `samples_ms` then hold each
+    /// query's latency from its scheduled arrival, queueing included.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub load: Option<LoadStats>,
+}
+
+/// What a load scenario measured beyond the latency samples.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct LoadStats {
+    /// The scenario (`server 20 QPS`, `http peak (p99 <= 100 ms)`, ...).
+    pub scenario: String,
+    /// What served the queries over HTTP (`handoff serve (axum) + ort`,
+    /// `FastAPI + uvicorn + onnxruntime`); `None` in-process.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub server: Option<String>,
+    /// The rate offered by the run whose samples the record holds.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub offered_qps: Option<f64>,
+    pub achieved_qps: f64,
+    pub queries: u64,
+    pub completed: u64,
+    pub errors: u64,
+    pub unserved: u64,
+    /// The system could not keep up with the offered rate.
+    pub saturated: bool,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub p99_bound_ms: Option<f64>,
+    /// Highest rate tried whose p99 met the bound (peak search).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub peak_qps: Option<f64>,
+    /// Every rate the peak search tried.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub levels: Vec<handoff_load::Level>,
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub streams: Option<u32>,
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub per_stream_p99_ms: Vec<f64>,
+    /// Peak RSS of the server process, MiB.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub server_rss_mb: Option<f64>,
+}
+
+impl LoadStats {
+    /// From one open-loop run (or the best run of a peak search).
+    pub fn from_level(scenario: String, level: &handoff_load::Level) -> Self {
+        Self {
+            scenario,
+            offered_qps: Some(level.offered_qps),
+            achieved_qps: level.achieved_qps,
+            queries: level.queries,
+            completed: level.completed,
+            errors: level.errors,
+            unserved: level.unserved,
+            saturated: level.saturated,
+            ..Default::default()
+        }
+    }
 }
 
 /// A precision variant's accuracy gate, measured once when it was built.

@@ -41,6 +41,9 @@ pub struct RunOptions {
     /// Set (by a signal handler) to stop after killing the case in flight;
     /// that case is not recorded, so a resume runs it again.
     pub stop: Option<Arc<AtomicBool>>,
+    /// Starts the server of an `http` case (the CLI: `handoff serve`, or
+    /// FastAPI for `python-onnxruntime`).
+    pub servers: Option<crate::http_case::ServerLauncher>,
 }
 
 impl RunOptions {
@@ -55,6 +58,7 @@ impl RunOptions {
             shard: None,
             resume: false,
             stop: None,
+            servers: None,
         }
     }
 }
@@ -365,6 +369,11 @@ impl<'a> Runner<'a> {
                 .unwrap_or(serde_json::Value::Null),
             mode,
         };
+        if let (handoff_suite::Scenario::Http { load }, JobMode::Measure { reference }) =
+            (&case.scenario, &job.mode)
+        {
+            return self.http_case(&job, model, load, reference.as_ref());
+        }
         match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
                 let partial = job.partial_path.clone();
@@ -392,6 +401,42 @@ impl<'a> Runner<'a> {
             }
             _ => run_in_process(&job, self.registry),
         }
+    }
+
+    fn http_case(
+        &self,
+        job: &Job,
+        model: &handoff_suite::PlanModel,
+        load: &handoff_suite::Load,
+        reference: Option<&ReferenceFile>,
+    ) -> WorkerReport {
+        let case = &job.case;
+        let (Some(hf_dir), Some(sentences)) = (&model.hf_dir, &model.sentences) else {
+            return WorkerReport {
+                status: Some(Status::Unsupported),
+                reason: Some("the http scenario needs a text model with a tokenizer".into()),
+                ..Default::default()
+            };
+        };
+        let spec = crate::http_case::ServerSpec {
+            backend: case.backend.clone(),
+            model: model.path.clone(),
+            hf_dir: Some(hf_dir.clone()),
+            tokenizer: hf_dir.join("tokenizer.json"),
+            device: case.device,
+            threads: case.threads,
+            seq: case.dims.get("seq").copied().unwrap_or(128),
+            max_batch: case.batch.max(64),
+        };
+        crate::http_case::run(
+            job,
+            &spec,
+            sentences,
+            load,
+            reference,
+            self.options.servers.as_ref(),
+            self.plan.timeout,
+        )
     }
 
     /// Computes (once per input key) the reference backend's outputs.
@@ -459,7 +504,12 @@ impl<'a> Runner<'a> {
         let status = report.status();
         let (latency, throughput) = if status == Status::Ok {
             let s = handoff_stats::summarize(&report.samples_ms);
-            let t = s.as_ref().map(|s| f64::from(case.batch) / (s.p50 / 1e3));
+            // Under load, throughput is what was achieved, not what the
+            // median latency would allow one query at a time.
+            let t = match &report.load {
+                Some(l) => Some(l.achieved_qps * f64::from(case.batch)),
+                None => s.as_ref().map(|s| f64::from(case.batch) / (s.p50 / 1e3)),
+            };
             (s, t)
         } else {
             (None, None)
@@ -480,7 +530,7 @@ impl<'a> Runner<'a> {
                 threads: case.threads,
                 batch: case.batch,
                 dims: case.dims.clone(),
-                scenario: "single-stream".into(),
+                scenario: case.scenario.label(),
             },
             status,
             reason: report.reason,
@@ -525,6 +575,7 @@ impl<'a> Runner<'a> {
                 fp32_size_bytes: v.fp32_bytes,
             }),
             env: env.to_owned(),
+            load: report.load,
         }
     }
 }

@@ -6,15 +6,15 @@ use std::path::PathBuf;
 use std::time::Instant;
 
 use handoff_backend::{
-    BackendError, ExecutionKind, ModelRef, Parity, PrepareOptions, Probe, Registry, Tensor,
-    compare, load_tensors, min_row_cosine, save_tensors,
+    BackendError, ExecutionKind, ModelRef, Parity, PrepareOptions, Prepared, Probe, Registry,
+    Tensor, compare, load_tensors, min_row_cosine, save_tensors,
 };
-use handoff_suite::{Case, Measure};
+use handoff_suite::{Case, LoadTarget, Measure, Scenario};
 use serde::{Deserialize, Serialize};
 
 use crate::machine::{CpuSnapshot, MachineLoad, peak_rss_mb};
 use crate::measure::{StopReason, measure};
-use crate::record::Status;
+use crate::record::{LoadStats, Status};
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
@@ -72,6 +72,9 @@ pub struct WorkerReport {
     pub parity: Option<Parity>,
     pub machine: Option<MachineLoad>,
     pub peak_rss_mb: Option<f64>,
+    /// Load scenarios: rates, saturation, peak search.
+    #[serde(default)]
+    pub load: Option<LoadStats>,
 }
 
 impl WorkerReport {
@@ -196,6 +199,23 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
         JobMode::Measure { reference: None } => {}
     }
     drop(outputs);
+    match &case.scenario {
+        Scenario::SingleStream | Scenario::Offline => {}
+        Scenario::Server { load } => {
+            return server_scenario(report, prepared.as_mut(), job, load);
+        }
+        Scenario::MultiStream { streams, duration } => {
+            drop(prepared);
+            return multi_stream(
+                report, backend, &options, &model, &inputs, job, *streams, *duration,
+            );
+        }
+        Scenario::Http { .. } => {
+            return report.fail(&BackendError::Failed(
+                "http cases are run by the runner, not a worker".into(),
+            ));
+        }
+    }
     let before = CpuSnapshot::now();
     let mut progress = |samples: &[std::time::Duration]| {
         if let Some(path) = &job.partial_path {
@@ -222,4 +242,192 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Warm-up runs for the load scenarios; returns their median time (ms), the
+/// first guess of the service time.
+fn warm_up(prepared: &mut dyn Prepared, policy: &Measure) -> Result<(u64, f64), BackendError> {
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.is_empty() || start.elapsed() < policy.warmup {
+        let t = Instant::now();
+        prepared.run()?;
+        times.push(ms(t.elapsed()));
+    }
+    Ok((times.len() as u64, handoff_stats::median(&times)))
+}
+
+/// Poisson arrivals served one at a time by this session: a fixed rate, or
+/// the peak search.
+fn server_scenario(
+    mut report: WorkerReport,
+    prepared: &mut dyn Prepared,
+    job: &Job,
+    load: &handoff_suite::Load,
+) -> WorkerReport {
+    let (warmup_runs, service_ms) = match warm_up(prepared, &job.measure) {
+        Ok(w) => w,
+        Err(e) => return report.fail(&e),
+    };
+    report.warmup_runs = warmup_runs;
+    let before = CpuSnapshot::now();
+    let label = job.case.scenario.label();
+    let mut level_at = |qps: f64, duration: std::time::Duration, min: u32| {
+        let n = handoff_load::query_count(qps, duration, min);
+        let schedule = handoff_load::poisson_schedule(qps, n, job.seed);
+        handoff_load::run_in_process(qps, &schedule, || prepared.run())
+    };
+    let (level, stats) = match load.target {
+        LoadTarget::Qps(qps) => match level_at(qps, load.duration, load.min_queries) {
+            Ok(level) => {
+                let stats = LoadStats::from_level(label, &level);
+                (level, stats)
+            }
+            Err(e) => return report.fail(&e),
+        },
+        LoadTarget::Peak { p99 } => {
+            let bound = p99.as_secs_f64() * 1e3;
+            let step = (load.duration / 3).max(std::time::Duration::from_secs(2));
+            let min = (load.min_queries / 2).max(1);
+            let peak = match handoff_load::find_peak(bound, 1e3 / service_ms.max(1e-3), 7, |q| {
+                level_at(q, step, min)
+            }) {
+                Ok(p) => p,
+                Err(e) => return report.fail(&e),
+            };
+            peak_outcome(&mut report, label, peak)
+        }
+    };
+    report.machine = Some(before.load_until(&CpuSnapshot::now()));
+    report.samples_ms = level.latencies_ms;
+    report.load = Some(stats);
+    report.status = Some(Status::Ok);
+    report.peak_rss_mb = peak_rss_mb();
+    report
+}
+
+/// The record of a peak search: the best level's samples, or the lowest
+/// rate's with a reason when none met the bound.
+pub(crate) fn peak_outcome(
+    report: &mut WorkerReport,
+    label: String,
+    peak: handoff_load::Peak,
+) -> (handoff_load::Level, LoadStats) {
+    let chosen = match peak.best {
+        Some(l) => l,
+        None => {
+            let lowest = peak
+                .trace
+                .iter()
+                .min_by(|a, b| a.target_qps.total_cmp(&b.target_qps))
+                .cloned()
+                .unwrap_or_else(|| {
+                    handoff_load::Level::new(0.0, &[], Vec::new(), 0, Default::default())
+                });
+            report.reason = Some(format!(
+                "no rate tried kept p99 under {} ms (lowest: {:.1} QPS, p99 {})",
+                peak.p99_bound_ms,
+                lowest.target_qps,
+                lowest.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms"))
+            ));
+            lowest
+        }
+    };
+    let mut stats = LoadStats::from_level(label, &chosen);
+    stats.p99_bound_ms = Some(peak.p99_bound_ms);
+    stats.peak_qps = chosen.meets(peak.p99_bound_ms).then_some(chosen.target_qps);
+    stats.levels = peak.trace;
+    (chosen, stats)
+}
+
+/// `streams` closed-loop streams in threads, each with its own session
+/// (runtimes' sessions are not shared across threads), started together
+/// after each has warmed up, for `duration`.
+#[allow(clippy::too_many_arguments)]
+fn multi_stream(
+    mut report: WorkerReport,
+    backend: &dyn handoff_backend::Backend,
+    options: &PrepareOptions,
+    model: &ModelRef,
+    inputs: &[Tensor],
+    job: &Job,
+    streams: u32,
+    duration: std::time::Duration,
+) -> WorkerReport {
+    let barrier = std::sync::Barrier::new(streams as usize);
+    let before = std::sync::Mutex::new(None);
+    let results: Vec<Result<Vec<f64>, BackendError>> = std::thread::scope(|s| {
+        let handles: Vec<_> = (0..streams)
+            .map(|_| {
+                let (barrier, before) = (&barrier, &before);
+                s.spawn(move || -> Result<Vec<f64>, BackendError> {
+                    let prepared = backend.prepare(model, options);
+                    // Every stream reaches the barrier, even a failed one,
+                    // so the others are not left waiting.
+                    let mut prepared = match prepared.and_then(|mut p| {
+                        p.bind(inputs)?;
+                        warm_up(p.as_mut(), &job.measure)?;
+                        Ok(p)
+                    }) {
+                        Ok(p) => {
+                            barrier.wait();
+                            p
+                        }
+                        Err(e) => {
+                            barrier.wait();
+                            return Err(e);
+                        }
+                    };
+                    before
+                        .lock()
+                        .expect("snapshot lock")
+                        .get_or_insert_with(CpuSnapshot::now);
+                    let start = Instant::now();
+                    let mut lat = Vec::new();
+                    while start.elapsed() < duration {
+                        let t = Instant::now();
+                        prepared.run()?;
+                        lat.push(ms(t.elapsed()));
+                    }
+                    Ok(lat)
+                })
+            })
+            .collect();
+        handles
+            .into_iter()
+            .map(|h| {
+                h.join()
+                    .unwrap_or_else(|_| Err(BackendError::Failed("a stream panicked".into())))
+            })
+            .collect()
+    });
+    let mut per_stream = Vec::new();
+    for r in results {
+        match r {
+            Ok(l) => per_stream.push(l),
+            Err(e) => return report.fail(&e),
+        }
+    }
+    if let Some(b) = before.into_inner().ok().flatten() {
+        report.machine = Some(b.load_until(&CpuSnapshot::now()));
+    }
+    let completed: usize = per_stream.iter().map(Vec::len).sum();
+    let p99 = |v: &[f64]| {
+        let mut v = v.to_vec();
+        v.sort_by(f64::total_cmp);
+        handoff_stats::quantile_sorted(&v, 0.99)
+    };
+    report.load = Some(LoadStats {
+        scenario: job.case.scenario.label(),
+        achieved_qps: completed as f64 / duration.as_secs_f64(),
+        queries: completed as u64,
+        completed: completed as u64,
+        streams: Some(streams),
+        per_stream_p99_ms: per_stream.iter().map(|l| p99(l)).collect(),
+        ..Default::default()
+    });
+    report.samples_ms = per_stream.into_iter().flatten().collect();
+    report.status = Some(Status::Ok);
+    report.peak_rss_mb = peak_rss_mb();
+    report
 }

@@ -3,7 +3,7 @@
 //! into [`Case`]s in a documented, deterministic order.
 //!
 //! Expansion order (outermost first): model, device, batch, the model's
-//! symbolic dims (by name), backend, threads. Cases that share a model,
+//! symbolic dims (by name), scenario, backend, threads. Cases that share a model,
 //! batch and dims are adjacent, so their reference outputs are computed once
 //! and results diff cleanly between runs.
 
@@ -12,6 +12,7 @@ pub mod error;
 pub mod locate;
 pub mod plan;
 pub mod raw;
+pub mod scenario;
 pub mod text;
 
 pub use duration::HumanDuration;
@@ -20,3 +21,4 @@ pub use plan::{
     Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions, Variant,
     VariantInfo,
 };
+pub use scenario::{Load, LoadTarget, Scenario, ScenarioSpec};

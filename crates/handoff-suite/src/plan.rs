@@ -18,6 +18,7 @@ use serde::{Deserialize, Serialize};
 use crate::error::{Problem, SuiteError};
 use crate::locate::Locator;
 use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawModel, RawSuite, SyntheticKindName};
+use crate::scenario::{Scenario, ScenarioSpec, build_scenarios};
 use crate::text::{DEFAULT_SENTENCES, Encoded, encode};
 
 /// Where the suite may write generated models, and the runtime-backed
@@ -121,6 +122,10 @@ pub struct PlanModel {
     pub backends: Option<Vec<String>>,
     /// Tokenised text per `seq` value, for text inputs.
     pub text: Option<Arc<BTreeMap<u32, Encoded>>>,
+    /// The sentences `text` was made from (HTTP scenarios send them).
+    pub sentences: Option<Arc<Vec<String>>>,
+    /// Scenarios this model runs (default: single-stream only).
+    pub scenarios: Vec<ScenarioSpec>,
     /// For a precision variant (`fp16`, `int8-dynamic`): its name and its
     /// accuracy against the fp32 model.
     pub variant: Option<VariantInfo>,
@@ -198,6 +203,8 @@ pub struct Case {
     pub batch: u32,
     pub dims: BTreeMap<String, u32>,
     pub inputs: Vec<TensorSpec>,
+    #[serde(default)]
+    pub scenario: Scenario,
 }
 
 impl Case {
@@ -283,23 +290,9 @@ impl Plan {
         }
     }
 
-    /// Number of cases, without building them.
+    /// Number of cases (builds them one model at a time).
     pub fn case_count(&self) -> usize {
-        self.models
-            .iter()
-            .map(|m| {
-                let dims: usize = m
-                    .dim_names
-                    .iter()
-                    .map(|d| self.dims.get(d).map_or(1, Vec::len))
-                    .product();
-                self.devices.len()
-                    * m.batch.len()
-                    * dims
-                    * self.backends_of(m).count()
-                    * self.threads.len()
-            })
-            .sum()
+        self.cases().count()
     }
 
     /// Cases in expansion order, built lazily so a huge suite costs no memory.
@@ -314,24 +307,43 @@ impl Plan {
                     for &batch in &m.batch {
                         for dims in &combos {
                             let inputs = m.concrete_inputs(batch, dims);
-                            for backend in self.backends_of(m) {
-                                for &threads in &self.threads {
-                                    let mut id =
-                                        format!("{}/{backend}/{device}/t{threads}/b{batch}", m.id);
-                                    for (n, v) in dims {
-                                        id.push_str(&format!("/{n}={v}"));
+                            for spec in &m.scenarios {
+                                // Offline is one configuration: everything at
+                                // the largest batch.
+                                if spec.scenario == Scenario::Offline
+                                    && m.batch.iter().max() != Some(&batch)
+                                {
+                                    continue;
+                                }
+                                for backend in self.backends_of(m) {
+                                    for &threads in &self.threads {
+                                        if !spec.allows(backend, threads, batch) {
+                                            continue;
+                                        }
+                                        let mut id = format!(
+                                            "{}/{backend}/{device}/t{threads}/b{batch}",
+                                            m.id
+                                        );
+                                        for (n, v) in dims {
+                                            id.push_str(&format!("/{n}={v}"));
+                                        }
+                                        if let Some(suffix) = spec.scenario.id_suffix() {
+                                            id.push('/');
+                                            id.push_str(&suffix);
+                                        }
+                                        out.push(Case {
+                                            index: 0,
+                                            id,
+                                            model: m.id.clone(),
+                                            backend: backend.clone(),
+                                            device,
+                                            threads,
+                                            batch,
+                                            dims: dims.clone(),
+                                            inputs: inputs.clone(),
+                                            scenario: spec.scenario.clone(),
+                                        });
                                     }
-                                    out.push(Case {
-                                        index: 0,
-                                        id,
-                                        model: m.id.clone(),
-                                        backend: backend.clone(),
-                                        device,
-                                        threads,
-                                        batch,
-                                        dims: dims.clone(),
-                                        inputs: inputs.clone(),
-                                    });
                                 }
                             }
                         }
@@ -582,6 +594,10 @@ fn build(
         );
     }
 
+    let suite_scenarios = match &raw.scenarios {
+        Some(r) => build_scenarios(r, "scenarios", &backends, &mut |p, m| ctx.err(p, m)),
+        None => vec![ScenarioSpec::single_stream()],
+    };
     let mut models: Vec<PlanModel> = Vec::new();
     for (i, rm) in raw.models.iter().enumerate() {
         let path = format!("models[{i}]");
@@ -602,7 +618,34 @@ fn build(
             &dims,
             raw.seed.unwrap_or(42),
         ) {
+            let mut model = model;
             let before = ctx.problems.len();
+            model.scenarios = match &rm.scenarios {
+                Some(r) => {
+                    build_scenarios(r, &format!("{path}.scenarios"), &backends, &mut |p, m| {
+                        ctx.err(p, m)
+                    })
+                }
+                None => suite_scenarios.clone(),
+            };
+            if model.sentences.is_none()
+                && let Some(j) = model
+                    .scenarios
+                    .iter()
+                    .position(|s| matches!(s.scenario, Scenario::Http { .. }))
+            {
+                let at = match &rm.scenarios {
+                    Some(_) => format!("{path}.scenarios[{j}]"),
+                    None => "scenarios".to_owned(),
+                };
+                ctx.err(
+                    at,
+                    format!(
+                        "an `http` scenario sends sentences, so it needs a text model (hf or pypi source); `{}` has none: give it `scenarios:` of its own",
+                        rm.id
+                    ),
+                );
+            }
             if let Some(b) = &rm.backends {
                 for (j, name) in b.iter().enumerate() {
                     if !backends.contains(name) {
@@ -617,8 +660,17 @@ fn build(
             let precision = precision_variants(rm, &model, &path, options, ctx);
             models.push(model);
             if ctx.problems.len() == before {
-                models.extend(lowered);
-                models.extend(precision);
+                for mut derived in lowered.into_iter().chain(precision) {
+                    // Load scenarios compare serving set-ups; running them
+                    // on every variant would multiply a suite's time.
+                    derived.scenarios.retain(|s| {
+                        matches!(s.scenario, Scenario::SingleStream | Scenario::Offline)
+                    });
+                    if derived.scenarios.is_empty() {
+                        derived.scenarios.push(ScenarioSpec::single_stream());
+                    }
+                    models.push(derived);
+                }
             }
         }
     }
@@ -781,6 +833,7 @@ fn build_model(
     };
     let before = ctx.problems.len();
     let mut text = None;
+    let mut kept_sentences = None;
     let inputs = match (&rm.inputs, &hf_dir) {
         (Some(specs), _) => check_inputs(specs, &info, path, ctx, dims),
         (None, Some(dir)) => {
@@ -826,7 +879,10 @@ fn build_model(
                 return None;
             };
             match encode(&dir.join("tokenizer.json"), &sentences, seqs) {
-                Ok(enc) => text = Some(Arc::new(enc)),
+                Ok(enc) => {
+                    text = Some(Arc::new(enc));
+                    kept_sentences = Some(Arc::new(sentences));
+                }
                 Err(e) => {
                     ctx.err(format!("{path}.source"), e);
                     return None;
@@ -860,6 +916,8 @@ fn build_model(
         hf_dir,
         backends: rm.backends.clone(),
         text,
+        sentences: kept_sentences,
+        scenarios: vec![ScenarioSpec::single_stream()],
         variant: None,
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {

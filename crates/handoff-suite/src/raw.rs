@@ -36,6 +36,12 @@ pub struct RawSuite {
     /// Values of other symbolic dims, e.g. `seq: [128]`.
     #[serde(default)]
     pub dims: BTreeMap<String, Vec<u32>>,
+    /// How queries arrive (default `[single-stream]`): `single-stream`,
+    /// `offline`, `{multi-stream: {streams: [2]}}`, `{server: {qps: [..],
+    /// peak_p99: 100ms}}` (Poisson arrivals in-process), `{http: {...}}`
+    /// (the same over loopback HTTP against `handoff serve` or FastAPI).
+    #[serde(default)]
+    pub scenarios: Option<Vec<crate::scenario::RawScenario>>,
     #[serde(default)]
     pub measure: RawMeasure,
     #[serde(default)]
@@ -86,6 +92,10 @@ pub struct RawModel {
     /// Only these of the suite's backends run this model.
     #[serde(default)]
     pub backends: Option<Vec<String>>,
+    /// Overrides the suite's scenarios for this model. Its precision and
+    /// lowered variants run `single-stream` and `offline` only.
+    #[serde(default)]
+    pub scenarios: Option<Vec<crate::scenario::RawScenario>>,
     /// Text for tokenised inputs (hf and pypi sources; `inputs` then
     /// default to `input_ids`, `attention_mask`, `token_type_ids`).
     #[serde(default)]

@@ -36,3 +36,24 @@ pub fn run_ok(dir: &Path, suite: &str, out: &str) -> Vec<ResultRecord> {
         .unwrap()
         .records
 }
+
+/// A WordLevel tokenizer.json over the tiny BERT's 100-token vocabulary.
+pub fn write_tokenizer(dir: &Path) {
+    let mut vocab = serde_json::Map::new();
+    for (i, w) in ["[PAD]", "[UNK]", "[CLS]", "[SEP]"].iter().enumerate() {
+        vocab.insert((*w).into(), i.into());
+    }
+    for i in 4..100 {
+        vocab.insert(format!("w{i}"), i.into());
+    }
+    let tok = serde_json::json!({
+        "version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+        "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null, "decoder": null,
+        "model": {"type": "WordLevel", "vocab": vocab, "unk_token": "[UNK]"}
+    });
+    std::fs::write(
+        dir.join("tokenizer.json"),
+        serde_json::to_vec(&tok).unwrap(),
+    )
+    .unwrap();
+}

@@ -1,0 +1,145 @@
+//! The load scenarios end to end: `handoff serve` and the FastAPI service
+//! under the same open-loop HTTP load, in-process Poisson serving and
+//! multi-stream on a tiny BERT; and the errors a user meets first.
+
+mod common;
+
+use common::{handoff, run_ok, write_tokenizer};
+
+use handoff_runner::Status;
+
+#[test]
+fn http_server_and_multi_stream_scenarios_run_and_report() {
+    // The FastAPI service runs in the baseline environment (pinned, PyPI).
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: serving\nmodels:\n  - id: tiny\n    source: {hf: bert}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n\
+         backends: [ort, tract, python-onnxruntime]\nthreads: [1]\nbatch: [1]\ndims: {seq: [8]}\n\
+         scenarios:\n  - single-stream\n\
+         \x20 - {http: {qps: [20], peak_p99: 200ms, duration: 1s, min_queries: 20, backends: [ort, python-onnxruntime]}}\n\
+         \x20 - {server: {qps: [50], duration: 1s, min_queries: 30, backends: [tract]}}\n\
+         \x20 - {multi-stream: {streams: [2], duration: 300ms, backends: [tract]}}\n\
+         timeout: 60s\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let records = run_ok(dir.path(), "s.yaml", "out");
+    // 3 single-stream + 2 backends x (20 QPS + peak) + server + multi-stream.
+    assert_eq!(records.len(), 3 + 4 + 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+    }
+    for r in records
+        .iter()
+        .filter(|r| r.case.scenario.starts_with("http "))
+    {
+        // The served embedding of the first request matched the reference.
+        assert!(r.parity.as_ref().is_some_and(|p| p.ok), "{}", r.case.id);
+        let load = r.load.as_ref().unwrap();
+        let server = load.server.as_deref().unwrap();
+        if r.case.backend == "python-onnxruntime" {
+            assert!(server.starts_with("FastAPI"), "{server}");
+        } else {
+            assert!(server.starts_with("handoff serve"), "{server}");
+        }
+        assert!(load.server_rss_mb.is_some_and(|mb| mb > 1.0));
+        assert_eq!(r.samples_ms.len() as u64, load.completed);
+        if r.case.id.ends_with("http@20qps") {
+            // A tiny model at 20/s keeps up, and latency counts from the
+            // scheduled arrival.
+            assert!(!load.saturated, "{}: {load:?}", r.case.id);
+            assert!(load.achieved_qps > 10.0 && load.achieved_qps < 30.0);
+            assert!(r.latency_ms.as_ref().unwrap().p50 > 0.0);
+        } else {
+            assert_eq!(load.p99_bound_ms, Some(200.0));
+            assert!(load.peak_qps.is_some(), "{}: {load:?}", r.case.id);
+            assert!(!load.levels.is_empty());
+        }
+    }
+    let server = records
+        .iter()
+        .find(|r| r.case.id.ends_with("/server@50qps"))
+        .unwrap();
+    let load = server.load.as_ref().unwrap();
+    assert!(load.server.is_none() && !load.saturated && load.completed >= 30);
+    let multi = records
+        .iter()
+        .find(|r| r.case.id.ends_with("/multi-stream@2"))
+        .unwrap();
+    let load = multi.load.as_ref().unwrap();
+    assert_eq!((load.streams, load.per_stream_p99_ms.len()), (Some(2), 2));
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
+    assert!(
+        summary.contains("## Under load")
+            && summary.contains("## Hand-off gain: serving (handoff serve vs FastAPI)")
+            && summary.contains("| tiny | 1 | 1 | 20 QPS |"),
+        "{summary}"
+    );
+    let html = std::fs::read_to_string(dir.path().join("out/report.html")).unwrap();
+    assert!(html.contains("<h2>Under load</h2>"));
+}
+
+#[test]
+fn serve_refuses_a_port_in_use_and_remote_hosts() {
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 1, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    let taken = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
+    let port = taken.local_addr().unwrap().port().to_string();
+    // The model is not even read: the port is checked first.
+    let out = handoff(
+        &["serve", "missing.onnx", "--hf-dir", "bert", "--port", &port],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(&format!("port {port} on 127.0.0.1 is already in use")),
+        "{err}"
+    );
+    let out = handoff(&["serve", "m.onnx", "--host", "0.0.0.0"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(err.contains("not a loopback address"), "{err}");
+}
+
+#[test]
+fn an_http_scenario_needs_a_text_model_and_says_where() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: t\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\n\
+         backends: [ort]\nscenarios:\n  - {http: {qps: [10]}}\n  - {server: {}}\n  - serverless\n",
+    )
+    .unwrap();
+    let out = handoff(&["validate", "s.yaml"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    // Parse errors come first and stop there: the unknown name, located.
+    assert!(
+        err.contains("s.yaml:9:5: scenarios[2]: unknown variant `serverless`"),
+        "{err}"
+    );
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: t\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\n\
+         backends: [ort]\nscenarios:\n  - {http: {qps: [10, -1]}}\n  - {server: {}}\n",
+    )
+    .unwrap();
+    let out = handoff(&["validate", "s.yaml"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    for want in [
+        "scenarios[0].http.qps[1]: must be a rate above 0",
+        "scenarios[1].server: give `qps: [..]`",
+        "scenarios: an `http` scenario sends sentences, so it needs a text model",
+    ] {
+        assert!(err.contains(want), "{want}\n{err}");
+    }
+}

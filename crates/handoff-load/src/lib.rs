@@ -1,0 +1,362 @@
+//! Open-loop load for the `server` and `http` scenarios.
+//!
+//! Queries arrive on a Poisson schedule fixed before the run starts
+//! ([`poisson_schedule`]), and each query's latency is measured from its
+//! *scheduled* arrival, not from when it was actually sent: a server that
+//! falls behind is charged for the queue it built (no coordinated omission).
+//! A run that cannot keep up is reported as saturated with the rate it did
+//! achieve ([`Level`]); it never runs longer than its schedule plus a grace
+//! period. [`find_peak`] searches for the highest rate whose p99 stays under
+//! a bound.
+
+pub mod http;
+
+use std::time::{Duration, Instant};
+
+use serde::{Deserialize, Serialize};
+
+/// A small, seedable generator (SplitMix64): schedules must be identical for
+/// every backend of a suite, and across runs.
+#[derive(Debug, Clone)]
+pub struct SplitMix(u64);
+
+impl SplitMix {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    pub fn next_u64(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
+        z ^ (z >> 31)
+    }
+
+    /// Uniform in (0, 1]: never 0, so `-ln(u)` is finite.
+    pub fn next_open01(&mut self) -> f64 {
+        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
+    }
+}
+
+/// Arrival offsets of `n` queries of a Poisson process at `qps` queries per
+/// second: exponential inter-arrival times with mean `1/qps`.
+pub fn poisson_schedule(qps: f64, n: usize, seed: u64) -> Vec<Duration> {
+    let mut rng = SplitMix::new(seed);
+    let mut t = 0.0f64;
+    (0..n)
+        .map(|_| {
+            t += -rng.next_open01().ln() / qps;
+            Duration::from_secs_f64(t)
+        })
+        .collect()
+}
+
+/// How many queries a run at `qps` gets: enough to last `duration`, and at
+/// least `min_queries` so the tail percentiles rest on enough samples.
+pub fn query_count(qps: f64, duration: Duration, min_queries: u32) -> usize {
+    ((qps * duration.as_secs_f64()).ceil() as usize).max(min_queries as usize)
+}
+
+/// How long after the last scheduled arrival a run keeps waiting for answers:
+/// a tenth of the schedule, at least one second.
+pub fn grace(schedule: &[Duration]) -> Duration {
+    schedule.last().map_or(Duration::from_secs(1), |end| {
+        end.mul_f64(0.1).max(Duration::from_secs(1))
+    })
+}
+
+/// What one run at one rate gave. It is saturated when a query went
+/// unanswered (error, or still queued at the end of the grace period) or
+/// the queue was still draining well after the last arrival.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Level {
+    /// The rate asked for.
+    pub target_qps: f64,
+    /// The rate the schedule actually offered (queries / schedule length).
+    pub offered_qps: f64,
+    /// Completed queries / time until the last completion.
+    pub achieved_qps: f64,
+    pub queries: u64,
+    pub completed: u64,
+    /// Answered with an error (HTTP status, runtime error).
+    pub errors: u64,
+    /// Not answered by the end of the grace period, or never sent because
+    /// too many were in flight.
+    pub unserved: u64,
+    pub p50_ms: Option<f64>,
+    pub p99_ms: Option<f64>,
+    pub saturated: bool,
+    /// Latency of each completed query (scheduled arrival to answer), ms.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub latencies_ms: Vec<f64>,
+}
+
+/// A run still draining its queue this long (as a fraction of the schedule)
+/// after the last arrival counts as saturated.
+pub const DRAIN_FRACTION: f64 = 0.1;
+
+impl Level {
+    /// Summarises a run: `latencies_ms` of the completed queries, the time
+    /// from the start to the last completion.
+    pub fn new(
+        target_qps: f64,
+        schedule: &[Duration],
+        latencies_ms: Vec<f64>,
+        errors: u64,
+        last_completion: Duration,
+    ) -> Self {
+        let queries = schedule.len() as u64;
+        let completed = latencies_ms.len() as u64;
+        let unserved = queries.saturating_sub(completed + errors);
+        let end = schedule.last().copied().unwrap_or_default();
+        let offered_qps = if end.is_zero() {
+            target_qps
+        } else {
+            queries as f64 / end.as_secs_f64()
+        };
+        let span = last_completion.max(end).as_secs_f64();
+        let achieved_qps = if span > 0.0 {
+            completed as f64 / span
+        } else {
+            0.0
+        };
+        let mut sorted = latencies_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let q = |p| (!sorted.is_empty()).then(|| handoff_stats::quantile_sorted(&sorted, p));
+        Self {
+            target_qps,
+            offered_qps,
+            achieved_qps,
+            queries,
+            completed,
+            errors,
+            unserved,
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            saturated: unserved > 0 || errors > 0 || {
+                // A system that keeps up answers its last query about one
+                // latency after it arrived; one that does not is still
+                // draining a backlog that grew with the run's length.
+                let drain = last_completion.saturating_sub(end).as_secs_f64() * 1e3;
+                let p50 = q(0.5).unwrap_or(0.0);
+                drain > (DRAIN_FRACTION * end.as_secs_f64() * 1e3).max(2.0 * p50)
+            },
+            latencies_ms,
+        }
+    }
+
+    /// Whether the run kept up and met a p99 bound.
+    pub fn meets(&self, p99_bound_ms: f64) -> bool {
+        !self.saturated && self.p99_ms.is_some_and(|p| p <= p99_bound_ms)
+    }
+
+    /// The same without the per-query latencies (for a search trace).
+    pub fn without_samples(&self) -> Level {
+        Level {
+            latencies_ms: Vec::new(),
+            ..self.clone()
+        }
+    }
+}
+
+/// The outcome of a peak search.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Peak {
+    pub p99_bound_ms: f64,
+    /// The best run that met the bound, with its latencies; `None` if even
+    /// the lowest rate tried missed it.
+    pub best: Option<Level>,
+    /// Every run, in the order tried.
+    pub trace: Vec<Level>,
+}
+
+/// Searches for the highest rate whose p99 stays under `p99_bound_ms`:
+/// grows the rate by half until a run misses the bound, then bisects until
+/// the bracket is within 10%. `hint_qps` is a first guess (e.g. one over
+/// the single-query latency); at most `max_steps` runs.
+pub fn find_peak<E>(
+    p99_bound_ms: f64,
+    hint_qps: f64,
+    max_steps: usize,
+    mut run: impl FnMut(f64) -> Result<Level, E>,
+) -> Result<Peak, E> {
+    let mut good: Option<Level> = None;
+    let mut bad: Option<f64> = None;
+    let mut trace = Vec::new();
+    let mut qps = (hint_qps * 0.7).max(0.1);
+    for _ in 0..max_steps.max(1) {
+        let level = run(qps)?;
+        trace.push(level.without_samples());
+        if level.meets(p99_bound_ms) {
+            good = Some(level);
+        } else {
+            bad = Some(qps);
+        }
+        let lo = good.as_ref().map(|l| l.target_qps);
+        qps = match (lo, bad) {
+            (Some(lo), Some(hi)) if hi / lo <= 1.1 => break,
+            (Some(lo), Some(hi)) => (lo + hi) / 2.0,
+            (Some(lo), None) => lo * 1.5,
+            (None, Some(hi)) => hi / 2.0,
+            (None, None) => unreachable!("each run is either good or bad"),
+        };
+    }
+    Ok(Peak {
+        p99_bound_ms,
+        best: good,
+        trace,
+    })
+}
+
+/// Serves a schedule in this thread, one query at a time in arrival order
+/// (a single FIFO server): `serve` handles one query. Stops at the end of
+/// the grace period, leaving the rest unserved.
+pub fn run_in_process<E>(
+    target_qps: f64,
+    schedule: &[Duration],
+    mut serve: impl FnMut() -> Result<(), E>,
+) -> Result<Level, E> {
+    let deadline = schedule.last().copied().unwrap_or_default() + grace(schedule);
+    let start = Instant::now();
+    let mut latencies = Vec::with_capacity(schedule.len());
+    let mut last = Duration::ZERO;
+    for &at in schedule {
+        wait_until(start + at);
+        if start.elapsed() > deadline {
+            break;
+        }
+        serve()?;
+        last = start.elapsed();
+        latencies.push((last - at).as_secs_f64() * 1e3);
+    }
+    Ok(Level::new(target_qps, schedule, latencies, 0, last))
+}
+
+/// Sleeps most of the way, then spins: `sleep` alone overshoots by the
+/// scheduler's tick, which would show up as queueing delay.
+fn wait_until(t: Instant) {
+    loop {
+        let now = Instant::now();
+        if now >= t {
+            return;
+        }
+        let left = t - now;
+        if left > Duration::from_micros(1500) {
+            std::thread::sleep(left - Duration::from_micros(1000));
+        } else {
+            std::hint::spin_loop();
+        }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn poisson_inter_arrivals_have_the_exponential_mean_and_variance() {
+        let qps = 50.0;
+        let n = 20_000;
+        let s = poisson_schedule(qps, n, 7);
+        let gaps: Vec<f64> = std::iter::once(s[0].as_secs_f64())
+            .chain(s.windows(2).map(|w| (w[1] - w[0]).as_secs_f64()))
+            .collect();
+        let mean = gaps.iter().sum::<f64>() / n as f64;
+        let var = gaps.iter().map(|g| (g - mean).powi(2)).sum::<f64>() / (n - 1) as f64;
+        // Exponential(λ): mean 1/λ, variance 1/λ². Standard error of the
+        // mean is (1/λ)/√n ≈ 0.7% here; 3% is > 4 standard errors.
+        assert!((mean * qps - 1.0).abs() < 0.03, "mean {mean}");
+        assert!((var * qps * qps - 1.0).abs() < 0.08, "variance {var}");
+        // Coefficient of variation 1 distinguishes Poisson from a fixed rate.
+        assert!(gaps.iter().all(|g| *g > 0.0));
+        // Same seed, same schedule; another seed, another.
+        assert_eq!(s, poisson_schedule(qps, n, 7));
+        assert_ne!(s[..10], poisson_schedule(qps, 10, 8)[..]);
+    }
+
+    #[test]
+    fn arrivals_in_disjoint_windows_are_poisson_counts() {
+        // Counts per 1-second window of a 100/s process: mean and variance
+        // both 100 (index of dispersion 1).
+        let s = poisson_schedule(100.0, 100_000, 3);
+        let mut counts = vec![0f64; s.last().unwrap().as_secs() as usize];
+        for t in &s {
+            if let Some(c) = counts.get_mut(t.as_secs() as usize) {
+                *c += 1.0;
+            }
+        }
+        let n = counts.len() as f64;
+        let mean = counts.iter().sum::<f64>() / n;
+        let var = counts.iter().map(|c| (c - mean).powi(2)).sum::<f64>() / (n - 1.0);
+        assert!((mean - 100.0).abs() < 2.0, "mean {mean}");
+        assert!((var / mean - 1.0).abs() < 0.2, "dispersion {}", var / mean);
+    }
+
+    #[test]
+    fn a_server_that_keeps_up_is_not_saturated_and_one_that_cannot_is() {
+        // Service takes 2 ms: capacity 500 queries/s.
+        let service = || -> Result<(), ()> {
+            std::thread::sleep(Duration::from_millis(2));
+            Ok(())
+        };
+        let s = poisson_schedule(100.0, 150, 1);
+        let ok = run_in_process(100.0, &s, service).unwrap();
+        assert!(!ok.saturated, "{ok:?}");
+        assert_eq!(ok.completed, 150);
+        assert!(ok.achieved_qps > 0.9 * ok.offered_qps);
+
+        let s = poisson_schedule(1500.0, 1500, 1);
+        let over = run_in_process(1500.0, &s, service).unwrap();
+        assert!(over.saturated, "{:?}", over.without_samples());
+        // It reports what it achieved: at most the capacity.
+        assert!(over.achieved_qps < 520.0, "{}", over.achieved_qps);
+        assert!(over.achieved_qps > 100.0, "{}", over.achieved_qps);
+        // Queueing shows in the latency: far above the 2 ms service time.
+        assert!(over.p99_ms.unwrap() > 50.0);
+        // Bounded: schedule (1 s) plus at most its grace (1 s), not the
+        // 3 s the backlog would take to drain.
+        assert!(over.unserved > 0);
+    }
+
+    #[test]
+    fn saturation_rule_uses_the_offered_rate() {
+        let s: Vec<Duration> = (1..=100).map(|i| Duration::from_millis(10 * i)).collect();
+        // All answered, the last one just after the schedule: fine.
+        let l = Level::new(100.0, &s, vec![1.0; 100], 0, Duration::from_millis(1010));
+        assert!(!l.saturated);
+        assert!(l.meets(1.0));
+        assert!(!l.meets(0.5));
+        // All answered but still draining long after the last arrival (far
+        // more than a tenth of the run and twice the median): saturated.
+        let l = Level::new(100.0, &s, vec![1.0; 100], 0, Duration::from_millis(1500));
+        assert!(l.saturated);
+        // A short drain, comparable to the latency, is not.
+        let l = Level::new(100.0, &s, vec![60.0; 100], 0, Duration::from_millis(1090));
+        assert!(!l.saturated);
+        // One error is enough.
+        let l = Level::new(100.0, &s, vec![1.0; 99], 1, Duration::from_millis(1000));
+        assert!(l.saturated);
+        assert_eq!(l.unserved, 0);
+    }
+
+    #[test]
+    fn peak_search_brackets_the_capacity() {
+        // A fake system whose p99 exceeds 10 ms above 200 queries/s.
+        let fake = |qps: f64| -> Result<Level, ()> {
+            let s: Vec<Duration> = (1..=100)
+                .map(|i| Duration::from_secs_f64(i as f64 / qps))
+                .collect();
+            let lat = if qps <= 200.0 { 5.0 } else { 50.0 };
+            Ok(Level::new(qps, &s, vec![lat; 100], 0, *s.last().unwrap()))
+        };
+        let peak = find_peak(10.0, 50.0, 20, fake).unwrap();
+        let best = peak.best.unwrap().target_qps;
+        assert!(best <= 200.0 && best > 180.0, "{best}");
+        assert!(peak.trace.len() < 20);
+        // Nothing meets an impossible bound: no peak, but a trace.
+        let none = find_peak(1.0, 50.0, 4, fake).unwrap();
+        assert!(none.best.is_none());
+        assert_eq!(none.trace.len(), 4);
+    }
+}

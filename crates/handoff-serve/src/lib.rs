@@ -1,0 +1,311 @@
+//! `handoff serve`: a text model behind HTTP, loaded once at start-up.
+//!
+//! `POST /embed` with `{"texts": ["...", ...]}` answers
+//! `{"embeddings": [[...], ...]}` (the model's last output, one row per
+//! text); `GET /health` answers once the model is loaded. Texts are
+//! tokenised padded to `seq`, as in the suite's cases, so a served request
+//! costs what a benchmarked batch costs plus HTTP and JSON.
+//!
+//! One model thread owns the session and serves requests in arrival order
+//! (the runtimes' sessions are not shared across threads); the HTTP side
+//! runs on a single-threaded tokio runtime and only parses and queues. The
+//! FastAPI service in `scripts/fastapi_server.py` is built the same way, so
+//! the two differ in language and stack, not in architecture.
+
+use std::collections::HashMap;
+use std::net::{SocketAddr, TcpListener};
+use std::path::PathBuf;
+use std::sync::mpsc;
+
+use axum::extract::State;
+use axum::http::StatusCode;
+use axum::routing::{get, post};
+use axum::{Json, Router};
+use handoff_backend::{
+    Backend, BackendError, Device, ModelRef, PrepareOptions, Prepared, Tensor, TensorData,
+    TensorSpec,
+};
+use serde::{Deserialize, Serialize};
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokio::sync::oneshot;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ServeError {
+    #[error(
+        "port {port} on {ip} is already in use (another `handoff serve`?); pick another with --port, or --port 0 for any free port"
+    )]
+    PortInUse { ip: std::net::IpAddr, port: u16 },
+    #[error("cannot listen on {addr}: {source}")]
+    Listen {
+        addr: SocketAddr,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: not a tokenizer.json: {detail}")]
+    Tokenizer { path: PathBuf, detail: String },
+    #[error("{path}: {detail}")]
+    Model { path: PathBuf, detail: String },
+    #[error("{0}")]
+    Backend(#[from] BackendError),
+    #[error("server: {0}")]
+    Runtime(#[from] std::io::Error),
+}
+
+/// What to serve and how.
+#[derive(Debug, Clone)]
+pub struct ServeConfig {
+    pub model: ModelRef,
+    pub device: Device,
+    pub threads: usize,
+    /// Tokens per text (padding and truncation).
+    pub seq: usize,
+    pub tokenizer: PathBuf,
+    /// `127.0.0.1:0` picks a free port.
+    pub addr: SocketAddr,
+    /// Most texts in one request.
+    pub max_batch: usize,
+}
+
+#[derive(Debug, Deserialize)]
+struct EmbedRequest {
+    texts: Vec<String>,
+}
+
+#[derive(Debug, Serialize)]
+struct EmbedResponse {
+    embeddings: Vec<Vec<f32>>,
+}
+
+type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, String>>;
+
+#[derive(Clone)]
+struct AppState {
+    queue: mpsc::Sender<(Vec<String>, Reply)>,
+    max_batch: usize,
+    info: serde_json::Value,
+}
+
+/// Binds the address first, so a port in use is an error before minutes of
+/// model loading.
+pub fn bind(addr: SocketAddr) -> Result<TcpListener, ServeError> {
+    TcpListener::bind(addr).map_err(|source| {
+        if source.kind() == std::io::ErrorKind::AddrInUse {
+            ServeError::PortInUse {
+                ip: addr.ip(),
+                port: addr.port(),
+            }
+        } else {
+            ServeError::Listen { addr, source }
+        }
+    })
+}
+
+/// Loads the model, calls `ready` with the bound address, then serves until
+/// the process ends.
+pub fn serve(
+    backend: &dyn Backend,
+    config: &ServeConfig,
+    listener: TcpListener,
+    ready: impl FnOnce(SocketAddr),
+) -> Result<(), ServeError> {
+    let addr = listener.local_addr()?;
+    let (tx, rx) = mpsc::channel::<(Vec<String>, Reply)>();
+    let state = AppState {
+        queue: tx,
+        max_batch: config.max_batch,
+        info: serde_json::json!({
+            "status": "ok",
+            "model": config.model.id,
+            "backend": backend.name(),
+            "threads": config.threads,
+            "seq": config.seq,
+        }),
+    };
+    std::thread::scope(|s| -> Result<(), ServeError> {
+        // Sessions are not Send: the model thread loads its own.
+        let (loaded_tx, loaded_rx) = mpsc::channel::<Result<(), ServeError>>();
+        s.spawn(move || {
+            let model = Model::load(backend, config).and_then(|mut m| {
+                // Compile for the common case before answering /health, so
+                // the first request does not pay for it.
+                m.embed(&["warm-up".to_owned()])?;
+                Ok(m)
+            });
+            let mut model = match model {
+                Ok(m) => {
+                    let _ = loaded_tx.send(Ok(()));
+                    m
+                }
+                Err(e) => {
+                    let _ = loaded_tx.send(Err(e));
+                    return;
+                }
+            };
+            for (texts, reply) in rx {
+                let _ = reply.send(model.embed(&texts).map_err(|e| e.to_string()));
+            }
+        });
+        loaded_rx
+            .recv()
+            .map_err(|_| ServeError::Runtime(std::io::Error::other("model thread ended")))??;
+        let rt = tokio::runtime::Builder::new_current_thread()
+            .enable_all()
+            .build()?;
+        rt.block_on(async move {
+            listener.set_nonblocking(true)?;
+            let listener = tokio::net::TcpListener::from_std(listener)?;
+            let app = Router::new()
+                .route("/embed", post(embed))
+                .route("/health", get(health))
+                .with_state(state);
+            ready(addr);
+            axum::serve(listener, app).await
+        })?;
+        Ok(())
+    })
+}
+
+async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
+    Json(state.info.clone())
+}
+
+async fn embed(
+    State(state): State<AppState>,
+    Json(req): Json<EmbedRequest>,
+) -> Result<Json<EmbedResponse>, (StatusCode, String)> {
+    if req.texts.is_empty() || req.texts.len() > state.max_batch {
+        return Err((
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!("`texts` must hold 1 to {} strings", state.max_batch),
+        ));
+    }
+    let (tx, rx) = oneshot::channel();
+    state
+        .queue
+        .send((req.texts, tx))
+        .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "model thread ended".into()))?;
+    match rx.await {
+        Ok(Ok(embeddings)) => Ok(Json(EmbedResponse { embeddings })),
+        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "model thread ended".into())),
+    }
+}
+
+/// The tokenizer and one prepared session per batch size seen (some
+/// runtimes, tract among them, specialise a session to its input shapes).
+struct Model<'b> {
+    backend: &'b dyn Backend,
+    config: ServeConfig,
+    tokenizer: Tokenizer,
+    /// Model inputs among `input_ids`, `attention_mask`, `token_type_ids`.
+    inputs: Vec<String>,
+    sessions: HashMap<usize, Box<dyn Prepared>>,
+}
+
+impl<'b> Model<'b> {
+    fn load(backend: &'b dyn Backend, config: &ServeConfig) -> Result<Self, ServeError> {
+        let mut tokenizer =
+            Tokenizer::from_file(&config.tokenizer).map_err(|e| ServeError::Tokenizer {
+                path: config.tokenizer.clone(),
+                detail: e.to_string(),
+            })?;
+        tokenizer.with_padding(Some(PaddingParams {
+            strategy: PaddingStrategy::Fixed(config.seq),
+            ..Default::default()
+        }));
+        tokenizer
+            .with_truncation(Some(TruncationParams {
+                max_length: config.seq,
+                ..Default::default()
+            }))
+            .map_err(|e| ServeError::Tokenizer {
+                path: config.tokenizer.clone(),
+                detail: e.to_string(),
+            })?;
+        let info =
+            handoff_onnx::ModelInfo::load(&config.model.path).map_err(|e| ServeError::Model {
+                path: config.model.path.clone(),
+                detail: e.to_string(),
+            })?;
+        let known = ["input_ids", "attention_mask", "token_type_ids"];
+        let inputs: Vec<String> = info.inputs.iter().map(|i| i.name.clone()).collect();
+        if let Some(other) = inputs.iter().find(|n| !known.contains(&n.as_str())) {
+            return Err(ServeError::Model {
+                path: config.model.path.clone(),
+                detail: format!(
+                    "input `{other}` is not one a tokenizer fills (input_ids, attention_mask, token_type_ids)"
+                ),
+            });
+        }
+        Ok(Self {
+            backend,
+            config: config.clone(),
+            tokenizer,
+            inputs,
+            sessions: HashMap::new(),
+        })
+    }
+
+    fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, ServeError> {
+        let enc = self
+            .tokenizer
+            .encode_batch(texts.to_vec(), true)
+            .map_err(|e| ServeError::Tokenizer {
+                path: self.config.tokenizer.clone(),
+                detail: e.to_string(),
+            })?;
+        let (batch, seq) = (texts.len(), self.config.seq);
+        let tensors: Vec<Tensor> = self
+            .inputs
+            .iter()
+            .map(|name| {
+                let field = |e: &tokenizers::Encoding| -> Vec<u32> {
+                    match name.as_str() {
+                        "input_ids" => e.get_ids().to_vec(),
+                        "attention_mask" => e.get_attention_mask().to_vec(),
+                        _ => e.get_type_ids().to_vec(),
+                    }
+                };
+                Tensor {
+                    name: name.clone(),
+                    shape: vec![batch, seq],
+                    data: TensorData::I64(
+                        enc.iter()
+                            .flat_map(|e| field(e).into_iter().map(i64::from))
+                            .collect(),
+                    ),
+                }
+            })
+            .collect();
+        if !self.sessions.contains_key(&batch) {
+            let options = PrepareOptions {
+                device: self.config.device,
+                threads: self.config.threads,
+                inputs: tensors
+                    .iter()
+                    .map(|t| TensorSpec {
+                        name: t.name.clone(),
+                        dtype: t.data.dtype(),
+                        shape: t.shape.clone(),
+                        fill: handoff_backend::Fill::Constant(0.0),
+                    })
+                    .collect(),
+                options: serde_json::Value::Null,
+            };
+            let prepared = self.backend.prepare(&self.config.model, &options)?;
+            self.sessions.insert(batch, prepared);
+        }
+        let session = self.sessions.get_mut(&batch).expect("inserted above");
+        session.bind(&tensors)?;
+        session.run()?;
+        let outputs = session.outputs()?;
+        let last = outputs
+            .last()
+            .ok_or_else(|| BackendError::Failed("the model has no outputs".into()))?;
+        let TensorData::F32(values) = &last.data else {
+            return Err(BackendError::Failed("the last output is not f32".into()).into());
+        };
+        let width = values.len() / batch.max(1);
+        Ok(values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+    }
+}

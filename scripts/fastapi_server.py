@@ -1,0 +1,139 @@
+"""The Python side of the serving comparison: a FastAPI service that loads
+the model once at start-up (the lifespan pattern) and answers the same API
+as `handoff serve`:
+
+  POST /embed  {"texts": ["...", ...]}  ->  {"embeddings": [[...], ...]}
+  GET  /health
+
+It is what a team would deploy before handing off: uvicorn, one process,
+the `tokenizers` package (Rust underneath) padding to --seq, onnxruntime
+with --threads intra-op threads. Like `handoff serve`, one request is in
+the model at a time (a lock), so the two differ in language and stack, not
+in architecture.
+
+handoff starts it (in .cache/venv-python-ort) for `http` cases of the
+python-onnxruntime backend:
+
+  python fastapi_server.py --model M.onnx --tokenizer tokenizer.json \
+      --threads 1 --seq 128 [--host 127.0.0.1] [--port 0] [--watch-stdin]
+
+It prints `listening on http://HOST:PORT` once the model is loaded; with
+--watch-stdin it exits when its stdin closes (its parent is gone). Exit
+codes: 1 the model failed to load, 2 bad arguments or port in use, 3 an
+op onnxruntime lacks, 4 a package is missing.
+"""
+import argparse
+import errno
+import os
+import socket
+import sys
+import threading
+from contextlib import asynccontextmanager
+
+
+def parse_args():
+    p = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    p.add_argument("--model", required=True)
+    p.add_argument("--tokenizer", required=True)
+    p.add_argument("--threads", type=int, default=1)
+    p.add_argument("--seq", type=int, default=128)
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--max-batch", type=int, default=64)
+    p.add_argument("--watch-stdin", action="store_true")
+    return p.parse_args()
+
+
+def main() -> int:
+    args = parse_args()
+    try:
+        import numpy as np
+        import onnxruntime as ort
+        import uvicorn
+        from fastapi import FastAPI, HTTPException
+        from pydantic import BaseModel
+        from tokenizers import Tokenizer
+    except ImportError as e:
+        print(f"error: {e} (run `handoff setup`)", file=sys.stderr)
+        return 4
+
+    # Bind first: a port in use is an error before the model loads.
+    sock = socket.socket(socket.AF_INET, socket.SOCK_STREAM)
+    try:
+        sock.bind((args.host, args.port))
+    except OSError as e:
+        if e.errno == errno.EADDRINUSE:
+            print(f"error: port {args.port} on {args.host} is already in use", file=sys.stderr)
+        else:
+            print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
+        return 2
+    host, port = sock.getsockname()[:2]
+
+    state = {}
+    lock = threading.Lock()
+
+    @asynccontextmanager
+    async def lifespan(app):
+        try:
+            opts = ort.SessionOptions()
+            opts.intra_op_num_threads = args.threads
+            opts.inter_op_num_threads = 1
+            sess = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
+            tok = Tokenizer.from_file(args.tokenizer)
+            tok.enable_padding(length=args.seq)
+            tok.enable_truncation(max_length=args.seq)
+            state["sess"] = sess
+            state["tok"] = tok
+            state["inputs"] = [i.name for i in sess.get_inputs()]
+            embed_texts(["warm-up"])
+        except Exception as e:  # noqa: BLE001 - any load failure ends the service
+            text = str(e).replace("\n", " ")
+            print(f"error: {text}", file=sys.stderr, flush=True)
+            missing_op = "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text
+            os._exit(3 if missing_op else 1)
+        print(f"listening on http://{host}:{port}", flush=True)
+        yield
+        state.clear()
+
+    def embed_texts(texts):
+        with lock:
+            enc = state["tok"].encode_batch(texts)
+            fields = {
+                "input_ids": [e.ids for e in enc],
+                "attention_mask": [e.attention_mask for e in enc],
+                "token_type_ids": [e.type_ids for e in enc],
+            }
+            feeds = {n: np.asarray(fields[n], dtype=np.int64) for n in state["inputs"]}
+            out = state["sess"].run(None, feeds)[-1]
+        return out.reshape(len(texts), -1).tolist()
+
+    class EmbedRequest(BaseModel):
+        texts: list[str]
+
+    app = FastAPI(lifespan=lifespan)
+
+    @app.get("/health")
+    def health():
+        return {"status": "ok", "threads": args.threads, "seq": args.seq}
+
+    # A sync endpoint: FastAPI runs it in its thread pool, as a team would.
+    @app.post("/embed")
+    def embed(req: EmbedRequest):
+        if not 1 <= len(req.texts) <= args.max_batch:
+            raise HTTPException(422, f"`texts` must hold 1 to {args.max_batch} strings")
+        return {"embeddings": embed_texts(req.texts)}
+
+    if args.watch_stdin:
+        def watch():
+            sys.stdin.read()
+            os._exit(0)
+
+        threading.Thread(target=watch, daemon=True).start()
+
+    config = uvicorn.Config(app, log_level="warning", access_log=False, lifespan="on")
+    uvicorn.Server(config).run(sockets=[sock])
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
