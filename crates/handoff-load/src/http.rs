@@ -211,22 +211,28 @@ pub async fn run_level(
         set.spawn(async move {
             let request = &requests[i % requests.len()];
             let pooled = idle.lock().expect("pool lock").pop();
-            let conn = match pooled {
-                Some(c) => Ok(c),
-                None => connect(addr).await,
+            // A pooled connection the server closed while it sat idle
+            // (uvicorn drops keep-alive connections after 5 s) fails before
+            // any answer: retry once on a fresh one, as HTTP clients do.
+            let mut attempt = match pooled {
+                Some(c) => Some((c, true)),
+                None => connect(addr).await.ok().map(|c| (c, false)),
             };
-            let result = match conn {
-                Ok(mut c) => match exchange(&mut c, addr, request).await {
+            let mut result = false;
+            while let Some((mut c, was_pooled)) = attempt.take() {
+                match exchange(&mut c, addr, request).await {
                     Ok((r, reusable)) => {
                         if reusable {
                             idle.lock().expect("pool lock").push(c);
                         }
-                        (200..300).contains(&r.status)
+                        result = (200..300).contains(&r.status);
                     }
-                    Err(_) => false,
-                },
-                Err(_) => false,
-            };
+                    Err(_) if was_pooled => {
+                        attempt = connect(addr).await.ok().map(|c| (c, false));
+                    }
+                    Err(_) => {}
+                }
+            }
             let now = Instant::now();
             (now - due, result, now - start)
         });

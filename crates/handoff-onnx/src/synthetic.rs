@@ -120,6 +120,18 @@ fn mlp(width: i64, depth: i64, seed: u64) -> ModelProto {
     g.finish(17)
 }
 
+/// `y = x[n, n] @ W[n, n]`: one square matrix product, the machine's
+/// attainable peak for the roofline (2n^3 FLOPs per run).
+pub fn matmul(n: i64, seed: u64) -> ModelProto {
+    let mut g = GraphBuilder::new("matmul");
+    let mut w = Weights::new(seed);
+    let x = g.input("x", ElemType::F32, &[D::Fixed(n), D::Fixed(n)]);
+    let weight = g.init_f32("w", &[n, n], w.fan_in(n, (n * n) as usize));
+    g.node_to("MatMul", &[&x, &weight], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Fixed(n), D::Fixed(n)]);
+    g.finish(17)
+}
+
 /// `image[batch, 3, 64, 64] -> (Conv3x3, Relu, MaxPool2) x depth ->
 /// mean over H, W -> Linear -> logits[batch, 10]`. The spatial mean is a
 /// ReduceMean rather than GlobalAveragePool, which candle-onnx lacks.

@@ -8,6 +8,7 @@
 //! inner time. Inner minus the Rust `ort` row is what Python's binding costs
 //! per call; round trip minus inner is this harness's IPC.
 
+pub mod gil;
 pub mod pyenv;
 
 use std::io::{BufRead, BufReader, Write};
@@ -83,7 +84,8 @@ pub fn setup() -> Result<PathBuf, String> {
     pyenv::ensure(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES)
 }
 
-fn interpreter() -> Result<PathBuf, String> {
+/// The baseline environment's interpreter, or how to create it.
+pub fn interpreter() -> Result<PathBuf, String> {
     pyenv::existing(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES).ok_or_else(|| {
         format!(
             "python environment {} is not set up: run `handoff setup` (creates it from PyPI: {})",

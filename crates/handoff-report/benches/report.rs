@@ -54,7 +54,9 @@ fn report(c: &mut Criterion) {
     let mut group = c.benchmark_group("report");
     group.sample_size(10);
     group.bench_function("200 cases: summary.md + PNG plots + report.html", |b| {
-        b.iter(|| handoff_report::write_report(dir.path(), "bench", &records, None, false).unwrap())
+        b.iter(|| {
+            handoff_report::write_report(dir.path(), "bench", &records, None, false, None).unwrap()
+        })
     });
     group.finish();
 }

@@ -148,6 +148,7 @@ pub fn report_html(
     env: Option<&serde_json::Value>,
     torn_last_line: bool,
     images: &std::collections::BTreeMap<String, Vec<Vec<u8>>>,
+    peak: Option<&crate::roofline::MachinePeak>,
 ) -> String {
     let mut o = String::new();
     let _ = write!(
@@ -278,10 +279,11 @@ pub fn report_html(
             "stop",
             "busy",
             "reason",
+            "provenance",
         ] {
             let class = if matches!(
                 h,
-                "backend" | "device" | "dims" | "status" | "stop" | "reason"
+                "backend" | "device" | "dims" | "status" | "stop" | "reason" | "provenance"
             ) {
                 " class='l'"
             } else {
@@ -356,13 +358,33 @@ pub fn report_html(
             });
             let _ = write!(
                 o,
-                "<td class='l'>{}</td><td>{}</td><td class='l'>{}</td></tr>",
+                "<td class='l'>{}</td><td>{}</td><td class='l'>{}</td><td class='l'>{}</td></tr>",
                 r.stop.map_or("-".into(), |s| format!("{s:?}")),
                 esc(&busy),
-                esc(r.reason.as_deref().unwrap_or(""))
+                esc(r.reason.as_deref().unwrap_or("")),
+                esc(&provenance(r))
             );
         }
         o.push_str("</tbody></table>");
+    }
+    if let Some(t) = crate::roofline::roofline_table(records, peak) {
+        let _ = write!(
+            o,
+            "<h2>Roofline: achieved GFLOP/s vs the machine's matmul peak</h2><p>{}</p>",
+            esc(&crate::roofline::note(peak))
+        );
+        for png in images.get("#roofline").into_iter().flatten() {
+            let _ = write!(
+                o,
+                "<p><img alt='roofline: achieved GFLOP/s vs matmul peak' width='900' src='data:image/png;base64,{}'></p>",
+                base64(png)
+            );
+        }
+        table_html(&mut o, &t);
+    }
+    if let Some(t) = crate::cold_table(records) {
+        let _ = write!(o, "<h2>Cold start</h2><p>{}</p>", esc(crate::COLD_NOTE));
+        table_html(&mut o, &t);
     }
     if let Some(t) = crate::load_table(&loaded) {
         let _ = write!(o, "<h2>Under load</h2><p>{}</p>", esc(crate::LOAD_NOTE));
@@ -414,4 +436,26 @@ fn table_html(o: &mut String, t: &crate::Table) {
         o.push_str("</tr>");
     }
     o.push_str("</tbody></table>");
+}
+
+/// Where the row's model came from: its source, the file's hash, and for a
+/// precision variant its accuracy gate (the sidecar next to the file holds
+/// every step).
+fn provenance(r: &ResultRecord) -> String {
+    let sha = &r.case.model_sha256[..12.min(r.case.model_sha256.len())];
+    let mut p = format!("{} sha256:{sha}", r.case.model_source);
+    if let Some(a) = &r.accuracy {
+        let _ = write!(
+            p,
+            "; {} cos {:.4} vs fp32 ({} {})",
+            a.variant,
+            a.min_cosine,
+            if a.passed { "passes" } else { "FAILS" },
+            a.threshold_min_cosine
+        );
+    }
+    if let Some(v) = &r.case.backend_version {
+        let _ = write!(p, "; {} {v}", r.case.backend);
+    }
+    p
 }

@@ -3,6 +3,7 @@
 
 pub mod html;
 pub mod plots;
+pub mod roofline;
 pub mod write;
 
 pub use write::{WriteError, write_report};
@@ -67,7 +68,7 @@ fn dims(r: &ResultRecord) -> String {
     }
 }
 
-fn backend_label(r: &ResultRecord) -> String {
+pub(crate) fn backend_label(r: &ResultRecord) -> String {
     match r.case.execution {
         Some(ExecutionKind::Interpreter) => format!("{} (interp.)", r.case.backend),
         _ => r.case.backend.clone(),
@@ -165,7 +166,12 @@ fn fmt_rate(v: f64) -> String {
 }
 
 /// Markdown summary: counts by status and a table per model.
-pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: bool) -> String {
+pub fn summary_markdown(
+    suite: &str,
+    records: &[ResultRecord],
+    torn_last_line: bool,
+    peak: Option<&roofline::MachinePeak>,
+) -> String {
     let mut out = String::new();
     let _ = writeln!(out, "# handoff results: {}\n", escape_md(suite));
     if records.is_empty() {
@@ -248,6 +254,18 @@ pub fn summary_markdown(suite: &str, records: &[ResultRecord], torn_last_line: b
         out.push('\n');
     }
     handoff_gain(&mut out, records);
+    if let Some(t) = roofline::roofline_table(records, peak) {
+        out.push_str("## Roofline: achieved GFLOP/s vs the machine's matmul peak\n\n");
+        out.push_str(&roofline::note(peak));
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
+    if let Some(t) = cold_table(records) {
+        out.push_str("## Cold start\n\n");
+        out.push_str(COLD_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
     if let Some(t) = load_table(&loaded) {
         out.push_str("## Under load\n\n");
         out.push_str(LOAD_NOTE);
@@ -302,6 +320,52 @@ impl Table {
 
 fn opt(v: Option<f64>, f: fn(f64) -> String) -> String {
     v.map_or("-".into(), f)
+}
+
+pub const COLD_NOTE: &str = "Each case runs in a fresh process: times are from the moment it was started (exec, dynamic libraries, runtime start-up, model load and compilation) to the model loaded, to the first inference's outputs, and to steady state (the first 5 runs in a row within 20% of the median; the runs before it in brackets). Peak RSS is the process's high-water mark. Smallest batch of each model.";
+
+/// Cold start per backend and thread count at each model's smallest batch.
+pub fn cold_table(records: &[ResultRecord]) -> Option<Table> {
+    let rows: Vec<Vec<String>> = records
+        .iter()
+        .filter(|r| {
+            let smallest = records
+                .iter()
+                .filter(|o| o.case.model == r.case.model)
+                .map(|o| o.case.batch)
+                .min();
+            r.cold.is_some() && Some(r.case.batch) == smallest
+        })
+        .map(|r| {
+            let c = r.cold.as_ref().expect("filtered");
+            vec![
+                r.case.model.clone(),
+                backend_label(r),
+                r.case.threads.to_string(),
+                r.case.batch.to_string(),
+                fmt_ms(c.to_loaded_ms),
+                fmt_ms(c.to_first_ms),
+                match (c.to_steady_ms, c.steady_after_runs) {
+                    (Some(t), Some(n)) => format!("{} ({n})", fmt_ms(t)),
+                    _ => "not reached".into(),
+                },
+                opt(r.peak_rss_mb, |m| format!("{m:.0}")),
+            ]
+        })
+        .collect();
+    (!rows.is_empty()).then(|| Table {
+        header: vec![
+            "model",
+            "backend",
+            "threads",
+            "batch",
+            "start → loaded ms",
+            "→ first inference ms",
+            "→ steady ms (runs)",
+            "peak RSS MB",
+        ],
+        rows,
+    })
 }
 
 /// Every load-scenario row: rates, latency under load, saturation.

@@ -184,7 +184,8 @@ fn bar_rows<'a, 'b>(
     Ok(chart)
 }
 
-/// p50 bars with the p99 drawn as a red tick, one row per configuration.
+/// p50 bars with their 95% confidence interval as a black whisker and the
+/// p99 as a red tick, one row per configuration.
 fn latency(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotError> {
     let e = err(path);
     let root = BitMapBackend::new(path, SIZE).into_drawing_area();
@@ -196,7 +197,7 @@ fn latency(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
         * 1.1;
     let mut chart = bar_rows(
         &root,
-        format!("{model}: latency per configuration (p50 bar, p99 tick)"),
+        format!("{model}: latency per configuration (p50 bar with 95% CI, p99 tick)"),
         "latency (ms)",
         max,
         rows.iter().map(|r| label(r)).collect(),
@@ -222,6 +223,25 @@ fn latency(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
                 ],
                 RED.stroke_width(3),
             )))
+            .map_err(|x| e(x.to_string()))?;
+        // The whisker: how well the median is known (often thinner than
+        // the line on a quiet machine, which is the point).
+        let [lo, hi] = l.p50_ci95;
+        chart
+            .draw_series(std::iter::once(PathElement::new(
+                vec![
+                    (lo, SegmentValue::CenterOf(i)),
+                    (hi, SegmentValue::CenterOf(i)),
+                ],
+                BLACK.stroke_width(2),
+            )))
+            .map_err(|x| e(x.to_string()))?;
+        chart
+            .draw_series(
+                [lo, hi]
+                    .into_iter()
+                    .map(|x| Circle::new((x, SegmentValue::CenterOf(i)), 3, BLACK.filled())),
+            )
             .map_err(|x| e(x.to_string()))?;
     }
     root.present().map_err(|x| e(x.to_string()))
@@ -698,4 +718,105 @@ pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<Path
     }
     root.present().map_err(|x| e(x.to_string()))?;
     Ok(Some(dir.join("variants.png")))
+}
+
+/// Achieved GFLOP/s per configuration (bars, one colour per thread count)
+/// under the machine's matmul peak at each thread count (dashed lines of the
+/// same colour), labelled with the fraction of the peak. `None` when no
+/// case has a FLOP count.
+pub fn roofline_plot(
+    records: &[ResultRecord],
+    peak: Option<&crate::roofline::MachinePeak>,
+    dir: &Path,
+) -> Result<Option<PathBuf>, PlotError> {
+    font();
+    let rows: Vec<(&ResultRecord, f64)> = records
+        .iter()
+        .filter_map(|r| crate::roofline::achieved_gflops(r).map(|g| (r, g)))
+        .collect();
+    if rows.is_empty() {
+        return Ok(None);
+    }
+    std::fs::create_dir_all(dir).map_err(|x| err(dir)(x.to_string()))?;
+    let path = dir.join("roofline.png");
+    let e = err(&path);
+    let root = BitMapBackend::new(&path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let peaks = peak.map(|p| p.gflops.clone()).unwrap_or_default();
+    let max = rows
+        .iter()
+        .map(|(_, g)| *g)
+        .chain(peaks.values().copied())
+        .fold(0.0f64, f64::max)
+        * 1.15;
+    let threads: Vec<u32> = {
+        let mut t: Vec<u32> = rows.iter().map(|(r, _)| r.case.threads).collect();
+        t.sort_unstable();
+        t.dedup();
+        t
+    };
+    let colour =
+        |t: u32| PALETTE[threads.iter().position(|x| *x == t).unwrap_or(0) % PALETTE.len()];
+    let mut chart = bar_rows(
+        &root,
+        "Roofline: achieved GFLOP/s per case vs matmul peak (dashed)".into(),
+        "GFLOP/s (FLOPs per inference / median latency)",
+        max,
+        rows.iter()
+            .map(|(r, _)| format!("{} {}", r.case.model, label(r)))
+            .collect(),
+    )
+    .map_err(&e)?;
+    let n = rows.len();
+    for (i, (r, g)) in rows.iter().enumerate() {
+        let c = colour(r.case.threads);
+        chart
+            .draw_series(std::iter::once(Rectangle::new(
+                [
+                    (0.0, SegmentValue::Exact(i)),
+                    (*g, SegmentValue::Exact(i + 1)),
+                ],
+                c.mix(0.8).filled(),
+            )))
+            .map_err(|x| e(x.to_string()))?;
+        if let Some(p) = peaks.get(&r.case.threads) {
+            chart
+                .draw_series(std::iter::once(Text::new(
+                    format!(" {:.0}%", 100.0 * g / p),
+                    (*g, SegmentValue::CenterOf(i)),
+                    (FONT, 14).into_font(),
+                )))
+                .map_err(|x| e(x.to_string()))?;
+        }
+    }
+    for (t, p) in &peaks {
+        if !threads.contains(t) {
+            continue;
+        }
+        let c = colour(*t);
+        chart
+            .draw_series(DashedLineSeries::new(
+                vec![(*p, SegmentValue::Exact(0)), (*p, SegmentValue::Exact(n))],
+                8,
+                6,
+                c.stroke_width(2),
+            ))
+            .map_err(|x| e(x.to_string()))?
+            .label(format!("matmul peak, {t} thread(s): {p:.0} GFLOP/s"))
+            .legend(move |(x, y)| PathElement::new(vec![(x, y), (x + 20, y)], c.stroke_width(2)));
+    }
+    if !peaks.is_empty() {
+        chart
+            .configure_series_labels()
+            .background_style(WHITE.mix(0.85))
+            .border_style(BLACK)
+            .label_font((FONT, 15))
+            .position(SeriesLabelPosition::LowerRight)
+            .draw()
+            .map_err(|x| e(x.to_string()))?;
+    }
+    root.present().map_err(|x| e(x.to_string()))?;
+    drop(chart);
+    drop(root);
+    Ok(Some(path.clone()))
 }

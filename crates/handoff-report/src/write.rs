@@ -17,13 +17,14 @@ pub enum WriteError {
 }
 
 /// Renders everything into `out` (created if needed); `env` is the run's
-/// env.json when there is one. Returns the files written.
+/// env.json and `peak` its roofline.json, when there are. Returns the files written.
 pub fn write_report(
     out: &Path,
     suite: &str,
     records: &[ResultRecord],
     env: Option<&serde_json::Value>,
     torn_last_line: bool,
+    peak: Option<&crate::roofline::MachinePeak>,
 ) -> Result<Vec<PathBuf>, WriteError> {
     let io = |path: &Path| {
         let path = path.to_owned();
@@ -32,8 +33,11 @@ pub fn write_report(
     std::fs::create_dir_all(out).map_err(io(out))?;
     let mut written = Vec::new();
     let md = out.join("summary.md");
-    std::fs::write(&md, crate::summary_markdown(suite, records, torn_last_line))
-        .map_err(io(&md))?;
+    std::fs::write(
+        &md,
+        crate::summary_markdown(suite, records, torn_last_line, peak),
+    )
+    .map_err(io(&md))?;
     written.push(md);
     let mut images = std::collections::BTreeMap::new();
     // Plots show one query at a time; load scenarios have their own tables.
@@ -56,10 +60,15 @@ pub fn write_report(
         images.insert(String::new(), vec![png]);
         written.push(p);
     }
+    if let Some(p) = crate::plots::roofline_plot(records, peak, &out.join("plots"))? {
+        let png = std::fs::read(&p).map_err(io(&p))?;
+        images.insert("#roofline".into(), vec![png]);
+        written.push(p);
+    }
     let html = out.join("report.html");
     std::fs::write(
         &html,
-        crate::html::report_html(suite, records_all, env, torn_last_line, &images),
+        crate::html::report_html(suite, records_all, env, torn_last_line, &images, peak),
     )
     .map_err(io(&html))?;
     written.push(html);

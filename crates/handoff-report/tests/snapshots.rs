@@ -20,15 +20,16 @@ fn summary_markdown() {
     insta::assert_snapshot!(handoff_report::summary_markdown(
         "quick<script>",
         &fixture(),
-        false
+        false,
+        None
     ));
 }
 
 #[test]
 fn summary_of_an_interrupted_run() {
-    let md = handoff_report::summary_markdown("q", &fixture()[..2], true);
+    let md = handoff_report::summary_markdown("q", &fixture()[..2], true, None);
     assert!(md.contains("cut off"));
-    let empty = handoff_report::summary_markdown("q", &[], false);
+    let empty = handoff_report::summary_markdown("q", &[], false, None);
     assert!(empty.contains("No results yet"));
 }
 
@@ -43,6 +44,7 @@ fn html_report_is_self_contained_and_escapes_user_strings() {
         Some(&env),
         false,
         &Default::default(),
+        None,
     );
     assert!(
         !html.contains("<script>alert"),
@@ -126,6 +128,7 @@ fn plots_are_non_blank_pngs_of_the_promised_size() {
             files.iter().map(|f| std::fs::read(f).unwrap()).collect(),
         )]
         .into(),
+        None,
     );
     assert_eq!(html.matches("src='data:image/png;base64,").count(), 6);
     std::fs::remove_dir_all(&dir).unwrap();

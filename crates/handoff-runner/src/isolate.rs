@@ -93,6 +93,7 @@ pub fn run_in_child(
     timeout: Duration,
     stop: Option<&AtomicBool>,
 ) -> WorkerReport {
+    let spawned_at = crate::worker::unix_now_s();
     let mut child = match Command::new(&cmd.program)
         .args(&cmd.args)
         .env("RAYON_NUM_THREADS", job.case.threads.to_string())
@@ -111,7 +112,9 @@ pub fn run_in_child(
             ));
         }
     };
-    let payload = serde_json::to_vec(job).unwrap_or_default();
+    let mut job = job.clone();
+    job.spawned_unix_s = Some(spawned_at);
+    let payload = serde_json::to_vec(&job).unwrap_or_default();
     if let Some(mut stdin) = child.stdin.take() {
         // A worker that dies before reading its job shows up below.
         let _ = stdin.write_all(&payload);

@@ -13,5 +13,5 @@ pub mod worker;
 
 pub use http_case::{Launch, ServerLauncher, ServerSpec};
 pub use record::{Accuracy, LoadStats, ResultRecord, Status, read_results};
-pub use run::{Observer, Quiet, RunError, RunOptions, RunSummary, Runner};
+pub use run::{FlopCounter, Observer, Quiet, RunError, RunOptions, RunSummary, Runner};
 pub use worker::{Job, JobMode, WorkerReport, execute_job};

@@ -25,6 +25,8 @@ pub struct Timed {
     /// The backend's own per-run times (ms), when it reports them.
     pub inner_ms: Vec<f64>,
     pub warmup_runs: u64,
+    /// Each warm-up run's time, ms (how fast the runtime reaches steady state).
+    pub warmup_ms: Vec<f64>,
     pub stop: StopReason,
 }
 
@@ -35,10 +37,11 @@ pub fn measure(
     progress: &mut dyn FnMut(&[Duration]),
 ) -> Result<Timed, BackendError> {
     let start = Instant::now();
-    let mut warmup_runs = 0;
-    while warmup_runs == 0 || start.elapsed() < policy.warmup {
+    let mut warmup_ms = Vec::new();
+    while warmup_ms.is_empty() || start.elapsed() < policy.warmup {
+        let t = Instant::now();
         prepared.run()?;
-        warmup_runs += 1;
+        warmup_ms.push(t.elapsed().as_secs_f64() * 1e3);
     }
     let mut inner_ms = Vec::new();
     let (samples, stop) = timed_loop_with_progress(
@@ -56,7 +59,8 @@ pub fn measure(
     Ok(Timed {
         samples,
         inner_ms,
-        warmup_runs,
+        warmup_runs: warmup_ms.len() as u64,
+        warmup_ms,
         stop,
     })
 }
@@ -127,6 +131,18 @@ fn converged(samples: &[Duration], target: f64, scratch: &mut Vec<f64>) -> bool 
     }
 }
 
+/// When a cold process reached steady state: the number of runs (first
+/// inference, warm-up, timed, in order) before the first stretch of
+/// `STEADY_RUNS` runs all within 20% of the steady median, and their total
+/// time in ms.
+pub fn steady_after(runs_ms: &[f64], steady_median: f64) -> Option<(usize, f64)> {
+    const STEADY_RUNS: usize = 5;
+    let near = |v: f64| v <= 1.2 * steady_median;
+    (0..runs_ms.len().saturating_sub(STEADY_RUNS - 1))
+        .find(|&i| runs_ms[i..i + STEADY_RUNS].iter().all(|v| near(*v)))
+        .map(|i| (i, runs_ms[..i].iter().sum()))
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -140,6 +156,15 @@ mod tests {
             max_time: Duration::from_millis(max_time_ms),
             target_ci: target,
         }
+    }
+
+    #[test]
+    fn steady_state_is_the_first_stretch_near_the_median() {
+        // A slow first run, a fast one that is a fluke, then steady.
+        let runs = [50.0, 9.0, 30.0, 11.0, 10.0, 10.5, 9.8, 10.2, 10.1];
+        assert_eq!(steady_after(&runs, 10.0), Some((3, 89.0)));
+        // Never steady for five runs in a row.
+        assert_eq!(steady_after(&[50.0, 10.0, 40.0, 10.0], 10.0), None);
     }
 
     #[test]

@@ -114,6 +114,14 @@ pub struct ResultRecord {
     /// query's latency from its scheduled arrival, queueing included.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub load: Option<LoadStats>,
+    /// Process start to loaded, first inference and steady state (cases
+    /// run in a child process).
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub cold: Option<crate::worker::ColdStart>,
+    /// FLOPs of one inference at this case's input shapes (2 x the
+    /// multiply-adds of the graph), for the roofline.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub flops: Option<f64>,
 }
 
 /// What a load scenario measured beyond the latency samples.

@@ -44,6 +44,22 @@ pub struct RunOptions {
     /// Starts the server of an `http` case (the CLI: `handoff serve`, or
     /// FastAPI for `python-onnxruntime`).
     pub servers: Option<crate::http_case::ServerLauncher>,
+    /// Counts a model's FLOPs at given input shapes (the CLI: tract's cost
+    /// model), for the roofline.
+    pub flops: Option<FlopCounter>,
+}
+
+/// FLOPs per inference of a model file at concrete input shapes.
+#[derive(Clone)]
+#[allow(clippy::type_complexity)]
+pub struct FlopCounter(
+    pub Arc<dyn Fn(&Path, &[handoff_backend::TensorSpec]) -> Option<f64> + Send + Sync>,
+);
+
+impl std::fmt::Debug for FlopCounter {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.write_str("FlopCounter")
+    }
 }
 
 impl RunOptions {
@@ -59,6 +75,7 @@ impl RunOptions {
             resume: false,
             stop: None,
             servers: None,
+            flops: None,
         }
     }
 }
@@ -203,6 +220,7 @@ impl<'a> Runner<'a> {
                 .is_some_and(|s| s.load(Ordering::SeqCst))
         };
         let mut references: HashMap<String, Result<PathBuf, String>> = HashMap::new();
+        let mut flops: HashMap<(PathBuf, String), Option<f64>> = HashMap::new();
         for (rep, case) in (0..repeat).flat_map(|r| self.selected().map(move |c| (r, c))) {
             if done.contains(&(case.id.clone(), rep)) {
                 continue;
@@ -262,6 +280,11 @@ impl<'a> Runner<'a> {
                 start.elapsed().as_secs_f64(),
             );
             record.repeat = rep;
+            if let Some(counter) = &self.options.flops {
+                record.flops = *flops
+                    .entry((model.path.clone(), case.input_key()))
+                    .or_insert_with(|| (counter.0)(&model.path, &case.inputs));
+            }
             write_line(&mut results, &record).map_err(io(&results_path))?;
             *summary.counts.entry(record.status.as_str()).or_default() += 1;
             if record.machine.as_ref().is_some_and(|m| m.busy) {
@@ -355,6 +378,7 @@ impl<'a> Runner<'a> {
             seed: self.plan.seed,
             measure: self.plan.measure.clone(),
             memory_limit_mb: self.plan.memory_limit_mb,
+            spawned_unix_s: None,
             partial_path: Some(
                 self.options
                     .out_dir
@@ -576,6 +600,8 @@ impl<'a> Runner<'a> {
             }),
             env: env.to_owned(),
             load: report.load,
+            cold: report.cold,
+            flops: None,
         }
     }
 }

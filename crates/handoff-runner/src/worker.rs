@@ -31,6 +31,10 @@ pub struct Job {
     /// Cap on the worker's heap (RLIMIT_DATA), in MiB.
     #[serde(default)]
     pub memory_limit_mb: Option<u64>,
+    /// When the parent started the worker process (seconds since the Unix
+    /// epoch): cold start is timed from there.
+    #[serde(default)]
+    pub spawned_unix_s: Option<f64>,
     pub backend_options: serde_json::Value,
     pub mode: JobMode,
 }
@@ -75,6 +79,30 @@ pub struct WorkerReport {
     /// Load scenarios: rates, saturation, peak search.
     #[serde(default)]
     pub load: Option<LoadStats>,
+    #[serde(default)]
+    pub cold: Option<ColdStart>,
+}
+
+/// A case's cold start, from the moment its process was started.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct ColdStart {
+    /// Process start to model loaded (exec, dynamic libraries, runtime
+    /// initialisation, model load and compilation).
+    pub to_loaded_ms: f64,
+    /// ... to the first inference's outputs.
+    pub to_first_ms: f64,
+    /// ... to steady state (see `steady_after_runs`), if reached.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub to_steady_ms: Option<f64>,
+    /// Runs after the first before latency settled within 20% of the median.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub steady_after_runs: Option<usize>,
+}
+
+pub(crate) fn unix_now_s() -> f64 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0.0, |d| d.as_secs_f64())
 }
 
 impl WorkerReport {
@@ -136,6 +164,8 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
         Err(e) => return report.fail(&e),
     };
     report.load_ms = Some(ms(t.elapsed()));
+    let since_spawn = |s: f64| (unix_now_s() - s) * 1e3;
+    let to_loaded = job.spawned_unix_s.map(since_spawn);
     if let Err(e) = prepared.bind(&inputs) {
         return report.fail(&e);
     }
@@ -144,6 +174,7 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
         return report.fail(&e);
     }
     report.first_ms = Some(ms(t.elapsed()));
+    let to_first = job.spawned_unix_s.map(since_spawn);
     let outputs = match prepared.outputs() {
         Ok(o) => o,
         Err(e) => return report.fail(&e),
@@ -232,6 +263,21 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
     };
     report.machine = Some(before.load_until(&CpuSnapshot::now()));
     report.samples_ms = timed.samples.iter().map(|d| ms(*d)).collect();
+    if let (Some(to_loaded_ms), Some(to_first_ms)) = (to_loaded, to_first) {
+        let runs: Vec<f64> = timed
+            .warmup_ms
+            .iter()
+            .chain(&report.samples_ms)
+            .copied()
+            .collect();
+        let steady = crate::measure::steady_after(&runs, handoff_stats::median(&report.samples_ms));
+        report.cold = Some(ColdStart {
+            to_loaded_ms,
+            to_first_ms,
+            to_steady_ms: steady.map(|(_, t)| to_first_ms + t),
+            steady_after_runs: steady.map(|(n, _)| n),
+        });
+    }
     report.inner_samples_ms = timed.inner_ms;
     report.warmup_runs = timed.warmup_runs;
     report.stop = Some(timed.stop);

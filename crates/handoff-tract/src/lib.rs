@@ -6,6 +6,10 @@
 //! the plan copies its outputs back to the host, so `run` returning means
 //! the GPU work is done.
 
+pub mod cost;
+
+pub use cost::flops;
+
 use std::sync::Arc;
 
 use handoff_backend::{

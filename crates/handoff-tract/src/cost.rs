@@ -1,0 +1,94 @@
+//! FLOPs per inference, from tract's cost model: the graph is typed at the
+//! case's concrete input shapes and every node's multiply-adds are summed
+//! (MatMul, Gemm, Conv, EinSum; element-wise work is not counted, as in
+//! any roofline of a compute-bound model).
+
+use std::path::Path;
+
+use handoff_backend::{DType, TensorSpec};
+use tract_onnx::prelude::*;
+use tract_onnx::tract_core::ops::Cost;
+
+/// 2 x multiply-adds of one inference on inputs of these shapes.
+pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, String> {
+    let e = |e: TractError| format!("{}: {e:#}", path.display());
+    let mut model = tract_onnx::onnx().model_for_path(path).map_err(e)?;
+    let outlets = model.input_outlets().map_err(e)?.to_vec();
+    for (i, outlet) in outlets.iter().enumerate() {
+        let name = model.node(outlet.node).name.clone();
+        let spec = inputs
+            .iter()
+            .find(|s| s.name == name)
+            .ok_or_else(|| format!("{}: no shape for input `{name}`", path.display()))?;
+        let dt = match spec.dtype {
+            DType::F32 => f32::datum_type(),
+            DType::I64 => i64::datum_type(),
+            DType::I32 => i32::datum_type(),
+        };
+        model = model
+            .with_input_fact(i, InferenceFact::dt_shape(dt, spec.shape.iter().copied()))
+            .map_err(e)?;
+    }
+    let typed = model
+        .into_typed()
+        .map_err(e)?
+        .into_decluttered()
+        .map_err(e)?;
+    let mut fma = 0i64;
+    for id in typed.eval_order().map_err(e)? {
+        let node = typed.node(id);
+        let facts = typed.node_input_facts(id).map_err(e)?;
+        for (cost, count) in node.op.cost(&facts).map_err(e)? {
+            if matches!(cost, Cost::FMA(_)) {
+                fma += count
+                    .to_i64()
+                    .map_err(|_| format!("{}: a symbolic FLOP count ({count})", path.display()))?;
+            }
+        }
+    }
+    Ok(2.0 * fma as f64)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use handoff_backend::Fill;
+    use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+
+    #[test]
+    fn counts_the_matmuls_of_a_generated_mlp() {
+        let dir = tempfile::tempdir().unwrap();
+        let spec = SyntheticSpec {
+            kind: Kind::Mlp,
+            width: 64,
+            depth: 2,
+            seed: 1,
+        };
+        let path = dir.path().join("mlp.onnx");
+        handoff_onnx::builder::write_model(&spec.build(), &path).unwrap();
+        let info = handoff_onnx::ModelInfo::load(&path).unwrap();
+        let input = &info.inputs[0];
+        let width = match input.dims.as_ref().unwrap()[1] {
+            handoff_onnx::Dim::Fixed(w) => w as usize,
+            ref other => panic!("{other:?}"),
+        };
+        let at = |batch: usize| {
+            flops(
+                &path,
+                &[TensorSpec {
+                    name: input.name.clone(),
+                    dtype: DType::F32,
+                    shape: vec![batch, width],
+                    fill: Fill::Constant(0.0),
+                }],
+            )
+            .unwrap()
+        };
+        // Linear in the batch, and 2 x the weights' element count per row:
+        // every weight is one multiply-add per row.
+        let one = at(1);
+        assert_eq!(at(8), 8.0 * one);
+        assert!(one >= 2.0 * (64.0 * 64.0), "{one}");
+        assert!((one / 2.0).fract() == 0.0);
+    }
+}
