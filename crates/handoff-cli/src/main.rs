@@ -809,7 +809,8 @@ fn run(cli: Cli) -> Result<ExitCode> {
             // The roofline's ceiling, measured before the cases while the
             // machine is as quiet as it will be (kept on --resume).
             let peak_file = out.join(handoff_report::roofline::MachinePeak::FILE);
-            if !peak_file.is_file() && plan.isolation == handoff_suite::Isolation::Process {
+            let real = plan.backends.iter().any(|b| !b.starts_with("mock"));
+            if real && !peak_file.is_file() && plan.isolation == handoff_suite::Isolation::Process {
                 std::fs::create_dir_all(&out)?;
                 match roofline::measure_peak(
                     &registry,

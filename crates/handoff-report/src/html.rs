@@ -1,9 +1,11 @@
 //! A self-contained HTML report: no external CSS, JS or fonts, every user
-//! string escaped, charts as inline SVG.
+//! string escaped (a minijinja template with HTML auto-escaping), charts as
+//! inline SVG and PNG data URIs.
 
 use std::fmt::Write;
 
 use handoff_runner::{ResultRecord, Status};
+use serde::Serialize;
 
 /// Escapes text for HTML element content and quoted attributes.
 pub fn esc(s: &str) -> String {
@@ -140,8 +142,83 @@ pub fn base64(bytes: &[u8]) -> String {
     out
 }
 
+/// The page itself: a minijinja template with HTML auto-escaping, so every
+/// string from a suite or a results file (model ids, reasons, environment)
+/// is escaped whatever the code around it does.
+const TEMPLATE: &str = include_str!("../templates/report.html");
+
+#[derive(Serialize)]
+struct Rec {
+    label: String,
+    text: String,
+}
+
+#[derive(Serialize)]
+struct Col {
+    name: &'static str,
+    left: bool,
+}
+
+#[derive(Serialize)]
+struct Cell {
+    text: String,
+    /// The sort key (`data-v`), for numbers.
+    raw: Option<String>,
+    class: String,
+}
+
+#[derive(Serialize)]
+struct ModelView {
+    id: String,
+    source: Option<String>,
+    sha: Option<String>,
+    latency: Option<Rec>,
+    throughput: Option<Rec>,
+    /// Inline SVG built with [`esc`], marked safe.
+    chart: minijinja::Value,
+    images: Vec<String>,
+    rows: Vec<Vec<Cell>>,
+}
+
+#[derive(Serialize)]
+struct TableView {
+    title: String,
+    note: String,
+    images: Vec<String>,
+    header: Vec<&'static str>,
+    rows: Vec<Vec<String>>,
+}
+
+const COLUMNS: [&str; 24] = [
+    "backend",
+    "device",
+    "threads",
+    "batch",
+    "dims",
+    "status",
+    "n",
+    "p50 ms",
+    "±CI %",
+    "p90",
+    "p99",
+    "p99.9",
+    "mean",
+    "stddev",
+    "CoV",
+    "outliers",
+    "items/s",
+    "load ms",
+    "first ms",
+    "parity max abs",
+    "stop",
+    "busy",
+    "reason",
+    "provenance",
+];
+
 /// The whole report. `env` is the run's env.json, if any; `images` maps a
-/// model id to PNG plots inlined under its heading.
+/// model id to PNG plots inlined under its heading (`""`: the variants
+/// plot, `#roofline`: the roofline plot).
 pub fn report_html(
     suite: &str,
     records: &[ResultRecord],
@@ -150,292 +227,251 @@ pub fn report_html(
     images: &std::collections::BTreeMap<String, Vec<Vec<u8>>>,
     peak: Option<&crate::roofline::MachinePeak>,
 ) -> String {
-    let mut o = String::new();
-    let _ = write!(
-        o,
-        "<!doctype html><html lang='en'><head><meta charset='utf-8'><title>handoff: {}</title><style>{STYLE}</style></head><body><h1>handoff results: {}</h1>",
-        esc(suite),
-        esc(suite)
-    );
-    if records.is_empty() {
-        o.push_str("<p class='note'>No results yet: the run may have been interrupted before its first case finished.</p>");
-    }
-    if torn_last_line {
-        o.push_str("<p class='note'>The last line of the results file was cut off (interrupted run) and is not shown.</p>");
-    }
-    // Report-wide images (the precision-variant trade-off) under "".
-    for png in images.get("").into_iter().flatten() {
-        let _ = write!(
-            o,
-            "<h2>Precision variants</h2><p><img alt='precision variants: accuracy vs speed' width='900' src='data:image/png;base64,{}'></p>",
-            base64(png)
-        );
-    }
+    let b64 = |key: &str| -> Vec<String> {
+        images
+            .get(key)
+            .into_iter()
+            .flatten()
+            .map(|p| base64(p))
+            .collect()
+    };
     let (steady, loaded) = crate::split_scenarios(records);
-    let records = &steady[..];
-    let models = crate::models(records);
-    for m in models {
-        let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
-        let _ = write!(o, "<h2>{}</h2>", esc(m));
-        if let Some(src) = rows.first() {
-            let _ = write!(
-                o,
-                "<p>source <code>{}</code>, sha256 <code>{}</code></p>",
-                esc(&src.case.model_source),
-                esc(&src.case.model_sha256[..16.min(src.case.model_sha256.len())])
-            );
+    let models: Vec<ModelView> = crate::models(&steady)
+        .into_iter()
+        .map(|m| model_view(m, &steady, b64(m)))
+        .collect();
+    let mut tables = Vec::new();
+    let mut table = |title: &str, note: String, images: Vec<String>, t: Option<crate::Table>| {
+        if let Some(t) = t {
+            tables.push(TableView {
+                title: title.to_owned(),
+                note,
+                images,
+                header: t.header,
+                rows: t.rows,
+            });
         }
-        let ok = || rows.iter().filter(|r| r.passes());
-        let lat = ok()
-            .filter(|r| r.case.batch == 1)
-            .min_by(|a, b| p99(a).total_cmp(&p99(b)));
-        let thr = ok().max_by(|a, b| {
-            a.throughput_items_s
-                .unwrap_or(0.0)
-                .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
-        });
-        o.push_str("<div class='rec'><b>Recommendation</b> (fastest configuration that passed the parity and accuracy checks):<ul>");
-        // The Python baseline at the recommended configuration, when the
-        // suite ran one: the hand-off gain in one number.
-        let python = |r: &ResultRecord| {
-            rows.iter().find(|p| {
+    };
+    table(
+        "Roofline: achieved GFLOP/s vs the machine's matmul peak",
+        crate::roofline::note(peak),
+        b64("#roofline"),
+        crate::roofline::roofline_table(&steady, peak),
+    );
+    table(
+        "Cold start",
+        crate::COLD_NOTE.into(),
+        Vec::new(),
+        crate::cold_table(&steady),
+    );
+    table(
+        "Under load",
+        crate::LOAD_NOTE.into(),
+        Vec::new(),
+        crate::load_table(&loaded),
+    );
+    table(
+        "Hand-off gain: serving (handoff serve vs FastAPI)",
+        crate::SERVING_NOTE.into(),
+        Vec::new(),
+        crate::serving_gain(&loaded),
+    );
+    let env: Vec<(String, String)> = env
+        .and_then(|e| e.as_object())
+        .map(|o| {
+            o.iter()
+                .map(|(k, v)| {
+                    let text = match v {
+                        serde_json::Value::String(s) => s.clone(),
+                        other => other.to_string(),
+                    };
+                    (k.clone(), text)
+                })
+                .collect()
+        })
+        .unwrap_or_default();
+    let columns: Vec<Col> = COLUMNS
+        .iter()
+        .map(|&name| Col {
+            name,
+            left: matches!(
+                name,
+                "backend" | "device" | "dims" | "status" | "stop" | "reason" | "provenance"
+            ),
+        })
+        .collect();
+    let mut jinja = minijinja::Environment::new();
+    jinja.set_auto_escape_callback(|_| minijinja::AutoEscape::Html);
+    let rendered = jinja.template_from_str(TEMPLATE).and_then(|t| {
+        t.render(minijinja::context! {
+            suite,
+            empty => records.is_empty(),
+            torn => torn_last_line,
+            style => minijinja::Value::from_safe_string(STYLE.into()),
+            script => minijinja::Value::from_safe_string(SCRIPT.into()),
+            variant_images => b64(""),
+            models,
+            columns,
+            tables,
+            env,
+        })
+    });
+    match rendered {
+        Ok(html) => html,
+        // The template is compiled in and tested: this is a bug, shown as
+        // a page rather than a panic that would lose the rest of the report.
+        Err(e) => format!(
+            "<!doctype html><html><body><p>report template error: {}</p></body></html>",
+            esc(&format!("{e:#}"))
+        ),
+    }
+}
+
+fn model_view(m: &str, records: &[ResultRecord], images: Vec<String>) -> ModelView {
+    let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
+    let ok = || rows.iter().filter(|r| r.passes());
+    let lat = ok()
+        .filter(|r| r.case.batch == 1)
+        .min_by(|a, b| p99(a).total_cmp(&p99(b)));
+    let thr = ok().max_by(|a, b| {
+        a.throughput_items_s
+            .unwrap_or(0.0)
+            .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
+    });
+    // The Python baseline at the recommended configuration, when the suite
+    // ran one: the hand-off gain in one number.
+    let python = |r: &ResultRecord| {
+        rows.iter()
+            .find(|p| {
                 p.case.backend == "python-onnxruntime"
                     && p.passes()
                     && (p.case.threads, p.case.batch, &p.case.dims)
                         == (r.case.threads, r.case.batch, &r.case.dims)
             })
-        };
-        match lat {
-            Some(r) => {
-                let vs = python(r)
-                    .filter(|_| r.case.backend != "python-onnxruntime")
-                    .map_or(String::new(), |p| {
-                        format!(
-                            "; Python onnxruntime there: p99 {:.3} ms ({:.2}x)",
-                            p99(p),
-                            p99(p) / p99(r)
-                        )
-                    });
-                let _ = write!(
-                    o,
-                    "<li>latency: <b>{}</b> — p99 {:.3} ms at batch 1{}</li>",
-                    esc(&label(r)),
-                    p99(r),
-                    vs
-                );
-            }
-            None => o.push_str("<li>latency: no passing batch-1 case</li>"),
-        }
-        if let Some(r) = thr {
-            let t = r.throughput_items_s.unwrap_or(0.0);
-            let vs = python(r)
-                .filter(|_| r.case.backend != "python-onnxruntime")
-                .and_then(|p| p.throughput_items_s)
-                .map_or(String::new(), |pt| {
-                    format!(
+            .filter(|_| r.case.backend != "python-onnxruntime")
+    };
+    let latency = lat.map(|r| Rec {
+        label: label(r),
+        text: format!(
+            "p99 {:.3} ms at batch 1{}",
+            p99(r),
+            python(r).map_or(String::new(), |p| format!(
+                "; Python onnxruntime there: p99 {:.3} ms ({:.2}x)",
+                p99(p),
+                p99(p) / p99(r)
+            ))
+        ),
+    });
+    let throughput = thr.map(|r| {
+        let t = r.throughput_items_s.unwrap_or(0.0);
+        Rec {
+            label: label(r),
+            text: format!(
+                "{t:.1} items/s{}",
+                python(r)
+                    .and_then(|p| p.throughput_items_s)
+                    .map_or(String::new(), |pt| format!(
                         "; Python onnxruntime there: {pt:.1} items/s ({:.2}x)",
                         t / pt
-                    )
-                });
-            let _ = write!(
-                o,
-                "<li>throughput: <b>{}</b> — {t:.1} items/s{}</li>",
-                esc(&label(r)),
-                vs
-            );
+                    ))
+            ),
         }
-        o.push_str("</ul></div>");
-        o.push_str(&chart(&rows));
-        for png in images.get(m).into_iter().flatten() {
-            let _ = write!(
-                o,
-                "<p><img alt='plot for {}' width='900' src='data:image/png;base64,{}'></p>",
-                esc(m),
-                base64(png)
-            );
+    });
+    let first = rows.first();
+    ModelView {
+        id: m.to_owned(),
+        source: first.map(|r| r.case.model_source.clone()),
+        sha: first.map(|r| r.case.model_sha256[..16.min(r.case.model_sha256.len())].to_owned()),
+        latency,
+        throughput,
+        chart: minijinja::Value::from_safe_string(chart(&rows)),
+        images,
+        rows: rows.iter().map(|r| table_row(r)).collect(),
+    }
+}
+
+fn table_row(r: &ResultRecord) -> Vec<Cell> {
+    let text = |t: String, class: &str| Cell {
+        text: t,
+        raw: None,
+        class: class.into(),
+    };
+    let l = r.latency_ms.as_ref();
+    let dims: Vec<String> = r
+        .case
+        .dims
+        .iter()
+        .map(|(k, v)| format!("{k}={v}"))
+        .collect();
+    let backend = format!(
+        "{}{}",
+        r.case.backend,
+        if matches!(
+            r.case.execution,
+            Some(handoff_backend::ExecutionKind::Interpreter)
+        ) {
+            " (interpreter)"
+        } else {
+            ""
         }
-        o.push_str("<table class='sortable'><thead><tr>");
-        for h in [
-            "backend",
-            "device",
-            "threads",
-            "batch",
-            "dims",
-            "status",
-            "n",
-            "p50 ms",
-            "±CI %",
-            "p90",
-            "p99",
-            "p99.9",
-            "mean",
-            "stddev",
-            "CoV",
-            "outliers",
-            "items/s",
-            "load ms",
-            "first ms",
-            "parity max abs",
-            "stop",
-            "busy",
-            "reason",
-            "provenance",
-        ] {
-            let class = if matches!(
-                h,
-                "backend" | "device" | "dims" | "status" | "stop" | "reason" | "provenance"
-            ) {
-                " class='l'"
-            } else {
-                ""
-            };
-            let _ = write!(o, "<th{class}>{h}</th>");
+    );
+    let mut cells = vec![
+        text(backend, "l"),
+        text(r.case.device.to_string(), "l"),
+        text(r.case.threads.to_string(), ""),
+        text(r.case.batch.to_string(), ""),
+        text(dims.join(","), "l"),
+        text(
+            r.status.as_str().into(),
+            &format!("l {}", r.status.as_str()),
+        ),
+    ];
+    let ci = l.map(|l| 100.0 * (l.p50_ci95[1] - l.p50_ci95[0]) / 2.0 / l.p50);
+    let numbers = [
+        (l.map(|l| l.n as f64), 0),
+        (l.map(|l| l.p50), 4),
+        (ci, 2),
+        (l.map(|l| l.p90), 4),
+        (l.map(|l| l.p99), 4),
+        (l.map(|l| l.p999), 4),
+        (l.map(|l| l.mean), 4),
+        (l.map(|l| l.stddev), 4),
+        (l.map(|l| l.cov), 3),
+        (l.map(|l| l.outliers as f64), 0),
+        (r.throughput_items_s, 1),
+        (r.load_ms, 1),
+        (r.first_ms, 2),
+        (r.parity.as_ref().map(|p| p.max_abs), 9),
+    ];
+    for (v, d) in numbers {
+        let (shown, raw) = num(v, d);
+        let shown = if d == 9 {
+            v.map_or("-".into(), |x| format!("{x:.1e}"))
+        } else {
+            shown
+        };
+        cells.push(Cell {
+            text: shown,
+            raw: Some(raw),
+            class: String::new(),
+        });
+    }
+    let busy = r.machine.as_ref().map_or("-".into(), |m| {
+        if m.busy {
+            format!("yes ({:.1} cores)", m.other_cpu_cores)
+        } else {
+            "no".into()
         }
-        o.push_str("</tr></thead><tbody>");
-        for r in &rows {
-            let l = r.latency_ms.as_ref();
-            let dims: Vec<String> = r
-                .case
-                .dims
-                .iter()
-                .map(|(k, v)| format!("{k}={v}"))
-                .collect();
-            let backend = format!(
-                "{}{}",
-                r.case.backend,
-                if matches!(
-                    r.case.execution,
-                    Some(handoff_backend::ExecutionKind::Interpreter)
-                ) {
-                    " (interpreter)"
-                } else {
-                    ""
-                }
-            );
-            let _ = write!(
-                o,
-                "<tr><td class='l'>{}</td><td class='l'>{}</td><td>{}</td><td>{}</td><td class='l'>{}</td><td class='l {}'>{}</td>",
-                esc(&backend),
-                r.case.device,
-                r.case.threads,
-                r.case.batch,
-                esc(&dims.join(",")),
-                r.status.as_str(),
-                r.status.as_str()
-            );
-            let ci = l.map(|l| 100.0 * (l.p50_ci95[1] - l.p50_ci95[0]) / 2.0 / l.p50);
-            let cells = [
-                (l.map(|l| l.n as f64), 0),
-                (l.map(|l| l.p50), 4),
-                (ci, 2),
-                (l.map(|l| l.p90), 4),
-                (l.map(|l| l.p99), 4),
-                (l.map(|l| l.p999), 4),
-                (l.map(|l| l.mean), 4),
-                (l.map(|l| l.stddev), 4),
-                (l.map(|l| l.cov), 3),
-                (l.map(|l| l.outliers as f64), 0),
-                (r.throughput_items_s, 1),
-                (r.load_ms, 1),
-                (r.first_ms, 2),
-                (r.parity.as_ref().map(|p| p.max_abs), 9),
-            ];
-            for (v, d) in cells {
-                let (text, raw) = num(v, d);
-                let text = if d == 9 {
-                    v.map_or("-".into(), |x| format!("{x:.1e}"))
-                } else {
-                    text
-                };
-                let _ = write!(o, "<td data-v='{}'>{}</td>", esc(&raw), esc(&text));
-            }
-            let busy = r.machine.as_ref().map_or("-".into(), |m| {
-                if m.busy {
-                    format!("yes ({:.1} cores)", m.other_cpu_cores)
-                } else {
-                    "no".into()
-                }
-            });
-            let _ = write!(
-                o,
-                "<td class='l'>{}</td><td>{}</td><td class='l'>{}</td><td class='l'>{}</td></tr>",
-                r.stop.map_or("-".into(), |s| format!("{s:?}")),
-                esc(&busy),
-                esc(r.reason.as_deref().unwrap_or("")),
-                esc(&provenance(r))
-            );
-        }
-        o.push_str("</tbody></table>");
-    }
-    if let Some(t) = crate::roofline::roofline_table(records, peak) {
-        let _ = write!(
-            o,
-            "<h2>Roofline: achieved GFLOP/s vs the machine's matmul peak</h2><p>{}</p>",
-            esc(&crate::roofline::note(peak))
-        );
-        for png in images.get("#roofline").into_iter().flatten() {
-            let _ = write!(
-                o,
-                "<p><img alt='roofline: achieved GFLOP/s vs matmul peak' width='900' src='data:image/png;base64,{}'></p>",
-                base64(png)
-            );
-        }
-        table_html(&mut o, &t);
-    }
-    if let Some(t) = crate::cold_table(records) {
-        let _ = write!(o, "<h2>Cold start</h2><p>{}</p>", esc(crate::COLD_NOTE));
-        table_html(&mut o, &t);
-    }
-    if let Some(t) = crate::load_table(&loaded) {
-        let _ = write!(o, "<h2>Under load</h2><p>{}</p>", esc(crate::LOAD_NOTE));
-        table_html(&mut o, &t);
-    }
-    if let Some(t) = crate::serving_gain(&loaded) {
-        let _ = write!(
-            o,
-            "<h2>Hand-off gain: serving (handoff serve vs FastAPI)</h2><p>{}</p>",
-            esc(crate::SERVING_NOTE)
-        );
-        table_html(&mut o, &t);
-    }
-    if let Some(env) = env.and_then(|e| e.as_object()) {
-        o.push_str("<h2>Environment</h2><table><tbody>");
-        for (k, v) in env {
-            let text = match v {
-                serde_json::Value::String(s) => s.clone(),
-                other => other.to_string(),
-            };
-            let _ = write!(
-                o,
-                "<tr><td class='l'>{}</td><td class='l'>{}</td></tr>",
-                esc(k),
-                esc(&text)
-            );
-        }
-        o.push_str("</tbody></table>");
-    }
-    let _ = writeln!(o, "<script>{SCRIPT}</script></body></html>");
-    o
+    });
+    cells.push(text(r.stop.map_or("-".into(), |s| format!("{s:?}")), "l"));
+    cells.push(text(busy, ""));
+    cells.push(text(r.reason.clone().unwrap_or_default(), "l"));
+    cells.push(text(provenance(r), "l"));
+    cells
 }
 
 fn p99(r: &ResultRecord) -> f64 {
     r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
-}
-
-fn table_html(o: &mut String, t: &crate::Table) {
-    o.push_str("<table class='sortable'><thead><tr>");
-    for h in &t.header {
-        let _ = write!(o, "<th class='l'>{}</th>", esc(h));
-    }
-    o.push_str("</tr></thead><tbody>");
-    for r in &t.rows {
-        o.push_str("<tr>");
-        for c in r {
-            let _ = write!(o, "<td class='l'>{}</td>", esc(c));
-        }
-        o.push_str("</tr>");
-    }
-    o.push_str("</tbody></table>");
 }
 
 /// Where the row's model came from: its source, the file's hash, and for a
