@@ -67,6 +67,10 @@ def main() -> int:
         else:
             print(f"error: cannot listen on {args.host}:{args.port}: {e}", file=sys.stderr)
         return 2
+    # Listen now: uvicorn starts accepting only after the lifespan start-up,
+    # and the ready line is printed inside it; connections made in between
+    # wait in the backlog instead of being refused.
+    sock.listen(128)
     host, port = sock.getsockname()[:2]
 
     state = {}

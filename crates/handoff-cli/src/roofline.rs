@@ -9,7 +9,7 @@ use std::time::{Duration, Instant};
 use handoff_backend::{DType, Device, Fill, ModelRef, PrepareOptions, Probe, Registry, TensorSpec};
 use handoff_report::roofline::MachinePeak;
 
-const N: usize = 512;
+const N: usize = 1024;
 
 pub fn measure_peak(
     registry: &Registry,

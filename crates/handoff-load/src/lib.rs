@@ -15,38 +15,16 @@ use std::time::{Duration, Instant};
 
 use serde::{Deserialize, Serialize};
 
-/// A small, seedable generator (SplitMix64): schedules must be identical for
-/// every backend of a suite, and across runs.
-#[derive(Debug, Clone)]
-pub struct SplitMix(u64);
-
-impl SplitMix {
-    pub fn new(seed: u64) -> Self {
-        Self(seed)
-    }
-
-    pub fn next_u64(&mut self) -> u64 {
-        self.0 = self.0.wrapping_add(0x9E37_79B9_7F4A_7C15);
-        let mut z = self.0;
-        z = (z ^ (z >> 30)).wrapping_mul(0xBF58_476D_1CE4_E5B9);
-        z = (z ^ (z >> 27)).wrapping_mul(0x94D0_49BB_1331_11EB);
-        z ^ (z >> 31)
-    }
-
-    /// Uniform in (0, 1]: never 0, so `-ln(u)` is finite.
-    pub fn next_open01(&mut self) -> f64 {
-        ((self.next_u64() >> 11) as f64 + 1.0) / (1u64 << 53) as f64
-    }
-}
-
 /// Arrival offsets of `n` queries of a Poisson process at `qps` queries per
 /// second: exponential inter-arrival times with mean `1/qps`.
 pub fn poisson_schedule(qps: f64, n: usize, seed: u64) -> Vec<Duration> {
-    let mut rng = SplitMix::new(seed);
+    // Seeded: the schedule is identical for every backend of a suite.
+    let mut rng = handoff_onnx::rng::SplitMix64::new(seed);
     let mut t = 0.0f64;
     (0..n)
         .map(|_| {
-            t += -rng.next_open01().ln() / qps;
+            // 1 - U is in (0, 1], so the logarithm is finite.
+            t += -(1.0 - rng.next_f64()).ln() / qps;
             Duration::from_secs_f64(t)
         })
         .collect()

@@ -46,12 +46,7 @@ fn num(v: Option<f64>, digits: usize) -> (String, String) {
 }
 
 fn label(r: &ResultRecord) -> String {
-    let dims: Vec<String> = r
-        .case
-        .dims
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let dims = crate::dim_items(r);
     let interp = if matches!(
         r.case.execution,
         Some(handoff_backend::ExecutionKind::Interpreter)
@@ -397,12 +392,7 @@ fn table_row(r: &ResultRecord) -> Vec<Cell> {
         class: class.into(),
     };
     let l = r.latency_ms.as_ref();
-    let dims: Vec<String> = r
-        .case
-        .dims
-        .iter()
-        .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+    let dims = crate::dim_items(r);
     let backend = format!(
         "{}{}",
         r.case.backend,

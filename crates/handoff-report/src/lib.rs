@@ -51,13 +51,17 @@ pub fn terminal_table(records: &[ResultRecord]) -> String {
     out
 }
 
-fn dims(r: &ResultRecord) -> String {
-    let mut d: Vec<String> = r
-        .case
+/// `seq=128`-style items of a case's symbolic dims.
+pub(crate) fn dim_items(r: &ResultRecord) -> Vec<String> {
+    r.case
         .dims
         .iter()
         .map(|(k, v)| format!("{k}={v}"))
-        .collect();
+        .collect()
+}
+
+fn dims(r: &ResultRecord) -> String {
+    let mut d = dim_items(r);
     if !is_steady(r) {
         d.push(r.case.scenario.clone());
     }
@@ -349,7 +353,12 @@ pub fn cold_table(records: &[ResultRecord]) -> Option<Table> {
                     (Some(t), Some(n)) => format!("{} ({n})", fmt_ms(t)),
                     _ => "not reached".into(),
                 },
-                opt(r.peak_rss_mb, |m| format!("{m:.0}")),
+                match (r.peak_rss_mb, &r.inner_latency_ms) {
+                    // A backend behind a process boundary: its own process
+                    // is not this one.
+                    (Some(m), Some(_)) => format!("{m:.0} + worker process (not counted)"),
+                    (m, _) => opt(m, |m| format!("{m:.0}")),
+                },
             ]
         })
         .collect();

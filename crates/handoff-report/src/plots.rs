@@ -354,12 +354,7 @@ fn scaling(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
     let max_threads = rows.iter().map(|r| r.case.threads).max().unwrap_or(1) as f64;
     let mut groups: Vec<(String, Vec<&ResultRecord>)> = Vec::new();
     for r in rows {
-        let dims: Vec<String> = r
-            .case
-            .dims
-            .iter()
-            .map(|(k, v)| format!("{k}={v}"))
-            .collect();
+        let dims = crate::dim_items(r);
         let key = format!("{} b{} {}", r.case.backend, r.case.batch, dims.join(","));
         match groups.iter_mut().find(|(k, _)| *k == key) {
             Some((_, v)) => v.push(r),
@@ -748,7 +743,8 @@ pub fn roofline_plot(
         .map(|(_, g)| *g)
         .chain(peaks.values().copied())
         .fold(0.0f64, f64::max)
-        * 1.15;
+        // Room on the right for the legend.
+        * 1.45;
     let threads: Vec<u32> = {
         let mut t: Vec<u32> = rows.iter().map(|(r, _)| r.case.threads).collect();
         t.sort_unstable();

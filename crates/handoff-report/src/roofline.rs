@@ -52,7 +52,7 @@ pub fn roofline_table(records: &[ResultRecord], peak: Option<&MachinePeak>) -> O
                 crate::backend_label(r),
                 r.case.threads.to_string(),
                 r.case.batch.to_string(),
-                format!("{:.2}", r.flops.unwrap_or(0.0) / 1e9),
+                sig(r.flops.unwrap_or(0.0) / 1e9),
                 format!("{g:.1}"),
                 p.map_or("-".into(), |p| format!("{p:.1}")),
                 p.map_or("-".into(), |p| format!("{:.0}%", 100.0 * g / p)),
@@ -74,8 +74,14 @@ pub fn roofline_table(records: &[ResultRecord], peak: Option<&MachinePeak>) -> O
     })
 }
 
+/// Three significant digits, without exponents for the sizes seen here.
+fn sig(v: f64) -> String {
+    let digits = (2 - v.abs().log10().floor() as i32).clamp(0, 8) as usize;
+    format!("{v:.digits$}")
+}
+
 pub fn note(peak: Option<&MachinePeak>) -> String {
-    let base = "FLOPs per inference are counted from the graph at the case's input shapes (2 x multiply-adds of MatMul, Gemm, Conv; element-wise work is not counted). Achieved GFLOP/s = FLOPs / median latency.";
+    let base = "FLOPs per inference are counted from the graph at the case's input shapes (2 x multiply-adds of MatMul, Gemm, Conv; element-wise work is not counted; int8 graphs are left out, their operations are not floating-point). Achieved GFLOP/s = FLOPs / median latency. A kernel with better cache reuse than one square product (a convolution) can exceed the measured peak.";
     match peak {
         Some(p) => format!(
             "{base} The peak is the best of {} on one {n}x{n} f32 matrix product at the same thread count, measured at the start of the run.",

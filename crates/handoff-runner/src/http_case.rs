@@ -209,6 +209,20 @@ pub fn run(
     };
     let bodies: Vec<Vec<u8>> = (0..sentences.len().max(1)).map(body).collect();
 
+    // Ready means answering, whatever the server printed.
+    loop {
+        match rt.block_on(request(addr, "GET", "/health", b"")) {
+            Ok(r) if r.status == 200 => break,
+            _ if started.elapsed() > start_timeout => {
+                return fail(
+                    report,
+                    Status::Timeout,
+                    format!("{} did not answer /health", launch.server),
+                );
+            }
+            _ => std::thread::sleep(Duration::from_millis(20)),
+        }
+    }
     // The output check: request 0 holds the sentences the reference saw.
     let t = Instant::now();
     let first = rt.block_on(request(addr, "POST", "/embed", &bodies[0]));

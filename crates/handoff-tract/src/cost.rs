@@ -9,7 +9,8 @@ use handoff_backend::{DType, TensorSpec};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::Cost;
 
-/// 2 x multiply-adds of one inference on inputs of these shapes.
+/// 2 x multiply-adds of one inference on inputs of these shapes; an error
+/// for graphs with integer multiply-adds (quantised models).
 pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, String> {
     let e = |e: TractError| format!("{}: {e:#}", path.display());
     let mut model = tract_onnx::onnx().model_for_path(path).map_err(e)?;
@@ -39,7 +40,17 @@ pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, String> {
         let node = typed.node(id);
         let facts = typed.node_input_facts(id).map_err(e)?;
         for (cost, count) in node.op.cost(&facts).map_err(e)? {
-            if matches!(cost, Cost::FMA(_)) {
+            if let Cost::FMA(dt) = cost {
+                // An int8 graph's multiply-adds are not floating-point
+                // operations: set against an f32 peak they would read as
+                // more than 100% of the machine.
+                if !dt.is_float() {
+                    return Err(format!(
+                        "{}: {dt:?} multiply-adds (node {}) are not comparable with a floating-point peak",
+                        path.display(),
+                        node.name
+                    ));
+                }
                 fma += count
                     .to_i64()
                     .map_err(|_| format!("{}: a symbolic FLOP count ({count})", path.display()))?;
