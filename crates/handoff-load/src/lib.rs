@@ -44,9 +44,24 @@ pub fn grace(schedule: &[Duration]) -> Duration {
     })
 }
 
+/// Whether latency climbed through the run, as it does when arrivals
+/// outpace service: the last quarter's median more than twice the first
+/// quarter's, and by more than a twentieth of the schedule (so the ordinary
+/// ups and downs of a queue near capacity do not count).
+fn queue_grew(latencies_ms: &[f64], end: Duration) -> bool {
+    let quarter = latencies_ms.len() / 4;
+    if quarter < 5 {
+        return false;
+    }
+    let head = handoff_stats::median(&latencies_ms[..quarter]);
+    let tail = handoff_stats::median(&latencies_ms[latencies_ms.len() - quarter..]);
+    tail > 2.0 * head && tail - head > 0.05 * end.as_secs_f64() * 1e3
+}
+
 /// What one run at one rate gave. It is saturated when a query went
-/// unanswered (error, or still queued at the end of the grace period) or
-/// the queue was still draining well after the last arrival.
+/// unanswered (error, or still queued at the end of the grace period), the
+/// queue was still draining well after the last arrival, or latency kept
+/// climbing through the run.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Level {
     /// The rate asked for.
@@ -112,14 +127,16 @@ impl Level {
             unserved,
             p50_ms: q(0.5),
             p99_ms: q(0.99),
-            saturated: unserved > 0 || errors > 0 || {
-                // A system that keeps up answers its last query about one
-                // latency after it arrived; one that does not is still
-                // draining a backlog that grew with the run's length.
-                let drain = last_completion.saturating_sub(end).as_secs_f64() * 1e3;
-                let p50 = q(0.5).unwrap_or(0.0);
-                drain > (DRAIN_FRACTION * end.as_secs_f64() * 1e3).max(2.0 * p50)
-            },
+            saturated: unserved > 0
+                || errors > 0
+                || {
+                    // A system that keeps up answers its last query about
+                    // one latency after it arrived; one that does not is
+                    // still draining a backlog that grew with the run.
+                    let drain = last_completion.saturating_sub(end).as_secs_f64() * 1e3;
+                    drain > DRAIN_FRACTION * end.as_secs_f64() * 1e3
+                }
+                || queue_grew(&latencies_ms, end),
             latencies_ms,
         }
     }
@@ -311,6 +328,15 @@ mod tests {
         assert!(l.saturated);
         // A short drain, comparable to the latency, is not.
         let l = Level::new(100.0, &s, vec![60.0; 100], 0, Duration::from_millis(1090));
+        assert!(!l.saturated);
+        // Everything answered in time, but latency climbing from 10 ms to
+        // 500 ms: a queue that grew all run long.
+        let growing: Vec<f64> = (0..100).map(|i| 10.0 + 5.0 * f64::from(i)).collect();
+        let l = Level::new(100.0, &s, growing, 0, Duration::from_millis(1050));
+        assert!(l.saturated);
+        // Latency that wanders without a trend is not saturation.
+        let wander: Vec<f64> = (0..100).map(|i| 20.0 + f64::from(i % 7) * 3.0).collect();
+        let l = Level::new(100.0, &s, wander, 0, Duration::from_millis(1030));
         assert!(!l.saturated);
         // One error is enough.
         let l = Level::new(100.0, &s, vec![1.0; 99], 1, Duration::from_millis(1000));
