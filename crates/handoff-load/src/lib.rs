@@ -46,8 +46,8 @@ pub fn grace(schedule: &[Duration]) -> Duration {
 
 /// Whether latency climbed through the run, as it does when arrivals
 /// outpace service: the last quarter's median more than twice the first
-/// quarter's, and by more than a twentieth of the schedule (so the ordinary
-/// ups and downs of a queue near capacity do not count).
+/// quarter's, and by more than a twentieth of the schedule and 250 ms (so
+/// the ordinary ups and downs of a queue near capacity do not count).
 fn queue_grew(latencies_ms: &[f64], end: Duration) -> bool {
     let quarter = latencies_ms.len() / 4;
     if quarter < 5 {
@@ -55,7 +55,7 @@ fn queue_grew(latencies_ms: &[f64], end: Duration) -> bool {
     }
     let head = handoff_stats::median(&latencies_ms[..quarter]);
     let tail = handoff_stats::median(&latencies_ms[latencies_ms.len() - quarter..]);
-    tail > 2.0 * head && tail - head > 0.05 * end.as_secs_f64() * 1e3
+    tail > 2.0 * head && tail - head > (0.05 * end.as_secs_f64() * 1e3).max(250.0)
 }
 
 /// What one run at one rate gave. It is saturated when a query went
@@ -134,7 +134,9 @@ impl Level {
                     // one latency after it arrived; one that does not is
                     // still draining a backlog that grew with the run.
                     let drain = last_completion.saturating_sub(end).as_secs_f64() * 1e3;
-                    drain > DRAIN_FRACTION * end.as_secs_f64() * 1e3
+                    // The floor keeps a short run (a peak-search step) from
+                    // failing on one slow answer.
+                    drain > (DRAIN_FRACTION * end.as_secs_f64() * 1e3).max(500.0)
                 }
                 || queue_grew(&latencies_ms, end),
             latencies_ms,
@@ -322,9 +324,9 @@ mod tests {
         assert!(!l.saturated);
         assert!(l.meets(1.0));
         assert!(!l.meets(0.5));
-        // All answered but still draining long after the last arrival (far
-        // more than a tenth of the run and twice the median): saturated.
-        let l = Level::new(100.0, &s, vec![1.0; 100], 0, Duration::from_millis(1500));
+        // All answered but still draining long after the last arrival (more
+        // than a tenth of the run and half a second): saturated.
+        let l = Level::new(100.0, &s, vec![1.0; 100], 0, Duration::from_millis(1600));
         assert!(l.saturated);
         // A short drain, comparable to the latency, is not.
         let l = Level::new(100.0, &s, vec![60.0; 100], 0, Duration::from_millis(1090));
