@@ -8,6 +8,7 @@
 
 pub mod mock;
 pub mod tensor;
+pub mod text;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

@@ -11,8 +11,9 @@ use std::fmt::Write as _;
 use std::path::Path;
 use std::process::Command;
 
+use handoff_backend::text::load_fixed_length as load;
 use serde::{Deserialize, Serialize};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 const GIL_PY: &str = include_str!("../../../scripts/gil_tokenize.py");
 
@@ -39,21 +40,6 @@ struct PyOut {
     pure_python_agrees: String,
     tokenizers: std::collections::BTreeMap<String, f64>,
     pure_python: std::collections::BTreeMap<String, f64>,
-}
-
-fn load(path: &Path, seq: usize) -> Result<Tokenizer, String> {
-    let mut tok = Tokenizer::from_file(path)
-        .map_err(|e| format!("{}: not a tokenizer.json: {e}", path.display()))?;
-    tok.with_padding(Some(PaddingParams {
-        strategy: PaddingStrategy::Fixed(seq),
-        ..Default::default()
-    }));
-    tok.with_truncation(Some(TruncationParams {
-        max_length: seq,
-        ..Default::default()
-    }))
-    .map_err(|e| e.to_string())?;
-    Ok(tok)
 }
 
 /// Best-of-`reps` texts/s of Rust threads, each encoding its share one text
@@ -87,7 +73,7 @@ pub fn measure(
     reps: usize,
     scratch: &Path,
 ) -> Result<GilReport, String> {
-    let tok = load(tokenizer, seq)?;
+    let tok = load(tokenizer, seq).map_err(|e| format!("{}: {e}", tokenizer.display()))?;
     let rust_threads = workers
         .iter()
         .map(|&w| rust_rate(&tok, texts, w, reps))

@@ -334,7 +334,7 @@ pub fn run(
         );
     }
     stats.server = Some(launch.server);
-    stats.server_rss_mb = child_peak_rss_mb(server.child.id());
+    stats.server_rss_mb = crate::machine::process_peak_rss_mb(&server.child.id().to_string());
     report.peak_rss_mb = stats.server_rss_mb;
     report.samples_ms = level.latencies_ms;
     report.load = Some(stats);
@@ -378,12 +378,4 @@ fn check_output(
         ..last
     };
     Ok(compare(&[served], &[last], &r.backend, r.atol, r.rtol))
-}
-
-/// Peak resident set of a process, MiB, from /proc.
-fn child_peak_rss_mb(pid: u32) -> Option<f64> {
-    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
-    let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
-    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
-    Some(kb / 1024.0)
 }

@@ -140,7 +140,13 @@ fn loadavg() -> Option<f64> {
 
 /// Peak resident set size of this process, in MiB.
 pub fn peak_rss_mb() -> Option<f64> {
-    let status = std::fs::read_to_string("/proc/self/status").ok()?;
+    process_peak_rss_mb("self")
+}
+
+/// Peak resident set of process `pid` (`"self"` for this one) in MiB, from
+/// VmHWM in /proc (Linux; `None` elsewhere or once it has been reaped).
+pub fn process_peak_rss_mb(pid: &str) -> Option<f64> {
+    let status = std::fs::read_to_string(format!("/proc/{pid}/status")).ok()?;
     let line = status.lines().find(|l| l.starts_with("VmHWM:"))?;
     let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
     Some(kb / 1024.0)

@@ -30,19 +30,26 @@ pub struct Timed {
     pub stop: StopReason,
 }
 
+/// Runs the session for the policy's warm-up time (at least once) and
+/// returns each run's time in ms.
+pub fn warm_up(prepared: &mut dyn Prepared, policy: &Measure) -> Result<Vec<f64>, BackendError> {
+    let start = Instant::now();
+    let mut times = Vec::new();
+    while times.is_empty() || start.elapsed() < policy.warmup {
+        let t = Instant::now();
+        prepared.run()?;
+        times.push(t.elapsed().as_secs_f64() * 1e3);
+    }
+    Ok(times)
+}
+
 /// Runs warm-up then the timed loop on an already bound session.
 pub fn measure(
     prepared: &mut dyn Prepared,
     policy: &Measure,
     progress: &mut dyn FnMut(&[Duration]),
 ) -> Result<Timed, BackendError> {
-    let start = Instant::now();
-    let mut warmup_ms = Vec::new();
-    while warmup_ms.is_empty() || start.elapsed() < policy.warmup {
-        let t = Instant::now();
-        prepared.run()?;
-        warmup_ms.push(t.elapsed().as_secs_f64() * 1e3);
-    }
+    let warmup_ms = warm_up(prepared, policy)?;
     let mut inner_ms = Vec::new();
     let (samples, stop) = timed_loop_with_progress(
         || {

@@ -292,17 +292,6 @@ fn ms(d: std::time::Duration) -> f64 {
 
 /// Warm-up runs for the load scenarios; returns their median time (ms), the
 /// first guess of the service time.
-fn warm_up(prepared: &mut dyn Prepared, policy: &Measure) -> Result<(u64, f64), BackendError> {
-    let start = Instant::now();
-    let mut times = Vec::new();
-    while times.is_empty() || start.elapsed() < policy.warmup {
-        let t = Instant::now();
-        prepared.run()?;
-        times.push(ms(t.elapsed()));
-    }
-    Ok((times.len() as u64, handoff_stats::median(&times)))
-}
-
 /// Poisson arrivals served one at a time by this session: a fixed rate, or
 /// the peak search.
 fn server_scenario(
@@ -311,8 +300,8 @@ fn server_scenario(
     job: &Job,
     load: &handoff_suite::Load,
 ) -> WorkerReport {
-    let (warmup_runs, service_ms) = match warm_up(prepared, &job.measure) {
-        Ok(w) => w,
+    let (warmup_runs, service_ms) = match crate::measure::warm_up(prepared, &job.measure) {
+        Ok(w) => (w.len() as u64, handoff_stats::median(&w)),
         Err(e) => return report.fail(&e),
     };
     report.warmup_runs = warmup_runs;
@@ -412,7 +401,7 @@ fn multi_stream(
                     // so the others are not left waiting.
                     let mut prepared = match prepared.and_then(|mut p| {
                         p.bind(inputs)?;
-                        warm_up(p.as_mut(), &job.measure)?;
+                        crate::measure::warm_up(p.as_mut(), &job.measure)?;
                         Ok(p)
                     }) {
                         Ok(p) => {

@@ -26,7 +26,7 @@ use handoff_backend::{
     TensorSpec,
 };
 use serde::{Deserialize, Serialize};
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 use tokio::sync::oneshot;
 
 #[derive(Debug, thiserror::Error)]
@@ -41,7 +41,7 @@ pub enum ServeError {
         #[source]
         source: std::io::Error,
     },
-    #[error("{path}: not a tokenizer.json: {detail}")]
+    #[error("{path}: {detail}")]
     Tokenizer { path: PathBuf, detail: String },
     #[error("{path}: {detail}")]
     Model { path: PathBuf, detail: String },
@@ -204,23 +204,10 @@ struct Model<'b> {
 
 impl<'b> Model<'b> {
     fn load(backend: &'b dyn Backend, config: &ServeConfig) -> Result<Self, ServeError> {
-        let mut tokenizer =
-            Tokenizer::from_file(&config.tokenizer).map_err(|e| ServeError::Tokenizer {
+        let tokenizer = handoff_backend::text::load_fixed_length(&config.tokenizer, config.seq)
+            .map_err(|detail| ServeError::Tokenizer {
                 path: config.tokenizer.clone(),
-                detail: e.to_string(),
-            })?;
-        tokenizer.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(config.seq),
-            ..Default::default()
-        }));
-        tokenizer
-            .with_truncation(Some(TruncationParams {
-                max_length: config.seq,
-                ..Default::default()
-            }))
-            .map_err(|e| ServeError::Tokenizer {
-                path: config.tokenizer.clone(),
-                detail: e.to_string(),
+                detail,
             })?;
         let info =
             handoff_onnx::ModelInfo::load(&config.model.path).map_err(|e| ServeError::Model {
@@ -252,7 +239,7 @@ impl<'b> Model<'b> {
             .encode_batch(texts.to_vec(), true)
             .map_err(|e| ServeError::Tokenizer {
                 path: self.config.tokenizer.clone(),
-                detail: e.to_string(),
+                detail: format!("cannot encode: {e}"),
             })?;
         let (batch, seq) = (texts.len(), self.config.seq);
         let tensors: Vec<Tensor> = self

@@ -1,0 +1,29 @@
+//! The one tokenizer set-up every text path shares (suite inputs, `handoff
+//! serve`, the GIL benchmark): fixed-length padding and truncation, so a
+//! batch is a dense `[batch, seq]` tensor whatever the sentences.
+
+use std::path::Path;
+
+use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+
+/// Pads and truncates every encoding of `tok` to exactly `seq` tokens.
+pub fn set_fixed_length(tok: &mut Tokenizer, seq: usize) -> Result<(), String> {
+    tok.with_padding(Some(PaddingParams {
+        strategy: PaddingStrategy::Fixed(seq),
+        ..Default::default()
+    }));
+    tok.with_truncation(Some(TruncationParams {
+        max_length: seq,
+        ..Default::default()
+    }))
+    .map(|_| ())
+    .map_err(|e| e.to_string())
+}
+
+/// Loads a tokenizer.json and fixes its length to `seq`. The error says
+/// what is wrong, not which file (the caller knows how to name it).
+pub fn load_fixed_length(path: &Path, seq: usize) -> Result<Tokenizer, String> {
+    let mut tok = Tokenizer::from_file(path).map_err(|e| format!("not a tokenizer.json: {e}"))?;
+    set_fixed_length(&mut tok, seq)?;
+    Ok(tok)
+}
