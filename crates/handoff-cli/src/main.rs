@@ -236,9 +236,12 @@ enum Command {
     ///
     /// `int8-dynamic`: MatMul weights int8 (symmetric, per output column),
     /// activations quantised per call (DynamicQuantizeLinear + MatMulInteger,
-    /// the pattern ORT fuses), embedding tables int8 per row. `int8-static`:
-    /// the same weights, activations in QDQ form with ranges calibrated
-    /// (min-max) on the check inputs. `fp16`: weights
+    /// the pattern ORT fuses), embedding tables int8 per row, after
+    /// SmoothQuant (activation outlier channels moved into the weights,
+    /// maxima from one calibration run). `int8-static`: the same weights and
+    /// smoothing, activations in QDQ form with min-max ranges. Calibration
+    /// uses handoff's calibration sentences (or random inputs of another
+    /// seed), never the check's inputs. `fp16`: weights
     /// stored fp16 and cast back, so compute and I/O stay fp32. Nothing is
     /// written when the check fails or the model has nothing to quantise.
     ///
@@ -258,10 +261,20 @@ enum Command {
         /// Keep embedding tables (Gather on a constant) in fp32.
         #[arg(long)]
         no_embeddings: bool,
-        /// Quantise down-projections (weights with rows >= 2 x columns) fully
-        /// too, instead of int8 weights with an fp32 multiply.
+        /// Down-projections (weights with rows >= 2 x columns) get int8
+        /// weights but multiply in fp32 (slower, for models whose FFN
+        /// activations lose too much in int8).
         #[arg(long)]
-        full_down_proj: bool,
+        weight_only_down_proj: bool,
+        /// int8-dynamic: SmoothQuant strength in [0, 1] (0.7 by default):
+        /// how much of each activation channel's range moves into the
+        /// weights, from maxima calibrated on sentences the check does not
+        /// use.
+        #[arg(long, value_name = "ALPHA", conflicts_with = "no_smooth")]
+        smooth: Option<f64>,
+        /// int8-dynamic: no SmoothQuant (and no calibration run).
+        #[arg(long)]
+        no_smooth: bool,
         /// Node or initializer names to keep in fp32 (repeatable).
         #[arg(long)]
         exclude: Vec<String>,
@@ -547,7 +560,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
             out,
             per_tensor,
             no_embeddings,
-            full_down_proj,
+            weight_only_down_proj,
+            smooth,
+            no_smooth,
             exclude,
             min_elements,
             min_cosine,
@@ -561,17 +576,26 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 dynamic: handoff_convert::quantize::DynamicOptions {
                     per_channel: !per_tensor,
                     embeddings: !no_embeddings,
-                    down_proj_weight_only: !full_down_proj,
+                    down_proj_weight_only: weight_only_down_proj,
+                    smooth_alpha: if no_smooth {
+                        None
+                    } else {
+                        Some(smooth.unwrap_or(handoff_convert::quantize::SMOOTH_ALPHA))
+                    },
                     min_elements,
                     exclude,
                 },
                 min_cosine,
             };
-            let specs = check_inputs(&model, tokenizer.as_deref(), batch, seq)?;
+            let sentences = handoff_suite::text::DEFAULT_SENTENCES;
+            let specs = check_inputs(&model, tokenizer.as_deref(), &sentences, batch, seq)?;
+            let calibration = handoff_suite::text::CALIBRATION_SENTENCES;
+            let calibration = check_inputs(&model, tokenizer.as_deref(), &calibration, batch, seq)?;
             // Always rebuild on request: the cache is for suites.
             let _ = std::fs::remove_file(&out);
-            let (check, warning) = tools::build_variant(&registry, &model, &out, &request, &specs)
-                .map_err(anyhow::Error::msg)?;
+            let (check, warning) =
+                tools::build_variant(&registry, &model, &out, &request, &specs, &calibration)
+                    .map_err(anyhow::Error::msg)?;
             if let Some(w) = warning {
                 eprintln!("warning: {w}");
             }
@@ -603,7 +627,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Validate { suite, json } => {
             let plan = Plan::from_file(&suite, &plan_options(&registry))?;
-            print_plan(&plan, json)?;
+            print_plan(&plan, json, &|_| true)?;
             Ok(ExitCode::SUCCESS)
         }
         Command::Report { results, out } => {
@@ -766,7 +790,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         } => {
             let plan = Plan::from_file(&suite, &plan_options(&registry))?;
             if dry_run {
-                print_plan(&plan, false)?;
+                print_plan(&plan, false, &|c| {
+                    handoff_runner::run::is_selected(c, &filter, shard)
+                })?;
                 return Ok(ExitCode::SUCCESS);
             }
             if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {
@@ -882,6 +908,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
 fn check_inputs(
     model: &Path,
     tokenizer: Option<&Path>,
+    sentences: &[&str],
     batch: u32,
     seq: u32,
 ) -> Result<Vec<handoff_backend::TensorSpec>> {
@@ -890,10 +917,7 @@ fn check_inputs(
     let info = ModelInfo::load(model)?;
     let enc = match tokenizer {
         Some(t) => {
-            let sentences: Vec<String> = handoff_suite::text::DEFAULT_SENTENCES
-                .iter()
-                .map(|s| (*s).to_owned())
-                .collect();
+            let sentences: Vec<String> = sentences.iter().map(|s| (*s).to_owned()).collect();
             Some(
                 handoff_suite::text::encode(t, &sentences, &[seq])
                     .map_err(anyhow::Error::msg)?
@@ -1213,19 +1237,26 @@ fn ensure_ort(quiet: bool) {
     }
 }
 
-fn print_plan(plan: &Plan, json: bool) -> Result<()> {
+/// The plan's models and settings, then the cases `keep` selects.
+fn print_plan(plan: &Plan, json: bool, keep: &dyn Fn(&Case) -> bool) -> Result<()> {
     let stdout = std::io::stdout();
     let mut out = std::io::BufWriter::new(stdout.lock());
     if json {
-        for case in plan.cases() {
+        for case in plan.cases().filter(|c| keep(c)) {
             serde_json::to_writer(&mut out, &case)?;
             writeln!(out)?;
         }
         return Ok(out.flush()?);
     }
+    let kept = plan.cases().filter(|c| keep(c)).count();
+    let of = if kept == plan.case_count() {
+        String::new()
+    } else {
+        format!(" ({kept} selected)")
+    };
     writeln!(
         out,
-        "suite {} ({}): {} cases",
+        "suite {} ({}): {} cases{of}",
         plan.name,
         plan.suite_path.display(),
         plan.case_count()
@@ -1259,7 +1290,7 @@ fn print_plan(plan: &Plan, json: bool) -> Result<()> {
         plan.isolation,
         plan.timeout
     )?;
-    for case in plan.cases() {
+    for case in plan.cases().filter(|c| keep(c)) {
         writeln!(out, "{:>5}  {:<40} {}", case.index, case.id, shapes(&case))?;
     }
     Ok(out.flush()?)

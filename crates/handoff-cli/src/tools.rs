@@ -92,6 +92,7 @@ impl ModelTools for Tools {
         variant: &str,
         min_cosine: f64,
         specs: &[TensorSpec],
+        calibration: &[TensorSpec],
     ) -> Result<Variant, String> {
         if variant == "candle-q8" {
             // Quantised by candle at load from the safetensors: no new file.
@@ -119,7 +120,8 @@ impl ModelTools for Tools {
         }
         let out = variant_path(onnx, variant);
         let request = VariantRequest::new(variant, min_cosine);
-        let (accuracy, warning) = build_variant(&self.registry, onnx, &out, &request, specs)?;
+        let (accuracy, warning) =
+            build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
         Ok(Variant {
             path: out,
             accuracy,
@@ -303,28 +305,36 @@ impl VariantRequest {
     }
 }
 
-/// Builds the variant of `onnx` (once: an existing file with its sidecar is
-/// reused), checks it against the fp32 model on ORT and records both in the
-/// provenance sidecar. Returns the path, the accuracy check and any warning.
+/// Builds the variant of `onnx` (once: an existing file whose sidecar
+/// records the same tool version and options is reused), checks it against
+/// the fp32 model on ORT on `specs` and records both in the provenance
+/// sidecar. Quantisers that calibrate run on `calibration`, never on
+/// `specs`. Returns the accuracy check and any warning.
 pub fn build_variant(
     registry: &Registry,
     onnx: &Path,
     out: &Path,
     request: &VariantRequest,
     specs: &[TensorSpec],
+    calibration: &[TensorSpec],
 ) -> Result<(Check, Option<String>), String> {
     use handoff_convert::quantize;
     let step_name = format!("quantize:{}", request.variant);
+    let options = serde_json::to_value(&request.dynamic).unwrap_or_default();
     if out.is_file()
         && let Some(prov) = Provenance::load(out)
-        && prov.steps.iter().any(|s| s.name == step_name)
+        && prov.tool == handoff_convert::CONVERTER_VERSION
+        && prov
+            .steps
+            .iter()
+            .any(|s| s.name == step_name && s.params.get("request") == Some(&options))
         && let Some(check) = prov.checks.iter().find(|c| c.name == "accuracy")
         && check.threshold_min_cosine == request.min_cosine
     {
         return Ok((check.clone(), None));
     }
     let tmp = out.with_extension(format!("tmp{}.onnx", std::process::id()));
-    let (params, warning) = match request.variant.as_str() {
+    let (mut params, warning) = match request.variant.as_str() {
         "int8-dynamic" | "fp16" => {
             let mut model = handoff_onnx::inspect::read_model(onnx).map_err(|e| e.to_string())?;
             let (report, options) = if request.variant == "fp16" {
@@ -334,31 +344,41 @@ pub fn build_variant(
                         request.dynamic.min_elements,
                         &request.dynamic.exclude,
                     ),
-                    serde_json::json!({"storage": "fp16", "compute": "fp32 (Cast after each weight)", "min_elements": request.dynamic.min_elements, "exclude": request.dynamic.exclude}),
+                    serde_json::json!({"options": {"storage": "fp16", "compute": "fp32 (Cast after each weight)", "min_elements": request.dynamic.min_elements, "exclude": request.dynamic.exclude}}),
                 )
             } else {
+                let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
                 (
                     quantize::quantize_dynamic(&mut model, &request.dynamic),
-                    serde_json::to_value(&request.dynamic).unwrap_or_default(),
+                    serde_json::json!({"options": options, "smoothing": smoothing}),
                 )
             };
             let report = report.map_err(|e| format!("{}: {e}", onnx.display()))?;
             handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
-            (
-                serde_json::json!({"options": options, "report": report}),
-                report.warning(),
-            )
+            let mut params = options;
+            params["report"] = serde_json::to_value(&report).unwrap_or_default();
+            (params, report.warning())
         }
         "int8-static" => {
             let mut model = handoff_onnx::inspect::read_model(onnx).map_err(|e| e.to_string())?;
+            let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
             let targets = quantize::calibration_targets(&model, &request.dynamic);
-            let ranges = calibrate(registry, &model, &targets, &tmp, specs)?;
+            let ranges: std::collections::BTreeMap<String, quantize::Range> =
+                calibration_run(registry, &model, &targets, &tmp, calibration)?
+                    .into_iter()
+                    .map(|(name, t)| {
+                        quantize::Range::of(&f32s(&t))
+                            .map(|r| (name.clone(), r))
+                            .ok_or_else(|| {
+                                format!("calibration: activation `{name}` has no finite values")
+                            })
+                    })
+                    .collect::<Result<_, String>>()?;
             let report = quantize::quantize_static(&mut model, &ranges, &request.dynamic)
                 .map_err(|e| format!("{}: {e}", onnx.display()))?;
             handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
-            let options = serde_json::to_value(&request.dynamic).unwrap_or_default();
             (
-                serde_json::json!({"options": options, "calibration": {"method": "min-max", "inputs": format!("the check inputs ({} activations)", ranges.len()), "ranges": ranges}, "report": report}),
+                serde_json::json!({"options": options, "calibration": {"method": "min-max", "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
                 report.warning(),
             )
         }
@@ -402,6 +422,8 @@ pub fn build_variant(
             ));
         }
     };
+    // What the cache compares: a build with other options is not reused.
+    params["request"] = options;
     // NNEF is tract's format: tract runs it, against fp32 on ORT.
     let runner = if request.variant == "nnef" {
         "tract"
@@ -499,35 +521,89 @@ fn accuracy_check(
     })
 }
 
-/// Min-max ranges of `targets` over the calibration inputs, from one ORT
-/// run of the model with those activations added as outputs.
-fn calibrate(
+/// Seed of random calibration inputs: the check draws with seed 0.
+const CALIBRATION_SEED: u64 = 1;
+
+/// `targets` as computed by ORT on the calibration inputs: one run of the
+/// model with those activations added as outputs.
+fn calibration_run(
     registry: &Registry,
     model: &handoff_onnx::proto::ModelProto,
     targets: &[String],
     scratch: &Path,
     specs: &[TensorSpec],
-) -> Result<std::collections::BTreeMap<String, handoff_convert::quantize::Range>, String> {
-    use handoff_convert::quantize::{Range, with_extra_outputs};
+) -> Result<Vec<(String, Tensor)>, String> {
     let ort = registry.get("ort").ok_or("ort is needed to calibrate")?;
-    let probe = with_extra_outputs(model, targets);
+    let probe = handoff_convert::quantize::with_extra_outputs(model, targets);
     let path = scratch.with_extension("calib.onnx");
     handoff_onnx::builder::write_model(&probe, &path).map_err(|e| e.to_string())?;
-    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(CALIBRATION_SEED)).collect();
     let outputs = run_once(ort, &path, None, &inputs, specs);
     let _ = std::fs::remove_file(&path);
     let outputs = outputs.map_err(|e| format!("calibration run on ort: {e}"))?;
     let first = outputs.len().saturating_sub(targets.len());
-    targets
+    Ok(targets
         .iter()
-        .zip(&outputs[first..])
-        .map(|(name, t)| {
-            let values: Vec<f32> = t.data.to_f64().into_iter().map(|v| v as f32).collect();
-            Range::of(&values)
-                .map(|r| (name.clone(), r))
-                .ok_or_else(|| format!("calibration: activation `{name}` has no finite values"))
-        })
-        .collect()
+        .cloned()
+        .zip(outputs.into_iter().skip(first))
+        .collect())
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.data.to_f64().into_iter().map(|v| v as f32).collect()
+}
+
+/// What the calibration inputs were, for the provenance sidecar.
+fn calibration_inputs(specs: &[TensorSpec], activations: usize) -> String {
+    let text = specs
+        .iter()
+        .any(|s| matches!(s.fill, handoff_backend::Fill::Values(_)));
+    let shape = specs
+        .first()
+        .map(|s| format!("{:?}", s.shape))
+        .unwrap_or_default();
+    let what = if text {
+        "handoff's calibration sentences (none of them in the accuracy check)".to_owned()
+    } else {
+        format!("random inputs, seed {CALIBRATION_SEED} (the check uses seed 0)")
+    };
+    format!("{what}, shape {shape}, {activations} activations")
+}
+
+/// SmoothQuant before int8 quantisation (see `quantize::smooth`): per-channel
+/// maxima of the activations from one calibration run, then the model is
+/// rescaled in place. Returns what the sidecar records (null when off).
+fn smooth(
+    registry: &Registry,
+    model: &mut handoff_onnx::proto::ModelProto,
+    options: &handoff_convert::quantize::DynamicOptions,
+    scratch: &Path,
+    calibration: &[TensorSpec],
+) -> Result<serde_json::Value, String> {
+    use handoff_convert::quantize;
+    let Some(alpha) = options.smooth_alpha else {
+        return Ok(serde_json::Value::Null);
+    };
+    let targets = quantize::smoothing_targets(model, options);
+    if targets.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    let absmax: std::collections::BTreeMap<String, Vec<f32>> =
+        calibration_run(registry, model, &targets, scratch, calibration)?
+            .into_iter()
+            .map(|(name, t)| {
+                let channels = t.shape.last().copied().unwrap_or(1);
+                let m = quantize::channel_absmax(&f32s(&t), channels);
+                (name, m)
+            })
+            .collect();
+    let done = quantize::smooth(model, &absmax, alpha, options).map_err(|e| e.to_string())?;
+    Ok(serde_json::json!({
+        "method": "SmoothQuant (per-channel maxima, activations rescaled by a Mul, weights by the inverse)",
+        "alpha": alpha,
+        "calibration": calibration_inputs(calibration, targets.len()),
+        "activations": done,
+    }))
 }
 
 #[cfg(test)]

@@ -64,6 +64,18 @@ fn schema_and_dry_run_succeed() {
         !dir.path().join("reports").exists(),
         "a dry run writes nothing"
     );
+    // It lists what --filter and --shard would run, not the whole suite.
+    let out = handoff(
+        &["run", &suite, "--dry-run", "-f", "/t2/", "--shard", "2/2"],
+        dir.path(),
+    );
+    let text = String::from_utf8_lossy(&out.stdout);
+    let ids: Vec<&str> = text
+        .lines()
+        .filter_map(|l| l.split_whitespace().nth(1).filter(|w| w.starts_with("m/")))
+        .collect();
+    assert_eq!(ids, ["m/mock/cpu/t2/b1", "m/mock-ref/cpu/t2/b1"], "{text}");
+    assert!(text.contains("4 cases (2 selected)"), "{text}");
 }
 
 fn crash_suite(dir: &Path, fail: &str) -> Vec<handoff_runner::ResultRecord> {

@@ -85,6 +85,92 @@ fn int8_dynamic_on_ort_and_tract_computes_what_the_onnx_spec_says() {
     }
 }
 
+/// SmoothQuant: the rescaled fp32 model computes the same product, its
+/// int8 version is what the spec says for the rescaled operands, and on an
+/// activation with an outlier channel it is much closer to fp32 than plain
+/// int8.
+#[test]
+fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
+    use handoff_convert::quantize::{channel_absmax, smooth};
+    handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    let (m, k, n) = (4, 8, 6);
+    // Channel 3 is 40x the others, as LayerNorm outputs of BERT-like models
+    // have a few such channels.
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| {
+            let v = ((i * 37 % 23) as f32 - 11.0) / 10.0;
+            if i % k == 3 { v * 40.0 + 30.0 } else { v }
+        })
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 53 % 31) as f32 - 15.0) / 40.0)
+        .collect();
+    let exact: Vec<f32> = (0..m * n)
+        .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
+        .collect();
+    let options = DynamicOptions {
+        min_elements: 1,
+        ..Default::default()
+    };
+    let absmax = std::collections::BTreeMap::from([("x".to_owned(), channel_absmax(&x, k))]);
+    let mut smoothed = matmul_model(m, k, n, &w);
+    smooth(&mut smoothed, &absmax, 0.5, &options).unwrap();
+    let init = |model: &handoff_onnx::proto::ModelProto, name: &str| {
+        let t = model.graph.as_ref().unwrap().initializer.iter();
+        handoff_convert::quantize::f32_values(t.clone().find(|t| t.name == name).unwrap()).unwrap()
+    };
+    let (inv, ws) = (
+        init(&smoothed, "x_smooth_inv"),
+        init(&smoothed, "w_smoothed"),
+    );
+    let xs: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * inv[i % k]).collect();
+    let dir = tempfile::tempdir().unwrap();
+    let fp32 = dir.path().join("smoothed.onnx");
+    write_model(&smoothed, &fp32).unwrap();
+    let mut int8 = smoothed.clone();
+    quantize_dynamic(&mut int8, &options).unwrap();
+    let int8_path = dir.path().join("smoothed-int8.onnx");
+    write_model(&int8, &int8_path).unwrap();
+    let mut plain = matmul_model(m, k, n, &w);
+    quantize_dynamic(&mut plain, &options).unwrap();
+    let plain_path = dir.path().join("plain-int8.onnx");
+    write_model(&plain, &plain_path).unwrap();
+    let want = reference(&xs, m, k, &ws, n);
+    let err = |y: &[f32]| -> f32 {
+        y.iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    };
+    for (name, backend) in ort_and_tract() {
+        let got = run(backend.as_ref(), &fp32, &x, m, k);
+        for i in 0..m * n {
+            assert!(
+                (got[i] - exact[i]).abs() <= 1e-4 * (1.0 + exact[i].abs()),
+                "{name} fp32 y[{i}]: {} vs {}",
+                got[i],
+                exact[i]
+            );
+        }
+        let got = run(backend.as_ref(), &int8_path, &x, m, k);
+        for i in 0..m * n {
+            assert!(
+                (got[i] - want[i]).abs() <= 1e-4 * (1.0 + want[i].abs()),
+                "{name} int8 y[{i}]: {} vs spec {}",
+                got[i],
+                want[i]
+            );
+        }
+        let plain = run(backend.as_ref(), &plain_path, &x, m, k);
+        assert!(
+            err(&got) * 2.0 < err(&plain),
+            "{name}: smoothed int8 error {} is not well under plain int8's {}",
+            err(&got),
+            err(&plain)
+        );
+    }
+}
+
 /// x[m, k] -> MatMul(W[k, n]) -> y.
 fn matmul_model(m: usize, k: usize, n: usize, w: &[f32]) -> handoff_onnx::proto::ModelProto {
     let mut g = GraphBuilder::new("t");
@@ -192,6 +278,26 @@ fn a_suite_runs_variants_with_their_accuracy_and_size() {
         text.contains("quantize:int8-dynamic") && text.contains("\"accuracy\""),
         "{text}"
     );
+    // SmoothQuant ran on its own calibration inputs, not the check's.
+    let prov: serde_json::Value = serde_json::from_str(&text).unwrap();
+    let step = prov["steps"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .find(|s| s["name"] == "quantize:int8-dynamic")
+        .unwrap();
+    let smoothing = &step["params"]["smoothing"];
+    assert_eq!(smoothing["alpha"], 0.7, "{smoothing}");
+    assert!(
+        smoothing["calibration"]
+            .as_str()
+            .is_some_and(|c| c.contains("seed 1")),
+        "{smoothing}"
+    );
+    assert!(
+        !smoothing["activations"].as_array().unwrap().is_empty(),
+        "{smoothing}"
+    );
 }
 
 fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
@@ -290,6 +396,7 @@ fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
     let mut model = g.finish(17);
     let options = DynamicOptions {
         min_elements: 1,
+        down_proj_weight_only: true,
         ..Default::default()
     };
     let report = quantize_dynamic(&mut model, &options).unwrap();

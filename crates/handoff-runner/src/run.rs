@@ -147,10 +147,9 @@ impl<'a> Runner<'a> {
 
     pub fn selected(&self) -> impl Iterator<Item = Case> + '_ {
         let o = &self.options;
-        self.plan.cases().filter(move |c| {
-            (o.filters.is_empty() || o.filters.iter().any(|f| c.id.contains(f.as_str())))
-                && o.shard.is_none_or(|(i, n)| c.index as u32 % n == i - 1)
-        })
+        self.plan
+            .cases()
+            .filter(move |c| is_selected(c, &o.filters, o.shard))
     }
 
     /// The environment fingerprint for this run, probing each backend.
@@ -626,4 +625,11 @@ fn sanitize(s: &str) -> String {
             }
         })
         .collect()
+}
+
+/// Whether `--filter` (any of the texts in the id; none: all) and
+/// `--shard I/N` (index % N == I-1) keep a case.
+pub fn is_selected(case: &Case, filters: &[String], shard: Option<(u32, u32)>) -> bool {
+    (filters.is_empty() || filters.iter().any(|f| case.id.contains(f.as_str())))
+        && shard.is_none_or(|(i, n)| case.index as u32 % n == i - 1)
 }

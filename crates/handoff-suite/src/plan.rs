@@ -19,7 +19,7 @@ use crate::error::{Problem, SuiteError};
 use crate::locate::Locator;
 use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawModel, RawSuite, SyntheticKindName};
 use crate::scenario::{Scenario, ScenarioSpec, build_scenarios};
-use crate::text::{DEFAULT_SENTENCES, Encoded, encode};
+use crate::text::{CALIBRATION_SENTENCES, DEFAULT_SENTENCES, Encoded, encode};
 
 /// Where the suite may write generated models, and the runtime-backed
 /// steps (conversion checks, lowering) the CLI provides.
@@ -53,7 +53,8 @@ pub trait ModelTools: Send + Sync {
     ) -> Result<Option<Lowered>, String>;
 
     /// Builds (or reuses) a precision variant (`fp16`, `int8-dynamic`) and
-    /// checks it against the model on `inputs`.
+    /// checks it against the model on `inputs`; quantisers that calibrate
+    /// use `calibration` (other sentences, or another seed), never `inputs`.
     fn make_variant(
         &self,
         onnx: &Path,
@@ -61,6 +62,7 @@ pub trait ModelTools: Send + Sync {
         variant: &str,
         min_cosine: f64,
         inputs: &[TensorSpec],
+        calibration: &[TensorSpec],
     ) -> Result<Variant, String>;
 }
 
@@ -1060,6 +1062,28 @@ fn precision_variants(
             None => 8,
         };
         let inputs = model.concrete_inputs(batch, &dims);
+        // Text models calibrate on sentences the gate does not check; random
+        // inputs are drawn again with another seed by the tool.
+        let calibration = match (&model.text, &model.hf_dir, dims.get("seq")) {
+            (Some(_), Some(dir), Some(&seq)) => {
+                let sentences: Vec<String> = CALIBRATION_SENTENCES
+                    .iter()
+                    .map(|s| (*s).to_owned())
+                    .collect();
+                match encode(&dir.join("tokenizer.json"), &sentences, &[seq]) {
+                    Ok(enc) => model
+                        .inputs
+                        .iter()
+                        .map(|t| t.concrete(batch, &dims, Some(&enc)))
+                        .collect(),
+                    Err(e) => {
+                        ctx.err(at, e);
+                        continue;
+                    }
+                }
+            }
+            _ => inputs.clone(),
+        };
         // NNEF is tract's own format, candle-q8 candle's: only they run them.
         let only = if name == "candle-q8" {
             Some(vec!["candle-native".to_owned()])
@@ -1102,6 +1126,7 @@ fn precision_variants(
             name,
             min_cosine,
             &inputs,
+            &calibration,
         ) {
             Ok(v) => match info(&v.path) {
                 Ok(info) => out.push(PlanModel {

@@ -3,7 +3,7 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
+use tokenizers::Tokenizer;
 
 /// Default sentences: varied length, punctuation and vocabulary, 32 of them
 /// so a batch of 32 (the conversion check) has no repeats.
@@ -42,6 +42,44 @@ pub const DEFAULT_SENTENCES: [&str; 32] = [
     "This final sentence is deliberately much longer than most of the others so that it is cut off at the maximum sequence length when the suite asks for short sequences, which exercises truncation as well as padding.",
 ];
 
+/// Calibration sentences for quantisation (activation ranges, smoothing
+/// factors): none of them is in [`DEFAULT_SENTENCES`], which the accuracy
+/// gate checks, so a variant is not judged on the text it was tuned on.
+pub const CALIBRATION_SENTENCES: [&str; 32] = [
+    "The train to the airport leaves every twenty minutes.",
+    "Can you recommend a good book about the history of mathematics?",
+    "A cat is sleeping on a warm windowsill in the afternoon sun.",
+    "Profits rose by twelve percent in the third quarter.",
+    "The compiler rejected the program because of a missing semicolon.",
+    "Heavy snow closed the mountain pass for most of the winter.",
+    "Why do leaves change colour in the autumn?",
+    "The team celebrated their victory with a parade through the city.",
+    "Add two cups of flour, one egg and a pinch of salt.",
+    "A group of students is studying together in the library.",
+    "The patient was discharged from the hospital after three days.",
+    "Solar panels convert sunlight directly into electricity.",
+    "I lost my keys somewhere between the office and the station.",
+    "The river flooded the low-lying fields after the storm.",
+    "Which programming language should I learn first?",
+    "The violinist played a difficult piece without any sheet music.",
+    "Customers can return items within thirty days of purchase.",
+    "Ancient Romans built roads that are still in use today.",
+    "The baby laughed when the puppy licked her hand.",
+    "Memory bandwidth limits how fast large models can run.",
+    "Two men are playing chess in the park.",
+    "The election results will be announced tomorrow evening.",
+    "Turn left at the second traffic light and park behind the bakery.",
+    "Volcanic eruptions can cool the climate for several years.",
+    "Our quarterly report is due at the end of the month.",
+    "The painting was sold at auction for a record price.",
+    "Ok.",
+    "Strong encryption protects messages from being read by anyone but the recipient.",
+    "The children built a sandcastle on the beach.",
+    "He apologised for missing the meeting and promised to send notes.",
+    "Wind turbines were installed along the coast last year.",
+    "Despite the long delays and the confusing announcements at the station, every passenger eventually reached the city centre before midnight, tired but relieved that the journey was finally over.",
+];
+
 /// Token ids per sentence for one sequence length.
 #[derive(Debug, Clone, PartialEq)]
 pub struct Encoded {
@@ -69,15 +107,8 @@ pub fn encode(
         .map_err(|e| format!("{}: not a tokenizer.json: {e}", tokenizer.display()))?;
     let mut out = BTreeMap::new();
     for &seq in seqs {
-        tok.with_padding(Some(PaddingParams {
-            strategy: PaddingStrategy::Fixed(seq as usize),
-            ..Default::default()
-        }));
-        tok.with_truncation(Some(TruncationParams {
-            max_length: seq as usize,
-            ..Default::default()
-        }))
-        .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
+        handoff_backend::text::set_fixed_length(&mut tok, seq as usize)
+            .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
         let enc = tok
             .encode_batch(sentences.to_vec(), true)
             .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
@@ -96,4 +127,22 @@ pub fn encode(
         );
     }
     Ok(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn calibration_sentences_are_distinct_and_not_the_gates() {
+        let all: std::collections::BTreeSet<&str> = DEFAULT_SENTENCES
+            .iter()
+            .chain(&CALIBRATION_SENTENCES)
+            .copied()
+            .collect();
+        assert_eq!(
+            all.len(),
+            DEFAULT_SENTENCES.len() + CALIBRATION_SENTENCES.len()
+        );
+    }
 }
