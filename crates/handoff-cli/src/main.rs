@@ -272,9 +272,14 @@ enum Command {
         /// use.
         #[arg(long, value_name = "ALPHA", conflicts_with = "no_smooth")]
         smooth: Option<f64>,
-        /// int8-dynamic: no SmoothQuant (and no calibration run).
+        /// int8-dynamic/int8-static: no SmoothQuant (and, for
+        /// int8-dynamic, no calibration run).
         #[arg(long)]
         no_smooth: bool,
+        /// int8-static: activation ranges from `minmax` (nothing clips) or
+        /// `percentile:P` (the values beyond the P-th percentile clip).
+        #[arg(long, default_value = "minmax")]
+        calibration: handoff_convert::quantize::Calibration,
         /// Node or initializer names to keep in fp32 (repeatable).
         #[arg(long)]
         exclude: Vec<String>,
@@ -563,6 +568,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             weight_only_down_proj,
             smooth,
             no_smooth,
+            calibration: calibration_method,
             exclude,
             min_elements,
             min_cosine,
@@ -582,6 +588,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     } else {
                         Some(smooth.unwrap_or(handoff_convert::quantize::SMOOTH_ALPHA))
                     },
+                    calibration: calibration_method,
                     min_elements,
                     exclude,
                 },

@@ -367,7 +367,7 @@ pub fn build_variant(
                 calibration_run(registry, &model, &targets, &tmp, calibration)?
                     .into_iter()
                     .map(|(name, t)| {
-                        quantize::Range::of(&f32s(&t))
+                        quantize::Range::calibrate(&f32s(&t), request.dynamic.calibration)
                             .map(|r| (name.clone(), r))
                             .ok_or_else(|| {
                                 format!("calibration: activation `{name}` has no finite values")
@@ -378,7 +378,7 @@ pub fn build_variant(
                 .map_err(|e| format!("{}: {e}", onnx.display()))?;
             handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
             (
-                serde_json::json!({"options": options, "calibration": {"method": "min-max", "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
+                serde_json::json!({"options": options, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
                 report.warning(),
             )
         }

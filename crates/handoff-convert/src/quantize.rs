@@ -66,6 +66,43 @@ pub struct DynamicOptions {
     /// `None`: no smoothing, no calibration run.
     #[serde(default)]
     pub smooth_alpha: Option<f64>,
+    /// int8-static: how calibration values become an activation's range.
+    #[serde(default)]
+    pub calibration: Calibration,
+}
+
+/// How static quantisation turns an activation's calibration values into
+/// the range its uint8 scale covers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum Calibration {
+    /// Smallest to largest value seen: nothing clips, and one outlier
+    /// coarsens the steps for everything else.
+    #[default]
+    MinMax,
+    /// From the `(100 - p)`-th to the `p`-th percentile: the rarest values
+    /// clip, the rest get finer steps.
+    Percentile(f64),
+}
+
+impl std::str::FromStr for Calibration {
+    type Err = String;
+
+    /// `minmax`, or `percentile:P` with 50 < P <= 100 (`percentile` alone:
+    /// 99.99).
+    fn from_str(s: &str) -> Result<Self, String> {
+        match s.split_once(':') {
+            None if s == "minmax" => Ok(Self::MinMax),
+            None if s == "percentile" => Ok(Self::Percentile(99.99)),
+            Some(("percentile", p)) => match p.parse::<f64>() {
+                Ok(p) if p > 50.0 && p <= 100.0 => Ok(Self::Percentile(p)),
+                _ => Err(format!("percentile `{p}`: need a number in (50, 100]")),
+            },
+            _ => Err(format!(
+                "calibration `{s}`: use `minmax` or `percentile:P` (e.g. percentile:99.99)"
+            )),
+        }
+    }
 }
 
 /// Default SmoothQuant strength. On all-MiniLM-L6-v2 (every MatMul int8,
@@ -83,6 +120,7 @@ impl Default for DynamicOptions {
             exclude: Vec::new(),
             down_proj_weight_only: false,
             smooth_alpha: Some(SMOOTH_ALPHA),
+            calibration: Calibration::MinMax,
         }
     }
 }
@@ -254,6 +292,26 @@ impl Range {
             hi = hi.max(v);
         }
         (lo <= hi).then_some(Range { min: lo, max: hi })
+    }
+
+    /// The range `method` gives for these values (NaN and infinities
+    /// ignored); `None` when no value is finite.
+    pub fn calibrate(values: &[f32], method: Calibration) -> Option<Range> {
+        let Calibration::Percentile(p) = method else {
+            return Range::of(values);
+        };
+        let mut v: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
+        if v.is_empty() {
+            return None;
+        }
+        let last = v.len() - 1;
+        // Nearest rank: an exact product (999.0) must not round up on float
+        // noise (999.0000001 -> 1000).
+        let hi_at = (((p / 100.0) * last as f64).round() as usize).min(last);
+        let lo_at = ((1.0 - p / 100.0) * last as f64).round() as usize;
+        let hi = *v.select_nth_unstable_by(hi_at, f32::total_cmp).1;
+        let lo = *v.select_nth_unstable_by(lo_at, f32::total_cmp).1;
+        Some(Range { min: lo, max: hi })
     }
 
     /// The uint8 scale and zero point (range widened to include 0, as
@@ -1227,5 +1285,35 @@ mod tests {
             })
         );
         assert_eq!(Range::of(&[f32::NAN]), None);
+    }
+
+    #[test]
+    fn percentile_calibration_clips_the_rarest_values() {
+        // 0..=999 and one outlier: min-max stretches to it; the 99.9th
+        // percentile (nearest rank 999 of 0..=1000) stops at 999, the 0.1th
+        // at 1.
+        let mut v: Vec<f32> = (0..1000).map(|i| i as f32).collect();
+        v.push(1e6);
+        v.push(f32::NAN);
+        assert_eq!(
+            Range::calibrate(&v, Calibration::MinMax),
+            Some(Range { min: 0.0, max: 1e6 })
+        );
+        assert_eq!(
+            Range::calibrate(&v, Calibration::Percentile(99.9)),
+            Some(Range {
+                min: 1.0,
+                max: 999.0
+            })
+        );
+        assert_eq!(
+            Range::calibrate(&v, Calibration::Percentile(100.0)),
+            Range::calibrate(&v, Calibration::MinMax)
+        );
+        assert_eq!("percentile:99.9".parse(), Ok(Calibration::Percentile(99.9)));
+        assert_eq!("minmax".parse(), Ok(Calibration::MinMax));
+        for bad in ["percentile:40", "percentile:x", "entropy"] {
+            assert!(bad.parse::<Calibration>().is_err(), "{bad}");
+        }
     }
 }
