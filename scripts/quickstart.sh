@@ -3,8 +3,12 @@
 #   scripts/quickstart.sh [SUITE] [handoff run options...]
 set -euo pipefail
 cd "$(dirname "$0")/.."
-suite=${1:-suites/quickstart.yaml}
-shift || true
+# A first argument that is an option (`--out DIR`) goes to `handoff run`.
+suite=suites/quickstart.yaml
+if [[ $# -gt 0 && $1 != -* ]]; then
+    suite=$1
+    shift
+fi
 echo "==> building handoff (release; the first build takes several minutes)"
 cargo build --release --locked -p handoff-cli
 echo "==> fetching runtime libraries into .cache/ (libonnxruntime and the Python baseline environment, from PyPI)"
