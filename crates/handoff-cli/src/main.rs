@@ -239,9 +239,9 @@ enum Command {
     /// the pattern ORT fuses), embedding tables int8 per row, after
     /// SmoothQuant (activation outlier channels moved into the weights,
     /// maxima from one calibration run). `int8-static`: the same weights and
-    /// smoothing, activations in QDQ form with min-max ranges. Calibration
-    /// uses handoff's calibration sentences (or random inputs of another
-    /// seed), never the check's inputs. `fp16`: weights
+    /// smoothing, activations in QDQ form with min-max (or percentile)
+    /// ranges. Calibration uses handoff's calibration sentences (or random
+    /// inputs of another seed), never the check's inputs. `fp16`: weights
     /// stored fp16 and cast back, so compute and I/O stay fp32. Nothing is
     /// written when the check fails or the model has nothing to quantise.
     ///
@@ -266,10 +266,10 @@ enum Command {
         /// activations lose too much in int8).
         #[arg(long)]
         weight_only_down_proj: bool,
-        /// int8-dynamic: SmoothQuant strength in [0, 1] (0.7 by default):
-        /// how much of each activation channel's range moves into the
-        /// weights, from maxima calibrated on sentences the check does not
-        /// use.
+        /// int8-dynamic/int8-static: SmoothQuant strength in [0, 1] (0.7 by
+        /// default): how much of each activation channel's range moves into
+        /// the weights, from maxima calibrated on sentences the check does
+        /// not use.
         #[arg(long, value_name = "ALPHA", conflicts_with = "no_smooth")]
         smooth: Option<f64>,
         /// int8-dynamic/int8-static: no SmoothQuant (and, for
