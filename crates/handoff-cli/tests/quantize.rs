@@ -41,6 +41,17 @@ fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
     y
 }
 
+/// Every `got[i]` within `rel * (1 + |want[i]|)` of `want[i]`.
+fn assert_close(what: &str, got: &[f32], want: &[f32], rel: f32) {
+    assert_eq!(got.len(), want.len(), "{what}: length");
+    for (i, (g, w)) in got.iter().zip(want).enumerate() {
+        assert!(
+            (g - w).abs() <= rel * (1.0 + w.abs()),
+            "{what} y[{i}]: {g} vs {w}"
+        );
+    }
+}
+
 #[test]
 fn int8_dynamic_on_ort_and_tract_computes_what_the_onnx_spec_says() {
     handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
@@ -67,13 +78,8 @@ fn int8_dynamic_on_ort_and_tract_computes_what_the_onnx_spec_says() {
         .collect();
     for (name, backend) in ort_and_tract() {
         let got = run(backend.as_ref(), &path, &x, m, k);
+        assert_close(&format!("{name} vs spec"), &got, &want, 1e-5);
         for i in 0..m * n {
-            assert!(
-                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-                "{name} y[{i}]: {} vs spec {}",
-                got[i],
-                want[i]
-            );
             // And int8 is close to, but not exactly, the float product.
             assert!(
                 (got[i] - exact[i]).abs() < 0.05,
@@ -144,23 +150,9 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
     };
     for (name, backend) in ort_and_tract() {
         let got = run(backend.as_ref(), &fp32, &x, m, k);
-        for i in 0..m * n {
-            assert!(
-                (got[i] - exact[i]).abs() <= 1e-4 * (1.0 + exact[i].abs()),
-                "{name} fp32 y[{i}]: {} vs {}",
-                got[i],
-                exact[i]
-            );
-        }
+        assert_close(&format!("{name} fp32"), &got, &exact, 1e-4);
         let got = run(backend.as_ref(), &int8_path, &x, m, k);
-        for i in 0..m * n {
-            assert!(
-                (got[i] - want[i]).abs() <= 1e-4 * (1.0 + want[i].abs()),
-                "{name} int8 y[{i}]: {} vs spec {}",
-                got[i],
-                want[i]
-            );
-        }
+        assert_close(&format!("{name} int8 vs spec"), &got, &want, 1e-4);
         let plain = run(backend.as_ref(), &plain_path, &x, m, k);
         assert!(
             err(&got) * 2.0 < err(&plain),
@@ -462,14 +454,7 @@ fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
         let TensorData::F32(got) = p.outputs().unwrap().remove(0).data else {
             panic!("f32")
         };
-        for i in 0..want.len() {
-            assert!(
-                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-                "{name} y[{i}]: {} vs {}",
-                got[i],
-                want[i]
-            );
-        }
+        assert_close(name, &got, &want, 1e-5);
     }
 }
 
@@ -525,13 +510,6 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
         .collect();
     for (name, backend) in ort_and_tract() {
         let got = run(backend.as_ref(), &path, &x, m, k);
-        for i in 0..m * n {
-            assert!(
-                (got[i] - want[i]).abs() <= 1e-5 * (1.0 + want[i].abs()),
-                "{name} y[{i}]: {} vs {}",
-                got[i],
-                want[i]
-            );
-        }
+        assert_close(name, &got, &want, 1e-5);
     }
 }
