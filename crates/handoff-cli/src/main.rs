@@ -276,8 +276,9 @@ enum Command {
         /// int8-dynamic, no calibration run).
         #[arg(long)]
         no_smooth: bool,
-        /// int8-static: activation ranges from `minmax` (nothing clips) or
-        /// `percentile:P` (the values beyond the P-th percentile clip).
+        /// int8-static: activation ranges from `minmax` (nothing clips),
+        /// `percentile:P` (the values beyond the P-th percentile clip) or
+        /// `entropy` (the clip with the least KL divergence, as TensorRT).
         #[arg(long, default_value = "minmax")]
         calibration: handoff_convert::quantize::Calibration,
         /// Node or initializer names to keep in fp32 (repeatable).

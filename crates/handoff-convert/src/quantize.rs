@@ -83,6 +83,10 @@ pub enum Calibration {
     /// From the `(100 - p)`-th to the `p`-th percentile: the rarest values
     /// clip, the rest get finer steps.
     Percentile(f64),
+    /// The clipping threshold on |x| whose 128-level quantised histogram is
+    /// closest (KL divergence) to the clipped original: TensorRT's entropy
+    /// calibration (2048 bins).
+    Entropy,
 }
 
 impl std::str::FromStr for Calibration {
@@ -94,12 +98,13 @@ impl std::str::FromStr for Calibration {
         match s.split_once(':') {
             None if s == "minmax" => Ok(Self::MinMax),
             None if s == "percentile" => Ok(Self::Percentile(99.99)),
+            None if s == "entropy" => Ok(Self::Entropy),
             Some(("percentile", p)) => match p.parse::<f64>() {
                 Ok(p) if p > 50.0 && p <= 100.0 => Ok(Self::Percentile(p)),
                 _ => Err(format!("percentile `{p}`: need a number in (50, 100]")),
             },
             _ => Err(format!(
-                "calibration `{s}`: use `minmax` or `percentile:P` (e.g. percentile:99.99)"
+                "calibration `{s}`: use `minmax`, `entropy` or `percentile:P` (e.g. percentile:99.99)"
             )),
         }
     }
@@ -297,8 +302,17 @@ impl Range {
     /// The range `method` gives for these values (NaN and infinities
     /// ignored); `None` when no value is finite.
     pub fn calibrate(values: &[f32], method: Calibration) -> Option<Range> {
-        let Calibration::Percentile(p) = method else {
-            return Range::of(values);
+        let p = match method {
+            Calibration::MinMax => return Range::of(values),
+            Calibration::Entropy => {
+                let r = Range::of(values)?;
+                let t = entropy_threshold(values);
+                return Some(Range {
+                    min: r.min.max(-t),
+                    max: r.max.min(t),
+                });
+            }
+            Calibration::Percentile(p) => p,
         };
         let mut v: Vec<f32> = values.iter().copied().filter(|x| x.is_finite()).collect();
         if v.is_empty() {
@@ -322,6 +336,64 @@ impl Range {
         let zp = (-lo / scale).round_ties_even().clamp(0.0, 255.0) as u8;
         (scale, zp)
     }
+}
+
+/// TensorRT's entropy calibration on |x|: a 2048-bin histogram; for each
+/// candidate threshold (128..=2048 bins) the clipped distribution P (the
+/// tail folded into its last bin) against Q, P merged into 128 levels and
+/// spread back over its non-empty bins; the threshold with the smallest
+/// KL(P || Q). Infinity when no value is finite and non-zero.
+fn entropy_threshold(values: &[f32]) -> f32 {
+    const BINS: usize = 2048;
+    const LEVELS: usize = 128;
+    let amax = values
+        .iter()
+        .filter(|v| v.is_finite())
+        .fold(0f32, |m, v| m.max(v.abs()));
+    if amax <= 0.0 {
+        return f32::INFINITY;
+    }
+    let width = amax / BINS as f32;
+    let mut hist = vec![0f64; BINS];
+    for v in values.iter().filter(|v| v.is_finite()) {
+        hist[((v.abs() / width) as usize).min(BINS - 1)] += 1.0;
+    }
+    let mut best = (f64::INFINITY, BINS);
+    for i in (LEVELS..=BINS).step_by(16) {
+        let mut p = hist[..i].to_vec();
+        p[i - 1] += hist[i..].iter().sum::<f64>();
+        let mut q = vec![0f64; i];
+        for l in 0..LEVELS {
+            let (a, b) = (l * i / LEVELS, (l + 1) * i / LEVELS);
+            let total: f64 = hist[a..b].iter().sum();
+            let nonzero = hist[a..b].iter().filter(|&&h| h > 0.0).count();
+            if nonzero > 0 {
+                for k in a..b {
+                    if hist[k] > 0.0 {
+                        q[k] = total / nonzero as f64;
+                    }
+                }
+            }
+        }
+        // The folded tail lives in p's last bin; q must cover it too.
+        if q[i - 1] == 0.0 && p[i - 1] > 0.0 {
+            q[i - 1] = p[i - 1];
+        }
+        let (sp, sq) = (p.iter().sum::<f64>(), q.iter().sum::<f64>());
+        let kl: f64 = p
+            .iter()
+            .zip(&q)
+            .filter(|(pk, _)| **pk > 0.0)
+            .map(|(pk, qk)| {
+                let (pk, qk) = (pk / sp, (qk / sq).max(1e-12));
+                pk * (pk / qk).ln()
+            })
+            .sum();
+        if kl < best.0 {
+            best = (kl, i);
+        }
+    }
+    (best.1 as f32 + 0.5) * width
 }
 
 /// The activations static quantisation needs ranges for: the input of each
@@ -1288,6 +1360,26 @@ mod tests {
     }
 
     #[test]
+    fn entropy_calibration_clips_a_far_outlier_and_keeps_a_plain_range() {
+        // 10000 values spread over [-1, 1) and one at 10: the threshold
+        // lands near 1, far below the outlier (the method never clips
+        // below 128 of its 2048 bins, a 16th of the largest |x|).
+        let mut v: Vec<f32> = (0..10_000).map(|i| i as f32 / 5000.0 - 1.0).collect();
+        v.push(10.0);
+        let r = Range::calibrate(&v, Calibration::Entropy).unwrap();
+        assert!(r.min == -1.0 && r.max > 0.9 && r.max < 2.0, "{r:?}");
+        // Nothing beyond the bulk: the threshold is the whole range.
+        let plain: Vec<f32> = (0..10_000).map(|i| i as f32 / 10_000.0).collect();
+        let r = Range::calibrate(&plain, Calibration::Entropy).unwrap();
+        assert!(r.max > 0.99, "{r:?}");
+        assert_eq!("entropy".parse(), Ok(Calibration::Entropy));
+        assert_eq!(
+            Range::calibrate(&[0.0, 0.0], Calibration::Entropy),
+            Some(Range { min: 0.0, max: 0.0 })
+        );
+    }
+
+    #[test]
     fn percentile_calibration_clips_the_rarest_values() {
         // 0..=999 and one outlier: min-max stretches to it; the 99.9th
         // percentile (nearest rank 999 of 0..=1000) stops at 999, the 0.1th
@@ -1312,7 +1404,7 @@ mod tests {
         );
         assert_eq!("percentile:99.9".parse(), Ok(Calibration::Percentile(99.9)));
         assert_eq!("minmax".parse(), Ok(Calibration::MinMax));
-        for bad in ["percentile:40", "percentile:x", "entropy"] {
+        for bad in ["percentile:40", "percentile:x", "kl"] {
             assert!(bad.parse::<Calibration>().is_err(), "{bad}");
         }
     }
