@@ -11,6 +11,49 @@ fn marker_text(packages: &[&str]) -> String {
     packages.join("\n")
 }
 
+/// A directory as a lock: creating one is atomic, and it is removed when
+/// the guard drops. A lock older than `STALE` (its builder died) is taken
+/// over.
+struct BuildLock(PathBuf);
+
+impl BuildLock {
+    const STALE: std::time::Duration = std::time::Duration::from_secs(20 * 60);
+
+    fn acquire(path: &Path) -> Result<Self, String> {
+        let start = std::time::Instant::now();
+        loop {
+            match std::fs::create_dir(path) {
+                Ok(()) => return Ok(Self(path.to_owned())),
+                Err(e) if e.kind() == std::io::ErrorKind::AlreadyExists => {
+                    let age = std::fs::metadata(path)
+                        .and_then(|m| m.modified())
+                        .ok()
+                        .and_then(|t| t.elapsed().ok());
+                    if age.is_some_and(|a| a > Self::STALE) {
+                        let _ = std::fs::remove_dir(path);
+                        continue;
+                    }
+                    if start.elapsed() > Self::STALE {
+                        return Err(format!(
+                            "{}: another process has been building this environment for over {} minutes; remove the directory if it died",
+                            path.display(),
+                            Self::STALE.as_secs() / 60
+                        ));
+                    }
+                    std::thread::sleep(std::time::Duration::from_millis(250));
+                }
+                Err(e) => return Err(format!("{}: {e}", path.display())),
+            }
+        }
+    }
+}
+
+impl Drop for BuildLock {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_dir(&self.0);
+    }
+}
+
 /// The interpreter of an environment created earlier with these pins.
 pub fn existing(cache: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> {
     let dir = cache.join(format!("venv-{name}"));
@@ -26,12 +69,21 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, St
     // The marker lists the pins: a changed pin rebuilds the environment.
     let marker = dir.join(".handoff-packages");
     let wanted = marker_text(packages);
-    if python.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted) {
+    let ready =
+        || python.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted);
+    if ready() {
+        return Ok(python);
+    }
+    std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    // One builder at a time: a second process (parallel tests, two
+    // `handoff` runs) would otherwise delete the first one's finished
+    // environment, perhaps in use, to put its own in place.
+    let _lock = BuildLock::acquire(&cache.join(format!("venv-{name}.lock")))?;
+    if ready() {
         return Ok(python);
     }
     let tmp = cache.join(format!("venv-{name}.tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
     let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
         let out = cmd
             .output()
@@ -65,4 +117,31 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, St
     // handoff only ever runs `python -m` / `python -c`, which survive the move.
     std::fs::write(&marker, wanted).map_err(|e| format!("{}: {e}", marker.display()))?;
     Ok(python)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn the_build_lock_lets_one_builder_in_at_a_time() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("venv-x.lock");
+        let first = BuildLock::acquire(&path).unwrap();
+        let released = Arc::new(AtomicBool::new(false));
+        let second = {
+            let (path, released) = (path.clone(), Arc::clone(&released));
+            std::thread::spawn(move || {
+                let _lock = BuildLock::acquire(&path).unwrap();
+                released.load(Ordering::SeqCst)
+            })
+        };
+        std::thread::sleep(std::time::Duration::from_millis(600));
+        released.store(true, Ordering::SeqCst);
+        drop(first);
+        assert!(second.join().unwrap(), "the second builder got in first");
+        assert!(!path.exists(), "the lock is removed when dropped");
+    }
 }
