@@ -1028,6 +1028,20 @@ fn precision_variants(
         );
         return Vec::new();
     }
+    // The same inputs as the conversion check: 32 sentences (or 8 random
+    // rows) at the first value of each dim; the same for every variant.
+    let mut dims: BTreeMap<String, u32> = model.dim_names.iter().map(|d| (d.clone(), 1)).collect();
+    let batch = match &model.text {
+        Some(t) => {
+            if let Some(seq) = t.keys().next() {
+                dims.insert("seq".into(), *seq);
+            }
+            32
+        }
+        None => 8,
+    };
+    let inputs = model.concrete_inputs(batch, &dims);
+    let mut calibration: Option<Vec<TensorSpec>> = None;
     let mut out = Vec::new();
     for (j, name) in names.iter().enumerate() {
         let at = format!("{path}.variants[{j}]");
@@ -1048,42 +1062,17 @@ fn precision_variants(
             ctx.err(at, "variants need the runtimes of the handoff CLI");
             continue;
         };
-        // The same inputs as the conversion check: 32 sentences (or 8
-        // random rows) at the first value of each dim.
-        let mut dims: BTreeMap<String, u32> =
-            model.dim_names.iter().map(|d| (d.clone(), 1)).collect();
-        let batch = match &model.text {
-            Some(t) => {
-                if let Some(seq) = t.keys().next() {
-                    dims.insert("seq".into(), *seq);
-                }
-                32
-            }
-            None => 8,
-        };
-        let inputs = model.concrete_inputs(batch, &dims);
-        // Text models calibrate on sentences the gate does not check; random
-        // inputs are drawn again with another seed by the tool.
-        let calibration = match (&model.text, &model.hf_dir, dims.get("seq")) {
-            (Some(_), Some(dir), Some(&seq)) => {
-                let sentences: Vec<String> = CALIBRATION_SENTENCES
-                    .iter()
-                    .map(|s| (*s).to_owned())
-                    .collect();
-                match encode(&dir.join("tokenizer.json"), &sentences, &[seq]) {
-                    Ok(enc) => model
-                        .inputs
-                        .iter()
-                        .map(|t| t.concrete(batch, &dims, Some(&enc)))
-                        .collect(),
-                    Err(e) => {
-                        ctx.err(at, e);
-                        continue;
-                    }
+        // Tokenised once, for the first variant that needs it.
+        if calibration.is_none() {
+            match calibration_inputs(model, batch, &dims, &inputs) {
+                Ok(c) => calibration = Some(c),
+                Err(e) => {
+                    ctx.err(at, e);
+                    continue;
                 }
             }
-            _ => inputs.clone(),
-        };
+        }
+        let calibration = calibration.as_deref().unwrap_or_default();
         // NNEF is tract's own format, candle-q8 candle's: only they run them.
         let only = if name == "candle-q8" {
             Some(vec!["candle-native".to_owned()])
@@ -1126,7 +1115,7 @@ fn precision_variants(
             name,
             min_cosine,
             &inputs,
-            &calibration,
+            calibration,
         ) {
             Ok(v) => match info(&v.path) {
                 Ok(info) => out.push(PlanModel {
@@ -1156,6 +1145,32 @@ fn precision_variants(
         }
     }
     out
+}
+
+/// Inputs a quantiser calibrates on: for a text model, handoff's
+/// calibration sentences (none of them is checked by the accuracy gate);
+/// otherwise the check's own specs, which the tool draws with another seed.
+fn calibration_inputs(
+    model: &PlanModel,
+    batch: u32,
+    dims: &BTreeMap<String, u32>,
+    inputs: &[TensorSpec],
+) -> Result<Vec<TensorSpec>, String> {
+    match (&model.text, &model.hf_dir, dims.get("seq")) {
+        (Some(_), Some(dir), Some(&seq)) => {
+            let sentences: Vec<String> = CALIBRATION_SENTENCES
+                .iter()
+                .map(|s| (*s).to_owned())
+                .collect();
+            let enc = encode(&dir.join("tokenizer.json"), &sentences, &[seq])?;
+            Ok(model
+                .inputs
+                .iter()
+                .map(|t| t.concrete(batch, dims, Some(&enc)))
+                .collect())
+        }
+        _ => Ok(inputs.to_vec()),
+    }
 }
 
 fn lowered_variants(
