@@ -20,6 +20,12 @@ pub struct MockOptions {
     pub slowdown: Option<f64>,
     /// Apply `slowdown` only to the model with this id.
     pub slowdown_model: Option<String>,
+    /// Machine drift for tests of interleaved measurement: every run's
+    /// latency is scaled by `1 + drift x sin(2 pi t / drift_period_ms)`, `t` the
+    /// wall clock, so all workers see the same slow and fast phases.
+    pub drift: f64,
+    /// Period of the drift, ms (default 1000).
+    pub drift_period_ms: Option<f64>,
     /// Added to every output value, to exercise the parity check.
     pub perturb: f64,
     /// Make the backend fail: `prepare`, `run`, `unsupported`, `panic`,
@@ -101,6 +107,7 @@ impl Backend for MockBackend {
         let latency = Duration::from_secs_f64(opts.latency_us * slowdown * build / 1e6);
         Ok(Box::new(MockPrepared {
             latency,
+            drift: (opts.drift, opts.drift_period_ms.unwrap_or(1000.0)),
             perturb: opts.perturb as f32,
             fail_run: opts.fail.as_deref() == Some("run"),
             hang: opts.fail.as_deref() == Some("hang"),
@@ -118,6 +125,8 @@ impl Backend for MockBackend {
 
 struct MockPrepared {
     latency: Duration,
+    /// Amplitude and period (ms) of the shared drift.
+    drift: (f64, f64),
     perturb: f32,
     fail_run: bool,
     hang: bool,
@@ -146,7 +155,17 @@ impl Prepared for MockPrepared {
         }
         if !self.latency.is_zero() {
             let start = Instant::now();
-            while start.elapsed() < self.latency {
+            let latency = if self.drift.0 == 0.0 {
+                self.latency
+            } else {
+                let t_ms = std::time::SystemTime::now()
+                    .duration_since(std::time::UNIX_EPOCH)
+                    .map_or(0.0, |d| d.as_secs_f64() * 1e3);
+                let phase = 2.0 * std::f64::consts::PI * t_ms / self.drift.1;
+                self.latency
+                    .mul_f64((1.0 + self.drift.0 * phase.sin()).max(0.0))
+            };
+            while start.elapsed() < latency {
                 std::hint::spin_loop();
             }
         }

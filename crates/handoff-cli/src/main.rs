@@ -69,6 +69,12 @@ enum Command {
         /// CI matrix spreads a suite over machines; join with `handoff merge`.
         #[arg(long, value_parser = parse_shard)]
         shard: Option<(u32, u32)>,
+        /// Measure each case to completion, one after another. By default
+        /// the cases a report compares (same inputs, batch, dims; every
+        /// backend, thread count and variant) are measured in interleaved
+        /// rounds, so machine drift hits them alike.
+        #[arg(long)]
+        sequential: bool,
     },
     /// Compare two runs case by case; exit 1 if any case regressed.
     ///
@@ -795,6 +801,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             repeat,
             shard,
             resume,
+            sequential,
         } => {
             let plan = Plan::from_file(&suite, &plan_options(&registry))?;
             if dry_run {
@@ -839,6 +846,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 flops: Some(handoff_runner::FlopCounter(Arc::new(|path, inputs| {
                     handoff_tract::flops(path, inputs).ok()
                 }))),
+                sequential,
             };
             // The roofline's ceiling, measured before the cases while the
             // machine is as quiet as it will be (kept on --resume).

@@ -15,6 +15,7 @@ fn overhead(c: &mut Criterion) {
         min_time: Duration::ZERO,
         max_time: Duration::from_secs(60),
         target_ci: 1e-9,
+        rounds: 10,
     };
     let mut g = c.benchmark_group("harness");
     g.throughput(criterion::Throughput::Elements(10_000));

@@ -7,11 +7,15 @@ pub mod http_case;
 pub mod isolate;
 pub mod machine;
 pub mod measure;
+pub mod pairs;
 pub mod record;
+pub mod rounds;
 pub mod run;
 pub mod worker;
 
 pub use http_case::{Launch, ServerLauncher, ServerSpec};
+pub use pairs::{Comparison, read_comparisons};
 pub use record::{Accuracy, LoadStats, ResultRecord, Status, read_results};
+pub use rounds::{CanaryPoint, RoundsInfo};
 pub use run::{FlopCounter, Observer, Quiet, RunError, RunOptions, RunSummary, Runner};
 pub use worker::{Job, JobMode, WorkerReport, execute_job};

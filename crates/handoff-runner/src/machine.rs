@@ -96,7 +96,9 @@ fn system_busy_ticks() -> Option<u64> {
 fn self_ticks() -> Option<u64> {
     let me = std::process::id();
     let (own, _) = proc_ticks("self")?;
-    let mut total = own;
+    // Children and grandchildren: interleaved rounds keep a worker per case
+    // alive, and a Python baseline's interpreter is a worker's child.
+    let mut procs: Vec<(u32, u64, u32)> = Vec::new();
     if let Ok(dir) = std::fs::read_dir("/proc") {
         for entry in dir.flatten() {
             let name = entry.file_name();
@@ -106,11 +108,46 @@ fn self_ticks() -> Option<u64> {
             else {
                 continue;
             };
-            if let Some((ticks, ppid)) = proc_ticks(pid)
-                && ppid == me
-            {
-                total += ticks;
+            if let (Ok(p), Some((ticks, ppid))) = (pid.parse::<u32>(), proc_ticks(pid)) {
+                procs.push((p, ticks, ppid));
             }
+        }
+    }
+    let children: Vec<u32> = procs
+        .iter()
+        .filter(|(_, _, ppid)| *ppid == me)
+        .map(|(p, _, _)| *p)
+        .collect();
+    Some(
+        own + procs
+            .iter()
+            .filter(|(_, _, ppid)| *ppid == me || children.contains(ppid))
+            .map(|(_, t, _)| t)
+            .sum::<u64>(),
+    )
+}
+
+/// `MemAvailable` of /proc/meminfo, in MB.
+pub fn available_memory_mb() -> Option<f64> {
+    let text = std::fs::read_to_string("/proc/meminfo").ok()?;
+    let line = text.lines().find(|l| l.starts_with("MemAvailable:"))?;
+    let kb: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+    Some(kb / 1024.0)
+}
+
+/// CPU time of every thread of a process so far, in nanoseconds (from the
+/// scheduler's per-thread statistics, finer than clock ticks).
+pub fn process_cpu_ns(pid: u32) -> Option<u64> {
+    let dir = std::fs::read_dir(format!("/proc/{pid}/task")).ok()?;
+    let mut total = 0u64;
+    for task in dir.flatten() {
+        if let Ok(text) = std::fs::read_to_string(task.path().join("schedstat"))
+            && let Some(ns) = text
+                .split_whitespace()
+                .next()
+                .and_then(|v| v.parse::<u64>().ok())
+        {
+            total += ns;
         }
     }
     Some(total)

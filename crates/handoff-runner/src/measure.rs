@@ -72,6 +72,37 @@ pub fn measure(
     })
 }
 
+/// One block of interleaved measurement: an optional untimed settle run,
+/// then timed runs for `time_ms` (at least one, at most `max_runs`).
+pub fn block(
+    prepared: &mut dyn Prepared,
+    time_ms: f64,
+    max_runs: u64,
+    settle: bool,
+) -> Result<crate::worker::BlockResult, BackendError> {
+    if settle {
+        prepared.run()?;
+    }
+    let budget = Duration::from_secs_f64(time_ms.max(0.0) / 1e3);
+    let max_runs = max_runs.max(1) as usize;
+    let mut samples_ms = Vec::new();
+    let mut inner_ms = Vec::new();
+    let start = Instant::now();
+    while samples_ms.is_empty() || (start.elapsed() < budget && samples_ms.len() < max_runs) {
+        let t = Instant::now();
+        prepared.run()?;
+        samples_ms.push(t.elapsed().as_secs_f64() * 1e3);
+        if let Some(ms) = prepared.inner_ms() {
+            inner_ms.push(ms);
+        }
+    }
+    Ok(crate::worker::BlockResult {
+        samples_ms,
+        inner_ms,
+        settle_run: settle,
+    })
+}
+
 /// The loop itself, generic so the harness overhead can be benchmarked
 /// without dynamic dispatch getting in the way of what is measured.
 pub fn timed_loop<F>(run: F, policy: &Measure) -> Result<(Vec<Duration>, StopReason), BackendError>
@@ -162,6 +193,7 @@ mod tests {
             min_time: Duration::from_millis(min_time_ms),
             max_time: Duration::from_millis(max_time_ms),
             target_ci: target,
+            rounds: 10,
         }
     }
 

@@ -122,6 +122,10 @@ pub struct ResultRecord {
     /// multiply-adds of the graph), for the roofline.
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub flops: Option<f64>,
+    /// Interleaved measurement: the group, the round order's seed and the
+    /// per-round block medians the CI and the paired ratios come from.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub rounds: Option<crate::rounds::RoundsInfo>,
 }
 
 /// What a load scenario measured beyond the latency samples.

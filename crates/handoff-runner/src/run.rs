@@ -47,6 +47,9 @@ pub struct RunOptions {
     /// Counts a model's FLOPs at given input shapes (the CLI: tract's cost
     /// model), for the roofline.
     pub flops: Option<FlopCounter>,
+    /// Measure each case to completion, one after another, instead of in
+    /// interleaved rounds per comparison group.
+    pub sequential: bool,
 }
 
 /// FLOPs per inference of a model file at concrete input shapes.
@@ -76,6 +79,7 @@ impl RunOptions {
             stop: None,
             servers: None,
             flops: None,
+            sequential: false,
         }
     }
 }
@@ -86,6 +90,17 @@ pub struct RunMeta {
     pub suite: String,
     pub suite_sha256: String,
     pub env: String,
+    /// How cases were measured: `interleaved` (rounds per comparison
+    /// group) or `sequential`.
+    #[serde(default)]
+    pub measurement: String,
+    /// The drift canary between rounds, over the whole run.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub canary: Vec<crate::rounds::CanaryPoint>,
+    /// Groups measured apart from each other although they share inputs,
+    /// because all their sessions would not fit in memory at once.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub split_groups: Vec<String>,
 }
 
 /// Progress callbacks (the CLI draws a progress bar with them).
@@ -191,12 +206,19 @@ impl<'a> Runner<'a> {
             std::fs::write(&suite_copy, text).map_err(io(&suite_copy))?;
         }
         let results_path = dir.join("results.jsonl");
-        let meta = RunMeta {
+        let mut meta = RunMeta {
             suite: self.plan.name.clone(),
             suite_sha256: self.plan.suite_sha256.clone(),
             env: env_hash.clone(),
+            measurement: if self.options.sequential {
+                "sequential".into()
+            } else {
+                "interleaved".into()
+            },
+            canary: Vec::new(),
+            split_groups: Vec::new(),
         };
-        let done = self.prepare_dir(dir, &results_path, &meta)?;
+        let done = self.prepare_dir(dir, &results_path, &mut meta)?;
         let mut results = OpenOptions::new()
             .create(true)
             .append(true)
@@ -220,78 +242,337 @@ impl<'a> Runner<'a> {
         };
         let mut references: HashMap<String, Result<PathBuf, String>> = HashMap::new();
         let mut flops: HashMap<(PathBuf, String), Option<f64>> = HashMap::new();
-        for (rep, case) in (0..repeat).flat_map(|r| self.selected().map(move |c| (r, c))) {
-            if done.contains(&(case.id.clone(), rep)) {
+        let comparisons_path = dir.join("comparisons.jsonl");
+        let mut comparisons = OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&comparisons_path)
+            .map_err(io(&comparisons_path))?;
+        let mut ctx = Ctx {
+            references: &mut references,
+            flops: &mut flops,
+            env: &env_hash,
+        };
+        'units: for rep in 0..repeat {
+            let pending: Vec<Case> = self
+                .selected()
+                .filter(|c| !done.contains(&(c.id.clone(), rep)))
+                .collect();
+            for unit in self.units(pending, &mut meta.split_groups) {
+                if stopped() {
+                    summary.interrupted = true;
+                    break 'units;
+                }
+                if self
+                    .plan
+                    .suite_timeout
+                    .is_some_and(|limit| run_start.elapsed() >= limit)
+                {
+                    summary.interrupted = true;
+                    summary.suite_timeout = true;
+                    break 'units;
+                }
+                let records = match unit {
+                    Unit::Single(case) => {
+                        observer.case_started(&case);
+                        let record = self.measure_single(&case, rep, &mut ctx);
+                        if stopped() {
+                            // The case in flight was killed: not a result;
+                            // a resume runs it again.
+                            summary.interrupted = true;
+                            break 'units;
+                        }
+                        vec![record]
+                    }
+                    Unit::Group(key, cases) => {
+                        for c in &cases {
+                            observer.case_started(c);
+                        }
+                        let seed = group_seed(self.plan.seed, &key, rep);
+                        let mut canary = |round: u32| {
+                            meta.canary.push(crate::rounds::CanaryPoint {
+                                t_s: (run_start.elapsed().as_secs_f64() * 1e3).round() / 1e3,
+                                group: key.clone(),
+                                round,
+                                ms: Some(crate::rounds::canary_ms()).filter(|m| m.is_finite()),
+                            });
+                        };
+                        let Some(records) =
+                            self.measure_group(&key, &cases, rep, seed, &mut ctx, &mut canary)
+                        else {
+                            summary.interrupted = true;
+                            break 'units;
+                        };
+                        for c in
+                            crate::pairs::group_comparisons(&records, &self.plan.check.reference)
+                        {
+                            write_json_line(&mut comparisons, &c).map_err(io(&comparisons_path))?;
+                        }
+                        let meta_path = dir.join("run.json");
+                        std::fs::write(
+                            &meta_path,
+                            serde_json::to_vec_pretty(&meta).unwrap_or_default(),
+                        )
+                        .map_err(io(&meta_path))?;
+                        records
+                    }
+                };
+                for record in records {
+                    write_line(&mut results, &record).map_err(io(&results_path))?;
+                    *summary.counts.entry(record.status.as_str()).or_default() += 1;
+                    if record.machine.as_ref().is_some_and(|m| m.busy) {
+                        summary.busy_cases += 1;
+                    }
+                    observer.case_finished(&record);
+                }
+            }
+        }
+        Ok(summary)
+    }
+
+    /// The order of work for one repeat: cases that are compared with each
+    /// other (same inputs, device, batch, dims, one-query-at-a-time
+    /// scenario) as one group measured in rounds, in order of their first
+    /// case; load scenarios, and everything under `--sequential`, alone.
+    fn units(&self, cases: Vec<Case>, split_notes: &mut Vec<String>) -> Vec<Unit> {
+        let mut units: Vec<Unit> = Vec::new();
+        for case in cases {
+            let interleave = !self.options.sequential
+                && matches!(
+                    case.scenario,
+                    handoff_suite::Scenario::SingleStream | handoff_suite::Scenario::Offline
+                );
+            if !interleave {
+                units.push(Unit::Single(case));
                 continue;
             }
-            if stopped() {
-                summary.interrupted = true;
-                break;
-            }
-            if self
-                .plan
-                .suite_timeout
-                .is_some_and(|limit| run_start.elapsed() >= limit)
+            let key = case.group_key();
+            match units
+                .iter_mut()
+                .find(|u| matches!(u, Unit::Group(k, _) if *k == key))
             {
-                summary.interrupted = true;
-                summary.suite_timeout = true;
-                break;
+                Some(Unit::Group(_, members)) => members.push(case),
+                _ => units.push(Unit::Group(key, vec![case])),
             }
-            observer.case_started(&case);
-            let start = Instant::now();
+        }
+        let budget = crate::machine::available_memory_mb().map(|m| m * 0.6);
+        let mut out = Vec::new();
+        for unit in units {
+            match unit {
+                Unit::Group(key, cases) => {
+                    let parts = split_for_memory(&cases, budget, |c| self.estimate_mb(c));
+                    if parts.len() > 1 {
+                        let note = format!(
+                            "group {key}: {} cases need ~{:.0} MB with every session alive, more than 60% of available memory ({:.0} MB): measured as {} smaller groups, which are not compared with each other",
+                            cases.len(),
+                            cases.iter().map(|c| self.estimate_mb(c)).sum::<f64>(),
+                            budget.unwrap_or(0.0),
+                            parts.len()
+                        );
+                        eprintln!("warning: {note}");
+                        if !split_notes.contains(&note) {
+                            split_notes.push(note);
+                        }
+                    }
+                    for (i, part) in parts.into_iter().enumerate() {
+                        let k = if i == 0 {
+                            key.clone()
+                        } else {
+                            format!("{key}/{i}")
+                        };
+                        out.push(Unit::Group(k, part));
+                    }
+                }
+                single => out.push(single),
+            }
+        }
+        out
+    }
+
+    /// A rough upper bound of a case's memory with its session loaded: the
+    /// process, three copies of the weights (file, runtime, optimised), and
+    /// an interpreter for Python backends.
+    pub fn estimate_mb(&self, case: &Case) -> f64 {
+        let file = self
+            .plan
+            .model(&case.model)
+            .and_then(|m| std::fs::metadata(&m.path).ok())
+            .map_or(0.0, |m| m.len() as f64 / 1e6);
+        let python = if case.backend.starts_with("python") {
+            150.0
+        } else {
+            0.0
+        };
+        60.0 + 3.0 * file + python
+    }
+
+    fn reference_file(
+        &self,
+        case: &Case,
+        model: &handoff_suite::PlanModel,
+        ctx: &mut Ctx<'_>,
+    ) -> (Result<PathBuf, String>, JobMode) {
+        let reference = self.reference_for(case, model, ctx.references, &self.options.out_dir);
+        let mode = JobMode::Measure {
+            reference: reference.as_ref().ok().map(|path| ReferenceFile {
+                path: path.clone(),
+                backend: self.plan.check.reference.clone(),
+                atol: self.plan.check.atol,
+                rtol: self.plan.check.rtol,
+                min_cosine: model.variant.as_ref().map(|v| {
+                    if v.reference_is_fp32 {
+                        v.accuracy.threshold_min_cosine
+                    } else {
+                        VARIANT_PARITY_MIN_COSINE
+                    }
+                }),
+            }),
+        };
+        (reference, mode)
+    }
+
+    /// One case measured to completion on its own.
+    fn measure_single(&self, case: &Case, rep: u32, ctx: &mut Ctx<'_>) -> ResultRecord {
+        let start = Instant::now();
+        let model = self
+            .plan
+            .model(&case.model)
+            .expect("plan cases name plan models");
+        let (reference, mode) = self.reference_file(case, model, ctx);
+        let mut report = self.execute(case, model, mode);
+        if let (Err(why), Status::Ok) = (&reference, report.status()) {
+            report.reason = Some(format!("parity unchecked: {why}"));
+        }
+        self.finish_record(case, model, report, None, rep, start, ctx)
+    }
+
+    /// A group measured in interleaved rounds; `None` when interrupted.
+    fn measure_group(
+        &self,
+        key: &str,
+        cases: &[Case],
+        rep: u32,
+        seed: u64,
+        ctx: &mut Ctx<'_>,
+        between_rounds: &mut dyn FnMut(u32),
+    ) -> Option<Vec<ResultRecord>> {
+        let start = Instant::now();
+        let mut jobs = Vec::new();
+        let mut unchecked = Vec::new();
+        for case in cases {
             let model = self
                 .plan
                 .model(&case.model)
                 .expect("plan cases name plan models");
-            let reference = self.reference_for(&case, model, &mut references, dir);
-            let mut report = self.execute(
-                &case,
-                model,
-                JobMode::Measure {
-                    reference: reference.as_ref().ok().map(|path| ReferenceFile {
-                        path: path.clone(),
-                        backend: self.plan.check.reference.clone(),
-                        atol: self.plan.check.atol,
-                        rtol: self.plan.check.rtol,
-                        min_cosine: model.variant.as_ref().map(|v| {
-                            if v.reference_is_fp32 {
-                                v.accuracy.threshold_min_cosine
-                            } else {
-                                VARIANT_PARITY_MIN_COSINE
-                            }
-                        }),
-                    }),
-                },
-            );
-            if let (Err(why), Status::Ok) = (&reference, report.status()) {
-                report.reason = Some(format!("parity unchecked: {why}"));
-            }
-            if stopped() {
-                // The case in flight was killed: not a result; a resume reruns it.
-                summary.interrupted = true;
-                break;
-            }
-            let mut record = self.record(
-                &case,
-                model,
-                report,
-                &env_hash,
-                start.elapsed().as_secs_f64(),
-            );
-            record.repeat = rep;
-            if let Some(counter) = &self.options.flops {
-                record.flops = *flops
-                    .entry((model.path.clone(), case.input_key()))
-                    .or_insert_with(|| (counter.0)(&model.path, &case.inputs));
-            }
-            write_line(&mut results, &record).map_err(io(&results_path))?;
-            *summary.counts.entry(record.status.as_str()).or_default() += 1;
-            if record.machine.as_ref().is_some_and(|m| m.busy) {
-                summary.busy_cases += 1;
-            }
-            observer.case_finished(&record);
+            let (reference, mode) = self.reference_file(case, model, ctx);
+            let mut job = self.job(case, model, mode);
+            job.rounds = true;
+            jobs.push(job);
+            unchecked.push(reference.err());
         }
-        Ok(summary)
+        let stop = self.options.stop.as_deref();
+        let outcomes = match (&self.plan.isolation, &self.options.worker) {
+            (Isolation::Process, Some(cmd)) => {
+                let started: Vec<_> = jobs
+                    .iter()
+                    .map(|job| {
+                        crate::isolate::LiveChild::start(
+                            cmd,
+                            job,
+                            self.plan.timeout,
+                            self.options.stop.clone(),
+                        )
+                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                    })
+                    .collect();
+                crate::rounds::run_group(
+                    started,
+                    key,
+                    &self.plan.measure,
+                    seed,
+                    stop,
+                    between_rounds,
+                )
+            }
+            _ => std::thread::scope(|scope| {
+                let started: Vec<_> = jobs
+                    .iter()
+                    .map(|job| {
+                        crate::isolate::ThreadWorker::start(scope, job.clone(), self.registry)
+                            .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                    })
+                    .collect();
+                crate::rounds::run_group(
+                    started,
+                    key,
+                    &self.plan.measure,
+                    seed,
+                    stop,
+                    between_rounds,
+                )
+            }),
+        }?;
+        let elapsed = start.elapsed().as_secs_f64() / cases.len().max(1) as f64;
+        Some(
+            cases
+                .iter()
+                .zip(outcomes)
+                .zip(unchecked)
+                .map(|((case, outcome), why)| {
+                    let model = self
+                        .plan
+                        .model(&case.model)
+                        .expect("plan cases name plan models");
+                    let mut report = outcome.report;
+                    if let (Some(why), Status::Ok) = (why, report.status()) {
+                        report.reason = Some(format!("parity unchecked: {why}"));
+                    }
+                    let mut record = self.finish_record(
+                        case,
+                        model,
+                        report,
+                        Some(outcome.rounds),
+                        rep,
+                        Instant::now(),
+                        ctx,
+                    );
+                    // Wall time shared out: the cases ran side by side.
+                    record.wall_s = Some((elapsed * 1000.0).round() / 1000.0);
+                    record
+                })
+                .collect(),
+        )
+    }
+
+    #[allow(clippy::too_many_arguments)]
+    fn finish_record(
+        &self,
+        case: &Case,
+        model: &handoff_suite::PlanModel,
+        report: WorkerReport,
+        rounds: Option<crate::rounds::RoundsInfo>,
+        rep: u32,
+        start: Instant,
+        ctx: &mut Ctx<'_>,
+    ) -> ResultRecord {
+        let mut record = self.record(case, model, report, ctx.env, start.elapsed().as_secs_f64());
+        record.repeat = rep;
+        if let (Some(info), Some(lat)) = (&rounds, record.latency_ms.as_mut()) {
+            let medians: Vec<f64> = info.block_medians_ms.iter().flatten().copied().collect();
+            // The CI from the spread of block medians: it widens when the
+            // machine drifts, unlike one from samples taken as independent.
+            if let Some(ci) = handoff_stats::rounds::round_ci(lat.p50, &medians) {
+                lat.p50_ci95 = ci;
+            }
+        }
+        record.rounds = rounds;
+        if let Some(counter) = &self.options.flops {
+            record.flops = *ctx
+                .flops
+                .entry((model.path.clone(), case.input_key()))
+                .or_insert_with(|| (counter.0)(&model.path, &case.inputs));
+        }
+        record
     }
 
     /// Creates the run directory, or checks it for `--resume`; returns the
@@ -300,7 +581,7 @@ impl<'a> Runner<'a> {
         &self,
         dir: &Path,
         results: &Path,
-        meta: &RunMeta,
+        meta: &mut RunMeta,
     ) -> Result<HashSet<(String, u32)>, RunError> {
         let meta_path = dir.join("run.json");
         let resume_err = |detail: String| RunError::Resume {
@@ -341,6 +622,9 @@ impl<'a> Runner<'a> {
                 old.env, meta.env
             )));
         }
+        // The canary so far carries on into the resumed run.
+        meta.canary = old.canary;
+        meta.split_groups = old.split_groups;
         if !has_results {
             return Ok(HashSet::new());
         }
@@ -364,13 +648,8 @@ impl<'a> Runner<'a> {
             .collect())
     }
 
-    fn execute(
-        &self,
-        case: &Case,
-        model: &handoff_suite::PlanModel,
-        mode: JobMode,
-    ) -> WorkerReport {
-        let job = Job {
+    fn job(&self, case: &Case, model: &handoff_suite::PlanModel, mode: JobMode) -> Job {
+        Job {
             case: case.clone(),
             model_path: model.path.clone(),
             model_hf_dir: model.hf_dir.clone(),
@@ -391,7 +670,17 @@ impl<'a> Runner<'a> {
                 .cloned()
                 .unwrap_or(serde_json::Value::Null),
             mode,
-        };
+            rounds: false,
+        }
+    }
+
+    fn execute(
+        &self,
+        case: &Case,
+        model: &handoff_suite::PlanModel,
+        mode: JobMode,
+    ) -> WorkerReport {
+        let job = self.job(case, model, mode);
         if let (handoff_suite::Scenario::Http { load }, JobMode::Measure { reference }) =
             (&case.scenario, &job.mode)
         {
@@ -601,8 +890,64 @@ impl<'a> Runner<'a> {
             load: report.load,
             cold: report.cold,
             flops: None,
+            rounds: None,
         }
     }
+}
+
+/// What the cases of a run share while it goes: reference outputs per input
+/// key, FLOP counts, the environment hash.
+struct Ctx<'a> {
+    references: &'a mut HashMap<String, Result<PathBuf, String>>,
+    flops: &'a mut HashMap<(PathBuf, String), Option<f64>>,
+    env: &'a str,
+}
+
+/// A case measured alone, or a group measured in rounds.
+enum Unit {
+    Single(Case),
+    Group(String, Vec<Case>),
+}
+
+/// Splits a group into consecutive parts whose estimated memory fits
+/// `budget_mb` (one part when it fits, or when nothing is known).
+fn split_for_memory(
+    cases: &[Case],
+    budget_mb: Option<f64>,
+    estimate: impl Fn(&Case) -> f64,
+) -> Vec<Vec<Case>> {
+    let Some(budget) = budget_mb else {
+        return vec![cases.to_vec()];
+    };
+    let mut parts: Vec<Vec<Case>> = vec![Vec::new()];
+    let mut used = 0.0;
+    for c in cases {
+        let need = estimate(c);
+        let last = parts.last_mut().expect("parts start non-empty");
+        if !last.is_empty() && used + need > budget {
+            parts.push(vec![c.clone()]);
+            used = need;
+        } else {
+            last.push(c.clone());
+            used += need;
+        }
+    }
+    parts
+}
+
+/// The round order's seed of a group: from the suite's seed, the group and
+/// the repeat, so a rerun replays the same orders.
+fn group_seed(seed: u64, key: &str, rep: u32) -> u64 {
+    use sha2::Digest;
+    let d = sha2::Sha256::digest(format!("{seed}/{key}/{rep}").as_bytes());
+    u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+fn write_json_line<T: Serialize>(file: &mut File, value: &T) -> std::io::Result<()> {
+    let mut line = serde_json::to_vec(value).map_err(std::io::Error::other)?;
+    line.push(b'\n');
+    file.write_all(&line)?;
+    file.flush()
 }
 
 /// Appends one whole line and flushes it to disk, so a crash of this process

@@ -37,6 +37,43 @@ pub struct Job {
     pub spawned_unix_s: Option<f64>,
     pub backend_options: serde_json::Value,
     pub mode: JobMode,
+    /// Measure in blocks the parent asks for (interleaved rounds) instead of
+    /// one timed loop: after warm-up the worker says it is ready and then
+    /// runs a block per [`BlockCommand`].
+    #[serde(default)]
+    pub rounds: bool,
+}
+
+/// What the parent asks a worker measuring in rounds to do next.
+#[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum BlockCommand {
+    /// Timed runs for `time_ms` (at least one run, at most `max_runs`).
+    Block { time_ms: f64, max_runs: u64 },
+    /// Stop measuring and send the final report.
+    Finish,
+}
+
+/// One block's timed runs.
+#[derive(Debug, Clone, Default, PartialEq, Serialize, Deserialize)]
+pub struct BlockResult {
+    pub samples_ms: Vec<f64>,
+    #[serde(default)]
+    pub inner_ms: Vec<f64>,
+    /// An untimed run started the block (runs much shorter than the block:
+    /// the caches another case's block left behind are refilled off the
+    /// clock).
+    #[serde(default)]
+    pub settle_run: bool,
+}
+
+/// The worker's side of the rounds conversation.
+pub trait BlockLink {
+    /// Warm-up is done; blocks may be asked for.
+    fn ready(&mut self);
+    /// The next command; `None` when the parent has gone (finish).
+    fn next(&mut self) -> Option<BlockCommand>;
+    fn send(&mut self, block: &BlockResult);
 }
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -127,6 +164,16 @@ impl WorkerReport {
 /// Runs a job to completion and says what happened; never panics on a
 /// backend error (a panic inside a runtime is caught by the caller).
 pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
+    execute_job_linked(job, registry, None)
+}
+
+/// [`execute_job`]; a job with `rounds` set measures in the blocks `link`
+/// asks for.
+pub fn execute_job_linked(
+    job: &Job,
+    registry: &Registry,
+    link: Option<&mut dyn BlockLink>,
+) -> WorkerReport {
     let mut report = WorkerReport::default();
     let case = &job.case;
     let Some(backend) = registry.get(&case.backend) else {
@@ -247,6 +294,9 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
             ));
         }
     }
+    if let (true, Some(link)) = (job.rounds, link) {
+        return in_blocks(report, prepared.as_mut(), job, link, (to_loaded, to_first));
+    }
     let before = CpuSnapshot::now();
     let mut progress = |samples: &[std::time::Duration]| {
         if let Some(path) = &job.partial_path {
@@ -288,6 +338,51 @@ pub fn execute_job(job: &Job, registry: &Registry) -> WorkerReport {
 
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
+}
+
+/// Warm-up, then the blocks the parent asks for. The samples travel with
+/// each block (the parent keeps them, so a case killed later loses none);
+/// the final report carries the rest.
+fn in_blocks(
+    mut report: WorkerReport,
+    prepared: &mut dyn Prepared,
+    job: &Job,
+    link: &mut dyn BlockLink,
+    (to_loaded, to_first): (Option<f64>, Option<f64>),
+) -> WorkerReport {
+    let warmup = match crate::measure::warm_up(prepared, &job.measure) {
+        Ok(w) => w,
+        Err(e) => return report.fail(&e),
+    };
+    report.warmup_runs = warmup.len() as u64;
+    let mut typical_ms = handoff_stats::median(&warmup);
+    link.ready();
+    let mut first_block = true;
+    while let Some(BlockCommand::Block { time_ms, max_runs }) = link.next() {
+        let settle = typical_ms < time_ms / 10.0;
+        let block = match crate::measure::block(prepared, time_ms, max_runs, settle) {
+            Ok(b) => b,
+            Err(e) => return report.fail(&e),
+        };
+        typical_ms = handoff_stats::median(&block.samples_ms);
+        if first_block && let (Some(to_loaded_ms), Some(to_first_ms)) = (to_loaded, to_first) {
+            let runs: Vec<f64> = warmup.iter().chain(&block.samples_ms).copied().collect();
+            let steady = crate::measure::steady_after(&runs, typical_ms);
+            report.cold = Some(ColdStart {
+                to_loaded_ms,
+                to_first_ms,
+                to_steady_ms: steady.map(|(_, t)| to_first_ms + t),
+                steady_after_runs: steady.map(|(n, _)| n),
+            });
+        }
+        first_block = false;
+        link.send(&block);
+    }
+    // The machine's load is judged by the parent over the whole group: from
+    // in here the other cases' blocks would look like someone else's work.
+    report.status = Some(Status::Ok);
+    report.peak_rss_mb = peak_rss_mb();
+    report
 }
 
 /// Warm-up runs for the load scenarios; returns their median time (ms), the

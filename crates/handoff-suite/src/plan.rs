@@ -97,6 +97,20 @@ pub struct Measure {
     pub min_time: Duration,
     pub max_time: Duration,
     pub target_ci: f64,
+    /// Interleaved measurement: at least this many rounds.
+    #[serde(default = "default_rounds")]
+    pub rounds: u32,
+}
+
+fn default_rounds() -> u32 {
+    10
+}
+
+impl Measure {
+    /// The length of one case's block in a round of interleaved measurement.
+    pub fn block_time(&self) -> Duration {
+        self.min_time / self.rounds.max(1)
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -210,6 +224,29 @@ pub struct Case {
 }
 
 impl Case {
+    /// Cases with the same key are measured in interleaved rounds and
+    /// compared with each other: the same inputs (so a model and its
+    /// precision variants, or two copies of one file, fall together), device,
+    /// batch, dims and scenario; any backend and thread count.
+    pub fn group_key(&self) -> String {
+        use sha2::Digest;
+        let inputs = serde_json::to_vec(&self.inputs).unwrap_or_default();
+        let digest = sha2::Sha256::digest(&inputs);
+        let mut k = format!("{}-b{}", self.device, self.batch);
+        for (n, v) in &self.dims {
+            k.push_str(&format!("-{n}{v}"));
+        }
+        k.push_str(&format!(
+            "-{}-in{:02x}{:02x}{:02x}{:02x}",
+            self.scenario.label().replace(' ', "_"),
+            digest[0],
+            digest[1],
+            digest[2],
+            digest[3]
+        ));
+        k
+    }
+
     /// Cases with the same key see identical inputs and can share one
     /// reference output.
     pub fn input_key(&self) -> String {
@@ -539,7 +576,14 @@ fn build(
         min_time: m.min_time.map_or(Duration::from_secs(1), |d| d.0),
         max_time: m.max_time.map_or(Duration::from_secs(10), |d| d.0),
         target_ci: m.target_ci.unwrap_or(0.01),
+        rounds: m.rounds.unwrap_or_else(default_rounds),
     };
+    if measure.rounds < 3 {
+        ctx.err(
+            "measure.rounds",
+            "must be at least 3 (a CI from block medians needs three)",
+        );
+    }
     if measure.min_iterations == 0 {
         ctx.err("measure.min_iterations", "must be at least 1");
     }

@@ -1,0 +1,193 @@
+//! Paired comparisons within a group measured in rounds: every pair a
+//! report puts side by side, as a ratio of medians with a 95% CI from the
+//! per-round ratios (`comparisons.jsonl`, one line per pair).
+
+use std::io::BufRead;
+use std::path::Path;
+
+use handoff_stats::rounds::{PairedRatio, Verdict, paired_ratio};
+use serde::{Deserialize, Serialize};
+
+use crate::record::{ResultRecord, Status};
+
+/// How the ratio and its interval are computed, stated in every line.
+pub const METHOD: &str = "t interval on log ratios of per-round block medians";
+
+/// What a pair compares.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PairKind {
+    /// A backend against the reference backend (the Python baseline against
+    /// Rust ort, tract against ort), same model and threads.
+    Backend,
+    /// More threads against the fewest, same model and backend.
+    Threads,
+    /// Another model of the group (a precision variant, a lowered copy, a
+    /// second file with the same inputs) against the group's first model,
+    /// same backend and threads.
+    Model,
+}
+
+/// One line of `comparisons.jsonl`: `b / a` of a latency metric.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct Comparison {
+    pub group: String,
+    #[serde(default, skip_serializing_if = "is_zero")]
+    pub repeat: u32,
+    pub kind: PairKind,
+    /// Case ids.
+    pub a: String,
+    pub b: String,
+    /// `p50`, or `p50-inner`: `b` timed by its own clock (the Python
+    /// baseline inside Python, without the pipe to handoff).
+    pub metric: String,
+    pub ratio: f64,
+    pub ci95: [f64; 2],
+    pub rounds: usize,
+    pub verdict: Verdict,
+    pub method: String,
+}
+
+fn is_zero(v: &u32) -> bool {
+    *v == 0
+}
+
+impl Comparison {
+    fn new(
+        kind: PairKind,
+        a: &ResultRecord,
+        b: &ResultRecord,
+        metric: &str,
+        r: PairedRatio,
+    ) -> Self {
+        Self {
+            group: a.rounds.as_ref().map_or(String::new(), |i| i.group.clone()),
+            repeat: a.repeat,
+            kind,
+            a: a.case.id.clone(),
+            b: b.case.id.clone(),
+            metric: metric.to_owned(),
+            ratio: r.ratio,
+            ci95: r.ci95,
+            rounds: r.rounds,
+            verdict: r.verdict,
+            method: METHOD.to_owned(),
+        }
+    }
+
+    /// `+-x%` half-width of the interval relative to the ratio.
+    pub fn half_width(&self) -> f64 {
+        (self.ci95[1] - self.ci95[0]) / 2.0 / self.ratio
+    }
+}
+
+fn medians(r: &ResultRecord, inner: bool) -> Option<Vec<f64>> {
+    let info = r.rounds.as_ref()?;
+    let v = if inner {
+        &info.inner_block_medians_ms
+    } else {
+        &info.block_medians_ms
+    };
+    if v.is_empty() {
+        return None;
+    }
+    Some(v.iter().map(|m| m.unwrap_or(f64::NAN)).collect())
+}
+
+fn pair(kind: PairKind, a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<Comparison> {
+    let r = paired_ratio(&medians(a, false)?, &medians(b, inner)?)?;
+    Some(Comparison::new(
+        kind,
+        a,
+        b,
+        if inner { "p50-inner" } else { "p50" },
+        r,
+    ))
+}
+
+/// The pairs of one group's records (all from one repeat): each backend
+/// against `reference`, more threads against the fewest, each other model
+/// against the group's first.
+pub fn group_comparisons(records: &[ResultRecord], reference: &str) -> Vec<Comparison> {
+    let ok: Vec<&ResultRecord> = records
+        .iter()
+        .filter(|r| r.status == Status::Ok && r.rounds.is_some())
+        .collect();
+    let first_model = records
+        .iter()
+        .min_by_key(|r| r.index)
+        .map(|r| r.case.model.as_str());
+    let mut out = Vec::new();
+    for b in &ok {
+        let c = &b.case;
+        if c.backend != reference
+            && let Some(a) = ok.iter().find(|a| {
+                a.case.backend == reference
+                    && a.case.model == c.model
+                    && a.case.threads == c.threads
+            })
+        {
+            out.extend(pair(PairKind::Backend, a, b, false));
+            if b.rounds
+                .as_ref()
+                .is_some_and(|i| !i.inner_block_medians_ms.is_empty())
+            {
+                out.extend(pair(PairKind::Backend, a, b, true));
+            }
+        }
+        let fewest = ok
+            .iter()
+            .filter(|a| a.case.backend == c.backend && a.case.model == c.model)
+            .min_by_key(|a| a.case.threads);
+        if let Some(a) = fewest
+            && a.case.threads < c.threads
+        {
+            out.extend(pair(PairKind::Threads, a, b, false));
+        }
+        if first_model.is_some_and(|m| m != c.model)
+            && let Some(a) = ok.iter().find(|a| {
+                Some(a.case.model.as_str()) == first_model
+                    && a.case.backend == c.backend
+                    && a.case.threads == c.threads
+            })
+        {
+            out.extend(pair(PairKind::Model, a, b, false));
+        }
+    }
+    out
+}
+
+/// Reads `comparisons.jsonl` (missing file: none; a torn last line of an
+/// interrupted run is skipped).
+pub fn read_comparisons(path: &Path) -> Vec<Comparison> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
+}
+
+/// The comparison of `b` against `a` on `metric`, if one was measured.
+pub fn find<'c>(all: &'c [Comparison], a: &str, b: &str, metric: &str) -> Option<&'c Comparison> {
+    all.iter()
+        .find(|c| c.a == a && c.b == b && c.metric == metric)
+}
+
+/// "1.23x [1.20, 1.26]" style text, or "no measurable difference (+-2.1%)".
+pub fn describe(c: &Comparison) -> String {
+    match c.verdict {
+        Verdict::NoMeasurableDifference => {
+            format!("no measurable difference (±{:.1}%)", 100.0 * c.half_width())
+        }
+        v => format!(
+            "{:.3}x [{:.3}, {:.3}] {}",
+            c.ratio,
+            c.ci95[0],
+            c.ci95[1],
+            v.as_str()
+        ),
+    }
+}

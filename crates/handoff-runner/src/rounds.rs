@@ -1,0 +1,366 @@
+//! Interleaved rounds: every case of a comparison group is prepared in a
+//! worker of its own and kept idle between blocks; each round runs one block
+//! of every case in a fresh seeded random order, so whatever the machine's
+//! speed does over the minutes of a run hits all cases of the group alike.
+
+use std::sync::atomic::{AtomicBool, Ordering};
+use std::time::{Duration, Instant};
+
+use handoff_suite::Measure;
+use serde::{Deserialize, Serialize};
+
+use crate::isolate::CaseWorker;
+use crate::measure::StopReason;
+use crate::worker::WorkerReport;
+
+/// How a case was measured in rounds, kept in its result line.
+#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
+pub struct RoundsInfo {
+    /// The comparison group (cases measured together and compared).
+    pub group: String,
+    /// Seed of the per-round order (recorded so a run can be replayed).
+    pub order_seed: u64,
+    /// Timed runs per round (0: the case did not run in that round).
+    pub block_runs: Vec<usize>,
+    /// Median of each round's block, ms (`null`: not run).
+    pub block_medians_ms: Vec<Option<f64>>,
+    /// The same from the backend's own clock (Python baseline).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub inner_block_medians_ms: Vec<Option<f64>>,
+    /// CPU time the other workers of the group used while this case's
+    /// block ran, ms per round: an idle runtime that spins (ONNX Runtime's
+    /// intra-op threads do after a run) competes with the block.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub others_cpu_ms: Vec<f64>,
+}
+
+/// What the group runner hands back per case.
+pub struct Outcome {
+    /// Final report with all samples in round order.
+    pub report: WorkerReport,
+    pub rounds: RoundsInfo,
+}
+
+/// A deterministic order per round (SplitMix64 + Fisher-Yates).
+pub struct RoundOrder(u64);
+
+impl RoundOrder {
+    pub fn new(seed: u64) -> Self {
+        Self(seed)
+    }
+
+    fn next(&mut self) -> u64 {
+        self.0 = self.0.wrapping_add(0x9e37_79b9_7f4a_7c15);
+        let mut z = self.0;
+        z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+        z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+        z ^ (z >> 31)
+    }
+
+    /// A permutation of `0..n`.
+    pub fn shuffle(&mut self, n: usize) -> Vec<usize> {
+        let mut v: Vec<usize> = (0..n).collect();
+        for i in (1..n).rev() {
+            let j = (self.next() % (i as u64 + 1)) as usize;
+            v.swap(i, j);
+        }
+        v
+    }
+}
+
+struct CaseState<'w> {
+    worker: Option<Box<dyn CaseWorker + 'w>>,
+    /// Set once the case is over (failed, or finished).
+    done: Option<WorkerReport>,
+    samples: Vec<f64>,
+    inner: Vec<f64>,
+    info: RoundsInfo,
+    measured_ms: f64,
+    stop: Option<StopReason>,
+}
+
+impl CaseState<'_> {
+    fn skip_round(&mut self) {
+        self.info.block_runs.push(0);
+        self.info.block_medians_ms.push(None);
+        if !self.info.inner_block_medians_ms.is_empty() {
+            self.info.inner_block_medians_ms.push(None);
+        }
+        self.info.others_cpu_ms.push(0.0);
+    }
+
+    fn ci_met(&self, target: f64) -> bool {
+        let medians: Vec<f64> = self
+            .info
+            .block_medians_ms
+            .iter()
+            .flatten()
+            .copied()
+            .collect();
+        let p50 = handoff_stats::median(&self.samples);
+        handoff_stats::rounds::round_ci(p50, &medians)
+            .is_some_and(|[lo, hi]| p50 > 0.0 && (p50 - lo).max(hi - p50) / p50 <= target)
+    }
+}
+
+/// Runs the rounds of one group. `started[i]` is case `i`'s worker, or its
+/// final cell when it could not be prepared. `between_rounds` runs after each
+/// round (the drift canary). Returns `None` when `stop` was set: the group is
+/// not recorded (a resume measures it again).
+pub fn run_group<'w>(
+    started: Vec<Result<Box<dyn CaseWorker + 'w>, WorkerReport>>,
+    group: &str,
+    policy: &Measure,
+    seed: u64,
+    stop: Option<&AtomicBool>,
+    between_rounds: &mut dyn FnMut(u32),
+) -> Option<Vec<Outcome>> {
+    let mut cases: Vec<CaseState<'w>> = started
+        .into_iter()
+        .map(|s| {
+            let (worker, done) = match s {
+                Ok(w) => (Some(w), None),
+                Err(r) => (None, Some(r)),
+            };
+            CaseState {
+                worker,
+                done,
+                samples: Vec::new(),
+                inner: Vec::new(),
+                info: RoundsInfo {
+                    group: group.to_owned(),
+                    order_seed: seed,
+                    ..Default::default()
+                },
+                measured_ms: 0.0,
+                stop: None,
+            }
+        })
+        .collect();
+    let block_ms = policy.block_time().as_secs_f64() * 1e3;
+    let min_ms = policy.min_time.as_secs_f64() * 1e3;
+    let max_ms = policy.max_time.as_secs_f64() * 1e3;
+    let mut order = RoundOrder::new(seed);
+    let mut round = 0u32;
+    let load_before = crate::machine::CpuSnapshot::now();
+    loop {
+        if cases.iter().all(|c| c.worker.is_none()) {
+            break;
+        }
+        if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            return None;
+        }
+        for i in order.shuffle(cases.len()) {
+            if cases[i].worker.is_none() {
+                cases[i].skip_round();
+                continue;
+            }
+            let others: Vec<u32> = cases
+                .iter()
+                .enumerate()
+                .filter(|(j, _)| *j != i)
+                .filter_map(|(_, c)| c.worker.as_ref().and_then(|w| w.pid()))
+                .collect();
+            let remaining =
+                u64::from(policy.max_iterations).saturating_sub(cases[i].samples.len() as u64);
+            let worker = cases[i].worker.as_mut().expect("checked above");
+            let cpu_before = others_cpu_ns(&others);
+            let result = worker.block(block_ms, remaining.max(1));
+            let others_ms = others_cpu_ns(&others).saturating_sub(cpu_before) as f64 / 1e6;
+            if let Some(pid) = worker.pid() {
+                settle(pid);
+            }
+            let c = &mut cases[i];
+            match result {
+                Ok(b) => {
+                    c.info.block_runs.push(b.samples_ms.len());
+                    c.info
+                        .block_medians_ms
+                        .push(Some(handoff_stats::median(&b.samples_ms)));
+                    if !b.inner_ms.is_empty() {
+                        // Rounds before the first inner sample had none.
+                        c.info
+                            .inner_block_medians_ms
+                            .resize(c.info.block_runs.len() - 1, None);
+                        c.info
+                            .inner_block_medians_ms
+                            .push(Some(handoff_stats::median(&b.inner_ms)));
+                    }
+                    c.info
+                        .others_cpu_ms
+                        .push((others_ms * 1000.0).round() / 1000.0);
+                    c.measured_ms += b.samples_ms.iter().sum::<f64>();
+                    c.samples.extend(b.samples_ms);
+                    c.inner.extend(b.inner_ms);
+                    if c.samples.len() >= policy.max_iterations as usize {
+                        c.stop = Some(StopReason::MaxIterations);
+                        let w = c.worker.take().expect("worker checked above");
+                        c.done = Some(w.finish());
+                    }
+                }
+                Err(report) => {
+                    c.skip_round();
+                    c.worker = None;
+                    c.done = Some(report);
+                }
+            }
+        }
+        round += 1;
+        between_rounds(round);
+        let live: Vec<&CaseState> = cases.iter().filter(|c| c.worker.is_some()).collect();
+        if live.is_empty() {
+            break;
+        }
+        let enough = round >= policy.rounds
+            && live.iter().all(|c| {
+                c.measured_ms >= min_ms && c.samples.len() >= policy.min_iterations as usize
+            });
+        let stop_reason = if enough && live.iter().all(|c| c.ci_met(policy.target_ci)) {
+            Some(StopReason::Converged)
+        } else if round >= policy.rounds && live.iter().any(|c| c.measured_ms >= max_ms) {
+            Some(StopReason::MaxTime)
+        } else {
+            None
+        };
+        if let Some(reason) = stop_reason {
+            for c in &mut cases {
+                if let Some(w) = c.worker.take() {
+                    c.stop = Some(reason);
+                    c.done = Some(w.finish());
+                }
+            }
+            break;
+        }
+    }
+    // Everything the group's workers (and their children) did is the
+    // group's own work; anything else is someone else's.
+    let load = load_before.load_until(&crate::machine::CpuSnapshot::now());
+    Some(
+        cases
+            .into_iter()
+            .map(|c| {
+                let mut report = c.done.unwrap_or_default();
+                if report.status() == crate::record::Status::Ok {
+                    report.machine = Some(load.clone());
+                }
+                // A case that failed or hung part-way keeps what it measured.
+                if !c.samples.is_empty() {
+                    if report.status() != crate::record::Status::Ok && report.samples_ms.is_empty()
+                    {
+                        report.reason = Some(format!(
+                            "{}; {} timed samples from {} rounds before that are kept",
+                            report.reason.unwrap_or_default(),
+                            c.samples.len(),
+                            c.info.block_runs.iter().filter(|n| **n > 0).count()
+                        ));
+                    }
+                    report.samples_ms = c.samples;
+                    report.inner_samples_ms = c.inner;
+                }
+                if report.status() == crate::record::Status::Ok {
+                    report.stop = c.stop.or(report.stop);
+                }
+                Outcome {
+                    report,
+                    rounds: c.info,
+                }
+            })
+            .collect(),
+    )
+}
+
+fn others_cpu_ns(pids: &[u32]) -> u64 {
+    pids.iter()
+        .filter_map(|p| crate::machine::process_cpu_ns(*p))
+        .sum()
+}
+
+/// Waits (at most 50 ms) until a worker that has just finished a block stops
+/// using CPU, so a runtime that spins after a run does not share the next
+/// case's block.
+fn settle(pid: u32) {
+    let start = Instant::now();
+    let mut last = crate::machine::process_cpu_ns(pid).unwrap_or(0);
+    while start.elapsed() < Duration::from_millis(50) {
+        std::thread::sleep(Duration::from_millis(2));
+        let now = crate::machine::process_cpu_ns(pid).unwrap_or(0);
+        // Under a tenth of the 2 ms just waited: idle.
+        if now.saturating_sub(last) < 200_000 {
+            return;
+        }
+        last = now;
+    }
+}
+
+/// The drift canary: a fixed single-threaded f32 matmul (128 x 128 x 128,
+/// 4.2 MFLOP), timed five times; the median in ms. The same work on the
+/// same machine, so its changes over a run are the machine's.
+pub fn canary_ms() -> f64 {
+    const N: usize = 128;
+    let a: Vec<f32> = (0..N * N).map(|i| (i % 7) as f32 * 0.25).collect();
+    let b: Vec<f32> = (0..N * N).map(|i| (i % 5) as f32 * 0.5).collect();
+    let mut c = vec![0f32; N * N];
+    let mut times: Vec<f64> = (0..5)
+        .map(|_| {
+            let t = Instant::now();
+            c.iter_mut().for_each(|x| *x = 0.0);
+            for i in 0..N {
+                for k in 0..N {
+                    let aik = std::hint::black_box(a[i * N + k]);
+                    let row = &b[k * N..(k + 1) * N];
+                    let out = &mut c[i * N..(i + 1) * N];
+                    for (o, bv) in out.iter_mut().zip(row) {
+                        *o += aik * bv;
+                    }
+                }
+            }
+            std::hint::black_box(&c);
+            t.elapsed().as_secs_f64() * 1e3
+        })
+        .collect();
+    times.sort_by(f64::total_cmp);
+    times[2]
+}
+
+/// One canary reading.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct CanaryPoint {
+    /// Seconds since the run started.
+    pub t_s: f64,
+    pub group: String,
+    pub round: u32,
+    /// `None`: the canary could not run (recorded as missing, never 0).
+    pub ms: Option<f64>,
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn each_round_is_a_permutation_and_the_order_follows_the_seed() {
+        let mut a = RoundOrder::new(42);
+        let mut b = RoundOrder::new(42);
+        let mut c = RoundOrder::new(43);
+        let mut differs = false;
+        let mut firsts = std::collections::HashSet::new();
+        for _ in 0..50 {
+            let x = a.shuffle(6);
+            let mut sorted = x.clone();
+            sorted.sort_unstable();
+            assert_eq!(sorted, (0..6).collect::<Vec<_>>());
+            assert_eq!(x, b.shuffle(6));
+            differs |= x != c.shuffle(6);
+            firsts.insert(x[0]);
+        }
+        assert!(differs);
+        // Every case leads some round.
+        assert_eq!(firsts.len(), 6);
+    }
+
+    #[test]
+    fn canary_takes_milliseconds() {
+        let ms = canary_ms();
+        assert!(ms > 0.0 && ms < 1000.0, "{ms}");
+    }
+}
