@@ -29,9 +29,12 @@ pub struct MockOptions {
     /// Added to every output value, to exercise the parity check.
     pub perturb: f64,
     /// Make the backend fail: `prepare`, `run`, `unsupported`, `panic`,
-    /// `abort`, `hang`, `hang-later` (after 0.9 s of runs), `alloc`
+    /// `abort`, `hang`, `hang-later` (after 0.9 s of runs), `run-later`
+    /// (runs fail after 0.3 s), `alloc`
     /// (allocates without bound).
     pub fail: Option<String>,
+    /// Apply `fail` only to the model with this id.
+    pub fail_model: Option<String>,
 }
 
 pub struct MockBackend {
@@ -77,7 +80,11 @@ impl Backend for MockBackend {
             serde_json::from_value(options.options.clone())
                 .map_err(|e| BackendError::Failed(format!("mock options: {e}")))?
         };
-        match opts.fail.as_deref() {
+        let fail = match &opts.fail_model {
+            Some(id) if *id != model.id => None,
+            _ => opts.fail.as_deref(),
+        };
+        match fail {
             Some("prepare") => return Err(BackendError::Failed("mock prepare failure".into())),
             Some("unsupported") => {
                 return Err(BackendError::Unsupported("op MockOp".into()));
@@ -109,10 +116,15 @@ impl Backend for MockBackend {
             latency,
             drift: (opts.drift, opts.drift_period_ms.unwrap_or(1000.0)),
             perturb: opts.perturb as f32,
-            fail_run: opts.fail.as_deref() == Some("run"),
-            hang: opts.fail.as_deref() == Some("hang"),
-            hang_after: if opts.fail.as_deref() == Some("hang-later") {
+            fail_run: fail == Some("run"),
+            hang: fail == Some("hang"),
+            hang_after: if fail == Some("hang-later") {
                 Some(Duration::from_millis(900))
+            } else {
+                None
+            },
+            fail_after: if fail == Some("run-later") {
+                Some(Duration::from_millis(300))
             } else {
                 None
             },
@@ -132,6 +144,8 @@ struct MockPrepared {
     hang: bool,
     /// `fail: hang-later`: hang once this long has passed since the first run.
     hang_after: Option<Duration>,
+    /// `fail: run-later`: runs fail once this long has passed since the first.
+    fail_after: Option<Duration>,
     started: Option<Instant>,
     input: Option<Tensor>,
     output: Option<Tensor>,
@@ -148,6 +162,9 @@ impl Prepared for MockPrepared {
             return Err(BackendError::Failed("mock run failure".into()));
         }
         let started = *self.started.get_or_insert_with(Instant::now);
+        if self.fail_after.is_some_and(|d| started.elapsed() > d) {
+            return Err(BackendError::Failed("mock run failure after 0.3 s".into()));
+        }
         if self.hang || self.hang_after.is_some_and(|d| started.elapsed() > d) {
             loop {
                 std::thread::sleep(Duration::from_secs(3600));

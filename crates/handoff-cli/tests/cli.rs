@@ -479,7 +479,16 @@ fn sigint_mid_suite_then_resume_gives_the_same_cases() {
         .env("HANDOFF_MODEL_CACHE", d.join("cache"))
         .spawn()
         .unwrap();
-    std::thread::sleep(std::time::Duration::from_millis(1200));
+    // Interrupt once the first group (batch 1, measured in rounds) is
+    // written and the second is under way.
+    let results = d.join("part/results.jsonl");
+    let waited = std::time::Instant::now();
+    while std::fs::read_to_string(&results).map_or(0, |t| t.lines().count()) == 0
+        && waited.elapsed() < std::time::Duration::from_secs(30)
+    {
+        std::thread::sleep(std::time::Duration::from_millis(20));
+    }
+    std::thread::sleep(std::time::Duration::from_millis(200));
     Command::new("kill")
         .args(["-INT", &child.id().to_string()])
         .status()

@@ -332,6 +332,8 @@ pub trait CaseWorker {
 /// A worker process kept alive between its blocks.
 pub struct LiveChild {
     spawned: Spawned,
+    /// Where the worker leaves a block's samples so far.
+    partial: Option<PathBuf>,
     timeout: Duration,
     stop: Option<std::sync::Arc<AtomicBool>>,
 }
@@ -351,6 +353,7 @@ impl LiveChild {
                 Waited::Message(Message::Ready) => {
                     return Ok(Self {
                         spawned,
+                        partial: job.partial_path.clone(),
                         timeout,
                         stop,
                     });
@@ -387,7 +390,11 @@ impl CaseWorker for LiveChild {
                     return Err(*r);
                 }
                 Waited::Message(Message::Ready) => {}
-                Waited::Ended(r) => return Err(r),
+                Waited::Ended(mut r) => {
+                    // The block in flight when it was killed: its samples so far.
+                    r.samples_ms = crate::worker::take_partial(self.partial.as_deref());
+                    return Err(r);
+                }
             }
         }
     }

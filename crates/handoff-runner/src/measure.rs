@@ -74,11 +74,14 @@ pub fn measure(
 
 /// One block of interleaved measurement: an optional untimed settle run,
 /// then timed runs for `time_ms` (at least one, at most `max_runs`).
+/// `progress` gets the block's samples so far at doubling intervals from
+/// 250 ms, so a block killed for hanging still leaves them behind.
 pub fn block(
     prepared: &mut dyn Prepared,
     time_ms: f64,
     max_runs: u64,
     settle: bool,
+    progress: &mut dyn FnMut(&[f64]),
 ) -> Result<crate::worker::BlockResult, BackendError> {
     if settle {
         prepared.run()?;
@@ -88,12 +91,17 @@ pub fn block(
     let mut samples_ms = Vec::new();
     let mut inner_ms = Vec::new();
     let start = Instant::now();
+    let mut next_progress = Duration::from_millis(250);
     while samples_ms.is_empty() || (start.elapsed() < budget && samples_ms.len() < max_runs) {
         let t = Instant::now();
         prepared.run()?;
         samples_ms.push(t.elapsed().as_secs_f64() * 1e3);
         if let Some(ms) = prepared.inner_ms() {
             inner_ms.push(ms);
+        }
+        if start.elapsed() >= next_progress {
+            progress(&samples_ms);
+            next_progress *= 2;
         }
     }
     Ok(crate::worker::BlockResult {

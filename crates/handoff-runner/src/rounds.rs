@@ -22,6 +22,9 @@ pub struct RoundsInfo {
     pub order_seed: u64,
     /// Timed runs per round (0: the case did not run in that round).
     pub block_runs: Vec<usize>,
+    /// The case's place in each round's order (0: first).
+    #[serde(default)]
+    pub slots: Vec<usize>,
     /// Median of each round's block, ms (`null`: not run).
     pub block_medians_ms: Vec<Option<f64>>,
     /// The same from the backend's own clock (Python baseline).
@@ -150,7 +153,8 @@ pub fn run_group<'w>(
         if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return None;
         }
-        for i in order.shuffle(cases.len()) {
+        for (slot, i) in order.shuffle(cases.len()).into_iter().enumerate() {
+            cases[i].info.slots.push(slot);
             if cases[i].worker.is_none() {
                 cases[i].skip_round();
                 continue;
@@ -198,8 +202,14 @@ pub fn run_group<'w>(
                         c.done = Some(w.finish());
                     }
                 }
-                Err(report) => {
-                    c.skip_round();
+                Err(mut report) => {
+                    let partial = std::mem::take(&mut report.samples_ms);
+                    c.info.block_runs.push(partial.len());
+                    c.info.block_medians_ms.push(None);
+                    c.info
+                        .others_cpu_ms
+                        .push((others_ms * 1000.0).round() / 1000.0);
+                    c.samples.extend(partial);
                     c.worker = None;
                     c.done = Some(report);
                 }
@@ -245,14 +255,18 @@ pub fn run_group<'w>(
                 }
                 // A case that failed or hung part-way keeps what it measured.
                 if !c.samples.is_empty() {
-                    if report.status() != crate::record::Status::Ok && report.samples_ms.is_empty()
-                    {
-                        report.reason = Some(format!(
-                            "{}; {} timed samples from {} rounds before that are kept",
-                            report.reason.unwrap_or_default(),
-                            c.samples.len(),
-                            c.info.block_runs.iter().filter(|n| **n > 0).count()
-                        ));
+                    let status = report.status();
+                    if status != crate::record::Status::Ok {
+                        let why = report.reason.unwrap_or_default();
+                        let n = c.samples.len();
+                        report.reason = Some(if status == crate::record::Status::Timeout {
+                            format!("{why}; {n} timed samples gathered before the kill are kept")
+                        } else {
+                            format!(
+                                "{why}; {n} timed samples from {} rounds before that are kept",
+                                c.info.block_medians_ms.iter().flatten().count()
+                            )
+                        });
                     }
                     report.samples_ms = c.samples;
                     report.inner_samples_ms = c.inner;

@@ -467,6 +467,9 @@ impl<'a> Runner<'a> {
             let (reference, mode) = self.reference_file(case, model, ctx);
             let mut job = self.job(case, model, mode);
             job.rounds = true;
+            if let Some(p) = job.partial_path.as_ref().and_then(|p| p.parent()) {
+                let _ = std::fs::create_dir_all(p);
+            }
             jobs.push(job);
             unchecked.push(reference.err());
         }
@@ -694,20 +697,14 @@ impl<'a> Runner<'a> {
                 }
                 let mut report =
                     run_in_child(cmd, &job, self.plan.timeout, self.options.stop.as_deref());
-                if let Some(p) = &partial {
-                    if report.status() == Status::Timeout
-                        && let Some(samples) = std::fs::read(p)
-                            .ok()
-                            .and_then(|b| serde_json::from_slice::<Vec<f64>>(&b).ok())
-                    {
-                        report.reason = Some(format!(
-                            "{}; {} timed samples gathered before the kill are kept",
-                            report.reason.unwrap_or_default(),
-                            samples.len()
-                        ));
-                        report.samples_ms = samples;
-                    }
-                    let _ = std::fs::remove_file(p);
+                let samples = crate::worker::take_partial(partial.as_deref());
+                if report.status() == Status::Timeout && !samples.is_empty() {
+                    report.reason = Some(format!(
+                        "{}; {} timed samples gathered before the kill are kept",
+                        report.reason.unwrap_or_default(),
+                        samples.len()
+                    ));
+                    report.samples_ms = samples;
                 }
                 report
             }

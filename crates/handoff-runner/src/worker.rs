@@ -299,13 +299,8 @@ pub fn execute_job_linked(
     }
     let before = CpuSnapshot::now();
     let mut progress = |samples: &[std::time::Duration]| {
-        if let Some(path) = &job.partial_path {
-            let ms: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
-            let tmp = path.with_extension("tmp");
-            if std::fs::write(&tmp, serde_json::to_vec(&ms).unwrap_or_default()).is_ok() {
-                let _ = std::fs::rename(&tmp, path);
-            }
-        }
+        let ms: Vec<f64> = samples.iter().map(|d| ms(*d)).collect();
+        write_partial(job, &ms);
     };
     let timed = match measure(prepared.as_mut(), &job.measure, &mut progress) {
         Ok(t) => t,
@@ -336,6 +331,30 @@ pub fn execute_job_linked(
     report
 }
 
+/// Leaves the samples so far where a parent that has to kill this worker
+/// finds them (atomically replaced).
+fn write_partial(job: &Job, samples_ms: &[f64]) {
+    if let Some(path) = &job.partial_path {
+        let tmp = path.with_extension("tmp");
+        if std::fs::write(&tmp, serde_json::to_vec(samples_ms).unwrap_or_default()).is_ok() {
+            let _ = std::fs::rename(&tmp, path);
+        }
+    }
+}
+
+/// The samples a killed worker left behind (and the file removed).
+pub(crate) fn take_partial(path: Option<&std::path::Path>) -> Vec<f64> {
+    let Some(p) = path else {
+        return Vec::new();
+    };
+    let samples = std::fs::read(p)
+        .ok()
+        .and_then(|b| serde_json::from_slice::<Vec<f64>>(&b).ok())
+        .unwrap_or_default();
+    let _ = std::fs::remove_file(p);
+    samples
+}
+
 fn ms(d: std::time::Duration) -> f64 {
     d.as_secs_f64() * 1e3
 }
@@ -360,7 +379,9 @@ fn in_blocks(
     let mut first_block = true;
     while let Some(BlockCommand::Block { time_ms, max_runs }) = link.next() {
         let settle = typical_ms < time_ms / 10.0;
-        let block = match crate::measure::block(prepared, time_ms, max_runs, settle) {
+        let mut progress = |samples: &[f64]| write_partial(job, samples);
+        let block = match crate::measure::block(prepared, time_ms, max_runs, settle, &mut progress)
+        {
             Ok(b) => b,
             Err(e) => return report.fail(&e),
         };
