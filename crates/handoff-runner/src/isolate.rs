@@ -3,6 +3,7 @@
 //! suite down.
 
 use std::io::{BufRead, BufReader, Write};
+use std::os::unix::process::CommandExt;
 use std::path::PathBuf;
 use std::process::{Child, ChildStdin, Command, Stdio};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -163,6 +164,9 @@ impl Spawned {
         let spawned_at = crate::worker::unix_now_s();
         let mut child = Command::new(&cmd.program)
             .args(&cmd.args)
+            // A process group of its own, so the worker and its children
+            // (a Python baseline's interpreter) can be paused together.
+            .process_group(0)
             .env("RAYON_NUM_THREADS", job.case.threads.to_string())
             // Keep the stderr tail quoted in a failed cell readable.
             .env("RUST_BACKTRACE", "0")
@@ -263,6 +267,8 @@ impl Spawned {
     }
 
     fn kill(&mut self) {
+        // The whole group: a paused Python interpreter under the worker too.
+        crate::machine::signal_group(self.child.id(), libc::SIGKILL);
         let _ = self.child.kill();
         let _ = self.child.wait();
     }
@@ -327,6 +333,13 @@ pub trait CaseWorker {
     fn finish(self: Box<Self>) -> WorkerReport;
     /// The worker's process, when it has one of its own.
     fn pid(&self) -> Option<u32>;
+    /// Freezes the worker between its blocks (SIGSTOP to its process
+    /// group): a runtime whose threads spin after a run, as ONNX Runtime's
+    /// intra-op pool does, would otherwise compete with the next case's
+    /// block. Workers without a process of their own are idle anyway.
+    fn pause(&mut self) {}
+    /// Undoes [`CaseWorker::pause`].
+    fn resume(&mut self) {}
 }
 
 /// A worker process kept alive between its blocks.
@@ -400,6 +413,7 @@ impl CaseWorker for LiveChild {
     }
 
     fn finish(mut self: Box<Self>) -> WorkerReport {
+        self.resume();
         self.send(&BlockCommand::Finish);
         drop(self.spawned.stdin.take());
         let (timeout, stop) = (self.timeout, self.stop.clone());
@@ -408,6 +422,14 @@ impl CaseWorker for LiveChild {
 
     fn pid(&self) -> Option<u32> {
         Some(self.spawned.child.id())
+    }
+
+    fn pause(&mut self) {
+        crate::machine::signal_group(self.spawned.child.id(), libc::SIGSTOP);
+    }
+
+    fn resume(&mut self) {
+        crate::machine::signal_group(self.spawned.child.id(), libc::SIGCONT);
     }
 }
 

@@ -135,6 +135,55 @@ pub fn available_memory_mb() -> Option<f64> {
     Some(kb / 1024.0)
 }
 
+/// Sends `signal` to the process group led by `pgid`.
+pub fn signal_group(pgid: u32, signal: i32) -> bool {
+    let Ok(pgid) = i32::try_from(pgid) else {
+        return false;
+    };
+    // SAFETY: killpg takes plain integers and touches no memory of ours.
+    #[allow(unsafe_code)]
+    let rc = unsafe { libc::killpg(pgid, signal) };
+    rc == 0
+}
+
+/// Online CPUs.
+pub fn cpu_count() -> usize {
+    std::thread::available_parallelism().map_or(1, std::num::NonZeroUsize::get)
+}
+
+/// Pins every thread of process `pid` (0: this process's calling thread
+/// only) to `cpus`. Best effort: a thread that exits meanwhile is skipped.
+pub fn pin(pid: u32, cpus: &[usize]) -> bool {
+    // SAFETY: cpu_set_t is plain data; CPU_ZERO/CPU_SET write within it and
+    // sched_setaffinity only reads it.
+    #[allow(unsafe_code)]
+    let set_for = |tid: i32| unsafe {
+        let mut set: libc::cpu_set_t = std::mem::zeroed();
+        libc::CPU_ZERO(&mut set);
+        for c in cpus {
+            libc::CPU_SET(*c, &mut set);
+        }
+        libc::sched_setaffinity(tid, std::mem::size_of::<libc::cpu_set_t>(), &set) == 0
+    };
+    if pid == 0 {
+        return set_for(0);
+    }
+    let Ok(dir) = std::fs::read_dir(format!("/proc/{pid}/task")) else {
+        return false;
+    };
+    let mut any = false;
+    for task in dir.flatten() {
+        if let Some(tid) = task
+            .file_name()
+            .to_str()
+            .and_then(|t| t.parse::<i32>().ok())
+        {
+            any |= set_for(tid);
+        }
+    }
+    any
+}
+
 /// CPU time of every thread of a process so far, in nanoseconds (from the
 /// scheduler's per-thread statistics, finer than clock ticks).
 pub fn process_cpu_ns(pid: u32) -> Option<u64> {

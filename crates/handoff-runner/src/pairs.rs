@@ -11,7 +11,8 @@ use serde::{Deserialize, Serialize};
 use crate::record::{ResultRecord, Status};
 
 /// How the ratio and its interval are computed, stated in every line.
-pub const METHOD: &str = "t interval on log ratios of per-round block medians";
+pub const METHOD: &str =
+    "Hodges-Lehmann with Wilcoxon signed-rank 95% CI on log ratios of per-round block medians";
 
 /// What a pair compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]

@@ -4,7 +4,7 @@
 //! speed does over the minutes of a run hits all cases of the group alike.
 
 use std::sync::atomic::{AtomicBool, Ordering};
-use std::time::{Duration, Instant};
+use std::time::Instant;
 
 use handoff_suite::Measure;
 use serde::{Deserialize, Serialize};
@@ -25,14 +25,19 @@ pub struct RoundsInfo {
     /// The case's place in each round's order (0: first).
     #[serde(default)]
     pub slots: Vec<usize>,
+    /// Whether the worker was pinned to each round's CPUs (fewer threads
+    /// than CPUs) or left to the scheduler.
+    #[serde(default)]
+    pub pinned: bool,
     /// Median of each round's block, ms (`null`: not run).
     pub block_medians_ms: Vec<Option<f64>>,
     /// The same from the backend's own clock (Python baseline).
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub inner_block_medians_ms: Vec<Option<f64>>,
     /// CPU time the other workers of the group used while this case's
-    /// block ran, ms per round: an idle runtime that spins (ONNX Runtime's
-    /// intra-op threads do after a run) competes with the block.
+    /// block ran, ms per round. Idle workers are paused (SIGSTOP) between
+    /// their blocks, so this stays near 0; anything else would compete with
+    /// the block.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub others_cpu_ms: Vec<f64>,
 }
@@ -110,8 +115,17 @@ impl CaseState<'_> {
 /// final cell when it could not be prepared. `between_rounds` runs after each
 /// round (the drift canary). Returns `None` when `stop` was set: the group is
 /// not recorded (a resume measures it again).
+///
+/// `threads[i]` is case `i`'s thread count. A case using fewer threads than
+/// the machine has CPUs has its worker pinned, every round, to that round's
+/// CPUs (the same for every case, rotating from round to round): the CPUs of
+/// a VM need not be equally fast (two vCPUs 7% apart were seen here), and a
+/// process the scheduler happened to keep on the slower one would otherwise
+/// look slower for as long as it lives.
+#[allow(clippy::too_many_arguments)]
 pub fn run_group<'w>(
     started: Vec<Result<Box<dyn CaseWorker + 'w>, WorkerReport>>,
+    threads: &[u32],
     group: &str,
     policy: &Measure,
     seed: u64,
@@ -146,6 +160,11 @@ pub fn run_group<'w>(
     let mut order = RoundOrder::new(seed);
     let mut round = 0u32;
     let load_before = crate::machine::CpuSnapshot::now();
+    for c in &mut cases {
+        if let Some(w) = c.worker.as_mut() {
+            w.pause();
+        }
+    }
     loop {
         if cases.iter().all(|c| c.worker.is_none()) {
             break;
@@ -153,6 +172,7 @@ pub fn run_group<'w>(
         if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return None;
         }
+        let ncpu = crate::machine::cpu_count();
         for (slot, i) in order.shuffle(cases.len()).into_iter().enumerate() {
             cases[i].info.slots.push(slot);
             if cases[i].worker.is_none() {
@@ -168,12 +188,17 @@ pub fn run_group<'w>(
             let remaining =
                 u64::from(policy.max_iterations).saturating_sub(cases[i].samples.len() as u64);
             let worker = cases[i].worker.as_mut().expect("checked above");
-            let cpu_before = others_cpu_ns(&others);
-            let result = worker.block(block_ms, remaining.max(1));
-            let others_ms = others_cpu_ns(&others).saturating_sub(cpu_before) as f64 / 1e6;
-            if let Some(pid) = worker.pid() {
-                settle(pid);
+            let t = threads.get(i).copied().unwrap_or(1) as usize;
+            if let (Some(pid), true) = (worker.pid(), t < ncpu) {
+                let cpus: Vec<usize> = (0..t).map(|k| (round as usize + k) % ncpu).collect();
+                cases[i].info.pinned |= crate::machine::pin(pid, &cpus);
             }
+            let worker = cases[i].worker.as_mut().expect("checked above");
+            let cpu_before = others_cpu_ns(&others);
+            worker.resume();
+            let result = worker.block(block_ms, remaining.max(1));
+            worker.pause();
+            let others_ms = others_cpu_ns(&others).saturating_sub(cpu_before) as f64 / 1e6;
             let c = &mut cases[i];
             match result {
                 Ok(b) => {
@@ -289,23 +314,6 @@ fn others_cpu_ns(pids: &[u32]) -> u64 {
         .sum()
 }
 
-/// Waits (at most 50 ms) until a worker that has just finished a block stops
-/// using CPU, so a runtime that spins after a run does not share the next
-/// case's block.
-fn settle(pid: u32) {
-    let start = Instant::now();
-    let mut last = crate::machine::process_cpu_ns(pid).unwrap_or(0);
-    while start.elapsed() < Duration::from_millis(50) {
-        std::thread::sleep(Duration::from_millis(2));
-        let now = crate::machine::process_cpu_ns(pid).unwrap_or(0);
-        // Under a tenth of the 2 ms just waited: idle.
-        if now.saturating_sub(last) < 200_000 {
-            return;
-        }
-        last = now;
-    }
-}
-
 /// The drift canary: a fixed single-threaded f32 matmul (128 x 128 x 128,
 /// 4.2 MFLOP), timed five times; the median in ms. The same work on the
 /// same machine, so its changes over a run are the machine's.
@@ -334,6 +342,18 @@ pub fn canary_ms() -> f64 {
         .collect();
     times.sort_by(f64::total_cmp);
     times[2]
+}
+
+/// The canary on CPU 0 (the same CPU every time, since CPUs differ), this
+/// thread's affinity restored afterwards; `None` if it cannot be pinned.
+pub fn canary_on_cpu0() -> Option<f64> {
+    let all: Vec<usize> = (0..crate::machine::cpu_count()).collect();
+    if !crate::machine::pin(0, &[0]) {
+        return None;
+    }
+    let ms = canary_ms();
+    crate::machine::pin(0, &all);
+    Some(ms).filter(|m| m.is_finite())
 }
 
 /// One canary reading.

@@ -294,7 +294,7 @@ impl<'a> Runner<'a> {
                                 t_s: (run_start.elapsed().as_secs_f64() * 1e3).round() / 1e3,
                                 group: key.clone(),
                                 round,
-                                ms: Some(crate::rounds::canary_ms()).filter(|m| m.is_finite()),
+                                ms: crate::rounds::canary_on_cpu0(),
                             });
                         };
                         let Some(records) =
@@ -474,6 +474,7 @@ impl<'a> Runner<'a> {
             unchecked.push(reference.err());
         }
         let stop = self.options.stop.as_deref();
+        let threads: Vec<u32> = cases.iter().map(|c| c.threads).collect();
         let outcomes = match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
                 let started: Vec<_> = jobs
@@ -490,6 +491,7 @@ impl<'a> Runner<'a> {
                     .collect();
                 crate::rounds::run_group(
                     started,
+                    &threads,
                     key,
                     &self.plan.measure,
                     seed,
@@ -507,6 +509,7 @@ impl<'a> Runner<'a> {
                     .collect();
                 crate::rounds::run_group(
                     started,
+                    &threads,
                     key,
                     &self.plan.measure,
                     seed,
