@@ -1225,13 +1225,21 @@ fn write_report(
         .ok()
         .and_then(|b| serde_json::from_slice(&b).ok());
     let peak = handoff_report::roofline::MachinePeak::load(run_dir);
+    let meta: Option<handoff_runner::run::RunMeta> = std::fs::read(run_dir.join("run.json"))
+        .ok()
+        .and_then(|b| serde_json::from_slice(&b).ok());
+    let ctx = handoff_report::RunContext {
+        peak: peak.as_ref(),
+        canary: meta.as_ref().map_or(&[], |m| &m.canary),
+        measurement: meta.as_ref().map_or("", |m| &m.measurement),
+    };
     handoff_report::write_report(
         out,
         suite,
         &read.records,
         env.as_ref(),
         read.torn_last_line,
-        peak.as_ref(),
+        &ctx,
     )?;
     Ok(())
 }

@@ -55,7 +55,15 @@ fn report(c: &mut Criterion) {
     group.sample_size(10);
     group.bench_function("200 cases: summary.md + PNG plots + report.html", |b| {
         b.iter(|| {
-            handoff_report::write_report(dir.path(), "bench", &records, None, false, None).unwrap()
+            handoff_report::write_report(
+                dir.path(),
+                "bench",
+                &records,
+                None,
+                false,
+                &handoff_report::RunContext::default(),
+            )
+            .unwrap()
         })
     });
     group.finish();

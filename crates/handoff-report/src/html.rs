@@ -220,8 +220,9 @@ pub fn report_html(
     env: Option<&serde_json::Value>,
     torn_last_line: bool,
     images: &std::collections::BTreeMap<String, Vec<Vec<u8>>>,
-    peak: Option<&crate::roofline::MachinePeak>,
+    ctx: &crate::RunContext<'_>,
 ) -> String {
+    let peak = ctx.peak;
     let b64 = |key: &str| -> Vec<String> {
         images
             .get(key)
@@ -247,6 +248,24 @@ pub fn report_html(
             });
         }
     };
+    table(
+        "How this run was measured",
+        crate::paired::measurement_note(ctx, records).unwrap_or_default(),
+        b64("#canary"),
+        crate::paired::canary_table(ctx.canary),
+    );
+    table(
+        "Hand-off gain: Rust ort vs Python onnxruntime",
+        crate::paired::GAIN_NOTE.into(),
+        Vec::new(),
+        crate::paired::handoff_gain_table(&steady),
+    );
+    table(
+        "Paired comparisons",
+        crate::COMPARISONS_NOTE.into(),
+        Vec::new(),
+        crate::paired::comparisons_table(&steady),
+    );
     table(
         "Roofline: achieved GFLOP/s vs the machine's matmul peak",
         crate::roofline::note(peak),
@@ -351,9 +370,12 @@ fn model_view(m: &str, records: &[ResultRecord], images: Vec<String>) -> ModelVi
             "p99 {:.3} ms at batch 1{}",
             p99(r),
             python(r).map_or(String::new(), |p| format!(
-                "; Python onnxruntime there: p99 {:.3} ms ({:.2}x)",
+                "; Python onnxruntime there: p99 {:.3} ms{}",
                 p99(p),
-                p99(p) / p99(r)
+                crate::paired::paired(r, p, false).map_or(String::new(), |x| format!(
+                    ", p50 Python / this: {}",
+                    crate::paired::ratio_text(&x)
+                ))
             ))
         ),
     });
@@ -366,8 +388,13 @@ fn model_view(m: &str, records: &[ResultRecord], images: Vec<String>) -> ModelVi
                 python(r)
                     .and_then(|p| p.throughput_items_s)
                     .map_or(String::new(), |pt| format!(
-                        "; Python onnxruntime there: {pt:.1} items/s ({:.2}x)",
-                        t / pt
+                        "; Python onnxruntime there: {pt:.1} items/s{}",
+                        python(r)
+                            .and_then(|p| crate::paired::paired(r, p, false))
+                            .map_or(String::new(), |x| format!(
+                                " (its p50 / this: {})",
+                                crate::paired::ratio_text(&x)
+                            ))
                     ))
             ),
         }

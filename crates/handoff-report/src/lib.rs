@@ -2,10 +2,12 @@
 //! and the Markdown summary for CI step summaries and PR comments.
 
 pub mod html;
+pub mod paired;
 pub mod plots;
 pub mod roofline;
 pub mod write;
 
+pub use paired::RunContext;
 pub use write::{WriteError, write_report};
 
 use std::fmt::Write;
@@ -174,8 +176,9 @@ pub fn summary_markdown(
     suite: &str,
     records: &[ResultRecord],
     torn_last_line: bool,
-    peak: Option<&roofline::MachinePeak>,
+    ctx: &RunContext<'_>,
 ) -> String {
+    let peak = ctx.peak;
     let mut out = String::new();
     let _ = writeln!(out, "# handoff results: {}\n", escape_md(suite));
     if records.is_empty() {
@@ -199,6 +202,9 @@ pub fn summary_markdown(
         .map(|(s, n)| format!("{n} {}", s.as_str()))
         .collect();
     let _ = writeln!(out, "{} cases: {}.\n", records.len(), c.join(", "));
+    if let Some(note) = paired::measurement_note(ctx, records) {
+        let _ = writeln!(out, "{note}\n");
+    }
     let (steady, loaded) = split_scenarios(records);
     let records = &steady[..];
     let models = models(records);
@@ -210,9 +216,24 @@ pub fn summary_markdown(
             .filter(|r| r.passes() && r.case.batch == 1)
             .min_by(|a, b| p99(a).total_cmp(&p99(b)))
         {
+            // The runner-up on another backend, measured in the same rounds:
+            // is the winner measurably ahead?
+            let versus = rows
+                .iter()
+                .filter(|r| r.passes() && r.case.batch == 1 && r.case.backend != best.case.backend)
+                .filter_map(|r| paired::paired(best, r, false).map(|x| (r, x)))
+                .min_by(|a, b| p99(a.0).total_cmp(&p99(b.0)))
+                .map_or(String::new(), |(r, x)| {
+                    format!(
+                        " Next best, {} at {} thread(s), p50 vs this: {}.",
+                        escape_md(&backend_label(r)),
+                        r.case.threads,
+                        paired::ratio_text(&x)
+                    )
+                });
             let _ = writeln!(
                 out,
-                "Lowest p99 at batch 1: **{}**, {} thread(s): p99 {} ms, p50 {} ms.\n",
+                "Lowest p99 at batch 1: **{}**, {} thread(s): p99 {} ms, p50 {} ms.{versus}\n",
                 escape_md(&backend_label(best)),
                 best.case.threads,
                 fmt_ms(p99(best)),
@@ -257,7 +278,18 @@ pub fn summary_markdown(
         }
         out.push('\n');
     }
-    handoff_gain(&mut out, records);
+    if let Some(t) = paired::handoff_gain_table(records) {
+        out.push_str("## Hand-off gain: Rust ort vs Python onnxruntime\n\n");
+        out.push_str(paired::GAIN_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
+    if let Some(t) = paired::comparisons_table(records) {
+        out.push_str("## Paired comparisons\n\n");
+        out.push_str(COMPARISONS_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
     if let Some(t) = roofline::roofline_table(records, peak) {
         out.push_str("## Roofline: achieved GFLOP/s vs the machine's matmul peak\n\n");
         out.push_str(&roofline::note(peak));
@@ -524,54 +556,7 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
     })
 }
 
-/// What handing off from Python gains: the Python baseline timed inside
-/// Python (`session.run`, numpy in and out) against the Rust `ort` row on the
-/// same model file, inputs, threads and batch.
-fn handoff_gain(out: &mut String, records: &[ResultRecord]) {
-    let pairs: Vec<(&ResultRecord, &ResultRecord)> = records
-        .iter()
-        .filter(|p| p.case.backend == "python-onnxruntime" && p.passes())
-        .filter_map(|p| {
-            records
-                .iter()
-                .find(|r| {
-                    r.case.backend == "ort"
-                        && r.passes()
-                        && r.case.model == p.case.model
-                        && r.case.threads == p.case.threads
-                        && r.case.batch == p.case.batch
-                        && r.case.dims == p.case.dims
-                        && r.case.device == p.case.device
-                })
-                .map(|r| (p, r))
-        })
-        .collect();
-    if pairs.is_empty() {
-        return;
-    }
-    out.push_str("## Hand-off gain: Rust ort vs Python onnxruntime\n\n");
-    out.push_str("Same ONNX Runtime release, model file, inputs, threads and batch. Python p50 is timed inside Python around `session.run` (numpy in and out); Rust p50 around `Session::run`. The difference is what Python's binding costs per call. The two rows are measured one after the other: with as many threads as the machine has cores, anything else running moves them apart, so a negative overhead means the conditions differed, not that Python is faster (repeat with `--repeat`).\n\n");
-    out.push_str("| model | threads | batch | dims | Rust ort p50 ms | Python p50 ms | Python overhead per call | |\n|---|---:|---:|---|---:|---:|---:|---:|\n");
-    for (p, r) in pairs {
-        let (Some(py), Some(rs)) = (p.inner_latency_ms.as_ref(), r.latency_ms.as_ref()) else {
-            continue;
-        };
-        let diff_us = (py.p50 - rs.p50) * 1e3;
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {:+.0} µs | {:+.1}% |",
-            escape_md(&p.case.model),
-            p.case.threads,
-            p.case.batch,
-            escape_md(&dims(p)),
-            fmt_ms(rs.p50),
-            fmt_ms(py.p50),
-            diff_us,
-            100.0 * (py.p50 - rs.p50) / rs.p50
-        );
-    }
-    out.push('\n');
-}
+pub const COMPARISONS_NOTE: &str = "Every pair measured in the same rounds that this report compares: `backend` (each backend against the reference backend), `threads` (more threads against the fewest), `model` (another model with the same inputs, such as a precision variant or a lowered copy, against the first). `b / a` of p50 latency (below 1: b is faster); `p50-inner`: b timed by its own clock. The same lines are in comparisons.jsonl.";
 
 /// Size, accuracy and best throughput of each precision variant beside its
 /// fp32 model: the trade-off a team decides on.
@@ -669,18 +654,36 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
         let (Some(a), Some(b)) = (base.latency_ms.as_ref(), r.latency_ms.as_ref()) else {
             continue;
         };
-        let speedup = a.p50 / b.p50;
-        // Overlapping CIs of the medians: no measurable difference.
-        let overlap = b.p50_ci95[1] >= a.p50_ci95[0] && a.p50_ci95[1] >= b.p50_ci95[0];
-        let verdict = if speedup >= 1.05 && !overlap {
+        // Measured in the same rounds: the paired ratio's CI decides;
+        // otherwise only non-overlapping CIs of the medians do.
+        let (speedup, range, faster, slower) = match paired::paired(base, r, false) {
+            Some(x) => (
+                1.0 / x.ratio,
+                format!(" [{:.2}, {:.2}]", 1.0 / x.ci95[1], 1.0 / x.ci95[0]),
+                x.verdict == handoff_stats::rounds::Verdict::Faster,
+                x.verdict == handoff_stats::rounds::Verdict::Slower,
+            ),
+            None => {
+                let overlap = b.p50_ci95[1] >= a.p50_ci95[0] && a.p50_ci95[1] >= b.p50_ci95[0];
+                // Measured apart: only a clear and separated change counts.
+                let s = a.p50 / b.p50;
+                (
+                    s,
+                    String::new(),
+                    s >= 1.05 && !overlap,
+                    s <= 0.95 && !overlap,
+                )
+            }
+        };
+        let verdict = if faster {
             "faster"
-        } else if speedup <= 0.95 && !overlap {
+        } else if slower {
             "slower: threading overhead exceeds the parallel work at this size"
         } else {
             "no measurable gain: ops too small for the backend to split, or not parallelised"
         };
         lines.push(format!(
-            "| {} | {} | {} | {min_t} -> {max_t} | {speedup:.2}x | {verdict} |",
+            "| {} | {} | {} | {min_t} -> {max_t} | {speedup:.2}x{range} | {verdict} |",
             escape_md(&backend_label(r)),
             r.case.batch,
             escape_md(&dims(r)),
@@ -689,7 +692,7 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
     if lines.is_empty() {
         return;
     }
-    out.push_str("Thread scaling (p50 speed-up, ideal = thread ratio):\n\n");
+    out.push_str("Thread scaling (p50 speed-up with its 95% CI where measured in the same rounds; ideal = thread ratio):\n\n");
     out.push_str(
         "| backend | batch | dims | threads | speed-up | |\n|---|---:|---|---|---:|---|\n",
     );

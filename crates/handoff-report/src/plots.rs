@@ -717,6 +717,53 @@ pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<Path
     Ok(Some(dir.join("variants.png")))
 }
 
+/// The drift canary over the run: its time per reading, so a reader sees
+/// how much (and when) the machine's speed moved.
+pub fn canary_plot(
+    canary: &[handoff_runner::CanaryPoint],
+    dir: &Path,
+) -> Result<Option<PathBuf>, PlotError> {
+    let points: Vec<(f64, f64)> = canary
+        .iter()
+        .filter_map(|c| c.ms.map(|m| (c.t_s, m)))
+        .collect();
+    if points.len() < 2 {
+        return Ok(None);
+    }
+    font();
+    std::fs::create_dir_all(dir).map_err(|x| err(dir)(x.to_string()))?;
+    let path = dir.join("canary.png");
+    let e = err(&path);
+    let root = BitMapBackend::new(&path, SIZE).into_drawing_area();
+    root.fill(&WHITE).map_err(|x| e(x.to_string()))?;
+    let t_max = points.iter().map(|p| p.0).fold(0.0f64, f64::max).max(1e-3);
+    let y_max = points.iter().map(|p| p.1).fold(0.0f64, f64::max) * 1.15;
+    let mut chart = xy_chart(
+        &root,
+        (
+            "Drift canary: 128³ f32 matmul on CPU 0 between rounds".into(),
+            22,
+        ),
+        Axes {
+            x: 0.0..t_max * 1.02,
+            y: 0.0..y_max,
+            x_desc: "seconds since the run started",
+            y_desc: "canary ms (higher: machine slower)",
+            y_area: 70,
+        },
+    )
+    .map_err(&e)?;
+    chart
+        .draw_series(
+            points
+                .iter()
+                .map(|p| Circle::new(*p, 3, PALETTE[0].filled())),
+        )
+        .map_err(|x| e(x.to_string()))?;
+    root.present().map_err(|x| e(x.to_string()))?;
+    Ok(Some(dir.join("canary.png")))
+}
+
 /// Achieved GFLOP/s per configuration (bars, one colour per thread count)
 /// under the machine's matmul peak at each thread count (dashed lines of the
 /// same colour), labelled with the fraction of the peak. `None` when no

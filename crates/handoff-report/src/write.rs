@@ -24,8 +24,9 @@ pub fn write_report(
     records: &[ResultRecord],
     env: Option<&serde_json::Value>,
     torn_last_line: bool,
-    peak: Option<&crate::roofline::MachinePeak>,
+    ctx: &crate::RunContext<'_>,
 ) -> Result<Vec<PathBuf>, WriteError> {
+    let peak = ctx.peak;
     let io = |path: &Path| {
         let path = path.to_owned();
         move |source| WriteError::Io { path, source }
@@ -35,7 +36,7 @@ pub fn write_report(
     let md = out.join("summary.md");
     std::fs::write(
         &md,
-        crate::summary_markdown(suite, records, torn_last_line, peak),
+        crate::summary_markdown(suite, records, torn_last_line, ctx),
     )
     .map_err(io(&md))?;
     written.push(md);
@@ -65,10 +66,15 @@ pub fn write_report(
         images.insert("#roofline".into(), vec![png]);
         written.push(p);
     }
+    if let Some(p) = crate::plots::canary_plot(ctx.canary, &out.join("plots"))? {
+        let png = std::fs::read(&p).map_err(io(&p))?;
+        images.insert("#canary".into(), vec![png]);
+        written.push(p);
+    }
     let html = out.join("report.html");
     std::fs::write(
         &html,
-        crate::html::report_html(suite, records_all, env, torn_last_line, &images, peak),
+        crate::html::report_html(suite, records_all, env, torn_last_line, &images, ctx),
     )
     .map_err(io(&html))?;
     written.push(html);

@@ -86,9 +86,15 @@ fn report_renders_in_headless_chromium() {
     let chrome = chromium();
     let dir = tempfile::tempdir().unwrap();
     let env = serde_json::json!({"cpu_model": "fixture", "logical_cores": 2});
-    let files =
-        handoff_report::write_report(dir.path(), "fixture", &fixture(), Some(&env), false, None)
-            .unwrap();
+    let files = handoff_report::write_report(
+        dir.path(),
+        "fixture",
+        &fixture(),
+        Some(&env),
+        false,
+        &handoff_report::RunContext::default(),
+    )
+    .unwrap();
     let pngs: Vec<&PathBuf> = files
         .iter()
         .filter(|f| f.extension().is_some_and(|e| e == "png"))

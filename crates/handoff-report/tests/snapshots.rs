@@ -21,15 +21,15 @@ fn summary_markdown() {
         "quick<script>",
         &fixture(),
         false,
-        None
+        &handoff_report::RunContext::default()
     ));
 }
 
 #[test]
 fn summary_of_an_interrupted_run() {
-    let md = handoff_report::summary_markdown("q", &fixture()[..2], true, None);
+    let md = handoff_report::summary_markdown("q", &fixture()[..2], true, &Default::default());
     assert!(md.contains("cut off"));
-    let empty = handoff_report::summary_markdown("q", &[], false, None);
+    let empty = handoff_report::summary_markdown("q", &[], false, &Default::default());
     assert!(empty.contains("No results yet"));
 }
 
@@ -44,7 +44,7 @@ fn html_report_is_self_contained_and_escapes_user_strings() {
         Some(&env),
         false,
         &Default::default(),
-        None,
+        &Default::default(),
     );
     assert!(
         !html.contains("<script>alert"),
@@ -128,7 +128,7 @@ fn plots_are_non_blank_pngs_of_the_promised_size() {
             files.iter().map(|f| std::fs::read(f).unwrap()).collect(),
         )]
         .into(),
-        None,
+        &Default::default(),
     );
     assert_eq!(html.matches("src='data:image/png;base64,").count(), 6);
     std::fs::remove_dir_all(&dir).unwrap();
@@ -139,4 +139,76 @@ fn base64_matches_the_standard_alphabet() {
     assert_eq!(handoff_report::html::base64(b"Man"), "TWFu");
     assert_eq!(handoff_report::html::base64(b"Ma"), "TWE=");
     assert_eq!(handoff_report::html::base64(b"M"), "TQ==");
+}
+
+/// Rust ort and the Python baseline measured in the same 12 rounds; the
+/// Python side's per-round medians are `rust x factor x wobble`.
+fn interleaved_pair(factor: f64, inner_factor: f64) -> Vec<ResultRecord> {
+    let mut rust = fixture()
+        .into_iter()
+        .find(|r| r.case.backend == "ort" && r.status == handoff_runner::Status::Ok)
+        .unwrap();
+    // A machine drifting by +-20% from round to round, common to both.
+    let drift: Vec<f64> = (0..12)
+        .map(|i| 1.0 + 0.2 * (f64::from(i) / 2.0).sin())
+        .collect();
+    // Each side's own noise, +-0.8%.
+    let wobble = |i: usize, k: usize| 1.0 + 0.004 * ((i * k % 5) as f64 - 2.0);
+    let rounds = |f: f64, k: usize| -> Vec<Option<f64>> {
+        drift
+            .iter()
+            .enumerate()
+            .map(|(i, d)| Some(10.0 * d * f * wobble(i, k)))
+            .collect()
+    };
+    rust.rounds = Some(handoff_runner::RoundsInfo {
+        group: "g".into(),
+        block_medians_ms: rounds(1.0, 7),
+        ..Default::default()
+    });
+    rust.latency_ms.as_mut().unwrap().p50 = 10.0;
+    let mut py = rust.clone();
+    py.case.backend = "python-onnxruntime".into();
+    py.case.id = py.case.id.replace("/ort/", "/python-onnxruntime/");
+    py.inner_latency_ms = py.latency_ms.clone();
+    py.inner_latency_ms.as_mut().unwrap().p50 = 10.0 * inner_factor;
+    py.rounds = Some(handoff_runner::RoundsInfo {
+        group: "g".into(),
+        block_medians_ms: rounds(factor, 3),
+        inner_block_medians_ms: rounds(inner_factor, 3),
+        ..Default::default()
+    });
+    vec![rust, py]
+}
+
+#[test]
+fn hand_off_gain_prints_a_ratio_only_where_its_ci_excludes_one() {
+    let same = handoff_report::paired::handoff_gain_table(&interleaved_pair(1.03, 1.0)).unwrap();
+    let slower = handoff_report::paired::handoff_gain_table(&interleaved_pair(1.2, 1.1)).unwrap();
+    let mut md = String::new();
+    same.markdown(&mut md);
+    slower.markdown(&mut md);
+    insta::assert_snapshot!(md);
+    assert!(same.rows[0][6].starts_with("no measurable difference"));
+    assert_eq!(same.rows[0][7], "none measurable");
+    assert!(
+        slower.rows[0][6].starts_with("1.100x ["),
+        "{:?}",
+        slower.rows[0]
+    );
+    let comparisons =
+        handoff_report::paired::comparisons_table(&interleaved_pair(1.2, 1.1)).unwrap();
+    // Round trip and Python's own clock, both against Rust ort.
+    assert_eq!(comparisons.rows.len(), 2, "{:?}", comparisons.rows);
+    // Drift of +-20% cancels in the pairs: the intervals stay within 1%.
+    let summary = handoff_report::summary_markdown(
+        "q",
+        &interleaved_pair(1.2, 1.1),
+        false,
+        &Default::default(),
+    );
+    assert!(
+        summary.contains("Measured in interleaved rounds"),
+        "{summary}"
+    );
 }

@@ -28,7 +28,11 @@ pub const MIN_ROUNDS: usize = 3;
 /// positive values: `(centre, lo, hi)`. Below 6 values the bounds are the
 /// extreme Walsh averages (coverage 1 - 2^(1-n): 94% at 5, 75% at 3).
 fn log_hodges_lehmann(values: &[f64]) -> Option<(f64, f64, f64)> {
-    if values.len() < MIN_ROUNDS || values.iter().any(|v| !(*v > 0.0) || !v.is_finite()) {
+    if values.len() < MIN_ROUNDS
+        || values
+            .iter()
+            .any(|v| v.is_nan() || *v <= 0.0 || v.is_infinite())
+    {
         return None;
     }
     let logs: Vec<f64> = values.iter().map(|v| v.ln()).collect();

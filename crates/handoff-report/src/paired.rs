@@ -1,0 +1,261 @@
+//! Numbers side by side come from interleaved rounds: the ratio of two
+//! cases' medians with its 95% CI from their per-round block medians (the
+//! same computation as `comparisons.jsonl`), and how much the machine's
+//! speed moved during the run (the drift canary).
+
+use handoff_runner::{CanaryPoint, ResultRecord, Status};
+use handoff_stats::rounds::{PairedRatio, Verdict};
+
+use crate::{Table, dims, escape_md, fmt_ms};
+
+/// What a report knows about its run beyond the result lines.
+#[derive(Debug, Default, Clone, Copy)]
+pub struct RunContext<'a> {
+    /// The matmul peak per thread count, for the roofline.
+    pub peak: Option<&'a crate::roofline::MachinePeak>,
+    /// The drift canary between rounds.
+    pub canary: &'a [CanaryPoint],
+    /// `interleaved` or `sequential` (run.json); empty when unknown.
+    pub measurement: &'a str,
+}
+
+/// `b / a` of two cases measured in the same rounds (same group and
+/// repeat); `inner_b`: `b` by its own clock (the Python baseline inside
+/// Python). `None` when they were not measured together.
+pub fn paired(a: &ResultRecord, b: &ResultRecord, inner_b: bool) -> Option<PairedRatio> {
+    let (ra, rb) = (a.rounds.as_ref()?, b.rounds.as_ref()?);
+    if ra.group != rb.group
+        || a.repeat != b.repeat
+        || a.status != Status::Ok
+        || b.status != Status::Ok
+    {
+        return None;
+    }
+    let side =
+        |v: &[Option<f64>]| -> Vec<f64> { v.iter().map(|m| m.unwrap_or(f64::NAN)).collect() };
+    let mb = if inner_b {
+        &rb.inner_block_medians_ms
+    } else {
+        &rb.block_medians_ms
+    };
+    if mb.is_empty() {
+        return None;
+    }
+    handoff_stats::rounds::paired_ratio(&side(&ra.block_medians_ms), &side(mb))
+}
+
+/// `0.412x [0.405, 0.420]`, or `no measurable difference (±1.2%)`.
+pub fn ratio_text(r: &PairedRatio) -> String {
+    match r.verdict {
+        Verdict::NoMeasurableDifference => {
+            format!("no measurable difference (±{:.1}%)", 100.0 * r.half_width())
+        }
+        _ => format!("{:.3}x [{:.3}, {:.3}]", r.ratio, r.ci95[0], r.ci95[1]),
+    }
+}
+
+/// One sentence on how the run was measured and how much the machine's
+/// speed moved while it ran.
+pub fn measurement_note(ctx: &RunContext<'_>, records: &[ResultRecord]) -> Option<String> {
+    let interleaved = records.iter().any(|r| r.rounds.is_some());
+    let how = if interleaved {
+        "Measured in interleaved rounds: the cases a table compares (same inputs, batch and dims; every backend, thread count and variant) were prepared together and each round ran a block of every one in a fresh random order; a case's ±CI comes from the spread of its block medians, and ratios between cases from their per-round ratios (Hodges-Lehmann, Wilcoxon signed-rank 95% CI)."
+    } else if ctx.measurement == "sequential" || !records.is_empty() {
+        "Measured one case after another (`--sequential`): two cases side by side were measured minutes apart and may differ by the machine's drift, so no ratio between them is claimed."
+    } else {
+        return None;
+    };
+    let canary: Vec<f64> = ctx.canary.iter().filter_map(|c| c.ms).collect();
+    let missing = ctx.canary.len() - canary.len();
+    let drift = handoff_stats::rounds::relative_range(&canary).map(|(lo, hi)| {
+        format!(
+            " Machine speed during this run (drift canary: a 128³ f32 matmul on CPU 0 between rounds, {} readings{}): median {:.3} ms, {:+.0}% to {:+.0}%.",
+            canary.len(),
+            if missing > 0 {
+                format!(", {missing} missing")
+            } else {
+                String::new()
+            },
+            handoff_stats::median(&canary),
+            100.0 * lo,
+            100.0 * hi
+        )
+    });
+    Some(format!("{how}{}", drift.unwrap_or_default()))
+}
+
+/// Every pair measured together that a report compares: each backend
+/// against the reference backend, more threads against the fewest, each
+/// other model against its group's first.
+pub fn comparisons_table(records: &[ResultRecord]) -> Option<Table> {
+    let reference = records
+        .iter()
+        .find_map(|r| r.parity.as_ref().map(|p| p.reference.clone()))
+        .unwrap_or_else(|| "ort".into());
+    let mut groups: Vec<(&str, u32)> = Vec::new();
+    for r in records {
+        if let Some(i) = &r.rounds
+            && !groups.contains(&(i.group.as_str(), r.repeat))
+        {
+            groups.push((i.group.as_str(), r.repeat));
+        }
+    }
+    let id_of = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.case.id == id)
+            .map_or(id.to_owned(), short)
+    };
+    let mut rows = Vec::new();
+    for (g, rep) in groups {
+        let members: Vec<ResultRecord> = records
+            .iter()
+            .filter(|r| r.repeat == rep && r.rounds.as_ref().is_some_and(|i| i.group == g))
+            .cloned()
+            .collect();
+        for c in handoff_runner::pairs::group_comparisons(&members, &reference) {
+            rows.push(vec![
+                serde_json::to_value(c.kind)
+                    .ok()
+                    .and_then(|v| v.as_str().map(str::to_owned))
+                    .unwrap_or_default(),
+                id_of(&c.b),
+                id_of(&c.a),
+                c.metric.clone(),
+                format!("{:.3}", c.ratio),
+                format!("[{:.3}, {:.3}]", c.ci95[0], c.ci95[1]),
+                c.rounds.to_string(),
+                c.verdict.as_str().to_owned(),
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(Table {
+        header: vec![
+            "pair", "b", "a", "metric", "b / a", "95% CI", "rounds", "b is",
+        ],
+        rows,
+    })
+}
+
+/// `model backend tN bN dims`.
+fn short(r: &ResultRecord) -> String {
+    let d = dims(r);
+    format!(
+        "{} {} t{} b{}{}",
+        r.case.model,
+        r.case.backend,
+        r.case.threads,
+        r.case.batch,
+        if d.is_empty() {
+            String::new()
+        } else {
+            format!(" {d}")
+        }
+    )
+}
+
+pub const GAIN_NOTE: &str = "Same ONNX Runtime release, model file, inputs, threads and batch, measured in the same rounds. Python p50 is timed inside Python around `session.run` (numpy in and out); Rust p50 around `Session::run`. The ratio and its 95% CI come from the per-round medians; an overhead is printed only where the CI excludes 1.";
+
+/// What handing off from Python gains per call: Python's onnxruntime (timed
+/// inside Python) against Rust `ort` on the same model, inputs, threads and
+/// batch.
+pub fn handoff_gain_table(records: &[ResultRecord]) -> Option<Table> {
+    let mut rows = Vec::new();
+    for p in records
+        .iter()
+        .filter(|p| p.case.backend == "python-onnxruntime" && p.passes())
+    {
+        let Some(r) = records.iter().find(|r| {
+            r.case.backend == "ort"
+                && r.passes()
+                && r.repeat == p.repeat
+                && (
+                    &r.case.model,
+                    r.case.threads,
+                    r.case.batch,
+                    &r.case.dims,
+                    r.case.device,
+                ) == (
+                    &p.case.model,
+                    p.case.threads,
+                    p.case.batch,
+                    &p.case.dims,
+                    p.case.device,
+                )
+        }) else {
+            continue;
+        };
+        let (Some(py), Some(rs)) = (p.inner_latency_ms.as_ref(), r.latency_ms.as_ref()) else {
+            continue;
+        };
+        let (ratio, overhead) = match paired(r, p, true) {
+            Some(x) => (
+                ratio_text(&x),
+                match x.verdict {
+                    Verdict::NoMeasurableDifference => "none measurable".to_owned(),
+                    _ => format!(
+                        "{:+.0} µs [{:+.0}, {:+.0}]",
+                        (x.ratio - 1.0) * rs.p50 * 1e3,
+                        (x.ci95[0] - 1.0) * rs.p50 * 1e3,
+                        (x.ci95[1] - 1.0) * rs.p50 * 1e3
+                    ),
+                },
+            ),
+            None => (
+                "not measured together".to_owned(),
+                "- (run without --sequential)".to_owned(),
+            ),
+        };
+        rows.push(vec![
+            escape_md(&p.case.model),
+            p.case.threads.to_string(),
+            p.case.batch.to_string(),
+            escape_md(&dims(p)),
+            fmt_ms(rs.p50),
+            fmt_ms(py.p50),
+            ratio,
+            overhead,
+        ]);
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(Table {
+        header: vec![
+            "model",
+            "threads",
+            "batch",
+            "dims",
+            "Rust ort p50 ms",
+            "Python p50 ms",
+            "Python / Rust (95% CI)",
+            "Python overhead per call",
+        ],
+        rows,
+    })
+}
+
+/// The canary's readings in one row: how many, their median and range.
+pub fn canary_table(canary: &[CanaryPoint]) -> Option<Table> {
+    let ms: Vec<f64> = canary.iter().filter_map(|c| c.ms).collect();
+    let (lo, hi) = handoff_stats::rounds::relative_range(&ms)?;
+    Some(Table {
+        header: vec![
+            "canary readings",
+            "missing",
+            "median ms",
+            "fastest",
+            "slowest",
+        ],
+        rows: vec![vec![
+            ms.len().to_string(),
+            (canary.len() - ms.len()).to_string(),
+            format!("{:.3}", handoff_stats::median(&ms)),
+            format!("{:+.1}%", 100.0 * lo),
+            format!("{:+.1}%", 100.0 * hi),
+        ]],
+    })
+}
