@@ -808,6 +808,28 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 print_plan(&plan, false, &|c| {
                     handoff_runner::run::is_selected(c, &filter, shard)
                 })?;
+                if !sequential {
+                    let preview = Runner::new(
+                        &plan,
+                        &registry,
+                        RunOptions {
+                            filters: filter.clone(),
+                            shard,
+                            ..RunOptions::new(PathBuf::new())
+                        },
+                    )
+                    .group_preview();
+                    println!("measured in interleaved rounds (--sequential: one case at a time):");
+                    for (key, ids, mb) in &preview.0 {
+                        println!(
+                            "  group {key}: {} cases, ~{mb:.0} MB with every session alive",
+                            ids.len()
+                        );
+                    }
+                    for note in &preview.1 {
+                        println!("  warning: {note}");
+                    }
+                }
                 return Ok(ExitCode::SUCCESS);
             }
             if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {

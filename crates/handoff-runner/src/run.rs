@@ -262,7 +262,12 @@ impl<'a> Runner<'a> {
                 .selected()
                 .filter(|c| !done.contains(&(c.id.clone(), rep)))
                 .collect();
-            for unit in self.units(pending, &mut meta.split_groups) {
+            let known = meta.split_groups.len();
+            let units = self.units(pending, &mut meta.split_groups);
+            for note in &meta.split_groups[known..] {
+                eprintln!("warning: {note}");
+            }
+            for unit in units {
                 if stopped() {
                     summary.interrupted = true;
                     break 'units;
@@ -373,7 +378,6 @@ impl<'a> Runner<'a> {
                             budget.unwrap_or(0.0),
                             parts.len()
                         );
-                        eprintln!("warning: {note}");
                         if !split_notes.contains(&note) {
                             split_notes.push(note);
                         }
@@ -391,6 +395,26 @@ impl<'a> Runner<'a> {
             }
         }
         out
+    }
+
+    /// How the selected cases will be measured, for `--dry-run`: each group
+    /// measured in rounds (its key, case ids, estimated memory with every
+    /// session alive) and the notes of groups split to fit in memory.
+    pub fn group_preview(&self) -> (Vec<(String, Vec<String>, f64)>, Vec<String>) {
+        let mut notes = Vec::new();
+        let groups = self
+            .units(self.selected().collect(), &mut notes)
+            .into_iter()
+            .filter_map(|u| match u {
+                Unit::Group(key, cases) => Some((
+                    key,
+                    cases.iter().map(|c| c.id.clone()).collect(),
+                    cases.iter().map(|c| self.estimate_mb(c)).sum(),
+                )),
+                Unit::Single(_) => None,
+            })
+            .collect();
+        (groups, notes)
     }
 
     /// A rough upper bound of a case's memory with its session loaded: the

@@ -102,8 +102,10 @@ pub struct Measure {
     pub rounds: u32,
 }
 
+/// Short blocks pair better: these VMs' speed moves within a second, so two
+/// cases' blocks should be close in time (a 1 s `min_time` gives 33 ms blocks).
 fn default_rounds() -> u32 {
-    10
+    30
 }
 
 impl Measure {

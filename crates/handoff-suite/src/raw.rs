@@ -244,7 +244,7 @@ pub struct RawMeasure {
     /// Stop once the 95% CI of the median is narrower than this fraction of
     /// the median, on each side (default 0.01 = ±1%).
     pub target_ci: Option<f64>,
-    /// Interleaved measurement: at least this many rounds (default 10).
+    /// Interleaved measurement: at least this many rounds (default 30).
     /// Each round runs a block of every case of a comparison group, each
     /// block `min_time / rounds` long (at least one run); the median's CI
     /// comes from the block medians, so it needs at least 3.
