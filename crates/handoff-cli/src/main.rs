@@ -97,10 +97,15 @@ enum Command {
         case_thresholds: Vec<(String, f64)>,
         #[arg(long, default_value_t = 3.0)]
         noise_k: f64,
-        /// Compare runs from different environments (CPU, cores, runtime
-        /// versions, thread settings) anyway, with a warning.
+        /// Compare runs from different machines (CPU model, flags, cores,
+        /// thread settings) anyway, with a warning. Runtime versions may
+        /// differ without it: each case's note names the change.
         #[arg(long)]
         allow_env_mismatch: bool,
+        /// A case missing from HEAD was removed on purpose (otherwise a
+        /// missing case is a regression).
+        #[arg(long)]
+        allow_missing: bool,
         /// Write the comparison as JSON here (`-` for stdout).
         #[arg(long)]
         json: Option<PathBuf>,
@@ -689,6 +694,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
             case_thresholds,
             noise_k,
             allow_env_mismatch,
+            allow_missing,
             json,
             markdown,
             rerun,
@@ -711,6 +717,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 case_thresholds,
                 noise_k,
                 allow_env_mismatch,
+                allow_missing,
             };
             let b = handoff_compare::Run::load(&base)?;
             let h = handoff_compare::Run::load(&head)?;

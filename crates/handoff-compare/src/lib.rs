@@ -31,6 +31,8 @@ pub struct Options {
     /// Threshold >= k x observed run-to-run noise, when repeats exist.
     pub noise_k: f64,
     pub allow_env_mismatch: bool,
+    /// A case missing from head is a deliberate removal, not a regression.
+    pub allow_missing: bool,
 }
 
 impl Default for Options {
@@ -41,6 +43,7 @@ impl Default for Options {
             case_thresholds: Vec::new(),
             noise_k: 3.0,
             allow_env_mismatch: false,
+            allow_missing: false,
         }
     }
 }
@@ -159,22 +162,56 @@ impl Run {
     }
 }
 
-/// What makes two results comparable: everything but the measurement.
+/// A case's logical identity: what a user names (model id and variant,
+/// backend, device, threads, batch, dims, scenario). What changed underneath
+/// (the model file, the runtime version) is the change being gated: shown
+/// beside the verdict, never a reason to stop comparing.
 fn identity(r: &ResultRecord) -> String {
     let c = &r.case;
     let dims: Vec<String> = c.dims.iter().map(|(k, v)| format!("{k}={v}")).collect();
     format!(
-        "{}|{}|{}|{}|{}|t{}|b{}|{}|{}",
+        "{}|{}|{}|t{}|b{}|{}|{}",
         c.model,
-        c.model_sha256,
         c.backend,
-        c.backend_version.as_deref().unwrap_or("?"),
         c.device,
         c.threads,
         c.batch,
         dims.join(","),
         c.scenario
     )
+}
+
+/// What changed underneath a case between base and head.
+fn changes(base: &ResultRecord, head: &ResultRecord) -> Vec<String> {
+    let mut out = Vec::new();
+    let (b, h) = (&base.case, &head.case);
+    if b.model_sha256 != h.model_sha256 {
+        let short = |s: &str| s.chars().take(8).collect::<String>();
+        let size = |r: &ResultRecord| {
+            r.accuracy
+                .as_ref()
+                .filter(|a| a.size_bytes > 0)
+                .map(|a| format!(", {:.1} MB", a.size_bytes as f64 / 1e6))
+                .unwrap_or_default()
+        };
+        out.push(format!(
+            "model file changed (sha {}.. -> {}..{}{})",
+            short(&b.model_sha256),
+            short(&h.model_sha256),
+            size(base),
+            if size(head).is_empty() {
+                String::new()
+            } else {
+                format!(" ->{}", size(head).trim_start_matches(','))
+            }
+        ));
+    }
+    if let (Some(x), Some(y)) = (&b.backend_version, &h.backend_version)
+        && x != y
+    {
+        out.push(format!("{} {x} -> {y}", h.backend));
+    }
+    out
 }
 
 fn env_differences(base: &Run, head: &Run) -> Vec<String> {
@@ -198,13 +235,8 @@ fn env_differences(base: &Run, head: &Run) -> Vec<String> {
                 a.build_profile.clone(),
                 b.build_profile.clone(),
             );
-            for k in a.backends.keys().chain(b.backends.keys()) {
-                field(
-                    &format!("backend {k}"),
-                    a.backends.get(k).cloned().unwrap_or_default(),
-                    b.backends.get(k).cloned().unwrap_or_default(),
-                );
-            }
+            // Runtime versions may differ: an upgrade is what such a gate
+            // checks. Each case's row names the version change.
             for k in a.env_vars.keys().chain(b.env_vars.keys()) {
                 field(
                     &format!("${k}"),
@@ -325,11 +357,64 @@ fn compare_case(
     let (Some(base), Some(head)) = (base, head) else {
         row.verdict = if head.is_some() {
             Verdict::New
-        } else {
+        } else if opts.allow_missing {
             Verdict::Missing
+        } else {
+            row.note = Some(
+                "missing from head (pass --allow-missing if it was removed on purpose)".into(),
+            );
+            Verdict::Regressed
         };
         return row;
     };
+    let notes = changes(base[0], head[0]);
+    let with_changes = |note: String| -> Option<String> {
+        let mut all = notes.clone();
+        if !note.is_empty() {
+            all.insert(0, note);
+        }
+        (!all.is_empty()).then(|| all.join("; "))
+    };
+    row.note = with_changes(String::new());
+    // A head that crashed, hung or disagrees with its reference in any
+    // repeat fails the gate, whatever its other repeats measured.
+    let broken = |r: &&&ResultRecord| {
+        matches!(
+            r.status,
+            Status::Failed | Status::Timeout | Status::Mismatch
+        )
+    };
+    if let Some(bad) = head.iter().find(broken) {
+        let base_same = base.iter().all(|r| r.status == bad.status);
+        row.verdict = if base_same {
+            Verdict::Inconclusive
+        } else {
+            Verdict::Regressed
+        };
+        row.note = with_changes(format!(
+            "head is `{}`{}: {}",
+            bad.status.as_str(),
+            if base_same { " (as in base)" } else { "" },
+            bad.reason.as_deref().unwrap_or("")
+        ));
+        return row;
+    }
+    let passed = |rs: &[&ResultRecord]| {
+        rs.iter()
+            .all(|r| r.accuracy.as_ref().is_none_or(|a| a.passed))
+    };
+    if passed(base) && !passed(head) {
+        let a = head
+            .iter()
+            .find_map(|r| r.accuracy.as_ref())
+            .expect("a failed accuracy gate");
+        row.verdict = Verdict::Regressed;
+        row.note = with_changes(format!(
+            "accuracy gate failed in head: min cosine {:.4} < {} (passed in base)",
+            a.min_cosine, a.threshold_min_cosine
+        ));
+        return row;
+    }
     let ok = |rs: &[&ResultRecord]| -> Vec<f64> {
         rs.iter()
             .filter(|r| r.status == Status::Ok)
@@ -344,7 +429,7 @@ fn compare_case(
         } else {
             Verdict::Regressed
         };
-        row.note = Some(format!(
+        row.note = with_changes(format!(
             "head is `{status}`: {}",
             head[0].reason.as_deref().unwrap_or("")
         ));
@@ -352,7 +437,7 @@ fn compare_case(
     }
     if bs.is_empty() {
         row.verdict = Verdict::New;
-        row.note = Some(format!("base was `{}`", base[0].status.as_str()));
+        row.note = with_changes(format!("base was `{}`", base[0].status.as_str()));
         return row;
     }
     let (bv, hv) = (metric_of(&bs, opts.metric), metric_of(&hs, opts.metric));
@@ -372,7 +457,7 @@ fn compare_case(
         }
     };
     let Some(est) = est else {
-        row.note = Some("too few samples".into());
+        row.note = with_changes("too few samples".into());
         return row;
     };
     let ratio = if opts.metric == Metric::P50 {
@@ -427,6 +512,7 @@ pub fn markdown(c: &Comparison) -> String {
             c.env_differences.join("; ")
         );
     }
+    out.push_str("> Base and head were measured in separate runs: the machine's speed drifts between them, so a change smaller than the run-to-run noise (the threshold column, from `--repeat`) cannot be told apart from drift. For a gate that can, measure both in one interleaved run (two model ids with the same inputs in one suite: `comparisons.jsonl`).\n\n");
     out.push_str("| case | verdict | base ms | head ms | change | 95% CI | threshold | note |\n|---|---|---:|---:|---:|---|---:|---|\n");
     let pct = |x: f64| format!("{:+.1}%", (x - 1.0) * 100.0);
     for r in &c.rows {

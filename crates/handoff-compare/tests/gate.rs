@@ -1,0 +1,141 @@
+//! The gate on the changes users make: matched by logical identity, with
+//! failures, missing cases and accuracy failures as regressions.
+
+use handoff_compare::{Options, Run, Verdict, compare};
+use handoff_runner::{ResultRecord, Status};
+
+/// One `ok` ort case with 400 samples around `ms`.
+fn case(ms: f64) -> ResultRecord {
+    let line = include_str!("../../handoff-report/tests/fixtures/results.jsonl")
+        .lines()
+        .next()
+        .unwrap();
+    let mut r: ResultRecord = serde_json::from_str(line).unwrap();
+    r.samples_ms = (0..400)
+        .map(|i| ms * (1.0 + 0.01 * f64::from(i % 7) / 7.0))
+        .collect();
+    r.status = Status::Ok;
+    r
+}
+
+fn run(records: Vec<ResultRecord>) -> Run {
+    Run {
+        path: "r.jsonl".into(),
+        records,
+        fingerprint: None,
+    }
+}
+
+fn verdict(base: Vec<ResultRecord>, head: Vec<ResultRecord>, opts: &Options) -> (Verdict, String) {
+    let c = compare(&run(base), &run(head), opts).unwrap();
+    assert_eq!(c.rows.len(), 1, "{:?}", c.rows);
+    (
+        c.rows[0].verdict,
+        c.rows[0].note.clone().unwrap_or_default(),
+    )
+}
+
+#[test]
+fn a_changed_model_file_is_compared_and_named() {
+    let mut head = case(0.4);
+    head.case.model_sha256 = "cd34".repeat(16);
+    let (v, note) = verdict(vec![case(0.1)], vec![head], &Options::default());
+    assert_eq!(v, Verdict::Regressed);
+    assert!(
+        note.contains("model file changed (sha b47297ab.. -> cd34cd34.."),
+        "{note}"
+    );
+    // A faster model is an improvement.
+    let (v, _) = verdict(vec![case(0.1)], vec![case(0.09)], &Options::default());
+    assert_eq!(v, Verdict::Improved);
+}
+
+#[test]
+fn a_runtime_upgrade_is_compared_and_named() {
+    let mut head = case(0.1);
+    head.case.backend_version = Some("1.32.0".into());
+    let (v, note) = verdict(vec![case(0.1)], vec![head], &Options::default());
+    assert_eq!(v, Verdict::Unchanged);
+    assert!(note.contains("ort 1.31.1 -> 1.32.0"), "{note}");
+}
+
+#[test]
+fn a_crash_a_hang_or_a_mismatch_in_head_is_a_regression() {
+    for (status, reason) in [
+        (Status::Failed, "worker crashed (SIGABRT (6))"),
+        (Status::Timeout, "killed after 60s"),
+        (Status::Mismatch, "outputs differ from ort"),
+    ] {
+        let mut head = case(0.1);
+        head.status = status;
+        head.reason = Some(reason.into());
+        // Failed cells carry no runtime version.
+        head.case.backend_version = None;
+        head.samples_ms.clear();
+        let (v, note) = verdict(vec![case(0.1)], vec![head.clone()], &Options::default());
+        assert_eq!(v, Verdict::Regressed, "{status:?}");
+        assert!(note.contains(reason), "{note}");
+        // One bad repeat among good ones still fails the gate.
+        let mut good = case(0.1);
+        good.repeat = 1;
+        let (v, _) = verdict(vec![case(0.1)], vec![good, head], &Options::default());
+        assert_eq!(v, Verdict::Regressed, "{status:?} in one repeat");
+    }
+}
+
+#[test]
+fn newly_unavailable_is_a_regression_and_missing_needs_allow_missing() {
+    let mut head = case(0.1);
+    head.status = Status::Unavailable;
+    head.samples_ms.clear();
+    let (v, _) = verdict(vec![case(0.1)], vec![head], &Options::default());
+    assert_eq!(v, Verdict::Regressed);
+    // Head ran another model only.
+    let mut other = case(0.1);
+    other.case.model = "other".into();
+    other.case.id = "other/ort/cpu/t1/b1".into();
+    let missing = |opts: &Options| {
+        let c = compare(&run(vec![case(0.1)]), &run(vec![other.clone()]), opts).unwrap();
+        let row = c
+            .rows
+            .iter()
+            .find(|r| r.id.starts_with("mlp/"))
+            .unwrap()
+            .clone();
+        (row.verdict, row.note.unwrap_or_default())
+    };
+    let (v, note) = missing(&Options::default());
+    assert_eq!(
+        (v, note.contains("--allow-missing")),
+        (Verdict::Regressed, true)
+    );
+    let allow = Options {
+        allow_missing: true,
+        ..Options::default()
+    };
+    assert_eq!(missing(&allow).0, Verdict::Missing);
+}
+
+#[test]
+fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
+    let accuracy = |passed: bool, cos: f64| handoff_runner::Accuracy {
+        variant: "int8-dynamic".into(),
+        compared: "sentence embedding".into(),
+        min_cosine: cos,
+        max_abs: 0.1,
+        threshold_min_cosine: 0.99,
+        passed,
+        size_bytes: 23_000_000,
+        fp32_size_bytes: 90_000_000,
+    };
+    let mut base = case(0.1);
+    base.accuracy = Some(accuracy(true, 0.993));
+    let mut head = case(0.1);
+    head.accuracy = Some(accuracy(false, 0.9897));
+    let (v, note) = verdict(vec![base], vec![head], &Options::default());
+    assert_eq!(v, Verdict::Regressed);
+    assert!(
+        note.contains("accuracy gate failed in head: min cosine 0.9897"),
+        "{note}"
+    );
+}
