@@ -467,9 +467,9 @@ fn sigint_mid_suite_then_resume_gives_the_same_cases() {
         d,
         "s.yaml",
         "name: t\nmodels:\n  - id: m\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\n\
-         backends: [mock]\ncheck: {reference: mock}\nthreads: [1, 2, 3]\nbatch: [1, 2]\n\
+         backends: [mock]\ncheck: {reference: mock}\nthreads: [1, 2, 3]\nbatch: [1, 2, 3]\n\
          backend_options: {mock: {latency_us: 100}}\n\
-         measure: {warmup: 10ms, min_iterations: 5, min_time: 300ms, max_time: 300ms, target_ci: 0.5}\n",
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 600ms, max_time: 600ms, target_ci: 0.5}\n",
     );
     let full = handoff(&["run", &suite, "--out", "full", "--quiet"], d);
     assert_eq!(full.status.code(), Some(0));
@@ -480,7 +480,7 @@ fn sigint_mid_suite_then_resume_gives_the_same_cases() {
         .spawn()
         .unwrap();
     // Interrupt once the first group (batch 1, measured in rounds) is
-    // written and the second is under way.
+    // written; the other two take seconds more.
     let results = d.join("part/results.jsonl");
     let waited = std::time::Instant::now();
     while std::fs::read_to_string(&results).map_or(0, |t| t.lines().count()) == 0
@@ -496,7 +496,7 @@ fn sigint_mid_suite_then_resume_gives_the_same_cases() {
     let status = child.wait().unwrap();
     assert_eq!(status.code(), Some(130));
     let partial = ids(&d.join("part"));
-    assert!(!partial.is_empty() && partial.len() < 6, "{partial:?}");
+    assert!(!partial.is_empty() && partial.len() < 9, "{partial:?}");
     // Starting over in the same directory is refused; resuming completes it.
     assert_eq!(
         handoff(&["run", &suite, "--out", "part", "--quiet"], d)
