@@ -46,6 +46,11 @@ pub struct RoundsInfo {
     pub others_cpu_ms: Vec<f64>,
 }
 
+/// A group whose slowest case has used `max_time` stops after this many
+/// rounds even when `rounds` asks for more: a case that takes a second per
+/// run would otherwise hold the whole group for `rounds` seconds.
+pub const ROUNDS_WITHIN_MAX_TIME: u32 = 10;
+
 /// What the group runner hands back per case.
 pub struct Outcome {
     /// Final report with all samples in round order.
@@ -256,7 +261,9 @@ pub fn run_group<'w>(
             });
         let stop_reason = if enough && live.iter().all(|c| c.ci_met(policy.target_ci)) {
             Some(StopReason::Converged)
-        } else if round >= policy.rounds && live.iter().any(|c| c.measured_ms >= max_ms) {
+        } else if round >= policy.rounds.min(ROUNDS_WITHIN_MAX_TIME)
+            && live.iter().any(|c| c.measured_ms >= max_ms)
+        {
             Some(StopReason::MaxTime)
         } else {
             None
