@@ -85,6 +85,22 @@ impl RoundOrder {
     }
 }
 
+/// Calls `start(i)` for `0..n` in a seeded random order and returns the
+/// results by index: the workers of a group are started in a different order
+/// in every group and repeat, so whatever comes with being started first or
+/// last (memory the kernel hands out, a cache still warm from the reference
+/// run) does not favour the same case every time.
+pub fn in_shuffled_order<T>(n: usize, seed: u64, mut start: impl FnMut(usize) -> T) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
+    for i in RoundOrder::new(seed ^ 0x5747_4152_5400_0000).shuffle(n) {
+        slots[i] = Some(start(i));
+    }
+    slots
+        .into_iter()
+        .map(|s| s.expect("every index started"))
+        .collect()
+}
+
 struct CaseState<'w> {
     worker: Option<Box<dyn CaseWorker + 'w>>,
     /// Set once the case is over (failed, or finished).

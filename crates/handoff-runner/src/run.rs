@@ -505,18 +505,15 @@ impl<'a> Runner<'a> {
         let threads: Vec<u32> = cases.iter().map(|c| c.threads).collect();
         let outcomes = match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
-                let started: Vec<_> = jobs
-                    .iter()
-                    .map(|job| {
-                        crate::isolate::LiveChild::start(
-                            cmd,
-                            job,
-                            self.plan.timeout,
-                            self.options.stop.clone(),
-                        )
-                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                    })
-                    .collect();
+                let started = crate::rounds::in_shuffled_order(jobs.len(), seed, |i| {
+                    crate::isolate::LiveChild::start(
+                        cmd,
+                        &jobs[i],
+                        self.plan.timeout,
+                        self.options.stop.clone(),
+                    )
+                    .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                });
                 crate::rounds::run_group(
                     started,
                     &threads,
@@ -528,13 +525,10 @@ impl<'a> Runner<'a> {
                 )
             }
             _ => std::thread::scope(|scope| {
-                let started: Vec<_> = jobs
-                    .iter()
-                    .map(|job| {
-                        crate::isolate::ThreadWorker::start(scope, job.clone(), self.registry)
-                            .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                    })
-                    .collect();
+                let started = crate::rounds::in_shuffled_order(jobs.len(), seed, |i| {
+                    crate::isolate::ThreadWorker::start(scope, jobs[i].clone(), self.registry)
+                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                });
                 crate::rounds::run_group(
                     started,
                     &threads,
