@@ -400,7 +400,7 @@ impl<'a> Runner<'a> {
     /// How the selected cases will be measured, for `--dry-run`: each group
     /// measured in rounds (its key, case ids, estimated memory with every
     /// session alive) and the notes of groups split to fit in memory.
-    pub fn group_preview(&self) -> (Vec<(String, Vec<String>, f64)>, Vec<String>) {
+    pub fn group_preview(&self) -> (Vec<GroupPreview>, Vec<String>) {
         let mut notes = Vec::new();
         let groups = self
             .units(self.selected().collect(), &mut notes)
@@ -924,6 +924,9 @@ struct Ctx<'a> {
     flops: &'a mut HashMap<(PathBuf, String), Option<f64>>,
     env: &'a str,
 }
+
+/// A group as `--dry-run` shows it: key, case ids, estimated memory (MB).
+pub type GroupPreview = (String, Vec<String>, f64);
 
 /// A case measured alone, or a group measured in rounds.
 enum Unit {
