@@ -31,17 +31,8 @@ pub fn paired(a: &ResultRecord, b: &ResultRecord, inner_b: bool) -> Option<Paire
     {
         return None;
     }
-    let side =
-        |v: &[Option<f64>]| -> Vec<f64> { v.iter().map(|m| m.unwrap_or(f64::NAN)).collect() };
-    let mb = if inner_b {
-        &rb.inner_block_medians_ms
-    } else {
-        &rb.block_medians_ms
-    };
-    if mb.is_empty() {
-        return None;
-    }
-    handoff_stats::rounds::paired_ratio(&side(&ra.block_medians_ms), &side(mb))
+    let pairs = handoff_runner::pairs::medians;
+    handoff_stats::rounds::paired_ratio(&pairs(a, false)?, &pairs(b, inner_b)?)
 }
 
 /// `0.412x [0.405, 0.420]`, or `no measurable difference (±1.2%)`.

@@ -82,7 +82,9 @@ impl Comparison {
     }
 }
 
-fn medians(r: &ResultRecord, inner: bool) -> Option<Vec<f64>> {
+/// A case's per-round block medians (`inner`: by the backend's own clock),
+/// `NaN` for rounds it did not run; `None` without rounds.
+pub fn medians(r: &ResultRecord, inner: bool) -> Option<Vec<f64>> {
     let info = r.rounds.as_ref()?;
     let v = if inner {
         &info.inner_block_medians_ms
