@@ -47,8 +47,13 @@ backend_options: {{mock: {mock}}}
         ),
     )
     .unwrap();
+    load(dir)
+}
+
+/// The plan of the suite written in `dir`.
+fn load(dir: &Path) -> Plan {
     Plan::from_file(
-        &file,
+        &dir.join("suite.yaml"),
         &PlanOptions {
             model_cache: dir.join("cache"),
             known_backends: vec!["mock".into(), "mock-ref".into()],
@@ -239,7 +244,7 @@ impl Observer for StopAfterFirst {
 fn an_interrupted_interleaved_run_resumes_the_groups_it_had_not_finished() {
     let dir = tempfile::tempdir().unwrap();
     let file = dir.path().join("suite.yaml");
-    let p = plan(
+    plan(
         dir.path(),
         "{warmup: 1ms, min_iterations: 3, min_time: 30ms, max_time: 30ms, target_ci: 0.0001, rounds: 3}",
         "{latency_us: 200}",
@@ -249,15 +254,7 @@ fn an_interrupted_interleaved_run_resumes_the_groups_it_had_not_finished() {
         .unwrap()
         .replace("batch: [1]", "batch: [1, 2]");
     std::fs::write(&file, text).unwrap();
-    let p = Plan::from_file(
-        &file,
-        &PlanOptions {
-            model_cache: dir.path().join("cache"),
-            known_backends: vec!["mock".into(), "mock-ref".into()],
-            tools: None,
-        },
-    )
-    .map_or(p, |p| p);
+    let p = load(dir.path());
     let out = dir.path().join("o");
     let stop = Arc::new(AtomicBool::new(false));
     let reg = registry();
