@@ -184,6 +184,7 @@ pub fn run_group<'w>(
     let max_ms = policy.max_time.as_secs_f64() * 1e3;
     let mut order = RoundOrder::new(seed);
     let mut round = 0u32;
+    let ncpu = crate::machine::cpu_count();
     let load_before = crate::machine::CpuSnapshot::now();
     for c in &mut cases {
         if let Some(w) = c.worker.as_mut() {
@@ -197,7 +198,6 @@ pub fn run_group<'w>(
         if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
             return None;
         }
-        let ncpu = crate::machine::cpu_count();
         for (slot, i) in order.shuffle(cases.len()).into_iter().enumerate() {
             cases[i].info.slots.push(slot);
             if cases[i].worker.is_none() {
