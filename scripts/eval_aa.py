@@ -46,3 +46,40 @@ for key in sorted(pairs):
         f"{v('no measurable difference')} | {statistics.median(c['ratio'] for c in cs):.3f} | "
         f"±{100 * statistics.median(hw):.1f}% | ±{100 * max(hw):.1f}% | {sum(overlap[key])}/{len(overlap[key])} |"
     )
+
+# The between-process spread the runs estimated (sd of the log latency of
+# one worker process), per batch: what widened the intervals above.
+spread = defaultdict(list)
+for i in range(1, n + 1):
+    seen = set()
+    for l in (out / f"run-{i}" / "results.jsonl").read_text().splitlines():
+        r = json.loads(l) if l.strip() else {}
+        info = r.get("rounds") or {}
+        if info.get("process_var") is not None and info["group"] not in seen:
+            seen.add(info["group"])
+            spread[r["case"]["batch"]].append(info["process_var"] ** 0.5)
+for b in sorted(spread):
+    s = spread[b]
+    print(f"\nbatch {b}: between-process sd per run, median {100 * statistics.median(s):.2f}%, "
+          f"range {100 * min(s):.2f}-{100 * max(s):.2f}% ({len(s)} runs)")
+
+# What `handoff ab` (default --threshold 0.02) would decide on the same
+# paired ratios: regressed when the CI excludes 1 and the ratio exceeds
+# 1.02; A/A regressions are false alarms, enc-slow ones detections.
+print("\n`handoff ab` rule (CI excludes 1 and change > 2%), per pair:\n")
+print("| pair | backend | threads | batch | regressed | improved |")
+print("|---|---|---:|---:|---:|---:|")
+for key in sorted(pairs):
+    cs = pairs[key]
+    reg = sum(c["ci95"][0] > 1.0 and c["ratio"] > 1.02 for c in cs)
+    imp = sum(c["ci95"][1] < 1.0 and c["ratio"] < 0.98 for c in cs)
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {key[3]} | {reg}/{len(cs)} | {imp}/{len(cs)} |")
+# Per run, as a gate over all eight configurations of a pair at once.
+for name in sorted({k[0] for k in pairs}):
+    keys = [k for k in pairs if k[0] == name]
+    runs = len(pairs[keys[0]])
+    flagged = sum(
+        any(pairs[k][i]["ci95"][0] > 1.0 and pairs[k][i]["ratio"] > 1.02 for k in keys if i < len(pairs[k]))
+        for i in range(runs)
+    )
+    print(f"\n{name}: runs with at least one of its {len(keys)} configurations regressed: {flagged}/{runs}")

@@ -28,6 +28,8 @@ for i in $(seq 1 "$n"); do
   fi
   rm -rf "$out/run-$i"
   echo "run $i/$n" >&2
-  "$bin" run "$suite" --quiet --out "$out/run-$i"
+  # A different seed per run: each run is an independent draw of the
+  # start and round orders (and the inputs).
+  "$bin" run "$suite" --quiet --seed "$i" --out "$out/run-$i"
 done
 python3 scripts/eval_aa.py "$out" "$n"

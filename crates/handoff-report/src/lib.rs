@@ -202,6 +202,9 @@ pub fn summary_markdown(
         .map(|(s, n)| format!("{n} {}", s.as_str()))
         .collect();
     let _ = writeln!(out, "{} cases: {}.\n", records.len(), c.join(", "));
+    if let Some(line) = paired::machine_line(ctx) {
+        let _ = writeln!(out, "{}\n", escape_md(&line));
+    }
     if let Some(note) = paired::measurement_note(ctx, records) {
         let _ = writeln!(out, "{note}\n");
     }

@@ -17,6 +17,39 @@ pub struct RunContext<'a> {
     pub canary: &'a [CanaryPoint],
     /// `interleaved` or `sequential` (run.json); empty when unknown.
     pub measurement: &'a str,
+    /// The run's env.json (machine fingerprint), when there is one.
+    pub env: Option<&'a serde_json::Value>,
+}
+
+/// `Machine: <CPU>, N logical CPUs, int8 class <class> (<flags>).`: every
+/// figure in a report is of this machine, and int8 results depend on the
+/// class (see `handoff_convert::isa`).
+pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
+    let env = ctx.env?;
+    let text = |k: &str| {
+        env.get(k)
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.is_empty())
+    };
+    let cpu = text("cpu_model")?;
+    let cores = env.get("logical_cores").and_then(serde_json::Value::as_u64);
+    let flags: Vec<&str> = env
+        .get("cpu_flags")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+        .unwrap_or_default();
+    let mut line = format!("Machine: {cpu}");
+    if let Some(n) = cores {
+        line.push_str(&format!(", {n} logical CPUs"));
+    }
+    if let Some(class) = text("cpu_class") {
+        line.push_str(&format!(", int8 class `{class}`"));
+    }
+    if !flags.is_empty() {
+        line.push_str(&format!(" ({})", flags.join(" ")));
+    }
+    line.push('.');
+    Some(line)
 }
 
 /// `b / a` of two cases measured in the same rounds (same group and
@@ -31,8 +64,7 @@ pub fn paired(a: &ResultRecord, b: &ResultRecord, inner_b: bool) -> Option<Paire
     {
         return None;
     }
-    let pairs = handoff_runner::pairs::medians;
-    handoff_stats::rounds::paired_ratio(&pairs(a, false)?, &pairs(b, inner_b)?)
+    handoff_runner::pairs::ratio_of(a, b, inner_b)
 }
 
 /// `0.412x [0.405, 0.420]`, or `no measurable difference (±1.2%)`.
@@ -56,6 +88,27 @@ pub fn measurement_note(ctx: &RunContext<'_>, records: &[ResultRecord]) -> Optio
     } else {
         return None;
     };
+    let processes = records
+        .iter()
+        .filter_map(|r| r.rounds.as_ref())
+        .map(|i| i.processes)
+        .max()
+        .unwrap_or(1);
+    let spread: Vec<f64> = records
+        .iter()
+        .filter_map(|r| r.rounds.as_ref()?.process_var)
+        .map(f64::sqrt)
+        .collect();
+    let processes = if processes > 1 {
+        format!(
+            " Each case ran on {processes} worker processes in turn; the speed difference between processes measured in each group (largest here: {:.1}% sd) widens both intervals.",
+            100.0 * spread.iter().copied().fold(0.0, f64::max)
+        )
+    } else if interleaved {
+        " Each case ran on one worker process (`measure.processes: 1`): the intervals cannot show how much a process's own speed differs from another's (1-3% on small VMs).".to_owned()
+    } else {
+        String::new()
+    };
     let canary: Vec<f64> = ctx.canary.iter().filter_map(|c| c.ms).collect();
     let missing = ctx.canary.len() - canary.len();
     let drift = handoff_stats::rounds::relative_range(&canary).map(|(lo, hi)| {
@@ -72,7 +125,7 @@ pub fn measurement_note(ctx: &RunContext<'_>, records: &[ResultRecord]) -> Optio
             100.0 * hi
         )
     });
-    Some(format!("{how}{}", drift.unwrap_or_default()))
+    Some(format!("{how}{processes}{}", drift.unwrap_or_default()))
 }
 
 /// Every pair measured together that a report compares: each backend

@@ -16,6 +16,7 @@ fn overhead(c: &mut Criterion) {
         max_time: Duration::from_secs(60),
         target_ci: 1e-9,
         rounds: 10,
+        processes: 1,
     };
     let mut g = c.benchmark_group("harness");
     g.throughput(criterion::Throughput::Elements(10_000));

@@ -202,6 +202,7 @@ mod tests {
             max_time: Duration::from_millis(max_time_ms),
             target_ci: target,
             rounds: 10,
+            processes: 1,
         }
     }
 

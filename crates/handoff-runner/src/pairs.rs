@@ -11,8 +11,7 @@ use serde::{Deserialize, Serialize};
 use crate::record::{ResultRecord, Status};
 
 /// How the ratio and its interval are computed, stated in every line.
-pub const METHOD: &str =
-    "Hodges-Lehmann with Wilcoxon signed-rank 95% CI on log ratios of per-round block medians";
+pub const METHOD: &str = "Hodges-Lehmann with Wilcoxon signed-rank 95% CI on log ratios of per-round block medians, widened by the between-process variance";
 
 /// What a pair compares.
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -97,8 +96,16 @@ pub fn medians(r: &ResultRecord, inner: bool) -> Option<Vec<f64>> {
     Some(v.iter().map(|m| m.unwrap_or(f64::NAN)).collect())
 }
 
-fn pair(kind: PairKind, a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<Comparison> {
+/// `b / a` from the rounds both ran (`inner`: `b` by its own clock), its
+/// interval widened by both sides' between-process variance.
+pub fn ratio_of(a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<PairedRatio> {
     let r = paired_ratio(&medians(a, false)?, &medians(b, inner)?)?;
+    let term = |x: &ResultRecord| x.rounds.as_ref().map_or(0.0, |i| i.process_term());
+    Some(r.widened(term(a) + term(b)))
+}
+
+fn pair(kind: PairKind, a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<Comparison> {
+    let r = ratio_of(a, b, inner)?;
     Some(Comparison::new(
         kind,
         a,

@@ -44,6 +44,44 @@ pub struct RoundsInfo {
     /// the block.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub others_cpu_ms: Vec<f64>,
+    /// Worker processes the case ran on, in turn (round `r` on process
+    /// `r % processes`).
+    #[serde(default = "one", skip_serializing_if = "is_one")]
+    pub processes: u32,
+    /// The process that ran each round.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub process: Vec<usize>,
+    /// The group's between-process variance of the log latency
+    /// ([`handoff_stats::rounds::process_variance`]), which widens this
+    /// case's CI and its ratios; `None` with one process per case.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_var: Option<f64>,
+}
+
+fn one() -> u32 {
+    1
+}
+
+fn is_one(v: &u32) -> bool {
+    *v == 1
+}
+
+impl RoundsInfo {
+    /// `(process, block median)` per round, `None` where it did not run.
+    pub fn by_process(&self) -> Vec<Option<(usize, f64)>> {
+        self.block_medians_ms
+            .iter()
+            .enumerate()
+            .map(|(r, m)| m.map(|m| (self.process.get(r).copied().unwrap_or(0), m)))
+            .collect()
+    }
+
+    /// The variance this case's median carries from its processes' own
+    /// speeds: the group's between-process variance over the number of
+    /// processes it was averaged over (0 when not estimated).
+    pub fn process_term(&self) -> f64 {
+        self.process_var.unwrap_or(0.0) / f64::from(self.processes.max(1))
+    }
 }
 
 /// A group whose slowest case has used `max_time` stops after this many
@@ -85,15 +123,26 @@ impl RoundOrder {
     }
 }
 
-/// Calls `start(i)` for `0..n` in a seeded random order and returns the
-/// results by index: the workers of a group are started in a different order
-/// in every group and repeat, so whatever comes with being started first or
-/// last (memory the kernel hands out, a cache still warm from the reference
-/// run) does not favour the same case every time.
-pub fn in_shuffled_order<T>(n: usize, seed: u64, mut start: impl FnMut(usize) -> T) -> Vec<T> {
-    let mut slots: Vec<Option<T>> = (0..n).map(|_| None).collect();
-    for i in RoundOrder::new(seed ^ 0x5747_4152_5400_0000).shuffle(n) {
-        slots[i] = Some(start(i));
+/// Calls `start(i)` for the `per_case` workers of each of `cases` cases,
+/// in strata: every case's first worker in a seeded random order, then
+/// every case's second in another, and so on; returns the results by index
+/// `i = case * per_case + k`. Whatever comes with being started early or
+/// late (memory the kernel hands out, a cache still warm from the reference
+/// run; the first worker of a group was slower in every one of ten runs
+/// here) then favours no case: each case's workers sit at about the same
+/// average place in the order.
+pub fn in_stratified_order<T>(
+    cases: usize,
+    per_case: usize,
+    seed: u64,
+    mut start: impl FnMut(usize) -> T,
+) -> Vec<T> {
+    let mut slots: Vec<Option<T>> = (0..cases * per_case).map(|_| None).collect();
+    let mut order = RoundOrder::new(seed ^ 0x5747_4152_5400_0000);
+    for k in 0..per_case {
+        for c in order.shuffle(cases) {
+            slots[c * per_case + k] = Some(start(c * per_case + k));
+        }
     }
     slots
         .into_iter()
@@ -102,7 +151,8 @@ pub fn in_shuffled_order<T>(n: usize, seed: u64, mut start: impl FnMut(usize) ->
 }
 
 struct CaseState<'w> {
-    worker: Option<Box<dyn CaseWorker + 'w>>,
+    /// The case's worker processes, used in turn; empty once it is over.
+    workers: Vec<Box<dyn CaseWorker + 'w>>,
     /// Set once the case is over (failed, or finished).
     done: Option<WorkerReport>,
     samples: Vec<f64>,
@@ -120,6 +170,22 @@ impl CaseState<'_> {
             self.info.inner_block_medians_ms.push(None);
         }
         self.info.others_cpu_ms.push(0.0);
+        self.info.process.push(0);
+    }
+
+    /// Ends the case: every worker finishes; the first report that is not
+    /// ok is the case's, else the first.
+    fn finish(&mut self, reason: StopReason) {
+        let reports: Vec<WorkerReport> = self.workers.drain(..).map(|w| w.finish()).collect();
+        if reports.is_empty() {
+            return;
+        }
+        self.stop = Some(reason);
+        let bad = reports
+            .iter()
+            .position(|r| r.status() != crate::record::Status::Ok)
+            .unwrap_or(0);
+        self.done = reports.into_iter().nth(bad);
     }
 
     fn ci_met(&self, target: f64) -> bool {
@@ -136,8 +202,9 @@ impl CaseState<'_> {
     }
 }
 
-/// Runs the rounds of one group. `started[i]` is case `i`'s worker, or its
-/// final cell when it could not be prepared. `between_rounds` runs after each
+/// Runs the rounds of one group. `started[i]` is case `i`'s workers (one
+/// or more processes, used in turn from round to round), or its final cell
+/// when one of them could not be prepared. `between_rounds` runs after each
 /// round (the drift canary). Returns `None` when `stop` was set: the group is
 /// not recorded (a resume measures it again).
 ///
@@ -149,7 +216,7 @@ impl CaseState<'_> {
 /// look slower for as long as it lives.
 #[allow(clippy::too_many_arguments)]
 pub fn run_group<'w>(
-    started: Vec<Result<Box<dyn CaseWorker + 'w>, WorkerReport>>,
+    started: Vec<Result<Vec<Box<dyn CaseWorker + 'w>>, WorkerReport>>,
     threads: &[u32],
     group: &str,
     policy: &Measure,
@@ -160,18 +227,20 @@ pub fn run_group<'w>(
     let mut cases: Vec<CaseState<'w>> = started
         .into_iter()
         .map(|s| {
-            let (worker, done) = match s {
-                Ok(w) => (Some(w), None),
-                Err(r) => (None, Some(r)),
+            let (workers, done) = match s {
+                Ok(w) => (w, None),
+                Err(r) => (Vec::new(), Some(r)),
             };
+            let processes = workers.len().max(1) as u32;
             CaseState {
-                worker,
+                workers,
                 done,
                 samples: Vec::new(),
                 inner: Vec::new(),
                 info: RoundsInfo {
                     group: group.to_owned(),
                     order_seed: seed,
+                    processes,
                     ..Default::default()
                 },
                 measured_ms: 0.0,
@@ -186,13 +255,11 @@ pub fn run_group<'w>(
     let mut round = 0u32;
     let ncpu = crate::machine::cpu_count();
     let load_before = crate::machine::CpuSnapshot::now();
-    for c in &mut cases {
-        if let Some(w) = c.worker.as_mut() {
-            w.pause();
-        }
+    for w in cases.iter_mut().flat_map(|c| c.workers.iter_mut()) {
+        w.pause();
     }
     loop {
-        if cases.iter().all(|c| c.worker.is_none()) {
+        if cases.iter().all(|c| c.workers.is_empty()) {
             break;
         }
         if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
@@ -200,31 +267,44 @@ pub fn run_group<'w>(
         }
         for (slot, i) in order.shuffle(cases.len()).into_iter().enumerate() {
             cases[i].info.slots.push(slot);
-            if cases[i].worker.is_none() {
+            if cases[i].workers.is_empty() {
                 cases[i].skip_round();
                 continue;
             }
+            let k = round as usize % cases[i].workers.len();
             let others: Vec<u32> = cases
                 .iter()
                 .enumerate()
-                .filter(|(j, _)| *j != i)
-                .filter_map(|(_, c)| c.worker.as_ref().and_then(|w| w.pid()))
+                .flat_map(|(j, c)| {
+                    c.workers
+                        .iter()
+                        .enumerate()
+                        .filter(move |(kk, _)| (j, *kk) != (i, k))
+                        .filter_map(|(_, w)| w.pid())
+                })
                 .collect();
             let remaining =
                 u64::from(policy.max_iterations).saturating_sub(cases[i].samples.len() as u64);
-            let worker = cases[i].worker.as_mut().expect("checked above");
+            let worker = &mut cases[i].workers[k];
             let t = threads.get(i).copied().unwrap_or(1) as usize;
             if let (Some(pid), true) = (worker.pid(), t < ncpu) {
-                let cpus: Vec<usize> = (0..t).map(|k| (round as usize + k) % ncpu).collect();
+                // The same CPUs for every case of the round; each process
+                // moves on by one at each of its own turns, so no process
+                // stays on one CPU (with `round % ncpu`, two processes on
+                // two CPUs would each keep one).
+                let n = cases[i].workers.len();
+                let first = round as usize / n + k;
+                let cpus: Vec<usize> = (0..t).map(|c| (first + c) % ncpu).collect();
                 cases[i].info.pinned |= crate::machine::pin(pid, &cpus);
             }
-            let worker = cases[i].worker.as_mut().expect("checked above");
+            let worker = &mut cases[i].workers[k];
             let cpu_before = others_cpu_ns(&others);
             worker.resume();
             let result = worker.block(block_ms, remaining.max(1));
             worker.pause();
             let others_ms = others_cpu_ns(&others).saturating_sub(cpu_before) as f64 / 1e6;
             let c = &mut cases[i];
+            c.info.process.push(k);
             match result {
                 Ok(b) => {
                     c.info.block_runs.push(b.samples_ms.len());
@@ -247,9 +327,7 @@ pub fn run_group<'w>(
                     c.samples.extend(b.samples_ms);
                     c.inner.extend(b.inner_ms);
                     if c.samples.len() >= policy.max_iterations as usize {
-                        c.stop = Some(StopReason::MaxIterations);
-                        let w = c.worker.take().expect("worker checked above");
-                        c.done = Some(w.finish());
+                        c.finish(StopReason::MaxIterations);
                     }
                 }
                 Err(mut report) => {
@@ -260,14 +338,15 @@ pub fn run_group<'w>(
                         .others_cpu_ms
                         .push((others_ms * 1000.0).round() / 1000.0);
                     c.samples.extend(partial);
-                    c.worker = None;
+                    // The case's other processes are stopped with it.
+                    c.workers.clear();
                     c.done = Some(report);
                 }
             }
         }
         round += 1;
         between_rounds(round);
-        let live: Vec<&CaseState> = cases.iter().filter(|c| c.worker.is_some()).collect();
+        let live: Vec<&CaseState> = cases.iter().filter(|c| !c.workers.is_empty()).collect();
         if live.is_empty() {
             break;
         }
@@ -286,10 +365,7 @@ pub fn run_group<'w>(
         };
         if let Some(reason) = stop_reason {
             for c in &mut cases {
-                if let Some(w) = c.worker.take() {
-                    c.stop = Some(reason);
-                    c.done = Some(w.finish());
-                }
+                c.finish(reason);
             }
             break;
         }
@@ -297,6 +373,15 @@ pub fn run_group<'w>(
     // Everything the group's workers (and their children) did is the
     // group's own work; anything else is someone else's.
     let load = load_before.load_until(&crate::machine::CpuSnapshot::now());
+    let measured: Vec<Vec<Option<(usize, f64)>>> = cases
+        .iter()
+        .filter(|c| c.info.processes > 1)
+        .map(|c| c.info.by_process())
+        .collect();
+    let process_var = handoff_stats::rounds::process_variance(&measured);
+    for c in cases.iter_mut().filter(|c| c.info.processes > 1) {
+        c.info.process_var = process_var;
+    }
     Some(
         cases
             .into_iter()
@@ -417,6 +502,22 @@ mod tests {
         assert!(differs);
         // Every case leads some round.
         assert_eq!(firsts.len(), 6);
+    }
+
+    #[test]
+    fn workers_start_in_strata_of_one_per_case() {
+        let mut started = Vec::new();
+        let out = in_stratified_order(4, 3, 9, |i| {
+            started.push(i);
+            i * 10
+        });
+        assert_eq!(out, (0..12).map(|i| i * 10).collect::<Vec<_>>());
+        for (k, stratum) in started.chunks(4).enumerate() {
+            let mut cases: Vec<usize> = stratum.iter().map(|i| i / 3).collect();
+            assert!(stratum.iter().all(|i| i % 3 == k), "{started:?}");
+            cases.sort_unstable();
+            assert_eq!(cases, [0, 1, 2, 3]);
+        }
     }
 
     #[test]

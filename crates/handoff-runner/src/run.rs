@@ -105,6 +105,10 @@ pub struct RunMeta {
     /// because all their sessions would not fit in memory at once.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub split_groups: Vec<String>,
+    /// The seed of inputs and measurement orders (the suite's, or
+    /// `handoff run --seed`).
+    #[serde(default)]
+    pub seed: u64,
 }
 
 /// Progress callbacks (the CLI draws a progress bar with them).
@@ -221,6 +225,7 @@ impl<'a> Runner<'a> {
             },
             canary: Vec::new(),
             split_groups: Vec::new(),
+            seed: self.plan.seed,
         };
         let done = self.prepare_dir(dir, &results_path, &mut meta)?;
         let mut results = OpenOptions::new()
@@ -417,9 +422,10 @@ impl<'a> Runner<'a> {
         (groups, notes)
     }
 
-    /// A rough upper bound of a case's memory with its session loaded: the
-    /// process, three copies of the weights (file, runtime, optimised), and
-    /// an interpreter for Python backends.
+    /// A rough upper bound of a case's memory in interleaved rounds, per
+    /// worker process with its session loaded (the process, three copies of
+    /// the weights: file, runtime, optimised; an interpreter for Python
+    /// backends) times `measure.processes`.
     pub fn estimate_mb(&self, case: &Case) -> f64 {
         let file = self
             .plan
@@ -431,7 +437,7 @@ impl<'a> Runner<'a> {
         } else {
             0.0
         };
-        60.0 + 3.0 * file + python
+        (60.0 + 3.0 * file + python) * f64::from(self.plan.measure.processes.max(1))
     }
 
     fn reference_file(
@@ -503,17 +509,21 @@ impl<'a> Runner<'a> {
         }
         let stop = self.options.stop.as_deref();
         let threads: Vec<u32> = cases.iter().map(|c| c.threads).collect();
+        let n = self.plan.measure.processes.max(1) as usize;
         let outcomes = match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
-                let started = crate::rounds::in_shuffled_order(jobs.len(), seed, |i| {
-                    crate::isolate::LiveChild::start(
-                        cmd,
-                        &jobs[i],
-                        self.plan.timeout,
-                        self.options.stop.clone(),
-                    )
-                    .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                });
+                let started = per_case(
+                    crate::rounds::in_stratified_order(jobs.len(), n, seed, |i| {
+                        crate::isolate::LiveChild::start(
+                            cmd,
+                            &process_job(&jobs[i / n], i % n, n),
+                            self.plan.timeout,
+                            self.options.stop.clone(),
+                        )
+                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                    }),
+                    n,
+                );
                 crate::rounds::run_group(
                     started,
                     &threads,
@@ -525,10 +535,17 @@ impl<'a> Runner<'a> {
                 )
             }
             _ => std::thread::scope(|scope| {
-                let started = crate::rounds::in_shuffled_order(jobs.len(), seed, |i| {
-                    crate::isolate::ThreadWorker::start(scope, jobs[i].clone(), self.registry)
+                let started = per_case(
+                    crate::rounds::in_stratified_order(jobs.len(), n, seed, |i| {
+                        crate::isolate::ThreadWorker::start(
+                            scope,
+                            process_job(&jobs[i / n], i % n, n),
+                            self.registry,
+                        )
                         .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                });
+                    }),
+                    n,
+                );
                 crate::rounds::run_group(
                     started,
                     &threads,
@@ -589,7 +606,14 @@ impl<'a> Runner<'a> {
             let medians: Vec<f64> = info.block_medians_ms.iter().flatten().copied().collect();
             // The CI from the spread of block medians: it widens when the
             // machine drifts, unlike one from samples taken as independent.
-            if let Some(ci) = handoff_stats::rounds::round_ci(lat.p50, &medians) {
+            // The group's between-process variance enters too: the median
+            // is an average over only `processes` process speeds.
+            if let Some(ci) = handoff_stats::rounds::round_ci_with_processes(
+                lat.p50,
+                &medians,
+                info.process_var.unwrap_or(0.0),
+                info.processes,
+            ) {
                 lat.p50_ci95 = ci;
             }
         }
@@ -642,6 +666,12 @@ impl<'a> Runner<'a> {
                 "the suite changed since that run (sha256 {} then, {} now)",
                 &old.suite_sha256[..12],
                 &meta.suite_sha256[..12]
+            )));
+        }
+        if old.seed != meta.seed {
+            return Err(resume_err(format!(
+                "that run used seed {}, this one {} (pass --seed {} to continue it)",
+                old.seed, meta.seed, old.seed
             )));
         }
         if old.env != meta.env {
@@ -932,6 +962,38 @@ pub type GroupPreview = (String, Vec<String>, f64);
 enum Unit {
     Single(Case),
     Group(String, Vec<Case>),
+}
+
+/// The job of a case's `k`-th of `n` worker processes: its own file for
+/// the samples of a block in flight.
+fn process_job(job: &Job, k: usize, n: usize) -> Job {
+    let mut job = job.clone();
+    if n > 1
+        && let Some(p) = job.partial_path.as_mut()
+    {
+        let mut name = p.file_name().unwrap_or_default().to_os_string();
+        name.push(format!(".p{k}"));
+        p.set_file_name(name);
+    }
+    job
+}
+
+/// Regroups workers started in case-major order (`n` per case): a case
+/// whose processes did not all start is the first failure's cell (the
+/// others are dropped, which stops them).
+fn per_case<W>(
+    started: Vec<Result<W, WorkerReport>>,
+    n: usize,
+) -> Vec<Result<Vec<W>, WorkerReport>> {
+    let mut out = Vec::new();
+    let mut it = started.into_iter();
+    loop {
+        let chunk: Vec<Result<W, WorkerReport>> = it.by_ref().take(n).collect();
+        if chunk.is_empty() {
+            return out;
+        }
+        out.push(chunk.into_iter().collect());
+    }
 }
 
 /// Splits a group into consecutive parts whose estimated memory fits

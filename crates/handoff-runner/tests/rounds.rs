@@ -102,6 +102,13 @@ fn every_case_runs_once_per_round_in_a_seeded_order() {
     }
     // Not the same order every round.
     assert!((1..rounds).any(|r| info[0].slots[r] != info[0].slots[0]));
+    // Two workers per case by default, used in turn; the spread between
+    // them is estimated for the group and kept with every case.
+    for i in &info {
+        assert_eq!(i.processes, 2);
+        assert_eq!(i.process, (0..rounds).map(|r| r % 2).collect::<Vec<_>>());
+        assert!(i.process_var.is_some_and(|v| v >= 0.0) && i.process_var == info[0].process_var);
+    }
     for r in &records {
         let i = r.rounds.as_ref().unwrap();
         assert_eq!(r.samples_ms.len(), i.block_runs.iter().sum::<usize>());
@@ -123,6 +130,18 @@ fn every_case_runs_once_per_round_in_a_seeded_order() {
         "c/mock/cpu/t1/b1",
         "c/mock/cpu/t2/b1",
     );
+    // One worker per case: nothing to estimate the spread from.
+    let one = plan(
+        dir.path(),
+        "{warmup: 1ms, min_iterations: 5, min_time: 30ms, max_time: 60ms, target_ci: 0.0001, rounds: 3, processes: 1}",
+        "{latency_us: 500}",
+    );
+    let (single, _) = run_with(&one, RunOptions::new(dir.path().join("o3")));
+    for r in &single {
+        let i = r.rounds.as_ref().unwrap();
+        assert_eq!((i.processes, i.process_var), (1, None));
+        assert!(i.process.iter().all(|k| *k == 0));
+    }
     // The same seed replays the same orders.
     let (again, _) = run_with(&p, RunOptions::new(dir.path().join("o2")));
     assert_eq!(

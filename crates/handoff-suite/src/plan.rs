@@ -100,7 +100,22 @@ pub struct Measure {
     /// Interleaved measurement: at least this many rounds.
     #[serde(default = "default_rounds")]
     pub rounds: u32,
+    /// Interleaved measurement: worker processes per case, used in turn
+    /// (round `r` runs on process `r % processes`).
+    #[serde(default = "default_processes")]
+    pub processes: u32,
 }
+
+/// Each worker process has a speed of its own for its whole life (1-3% on
+/// these VMs, from where its memory landed): with two per case the spread
+/// between them is measured and enters the CI, instead of being a bias no
+/// interval can see.
+fn default_processes() -> u32 {
+    2
+}
+
+/// More processes per case than this are refused: each holds a session.
+pub const MAX_PROCESSES: u32 = 8;
 
 /// Short blocks pair better: these VMs' speed moves within a second, so two
 /// cases' blocks should be close in time (a 1 s `min_time` gives 33 ms blocks).
@@ -579,11 +594,18 @@ fn build(
         max_time: m.max_time.map_or(Duration::from_secs(10), |d| d.0),
         target_ci: m.target_ci.unwrap_or(0.01),
         rounds: m.rounds.unwrap_or_else(default_rounds),
+        processes: m.processes.unwrap_or_else(default_processes),
     };
     if measure.rounds < 3 {
         ctx.err(
             "measure.rounds",
             "must be at least 3 (a CI from block medians needs three)",
+        );
+    }
+    if !(1..=MAX_PROCESSES).contains(&measure.processes) {
+        ctx.err(
+            "measure.processes",
+            format!("must be from 1 to {MAX_PROCESSES} (worker processes per case)"),
         );
     }
     if measure.min_iterations == 0 {

@@ -105,6 +105,13 @@ fn bad_duration_names_the_field() {
 }
 
 #[test]
+fn measure_limits_are_reported_together() {
+    insta::assert_snapshot!(errors(&format!(
+        "{BASE}measure:\n  rounds: 2\n  processes: 9\n"
+    )));
+}
+
+#[test]
 fn unknown_backend_and_reference_are_reported_together() {
     insta::assert_snapshot!(errors(
         "name: t\nmodels:\n  - id: m\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\nbackends: [mock, onnxruntime]\ncheck:\n  reference: torch\n"
