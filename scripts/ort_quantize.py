@@ -3,7 +3,11 @@ fp32 ONNX file handoff quantises. handoff runs this (suite variant
 `ort-int8-dynamic`) in .cache/venv-quant, created from PyPI with pinned
 versions, so the report can put handoff's int8 beside ORT's.
 
-usage: python scripts/ort_quantize.py SRC.onnx OUT.onnx [--per-channel]
+usage: python scripts/ort_quantize.py SRC.onnx OUT.onnx [--per-channel] [--reduce-range]
+
+handoff passes --per-channel always and --reduce-range for CPUs without VNNI
+(7-bit weights: their kernels' 16-bit pair sums would saturate), ORT's most
+accurate configuration for the CPU the model runs on.
 """
 import sys
 
@@ -23,6 +27,7 @@ def main() -> int:
         out,
         weight_type=QuantType.QInt8,
         per_channel="--per-channel" in sys.argv,
+        reduce_range="--reduce-range" in sys.argv,
     )
     return 0
 

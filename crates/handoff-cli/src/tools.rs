@@ -293,15 +293,38 @@ pub struct VariantRequest {
     pub variant: String,
     pub dynamic: handoff_convert::quantize::DynamicOptions,
     pub min_cosine: f64,
+    /// The CPU class the variant is built for (its int8 weight bits follow
+    /// from it); part of the cache key, so a variant built for another
+    /// class is rebuilt and gated again, never reused.
+    pub cpu: handoff_convert::isa::CpuClass,
 }
 
 impl VariantRequest {
+    /// A variant for this machine's CPU class.
     pub fn new(variant: &str, min_cosine: f64) -> Self {
+        let cpu = handoff_convert::isa::Isa::detect().class;
         Self {
             variant: variant.to_owned(),
-            dynamic: Default::default(),
+            dynamic: handoff_convert::quantize::DynamicOptions::for_cpu(cpu),
             min_cosine,
+            cpu,
         }
+    }
+
+    /// What a cached variant must have been built from to be reused: the
+    /// request, the CPU class, the source model's bytes and the check
+    /// inputs.
+    fn cache_key(&self, onnx: &Path, specs: &[TensorSpec]) -> serde_json::Value {
+        let source = std::fs::read(onnx)
+            .map(|b| handoff_onnx::inspect::sha256_hex(&b))
+            .unwrap_or_default();
+        let inputs = serde_json::to_vec(specs).unwrap_or_default();
+        serde_json::json!({
+            "options": self.dynamic,
+            "cpu_class": self.cpu.as_str(),
+            "source_sha256": source,
+            "check_inputs_sha256": handoff_onnx::inspect::sha256_hex(&inputs),
+        })
     }
 }
 
@@ -320,14 +343,20 @@ pub fn build_variant(
 ) -> Result<(Check, Option<String>), String> {
     use handoff_convert::quantize;
     let step_name = format!("quantize:{}", request.variant);
+    let key = request.cache_key(onnx, specs);
     let options = serde_json::to_value(&request.dynamic).unwrap_or_default();
+    let target = serde_json::json!({
+        "cpu_class": request.cpu.as_str(),
+        "built_on": handoff_convert::isa::Isa::detect(),
+        "int8_weights": request.cpu.weight_bits_reason(),
+    });
     if out.is_file()
         && let Some(prov) = Provenance::load(out)
         && prov.tool == handoff_convert::CONVERTER_VERSION
         && prov
             .steps
             .iter()
-            .any(|s| s.name == step_name && s.params.get("request") == Some(&options))
+            .any(|s| s.name == step_name && s.params.get("request") == Some(&key))
         && let Some(check) = prov.checks.iter().find(|c| c.name == "accuracy")
         && check.threshold_min_cosine == request.min_cosine
     {
@@ -350,7 +379,7 @@ pub fn build_variant(
                 let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
                 (
                     quantize::quantize_dynamic(&mut model, &request.dynamic),
-                    serde_json::json!({"options": options, "smoothing": smoothing}),
+                    serde_json::json!({"options": options, "target_cpu": target, "smoothing": smoothing}),
                 )
             };
             let report = report.map_err(|e| format!("{}: {e}", onnx.display()))?;
@@ -378,7 +407,7 @@ pub fn build_variant(
                 .map_err(|e| format!("{}: {e}", onnx.display()))?;
             handoff_onnx::builder::write_model(&model, &tmp).map_err(|e| e.to_string())?;
             (
-                serde_json::json!({"options": options, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
+                serde_json::json!({"options": options, "target_cpu": target, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
                 report.warning(),
             )
         }
@@ -396,11 +425,14 @@ pub fn build_variant(
                 "quant",
                 &quantize::ORT_QUANT_PACKAGES,
             )?;
+            let reduce_range = request.cpu.saturates_int8();
             let out = std::process::Command::new(python)
                 .arg("-c")
                 .arg(ORT_QUANTIZE_PY)
                 .arg(onnx)
                 .arg(&tmp)
+                .arg("--per-channel")
+                .args(reduce_range.then_some("--reduce-range"))
                 .output()
                 .map_err(|e| format!("cannot run python: {e}"))?;
             if !out.status.success() {
@@ -411,7 +443,7 @@ pub fn build_variant(
                 ));
             }
             (
-                serde_json::json!({"tool": "onnxruntime.quantization.quantize_dynamic", "packages": quantize::ORT_QUANT_PACKAGES, "weight_type": "QInt8", "per_channel": false}),
+                serde_json::json!({"tool": "onnxruntime.quantization.quantize_dynamic", "packages": quantize::ORT_QUANT_PACKAGES, "weight_type": "QInt8", "per_channel": true, "reduce_range": reduce_range, "target_cpu": target}),
                 None,
             )
         }
@@ -423,7 +455,7 @@ pub fn build_variant(
         }
     };
     // What the cache compares: a build with other options is not reused.
-    params["request"] = options;
+    params["request"] = key;
     // NNEF is tract's format: tract runs it, against fp32 on ORT.
     let runner = if request.variant == "nnef" {
         "tract"

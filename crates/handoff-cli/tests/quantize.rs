@@ -14,9 +14,29 @@ use handoff_onnx::builder::{D, GraphBuilder, write_model};
 use handoff_onnx::inspect::ElemType;
 use handoff_runner::Status;
 
+/// The options a suite uses on this machine: 7-bit weights where the CPU's
+/// int8 kernels sum pairs of products in saturating 16 bits (no VNNI), so
+/// what ORT computes is what the ONNX spec says on every CPU class.
+fn native(min_elements: usize) -> DynamicOptions {
+    DynamicOptions {
+        min_elements,
+        ..DynamicOptions::for_cpu(handoff_convert::isa::Isa::detect().class)
+    }
+}
+
+/// The largest int8 weight magnitude under `options`.
+fn qmax(options: &DynamicOptions) -> f32 {
+    if options.weight_bits == 7 {
+        63.0
+    } else {
+        127.0
+    }
+}
+
 /// DynamicQuantizeLinear as the ONNX spec defines it (uint8, range
-/// including 0, round half to even), then the integer matmul and rescale.
-fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
+/// including 0, round half to even), then the integer matmul and rescale,
+/// with weights symmetric to `qmax` per column.
+fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize, qmax: f32) -> Vec<f32> {
     let lo = x.iter().fold(0f32, |a, &v| a.min(v));
     let hi = x.iter().fold(0f32, |a, &v| a.max(v));
     let xs = (hi - lo) / 255.0;
@@ -26,7 +46,7 @@ fn reference(x: &[f32], m: usize, k: usize, w: &[f32], n: usize) -> Vec<f32> {
         .map(|v| ((v / xs).round_ties_even() + zp).clamp(0.0, 255.0))
         .collect();
     let ws: Vec<f32> = (0..n)
-        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / 127.0)
+        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / qmax)
         .collect();
     let wq: Vec<f32> = (0..k * n)
         .map(|i| (w[i] / ws[i % n]).round_ties_even())
@@ -62,23 +82,51 @@ fn int8_dynamic_on_ort_and_tract_computes_what_the_onnx_spec_says() {
     let w: Vec<f32> = (0..k * n)
         .map(|i| ((i * 53 % 31) as f32 - 15.0) / 40.0)
         .collect();
-    let mut model = matmul_model(m, k, n, &w);
-    let options = DynamicOptions {
-        min_elements: 1,
-        down_proj_weight_only: false,
-        ..Default::default()
-    };
-    quantize_dynamic(&mut model, &options).unwrap();
-    let dir = tempfile::tempdir().unwrap();
-    let path = dir.path().join("q.onnx");
-    write_model(&model, &path).unwrap();
-    let want = reference(&x, m, k, &w, n);
     let exact: Vec<f32> = (0..m * n)
         .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
         .collect();
+    // 8-bit weights (these operands' pair sums stay within 16 bits, so
+    // every CPU class computes the spec) and 7-bit ones (any operands).
+    for bits in [8, 7] {
+        let mut model = matmul_model(m, k, n, &w);
+        let options = DynamicOptions {
+            min_elements: 1,
+            down_proj_weight_only: false,
+            weight_bits: bits,
+            ..Default::default()
+        };
+        quantize_dynamic(&mut model, &options).unwrap();
+        let wq = model
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .find(|t| t.name == "w_q")
+            .unwrap();
+        let largest = wq.raw_data.iter().map(|b| (*b as i8).unsigned_abs()).max();
+        assert_eq!(largest, Some(qmax(&options) as u8), "{bits}-bit weights");
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("q.onnx");
+        write_model(&model, &path).unwrap();
+        let want = reference(&x, m, k, &w, n, qmax(&options));
+        spec_and_near_fp32(&path, &x, (m, k, n), &want, &exact);
+    }
+}
+
+/// `path` on ORT and tract gives `want` (the spec), and is close to but not
+/// exactly the float product `exact`.
+fn spec_and_near_fp32(
+    path: &Path,
+    x: &[f32],
+    (m, k, n): (usize, usize, usize),
+    want: &[f32],
+    exact: &[f32],
+) {
+    let path = path.to_owned();
     for (name, backend) in ort_and_tract() {
-        let got = run(backend.as_ref(), &path, &x, m, k);
-        assert_close(&format!("{name} vs spec"), &got, &want, 1e-5);
+        let got = run(backend.as_ref(), &path, x, m, k);
+        assert_close(&format!("{name} vs spec"), &got, want, 1e-5);
         for i in 0..m * n {
             // And int8 is close to, but not exactly, the float product.
             assert!(
@@ -114,10 +162,7 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
     let exact: Vec<f32> = (0..m * n)
         .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
         .collect();
-    let options = DynamicOptions {
-        min_elements: 1,
-        ..Default::default()
-    };
+    let options = native(1);
     let absmax = std::collections::BTreeMap::from([("x".to_owned(), channel_absmax(&x, k))]);
     let mut smoothed = matmul_model(m, k, n, &w);
     smooth(&mut smoothed, &absmax, 0.5, &options).unwrap();
@@ -141,7 +186,7 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
     quantize_dynamic(&mut plain, &options).unwrap();
     let plain_path = dir.path().join("plain-int8.onnx");
     write_model(&plain, &plain_path).unwrap();
-    let want = reference(&xs, m, k, &ws, n);
+    let want = reference(&xs, m, k, &ws, n, qmax(&options));
     let err = |y: &[f32]| -> f32 {
         y.iter()
             .zip(&exact)
@@ -478,10 +523,7 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
         min: -1.0,
         max: 1.5,
     };
-    let options = DynamicOptions {
-        min_elements: 1,
-        ..Default::default()
-    };
+    let options = native(1);
     quantize_static(
         &mut model,
         &BTreeMap::from([("x".to_owned(), range)]),
@@ -498,7 +540,7 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
         .map(|v| (((v / s).round_ties_even() + zp).clamp(0.0, 255.0) - zp) * s)
         .collect();
     let ws: Vec<f32> = (0..n)
-        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / 127.0)
+        .map(|c| (0..k).map(|r| w[r * n + c].abs()).fold(0f32, f32::max) / qmax(&options))
         .collect();
     let want: Vec<f32> = (0..m * n)
         .map(|i| {

@@ -5,6 +5,7 @@
 
 pub mod bert;
 pub mod fetch;
+pub mod isa;
 pub mod lower;
 pub mod provenance;
 pub mod quantize;

@@ -69,6 +69,31 @@ pub struct DynamicOptions {
     /// int8-static: how calibration values become an activation's range.
     #[serde(default)]
     pub calibration: Calibration,
+    /// Bits of the weights multiplied in integer kernels: 8 (|q| <= 127),
+    /// or 7 (|q| <= 63) for CPUs whose kernels sum pairs of u8 x s8
+    /// products in saturating 16 bits (see [`crate::isa`]). Embedding
+    /// tables and weight-only MatMuls are dequantised to fp32 and keep 8.
+    #[serde(default = "eight")]
+    pub weight_bits: u8,
+}
+
+fn eight() -> u8 {
+    8
+}
+
+impl DynamicOptions {
+    /// The defaults for a model that will run on CPUs of `class`.
+    pub fn for_cpu(class: crate::isa::CpuClass) -> Self {
+        Self {
+            weight_bits: class.weight_bits(),
+            ..Self::default()
+        }
+    }
+
+    /// The largest weight magnitude of integer-kernel MatMuls.
+    fn matmul_qmax(&self) -> f32 {
+        if self.weight_bits == 7 { 63.0 } else { 127.0 }
+    }
 }
 
 /// How static quantisation turns an activation's calibration values into
@@ -126,6 +151,7 @@ impl Default for DynamicOptions {
             down_proj_weight_only: false,
             smooth_alpha: Some(SMOOTH_ALPHA),
             calibration: Calibration::MinMax,
+            weight_bits: 8,
         }
     }
 }
@@ -196,11 +222,13 @@ pub fn f32_values(t: &TensorProto) -> Result<Vec<f32>, QuantError> {
     Ok(values)
 }
 
-/// Symmetric int8: `q = round(w / s)`, `s = max|w| / 127` per group.
-/// `groups(i)` gives the scale index of element `i`.
+/// Symmetric int8: `q = round(w / s)`, `s = max|w| / qmax` per group
+/// (`qmax` 127, or 63 for 7-bit weights). `groups(i)` gives the scale index
+/// of element `i`.
 fn quantize_sym(
     values: &[f32],
     n_groups: usize,
+    qmax: f32,
     group: impl Fn(usize) -> usize,
 ) -> (Vec<i8>, Vec<f32>) {
     let mut amax = vec![0f32; n_groups];
@@ -210,16 +238,12 @@ fn quantize_sym(
     }
     let scales: Vec<f32> = amax
         .iter()
-        .map(|&a| if a > 0.0 { a / 127.0 } else { 1.0 })
+        .map(|&a| if a > 0.0 { a / qmax } else { 1.0 })
         .collect();
     let q = values
         .iter()
         .enumerate()
-        .map(|(i, v)| {
-            (v / scales[group(i)])
-                .round_ties_even()
-                .clamp(-127.0, 127.0) as i8
-        })
+        .map(|(i, v)| (v / scales[group(i)]).round_ties_even().clamp(-qmax, qmax) as i8)
         .collect();
     (q, scales)
 }
@@ -769,7 +793,14 @@ fn quantize_graph(
             "MatMul" => {
                 let groups = if options.per_channel { cols } else { 1 };
                 let per = options.per_channel;
-                let (q, scales) = quantize_sym(&values, groups, |k| if per { k % cols } else { 0 });
+                let weight_only = options.down_proj_weight_only && is_down_projection(w);
+                let qmax = if weight_only {
+                    127.0
+                } else {
+                    options.matmul_qmax()
+                };
+                let (q, scales) =
+                    quantize_sym(&values, groups, qmax, |k| if per { k % cols } else { 0 });
                 let scale_dims: Vec<i64> = if per { vec![cols as i64] } else { vec![] };
                 let (wq, ws, wzp) = (
                     format!("{}_q", w.name),
@@ -779,7 +810,7 @@ fn quantize_graph(
                 new_inits.push(tensor_i8(&wq, &w.dims, &q));
                 new_inits.push(tensor_f32(&ws, &scale_dims, &scales));
                 new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
-                if options.down_proj_weight_only && is_down_projection(w) {
+                if weight_only {
                     new_nodes.extend(dequantized_matmul(
                         &p,
                         n,
@@ -899,7 +930,7 @@ fn quantize_graph(
                     new_nodes.push(n.clone());
                     continue;
                 }
-                let (q, scales) = quantize_sym(&values, rows, |k| k / cols);
+                let (q, scales) = quantize_sym(&values, rows, 127.0, |k| k / cols);
                 let (tq, ts) = (format!("{}_q", w.name), format!("{}_row_scale", w.name));
                 new_inits.push(tensor_i8(&tq, &w.dims, &q));
                 new_inits.push(tensor_f32(&ts, &[rows as i64], &scales));

@@ -244,6 +244,10 @@ pub struct Fingerprint {
     pub cpu_model: String,
     pub logical_cores: usize,
     pub cpu_flags: Vec<String>,
+    /// The class that decides int8 kernels (e.g. `x86-avx2`: no VNNI, so
+    /// int8 products of 8-bit weights saturate in 16 bits).
+    #[serde(default)]
+    pub cpu_class: String,
     pub os: String,
     pub kernel: String,
     pub handoff_version: String,
@@ -270,11 +274,16 @@ impl Fingerprint {
             "avx2",
             "fma",
             "avx512f",
+            "avx512bw",
             "avx512_vnni",
             "avx512_bf16",
+            "avx_vnni",
             "amx_tile",
+            "amx_int8",
             "neon",
             "asimd",
+            "asimddp",
+            "i8mm",
         ];
         let flags = field("flags")
             .or_else(|| field("Features"))
@@ -307,6 +316,10 @@ impl Fingerprint {
             cpu_model: field("model name").unwrap_or_else(|| "unknown".into()),
             logical_cores: std::thread::available_parallelism().map_or(1, usize::from),
             cpu_flags,
+            cpu_class: handoff_convert::isa::Isa::parse(&cpuinfo, std::env::consts::ARCH)
+                .class
+                .as_str()
+                .to_owned(),
             os,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
