@@ -75,6 +75,10 @@ enum Command {
         /// rounds, so machine drift hits them alike.
         #[arg(long)]
         sequential: bool,
+        /// Override the suite's seed (inputs, the order workers start in
+        /// and the order of every round): another draw of the same run.
+        #[arg(long)]
+        seed: Option<u64>,
     },
     /// Compare two runs case by case; exit 1 if any case regressed.
     ///
@@ -123,6 +127,45 @@ enum Command {
         /// The head build's handoff binary (default: this one).
         #[arg(long, value_name = "PATH")]
         head_bin: Option<PathBuf>,
+    },
+    /// A/B of two files of one model, measured in one run: the suite's
+    /// model ID becomes ID.base (BASE) and ID.head (HEAD), measured in the
+    /// same interleaved rounds on every backend, thread count, batch and
+    /// variant of the suite; exit 1 if any case regressed.
+    ///
+    /// A case regresses when the paired 95% CI of head/base excludes 1 and
+    /// the change exceeds --threshold, or when head failed, hung, disagreed
+    /// with its reference or failed its accuracy gate where base did not.
+    Ab {
+        /// Suite file (YAML) that lists the model.
+        suite: PathBuf,
+        /// The model's id in the suite.
+        #[arg(long)]
+        model: String,
+        /// The base ONNX file (e.g. the model on the main branch).
+        #[arg(long)]
+        base: PathBuf,
+        /// The head ONNX file (e.g. the model in the pull request).
+        #[arg(long)]
+        head: PathBuf,
+        /// Smallest change that counts, as a fraction.
+        #[arg(long, default_value_t = 0.02)]
+        threshold: f64,
+        /// Only cases whose id contains this text (repeatable).
+        #[arg(long, short)]
+        filter: Vec<String>,
+        /// Results directory (default: reports/ab-<model>-<UTC timestamp>).
+        #[arg(long, short)]
+        out: Option<PathBuf>,
+        /// Write the Markdown summary here too (e.g. $GITHUB_STEP_SUMMARY).
+        #[arg(long)]
+        markdown: Option<PathBuf>,
+        /// Write the comparison as JSON here.
+        #[arg(long)]
+        json: Option<PathBuf>,
+        /// No progress bar and no table.
+        #[arg(long, short)]
+        quiet: bool,
     },
     /// Save a run as a named baseline (in .handoff/baselines/, or
     /// $HANDOFF_BASELINES) for `handoff compare @NAME HEAD`.
@@ -298,6 +341,12 @@ enum Command {
         /// Weights with fewer elements stay fp32.
         #[arg(long, default_value_t = 4096)]
         min_elements: usize,
+        /// The CPU class the int8 model will run on: `native` (this
+        /// machine), `avx2` (no VNNI: 7-bit weights, as ONNX Runtime's
+        /// reduce_range, since its kernels' 16-bit pair sums saturate),
+        /// `avx512-vnni`, `avx-vnni`, `amx` or `arm64-dotprod` (8-bit).
+        #[arg(long, default_value = "native")]
+        target_cpu: handoff_convert::isa::TargetCpu,
         /// Fail (write nothing) below this cosine similarity to fp32.
         #[arg(long, default_value_t = 0.99)]
         min_cosine: f64,
@@ -583,12 +632,14 @@ fn run(cli: Cli) -> Result<ExitCode> {
             calibration: calibration_method,
             exclude,
             min_elements,
+            target_cpu,
             min_cosine,
             tokenizer,
             batch,
             seq,
         } => {
             let out = out.unwrap_or_else(|| tools::variant_path(&model, &to));
+            let cpu = target_cpu.class();
             let request = tools::VariantRequest {
                 variant: to.clone(),
                 dynamic: handoff_convert::quantize::DynamicOptions {
@@ -603,8 +654,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
                     calibration: calibration_method,
                     min_elements,
                     exclude,
+                    weight_bits: cpu.weight_bits(),
                 },
                 min_cosine,
+                cpu,
             };
             let sentences = handoff_suite::text::DEFAULT_SENTENCES;
             let specs = check_inputs(&model, tokenizer.as_deref(), &sentences, batch, seq)?;
@@ -749,6 +802,61 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::from(u8::from(c.regressions() > 0)))
         }
+        Command::Ab {
+            suite,
+            model,
+            base,
+            head,
+            threshold,
+            filter,
+            out,
+            markdown,
+            json,
+            quiet,
+        } => {
+            let text = std::fs::read_to_string(&suite)
+                .with_context(|| format!("cannot read {}", suite.display()))?;
+            let ab = handoff_suite::ab::ab_suite(&text, &model, &base, &head)
+                .with_context(|| format!("{}", suite.display()))?;
+            // Relative paths in the suite still resolve from its directory.
+            let plan = Plan::from_str(&suite, &ab, &plan_options(&registry))?;
+            let out = out.unwrap_or_else(|| {
+                PathBuf::from("reports").join(format!("ab-{model}-{}", timestamp()))
+            });
+            let (code, out) = run_plan(
+                &plan,
+                &registry,
+                &suite,
+                RunArgs {
+                    filter,
+                    out: Some(out),
+                    quiet,
+                    repeat: 1,
+                    shard: None,
+                    resume: None,
+                    sequential: false,
+                },
+            )?;
+            if code != ExitCode::SUCCESS {
+                return Ok(code);
+            }
+            let run = handoff_compare::Run::load(&out)?;
+            let opts = handoff_compare::Options {
+                threshold,
+                ..Default::default()
+            };
+            let c = handoff_compare::compare_ab(&run, &model, &opts);
+            let md = handoff_compare::markdown(&c);
+            print!("{md}");
+            std::fs::write(out.join("ab.md"), &md)?;
+            if let Some(p) = markdown {
+                std::fs::write(p, &md)?;
+            }
+            if let Some(p) = json {
+                std::fs::write(p, serde_json::to_vec_pretty(&c)?)?;
+            }
+            Ok(ExitCode::from(u8::from(c.regressions() > 0)))
+        }
         Command::Baseline { action } => {
             match action {
                 BaselineAction::Save { name, run } => {
@@ -809,8 +917,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
             shard,
             resume,
             sequential,
+            seed,
         } => {
-            let plan = Plan::from_file(&suite, &plan_options(&registry))?;
+            let mut plan = Plan::from_file(&suite, &plan_options(&registry))?;
+            if let Some(seed) = seed {
+                plan.seed = seed;
+            }
             if dry_run {
                 print_plan(&plan, false, &|c| {
                     handoff_runner::run::is_selected(c, &filter, shard)
@@ -839,112 +951,153 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {
-                ensure_ort(quiet);
-            }
-            let out = resume.clone().or(out).unwrap_or_else(|| {
-                PathBuf::from("reports").join(format!("{}-{}", plan.name, timestamp()))
-            });
-            let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
-            {
-                let stop = Arc::clone(&stop);
-                // First Ctrl-C / SIGTERM: stop after killing the case in
-                // flight (nothing half-written); second: exit at once.
-                let _ = ctrlc::set_handler(move || {
-                    if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
-                        std::process::exit(130);
-                    }
-                    eprintln!(
-                        "\ninterrupted: stopping after killing the case in flight (Ctrl-C again to quit now)"
-                    );
-                });
-            }
-            let options = RunOptions {
-                out_dir: out.clone(),
-                worker: Some(WorkerCommand {
-                    program: std::env::current_exe()
-                        .context("cannot find the handoff executable")?,
-                    args: vec!["__worker".into()],
-                }),
-                filters: filter,
-                repeat,
-                shard,
-                resume: resume.is_some(),
-                stop: Some(Arc::clone(&stop)),
-                servers: Some(server_launcher()?),
-                flops: Some(handoff_runner::FlopCounter(Arc::new(|path, inputs| {
-                    handoff_tract::flops(path, inputs).ok()
-                }))),
-                sequential,
-            };
-            // The roofline's ceiling, measured before the cases while the
-            // machine is as quiet as it will be (kept on --resume).
-            let peak_file = out.join(handoff_report::roofline::MachinePeak::FILE);
-            let real = plan.backends.iter().any(|b| !b.starts_with("mock"));
-            if real && !peak_file.is_file() && plan.isolation == handoff_suite::Isolation::Process {
-                std::fs::create_dir_all(&out)?;
-                match roofline::measure_peak(
-                    &registry,
-                    &plan.threads,
-                    &plan_options(&registry).model_cache,
-                ) {
-                    Ok(p) => std::fs::write(&peak_file, serde_json::to_vec_pretty(&p)?)?,
-                    Err(e) => eprintln!("warning: no matmul peak for the roofline: {e}"),
-                }
-            }
-            let runner = Runner::new(&plan, &registry, options);
-            let mut progress = Progress::new(quiet);
-            let summary = runner.run(&mut progress)?;
-            progress.finish();
-            let read = handoff_runner::read_results(&summary.results)?;
-            write_report(&out, &out, &plan.name, &read)?;
-            if !quiet {
-                println!("{}", handoff_report::terminal_table(&read.records));
-                let counts: Vec<String> = summary
-                    .counts
-                    .iter()
-                    .map(|(s, n)| format!("{n} {s}"))
-                    .collect();
-                println!("{} cases: {}", read.records.len(), counts.join(", "));
-                if summary.busy_cases > 0 {
-                    println!(
-                        "warning: {} case(s) ran while other processes used CPU; their numbers are marked BUSY",
-                        summary.busy_cases
-                    );
-                }
-                if summary.resumed > 0 {
-                    println!(
-                        "resumed: {} case(s) were already in {}",
-                        summary.resumed,
-                        out.display()
-                    );
-                }
-                println!("results: {}", summary.results.display());
-                println!(
-                    "summary: {} and {}",
-                    out.join("summary.md").display(),
-                    out.join("report.html").display()
-                );
-            }
-            if summary.suite_timeout {
-                eprintln!(
-                    "suite_timeout reached: remaining cases not run; resume with `handoff run {} --resume {}`",
-                    suite.display(),
-                    out.display()
-                );
-                return Ok(ExitCode::SUCCESS);
-            }
-            if summary.interrupted {
-                eprintln!(
-                    "interrupted: resume with `handoff run {} --resume {}`",
-                    suite.display(),
-                    out.display()
-                );
-                return Ok(ExitCode::from(130));
-            }
-            Ok(ExitCode::SUCCESS)
+            run_plan(
+                &plan,
+                &registry,
+                &suite,
+                RunArgs {
+                    filter,
+                    out,
+                    quiet,
+                    repeat,
+                    shard,
+                    resume,
+                    sequential,
+                },
+            )
+            .map(|(code, _)| code)
         }
     }
+}
+
+/// How `handoff run` (and `handoff ab`) measure a plan.
+struct RunArgs {
+    filter: Vec<String>,
+    out: Option<PathBuf>,
+    quiet: bool,
+    repeat: u32,
+    shard: Option<(u32, u32)>,
+    resume: Option<PathBuf>,
+    sequential: bool,
+}
+
+/// Measures `plan` and writes its report; the exit code and the run
+/// directory.
+fn run_plan(
+    plan: &Plan,
+    registry: &Arc<Registry>,
+    suite: &Path,
+    args: RunArgs,
+) -> Result<(ExitCode, PathBuf)> {
+    let RunArgs {
+        filter,
+        out,
+        quiet,
+        repeat,
+        shard,
+        resume,
+        sequential,
+    } = args;
+    if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {
+        ensure_ort(quiet);
+    }
+    let out = resume
+        .clone()
+        .or(out)
+        .unwrap_or_else(|| PathBuf::from("reports").join(format!("{}-{}", plan.name, timestamp())));
+    let stop = Arc::new(std::sync::atomic::AtomicBool::new(false));
+    {
+        let stop = Arc::clone(&stop);
+        // First Ctrl-C / SIGTERM: stop after killing the case in
+        // flight (nothing half-written); second: exit at once.
+        let _ = ctrlc::set_handler(move || {
+            if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
+                std::process::exit(130);
+            }
+            eprintln!(
+                "\ninterrupted: stopping after killing the case in flight (Ctrl-C again to quit now)"
+            );
+        });
+    }
+    let options = RunOptions {
+        out_dir: out.clone(),
+        worker: Some(WorkerCommand {
+            program: std::env::current_exe().context("cannot find the handoff executable")?,
+            args: vec!["__worker".into()],
+        }),
+        filters: filter,
+        repeat,
+        shard,
+        resume: resume.is_some(),
+        stop: Some(Arc::clone(&stop)),
+        servers: Some(server_launcher()?),
+        flops: Some(handoff_runner::FlopCounter(Arc::new(|path, inputs| {
+            handoff_tract::flops(path, inputs).ok()
+        }))),
+        sequential,
+    };
+    // The roofline's ceiling, measured before the cases while the
+    // machine is as quiet as it will be (kept on --resume).
+    let peak_file = out.join(handoff_report::roofline::MachinePeak::FILE);
+    let real = plan.backends.iter().any(|b| !b.starts_with("mock"));
+    if real && !peak_file.is_file() && plan.isolation == handoff_suite::Isolation::Process {
+        std::fs::create_dir_all(&out)?;
+        match roofline::measure_peak(registry, &plan.threads, &plan_options(registry).model_cache) {
+            Ok(p) => std::fs::write(&peak_file, serde_json::to_vec_pretty(&p)?)?,
+            Err(e) => eprintln!("warning: no matmul peak for the roofline: {e}"),
+        }
+    }
+    let runner = Runner::new(plan, registry, options);
+    let mut progress = Progress::new(quiet);
+    let summary = runner.run(&mut progress)?;
+    progress.finish();
+    let read = handoff_runner::read_results(&summary.results)?;
+    write_report(&out, &out, &plan.name, &read)?;
+    if !quiet {
+        println!("{}", handoff_report::terminal_table(&read.records));
+        let counts: Vec<String> = summary
+            .counts
+            .iter()
+            .map(|(s, n)| format!("{n} {s}"))
+            .collect();
+        println!("{} cases: {}", read.records.len(), counts.join(", "));
+        if summary.busy_cases > 0 {
+            println!(
+                "warning: {} case(s) ran while other processes used CPU; their numbers are marked BUSY",
+                summary.busy_cases
+            );
+        }
+        if summary.resumed > 0 {
+            println!(
+                "resumed: {} case(s) were already in {}",
+                summary.resumed,
+                out.display()
+            );
+        }
+        println!("results: {}", summary.results.display());
+        println!(
+            "summary: {} and {}",
+            out.join("summary.md").display(),
+            out.join("report.html").display()
+        );
+    }
+    if summary.suite_timeout {
+        eprintln!(
+            "suite_timeout reached: remaining cases not run; resume with `handoff run {} --resume {}`",
+            suite.display(),
+            out.display()
+        );
+        return Ok((ExitCode::SUCCESS, out));
+    }
+    if summary.interrupted {
+        eprintln!(
+            "interrupted: resume with `handoff run {} --resume {}`",
+            suite.display(),
+            out.display()
+        );
+        return Ok((ExitCode::from(130), out));
+    }
+    Ok((ExitCode::SUCCESS, out))
 }
 
 /// Check inputs for `handoff quantize`: tokenised sentences for a text
@@ -1261,6 +1414,7 @@ fn write_report(
         peak: peak.as_ref(),
         canary: meta.as_ref().map_or(&[], |m| &m.canary),
         measurement: meta.as_ref().map_or("", |m| &m.measurement),
+        env: env.as_ref(),
     };
     handoff_report::write_report(
         out,

@@ -662,3 +662,100 @@ fn a_report_over_two_machines_keeps_their_numbers_apart() {
     let md = std::fs::read_to_string(dir.path().join("same/summary.md")).unwrap();
     assert!(md.contains("## a\n") && !md.contains("## a ["), "{md}");
 }
+
+/// `handoff ab`: two files of one model measured in one interleaved run on
+/// real ONNX Runtime. A 4x bigger head (the PR that grew the model) is a
+/// regression (exit 1), the same change the other way an improvement
+/// (exit 0); the gate reads the paired ratios.
+#[test]
+fn ab_gates_a_grown_model_on_real_ort_from_paired_rounds() {
+    use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let model = |name: &str, width: i64, depth: i64| {
+        let spec = SyntheticSpec {
+            kind: Kind::Mlp,
+            width,
+            depth,
+            seed: 0,
+        };
+        handoff_onnx::builder::write_model(&spec.build(), &d.join(name)).unwrap();
+    };
+    model("small.onnx", 256, 2);
+    model("big.onnx", 512, 4);
+    std::fs::write(
+        d.join("suite.yaml"),
+        "name: ab
+models:
+  - id: mlp
+    source: {onnx: small.onnx}
+  - id: unrelated
+    source: {synthetic: {kind: mlp, width: 8, depth: 1}}
+backends: [ort]
+threads: [1]
+batch: [8]
+measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, target_ci: 0.01, rounds: 10}
+",
+    )
+    .unwrap();
+    let ab = |base: &str, head: &str, out: &str| {
+        handoff(
+            &[
+                "ab",
+                "suite.yaml",
+                "--model",
+                "mlp",
+                "--base",
+                base,
+                "--head",
+                head,
+                "--out",
+                out,
+                "--quiet",
+                "--json",
+                "c.json",
+            ],
+            d,
+        )
+    };
+    let o = ab("small.onnx", "big.onnx", "grown");
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(1),
+        "{md}\n{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        md.contains("handoff ab") && md.contains("**regressed**"),
+        "{md}"
+    );
+    assert!(md.contains("interleaved rounds"), "{md}");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("c.json")).unwrap()).unwrap();
+    let rows = c["rows"].as_array().unwrap();
+    // One case: the other model of the suite is left out.
+    assert_eq!(rows.len(), 1, "{rows:?}");
+    assert_eq!(rows[0]["id"], "mlp/ort/cpu/t1/b8");
+    assert!(rows[0]["ratio"].as_f64().unwrap() > 2.0, "{rows:?}");
+    assert!(
+        rows[0]["note"]
+            .as_str()
+            .unwrap()
+            .contains("model file changed"),
+        "{rows:?}"
+    );
+    let o = ab("big.onnx", "small.onnx", "shrunk");
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{md}");
+    assert!(md.contains("| improved |"), "{md}");
+    // A head file that does not exist is a clear error naming it.
+    let o = ab("small.onnx", "missing.onnx", "bad");
+    assert_eq!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(String::from_utf8_lossy(&o.stderr).contains("missing.onnx"));
+}

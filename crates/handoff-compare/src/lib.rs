@@ -92,6 +92,10 @@ pub struct Comparison {
     pub rows: Vec<Row>,
     /// Environment differences that were allowed with the override.
     pub env_differences: Vec<String>,
+    /// Base and head were measured in one run, in interleaved rounds
+    /// (`handoff ab`): the ratios are paired.
+    #[serde(default)]
+    pub interleaved: bool,
 }
 
 impl Comparison {
@@ -293,6 +297,7 @@ pub fn compare(base: &Run, head: &Run, opts: &Options) -> Result<Comparison, Com
         metric: opts.metric,
         rows,
         env_differences,
+        interleaved: false,
     })
 }
 
@@ -467,21 +472,106 @@ fn compare_case(
     };
     row.ratio = Some(ratio);
     row.ratio_ci95 = Some([est.lo, est.hi]);
-    let significant_up = est.lo > 1.0;
-    let significant_down = est.hi < 1.0;
-    row.verdict = if significant_up && ratio > 1.0 + threshold {
+    row.verdict = decide(ratio, [est.lo, est.hi], threshold);
+    row
+}
+
+/// The verdict on a head/base ratio with its 95% CI: a change counts when
+/// the CI excludes 1 and the ratio is beyond the threshold.
+fn decide(ratio: f64, [lo, hi]: [f64; 2], threshold: f64) -> Verdict {
+    let significant_up = lo > 1.0;
+    let significant_down = hi < 1.0;
+    if significant_up && ratio > 1.0 + threshold {
         Verdict::Regressed
     } else if significant_down && ratio < 1.0 - threshold {
         Verdict::Improved
-    } else if est.lo >= 1.0 - threshold && est.hi <= 1.0 + threshold {
+    } else if lo >= 1.0 - threshold && hi <= 1.0 + threshold {
         Verdict::Unchanged
     } else if (significant_up || significant_down) && (ratio - 1.0).abs() <= threshold {
         // A real but small change: within what the gate tolerates.
         Verdict::Unchanged
     } else {
         Verdict::Inconclusive
+    }
+}
+
+/// The gate on one run that measured two files of a model side by side
+/// (`handoff ab`): models named `{id}.base...` against `{id}.head...`
+/// (variants included), matched by the rest of their identity. Failures,
+/// missing cases and accuracy are judged as in [`compare`]; the p50 ratio
+/// and its CI are the paired ones from the interleaved rounds (drift
+/// cancels in them), widened by the between-process variance. Other
+/// metrics fall back to the unpaired estimate of [`compare`].
+pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
+    let (base_id, head_id) = (format!("{id}.base"), format!("{id}.head"));
+    let side = |prefix: &str| -> Run {
+        let records = run
+            .records
+            .iter()
+            .filter_map(|r| {
+                let rest = r.case.model.strip_prefix(prefix)?;
+                if !(rest.is_empty() || rest.starts_with('@') || rest.starts_with('+')) {
+                    return None;
+                }
+                let mut r = r.clone();
+                r.case.model = format!("{id}{rest}");
+                r.case.id = r.case.id.replacen(prefix, id, 1);
+                Some(r)
+            })
+            .collect();
+        Run {
+            path: run.path.clone(),
+            records,
+            fingerprint: run.fingerprint.clone(),
+        }
     };
-    row
+    let (base, head) = (side(&base_id), side(&head_id));
+    let mut c = compare(
+        &base,
+        &head,
+        &Options {
+            allow_env_mismatch: true,
+            ..opts.clone()
+        },
+    )
+    .expect("one run has one environment");
+    c.env_differences.clear();
+    if opts.metric != Metric::P50 {
+        return c;
+    }
+    c.interleaved = true;
+    let original = |id_of_case: &str, prefix: &str| {
+        run.records
+            .iter()
+            .find(|r| r.repeat == 0 && r.case.id == id_of_case.replacen(id, prefix, 1))
+    };
+    for row in &mut c.rows {
+        if row.ratio.is_none() {
+            continue;
+        }
+        let (Some(a), Some(b)) = (original(&row.id, &base_id), original(&row.id, &head_id)) else {
+            continue;
+        };
+        let same_rounds =
+            matches!((&a.rounds, &b.rounds), (Some(x), Some(y)) if x.group == y.group);
+        let Some(r) = same_rounds
+            .then(|| handoff_runner::pairs::ratio_of(a, b, false))
+            .flatten()
+        else {
+            continue;
+        };
+        row.ratio = Some(r.ratio);
+        row.ratio_ci95 = Some(r.ci95);
+        row.noise = None;
+        let floor = opts
+            .case_thresholds
+            .iter()
+            .find(|(pat, _)| row.id.contains(pat.as_str()))
+            .map_or(opts.threshold, |(_, t)| *t);
+        row.threshold = floor;
+        row.verdict = decide(r.ratio, r.ci95, floor);
+    }
+    c
 }
 
 /// Markdown for PR comments and `$GITHUB_STEP_SUMMARY`.
@@ -495,7 +585,8 @@ pub fn markdown(c: &Comparison) -> String {
     };
     let _ = writeln!(
         out,
-        "## handoff compare: {head}\n\n{} cases ({:?}): {} regressed, {} improved, {} unchanged, {} inconclusive, {} new, {} missing.\n",
+        "## handoff {}: {head}\n\n{} cases ({:?}): {} regressed, {} improved, {} unchanged, {} inconclusive, {} new, {} missing.\n",
+        if c.interleaved { "ab" } else { "compare" },
         c.rows.len(),
         c.metric,
         count(Verdict::Regressed),
@@ -512,7 +603,11 @@ pub fn markdown(c: &Comparison) -> String {
             c.env_differences.join("; ")
         );
     }
-    out.push_str("> Base and head were measured in separate runs: the machine's speed drifts between them, so a change smaller than the run-to-run noise (the threshold column, from `--repeat`) cannot be told apart from drift. For a gate that can, measure both in one interleaved run (two model ids with the same inputs in one suite: `comparisons.jsonl`).\n\n");
+    if c.interleaved {
+        out.push_str("> Base and head were measured in one run, in interleaved rounds: the change and its 95% CI come from the per-round head/base ratios (the machine's drift cancels in them), widened by the speed spread between worker processes. A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
+    } else {
+        out.push_str("> Base and head were measured in separate runs: the machine's speed drifts between them, so a change smaller than the run-to-run noise (the threshold column, from `--repeat`) cannot be told apart from drift. For a gate that can, measure both in one interleaved run (`handoff ab`).\n\n");
+    }
     out.push_str("| case | verdict | base ms | head ms | change | 95% CI | threshold | note |\n|---|---|---:|---:|---:|---|---:|---|\n");
     let pct = |x: f64| format!("{:+.1}%", (x - 1.0) * 100.0);
     for r in &c.rows {

@@ -7,6 +7,7 @@
 //! batch and dims are adjacent, so their reference outputs are computed once
 //! and results diff cleanly between runs.
 
+pub mod ab;
 pub mod duration;
 pub mod error;
 pub mod locate;
