@@ -13,6 +13,8 @@ echo "==> building handoff (release; the first build takes several minutes)"
 cargo build --release --locked -p handoff-cli
 echo "==> fetching runtime libraries into .cache/ (libonnxruntime and the Python baseline environment, from PyPI)"
 ./target/release/handoff setup
+echo "==> headless Chromium for the report's browser test (Debian package, if not on PATH)"
+bash scripts/ensure-chromium.sh >/dev/null
 ./target/release/handoff list-backends
 echo "==> running $suite"
 exec ./target/release/handoff run "$suite" "$@"
