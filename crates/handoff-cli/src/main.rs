@@ -483,6 +483,13 @@ fn main() -> ExitCode {
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {
+    // A misspelt target would otherwise build for this machine unnoticed.
+    if let Ok(v) = std::env::var(handoff_convert::isa::TARGET_CPU_VAR)
+        && !v.is_empty()
+    {
+        v.parse::<handoff_convert::isa::TargetCpu>()
+            .map_err(|e| anyhow::anyhow!("{}: {e}", handoff_convert::isa::TARGET_CPU_VAR))?;
+    }
     let registry = Arc::new(registry());
     match cli.command {
         Command::Worker => Ok(ExitCode::from(worker_main(&registry) as u8)),

@@ -302,7 +302,7 @@ pub struct VariantRequest {
 impl VariantRequest {
     /// A variant for this machine's CPU class.
     pub fn new(variant: &str, min_cosine: f64) -> Self {
-        let cpu = handoff_convert::isa::Isa::detect().class;
+        let cpu = handoff_convert::isa::TargetCpu::Native.class();
         Self {
             variant: variant.to_owned(),
             dynamic: handoff_convert::quantize::DynamicOptions::for_cpu(cpu),

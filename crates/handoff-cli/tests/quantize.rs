@@ -14,13 +14,14 @@ use handoff_onnx::builder::{D, GraphBuilder, write_model};
 use handoff_onnx::inspect::ElemType;
 use handoff_runner::Status;
 
-/// The options a suite uses on this machine: 7-bit weights where the CPU's
+/// The options a suite uses on this machine (or for `HANDOFF_TARGET_CPU`,
+/// so the 7-bit path is tested on any machine): 7-bit weights where the CPU's
 /// int8 kernels sum pairs of products in saturating 16 bits (no VNNI), so
 /// what ORT computes is what the ONNX spec says on every CPU class.
 fn native(min_elements: usize) -> DynamicOptions {
     DynamicOptions {
         min_elements,
-        ..DynamicOptions::for_cpu(handoff_convert::isa::Isa::detect().class)
+        ..DynamicOptions::for_cpu(handoff_convert::isa::TargetCpu::Native.class())
     }
 }
 
@@ -145,6 +146,22 @@ fn spec_and_near_fp32(
 /// int8.
 #[test]
 fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
+    // This machine's weights, and 7-bit ones (what an AVX2 machine gets:
+    // they cannot saturate, so every CPU class computes the same).
+    for options in [
+        native(1),
+        DynamicOptions {
+            weight_bits: 7,
+            ..native(1)
+        },
+    ] {
+        smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(options);
+    }
+}
+
+fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(
+    options: DynamicOptions,
+) {
     use handoff_convert::quantize::{channel_absmax, smooth};
     handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
     let (m, k, n) = (4, 8, 6);
@@ -162,7 +179,6 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
     let exact: Vec<f32> = (0..m * n)
         .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
         .collect();
-    let options = native(1);
     let absmax = std::collections::BTreeMap::from([("x".to_owned(), channel_absmax(&x, k))]);
     let mut smoothed = matmul_model(m, k, n, &w);
     smooth(&mut smoothed, &absmax, 0.5, &options).unwrap();
@@ -507,6 +523,20 @@ fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
 /// same arithmetic by hand.
 #[test]
 fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
+    // This machine's weights, and 7-bit ones (what an AVX2 machine gets:
+    // they cannot saturate, so every CPU class computes the same).
+    for options in [
+        native(1),
+        DynamicOptions {
+            weight_bits: 7,
+            ..native(1)
+        },
+    ] {
+        int8_static_qdq_matches_a_hand_computation_on_ort_and_tract_with(options);
+    }
+}
+
+fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract_with(options: DynamicOptions) {
     use handoff_convert::quantize::{Range, quantize_static};
     use std::collections::BTreeMap;
     handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
@@ -523,7 +553,6 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
         min: -1.0,
         max: 1.5,
     };
-    let options = native(1);
     quantize_static(
         &mut model,
         &BTreeMap::from([("x".to_owned(), range)]),
@@ -554,4 +583,93 @@ fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
         let got = run(backend.as_ref(), &path, &x, m, k);
         assert_close(name, &got, &want, 1e-5);
     }
+}
+
+/// A variant is built for a CPU class: the cache does not hand a variant
+/// built for one class to a run for another, and a build for AVX2 (no
+/// VNNI) has 7-bit weights, recorded with why in its provenance.
+#[test]
+fn the_variant_cache_refuses_a_variant_built_for_another_cpu_class() {
+    use handoff_convert::isa::{CpuClass, Isa};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::write(
+        d.join("s.yaml"),
+        "name: v\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 64, depth: 2}}\n    variants: [fp32, int8-dynamic]\n    min_cosine: 0.9\nbackends: [ort]\n",
+    )
+    .unwrap();
+    let validate = |target: &str| {
+        let o = common::handoff_env(
+            &["validate", "s.yaml"],
+            d,
+            &[("HANDOFF_TARGET_CPU", target)],
+        );
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let file = std::fs::read_dir(d.join("cache/synthetic"))
+            .unwrap()
+            .flatten()
+            .map(|e| e.path())
+            .find(|p| p.to_string_lossy().ends_with(".int8-dynamic.onnx"))
+            .expect("an int8 variant");
+        let prov: serde_json::Value = serde_json::from_slice(
+            &std::fs::read(handoff_convert::provenance::Provenance::sidecar_path(&file)).unwrap(),
+        )
+        .unwrap();
+        let model = handoff_onnx::inspect::read_model(&file).unwrap();
+        let largest = model
+            .graph
+            .unwrap()
+            .initializer
+            .iter()
+            .filter(|t| t.name.ends_with("_q") && t.data_type == 3)
+            .flat_map(|t| t.raw_data.iter().map(|b| (*b as i8).unsigned_abs()))
+            .max()
+            .unwrap();
+        (prov, largest)
+    };
+    let (avx2, q) = validate("avx2");
+    let step = |p: &serde_json::Value| {
+        p["steps"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .rfind(|s| s["name"] == "quantize:int8-dynamic")
+            .unwrap()
+            .clone()
+    };
+    assert_eq!(step(&avx2)["params"]["target_cpu"]["cpu_class"], "x86-avx2");
+    assert!(
+        step(&avx2)["params"]["target_cpu"]["int8_weights"]
+            .as_str()
+            .unwrap()
+            .starts_with("7-bit")
+    );
+    assert_eq!(q, 63, "7-bit weights for AVX2");
+    // The same suite for a VNNI machine: rebuilt, 8-bit.
+    let (vnni, q) = validate("avx512-vnni");
+    assert_eq!(
+        step(&vnni)["params"]["target_cpu"]["cpu_class"],
+        "x86-avx512-vnni"
+    );
+    assert_eq!(q, 127, "8-bit weights with VNNI");
+    // And this machine's class is what an unset variable means.
+    let (native, _) = validate("");
+    assert_eq!(
+        step(&native)["params"]["target_cpu"]["cpu_class"],
+        Isa::detect().class.as_str()
+    );
+    assert!(CpuClass::X86Avx2.saturates_int8());
+    // A misspelt class is an error, not a silent native build.
+    let o = common::handoff_env(
+        &["validate", "s.yaml"],
+        d,
+        &[("HANDOFF_TARGET_CPU", "avx3")],
+    );
+    assert_eq!(o.status.code(), Some(2));
+    assert!(String::from_utf8_lossy(&o.stderr).contains("HANDOFF_TARGET_CPU"));
 }

@@ -76,6 +76,9 @@ impl std::fmt::Display for CpuClass {
     }
 }
 
+/// The environment variable that overrides `native` (see [`TargetCpu::class`]).
+pub const TARGET_CPU_VAR: &str = "HANDOFF_TARGET_CPU";
+
 /// `--target-cpu`: a class to build for, or `native` (this machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetCpu {
@@ -84,10 +87,20 @@ pub enum TargetCpu {
 }
 
 impl TargetCpu {
-    /// The class this target stands for on this machine.
+    /// The class this target stands for on this machine. `native` is this
+    /// machine's class, unless `HANDOFF_TARGET_CPU` names another (e.g. to
+    /// build a suite's variants for the AVX2 runners that will measure
+    /// them); the class used is recorded in each variant's provenance.
     pub fn class(self) -> CpuClass {
         match self {
-            TargetCpu::Native => Isa::detect().class,
+            TargetCpu::Native => match std::env::var(TARGET_CPU_VAR)
+                .ok()
+                .filter(|v| !v.is_empty() && v != "native")
+                .and_then(|v| v.parse::<TargetCpu>().ok())
+            {
+                Some(TargetCpu::Class(c)) => c,
+                _ => Isa::detect().class,
+            },
             TargetCpu::Class(c) => c,
         }
     }
