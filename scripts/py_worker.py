@@ -45,7 +45,12 @@ def main() -> int:
                 so.intra_op_num_threads = int(req["threads"])
                 so.inter_op_num_threads = 1
                 so.execution_mode = ort.ExecutionMode.ORT_SEQUENTIAL
-                so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+                so.graph_optimization_level = {
+                    "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+                    "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+                    "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+                    "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+                }[req.get("optimization", "all")]
                 t0 = time.perf_counter_ns()
                 sess = ort.InferenceSession(req["model"], so, providers=["CPUExecutionProvider"])
                 reply = {

@@ -154,6 +154,12 @@ pub trait Prepared {
     /// The outputs of the last `run`, in the model's output order.
     fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError>;
 
+    /// The runtime's version as the loaded session reports it, where that
+    /// can differ from what `probe` read (a runtime in another process).
+    fn runtime_version(&self) -> Option<String> {
+        None
+    }
+
     /// The last `run`'s time as the runtime itself measured it, in ms, for
     /// backends behind a process boundary (the Python baseline): the row
     /// keeps handoff's clock, this is reported beside it.

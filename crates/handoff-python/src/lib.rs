@@ -154,13 +154,25 @@ impl Backend for PythonOrtBackend {
             stdout,
             scratch,
             inner_ms: None,
+            version: None,
         };
+        // The suite's ORT graph optimisation level (`backend_options.ort`),
+        // as the Rust ort backend uses it; ORT's default otherwise.
+        let optimization = options
+            .options
+            .get("optimization")
+            .and_then(|v| v.as_str())
+            .unwrap_or("all");
         let reply = worker.call(&json!({
             "cmd": "load",
             "model": model.path(),
             "threads": options.threads,
+            "optimization": optimization,
         }))?;
-        let _ = reply;
+        worker.version = reply
+            .get("version")
+            .and_then(|v| v.as_str())
+            .map(str::to_owned);
         Ok(Box::new(worker))
     }
 }
@@ -171,6 +183,8 @@ struct Worker {
     stdout: BufReader<ChildStdout>,
     scratch: PathBuf,
     inner_ms: Option<f64>,
+    /// `onnxruntime.__version__` as the worker reported it.
+    version: Option<String>,
 }
 
 impl Worker {
@@ -227,6 +241,10 @@ impl Drop for Worker {
 }
 
 impl Prepared for Worker {
+    fn runtime_version(&self) -> Option<String> {
+        self.version.clone()
+    }
+
     fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
         let mut list = Vec::new();
         for (i, t) in inputs.iter().enumerate() {

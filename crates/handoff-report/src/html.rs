@@ -343,7 +343,7 @@ pub fn report_html(
 
 fn model_view(m: &str, records: &[ResultRecord], images: Vec<String>) -> ModelView {
     let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
-    let ok = || rows.iter().filter(|r| r.passes());
+    let ok = || rows.iter().filter(|r| r.recommendable());
     let lat = ok()
         .filter(|r| r.case.batch == 1)
         .min_by(|a, b| p99(a).total_cmp(&p99(b)));

@@ -214,16 +214,28 @@ pub fn summary_markdown(
     for m in models {
         let _ = writeln!(out, "## {}\n", escape_md(m));
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
+        let passed_over = rows
+            .iter()
+            .filter(|r| r.passes() && r.case.batch == 1 && !r.recommendable())
+            .count();
+        if passed_over > 0 {
+            let _ = writeln!(
+                out,
+                "Not considered for the recommendation: {passed_over} batch-1 case(s) measured while the CPU was busy or without an output check against the reference.\n"
+            );
+        }
         if let Some(best) = rows
             .iter()
-            .filter(|r| r.passes() && r.case.batch == 1)
+            .filter(|r| r.recommendable() && r.case.batch == 1)
             .min_by(|a, b| p99(a).total_cmp(&p99(b)))
         {
             // The runner-up on another backend, measured in the same rounds:
             // is the winner measurably ahead?
             let versus = rows
                 .iter()
-                .filter(|r| r.passes() && r.case.batch == 1 && r.case.backend != best.case.backend)
+                .filter(|r| {
+                    r.recommendable() && r.case.batch == 1 && r.case.backend != best.case.backend
+                })
                 .filter_map(|r| paired::paired(best, r, false).map(|x| (r, x)))
                 .min_by(|a, b| p99(a.0).total_cmp(&p99(b.0)))
                 .map_or(String::new(), |(r, x)| {
@@ -243,7 +255,7 @@ pub fn summary_markdown(
                 fmt_ms(best.latency_ms.as_ref().map_or(f64::NAN, |l| l.p50))
             );
         }
-        if let Some(best) = rows.iter().filter(|r| r.passes()).max_by(|a, b| {
+        if let Some(best) = rows.iter().filter(|r| r.recommendable()).max_by(|a, b| {
             a.throughput_items_s
                 .unwrap_or(0.0)
                 .total_cmp(&b.throughput_items_s.unwrap_or(0.0))

@@ -203,6 +203,13 @@ impl ResultRecord {
     pub fn passes(&self) -> bool {
         self.status == Status::Ok && self.accuracy.as_ref().is_none_or(|a| a.passed)
     }
+
+    /// Whether a recommendation may rest on this case: it passes, its
+    /// outputs were checked against the reference, and nothing else was
+    /// using the CPU while it ran.
+    pub fn recommendable(&self) -> bool {
+        self.passes() && self.parity.is_some() && !self.machine.as_ref().is_some_and(|m| m.busy)
+    }
 }
 
 fn is_zero(v: &u32) -> bool {

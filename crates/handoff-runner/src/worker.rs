@@ -211,6 +211,9 @@ pub fn execute_job_linked(
         Err(e) => return report.fail(&e),
     };
     report.load_ms = Some(ms(t.elapsed()));
+    if let Some(v) = prepared.runtime_version() {
+        report.backend_version = Some(v);
+    }
     let since_spawn = |s: f64| (unix_now_s() - s) * 1e3;
     let to_loaded = job.spawned_unix_s.map(since_spawn);
     if let Err(e) = prepared.bind(&inputs) {

@@ -45,13 +45,13 @@ pub fn hodges_lehmann_ratio(base: &[f64], head: &[f64], z: f64) -> Option<RatioE
         }
     }
     diffs.sort_by(f64::total_cmp);
-    let nm = (n * m) as f64;
     let shift = crate::quantile_sorted(&diffs, 0.5);
-    // Normal approximation to the Mann-Whitney U distribution.
-    let sd = (nm * (n + m + 1) as f64 / 12.0).sqrt();
-    let k = ((nm / 2.0) - z * sd).floor().max(0.0) as usize;
-    let lo = diffs[k.min(diffs.len() - 1)];
-    let hi = diffs[(diffs.len() - 1).saturating_sub(k)];
+    // The q-th smallest and largest differences (1-based), q from the
+    // Mann-Whitney U distribution (exact for small samples).
+    let q = crate::ranks::rank_sum_q(n, m, crate::ranks::normal_cdf(-z));
+    let last = diffs.len() - 1;
+    let lo = diffs[(q - 1).min(last)];
+    let hi = diffs[last.saturating_sub(q - 1)];
     Some(RatioEstimate {
         ratio: shift.exp(),
         lo: lo.exp(),
@@ -122,6 +122,28 @@ mod tests {
             covered += usize::from(r.lo <= 1.0 && 1.0 <= r.hi);
         }
         assert!(covered >= 180, "{covered}/200");
+    }
+
+    #[test]
+    fn the_interval_is_the_24th_smallest_and_largest_difference_at_ten_and_ten() {
+        // Two samples of 10 with distinct pairwise log differences: the
+        // exact 95% Mann-Whitney interval is the 24th smallest to the 24th
+        // largest difference (U critical value 23 at n = m = 10).
+        let base: Vec<f64> = (0..10).map(|i| f64::from(i).exp()).collect();
+        let head: Vec<f64> = (0..10).map(|j| (0.1 * f64::from(j) + 0.05).exp()).collect();
+        let mut diffs: Vec<f64> = head
+            .iter()
+            .flat_map(|h| base.iter().map(move |b| h.ln() - b.ln()))
+            .collect();
+        diffs.sort_by(f64::total_cmp);
+        let r = hodges_lehmann_ratio(&base, &head, 1.96).unwrap();
+        assert!(
+            (r.lo.ln() - diffs[23]).abs() < 1e-12,
+            "{} vs {}",
+            r.lo.ln(),
+            diffs[23]
+        );
+        assert!((r.hi.ln() - diffs[100 - 24]).abs() < 1e-12);
     }
 
     #[test]

@@ -9,6 +9,7 @@
 use serde::{Deserialize, Serialize};
 
 pub mod compare;
+pub mod ranks;
 pub mod rounds;
 
 /// Summary of a sample of latencies. Units are whatever the samples were in

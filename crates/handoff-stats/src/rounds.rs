@@ -44,15 +44,14 @@ fn log_hodges_lehmann(values: &[f64]) -> Option<(f64, f64, f64)> {
         }
     }
     walsh.sort_by(f64::total_cmp);
-    let nf = n as f64;
-    let mean_w = nf * (nf + 1.0) / 4.0;
-    let sd_w = (nf * (nf + 1.0) * (2.0 * nf + 1.0) / 24.0).sqrt();
-    let k = (mean_w - Z95 * sd_w).floor().max(0.0) as usize;
+    // The q-th smallest and largest Walsh averages (1-based), q from the
+    // signed-rank distribution (exact up to 200 rounds).
+    let q = crate::ranks::signed_rank_q(n, 0.025);
     let last = walsh.len() - 1;
     Some((
         crate::quantile_sorted(&walsh, 0.5),
-        walsh[k.min(last)],
-        walsh[last.saturating_sub(k)],
+        walsh[(q - 1).min(last)],
+        walsh[last.saturating_sub(q - 1)],
     ))
 }
 
@@ -404,6 +403,24 @@ mod tests {
         assert_eq!(r.verdict, Verdict::Slower);
         assert!(paired_ratio(&a[..2], &b[..2]).is_none());
         assert!(round_ci(1.0, &[1.0, 1.0]).is_none());
+    }
+
+    #[test]
+    fn the_interval_is_the_ninth_smallest_and_largest_walsh_average_at_ten() {
+        // Ten rounds with distinct Walsh averages: the exact 95% signed-rank
+        // interval is the 9th smallest to the 9th largest (T = 8 at n = 10).
+        let logs: Vec<f64> = (0..10).map(|i| 0.01 * f64::from(i * i) - 0.2).collect();
+        let mut walsh = Vec::new();
+        for i in 0..10 {
+            for j in i..10 {
+                walsh.push((logs[i] + logs[j]) / 2.0);
+            }
+        }
+        walsh.sort_by(f64::total_cmp);
+        let ratios: Vec<f64> = logs.iter().map(|l| l.exp()).collect();
+        let r = paired_ratio(&[1.0; 10], &ratios).unwrap();
+        assert!((r.ci95[0].ln() - walsh[8]).abs() < 1e-12);
+        assert!((r.ci95[1].ln() - walsh[walsh.len() - 9]).abs() < 1e-12);
     }
 
     #[test]

@@ -652,10 +652,11 @@ fn build(
 
     let mut backend_options = BTreeMap::new();
     if let Some(o) = &raw.backend_options.ort {
-        backend_options.insert(
-            "ort".to_owned(),
-            serde_json::to_value(o).unwrap_or_default(),
-        );
+        // The Python baseline runs the same ONNX Runtime: the same session
+        // options, or "Rust vs Python" would compare two configurations.
+        for name in ["ort", "python-onnxruntime"] {
+            backend_options.insert(name.to_owned(), serde_json::to_value(o).unwrap_or_default());
+        }
     }
     if let Some(o) = &raw.backend_options.mock {
         backend_options.insert(
