@@ -44,41 +44,15 @@ enum Command {
     Run {
         /// Suite file (YAML).
         suite: PathBuf,
-        /// Only cases whose id contains this text (repeatable; any matches).
-        /// Ids look like `mlp/ort/cpu/t2/b8`.
-        #[arg(long, short)]
-        filter: Vec<String>,
-        /// Results directory (default: reports/<suite>-<UTC timestamp>).
-        #[arg(long, short)]
-        out: Option<PathBuf>,
         /// Print the expanded cases and exit without measuring.
         #[arg(long)]
         dry_run: bool,
-        /// No progress bar and no table; errors only.
-        #[arg(long, short)]
-        quiet: bool,
-        /// Run every case N times (results carry `repeat`); `compare` then
-        /// measures run-to-run noise and widens its threshold to match.
-        #[arg(long, default_value_t = 1)]
-        repeat: u32,
-        /// Continue an interrupted run in DIR: cases already there are
-        /// skipped (refused if the suite or environment changed).
-        #[arg(long, value_name = "DIR", conflicts_with = "out")]
-        resume: Option<PathBuf>,
-        /// Run shard I of N (`--shard 2/4`): cases with index % N == I-1, so a
-        /// CI matrix spreads a suite over machines; join with `handoff merge`.
-        #[arg(long, value_parser = parse_shard)]
-        shard: Option<(u32, u32)>,
-        /// Measure each case to completion, one after another. By default
-        /// the cases a report compares (same inputs, batch, dims; every
-        /// backend, thread count and variant) are measured in interleaved
-        /// rounds, so machine drift hits them alike.
-        #[arg(long)]
-        sequential: bool,
         /// Override the suite's seed (inputs, the order workers start in
         /// and the order of every round): another draw of the same run.
         #[arg(long)]
         seed: Option<u64>,
+        #[command(flatten)]
+        run: RunArgs,
     },
     /// Compare two runs case by case; exit 1 if any case regressed.
     ///
@@ -916,15 +890,9 @@ fn run(cli: Cli) -> Result<ExitCode> {
         }
         Command::Run {
             suite,
-            filter,
-            out,
             dry_run,
-            quiet,
-            repeat,
-            shard,
-            resume,
-            sequential,
             seed,
+            run,
         } => {
             let mut plan = Plan::from_file(&suite, &plan_options(&registry))?;
             if let Some(seed) = seed {
@@ -932,15 +900,15 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             if dry_run {
                 print_plan(&plan, false, &|c| {
-                    handoff_runner::run::is_selected(c, &filter, shard)
+                    handoff_runner::run::is_selected(c, &run.filter, run.shard)
                 })?;
-                if !sequential {
+                if !run.sequential {
                     let preview = Runner::new(
                         &plan,
                         &registry,
                         RunOptions {
-                            filters: filter.clone(),
-                            shard,
+                            filters: run.filter.clone(),
+                            shard: run.shard,
                             ..RunOptions::new(PathBuf::new())
                         },
                     )
@@ -958,33 +926,41 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 }
                 return Ok(ExitCode::SUCCESS);
             }
-            run_plan(
-                &plan,
-                &registry,
-                &suite,
-                RunArgs {
-                    filter,
-                    out,
-                    quiet,
-                    repeat,
-                    shard,
-                    resume,
-                    sequential,
-                },
-            )
-            .map(|(code, _)| code)
+            run_plan(&plan, &registry, &suite, run).map(|(code, _)| code)
         }
     }
 }
 
 /// How `handoff run` (and `handoff ab`) measure a plan.
+#[derive(clap::Args)]
 struct RunArgs {
+    /// Only cases whose id contains this text (repeatable; any matches).
+    /// Ids look like `mlp/ort/cpu/t2/b8`.
+    #[arg(long, short)]
     filter: Vec<String>,
+    /// Results directory (default: reports/<suite>-<UTC timestamp>).
+    #[arg(long, short)]
     out: Option<PathBuf>,
+    /// No progress bar and no table; errors only.
+    #[arg(long, short)]
     quiet: bool,
+    /// Run every case N times (results carry `repeat`); `compare` then
+    /// measures run-to-run noise and widens its threshold to match.
+    #[arg(long, default_value_t = 1)]
     repeat: u32,
+    /// Run shard I of N (`--shard 2/4`): cases with index % N == I-1, so a
+    /// CI matrix spreads a suite over machines; join with `handoff merge`.
+    #[arg(long, value_parser = parse_shard)]
     shard: Option<(u32, u32)>,
+    /// Continue an interrupted run in DIR: cases already there are
+    /// skipped (refused if the suite or environment changed).
+    #[arg(long, value_name = "DIR", conflicts_with = "out")]
     resume: Option<PathBuf>,
+    /// Measure each case to completion, one after another. By default
+    /// the cases a report compares (same inputs, batch, dims; every
+    /// backend, thread count and variant) are measured in interleaved
+    /// rounds, so machine drift hits them alike.
+    #[arg(long)]
     sequential: bool,
 }
 
