@@ -35,6 +35,17 @@ pub struct Options {
     pub allow_missing: bool,
 }
 
+impl Options {
+    /// The threshold of case `id`: the first per-case threshold whose text
+    /// is in the id, else `threshold`.
+    fn threshold_for(&self, id: &str) -> f64 {
+        self.case_thresholds
+            .iter()
+            .find(|(pat, _)| id.contains(pat.as_str()))
+            .map_or(self.threshold, |(_, t)| *t)
+    }
+}
+
 impl Default for Options {
     fn default() -> Self {
         Self {
@@ -343,11 +354,7 @@ fn compare_case(
         .and_then(|v| v.first())
         .expect("one side exists");
     let id = any.case.id.clone();
-    let floor = opts
-        .case_thresholds
-        .iter()
-        .find(|(pat, _)| id.contains(pat.as_str()))
-        .map_or(opts.threshold, |(_, t)| *t);
+    let floor = opts.threshold_for(&id);
     let mut row = Row {
         id,
         verdict: Verdict::Inconclusive,
@@ -563,11 +570,7 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
         row.ratio = Some(r.ratio);
         row.ratio_ci95 = Some(r.ci95);
         row.noise = None;
-        let floor = opts
-            .case_thresholds
-            .iter()
-            .find(|(pat, _)| row.id.contains(pat.as_str()))
-            .map_or(opts.threshold, |(_, t)| *t);
+        let floor = opts.threshold_for(&row.id);
         row.threshold = floor;
         row.verdict = decide(r.ratio, r.ci95, floor);
     }
