@@ -1044,6 +1044,9 @@ fn run_plan(
             .map(|(s, n)| format!("{n} {s}"))
             .collect();
         println!("{} cases: {}", read.records.len(), counts.join(", "));
+        for n in plan.not_run() {
+            println!("not run: {n}");
+        }
         if summary.busy_cases > 0 {
             println!(
                 "warning: {} case(s) ran while other processes used CPU; their numbers are marked BUSY",
@@ -1398,6 +1401,7 @@ fn write_report(
         canary: meta.as_ref().map_or(&[], |m| &m.canary),
         measurement: meta.as_ref().map_or("", |m| &m.measurement),
         env: env.as_ref(),
+        not_run: meta.as_ref().map_or(&[], |m| &m.not_run),
     };
     handoff_report::write_report(
         out,
@@ -1464,6 +1468,9 @@ fn print_plan(plan: &Plan, json: bool, keep: &dyn Fn(&Case) -> bool) -> Result<(
             m.info.opset,
             inputs.join(", ")
         )?;
+    }
+    for n in plan.not_run() {
+        writeln!(out, "  not run: {n}")?;
     }
     writeln!(
         out,

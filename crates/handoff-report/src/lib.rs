@@ -208,6 +208,16 @@ pub fn summary_markdown(
     if let Some(note) = paired::measurement_note(ctx, records) {
         let _ = writeln!(out, "{note}\n");
     }
+    if !ctx.not_run.is_empty() {
+        let _ = writeln!(
+            out,
+            "Not run, because the model's input shapes do not accept it:\n"
+        );
+        for n in ctx.not_run {
+            let _ = writeln!(out, "- {}", escape_md(n));
+        }
+        out.push('\n');
+    }
     let (steady, loaded) = split_scenarios(records);
     let records = &steady[..];
     let models = models(records);

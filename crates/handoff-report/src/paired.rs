@@ -19,6 +19,8 @@ pub struct RunContext<'a> {
     pub measurement: &'a str,
     /// The run's env.json (machine fingerprint), when there is one.
     pub env: Option<&'a serde_json::Value>,
+    /// What the suite asked for that its models' shapes do not accept.
+    pub not_run: &'a [String],
 }
 
 /// `Machine: <CPU>, N logical CPUs, int8 class <class> (<flags>).`: every

@@ -109,6 +109,10 @@ pub struct RunMeta {
     /// `handoff run --seed`).
     #[serde(default)]
     pub seed: u64,
+    /// Batch sizes and dim values the suite asked for that a model's
+    /// declared shapes do not accept, with why (see `Plan::not_run`).
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub not_run: Vec<String>,
 }
 
 /// Progress callbacks (the CLI draws a progress bar with them).
@@ -226,6 +230,7 @@ impl<'a> Runner<'a> {
             canary: Vec::new(),
             split_groups: Vec::new(),
             seed: self.plan.seed,
+            not_run: self.plan.not_run(),
         };
         let done = self.prepare_dir(dir, &results_path, &mut meta)?;
         let mut results = OpenOptions::new()

@@ -14,6 +14,7 @@ pub mod locate;
 pub mod plan;
 pub mod raw;
 pub mod scenario;
+pub mod shapes;
 pub mod text;
 
 pub use duration::HumanDuration;

@@ -19,6 +19,7 @@ use crate::error::{Problem, SuiteError};
 use crate::locate::Locator;
 use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawModel, RawSuite, SyntheticKindName};
 use crate::scenario::{Scenario, ScenarioSpec, build_scenarios};
+use crate::shapes::ShapeLimits;
 use crate::text::{CALIBRATION_SENTENCES, DEFAULT_SENTENCES, Encoded, encode};
 
 /// Where the suite may write generated models, and the runtime-backed
@@ -162,6 +163,12 @@ pub struct PlanModel {
     /// For a precision variant (`fp16`, `int8-dynamic`): its name and its
     /// accuracy against the fp32 model.
     pub variant: Option<VariantInfo>,
+    /// Named dims the model's inputs fix: only combinations with these
+    /// values run.
+    pub fixed_dims: BTreeMap<String, u32>,
+    /// The suite's batch sizes and dim values this model does not accept,
+    /// each with why ("b8 not run: batch is fixed at 1 (...)").
+    pub not_run: Vec<String>,
 }
 
 /// What a precision variant is and how far it is from fp32.
@@ -357,7 +364,8 @@ impl Plan {
         self.models
             .iter()
             .flat_map(move |m| {
-                let combos = dim_combinations(&m.dim_names, &self.dims);
+                let mut combos = dim_combinations(&m.dim_names, &self.dims);
+                combos.retain(|c| m.fixed_dims.iter().all(|(n, v)| c.get(n) == Some(v)));
                 let mut out = Vec::new();
                 for &device in &self.devices {
                     for &batch in &m.batch {
@@ -412,6 +420,16 @@ impl Plan {
                 index += 1;
                 c
             })
+    }
+
+    /// What the suite asked for that its models cannot run, one line per
+    /// model and value: "resnet: b8 not run: batch is fixed at 1 (...)".
+    pub fn not_run(&self) -> Vec<String> {
+        self.models
+            .iter()
+            .filter(|m| m.variant.is_none())
+            .flat_map(|m| m.not_run.iter().map(move |n| format!("{}: {n}", m.id)))
+            .collect()
     }
 
     pub fn model(&self, id: &str) -> Option<&PlanModel> {
@@ -966,6 +984,50 @@ fn build_model(
     if ctx.problems.len() > before {
         return None;
     }
+    let limits = match ShapeLimits::of(&inputs, &info) {
+        Ok(l) => l,
+        Err(e) => {
+            ctx.err(format!("{path}.inputs"), format!("no case can run: {e}"));
+            return None;
+        }
+    };
+    let (batch, mut not_run) = limits.batches(&batch);
+    if batch.is_empty() {
+        let p = limits
+            .batch
+            .as_ref()
+            .expect("only a pinned batch drops values");
+        let at = if rm.batch.is_some() {
+            format!("{path}.batch")
+        } else {
+            path.to_owned()
+        };
+        ctx.err(
+            at,
+            format!(
+                "the model only runs batch {} ({}): give this model `batch: [{}]`",
+                p.value, p.because, p.value
+            ),
+        );
+        return None;
+    }
+    let mut fixed_dims = BTreeMap::new();
+    for (name, p) in &limits.dims {
+        let wanted = dims.get(name).map_or(&[][..], Vec::as_slice);
+        let (kept, dropped) = limits.dim_values(name, wanted);
+        if kept.is_empty() {
+            ctx.err(
+                format!("dims.{name}"),
+                format!(
+                    "model `{}` only runs {name}={} ({}): add {} to `dims.{name}`",
+                    rm.id, p.value, p.because, p.value
+                ),
+            );
+            return None;
+        }
+        not_run.extend(dropped);
+        fixed_dims.insert(name.clone(), p.value);
+    }
     let mut dim_names: Vec<String> = inputs
         .iter()
         .flat_map(|t| t.shape.iter())
@@ -990,6 +1052,8 @@ fn build_model(
         sentences: kept_sentences,
         scenarios: vec![ScenarioSpec::single_stream()],
         variant: None,
+        fixed_dims,
+        not_run,
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
         verify_conversion(&model, dir, tools.as_ref(), path, ctx);
@@ -1502,6 +1566,26 @@ fn derive_inputs(
     ctx: &mut Ctx<'_>,
     dims: &BTreeMap<String, Vec<u32>>,
 ) -> Vec<InputTemplate> {
+    // A leading dynamic dim the suite does not name is the batch, as
+    // exporters write it (`batch_size`, `N`, or no name at all).
+    let is_batch = |k: usize, d: &Dim| {
+        k == 0
+            && match d {
+                Dim::Symbolic(s) => !dims.contains_key(s),
+                Dim::Unknown => true,
+                Dim::Fixed(_) => false,
+            }
+    };
+    let batch_names: Vec<&str> = info
+        .inputs
+        .iter()
+        .filter_map(|mi| mi.dims.as_ref()?.first())
+        .filter(|d| is_batch(0, d))
+        .filter_map(|d| match d {
+            Dim::Symbolic(s) => Some(s.as_str()),
+            _ => None,
+        })
+        .collect();
     let mut out = Vec::new();
     for mi in &info.inputs {
         if mi.elem != ElemType::F32 {
@@ -1522,9 +1606,13 @@ fn derive_inputs(
             continue;
         };
         let mut shape = Vec::new();
-        for d in model_dims {
+        for (k, d) in model_dims.iter().enumerate() {
             match d {
                 Dim::Fixed(v) if *v > 0 => shape.push(RawDim::Fixed(*v as u32)),
+                _ if is_batch(k, d) => shape.push(RawDim::Symbol("batch".into())),
+                Dim::Symbolic(s) if batch_names.contains(&s.as_str()) => {
+                    shape.push(RawDim::Symbol("batch".into()));
+                }
                 Dim::Symbolic(s) => {
                     check_symbol(ctx, format!("{path}.source"), s, dims);
                     shape.push(RawDim::Symbol(s.clone()));
