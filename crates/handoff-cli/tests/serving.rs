@@ -143,3 +143,89 @@ fn an_http_scenario_needs_a_text_model_and_says_where() {
         assert!(err.contains(want), "{want}\n{err}");
     }
 }
+
+/// One POST /embed on `stream`, read to the end of its body.
+fn post_embed(stream: &mut std::net::TcpStream, addr: &str) -> std::time::Duration {
+    use std::io::{Read, Write};
+    let body = br#"{"texts": ["w4 w5 w6"]}"#;
+    let start = std::time::Instant::now();
+    let mut req = format!(
+        "POST /embed HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    stream.write_all(&req).unwrap();
+    let mut got = Vec::new();
+    let mut buf = [0u8; 4096];
+    loop {
+        let n = stream.read(&mut buf).unwrap();
+        assert!(n > 0, "connection closed mid-response");
+        got.extend_from_slice(&buf[..n]);
+        let text = String::from_utf8_lossy(&got);
+        if let Some(end) = text.find("\r\n\r\n") {
+            assert!(text.starts_with("HTTP/1.1 200"), "{text}");
+            let len: usize = text[..end]
+                .lines()
+                .find_map(|l| {
+                    let (k, v) = l.split_once(':')?;
+                    k.eq_ignore_ascii_case("content-length")
+                        .then(|| v.trim().parse().ok())?
+                })
+                .expect("content-length");
+            if got.len() >= end + 4 + len {
+                return start.elapsed();
+            }
+        }
+    }
+}
+
+#[test]
+fn the_fastapi_service_answers_keep_alive_requests_as_fast_as_fresh_ones() {
+    // Keep-alive is what every HTTP client pool and handoff's load generator
+    // use; a response that stalls on Nagle + delayed ACK there costs ~40 ms
+    // that no team's deployment pays.
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 1, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    let model = dir.path().join("m.onnx");
+    handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(&bert), &model).unwrap();
+    let mut child = handoff_python::fastapi_command(&model, &bert.join("tokenizer.json"), 1, 8, 8)
+        .unwrap()
+        .stdin(std::process::Stdio::piped())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix("listening on http://")
+        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
+        .to_owned();
+    let connect = || {
+        let s = std::net::TcpStream::connect(&addr).unwrap();
+        s.set_nodelay(true).unwrap();
+        s
+    };
+    let median = |mut v: Vec<std::time::Duration>| {
+        v.sort();
+        v[v.len() / 2]
+    };
+    let mut kept = connect();
+    post_embed(&mut kept, &addr);
+    let keep_alive = median((0..15).map(|_| post_embed(&mut kept, &addr)).collect());
+    let fresh = median((0..15).map(|_| post_embed(&mut connect(), &addr)).collect());
+    let _ = child.kill();
+    let _ = child.wait();
+    assert!(
+        keep_alive <= fresh + std::time::Duration::from_millis(10),
+        "keep-alive median {keep_alive:?} vs a new connection per request {fresh:?}"
+    );
+}
