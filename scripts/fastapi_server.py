@@ -12,10 +12,14 @@ the model at a time (a lock), so the two differ in language and stack, not
 in architecture.
 
 handoff starts it (in .cache/venv-python-ort) for `http` cases of the
-python-onnxruntime backend:
+python-onnxruntime backend, and with `--runtime torch --hf-dir DIR` (in
+.cache/venv-python-torch) for python-torch: the same service with the model
+in PyTorch eager through transformers, what a team serves before it hands
+off. Tokenisation is the same in both, and the same as `handoff serve`'s.
 
   python fastapi_server.py --model M.onnx --tokenizer tokenizer.json \
-      --threads 1 --seq 128 [--host 127.0.0.1] [--port 0] [--watch-stdin]
+      --threads 1 --seq 128 [--runtime onnxruntime|torch] [--hf-dir DIR] \
+      [--host 127.0.0.1] [--port 0] [--watch-stdin]
 
 It prints `listening on http://HOST:PORT` once the model is loaded; with
 --watch-stdin it exits when its stdin closes (its parent is gone). Exit
@@ -41,14 +45,56 @@ def parse_args():
     p.add_argument("--port", type=int, default=8000)
     p.add_argument("--max-batch", type=int, default=64)
     p.add_argument("--watch-stdin", action="store_true")
+    p.add_argument("--runtime", choices=["onnxruntime", "torch"], default="onnxruntime")
+    p.add_argument("--hf-dir", help="the HF directory (config.json + model.safetensors), for --runtime torch")
     return p.parse_args()
+
+
+def load_onnxruntime(args):
+    """A function from token fields to the sentence embeddings, as numpy."""
+    import numpy as np
+    import onnxruntime as ort
+
+    opts = ort.SessionOptions()
+    opts.intra_op_num_threads = args.threads
+    opts.inter_op_num_threads = 1
+    sess = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
+    names = [i.name for i in sess.get_inputs()]
+
+    def run(fields):
+        feeds = {n: np.asarray(fields[n], dtype=np.int64) for n in names}
+        return sess.run(None, feeds)[-1]
+
+    return run
+
+
+def load_torch(args):
+    """The same with PyTorch eager: transformers' AutoModel and the
+    sentence-transformers mean pooling, under inference_mode."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import torch
+    import transformers
+
+    torch.set_num_interop_threads(1)
+    torch.set_num_threads(args.threads)
+    model = transformers.AutoModel.from_pretrained(args.hf_dir, dtype=torch.float32).eval()
+
+    def run(fields):
+        with torch.inference_mode():
+            feeds = {k: torch.tensor(v, dtype=torch.int64) for k, v in fields.items()}
+            hidden = model(**feeds).last_hidden_state
+            mask = feeds["attention_mask"].to(hidden.dtype).unsqueeze(-1)
+            return ((hidden * mask).sum(1) / mask.sum(1)).numpy()
+
+    return run
 
 
 def main() -> int:
     args = parse_args()
+    if args.runtime == "torch" and not args.hf_dir:
+        print("error: --runtime torch needs --hf-dir", file=sys.stderr)
+        return 2
     try:
-        import numpy as np
-        import onnxruntime as ort
         import uvicorn
         from fastapi import FastAPI, HTTPException
         from pydantic import BaseModel
@@ -85,22 +131,18 @@ def main() -> int:
     @asynccontextmanager
     async def lifespan(app):
         try:
-            opts = ort.SessionOptions()
-            opts.intra_op_num_threads = args.threads
-            opts.inter_op_num_threads = 1
-            sess = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
+            load = load_torch if args.runtime == "torch" else load_onnxruntime
+            state["run"] = load(args)
             tok = Tokenizer.from_file(args.tokenizer)
             tok.enable_padding(length=args.seq)
             tok.enable_truncation(max_length=args.seq)
-            state["sess"] = sess
             state["tok"] = tok
-            state["inputs"] = [i.name for i in sess.get_inputs()]
             embed_texts(["warm-up"])
         except Exception as e:  # noqa: BLE001 - any load failure ends the service
             text = str(e).replace("\n", " ")
             print(f"error: {text}", file=sys.stderr, flush=True)
             missing_op = "NOT_IMPLEMENTED" in text or "Could not find an implementation" in text
-            os._exit(3 if missing_op else 1)
+            os._exit(4 if isinstance(e, ImportError) else 3 if missing_op else 1)
         print(f"listening on http://{host}:{port}", flush=True)
         yield
         state.clear()
@@ -113,8 +155,7 @@ def main() -> int:
                 "attention_mask": [e.attention_mask for e in enc],
                 "token_type_ids": [e.type_ids for e in enc],
             }
-            feeds = {n: np.asarray(fields[n], dtype=np.int64) for n in state["inputs"]}
-            out = state["sess"].run(None, feeds)[-1]
+            out = state["run"](fields)
         return out.reshape(len(texts), -1).tolist()
 
     class EmbedRequest(BaseModel):

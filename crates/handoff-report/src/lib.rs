@@ -309,6 +309,12 @@ pub fn summary_markdown(
         out.push_str("\n\n");
         t.markdown(&mut out);
     }
+    if let Some(t) = paired::torch_gain_table(records) {
+        out.push_str("## Hand-off gain vs PyTorch\n\n");
+        out.push_str(paired::TORCH_GAIN_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
     if let Some(t) = paired::comparisons_table(records) {
         out.push_str("## Paired comparisons\n\n");
         out.push_str(COMPARISONS_NOTE);
@@ -355,7 +361,7 @@ fn is_steady(r: &ResultRecord) -> bool {
 
 pub const LOAD_NOTE: &str = "Latency under load is measured from each query's scheduled arrival (Poisson, open loop), so time spent queued counts. `saturated`: the system did not keep up (queries unanswered at the end, errors, or a queue still draining long after the last arrival); its achieved rate is what it managed. `peak` is the highest rate tried whose p99 met the bound. The load generator runs on the same machine.";
 
-pub const SERVING_NOTE: &str = "The same model file, sentences, threads and load, over HTTP on loopback: `handoff serve` (Rust, axum, one model thread) against a FastAPI service (uvicorn, `tokenizers`, onnxruntime, one request in the model at a time). Both tokenise the texts; the difference is what the Python serving stack costs.";
+pub const SERVING_NOTE: &str = "The same model file, sentences, threads and load, over HTTP on loopback: `handoff serve` (Rust, axum, one model thread) against a FastAPI service (uvicorn, `tokenizers`, one request in the model at a time) running the model in Python onnxruntime (the same ONNX file: the difference is what the Python serving stack costs) or in PyTorch eager through transformers (the safetensors weights it was converted from: the difference is what the whole hand-off gains).";
 
 /// A table rendered to Markdown or HTML; cells are plain text.
 pub struct Table {
@@ -513,14 +519,15 @@ pub fn load_table(records: &[ResultRecord]) -> Option<Table> {
     })
 }
 
-/// `handoff serve` on ort against FastAPI on Python onnxruntime, at the
-/// same load: p99 at each fixed rate, and peak rate under the p99 bound.
+/// `handoff serve` on ort against the FastAPI service (on Python
+/// onnxruntime, or on PyTorch), at the same load: p99 at each fixed rate,
+/// and peak rate under the p99 bound.
 pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
     let http = |r: &&ResultRecord| r.case.scenario.starts_with("http ") && r.status == Status::Ok;
     let rows: Vec<Vec<String>> = records
         .iter()
         .filter(http)
-        .filter(|p| p.case.backend == "python-onnxruntime")
+        .filter(|p| p.case.backend.starts_with("python-"))
         .filter_map(|p| {
             let r = records.iter().filter(http).find(|r| {
                 r.case.backend == "ort"
@@ -550,6 +557,10 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
             };
             Some(vec![
                 r.case.model.clone(),
+                match p.case.backend.as_str() {
+                    "python-torch" => "PyTorch".to_owned(),
+                    other => other.trim_start_matches("python-").to_owned(),
+                },
                 r.case.threads.to_string(),
                 r.case.batch.to_string(),
                 r.case.scenario.trim_start_matches("http ").to_owned(),
@@ -568,6 +579,7 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
     (!rows.is_empty()).then(|| Table {
         header: vec![
             "model",
+            "FastAPI on",
             "threads",
             "batch",
             "load",

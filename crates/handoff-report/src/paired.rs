@@ -214,24 +214,10 @@ pub fn handoff_gain_table(records: &[ResultRecord]) -> Option<Table> {
         .iter()
         .filter(|p| p.case.backend == "python-onnxruntime" && p.passes())
     {
-        let Some(r) = records.iter().find(|r| {
-            r.case.backend == "ort"
-                && r.passes()
-                && r.repeat == p.repeat
-                && (
-                    &r.case.model,
-                    r.case.threads,
-                    r.case.batch,
-                    &r.case.dims,
-                    r.case.device,
-                ) == (
-                    &p.case.model,
-                    p.case.threads,
-                    p.case.batch,
-                    &p.case.dims,
-                    p.case.device,
-                )
-        }) else {
+        let Some(r) = records
+            .iter()
+            .find(|r| r.case.backend == "ort" && r.passes() && same_call(r, p))
+        else {
             continue;
         };
         let (Some(py), Some(rs)) = (p.inner_latency_ms.as_ref(), r.latency_ms.as_ref()) else {
@@ -279,6 +265,76 @@ pub fn handoff_gain_table(records: &[ResultRecord]) -> Option<Table> {
             "Python p50 ms",
             "Python / Rust (95% CI)",
             "Python overhead per call",
+        ],
+        rows,
+    })
+}
+
+/// The same call on another backend: model, threads, batch, dims, device
+/// and repeat.
+fn same_call(a: &ResultRecord, b: &ResultRecord) -> bool {
+    a.repeat == b.repeat
+        && (
+            &a.case.model,
+            a.case.threads,
+            a.case.batch,
+            &a.case.dims,
+            a.case.device,
+        ) == (
+            &b.case.model,
+            b.case.threads,
+            b.case.batch,
+            &b.case.dims,
+            b.case.device,
+        )
+}
+
+pub const TORCH_GAIN_NOTE: &str = "The model as a team runs it before the hand-off, PyTorch eager through transformers (`torch.inference_mode()`, the case's intra-op threads, 1 inter-op thread), against each Rust backend on the same safetensors weights or the ONNX file converted from them, with the same tokens, measured in the same rounds. PyTorch p50 is timed inside Python around the forward call and pooling; each Rust p50 around the backend's run. The ratio and its 95% CI come from the per-round medians: above 1, the Rust backend is that many times faster.";
+
+/// What handing off from PyTorch gains per call: `python-torch` (timed
+/// inside Python) against every Rust backend that ran the same call.
+pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
+    let mut rows = Vec::new();
+    for p in records
+        .iter()
+        .filter(|p| p.case.backend == "python-torch" && p.passes())
+    {
+        let Some(py) = p.inner_latency_ms.as_ref() else {
+            continue;
+        };
+        for r in records
+            .iter()
+            .filter(|r| !r.case.backend.starts_with("python-") && r.passes() && same_call(r, p))
+        {
+            let Some(rs) = r.latency_ms.as_ref() else {
+                continue;
+            };
+            rows.push(vec![
+                escape_md(&p.case.model),
+                p.case.threads.to_string(),
+                p.case.batch.to_string(),
+                escape_md(&dims(p)),
+                escape_md(&r.case.backend),
+                fmt_ms(rs.p50),
+                fmt_ms(py.p50),
+                paired(r, p, true)
+                    .map_or_else(|| "not measured together".to_owned(), |x| ratio_text(&x)),
+            ]);
+        }
+    }
+    if rows.is_empty() {
+        return None;
+    }
+    Some(Table {
+        header: vec![
+            "model",
+            "threads",
+            "batch",
+            "dims",
+            "Rust backend",
+            "Rust p50 ms",
+            "PyTorch p50 ms",
+            "PyTorch / Rust (95% CI)",
         ],
         rows,
     })

@@ -1,0 +1,118 @@
+//! The `python-torch` baseline for real: PyTorch eager through
+//! transformers in its pinned environment (created from PyPI here, as
+//! `handoff setup --torch` does), on a tiny BERT, checked against ort.
+
+mod common;
+
+use common::{handoff_env, run_ok, write_tokenizer};
+
+use handoff_runner::{Status, read_results};
+
+fn tiny_bert_suite(dir: &std::path::Path, backends: &str, scenarios: &str) {
+    let bert = dir.join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    std::fs::write(
+        dir.join("s.yaml"),
+        format!(
+            "name: torch\nmodels:\n  - id: tiny\n    source: {{hf: bert}}\n    text: {{sentences: [w4 w5 w6, w7 w8, w9]}}\n\
+             backends: [{backends}]\nthreads: [1, 2]\nbatch: [1, 3]\ndims: {{seq: [8]}}\n\
+             measure: {{warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2, processes: 1}}\n{scenarios}"
+        ),
+    )
+    .unwrap();
+}
+
+#[test]
+fn python_torch_runs_the_safetensors_model_and_agrees_with_ort() {
+    handoff_python::torch::setup().expect("pytorch environment");
+    let dir = tempfile::tempdir().unwrap();
+    // Per call, and served over HTTP: FastAPI + PyTorch against handoff
+    // serve + ort under the same load.
+    tiny_bert_suite(
+        dir.path(),
+        "ort, python-torch",
+        "scenarios:\n  - single-stream\n  - {http: {qps: [10], duration: 1s, min_queries: 10, backends: [ort, python-torch], threads: [1], batch: [1]}}\n",
+    );
+    let records = run_ok(dir.path(), "s.yaml", "out");
+    assert_eq!(records.len(), 8 + 2, "{records:#?}");
+    for r in &records {
+        assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+        if r.case.backend == "python-torch" && r.load.is_none() {
+            // Checked against ort on both outputs, and timed inside Python
+            // around the forward call as well as around the round trip.
+            assert!(r.parity.as_ref().is_some_and(|p| p.ok), "{}", r.case.id);
+            let inner = r.inner_latency_ms.as_ref().expect("inner time");
+            let outer = r.latency_ms.as_ref().unwrap();
+            assert!(inner.p50 <= outer.p50, "{}", r.case.id);
+            assert!(
+                r.case
+                    .backend_version
+                    .as_deref()
+                    .is_some_and(|v| v.starts_with("2.15.0")),
+                "{:?}",
+                r.case.backend_version
+            );
+        }
+    }
+    // The report puts each Rust row beside PyTorch, from the same rounds.
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
+    let gain = summary
+        .split("## Hand-off gain vs PyTorch")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no PyTorch table:\n{summary}"));
+    assert!(gain.contains("| tiny | 1 | 1 | seq=8 | ort |"), "{gain}");
+    assert!(!gain.contains("not measured together"), "{gain}");
+    let served = records
+        .iter()
+        .find(|r| r.case.backend == "python-torch" && r.load.is_some())
+        .unwrap();
+    // The served embedding matched the reference too.
+    assert!(served.parity.as_ref().is_some_and(|p| p.ok), "{served:?}");
+    assert_eq!(
+        served.load.as_ref().unwrap().server.as_deref(),
+        Some(handoff_python::torch::FASTAPI_TORCH_SERVER)
+    );
+    assert!(
+        summary.contains("| tiny | PyTorch | 1 | 1 | 10 QPS |"),
+        "{summary}"
+    );
+}
+
+#[test]
+fn without_its_environment_python_torch_is_unavailable_and_says_how_to_set_it_up() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_bert_suite(dir.path(), "tract, python-torch", "");
+    // An empty project cache, but the ONNX Runtime library the conversion
+    // check needs, named directly.
+    let ort = handoff_ort::provision::fetch().expect("onnxruntime library");
+    let empty = dir.path().join("empty-cache");
+    let o = handoff_env(
+        &["run", "s.yaml", "--out", "out", "--quiet"],
+        dir.path(),
+        &[
+            ("HANDOFF_CACHE", empty.to_str().unwrap()),
+            ("ORT_DYLIB_PATH", ort.to_str().unwrap()),
+        ],
+    );
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let records = read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records;
+    let torch: Vec<_> = records
+        .iter()
+        .filter(|r| r.case.backend == "python-torch")
+        .collect();
+    assert_eq!(torch.len(), 4);
+    for r in torch {
+        assert_eq!(r.status, Status::Unavailable, "{}", r.case.id);
+        let why = r.reason.as_deref().unwrap_or("");
+        assert!(why.contains("run `handoff setup --torch`"), "{why}");
+        assert!(r.latency_ms.is_none());
+    }
+}

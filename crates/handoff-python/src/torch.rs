@@ -1,0 +1,129 @@
+//! The `python-torch` baseline: the model in PyTorch eager through
+//! transformers, what a team runs before it hands off. It loads the HF
+//! directory (config.json + model.safetensors) the ONNX file was converted
+//! from, in a worker process (`scripts/py_torch_worker.py`) in
+//! `.cache/venv-python-torch`, which `handoff setup --torch` creates from
+//! PyPI. Timed like python-onnxruntime: handoff's clock around the round
+//! trip, the worker's around the forward call.
+
+use std::path::PathBuf;
+
+use handoff_backend::{
+    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+};
+use serde_json::json;
+
+use crate::{Worker, cache_dir, pyenv};
+
+/// Pinned packages of the PyTorch environment. PyPI's Linux torch wheel
+/// depends on the CUDA runtime wheels, so the environment is large (about
+/// 3 GB downloaded, 5.6 GB on disk) even where it only runs on the CPU.
+pub const PYTHON_TORCH_PACKAGES: [&str; 7] = [
+    "torch==2.15.0",
+    "transformers==5.24.0",
+    "safetensors==0.8.0",
+    "numpy==2.4.6",
+    "tokenizers==0.23.3",
+    "fastapi==0.163.2",
+    "uvicorn==0.54.0",
+];
+pub const PYTHON_TORCH_ENV: &str = "python-torch";
+/// What `handoff setup --torch` prints before it downloads.
+pub const DOWNLOAD_NOTE: &str =
+    "PyTorch from PyPI with its CUDA runtime wheels: about 3 GB to download, 5.6 GB on disk";
+const TORCH_WORKER_PY: &str = include_str!("../../../scripts/py_torch_worker.py");
+
+/// Creates the PyTorch environment (no-op when it is there).
+pub fn setup() -> Result<PathBuf, String> {
+    pyenv::ensure(&cache_dir(), PYTHON_TORCH_ENV, &PYTHON_TORCH_PACKAGES)
+}
+
+/// The PyTorch environment's interpreter, or how to create it.
+pub fn interpreter() -> Result<PathBuf, String> {
+    pyenv::existing(&cache_dir(), PYTHON_TORCH_ENV, &PYTHON_TORCH_PACKAGES).ok_or_else(|| {
+        format!(
+            "the PyTorch environment {} is not set up: run `handoff setup --torch` ({DOWNLOAD_NOTE})",
+            cache_dir()
+                .join(format!("venv-{PYTHON_TORCH_ENV}"))
+                .display()
+        )
+    })
+}
+
+/// What the FastAPI + PyTorch service is, for reports.
+pub const FASTAPI_TORCH_SERVER: &str = "FastAPI + uvicorn (Python) + PyTorch eager (transformers)";
+
+/// The FastAPI service with the model in PyTorch (`--runtime torch`), the
+/// Python side of a serving comparison for `python-torch`.
+pub fn fastapi_command(
+    model: &std::path::Path,
+    hf_dir: &std::path::Path,
+    tokenizer: &std::path::Path,
+    threads: u32,
+    seq: u32,
+    max_batch: u32,
+) -> Result<std::process::Command, String> {
+    let mut cmd = crate::fastapi_in(&interpreter()?, model, tokenizer, threads, seq, max_batch);
+    cmd.args(["--runtime", "torch", "--hf-dir"]).arg(hf_dir);
+    Ok(cmd)
+}
+
+#[derive(Debug, Default)]
+pub struct PythonTorchBackend;
+
+impl Backend for PythonTorchBackend {
+    fn name(&self) -> &'static str {
+        "python-torch"
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::Native
+    }
+
+    fn probe(&self, device: Device) -> Probe {
+        if device != Device::Cpu {
+            return Probe::Unavailable {
+                reason: "the PyTorch baseline runs on the CPU only (its CUDA run is not built)"
+                    .into(),
+            };
+        }
+        match interpreter() {
+            Ok(p) => Probe::Available {
+                version: PYTHON_TORCH_PACKAGES[0]
+                    .trim_start_matches("torch==")
+                    .into(),
+                detail: format!(
+                    "PyTorch eager via transformers in a worker process ({})",
+                    p.display()
+                ),
+            },
+            Err(reason) => Probe::Unavailable { reason },
+        }
+    }
+
+    fn prepare(
+        &self,
+        model: &ModelRef,
+        options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        handoff_backend::require_cpu(options.device)?;
+        if let Some((_, variant)) = model.id.split_once(['@', '+']) {
+            return Err(BackendError::Unsupported(format!(
+                "`{variant}` is an ONNX rewrite; python-torch runs the fp32 safetensors model"
+            )));
+        }
+        let dir = model.hf_dir.as_ref().ok_or_else(|| {
+            BackendError::Unsupported(
+                "python-torch runs safetensors models (source `hf` or `pypi`), not a bare ONNX file"
+                    .into(),
+            )
+        })?;
+        let python = interpreter().map_err(BackendError::Unavailable)?;
+        let worker = Worker::start(
+            &python,
+            TORCH_WORKER_PY,
+            &json!({"cmd": "load", "hf_dir": dir, "threads": options.threads}),
+        )?;
+        Ok(Box::new(worker))
+    }
+}
