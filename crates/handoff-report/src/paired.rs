@@ -309,6 +309,7 @@ pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
             let Some(rs) = r.latency_ms.as_ref() else {
                 continue;
             };
+            let x = paired(r, p, true);
             rows.push(vec![
                 escape_md(&p.case.model),
                 p.case.threads.to_string(),
@@ -317,8 +318,19 @@ pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
                 escape_md(&r.case.backend),
                 fmt_ms(rs.p50),
                 fmt_ms(py.p50),
-                paired(r, p, true)
-                    .map_or_else(|| "not measured together".to_owned(), |x| ratio_text(&x)),
+                x.as_ref()
+                    .map_or_else(|| "not measured together".to_owned(), ratio_text),
+                match &x {
+                    Some(x) if x.verdict != Verdict::NoMeasurableDifference => {
+                        if x.ratio >= 1.0 {
+                            format!("{:.2}x faster than PyTorch", x.ratio)
+                        } else {
+                            format!("{:.2}x slower than PyTorch", 1.0 / x.ratio)
+                        }
+                    }
+                    Some(_) => "as fast as PyTorch, within the CI".to_owned(),
+                    None => "-".to_owned(),
+                },
             ]);
         }
     }
@@ -335,6 +347,7 @@ pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
             "Rust p50 ms",
             "PyTorch p50 ms",
             "PyTorch / Rust (95% CI)",
+            "the Rust backend is",
         ],
         rows,
     })
