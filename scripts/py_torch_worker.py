@@ -9,9 +9,10 @@ onnxruntime worker:
   {"cmd": "run"}       -> {"ok": true, "inner_ns": N}   the forward call timed inside Python
   {"cmd": "outputs", "dir": DIR} -> each output written raw to DIR, with dtype and shape
 
-Outputs match handoff's converted ONNX model: `last_hidden_state` and
-`sentence_embedding` (the attention-mask-weighted mean over tokens), so the
-same parity check applies. Every reply is {"ok": true, ...} or
+Outputs match handoff's converted ONNX model, so the same parity check
+applies: `last_hidden_state`, then `sentence_embedding` (the attention-mask-
+weighted mean over tokens) for an encoder, or `logits` for a
+`...ForSequenceClassification` model (AutoModelForSequenceClassification). Every reply is {"ok": true, ...} or
 {"ok": false, "error": "..."}; stdout carries only replies.
 """
 import json
@@ -42,6 +43,7 @@ def main() -> int:
     import torch
 
     model = None
+    classifier = False
     feeds = {}
     last = []
     for line in sys.stdin:
@@ -55,10 +57,17 @@ def main() -> int:
                 torch.set_num_threads(int(req["threads"]))
                 import transformers
 
-                t0 = time.perf_counter_ns()
-                model = transformers.AutoModel.from_pretrained(
-                    req["hf_dir"], dtype=torch.float32
+                config = transformers.AutoConfig.from_pretrained(req["hf_dir"])
+                classifier = any(
+                    a.endswith("ForSequenceClassification") for a in (config.architectures or [])
                 )
+                auto = (
+                    transformers.AutoModelForSequenceClassification
+                    if classifier
+                    else transformers.AutoModel
+                )
+                t0 = time.perf_counter_ns()
+                model = auto.from_pretrained(req["hf_dir"], dtype=torch.float32)
                 model.eval()
                 reply = {
                     "ok": True,
@@ -79,10 +88,14 @@ def main() -> int:
             elif cmd == "run":
                 t0 = time.perf_counter_ns()
                 with torch.inference_mode():
-                    hidden = model(**feeds).last_hidden_state
-                    mask = feeds["attention_mask"].to(hidden.dtype).unsqueeze(-1)
-                    pooled = (hidden * mask).sum(1) / mask.sum(1)
-                last = [("last_hidden_state", hidden), ("sentence_embedding", pooled)]
+                    if classifier:
+                        out = model(**feeds, output_hidden_states=True)
+                        last = [("last_hidden_state", out.hidden_states[-1]), ("logits", out.logits)]
+                    else:
+                        hidden = model(**feeds).last_hidden_state
+                        mask = feeds["attention_mask"].to(hidden.dtype).unsqueeze(-1)
+                        pooled = (hidden * mask).sum(1) / mask.sum(1)
+                        last = [("last_hidden_state", hidden), ("sentence_embedding", pooled)]
                 reply = {"ok": True, "inner_ns": time.perf_counter_ns() - t0}
             elif cmd == "outputs":
                 outs = []

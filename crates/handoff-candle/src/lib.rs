@@ -258,24 +258,61 @@ impl Backend for CandleNativeBackend {
         let cfg_path = dir.join("config.json");
         let text = std::fs::read_to_string(&cfg_path)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", cfg_path.display())))?;
-        let config: Config = serde_json::from_str(&text)
-            .map_err(|e| BackendError::Unsupported(format!("{}: {e}", cfg_path.display())))?;
+        let unsupported = |e: serde_json::Error| {
+            BackendError::Unsupported(format!("{}: {e}", cfg_path.display()))
+        };
+        let raw: serde_json::Value = serde_json::from_str(&text).map_err(unsupported)?;
+        let shape = ModelShape::of(&raw);
+        if quantized.is_some() && (shape.distil || shape.labels.is_some()) {
+            return Err(BackendError::Unsupported(
+                "candle-q8 quantises BERT sentence encoders only".into(),
+            ));
+        }
         let st = dir.join("model.safetensors");
         let bytes = std::fs::read(&st)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
         let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, CDType::F32, &device)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
-        let bert = match quantized {
-            None => Bert::F32(BertModel::load(vb, &config)),
-            Some(q) => Bert::Quantized(qbert::QBert::load(vb, &config, q)),
+        let invalid =
+            |e: candle_core::Error| BackendError::InvalidModel(format!("{}: {e}", st.display()));
+        let (encoder, hidden) = if shape.distil {
+            use candle_transformers::models::distilbert::{Config as DConfig, DistilBertModel};
+            let config: DConfig = serde_json::from_str(&text).map_err(unsupported)?;
+            let hidden = config.dim;
+            (
+                Encoder::Distil(DistilBertModel::load(vb.clone(), &config).map_err(invalid)?),
+                hidden,
+            )
+        } else {
+            let config: Config = serde_json::from_str(&text).map_err(unsupported)?;
+            let hidden = config.hidden_size;
+            let encoder = match quantized {
+                None => Encoder::Bert(BertModel::load(vb.clone(), &config).map_err(invalid)?),
+                Some(q) => {
+                    Encoder::QBert(qbert::QBert::load(vb.clone(), &config, q).map_err(invalid)?)
+                }
+            };
+            (encoder, hidden)
         };
-        let bert = match bert {
-            Bert::F32(r) => r.map(Bert::F32),
-            Bert::Quantized(r) => r.map(Bert::Quantized),
-        }
-        .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
+        let head = match shape.labels {
+            None => None,
+            Some(n) => {
+                let pre = if shape.distil {
+                    "pre_classifier"
+                } else {
+                    "bert.pooler.dense"
+                };
+                Some(ClassifierHead {
+                    pre: candle_nn::linear(hidden, hidden, vb.pp(pre)).map_err(invalid)?,
+                    relu: shape.distil,
+                    classifier: candle_nn::linear(hidden, n, vb.pp("classifier"))
+                        .map_err(invalid)?,
+                })
+            }
+        };
         Ok(Box::new(CandleNativePrepared {
-            bert,
+            encoder,
+            head,
             device,
             inputs: None,
             last: Vec::new(),
@@ -283,16 +320,54 @@ impl Backend for CandleNativeBackend {
     }
 }
 
-enum Bert<F, Q> {
-    F32(F),
-    Quantized(Q),
+/// What config.json says about the model's family and head, read the way
+/// handoff's converter reads it.
+struct ModelShape {
+    distil: bool,
+    /// `Some(n)`: a sequence classifier with `n` labels.
+    labels: Option<usize>,
+}
+
+impl ModelShape {
+    fn of(config: &serde_json::Value) -> Self {
+        let classifier = config["architectures"].as_array().is_some_and(|a| {
+            a.iter()
+                .filter_map(|v| v.as_str())
+                .any(|n| n.ends_with("ForSequenceClassification"))
+        });
+        let labels = config["id2label"]
+            .as_object()
+            .map(serde_json::Map::len)
+            .or_else(|| config["num_labels"].as_u64().map(|n| n as usize))
+            .unwrap_or(2);
+        Self {
+            distil: config["model_type"].as_str() == Some("distilbert"),
+            labels: classifier.then_some(labels),
+        }
+    }
+}
+
+enum Encoder {
+    Bert(candle_transformers::models::bert::BertModel),
+    QBert(qbert::QBert),
+    Distil(candle_transformers::models::distilbert::DistilBertModel),
+}
+
+/// The sequence-classification head on the first token: BERT's pooler
+/// (dense + tanh) or DistilBERT's pre-classifier (dense + ReLU), then the
+/// classifier.
+struct ClassifierHead {
+    pre: candle_nn::Linear,
+    relu: bool,
+    classifier: candle_nn::Linear,
 }
 
 struct CandleNativePrepared {
-    bert: Bert<candle_transformers::models::bert::BertModel, qbert::QBert>,
+    encoder: Encoder,
+    head: Option<ClassifierHead>,
     device: CDevice,
-    /// input_ids, token_type_ids, attention_mask
-    inputs: Option<(CTensor, CTensor, CTensor)>,
+    /// input_ids, token_type_ids (BERT only), attention_mask
+    inputs: Option<(CTensor, Option<CTensor>, CTensor)>,
     last: Vec<CTensor>,
 }
 
@@ -307,49 +382,78 @@ impl Prepared for CandleNativePrepared {
                 })
                 .and_then(|t| to_candle(t, &self.device))
         };
-        self.inputs = Some((
-            find("input_ids")?,
-            find("token_type_ids")?,
-            find("attention_mask")?,
-        ));
+        let types = match self.encoder {
+            Encoder::Distil(_) => None,
+            _ => Some(find("token_type_ids")?),
+        };
+        self.inputs = Some((find("input_ids")?, types, find("attention_mask")?));
         Ok(())
     }
 
     fn run(&mut self) -> Result<(), BackendError> {
+        use candle_core::Module;
         let (ids, types, mask) = self
             .inputs
             .as_ref()
             .ok_or_else(|| BackendError::Failed("no inputs bound".into()))?;
         let e = |e: candle_core::Error| BackendError::Failed(e.to_string());
-        let hidden = match &self.bert {
-            Bert::F32(b) => b.forward(ids, types, Some(mask)),
-            Bert::Quantized(b) => b.forward(ids, types, mask),
+        let missing = || BackendError::Failed("token_type_ids not bound".into());
+        let hidden = match &self.encoder {
+            Encoder::Bert(b) => b.forward(ids, types.as_ref().ok_or_else(missing)?, Some(mask)),
+            Encoder::QBert(b) => b.forward(ids, types.as_ref().ok_or_else(missing)?, mask),
+            Encoder::Distil(b) => {
+                // candle's DistilBERT takes the positions to mask out,
+                // shaped to broadcast over heads and queries.
+                let (batch, seq) = mask.dims2().map_err(e)?;
+                let masked = mask
+                    .eq(0i64)
+                    .and_then(|m| m.reshape((batch, 1, 1, seq)))
+                    .map_err(e)?;
+                b.forward(ids, &masked)
+            }
         }
         .map_err(e)?;
-        // Masked mean pooling, as in the converted ONNX graph.
-        let mask_f = mask.to_dtype(CDType::F32).map_err(e)?;
-        let summed = mask_f
-            .unsqueeze(1)
-            .map_err(e)?
-            .matmul(&hidden)
-            .map_err(e)?
-            .squeeze(1)
-            .map_err(e)?;
-        let count = mask_f
-            .sum_keepdim(1)
-            .map_err(e)?
-            .clamp(1e-9f32, f32::MAX)
-            .map_err(e)?;
-        let pooled = summed.broadcast_div(&count).map_err(e)?;
+        let answer = match &self.head {
+            Some(head) => {
+                let first = hidden
+                    .narrow(1, 0, 1)
+                    .and_then(|t| t.squeeze(1))
+                    .map_err(e)?;
+                let pre = head.pre.forward(&first).map_err(e)?;
+                let pre = if head.relu { pre.relu() } else { pre.tanh() }.map_err(e)?;
+                head.classifier.forward(&pre).map_err(e)?
+            }
+            None => {
+                // Masked mean pooling, as in the converted ONNX graph.
+                let mask_f = mask.to_dtype(CDType::F32).map_err(e)?;
+                let summed = mask_f
+                    .unsqueeze(1)
+                    .map_err(e)?
+                    .matmul(&hidden)
+                    .map_err(e)?
+                    .squeeze(1)
+                    .map_err(e)?;
+                let count = mask_f
+                    .sum_keepdim(1)
+                    .map_err(e)?
+                    .clamp(1e-9f32, f32::MAX)
+                    .map_err(e)?;
+                summed.broadcast_div(&count).map_err(e)?
+            }
+        };
         // CUDA kernels are queued asynchronously: the clock stops only once
         // they have finished (a no-op on the CPU).
         self.device.synchronize().map_err(e)?;
-        self.last = vec![hidden, pooled];
+        self.last = vec![hidden, answer];
         Ok(())
     }
 
     fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
-        ["last_hidden_state", "sentence_embedding"]
+        let names = match self.head {
+            Some(_) => ["last_hidden_state", "logits"],
+            None => ["last_hidden_state", "sentence_embedding"],
+        };
+        names
             .iter()
             .zip(&self.last)
             .map(|(n, t)| from_candle(n, t))

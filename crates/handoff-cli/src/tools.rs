@@ -145,10 +145,17 @@ impl ModelTools for Tools {
             run_once(get("ort")?, onnx, None, &inputs, specs).map_err(|e| format!("ort: {e}"))?;
         let native = run_once(get("candle-native")?, onnx, Some(hf_dir), &inputs, specs)
             .map_err(|e| format!("candle-native: {e}"))?;
+        // The model's answer: `sentence_embedding`, or a classifier's `logits`.
         let (a, b) = (
-            ort.get(1).ok_or("ort gave no sentence_embedding")?,
-            native.get(1).ok_or("candle-native gave no embedding")?,
+            ort.get(1).ok_or("ort gave no second output")?,
+            native.get(1).ok_or("candle-native gave no second output")?,
         );
+        if a.name != b.name {
+            return Err(format!(
+                "ort's second output is `{}`, candle-native's `{}`",
+                a.name, b.name
+            ));
+        }
         let (max_abs, min_cosine) = embedding_agreement(a, b);
         let batch = specs.first().map_or(0, |s| s.shape[0]);
         let seq = specs
@@ -156,7 +163,10 @@ impl ModelTools for Tools {
             .map_or(0, |s| s.shape.get(1).copied().unwrap_or(0));
         Ok(Check {
             name: "conversion".into(),
-            compared: "sentence_embedding: ort 1 thread (converted ONNX) vs candle-native (source safetensors)".into(),
+            compared: format!(
+                "{}: ort 1 thread (converted ONNX) vs candle-native (source safetensors)",
+                a.name
+            ),
             inputs: format!("{batch} tokenised sentences, seq {seq}"),
             max_abs,
             min_cosine,

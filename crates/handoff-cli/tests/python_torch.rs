@@ -116,3 +116,57 @@ fn without_its_environment_python_torch_is_unavailable_and_says_how_to_set_it_up
         assert!(r.latency_ms.is_none());
     }
 }
+
+#[test]
+fn tiny_bert_and_distilbert_classifiers_agree_on_every_backend() {
+    use handoff_convert::bert::{Arch, RandomModel};
+    handoff_python::torch::setup().expect("pytorch environment");
+    let dir = tempfile::tempdir().unwrap();
+    for (name, arch) in [("bert", Arch::Bert), ("distil", Arch::DistilBert)] {
+        let d = dir.path().join(name);
+        RandomModel {
+            arch,
+            labels: Some(3),
+            hidden: 32,
+            layers: 2,
+            heads: 4,
+            vocab: 100,
+            max_positions: 64,
+            scale: 0.1,
+            seed: 11,
+        }
+        .write(&d)
+        .unwrap();
+        write_tokenizer(&d);
+    }
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: cls\nmodels:\n  - id: bert-cls\n    source: {hf: bert}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n\
+         \x20 - id: distil-cls\n    source: {hf: distil}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n\
+         backends: [ort, tract, candle-native, python-torch]\nthreads: [1]\nbatch: [1, 2]\ndims: {seq: [8]}\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2, processes: 1}\n",
+    )
+    .unwrap();
+    let records = run_ok(dir.path(), "s.yaml", "out");
+    assert_eq!(records.len(), 2 * 4 * 2, "{records:#?}");
+    for r in &records {
+        // Each backend's logits (and last hidden state) match ort's: the
+        // converter's heads, candle's and PyTorch's are the same function.
+        assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+        assert!(r.parity.as_ref().is_some_and(|p| p.ok), "{}", r.case.id);
+    }
+    // DistilBERT has no token types: its cases bind two inputs.
+    let onnx = std::fs::read_dir(dir.path().join("cache/converted"))
+        .unwrap()
+        .filter_map(|e| e.ok().map(|e| e.path()))
+        .filter(|p| p.extension().is_some_and(|x| x == "onnx"))
+        .map(|p| handoff_onnx::ModelInfo::load(&p).unwrap())
+        .collect::<Vec<_>>();
+    assert_eq!(onnx.len(), 2);
+    for info in onnx {
+        let outs: Vec<String> = info.outputs.iter().map(ToString::to_string).collect();
+        assert_eq!(outs[1], "logits: f32[batch, 3]");
+        let inputs = info.inputs.len();
+        assert!(inputs == 2 || inputs == 3, "{:?}", info.inputs);
+    }
+}
