@@ -172,6 +172,7 @@ impl ModelTools for Tools {
             min_cosine,
             threshold_max_abs: CONVERSION_MAX_ABS,
             threshold_min_cosine: CONVERSION_MIN_COSINE,
+            label_agreement: None,
             passed: max_abs <= CONVERSION_MAX_ABS && min_cosine >= CONVERSION_MIN_COSINE,
         })
     }
@@ -268,6 +269,7 @@ impl ModelTools for Tools {
             min_cosine: f64::NAN,
             threshold_max_abs: LOWERING_MAX_ABS,
             threshold_min_cosine: f64::NAN,
+            label_agreement: None,
             passed: true,
         });
         prov.save(&out).map_err(|e| e.to_string())?;
@@ -586,6 +588,7 @@ fn accuracy_check(
         ));
     }
     let (max_abs, min_cos) = embedding_agreement(x, y);
+    let labels = (x.name == "logits").then(|| label_agreement(x, y));
     let shape = specs
         .first()
         .map(|s| format!("{:?}", s.shape))
@@ -601,8 +604,33 @@ fn accuracy_check(
         min_cosine: min_cos,
         threshold_max_abs: f64::NAN,
         threshold_min_cosine: min_cosine,
-        passed: min_cos >= min_cosine,
+        label_agreement: labels,
+        passed: min_cos >= min_cosine && labels.is_none_or(|share| share >= 1.0),
     })
+}
+
+/// The share of rows whose largest logit is in the same place.
+fn label_agreement(a: &Tensor, b: &Tensor) -> f64 {
+    use handoff_backend::TensorData;
+    let (TensorData::F32(x), TensorData::F32(y)) = (&a.data, &b.data) else {
+        return 0.0;
+    };
+    let width = a.shape.last().copied().unwrap_or(1).max(1);
+    let top = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|p, q| p.1.total_cmp(q.1))
+            .map(|(i, _)| i)
+    };
+    let rows: Vec<bool> = x
+        .chunks(width)
+        .zip(y.chunks(width))
+        .map(|(p, q)| top(p) == top(q))
+        .collect();
+    if rows.is_empty() {
+        return 0.0;
+    }
+    rows.iter().filter(|same| **same).count() as f64 / rows.len() as f64
 }
 
 /// Seed of random calibration inputs: the check draws with seed 0.

@@ -289,7 +289,9 @@ fn an_unsupported_architecture_is_a_clear_error() {
     assert_eq!(out.status.code(), Some(2));
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(
-        err.contains("config.json: field `model_type`: `gpt2` is not supported (supported: bert)"),
+        err.contains(
+            "config.json: field `model_type`: `gpt2` is not supported (supported: bert, distilbert)"
+        ),
         "{err}"
     );
     assert!(!dir.path().join("g.onnx").exists());

@@ -124,6 +124,7 @@ fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
         min_cosine: cos,
         max_abs: 0.1,
         threshold_min_cosine: 0.99,
+        label_agreement: None,
         passed,
         size_bytes: 23_000_000,
         fp32_size_bytes: 90_000_000,

@@ -45,6 +45,10 @@ pub struct Check {
     pub threshold_max_abs: f64,
     #[serde(deserialize_with = "null_is_nan")]
     pub threshold_min_cosine: f64,
+    /// For a classifier (`logits`): the share of inputs whose top label
+    /// is the same; the gate needs all of them.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_agreement: Option<f64>,
     pub passed: bool,
 }
 

@@ -224,6 +224,18 @@ pub fn summary_markdown(
     for m in models {
         let _ = writeln!(out, "## {}\n", escape_md(m));
         let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
+        // A stand-in's source says it has random weights: every section
+        // with its numbers repeats that.
+        if let Some(r) = rows
+            .iter()
+            .find(|r| r.case.model_source.contains("random weights"))
+        {
+            let _ = writeln!(
+                out,
+                "Model `{}`: seeded random weights at a real model's size, so its outputs (and labels) mean nothing and only its speed does.\n",
+                escape_md(&r.case.model_source),
+            );
+        }
         let passed_over = rows
             .iter()
             .filter(|r| r.passes() && r.case.batch == 1 && !r.recommendable())
@@ -613,6 +625,14 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             .filter_map(|r| r.load_ms.map(|l| (l, r.case.backend.as_str())))
             .min_by(|a, b| a.0.total_cmp(&b.0))
     };
+    let labels = |a: &handoff_runner::Accuracy| {
+        a.label_agreement.map_or_else(String::new, |share| {
+            format!(
+                "; top label as fp32 on {:.0}% of inputs, gate 100%",
+                100.0 * share
+            )
+        })
+    };
     for (m, base, a) in variant_models(records) {
         let (mine, fp32) = (best(m), best(base));
         let load = match fastest_load(m, None) {
@@ -642,9 +662,9 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             },
             a.min_cosine,
             if a.passed {
-                format!("pass (>= {})", a.threshold_min_cosine)
+                format!("pass (>= {}{})", a.threshold_min_cosine, labels(a))
             } else {
-                format!("**FAIL** (< {})", a.threshold_min_cosine)
+                format!("**FAIL** (< {}{})", a.threshold_min_cosine, labels(a))
             },
             mine.map_or("-".into(), |t| format!("{t:.1}")),
             match (mine, fp32) {

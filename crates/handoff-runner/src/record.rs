@@ -190,6 +190,9 @@ pub struct Accuracy {
     pub min_cosine: f64,
     pub max_abs: f64,
     pub threshold_min_cosine: f64,
+    /// A classifier's share of inputs with the fp32 model's top label.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub label_agreement: Option<f64>,
     pub passed: bool,
     pub size_bytes: u64,
     /// Size of the fp32 model it was made from.

@@ -934,6 +934,7 @@ impl<'a> Runner<'a> {
                 min_cosine: v.accuracy.min_cosine,
                 max_abs: v.accuracy.max_abs,
                 threshold_min_cosine: v.accuracy.threshold_min_cosine,
+                label_agreement: v.accuracy.label_agreement,
                 passed: v.accuracy.passed,
                 // 0: no file of its own (candle-q8 quantises at load).
                 size_bytes: if v.reference_is_fp32 && v.reference_model.is_none() {

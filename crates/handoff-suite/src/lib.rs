@@ -12,6 +12,7 @@ pub mod duration;
 pub mod error;
 pub mod locate;
 pub mod plan;
+pub mod random;
 pub mod raw;
 pub mod scenario;
 pub mod shapes;

@@ -805,11 +805,12 @@ fn build_model(
         src.synthetic.is_some(),
         src.hf.is_some(),
         src.pypi.is_some(),
+        src.random.is_some(),
     ];
     if kinds.iter().filter(|k| **k).count() != 1 {
         ctx.err(
             format!("{path}.source"),
-            "give exactly one of `onnx: <path>`, `synthetic: {kind, width, depth}`, `hf: <dir>` or `pypi: {package, version, sha256, path}`",
+            "give exactly one of `onnx: <path>`, `synthetic: {kind, width, depth}`, `hf: <dir>`, `pypi: {package, version, sha256, path}` or `random: {arch, labels}`",
         );
         return None;
     }
@@ -827,6 +828,14 @@ fn build_model(
                     Ok(d) => (d, format!("pypi:{}=={}", p.package, p.version), "pypi"),
                     Err(e) => {
                         ctx.err(format!("{path}.source.pypi"), e.to_string());
+                        return None;
+                    }
+                }
+            } else if let Some(r) = &src.random {
+                match crate::random::materialise(r, seed, &options.model_cache) {
+                    Ok((d, label)) => (d, label, "random"),
+                    Err(e) => {
+                        ctx.err(format!("{path}.source.random"), e);
                         return None;
                     }
                 }

