@@ -761,3 +761,48 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.onnx"));
 }
+
+#[test]
+fn a_random_classifier_stand_in_runs_says_what_it_is_and_gates_int8_on_labels() {
+    let dir = tempfile::tempdir().unwrap();
+    write(
+        dir.path(),
+        "s.yaml",
+        "name: cls\nmodels:\n  - id: cls\n    source: {random: {arch: distilbert, labels: 3, hidden: 32, layers: 1, heads: 4, seed: 5}}\n\
+         \x20   variants: [fp32, int8-dynamic]\n    min_cosine: 0.5\n\
+         backends: [ort]\nthreads: [1]\nbatch: [1]\ndims: {seq: [16]}\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, processes: 1}\n",
+    );
+    let o = handoff(&["run", "s.yaml", "--out", "out", "--quiet"], dir.path());
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let records = read_results(&dir.path().join("out/results.jsonl"))
+        .unwrap()
+        .records;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    for r in &records {
+        assert!(
+            r.case
+                .model_source
+                .contains("random weights: outputs meaningless"),
+            "{}",
+            r.case.model_source
+        );
+    }
+    let int8 = records
+        .iter()
+        .find(|r| r.case.model == "cls@int8-dynamic")
+        .expect("the int8 variant ran");
+    let acc = int8.accuracy.as_ref().unwrap();
+    // The gate compared top labels of the logits, not only their cosine.
+    let share = acc.label_agreement.expect("a classifier's label agreement");
+    assert!((0.0..=1.0).contains(&share));
+    assert_eq!(acc.passed, acc.min_cosine >= 0.5 && share >= 1.0);
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
+    assert!(summary.contains("only its speed does"), "{summary}");
+    assert!(summary.contains("top label as fp32 on"), "{summary}");
+}
