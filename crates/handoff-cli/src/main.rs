@@ -234,6 +234,19 @@ enum Command {
         /// Most texts in one request.
         #[arg(long, default_value_t = 64)]
         max_batch: usize,
+        /// Requests waiting for the model; more are answered 503 with
+        /// Retry-After.
+        #[arg(long, default_value_t = 64)]
+        queue: usize,
+        /// Largest request body in bytes (413 beyond).
+        #[arg(long, default_value_t = 1 << 20)]
+        max_body_bytes: usize,
+        /// Longest text in bytes (422 beyond).
+        #[arg(long, default_value_t = 16 << 10)]
+        max_text_bytes: usize,
+        /// Milliseconds before an unanswered request gets 504.
+        #[arg(long, default_value_t = 30_000)]
+        request_timeout_ms: u64,
         /// Address to listen on. Only loopback is allowed unless
         /// --allow-remote: this is a benchmark server, not a hardened one.
         #[arg(long, default_value = "127.0.0.1")]
@@ -588,6 +601,10 @@ fn run(cli: Cli) -> Result<ExitCode> {
             threads,
             seq,
             max_batch,
+            queue,
+            max_body_bytes,
+            max_text_bytes,
+            request_timeout_ms,
             host,
             port,
             allow_remote,
@@ -603,6 +620,12 @@ fn run(cli: Cli) -> Result<ExitCode> {
                 threads,
                 seq,
                 max_batch,
+                limits: handoff_serve::Limits {
+                    queue,
+                    body_bytes: max_body_bytes,
+                    text_bytes: max_text_bytes,
+                    timeout: std::time::Duration::from_millis(request_timeout_ms),
+                },
                 addr: std::net::SocketAddr::new(host, port),
                 allow_remote,
                 watch_stdin,
@@ -1605,6 +1628,7 @@ struct ServeArgs {
     threads: usize,
     seq: usize,
     max_batch: usize,
+    limits: handoff_serve::Limits,
     addr: std::net::SocketAddr,
     allow_remote: bool,
     watch_stdin: bool,
@@ -1662,6 +1686,7 @@ fn serve(registry: &Registry, a: ServeArgs) -> Result<ExitCode> {
         tokenizer,
         addr: a.addr,
         max_batch: a.max_batch,
+        limits: a.limits,
     };
     // Before loading: a port in use fails in a millisecond, not after.
     let listener = handoff_serve::bind(a.addr)?;

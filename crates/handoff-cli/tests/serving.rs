@@ -229,3 +229,146 @@ fn the_fastapi_service_answers_keep_alive_requests_as_fast_as_fresh_ones() {
         "keep-alive median {keep_alive:?} vs a new connection per request {fresh:?}"
     );
 }
+
+/// One request on a new connection: the status code and the body.
+fn request(addr: &str, body: &[u8]) -> (u16, String) {
+    use std::io::{Read, Write};
+    let mut s = std::net::TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(std::time::Duration::from_secs(30)))
+        .unwrap();
+    let mut req = format!(
+        "POST /embed HTTP/1.1\r\nHost: {addr}\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    // A server that refuses a body may close before reading all of it.
+    let _ = s.write_all(&req);
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let code = text
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, text)
+}
+
+fn rss_mb(pid: u32) -> f64 {
+    std::fs::read_to_string(format!("/proc/{pid}/status"))
+        .unwrap()
+        .lines()
+        .find_map(|l| l.strip_prefix("VmRSS:"))
+        .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<f64>().ok())
+        .unwrap()
+        / 1024.0
+}
+
+#[test]
+fn serve_soak_overload_and_hostile_bodies_then_serves_and_stops_cleanly_on_sigterm() {
+    // Short form of the overload soak (docs/python-and-serving.md has the
+    // full run): as many requests as eight clients can send for three
+    // seconds against a queue of four, interleaved with oversized, overlong
+    // and broken bodies.
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    let model = dir.path().join("m.onnx");
+    handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(&bert), &model).unwrap();
+    let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(["serve", "m.onnx", "--hf-dir", "bert", "--backend", "tract"])
+        .args(["--seq", "16", "--port", "0", "--queue", "4"])
+        .args(["--max-body-bytes", "65536", "--max-text-bytes", "1024"])
+        .current_dir(dir.path())
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    let addr = line
+        .trim()
+        .strip_prefix(handoff_runner::http_case::READY_PREFIX)
+        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
+        .to_owned();
+    let rss_before = rss_mb(child.id());
+    let big = format!(r#"{{"texts": ["{}"]}}"#, "w4 ".repeat(40_000));
+    let long = format!(r#"{{"texts": ["{}"]}}"#, "w5".repeat(1000));
+    let bodies: [(&[u8], &[u16]); 5] = [
+        (br#"{"texts": ["w4 w5 w6"]}"#, &[200, 503]),
+        (big.as_bytes(), &[413]),
+        (long.as_bytes(), &[422]),
+        (br#"{"texts": ["#, &[400]),
+        (br#"{"texts": [1, 2]}"#, &[422]),
+    ];
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(3);
+    let answers: Vec<(usize, u16, String)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..8)
+            .map(|t| {
+                let (addr, bodies) = (&addr, &bodies);
+                s.spawn(move || {
+                    let mut got = Vec::new();
+                    let mut i = t;
+                    while std::time::Instant::now() < deadline {
+                        // Mostly good requests, every fifth a bad one.
+                        let k = if i % 5 == 0 { 1 + (i / 5) % 4 } else { 0 };
+                        let (code, text) = request(addr, bodies[k].0);
+                        got.push((k, code, text));
+                        i += 1;
+                    }
+                    got
+                })
+            })
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    for (k, code, text) in &answers {
+        assert!(bodies[*k].1.contains(code), "body {k}: {text}");
+    }
+    let served = answers.iter().filter(|a| a.1 == 200).count();
+    assert!(served > 0, "no request was served");
+    assert_eq!(
+        child.try_wait().unwrap(),
+        None,
+        "the server died under load"
+    );
+    let rss_after = rss_mb(child.id());
+    assert!(
+        rss_after < rss_before + 200.0,
+        "RSS grew from {rss_before:.0} MB to {rss_after:.0} MB"
+    );
+    // Right after: it answers as before.
+    let (code, text) = request(&addr, bodies[0].0);
+    assert_eq!(code, 200, "{text}");
+    // SIGTERM: stops accepting, finishes what is in flight, exits 0.
+    let killed = std::process::Command::new("kill")
+        .args(["-TERM", &child.id().to_string()])
+        .status()
+        .unwrap();
+    assert!(killed.success());
+    let start = std::time::Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        assert!(
+            start.elapsed() < std::time::Duration::from_secs(10),
+            "still running 10 s after SIGTERM"
+        );
+        std::thread::sleep(std::time::Duration::from_millis(50));
+    };
+    assert!(status.success(), "{status}");
+    eprintln!(
+        "{} requests in 3 s: {served} served, {} shed; RSS {rss_before:.0} -> {rss_after:.0} MB",
+        answers.len(),
+        answers.iter().filter(|a| a.1 == 503).count()
+    );
+}

@@ -1012,9 +1012,14 @@ fn split_for_memory(
     let Some(budget) = budget_mb else {
         return vec![cases.to_vec()];
     };
+    // Cases with the same thread count stay together where they fit: the
+    // report's backend-against-backend (and Python) comparisons are at
+    // equal threads; thread scaling is what a split gives up first.
+    let mut ordered: Vec<&Case> = cases.iter().collect();
+    ordered.sort_by_key(|c| c.threads);
     let mut parts: Vec<Vec<Case>> = vec![Vec::new()];
     let mut used = 0.0;
-    for c in cases {
+    for c in ordered {
         let need = estimate(c);
         let last = parts.last_mut().expect("parts start non-empty");
         if !last.is_empty() && used + need > budget {
@@ -1070,4 +1075,42 @@ fn sanitize(s: &str) -> String {
 pub fn is_selected(case: &Case, filters: &[String], shard: Option<(u32, u32)>) -> bool {
     (filters.is_empty() || filters.iter().any(|f| case.id.contains(f.as_str())))
         && shard.is_none_or(|(i, n)| case.index as u32 % n == i - 1)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn case(id: &str, threads: u32) -> Case {
+        Case {
+            index: 0,
+            id: id.into(),
+            model: "m".into(),
+            backend: id.into(),
+            device: handoff_backend::Device::Cpu,
+            threads,
+            batch: 1,
+            dims: Default::default(),
+            inputs: Vec::new(),
+            scenario: Default::default(),
+        }
+    }
+
+    #[test]
+    fn a_group_too_big_for_memory_splits_by_thread_count_first() {
+        let cases = [case("a", 1), case("a", 2), case("b", 1), case("b", 2)];
+        let parts = split_for_memory(&cases, Some(2.5), |_| 1.0);
+        let shape: Vec<Vec<(String, u32)>> = parts
+            .iter()
+            .map(|p| p.iter().map(|c| (c.id.clone(), c.threads)).collect())
+            .collect();
+        assert_eq!(
+            shape,
+            [
+                [("a".to_owned(), 1), ("b".to_owned(), 1)],
+                [("a".to_owned(), 2), ("b".to_owned(), 2)]
+            ]
+        );
+        assert_eq!(split_for_memory(&cases, None, |_| 1.0).len(), 1);
+    }
 }

@@ -11,14 +11,23 @@
 //! runs on a single-threaded tokio runtime and only parses and queues. The
 //! FastAPI service in `scripts/fastapi_server.py` is built the same way, so
 //! the two differ in language and stack, not in architecture.
+//!
+//! Overload and bad input get answers, not a slower or dead server (see
+//! [`Limits`]): a bounded queue sheds load with 503 + `Retry-After`, bodies
+//! and texts have size limits (413, 422), a request unanswered in time gets
+//! 504, every error is `{"error": "..."}`, and batch sizes are rounded up to
+//! powers of two so at most log2(max_batch) + 1 sessions are ever loaded.
+//! SIGTERM or Ctrl-C stops accepting and finishes the requests in flight.
 
 use std::collections::HashMap;
 use std::net::{SocketAddr, TcpListener};
 use std::path::PathBuf;
 use std::sync::mpsc;
 
-use axum::extract::State;
-use axum::http::StatusCode;
+use axum::extract::rejection::JsonRejection;
+use axum::extract::{DefaultBodyLimit, State};
+use axum::http::{StatusCode, header};
+use axum::response::{IntoResponse, Response};
 use axum::routing::{get, post};
 use axum::{Json, Router};
 use handoff_backend::{
@@ -64,6 +73,35 @@ pub struct ServeConfig {
     pub addr: SocketAddr,
     /// Most texts in one request.
     pub max_batch: usize,
+    pub limits: Limits,
+}
+
+/// What a request may cost the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Limits {
+    /// Requests waiting for the model thread; beyond it, 503 with
+    /// `Retry-After: 1`.
+    pub queue: usize,
+    /// Largest request body in bytes (413 beyond).
+    pub body_bytes: usize,
+    /// Longest text in bytes (422 beyond). Tokens past `seq` are cut
+    /// anyway; this bounds the tokenizer's work and the memory a request
+    /// holds while it waits.
+    pub text_bytes: usize,
+    /// A request not answered in this time gets 504 (the model thread
+    /// skips it if it has not started it).
+    pub timeout: std::time::Duration,
+}
+
+impl Default for Limits {
+    fn default() -> Self {
+        Self {
+            queue: 64,
+            body_bytes: 1 << 20,
+            text_bytes: 16 << 10,
+            timeout: std::time::Duration::from_secs(30),
+        }
+    }
 }
 
 #[derive(Debug, Deserialize)]
@@ -80,9 +118,20 @@ type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, String>>;
 
 #[derive(Clone)]
 struct AppState {
-    queue: mpsc::Sender<(Vec<String>, Reply)>,
+    queue: mpsc::SyncSender<(Vec<String>, Reply)>,
     max_batch: usize,
+    limits: Limits,
     info: serde_json::Value,
+}
+
+/// `{"error": "..."}` with a status (and `Retry-After` on 503).
+fn error(status: StatusCode, message: impl Into<String>) -> Response {
+    let body = Json(serde_json::json!({ "error": message.into() }));
+    if status == StatusCode::SERVICE_UNAVAILABLE {
+        (status, [(header::RETRY_AFTER, "1")], body).into_response()
+    } else {
+        (status, body).into_response()
+    }
 }
 
 /// Binds the address first, so a port in use is an error before minutes of
@@ -109,10 +158,11 @@ pub fn serve(
     ready: impl FnOnce(SocketAddr),
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
-    let (tx, rx) = mpsc::channel::<(Vec<String>, Reply)>();
+    let (tx, rx) = mpsc::sync_channel::<(Vec<String>, Reply)>(config.limits.queue.max(1));
     let state = AppState {
         queue: tx,
         max_batch: config.max_batch,
+        limits: config.limits,
         info: serde_json::json!({
             "status": "ok",
             "model": config.model.id,
@@ -142,6 +192,10 @@ pub fn serve(
                 }
             };
             for (texts, reply) in rx {
+                // Its client gave up (timeout, closed connection): no work.
+                if reply.is_closed() {
+                    continue;
+                }
                 let _ = reply.send(model.embed(&texts).map_err(|e| e.to_string()));
             }
         });
@@ -157,9 +211,12 @@ pub fn serve(
             let app = Router::new()
                 .route("/embed", post(embed))
                 .route("/health", get(health))
+                .layer(DefaultBodyLimit::max(state.limits.body_bytes))
                 .with_state(state);
             ready(addr);
-            axum::serve(listener, app).await
+            axum::serve(listener, app)
+                .with_graceful_shutdown(shutdown_signal())
+                .await
         })?;
         Ok(())
     })
@@ -169,25 +226,76 @@ async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {
     Json(state.info.clone())
 }
 
+/// SIGTERM or Ctrl-C: stop accepting, let the requests in flight finish.
+async fn shutdown_signal() {
+    use tokio::signal::unix::{SignalKind, signal};
+    let term = async {
+        match signal(SignalKind::terminate()) {
+            Ok(mut s) => {
+                s.recv().await;
+            }
+            Err(_) => std::future::pending::<()>().await,
+        }
+    };
+    tokio::select! {
+        _ = term => {}
+        _ = tokio::signal::ctrl_c() => {}
+    }
+}
+
 async fn embed(
     State(state): State<AppState>,
-    Json(req): Json<EmbedRequest>,
-) -> Result<Json<EmbedResponse>, (StatusCode, String)> {
+    body: Result<Json<EmbedRequest>, JsonRejection>,
+) -> Response {
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
     if req.texts.is_empty() || req.texts.len() > state.max_batch {
-        return Err((
+        return error(
             StatusCode::UNPROCESSABLE_ENTITY,
             format!("`texts` must hold 1 to {} strings", state.max_batch),
-        ));
+        );
+    }
+    if let Some((i, t)) = req
+        .texts
+        .iter()
+        .enumerate()
+        .find(|(_, t)| t.len() > state.limits.text_bytes)
+    {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "`texts[{i}]` is {} bytes; the limit is {}",
+                t.len(),
+                state.limits.text_bytes
+            ),
+        );
     }
     let (tx, rx) = oneshot::channel();
-    state
-        .queue
-        .send((req.texts, tx))
-        .map_err(|_| (StatusCode::SERVICE_UNAVAILABLE, "model thread ended".into()))?;
-    match rx.await {
-        Ok(Ok(embeddings)) => Ok(Json(EmbedResponse { embeddings })),
-        Ok(Err(e)) => Err((StatusCode::INTERNAL_SERVER_ERROR, e)),
-        Err(_) => Err((StatusCode::SERVICE_UNAVAILABLE, "model thread ended".into())),
+    match state.queue.try_send((req.texts, tx)) {
+        Ok(()) => {}
+        Err(mpsc::TrySendError::Full(_)) => {
+            return error(
+                StatusCode::SERVICE_UNAVAILABLE,
+                format!(
+                    "overloaded: {} requests are already waiting; retry later",
+                    state.limits.queue
+                ),
+            );
+        }
+        Err(mpsc::TrySendError::Disconnected(_)) => {
+            return error(StatusCode::SERVICE_UNAVAILABLE, "model thread ended");
+        }
+    }
+    match tokio::time::timeout(state.limits.timeout, rx).await {
+        Ok(Ok(Ok(embeddings))) => Json(EmbedResponse { embeddings }).into_response(),
+        Ok(Ok(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
+        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "model thread ended"),
+        Err(_) => error(
+            StatusCode::GATEWAY_TIMEOUT,
+            format!("no answer within {:?}", state.limits.timeout),
+        ),
     }
 }
 
@@ -234,9 +342,15 @@ impl<'b> Model<'b> {
     }
 
     fn embed(&mut self, texts: &[String]) -> Result<Vec<Vec<f32>>, ServeError> {
+        // Rounded up to a power of two (padded with empty texts), so a
+        // client cycling through batch sizes cannot make the model thread
+        // load a session per size.
+        let asked = texts.len();
+        let mut texts = texts.to_vec();
+        texts.resize(bucket(asked), String::new());
         let enc = self
             .tokenizer
-            .encode_batch(texts.to_vec(), true)
+            .encode_batch(texts.clone(), true)
             .map_err(|e| ServeError::Tokenizer {
                 path: self.config.tokenizer.clone(),
                 detail: format!("cannot encode: {e}"),
@@ -293,6 +407,24 @@ impl<'b> Model<'b> {
             return Err(BackendError::Failed("the last output is not f32".into()).into());
         };
         let width = values.len() / batch.max(1);
-        Ok(values.chunks(width.max(1)).map(<[f32]>::to_vec).collect())
+        Ok(values
+            .chunks(width.max(1))
+            .take(asked)
+            .map(<[f32]>::to_vec)
+            .collect())
+    }
+}
+
+/// The batch a request of `n` texts runs as.
+fn bucket(n: usize) -> usize {
+    n.max(1).next_power_of_two()
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn batch_sizes_round_up_to_powers_of_two() {
+        let sizes: Vec<usize> = [1, 2, 3, 5, 8, 9, 33, 64].map(super::bucket).to_vec();
+        assert_eq!(sizes, [1, 2, 4, 8, 8, 16, 64, 64]);
     }
 }

@@ -1,0 +1,185 @@
+//! `handoff serve` under more load than it can take and under bad input:
+//! a model that takes 20 ms a call behind a queue of two, sixteen clients
+//! at once, then bodies and texts over the limits and broken JSON. Every
+//! request gets an answer (200, or 503 with Retry-After when the queue is
+//! full, or the 4xx naming its fault), and the server answers normally
+//! afterwards.
+
+use std::io::{Read, Write};
+use std::net::{SocketAddr, TcpStream};
+use std::time::Duration;
+
+use handoff_backend::{
+    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+    Tensor, TensorData,
+};
+use handoff_onnx::ElemType;
+use handoff_onnx::builder::{D, GraphBuilder, write_model};
+use handoff_serve::{Limits, ServeConfig};
+
+/// 20 ms a call, one f32 per text.
+struct Slow;
+
+struct SlowSession(usize);
+
+impl Backend for Slow {
+    fn name(&self) -> &'static str {
+        "slow"
+    }
+    fn execution_kind(&self) -> ExecutionKind {
+        ExecutionKind::Mock
+    }
+    fn probe(&self, _: Device) -> Probe {
+        Probe::Available {
+            version: "0".into(),
+            detail: String::new(),
+        }
+    }
+    fn prepare(&self, _: &ModelRef, o: &PrepareOptions) -> Result<Box<dyn Prepared>, BackendError> {
+        Ok(Box::new(SlowSession(o.inputs[0].shape[0])))
+    }
+}
+
+impl Prepared for SlowSession {
+    fn bind(&mut self, _: &[Tensor]) -> Result<(), BackendError> {
+        Ok(())
+    }
+    fn run(&mut self) -> Result<(), BackendError> {
+        std::thread::sleep(Duration::from_millis(20));
+        Ok(())
+    }
+    fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
+        Ok(vec![Tensor {
+            name: "y".into(),
+            shape: vec![self.0, 1],
+            data: TensorData::F32(vec![1.0; self.0]),
+        }])
+    }
+}
+
+/// Status line code, headers and body of one request on a new connection.
+fn send(addr: SocketAddr, body: &[u8]) -> (u16, String, String) {
+    let mut s = TcpStream::connect(addr).unwrap();
+    s.set_read_timeout(Some(Duration::from_secs(20))).unwrap();
+    let mut req = format!(
+        "POST /embed HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\nContent-Length: {}\r\nConnection: close\r\n\r\n",
+        body.len()
+    )
+    .into_bytes();
+    req.extend_from_slice(body);
+    s.write_all(&req).unwrap();
+    let mut out = Vec::new();
+    let _ = s.read_to_end(&mut out);
+    let text = String::from_utf8_lossy(&out).into_owned();
+    let (head, body) = text.split_once("\r\n\r\n").unwrap_or((&text, ""));
+    let code = head
+        .split(' ')
+        .nth(1)
+        .and_then(|c| c.parse().ok())
+        .unwrap_or(0);
+    (code, head.to_owned(), body.to_owned())
+}
+
+fn start(dir: &std::path::Path) -> SocketAddr {
+    let mut g = GraphBuilder::new("m");
+    for name in ["input_ids", "attention_mask"] {
+        let x = g.input(name, ElemType::I64, &[D::Sym("batch"), D::Sym("seq")]);
+        g.node_to("Identity", &[&x], vec![], &format!("{name}_out"));
+        g.output(
+            &format!("{name}_out"),
+            ElemType::I64,
+            &[D::Sym("batch"), D::Sym("seq")],
+        );
+    }
+    let model = dir.join("m.onnx");
+    write_model(&g.finish(13), &model).unwrap();
+    let tokenizer = dir.join("tokenizer.json");
+    std::fs::write(
+        &tokenizer,
+        r#"{"version": "1.0", "truncation": null, "padding": null, "added_tokens": [],
+            "normalizer": null, "pre_tokenizer": {"type": "Whitespace"}, "post_processor": null,
+            "decoder": null, "model": {"type": "WordLevel", "vocab": {"[PAD]": 0, "[UNK]": 1, "a": 2}, "unk_token": "[UNK]"}}"#,
+    )
+    .unwrap();
+    let config = ServeConfig {
+        model: ModelRef {
+            path: model,
+            id: "m".into(),
+            hf_dir: None,
+        },
+        device: Device::Cpu,
+        threads: 1,
+        seq: 8,
+        tokenizer,
+        addr: "127.0.0.1:0".parse().unwrap(),
+        max_batch: 8,
+        limits: Limits {
+            queue: 2,
+            body_bytes: 4096,
+            text_bytes: 100,
+            timeout: Duration::from_secs(10),
+        },
+    };
+    let listener = handoff_serve::bind(config.addr).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        handoff_serve::serve(&Slow, &config, listener, |a| tx.send(a).unwrap()).unwrap();
+    });
+    rx.recv_timeout(Duration::from_secs(10)).unwrap()
+}
+
+#[test]
+fn overload_is_shed_with_503_bad_input_gets_4xx_and_service_continues() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path());
+    let ok = br#"{"texts": ["a a"]}"#;
+    // Sixteen clients against a 20 ms model and a queue of two.
+    let answers: Vec<(u16, String, String)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..16)
+            .map(|_| s.spawn(|| (0..5).map(|_| send(addr, ok)).collect::<Vec<_>>()))
+            .collect();
+        clients
+            .into_iter()
+            .flat_map(|c| c.join().unwrap())
+            .collect()
+    });
+    let count = |code: u16| answers.iter().filter(|a| a.0 == code).count();
+    assert_eq!(count(200) + count(503), answers.len(), "{answers:?}");
+    assert!(count(200) > 0 && count(503) > 0, "{answers:?}");
+    let shed = answers.iter().find(|a| a.0 == 503).unwrap();
+    assert!(
+        shed.1.to_ascii_lowercase().contains("retry-after: 1"),
+        "{}",
+        shed.1
+    );
+    assert!(shed.2.contains("overloaded"), "{}", shed.2);
+
+    // Bad input: each refused with its own code and a JSON error.
+    let big = format!(r#"{{"texts": ["{}"]}}"#, "a ".repeat(3000));
+    let long = format!(r#"{{"texts": ["{}"]}}"#, "a".repeat(200));
+    for (body, code, says) in [
+        (big.as_bytes(), 413, "length limit"),
+        (
+            long.as_bytes(),
+            422,
+            "`texts[0]` is 200 bytes; the limit is 100",
+        ),
+        (br#"{"texts": ["#.as_slice(), 400, "Failed to parse"),
+        (br#"{"texts": 3}"#.as_slice(), 422, "invalid type"),
+        (br#"{"texts": []}"#.as_slice(), 422, "1 to 8 strings"),
+    ] {
+        let (got, _, text) = send(addr, body);
+        assert_eq!(got, code, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert!(v["error"].as_str().unwrap().contains(says), "{text}");
+    }
+    // And it still serves, every batch size through one of few sessions.
+    for n in [1, 3, 5] {
+        let texts = vec!["a"; n];
+        let body = serde_json::to_vec(&serde_json::json!({ "texts": texts })).unwrap();
+        let (code, _, text) = send(addr, &body);
+        assert_eq!(code, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(&text).unwrap();
+        assert_eq!(v["embeddings"].as_array().unwrap().len(), n, "{text}");
+    }
+}
