@@ -1015,20 +1015,41 @@ fn split_for_memory(
     // Cases with the same thread count stay together where they fit: the
     // report's backend-against-backend (and Python) comparisons are at
     // equal threads; thread scaling is what a split gives up first.
-    let mut ordered: Vec<&Case> = cases.iter().collect();
-    ordered.sort_by_key(|c| c.threads);
-    let mut parts: Vec<Vec<Case>> = vec![Vec::new()];
+    let mut by_threads: std::collections::BTreeMap<u32, Vec<&Case>> = Default::default();
+    for c in cases {
+        by_threads.entry(c.threads).or_default().push(c);
+    }
+    let mut parts: Vec<Vec<Case>> = Vec::new();
+    let mut current: Vec<Case> = Vec::new();
     let mut used = 0.0;
-    for c in ordered {
-        let need = estimate(c);
-        let last = parts.last_mut().expect("parts start non-empty");
-        if !last.is_empty() && used + need > budget {
-            parts.push(vec![c.clone()]);
-            used = need;
+    for subset in by_threads.into_values() {
+        let need: f64 = subset.iter().map(|c| estimate(c)).sum();
+        if need > budget {
+            // Too big even alone: packed case by case.
+            if !current.is_empty() {
+                parts.push(std::mem::take(&mut current));
+            }
+            used = 0.0;
+            for c in subset {
+                let n = estimate(c);
+                if !current.is_empty() && used + n > budget {
+                    parts.push(std::mem::take(&mut current));
+                    used = 0.0;
+                }
+                current.push(c.clone());
+                used += n;
+            }
         } else {
-            last.push(c.clone());
+            if !current.is_empty() && used + need > budget {
+                parts.push(std::mem::take(&mut current));
+                used = 0.0;
+            }
+            current.extend(subset.into_iter().cloned());
             used += need;
         }
+    }
+    if !current.is_empty() || parts.is_empty() {
+        parts.push(current);
     }
     parts
 }
@@ -1112,5 +1133,13 @@ mod tests {
             ]
         );
         assert_eq!(split_for_memory(&cases, None, |_| 1.0).len(), 1);
+        // Threads of one count that do not fit together are packed case by
+        // case; the next count starts a part of its own.
+        let cases = [case("a", 1), case("b", 1), case("c", 1), case("a", 2)];
+        let ids: Vec<Vec<String>> = split_for_memory(&cases, Some(2.5), |_| 1.0)
+            .iter()
+            .map(|p| p.iter().map(|c| format!("{}{}", c.id, c.threads)).collect())
+            .collect();
+        assert_eq!(ids, [vec!["a1", "b1"], vec!["c1", "a2"]]);
     }
 }
