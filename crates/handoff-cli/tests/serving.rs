@@ -144,6 +144,34 @@ fn an_http_scenario_needs_a_text_model_and_says_where() {
     }
 }
 
+/// A tiny BERT in `dir/bert` (with its tokenizer) and its ONNX conversion
+/// `dir/m.onnx`.
+fn tiny_converted_bert(
+    dir: &std::path::Path,
+    layers: usize,
+) -> (std::path::PathBuf, std::path::PathBuf) {
+    let bert = dir.join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, layers, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    let model = dir.join("m.onnx");
+    handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(&bert), &model).unwrap();
+    (bert, model)
+}
+
+/// The address a server prints after `prefix` once it is ready.
+fn ready_address(child: &mut std::process::Child, prefix: &str) -> String {
+    let mut line = String::new();
+    std::io::BufRead::read_line(
+        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
+        &mut line,
+    )
+    .unwrap();
+    line.trim()
+        .strip_prefix(prefix)
+        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
+        .to_owned()
+}
+
 /// One POST /embed on `stream`, read to the end of its body.
 fn post_embed(stream: &mut std::net::TcpStream, addr: &str) -> std::time::Duration {
     use std::io::{Read, Write};
@@ -187,28 +215,14 @@ fn the_fastapi_service_answers_keep_alive_requests_as_fast_as_fresh_ones() {
     // that no team's deployment pays.
     handoff_python::setup().expect("python baseline environment");
     let dir = tempfile::tempdir().unwrap();
-    let bert = dir.path().join("bert");
-    handoff_convert::bert::write_tiny_bert(&bert, 32, 1, 4, 7).unwrap();
-    write_tokenizer(&bert);
-    let model = dir.path().join("m.onnx");
-    handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(&bert), &model).unwrap();
+    let (bert, model) = tiny_converted_bert(dir.path(), 1);
     let mut child = handoff_python::fastapi_command(&model, &bert.join("tokenizer.json"), 1, 8, 8)
         .unwrap()
         .stdin(std::process::Stdio::piped())
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix("listening on http://")
-        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
-        .to_owned();
+    let addr = ready_address(&mut child, "listening on http://");
     let connect = || {
         let s = std::net::TcpStream::connect(&addr).unwrap();
         s.set_nodelay(true).unwrap();
@@ -272,11 +286,7 @@ fn serve_soak_overload_and_hostile_bodies_then_serves_and_stops_cleanly_on_sigte
     // seconds against a queue of four, interleaved with oversized, overlong
     // and broken bodies.
     let dir = tempfile::tempdir().unwrap();
-    let bert = dir.path().join("bert");
-    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
-    write_tokenizer(&bert);
-    let model = dir.path().join("m.onnx");
-    handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(&bert), &model).unwrap();
+    tiny_converted_bert(dir.path(), 2);
     let mut child = std::process::Command::new(env!("CARGO_BIN_EXE_handoff"))
         .args(["serve", "m.onnx", "--hf-dir", "bert", "--backend", "tract"])
         .args(["--seq", "16", "--port", "0", "--queue", "4"])
@@ -285,17 +295,7 @@ fn serve_soak_overload_and_hostile_bodies_then_serves_and_stops_cleanly_on_sigte
         .stdout(std::process::Stdio::piped())
         .spawn()
         .unwrap();
-    let mut line = String::new();
-    std::io::BufRead::read_line(
-        &mut std::io::BufReader::new(child.stdout.take().unwrap()),
-        &mut line,
-    )
-    .unwrap();
-    let addr = line
-        .trim()
-        .strip_prefix(handoff_runner::http_case::READY_PREFIX)
-        .unwrap_or_else(|| panic!("no ready line: {line:?}"))
-        .to_owned();
+    let addr = ready_address(&mut child, handoff_runner::http_case::READY_PREFIX);
     let rss_before = rss_mb(child.id());
     let big = format!(r#"{{"texts": ["{}"]}}"#, "w4 ".repeat(40_000));
     let long = format!(r#"{{"texts": ["{}"]}}"#, "w5".repeat(1000));

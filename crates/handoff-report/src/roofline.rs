@@ -36,7 +36,9 @@ impl MachinePeak {
 pub fn achieved_gflops(r: &ResultRecord) -> Option<f64> {
     let flops = r.flops?;
     let p50 = r.latency_ms.as_ref()?.p50;
-    (r.passes() && p50 > 0.0).then(|| flops / (p50 / 1e3) / 1e9)
+    // A graph without counted operations (element-wise only) has no place
+    // on a roofline.
+    (r.passes() && p50 > 0.0 && flops > 0.0).then(|| flops / (p50 / 1e3) / 1e9)
 }
 
 /// One row per passing case with a FLOP count: GFLOP/s and % of the peak
@@ -76,6 +78,9 @@ pub fn roofline_table(records: &[ResultRecord], peak: Option<&MachinePeak>) -> O
 
 /// Three significant digits, without exponents for the sizes seen here.
 fn sig(v: f64) -> String {
+    if v == 0.0 || !v.is_finite() {
+        return format!("{v}");
+    }
     let digits = (2 - v.abs().log10().floor() as i32).clamp(0, 8) as usize;
     format!("{v:.digits$}")
 }
@@ -93,5 +98,15 @@ pub fn note(peak: Option<&MachinePeak>) -> String {
             n = p.matmul_n
         ),
         None => format!("{base} No matmul peak was measured for this run."),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    #[test]
+    fn significant_digits_of_zero_and_small_values() {
+        assert_eq!(super::sig(0.0), "0");
+        assert_eq!(super::sig(0.00123), "0.00123");
+        assert_eq!(super::sig(123.4), "123");
     }
 }
