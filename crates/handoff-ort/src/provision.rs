@@ -132,6 +132,64 @@ fn python_library() -> Option<PathBuf> {
     (!p.is_empty()).then(|| PathBuf::from(p))
 }
 
+/// SHA-256 of every Linux wheel of the pinned release (CPython 3.11-3.14,
+/// x86_64 and aarch64): the shared library handoff loads into its own
+/// process comes only from one of these files.
+pub const WHEEL_SHA256: [&str; 8] = [
+    "5752bd508126ae7c49894d3b9d2e83f0c3d487319246d04c444b393308d7ad7f", // cp311 x86_64
+    "da05378364c44d4407e463982d2bf8d5e4cfea873283757e48beeb41df97b7f3", // cp311 aarch64
+    "1f3dea47f2f0e5117c2404cea7d21fd253ae7836a3bf167a501cdfbb2600d536", // cp312 x86_64
+    "0b9a492176886992e0e875f06bc0367e333f5fff11711a2d642e18b02f3009cc", // cp312 aarch64
+    "74a6a52994616c4d18b33db1e13c226333a70a6ba07480a5cab9c2a50dff1430", // cp313 x86_64
+    "dcaedc50333876f3829ab966b242147f0e548229e29c36fe44622ecf748c25ee", // cp313 aarch64
+    "c20d7f15d84427db070b163f78c2c7146cc93edd6113fa7327671259a24184fe", // cp314 x86_64
+    "c878686b75cade1ed59131aa018ab004b1e64368b0d54041912450b9642cf04f", // cp314 aarch64
+];
+
+/// `pip download` of the pinned onnxruntime wheel into `dir`, refused by
+/// pip (`--require-hashes`) unless the file is one of `hashes`.
+pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<(), String> {
+    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    let mut requirement = format!("onnxruntime=={PINNED_VERSION}");
+    for h in hashes {
+        requirement.push_str(&format!(" --hash=sha256:{h}"));
+    }
+    let file = dir.join("requirements.txt");
+    std::fs::write(&file, format!("{requirement}\n"))
+        .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    let out = Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "download",
+            "--quiet",
+            "--no-deps",
+            "--only-binary=:all:",
+            "--require-hashes",
+            "-d",
+        ])
+        .arg(dir)
+        .arg("-r")
+        .arg(&file)
+        .output()
+        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
+    if out.status.success() {
+        return Ok(());
+    }
+    let err = String::from_utf8_lossy(&out.stderr);
+    let hint = if err.contains("HASHES") || err.contains("hash") {
+        " (the downloaded wheel is not one of the pinned files: refusing to load it; set ORT_DYLIB_PATH to a library you trust)"
+    } else {
+        ""
+    };
+    let tail: Vec<&str> = err.lines().rev().take(4).collect();
+    Err(format!(
+        "pip download onnxruntime=={PINNED_VERSION} failed ({}){hint}: {}",
+        out.status,
+        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
+    ))
+}
+
 /// Fills the project cache from the onnxruntime wheel on PyPI. Returns the
 /// library path; a no-op when it is already there.
 pub fn fetch() -> Result<PathBuf, String> {
@@ -144,27 +202,7 @@ pub fn fetch() -> Result<PathBuf, String> {
     // find the cache empty; each extracts to its own temp name and the
     // renames race harmlessly.
     let wheels = cache_dir().join(format!("wheels-{}", std::process::id()));
-    std::fs::create_dir_all(&wheels)
-        .map_err(|e| format!("cannot create {}: {e}", wheels.display()))?;
-    let status = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            "-d",
-        ])
-        .arg(&wheels)
-        .arg(format!("onnxruntime=={PINNED_VERSION}"))
-        .status()
-        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
-    if !status.success() {
-        return Err(format!(
-            "pip download onnxruntime=={PINNED_VERSION} failed ({status})"
-        ));
-    }
+    download_wheel(&wheels, &WHEEL_SHA256)?;
     let script = format!(
         "import glob, os, sys, zipfile\n\
          w = sorted(glob.glob(sys.argv[1] + '/onnxruntime-{PINNED_VERSION}-*.whl'))\n\
@@ -190,6 +228,7 @@ pub fn fetch() -> Result<PathBuf, String> {
             wheels.display()
         ));
     }
+    let _ = std::fs::remove_dir_all(&wheels);
     Ok(lib)
 }
 
@@ -204,6 +243,22 @@ mod tests {
             Some("1.31.1")
         );
         assert_eq!(version_from_name(Path::new("/x/libonnxruntime.so")), None);
+    }
+
+    #[test]
+    fn a_wheel_that_is_not_a_pinned_file_is_refused() {
+        let dir = tempfile::tempdir().unwrap();
+        let wrong = "0".repeat(64);
+        let err = download_wheel(dir.path(), &[wrong.as_str()]).unwrap_err();
+        assert!(err.contains("not one of the pinned files"), "{err}");
+        let wheels = std::fs::read_dir(dir.path())
+            .unwrap()
+            .filter(|e| {
+                e.as_ref()
+                    .is_ok_and(|e| e.path().extension().is_some_and(|x| x == "whl"))
+            })
+            .count();
+        assert_eq!(wheels, 0, "pip kept a wheel whose hash did not match");
     }
 
     #[test]
