@@ -94,6 +94,7 @@ impl ModelTools for Tools {
         specs: &[TensorSpec],
         calibration: &[TensorSpec],
     ) -> Result<Variant, String> {
+        ort_ready();
         if variant == "candle-q8" {
             // Quantised by candle at load from the safetensors: no new file.
             let hf = hf_dir.ok_or(
@@ -135,6 +136,7 @@ impl ModelTools for Tools {
         hf_dir: &Path,
         specs: &[TensorSpec],
     ) -> Result<Check, String> {
+        ort_ready();
         let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
         let get = |n: &str| {
             self.registry
@@ -183,6 +185,7 @@ impl ModelTools for Tools {
         backend_name: &str,
         specs: &[TensorSpec],
     ) -> Result<Option<Lowered>, String> {
+        ort_ready();
         let out = lowered_path(onnx, backend_name);
         if let Some(prov) = Provenance::load(&out).filter(|_| out.is_file()) {
             let ops = prov
@@ -631,6 +634,14 @@ fn label_agreement(a: &Tensor, b: &Tensor) -> f64 {
         return 0.0;
     }
     rows.iter().filter(|same| **same).count() as f64 / rows.len() as f64
+}
+
+/// The checks and builds below run ort: on a machine where `handoff setup`
+/// has not run, fetch its library first (as `handoff run` does before it
+/// measures), once per process.
+fn ort_ready() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| crate::ensure_ort(false));
 }
 
 /// Seed of random calibration inputs: the check draws with seed 0.
