@@ -345,17 +345,17 @@ impl<'b> Model<'b> {
         // Rounded up to a power of two (padded with empty texts), so a
         // client cycling through batch sizes cannot make the model thread
         // load a session per size.
-        let asked = texts.len();
+        let (asked, batch) = (texts.len(), bucket(texts.len()));
         let mut texts = texts.to_vec();
-        texts.resize(bucket(asked), String::new());
+        texts.resize(batch, String::new());
         let enc = self
             .tokenizer
-            .encode_batch(texts.clone(), true)
+            .encode_batch(texts, true)
             .map_err(|e| ServeError::Tokenizer {
                 path: self.config.tokenizer.clone(),
                 detail: format!("cannot encode: {e}"),
             })?;
-        let (batch, seq) = (texts.len(), self.config.seq);
+        let seq = self.config.seq;
         let tensors: Vec<Tensor> = self
             .inputs
             .iter()

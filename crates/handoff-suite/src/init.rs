@@ -25,8 +25,11 @@ pub fn onnx_suite(
     model_in_suite: &str,
     backends: &[String],
 ) -> Result<String, String> {
-    let info = ModelInfo::load(model).map_err(|e| e.to_string())?;
-    let graph = handoff_onnx::inspect::read_model(model)
+    // Read once: the summary and the graph come from the same bytes.
+    let bytes =
+        std::fs::read(model).map_err(|e| format!("cannot read {}: {e}", model.display()))?;
+    let info = ModelInfo::from_bytes(model, &bytes).map_err(|e| e.to_string())?;
+    let graph = handoff_onnx::inspect::decode(model, &bytes)
         .map_err(|e| e.to_string())?
         .graph
         .unwrap_or_default();
