@@ -6,6 +6,7 @@
 //! ([`Prepared::bind`]) and runs ([`Prepared::run`]), returning only once the
 //! outputs are materialised (on a GPU: after a device synchronisation).
 
+pub mod home;
 pub mod mock;
 pub mod tensor;
 pub mod text;
@@ -230,6 +231,50 @@ pub fn check_cuda_refused(backend: &dyn Backend, model: &ModelRef) -> Result<(),
     }
 }
 
+/// A backend this build of handoff was compiled without (its cargo feature
+/// was off): it keeps the name in the registry, so a suite naming it
+/// validates, and every case on it is an `unavailable` cell naming the
+/// feature instead of an unknown-backend error.
+pub struct NotBuilt {
+    pub name: &'static str,
+    pub kind: ExecutionKind,
+    /// The cargo feature of `handoff-cli` that adds it.
+    pub feature: &'static str,
+}
+
+impl NotBuilt {
+    pub fn reason(&self) -> String {
+        format!(
+            "this handoff was built without the `{}` feature (cargo install --locked handoff-cli --features {})",
+            self.feature, self.feature
+        )
+    }
+}
+
+impl Backend for NotBuilt {
+    fn name(&self) -> &'static str {
+        self.name
+    }
+
+    fn execution_kind(&self) -> ExecutionKind {
+        self.kind
+    }
+
+    fn probe(&self, _device: Device) -> Probe {
+        Probe::Unavailable {
+            reason: self.reason(),
+        }
+    }
+
+    fn prepare(
+        &self,
+        _model: &ModelRef,
+        _options: &PrepareOptions,
+    ) -> Result<Box<dyn Prepared>, BackendError> {
+        Err(BackendError::Unavailable(self.reason()))
+    }
+}
+
 /// Looks backends up by name; the CLI fills it with the runtimes compiled in.
 #[derive(Default)]
 pub struct Registry {
@@ -300,5 +345,38 @@ mod tests {
             Some("LayerNormalization".into())
         );
         assert_eq!(unsupported_op_from_message("shape mismatch"), None);
+    }
+
+    #[test]
+    fn a_backend_left_out_of_the_build_is_unavailable_naming_its_feature() {
+        let b = NotBuilt {
+            name: "tract",
+            kind: ExecutionKind::OptimisedGraph,
+            feature: "tract",
+        };
+        for device in [Device::Cpu, Device::Cuda] {
+            match b.probe(device) {
+                Probe::Unavailable { reason } => {
+                    assert!(reason.contains("without the `tract` feature"), "{reason}");
+                }
+                other => panic!("{other:?}"),
+            }
+        }
+        let model = ModelRef {
+            id: "m".into(),
+            path: "m.onnx".into(),
+            hf_dir: None,
+        };
+        let options = PrepareOptions {
+            device: Device::Cpu,
+            threads: 1,
+            inputs: Vec::new(),
+            options: serde_json::Value::Null,
+        };
+        match b.prepare(&model, &options) {
+            Err(BackendError::Unavailable(reason)) => assert!(reason.contains("--features tract")),
+            Err(other) => panic!("{other}"),
+            Ok(_) => panic!("a backend that is not built prepared a model"),
+        }
     }
 }

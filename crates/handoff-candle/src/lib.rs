@@ -465,12 +465,18 @@ impl Prepared for CandleNativePrepared {
 mod tests {
     use super::*;
 
-    /// Without a GPU (or without the feature) a cuda case is refused with
-    /// the reason; it must never run on the CPU instead.
+    /// Without a GPU or without the feature a cuda case is refused with the
+    /// reason, never run on the CPU instead; a CUDA build next to a driver
+    /// finds the device.
     #[test]
     fn cuda_without_a_device_is_unavailable_not_cpu() {
-        if handoff_backend::nvidia_driver().is_some() {
-            return; // a GPU machine: covered by suites/gpu.yaml
+        if cfg!(feature = "cuda") && handoff_backend::nvidia_driver().is_some() {
+            // A CUDA build on a GPU machine must find the device (a build
+            // without the feature refuses even there, checked below).
+            match CandleNativeBackend.probe(Device::Cuda) {
+                Probe::Available { .. } => return,
+                other => panic!("a CUDA build beside an NVIDIA driver cannot use it: {other:?}"),
+            }
         }
         let model = ModelRef {
             path: "/nonexistent.onnx".into(),

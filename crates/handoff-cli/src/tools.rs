@@ -465,6 +465,14 @@ fn build_variant_as(
                 report.warning(),
             )
         }
+        #[cfg(not(feature = "tract"))]
+        "nnef" => {
+            return Err(
+                "the nnef variant is written by tract: this handoff was built without the `tract` feature"
+                    .into(),
+            );
+        }
+        #[cfg(feature = "tract")]
         "nnef" => {
             handoff_tract::export_nnef(onnx, &tmp)
                 .map_err(|e| format!("{}: {e}", onnx.display()))?;
@@ -475,7 +483,7 @@ fn build_variant_as(
         }
         "ort-int8-dynamic" => {
             let python = handoff_python::pyenv::ensure(
-                &handoff_ort::provision::cache_dir(),
+                &handoff_backend::home::cache_dir(),
                 "quant",
                 &quantize::ORT_QUANT_PACKAGES,
             )?;
@@ -641,7 +649,7 @@ fn label_agreement(a: &Tensor, b: &Tensor) -> f64 {
 /// measures), once per process.
 fn ort_ready() {
     static ONCE: std::sync::Once = std::sync::Once::new();
-    ONCE.call_once(|| crate::ensure_ort(false));
+    ONCE.call_once(|| crate::backends::ensure_ort(false));
 }
 
 /// Seed of random calibration inputs: the check draws with seed 0.

@@ -5,12 +5,14 @@
 //! than the threshold, which is `max(floor, k x run-to-run noise)` when the
 //! runs carry repeats (`handoff run --repeat N`) to measure that noise.
 
+pub mod rerun;
+
 use std::collections::BTreeMap;
 use std::fmt::Write;
 use std::path::{Path, PathBuf};
 
-use handoff_runner::machine::Fingerprint;
-use handoff_runner::{ResultRecord, Status, read_results};
+use handoff_results::Fingerprint;
+use handoff_results::{ResultRecord, Status, read_results};
 use serde::{Deserialize, Serialize};
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
@@ -121,7 +123,7 @@ impl Comparison {
 #[derive(Debug, thiserror::Error)]
 pub enum CompareError {
     #[error(transparent)]
-    Read(#[from] handoff_runner::record::ReadError),
+    Read(#[from] handoff_results::record::ReadError),
     #[error("{0} holds no results")]
     Empty(PathBuf),
     #[error(
@@ -562,7 +564,7 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
         let same_rounds =
             matches!((&a.rounds, &b.rounds), (Some(x), Some(y)) if x.group == y.group);
         let Some(r) = same_rounds
-            .then(|| handoff_runner::pairs::ratio_of(a, b, false))
+            .then(|| handoff_results::pairs::ratio_of(a, b, false))
             .flatten()
         else {
             continue;

@@ -2,7 +2,7 @@
 //! failures, missing cases and accuracy failures as regressions.
 
 use handoff_compare::{Options, Run, Verdict, compare};
-use handoff_runner::{ResultRecord, Status};
+use handoff_results::{ResultRecord, Status};
 
 /// One `ok` ort case with 400 samples around `ms`.
 fn case(ms: f64) -> ResultRecord {
@@ -118,7 +118,7 @@ fn newly_unavailable_is_a_regression_and_missing_needs_allow_missing() {
 
 #[test]
 fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
-    let accuracy = |passed: bool, cos: f64| handoff_runner::Accuracy {
+    let accuracy = |passed: bool, cos: f64| handoff_results::Accuracy {
         variant: "int8-dynamic".into(),
         compared: "sentence embedding".into(),
         min_cosine: cos,

@@ -1,7 +1,8 @@
 //! Finding `libonnxruntime.so`, in this order:
 //! 1. `ORT_DYLIB_PATH`;
-//! 2. the project cache (`$HANDOFF_CACHE`, default `.cache/` at the
-//!    repository root), filled by [`fetch`] with
+//! 2. the cache directory (`handoff_backend::home`: `.cache/` of the clone
+//!    a binary was built in, `~/.cache/handoff` for an installed one),
+//!    filled by [`fetch`] with
 //!    `pip download onnxruntime==PINNED --no-deps` (a wheel is a zip);
 //! 3. the `onnxruntime` package of an installed `python3`.
 //!
@@ -41,16 +42,9 @@ impl fmt::Display for Origin {
     }
 }
 
-/// The cache directory: `$HANDOFF_CACHE`, else `.cache` at the repository
-/// root this binary was built from.
+/// The cache directory (see [`handoff_backend::home`]).
 pub fn cache_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("HANDOFF_CACHE")
-        && !dir.is_empty()
-    {
-        return PathBuf::from(dir);
-    }
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.canonicalize().unwrap_or(root).join(".cache")
+    handoff_backend::home::cache_dir()
 }
 
 fn cached_library() -> PathBuf {

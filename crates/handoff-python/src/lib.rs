@@ -90,15 +90,9 @@ fn fastapi_in(
     cmd
 }
 
-/// `$HANDOFF_CACHE`, else `.cache` at the repository root.
+/// The cache directory (see [`handoff_backend::home`]).
 pub fn cache_dir() -> PathBuf {
-    if let Ok(dir) = std::env::var("HANDOFF_CACHE")
-        && !dir.is_empty()
-    {
-        return PathBuf::from(dir);
-    }
-    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    root.canonicalize().unwrap_or(root).join(".cache")
+    handoff_backend::home::cache_dir()
 }
 
 /// Creates the baseline environment (no-op when it is there).

@@ -4,7 +4,7 @@
 //! 4 backends x 2 threads x 5 batch sizes, 1,000 raw samples each).
 
 use criterion::{Criterion, criterion_group, criterion_main};
-use handoff_runner::ResultRecord;
+use handoff_results::ResultRecord;
 
 fn records() -> Vec<ResultRecord> {
     let template: ResultRecord = serde_json::from_str(

@@ -4,7 +4,7 @@
 
 use std::fmt::Write;
 
-use handoff_runner::{ResultRecord, Status};
+use handoff_results::{ResultRecord, Status};
 use serde::Serialize;
 
 /// Escapes text for HTML element content and quoted attributes.

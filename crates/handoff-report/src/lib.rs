@@ -13,7 +13,7 @@ pub use write::{WriteError, write_report};
 use std::fmt::Write;
 
 use handoff_backend::ExecutionKind;
-use handoff_runner::{ResultRecord, Status};
+use handoff_results::{ResultRecord, Status};
 
 /// One row per case, columns aligned; failed cells show their reason.
 pub fn terminal_table(records: &[ResultRecord]) -> String {
@@ -97,7 +97,7 @@ fn notes(r: &ResultRecord) -> String {
                 r.machine.as_ref().map_or(0.0, |m| m.other_cpu_cores)
             ));
         }
-        if r.stop == Some(handoff_runner::measure::StopReason::MaxTime) {
+        if r.stop == Some(handoff_results::StopReason::MaxTime) {
             n.push("CI target not met (max_time)".into());
         }
     }
@@ -559,7 +559,8 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
             })?;
             let (rl, pl) = (r.load.as_ref()?, p.load.as_ref()?);
             let (rp99, pp99) = (r.latency_ms.as_ref()?.p99, p.latency_ms.as_ref()?.p99);
-            let sat = |l: &handoff_runner::LoadStats| if l.saturated { " (saturated)" } else { "" };
+            let sat =
+                |l: &handoff_results::LoadStats| if l.saturated { " (saturated)" } else { "" };
             let peak = match (rl.peak_qps, pl.peak_qps) {
                 (Some(a), Some(b)) => format!("{} vs {} ({:.2}x)", fmt_rate(a), fmt_rate(b), a / b),
                 (a, b) if rl.p99_bound_ms.is_some() => {
@@ -625,7 +626,7 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             .filter_map(|r| r.load_ms.map(|l| (l, r.case.backend.as_str())))
             .min_by(|a, b| a.0.total_cmp(&b.0))
     };
-    let labels = |a: &handoff_runner::Accuracy| {
+    let labels = |a: &handoff_results::Accuracy| {
         a.label_agreement.map_or_else(String::new, |share| {
             format!(
                 "; top label as fp32 on {:.0}% of inputs, gate 100%",
@@ -768,7 +769,7 @@ fn p99(r: &ResultRecord) -> f64 {
 /// base model's id and its accuracy record.
 pub(crate) fn variant_models(
     records: &[ResultRecord],
-) -> Vec<(&str, &str, &handoff_runner::Accuracy)> {
+) -> Vec<(&str, &str, &handoff_results::Accuracy)> {
     models(records)
         .into_iter()
         .filter_map(|m| {

@@ -3,7 +3,7 @@
 //! same computation as `comparisons.jsonl`), and how much the machine's
 //! speed moved during the run (the drift canary).
 
-use handoff_runner::{CanaryPoint, ResultRecord, Status};
+use handoff_results::{CanaryPoint, ResultRecord, Status};
 use handoff_stats::rounds::{PairedRatio, Verdict};
 
 use crate::{Table, dims, escape_md, fmt_ms};
@@ -66,7 +66,7 @@ pub fn paired(a: &ResultRecord, b: &ResultRecord, inner_b: bool) -> Option<Paire
     {
         return None;
     }
-    handoff_runner::pairs::ratio_of(a, b, inner_b)
+    handoff_results::pairs::ratio_of(a, b, inner_b)
 }
 
 /// `0.412x [0.405, 0.420]`, or `no measurable difference (±1.2%)`.
@@ -159,7 +159,7 @@ pub fn comparisons_table(records: &[ResultRecord]) -> Option<Table> {
             .filter(|r| r.repeat == rep && r.rounds.as_ref().is_some_and(|i| i.group == g))
             .cloned()
             .collect();
-        for c in handoff_runner::pairs::group_comparisons(&members, &reference) {
+        for c in handoff_results::pairs::group_comparisons(&members, &reference) {
             rows.push(vec![
                 serde_json::to_value(c.kind)
                     .ok()

@@ -5,7 +5,7 @@
 use std::path::{Path, PathBuf};
 use std::sync::Once;
 
-use handoff_runner::{ResultRecord, Status};
+use handoff_results::{ResultRecord, Status};
 use plotters::prelude::*;
 
 pub const SIZE: (u32, u32) = (1200, 800);
@@ -720,7 +720,7 @@ pub fn variants_plot(records: &[ResultRecord], dir: &Path) -> Result<Option<Path
 /// The drift canary over the run: its time per reading, so a reader sees
 /// how much (and when) the machine's speed moved.
 pub fn canary_plot(
-    canary: &[handoff_runner::CanaryPoint],
+    canary: &[handoff_results::CanaryPoint],
     dir: &Path,
 ) -> Result<Option<PathBuf>, PlotError> {
     let points: Vec<(f64, f64)> = canary

@@ -7,7 +7,7 @@
 
 use std::collections::BTreeMap;
 
-use handoff_runner::ResultRecord;
+use handoff_results::ResultRecord;
 use serde::{Deserialize, Serialize};
 
 use crate::Table;

@@ -2,7 +2,7 @@
 
 use std::path::{Path, PathBuf};
 
-use handoff_runner::ResultRecord;
+use handoff_results::ResultRecord;
 
 #[derive(Debug, thiserror::Error)]
 pub enum WriteError {

@@ -7,7 +7,7 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
-use handoff_runner::ResultRecord;
+use handoff_results::ResultRecord;
 
 fn fixture() -> Vec<ResultRecord> {
     include_str!("fixtures/results.jsonl")

@@ -1,7 +1,7 @@
 //! Snapshots of the terminal table and the Markdown summary from a fixed
 //! set of results (no timing involved, so they are stable).
 
-use handoff_runner::ResultRecord;
+use handoff_results::ResultRecord;
 
 fn fixture() -> Vec<ResultRecord> {
     include_str!("fixtures/results.jsonl")
@@ -75,7 +75,7 @@ fn html_report_is_self_contained_and_escapes_user_strings() {
 fn plots_are_non_blank_pngs_of_the_promised_size() {
     let records = fixture();
     let dir = std::env::temp_dir().join(format!("handoff-plots-{}", std::process::id()));
-    let rows: Vec<&handoff_runner::ResultRecord> =
+    let rows: Vec<&handoff_results::ResultRecord> =
         records.iter().filter(|r| r.case.model == "mlp").collect();
     let files = handoff_report::plots::model_plots("mlp", &rows, &dir).unwrap();
     let names: Vec<String> = files
@@ -145,7 +145,7 @@ fn base64_matches_the_standard_alphabet() {
 fn interleaved_pair(factor: f64, inner_factor: f64) -> Vec<ResultRecord> {
     let mut rust = fixture()
         .into_iter()
-        .find(|r| r.case.backend == "ort" && r.status == handoff_runner::Status::Ok)
+        .find(|r| r.case.backend == "ort" && r.status == handoff_results::Status::Ok)
         .unwrap();
     // A machine drifting by +-20% from round to round, common to both.
     let drift: Vec<f64> = (0..12)
@@ -160,7 +160,7 @@ fn interleaved_pair(factor: f64, inner_factor: f64) -> Vec<ResultRecord> {
             .map(|(i, d)| Some(10.0 * d * f * wobble(i, k)))
             .collect()
     };
-    rust.rounds = Some(handoff_runner::RoundsInfo {
+    rust.rounds = Some(handoff_results::RoundsInfo {
         group: "g".into(),
         block_medians_ms: rounds(1.0, 7),
         ..Default::default()
@@ -171,7 +171,7 @@ fn interleaved_pair(factor: f64, inner_factor: f64) -> Vec<ResultRecord> {
     py.case.id = py.case.id.replace("/ort/", "/python-onnxruntime/");
     py.inner_latency_ms = py.latency_ms.clone();
     py.inner_latency_ms.as_mut().unwrap().p50 = 10.0 * inner_factor;
-    py.rounds = Some(handoff_runner::RoundsInfo {
+    py.rounds = Some(handoff_results::RoundsInfo {
         group: "g".into(),
         block_medians_ms: rounds(factor, 3),
         inner_block_medians_ms: rounds(inner_factor, 3),

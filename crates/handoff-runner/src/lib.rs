@@ -7,11 +7,13 @@ pub mod http_case;
 pub mod isolate;
 pub mod machine;
 pub mod measure;
-pub mod pairs;
-pub mod record;
 pub mod rounds;
 pub mod run;
 pub mod worker;
+
+// The results format lives in handoff-results; these paths stay for the
+// runner's callers.
+pub use handoff_results::{pairs, record};
 
 pub use http_case::{Launch, ServerLauncher, ServerSpec};
 pub use pairs::{Comparison, read_comparisons};

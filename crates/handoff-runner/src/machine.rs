@@ -4,21 +4,7 @@
 use std::collections::BTreeMap;
 use std::time::Instant;
 
-use serde::{Deserialize, Serialize};
-
-/// Load on the machine while a case was timed.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct MachineLoad {
-    /// 1-minute load average before and after the case.
-    pub loadavg_before: f64,
-    pub loadavg_after: f64,
-    /// CPU used by *other* processes during the timed loop, in cores
-    /// (1.0 = one core fully busy with something else).
-    pub other_cpu_cores: f64,
-    /// Set when `other_cpu_cores` exceeds [`BUSY_THRESHOLD_CORES`]: the
-    /// numbers are suspect (a parallel build doubles latencies here).
-    pub busy: bool,
-}
+pub use handoff_results::{Fingerprint, MachineLoad};
 
 /// More than a quarter of a core used by others during timing marks a case.
 pub const BUSY_THRESHOLD_CORES: f64 = 0.25;
@@ -238,30 +224,9 @@ pub fn process_peak_rss_mb(pid: &str) -> Option<f64> {
     Some(kb / 1024.0)
 }
 
-/// Everything needed to know whether two runs are comparable.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct Fingerprint {
-    pub cpu_model: String,
-    pub logical_cores: usize,
-    pub cpu_flags: Vec<String>,
-    /// The class that decides int8 kernels (e.g. `x86-avx2`: no VNNI, so
-    /// int8 products of 8-bit weights saturate in 16 bits).
-    #[serde(default)]
-    pub cpu_class: String,
-    pub os: String,
-    pub kernel: String,
-    pub handoff_version: String,
-    pub rustc: String,
-    pub build_profile: String,
-    pub git_commit: Option<String>,
-    /// Backend name -> runtime version (or why it is unavailable).
-    pub backends: BTreeMap<String, String>,
-    /// Thread-related environment variables as set for the run.
-    pub env_vars: BTreeMap<String, String>,
-}
-
-impl Fingerprint {
-    pub fn collect(backends: BTreeMap<String, String>) -> Self {
+/// This machine's fingerprint, with the backends' versions as probed.
+pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
+    {
         let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
         let field = |name: &str| {
             cpuinfo
@@ -312,7 +277,7 @@ impl Fingerprint {
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
         .collect();
-        Self {
+        Fingerprint {
             cpu_model: field("model name").unwrap_or_else(|| "unknown".into()),
             logical_cores: std::thread::available_parallelism().map_or(1, usize::from),
             cpu_flags,
@@ -338,11 +303,6 @@ impl Fingerprint {
             backends,
             env_vars,
         }
-    }
-
-    pub fn hash(&self) -> String {
-        let json = serde_json::to_vec(self).unwrap_or_default();
-        handoff_onnx::inspect::sha256_hex(&json)[..16].to_owned()
     }
 }
 

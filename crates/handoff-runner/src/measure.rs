@@ -4,20 +4,8 @@
 use std::time::{Duration, Instant};
 
 use handoff_backend::{BackendError, Prepared};
+pub use handoff_results::StopReason;
 use handoff_suite::Measure;
-use serde::{Deserialize, Serialize};
-
-/// Why the timed loop stopped.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
-#[serde(rename_all = "kebab-case")]
-pub enum StopReason {
-    /// The 95% CI of the median reached the target width.
-    Converged,
-    /// `max_time` was reached first: the CI may be wider than asked.
-    MaxTime,
-    /// `max_iterations` was reached first.
-    MaxIterations,
-}
 
 #[derive(Debug, Clone)]
 pub struct Timed {

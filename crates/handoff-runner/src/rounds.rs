@@ -10,79 +10,12 @@
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::Instant;
 
+pub use handoff_results::{CanaryPoint, RoundsInfo};
 use handoff_suite::Measure;
-use serde::{Deserialize, Serialize};
 
 use crate::isolate::CaseWorker;
 use crate::measure::StopReason;
 use crate::worker::WorkerReport;
-
-/// How a case was measured in rounds, kept in its result line.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct RoundsInfo {
-    /// The comparison group (cases measured together and compared).
-    pub group: String,
-    /// Seed of the per-round order (recorded so a run can be replayed).
-    pub order_seed: u64,
-    /// Timed runs per round (0: the case did not run in that round).
-    pub block_runs: Vec<usize>,
-    /// The case's place in each round's order (0: first).
-    #[serde(default)]
-    pub slots: Vec<usize>,
-    /// Whether the worker was pinned to each round's CPUs (fewer threads
-    /// than CPUs) or left to the scheduler.
-    #[serde(default)]
-    pub pinned: bool,
-    /// Median of each round's block, ms (`null`: not run).
-    pub block_medians_ms: Vec<Option<f64>>,
-    /// The same from the backend's own clock (Python baseline).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub inner_block_medians_ms: Vec<Option<f64>>,
-    /// CPU time the other workers of the group used while this case's
-    /// block ran, ms per round. Idle workers are paused (SIGSTOP) between
-    /// their blocks, so this stays near 0; anything else would compete with
-    /// the block.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub others_cpu_ms: Vec<f64>,
-    /// Worker processes the case ran on, in turn (round `r` on process
-    /// `r % processes`).
-    #[serde(default = "one", skip_serializing_if = "is_one")]
-    pub processes: u32,
-    /// The process that ran each round.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub process: Vec<usize>,
-    /// The group's between-process variance of the log latency
-    /// ([`handoff_stats::rounds::process_variance`]), which widens this
-    /// case's CI and its ratios; `None` with one process per case.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub process_var: Option<f64>,
-}
-
-fn one() -> u32 {
-    1
-}
-
-fn is_one(v: &u32) -> bool {
-    *v == 1
-}
-
-impl RoundsInfo {
-    /// `(process, block median)` per round, `None` where it did not run.
-    pub fn by_process(&self) -> Vec<Option<(usize, f64)>> {
-        self.block_medians_ms
-            .iter()
-            .enumerate()
-            .map(|(r, m)| m.map(|m| (self.process.get(r).copied().unwrap_or(0), m)))
-            .collect()
-    }
-
-    /// The variance this case's median carries from its processes' own
-    /// speeds: the group's between-process variance over the number of
-    /// processes it was averaged over (0 when not estimated).
-    pub fn process_term(&self) -> f64 {
-        self.process_var.unwrap_or(0.0) / f64::from(self.processes.max(1))
-    }
-}
 
 /// A group whose slowest case has used `max_time` stops after this many
 /// rounds even when `rounds` asks for more: a case that takes a second per
@@ -466,17 +399,6 @@ pub fn canary_on_cpu0() -> Option<f64> {
     let ms = canary_ms();
     crate::machine::pin(0, &all);
     Some(ms).filter(|m| m.is_finite())
-}
-
-/// One canary reading.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct CanaryPoint {
-    /// Seconds since the run started.
-    pub t_s: f64,
-    pub group: String,
-    pub round: u32,
-    /// `None`: the canary could not run (recorded as missing, never 0).
-    pub ms: Option<f64>,
 }
 
 #[cfg(test)]

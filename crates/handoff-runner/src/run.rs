@@ -15,8 +15,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 
 use handoff_backend::{Probe, Registry};
+pub use handoff_results::RunMeta;
 use handoff_suite::{Case, Isolation, Plan};
-use serde::{Deserialize, Serialize};
+use serde::Serialize;
 
 use crate::isolate::{WorkerCommand, run_in_child, run_in_process};
 use crate::machine::Fingerprint;
@@ -86,33 +87,6 @@ impl RunOptions {
             sequential: false,
         }
     }
-}
-
-/// What a run directory was made from, checked by `--resume`.
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
-pub struct RunMeta {
-    pub suite: String,
-    pub suite_sha256: String,
-    pub env: String,
-    /// How cases were measured: `interleaved` (rounds per comparison
-    /// group) or `sequential`.
-    #[serde(default)]
-    pub measurement: String,
-    /// The drift canary between rounds, over the whole run.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub canary: Vec<crate::rounds::CanaryPoint>,
-    /// Groups measured apart from each other although they share inputs,
-    /// because all their sessions would not fit in memory at once.
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub split_groups: Vec<String>,
-    /// The seed of inputs and measurement orders (the suite's, or
-    /// `handoff run --seed`).
-    #[serde(default)]
-    pub seed: u64,
-    /// Batch sizes and dim values the suite asked for that a model's
-    /// declared shapes do not accept, with why (see `Plan::not_run`).
-    #[serde(default, skip_serializing_if = "Vec::is_empty")]
-    pub not_run: Vec<String>,
 }
 
 /// Progress callbacks (the CLI draws a progress bar with them).
@@ -192,7 +166,7 @@ impl<'a> Runner<'a> {
                 (b.name().to_owned(), v)
             })
             .collect();
-        Fingerprint::collect(backends)
+        crate::machine::collect_fingerprint(backends)
     }
 
     pub fn run(&self, observer: &mut dyn Observer) -> Result<RunSummary, RunError> {

@@ -15,6 +15,7 @@ use serde::{Deserialize, Serialize};
 use crate::machine::{CpuSnapshot, MachineLoad, peak_rss_mb};
 use crate::measure::{StopReason, measure};
 use crate::record::{LoadStats, Status};
+pub use handoff_results::ColdStart;
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct Job {
@@ -118,22 +119,6 @@ pub struct WorkerReport {
     pub load: Option<LoadStats>,
     #[serde(default)]
     pub cold: Option<ColdStart>,
-}
-
-/// A case's cold start, from the moment its process was started.
-#[derive(Debug, Clone, PartialEq, Default, Serialize, Deserialize)]
-pub struct ColdStart {
-    /// Process start to model loaded (exec, dynamic libraries, runtime
-    /// initialisation, model load and compilation).
-    pub to_loaded_ms: f64,
-    /// ... to the first inference's outputs.
-    pub to_first_ms: f64,
-    /// ... to steady state (see `steady_after_runs`), if reached.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub to_steady_ms: Option<f64>,
-    /// Runs after the first before latency settled within 20% of the median.
-    #[serde(default, skip_serializing_if = "Option::is_none")]
-    pub steady_after_runs: Option<usize>,
 }
 
 pub(crate) fn unix_now_s() -> f64 {

@@ -9,8 +9,7 @@ use handoff_backend::{Device, ExecutionKind, Parity};
 use handoff_stats::Summary;
 use serde::{Deserialize, Serialize};
 
-use crate::machine::MachineLoad;
-use crate::measure::StopReason;
+use crate::{MachineLoad, StopReason};
 
 pub const SCHEMA_VERSION: u32 = 1;
 
@@ -117,7 +116,7 @@ pub struct ResultRecord {
     /// Process start to loaded, first inference and steady state (cases
     /// run in a child process).
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub cold: Option<crate::worker::ColdStart>,
+    pub cold: Option<crate::ColdStart>,
     /// FLOPs of one inference at this case's input shapes (2 x the
     /// multiply-adds of the graph), for the roofline.
     #[serde(skip_serializing_if = "Option::is_none", default)]
@@ -125,7 +124,7 @@ pub struct ResultRecord {
     /// Interleaved measurement: the group, the round order's seed and the
     /// per-round block medians the CI and the paired ratios come from.
     #[serde(skip_serializing_if = "Option::is_none", default)]
-    pub rounds: Option<crate::rounds::RoundsInfo>,
+    pub rounds: Option<crate::RoundsInfo>,
 }
 
 /// What a load scenario measured beyond the latency samples.

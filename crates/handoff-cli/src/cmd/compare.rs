@@ -1,0 +1,300 @@
+//! `handoff compare`, `handoff ab` and `handoff baseline`: the regression gate.
+
+use std::path::{Path, PathBuf};
+use std::process::ExitCode;
+use std::sync::Arc;
+
+use anyhow::{Context, Result};
+use handoff_backend::Registry;
+use handoff_suite::Plan;
+
+use crate::backends::plan_options;
+use crate::cmd::run::{RunArgs, run_plan, timestamp};
+
+/// Compare two runs case by case; exit 1 if any case regressed.
+///
+/// BASE and HEAD are results.jsonl files or run directories; BASE may be
+/// `@NAME` for a baseline saved with `handoff baseline save NAME`.
+/// A case regresses when the 95% CI of the head/base ratio excludes 1
+/// and the change exceeds the threshold: max(--threshold, --noise-k x
+/// run-to-run noise) where runs were made with --repeat.
+#[derive(clap::Args)]
+pub struct CompareCmd {
+    pub base: String,
+    pub head: PathBuf,
+    /// p50 (Hodges-Lehmann ratio), p99 or mean (bootstrap CI).
+    #[arg(long, default_value = "p50")]
+    pub metric: String,
+    /// Smallest change that counts, as a fraction.
+    #[arg(long, default_value_t = 0.05)]
+    pub threshold: f64,
+    /// Per-case threshold, `TEXT=0.1`: cases whose id contains TEXT.
+    #[arg(long = "case-threshold", value_parser = parse_case_threshold)]
+    pub case_thresholds: Vec<(String, f64)>,
+    #[arg(long, default_value_t = 3.0)]
+    pub noise_k: f64,
+    /// Compare runs from different machines (CPU model, flags, cores,
+    /// thread settings) anyway, with a warning. Runtime versions may
+    /// differ without it: each case's note names the change.
+    #[arg(long)]
+    pub allow_env_mismatch: bool,
+    /// A case missing from HEAD was removed on purpose (otherwise a
+    /// missing case is a regression).
+    #[arg(long)]
+    pub allow_missing: bool,
+    /// Write the comparison as JSON here (`-` for stdout).
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// Write the Markdown summary here too (e.g. $GITHUB_STEP_SUMMARY).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Confirm suspected regressions before failing: rerun just those
+    /// cases of SUITE with both builds in ABBA order (base, head, head,
+    /// base) and fail only if the rerun agrees.
+    #[arg(long, value_name = "SUITE", requires = "base_bin")]
+    pub rerun: Option<PathBuf>,
+    /// The base build's handoff binary, for --rerun.
+    #[arg(long, value_name = "PATH")]
+    pub base_bin: Option<PathBuf>,
+    /// The head build's handoff binary (default: this one).
+    #[arg(long, value_name = "PATH")]
+    pub head_bin: Option<PathBuf>,
+}
+
+impl CompareCmd {
+    pub fn run(self) -> Result<ExitCode> {
+        let Self {
+            base,
+            head,
+            metric,
+            threshold,
+            case_thresholds,
+            noise_k,
+            allow_env_mismatch,
+            allow_missing,
+            json,
+            markdown,
+            rerun,
+            base_bin,
+            head_bin,
+        } = self;
+        let base = match base.strip_prefix('@') {
+            Some(name) => baselines_dir().join(name),
+            None => PathBuf::from(base),
+        };
+        let metric = match metric.as_str() {
+            "p50" => handoff_compare::Metric::P50,
+            "p99" => handoff_compare::Metric::P99,
+            "mean" => handoff_compare::Metric::Mean,
+            other => anyhow::bail!("unknown metric `{other}` (p50, p99, mean)"),
+        };
+        let opts = handoff_compare::Options {
+            metric,
+            threshold,
+            case_thresholds,
+            noise_k,
+            allow_env_mismatch,
+            allow_missing,
+        };
+        let b = handoff_compare::Run::load(&base)?;
+        let h = handoff_compare::Run::load(&head)?;
+        let mut c = handoff_compare::compare(&b, &h, &opts)?;
+        if let (Some(suite), Some(base_bin), true) = (&rerun, &base_bin, c.regressions() > 0) {
+            let head_bin = match head_bin {
+                Some(p) => p,
+                None => std::env::current_exe()?,
+            };
+            c = handoff_compare::rerun::confirm(c, suite, base_bin, &head_bin, &opts)?;
+        }
+        let md = handoff_compare::markdown(&c);
+        if !c.env_differences.is_empty() {
+            eprintln!(
+                "warning: comparing across environments: {}",
+                c.env_differences.join("; ")
+            );
+        }
+        match json.as_deref() {
+            Some(p) if p == Path::new("-") => println!("{}", serde_json::to_string_pretty(&c)?),
+            Some(p) => std::fs::write(p, serde_json::to_vec_pretty(&c)?)?,
+            None => {}
+        }
+        if json.as_deref() != Some(Path::new("-")) {
+            print!("{md}");
+        }
+        if let Some(p) = markdown {
+            std::fs::write(p, &md)?;
+        }
+        Ok(ExitCode::from(u8::from(c.regressions() > 0)))
+    }
+}
+
+/// A/B of two files of one model, measured in one run: the suite's
+/// model ID becomes ID.base (BASE) and ID.head (HEAD), measured in the
+/// same interleaved rounds on every backend, thread count, batch and
+/// variant of the suite; exit 1 if any case regressed.
+///
+/// A case regresses when the paired 95% CI of head/base excludes 1 and
+/// the change exceeds --threshold, or when head failed, hung, disagreed
+/// with its reference or failed its accuracy gate where base did not.
+#[derive(clap::Args)]
+pub struct AbCmd {
+    /// Suite file (YAML) that lists the model.
+    pub suite: PathBuf,
+    /// The model's id in the suite.
+    #[arg(long)]
+    pub model: String,
+    /// The base ONNX file (e.g. the model on the main branch).
+    #[arg(long)]
+    pub base: PathBuf,
+    /// The head ONNX file (e.g. the model in the pull request).
+    #[arg(long)]
+    pub head: PathBuf,
+    /// Smallest change that counts, as a fraction.
+    #[arg(long, default_value_t = 0.02)]
+    pub threshold: f64,
+    /// Only cases whose id contains this text (repeatable).
+    #[arg(long, short)]
+    pub filter: Vec<String>,
+    /// Results directory (default: reports/ab-<model>-<UTC timestamp>).
+    #[arg(long, short)]
+    pub out: Option<PathBuf>,
+    /// Write the Markdown summary here too (e.g. $GITHUB_STEP_SUMMARY).
+    #[arg(long)]
+    pub markdown: Option<PathBuf>,
+    /// Write the comparison as JSON here.
+    #[arg(long)]
+    pub json: Option<PathBuf>,
+    /// No progress bar and no table.
+    #[arg(long, short)]
+    pub quiet: bool,
+}
+
+impl AbCmd {
+    pub fn run(self, registry: &Arc<Registry>) -> Result<ExitCode> {
+        let Self {
+            suite,
+            model,
+            base,
+            head,
+            threshold,
+            filter,
+            out,
+            markdown,
+            json,
+            quiet,
+        } = self;
+        let text = std::fs::read_to_string(&suite)
+            .with_context(|| format!("cannot read {}", suite.display()))?;
+        let ab = handoff_suite::ab::ab_suite(&text, &model, &base, &head)
+            .with_context(|| format!("{}", suite.display()))?;
+        // Relative paths in the suite still resolve from its directory.
+        let plan = Plan::from_str(&suite, &ab, &plan_options(registry))?;
+        let out = out.unwrap_or_else(|| {
+            PathBuf::from("reports").join(format!("ab-{model}-{}", timestamp()))
+        });
+        let (code, out) = run_plan(
+            &plan,
+            registry,
+            &suite,
+            RunArgs {
+                filter,
+                out: Some(out),
+                quiet,
+                repeat: 1,
+                shard: None,
+                resume: None,
+                sequential: false,
+            },
+        )?;
+        if code != ExitCode::SUCCESS {
+            return Ok(code);
+        }
+        let run = handoff_compare::Run::load(&out)?;
+        let opts = handoff_compare::Options {
+            threshold,
+            ..Default::default()
+        };
+        let c = handoff_compare::compare_ab(&run, &model, &opts);
+        let md = handoff_compare::markdown(&c);
+        print!("{md}");
+        std::fs::write(out.join("ab.md"), &md)?;
+        if let Some(p) = markdown {
+            std::fs::write(p, &md)?;
+        }
+        if let Some(p) = json {
+            std::fs::write(p, serde_json::to_vec_pretty(&c)?)?;
+        }
+        Ok(ExitCode::from(u8::from(c.regressions() > 0)))
+    }
+}
+
+/// Save a run as a named baseline (in .handoff/baselines/, or
+/// $HANDOFF_BASELINES) for `handoff compare @NAME HEAD`.
+#[derive(clap::Args)]
+pub struct BaselineCmd {
+    #[command(subcommand)]
+    pub action: BaselineAction,
+}
+
+impl BaselineCmd {
+    pub fn run(self) -> Result<ExitCode> {
+        let Self { action } = self;
+        match action {
+            BaselineAction::Save { name, run } => {
+                let dir = baselines_dir().join(&name);
+                copy_run(&run, &dir)?;
+                println!("saved baseline {name} in {}", dir.display());
+            }
+            BaselineAction::List => {
+                if let Ok(entries) = std::fs::read_dir(baselines_dir()) {
+                    for e in entries.flatten() {
+                        println!("{}", e.file_name().to_string_lossy());
+                    }
+                }
+            }
+        }
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+#[derive(clap::Subcommand)]
+pub enum BaselineAction {
+    /// Copy RUN (a run directory or results.jsonl) to baseline NAME.
+    Save { name: String, run: PathBuf },
+    /// List saved baselines.
+    List,
+}
+
+fn parse_case_threshold(s: &str) -> Result<(String, f64), String> {
+    let (pat, t) = s.rsplit_once('=').ok_or("expected TEXT=FRACTION")?;
+    Ok((
+        pat.to_owned(),
+        t.parse().map_err(|_| format!("`{t}` is not a number"))?,
+    ))
+}
+
+fn baselines_dir() -> PathBuf {
+    std::env::var_os("HANDOFF_BASELINES")
+        .map_or_else(|| PathBuf::from(".handoff/baselines"), PathBuf::from)
+}
+
+/// Copies results.jsonl (+ env.json) of a run into `dir`.
+fn copy_run(run: &Path, dir: &Path) -> Result<()> {
+    let results = if run.is_dir() {
+        run.join("results.jsonl")
+    } else {
+        run.to_owned()
+    };
+    handoff_runner::read_results(&results)?;
+    std::fs::create_dir_all(dir)?;
+    std::fs::copy(&results, dir.join("results.jsonl"))
+        .with_context(|| format!("copying {}", results.display()))?;
+    if let Some(env) = results
+        .parent()
+        .map(|p| p.join("env.json"))
+        .filter(|p| p.is_file())
+    {
+        std::fs::copy(env, dir.join("env.json"))?;
+    }
+    Ok(())
+}
