@@ -764,6 +764,106 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.onnx"));
 }
 
+/// `handoff ab --base-ort/--head-ort`: the same model on two ONNX Runtime
+/// libraries in one interleaved run, each worker process loading its own.
+/// The same library under two paths passes; a head library that is not one
+/// fails the gate (so the head workers really load the head library).
+#[test]
+fn ab_of_two_onnx_runtime_libraries_loads_each_in_its_own_workers() {
+    use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let lib = handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    std::fs::copy(&lib, d.join("libonnxruntime-copy.so")).unwrap();
+    std::fs::write(d.join("broken.so"), "not a shared library").unwrap();
+    let spec = SyntheticSpec {
+        kind: Kind::Mlp,
+        width: 64,
+        depth: 1,
+        seed: 0,
+    };
+    handoff_onnx::builder::write_model(&spec.build(), &d.join("mlp.onnx")).unwrap();
+    std::fs::write(
+        d.join("suite.yaml"),
+        "name: ab-ort
+models:
+  - id: mlp
+    source: {onnx: mlp.onnx}
+backends: [ort]
+threads: [1]
+batch: [1]
+measure: {warmup: 20ms, min_iterations: 5, min_time: 200ms, max_time: 400ms, rounds: 6, processes: 1}
+",
+    )
+    .unwrap();
+    let lib = lib.display().to_string();
+    let ab = |head: &str, out: &str| {
+        handoff(
+            &[
+                "ab",
+                "suite.yaml",
+                "--model",
+                "mlp",
+                "--base-ort",
+                &lib,
+                "--head-ort",
+                head,
+                // The same library twice: only a failure may fail the gate.
+                "--threshold",
+                "0.5",
+                "--out",
+                out,
+                "--quiet",
+            ],
+            d,
+        )
+    };
+    let o = ab("libonnxruntime-copy.so", "same");
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}\n{}",
+        String::from_utf8_lossy(&o.stdout),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let records = read_results(&d.join("same/results.jsonl")).unwrap().records;
+    assert_eq!(records.len(), 2, "{records:#?}");
+    let name = |p: &str| {
+        Path::new(p)
+            .file_name()
+            .unwrap()
+            .to_string_lossy()
+            .into_owned()
+    };
+    for (r, library) in records
+        .iter()
+        .zip([name(&lib), "libonnxruntime-copy.so".into()])
+    {
+        assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+        assert!(
+            r.case.model_source.contains("(ort library ")
+                && r.case.model_source.contains(&format!("{library})")),
+            "{}",
+            r.case.model_source
+        );
+        assert_eq!(
+            r.case.backend_version.as_deref(),
+            Some(handoff_ort::provision::PINNED_VERSION)
+        );
+    }
+    let o = ab("broken.so", "broken");
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{md}");
+    assert!(md.contains("**regressed**"), "{md}");
+    let records = read_results(&d.join("broken/results.jsonl"))
+        .unwrap()
+        .records;
+    let head = records.iter().find(|r| r.case.model == "mlp.head").unwrap();
+    assert_ne!(head.status, Status::Ok, "{head:#?}");
+    let base = records.iter().find(|r| r.case.model == "mlp.base").unwrap();
+    assert_eq!(base.status, Status::Ok, "{:?}", base.reason);
+}
+
 #[test]
 fn a_random_classifier_stand_in_runs_says_what_it_is_and_gates_int8_on_labels() {
     let dir = tempfile::tempdir().unwrap();

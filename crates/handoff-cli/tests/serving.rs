@@ -21,7 +21,7 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
         "name: serving\nmodels:\n  - id: tiny\n    source: {hf: bert}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n\
          backends: [ort, tract, python-onnxruntime]\nthreads: [1]\nbatch: [1]\ndims: {seq: [8]}\n\
          scenarios:\n  - single-stream\n\
-         \x20 - {http: {qps: [10], peak_p99: 200ms, duration: 2s, min_queries: 20, backends: [ort, python-onnxruntime]}}\n\
+         \x20 - {http: {qps: [10], peak_p99: 200ms, duration: 3s, min_queries: 30, backends: [ort, python-onnxruntime]}}\n\
          \x20 - {server: {qps: [50], duration: 1s, min_queries: 30, backends: [tract]}}\n\
          \x20 - {multi-stream: {streams: [2], duration: 300ms, backends: [tract]}}\n\
          timeout: 60s\n\
@@ -61,6 +61,40 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
             assert!(!load.levels.is_empty());
         }
     }
+    // The two servers at 10 QPS were loaded in alternating blocks: three
+    // blocks of 10 queries each, A B / B A / A B, paired in comparisons.jsonl.
+    let fixed: Vec<_> = records
+        .iter()
+        .filter(|r| r.case.id.ends_with("http@10qps"))
+        .collect();
+    assert_eq!(fixed.len(), 2);
+    let (a, b) = (
+        fixed[0].rounds.as_ref().expect("alternated"),
+        fixed[1].rounds.as_ref().expect("alternated"),
+    );
+    assert!(
+        a.group.starts_with("http-") && a.group == b.group,
+        "{a:?} {b:?}"
+    );
+    for info in [a, b] {
+        assert_eq!(info.block_medians_ms.len(), 3, "{info:?}");
+        assert!(info.block_medians_ms.iter().all(Option::is_some));
+        assert_eq!(info.block_runs.iter().sum::<usize>(), 30);
+    }
+    for round in 0..3 {
+        assert_ne!(a.slots[round], b.slots[round]);
+    }
+    assert_eq!(
+        (a.slots[0], a.slots[1], a.slots[2]),
+        (a.slots[0], 1 - a.slots[0], a.slots[0])
+    );
+    let comparisons = handoff_runner::read_comparisons(&dir.path().join("out/comparisons.jsonl"));
+    assert!(
+        comparisons.iter().any(|c| c.group == a.group
+            && c.b.contains("/python-onnxruntime/")
+            && c.b.ends_with("/http@10qps")),
+        "{comparisons:#?}"
+    );
     let server = records
         .iter()
         .find(|r| r.case.id.ends_with("/server@50qps"))
@@ -79,6 +113,16 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
             && summary.contains("## Hand-off gain: serving (handoff serve vs FastAPI)")
             && summary.contains("| tiny | onnxruntime | 1 | 1 | 10 QPS |"),
         "{summary}"
+    );
+    // The fixed-rate row carries the paired ratio of the alternated servers.
+    let row = summary
+        .lines()
+        .find(|l| l.starts_with("| tiny | onnxruntime | 1 | 1 | 10 QPS |"))
+        .unwrap();
+    assert!(
+        summary.contains("FastAPI / handoff p50 (paired, 95% CI)")
+            && (row.contains("x [") || row.contains("no measurable difference")),
+        "{row}"
     );
     let html = std::fs::read_to_string(dir.path().join("out/report.html")).unwrap();
     assert!(html.contains("<h2>Under load</h2>"));

@@ -246,9 +246,12 @@ pub async fn run_level(
     Ok(Level::new(target_qps, schedule, latencies, errors, last))
 }
 
+/// The runtime the load generator's futures run on.
+pub type Runtime = tokio::runtime::Runtime;
+
 /// A single-threaded runtime for the generator: it shares the machine with
 /// the server under test and should take as little of it as it can.
-pub fn runtime() -> std::io::Result<tokio::runtime::Runtime> {
+pub fn runtime() -> std::io::Result<Runtime> {
     tokio::runtime::Builder::new_current_thread()
         .enable_all()
         .build()

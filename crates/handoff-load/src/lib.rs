@@ -148,6 +148,52 @@ impl Level {
         !self.saturated && self.p99_ms.is_some_and(|p| p <= p99_bound_ms)
     }
 
+    /// Blocks of one rate run at different times, as one level: counts
+    /// added, rates over the blocks' summed time, latencies pooled, and
+    /// saturated if any block was.
+    pub fn merge(target_qps: f64, blocks: &[Level]) -> Level {
+        let sum = |f: fn(&Level) -> u64| blocks.iter().map(f).sum::<u64>();
+        let (queries, completed) = (sum(|l| l.queries), sum(|l| l.completed));
+        // Each block's time, from its own rate and count.
+        let time = |n: fn(&Level) -> u64, r: fn(&Level) -> f64| {
+            blocks
+                .iter()
+                .filter(|l| r(l) > 0.0)
+                .map(|l| n(l) as f64 / r(l))
+                .sum::<f64>()
+        };
+        let offered_time = time(|l| l.queries, |l| l.offered_qps);
+        let achieved_time = time(|l| l.completed, |l| l.achieved_qps);
+        let latencies_ms: Vec<f64> = blocks
+            .iter()
+            .flat_map(|l| l.latencies_ms.iter().copied())
+            .collect();
+        let mut sorted = latencies_ms.clone();
+        sorted.sort_by(f64::total_cmp);
+        let q = |p| (!sorted.is_empty()).then(|| handoff_stats::quantile_sorted(&sorted, p));
+        Level {
+            target_qps,
+            offered_qps: if offered_time > 0.0 {
+                queries as f64 / offered_time
+            } else {
+                target_qps
+            },
+            achieved_qps: if achieved_time > 0.0 {
+                completed as f64 / achieved_time
+            } else {
+                0.0
+            },
+            queries,
+            completed,
+            errors: sum(|l| l.errors),
+            unserved: sum(|l| l.unserved),
+            p50_ms: q(0.5),
+            p99_ms: q(0.99),
+            saturated: blocks.iter().any(|l| l.saturated),
+            latencies_ms,
+        }
+    }
+
     /// The same without the per-query latencies (for a search trace).
     pub fn without_samples(&self) -> Level {
         Level {
@@ -250,6 +296,39 @@ fn wait_until(t: Instant) {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn blocks_merge_into_one_level_of_their_summed_time() {
+        let ms = Duration::from_millis;
+        // Two 1-second blocks of 10 arrivals each; the second lost one query
+        // and drained late.
+        let s1: Vec<Duration> = (0..10).map(|i| ms(100 * i + 100)).collect();
+        let a = Level::new(10.0, &s1, vec![5.0; 10], 0, ms(1005));
+        let b = Level::new(10.0, &s1, vec![50.0; 9], 0, ms(2000));
+        assert!(!a.saturated && b.saturated);
+        let m = Level::merge(10.0, &[a.clone(), b.clone()]);
+        assert_eq!((m.queries, m.completed, m.unserved), (20, 19, 1));
+        assert!(m.saturated);
+        assert!((m.offered_qps - 10.0).abs() < 1e-9, "{}", m.offered_qps);
+        // 19 answers over 1.005 s + 2 s.
+        assert!(
+            (m.achieved_qps - 19.0 / 3.005).abs() < 1e-9,
+            "{}",
+            m.achieved_qps
+        );
+        assert_eq!(m.latencies_ms.len(), 19);
+        assert_eq!((m.p50_ms, m.p99_ms), (Some(5.0), Some(50.0)));
+        // One block is itself.
+        let one = Level::merge(10.0, std::slice::from_ref(&a));
+        assert!((one.achieved_qps - a.achieved_qps).abs() < 1e-9);
+        assert_eq!(
+            Level {
+                achieved_qps: a.achieved_qps,
+                ..one
+            },
+            a
+        );
+    }
 
     #[test]
     fn poisson_inter_arrivals_have_the_exponential_mean_and_variance() {

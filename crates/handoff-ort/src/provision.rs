@@ -86,7 +86,9 @@ pub fn locate() -> Result<Located, String> {
 }
 
 fn check(path: PathBuf, origin: Origin) -> Result<Located, String> {
-    let version = version_from_name(&path).unwrap_or_else(|| "unknown".into());
+    let version = library_version(&path)
+        .or_else(|| version_from_name(&path))
+        .unwrap_or_else(|| "unknown".into());
     if let Some(minor) = version
         .split('.')
         .nth(1)
@@ -103,6 +105,49 @@ fn check(path: PathBuf, origin: Origin) -> Result<Located, String> {
         version,
         origin,
     })
+}
+
+/// The version the library itself reports
+/// (`OrtGetApiBase()->GetVersionString()`), which a renamed or copied file
+/// keeps; `None` when `path` is not an ONNX Runtime library.
+pub fn library_version(path: &Path) -> Option<String> {
+    use std::ffi::{CStr, CString, c_char, c_void};
+    use std::os::unix::ffi::OsStrExt;
+    /// The C API's `OrtApiBase`: two function pointers.
+    #[repr(C)]
+    struct ApiBase {
+        get_api: *const c_void,
+        get_version_string: unsafe extern "C" fn() -> *const c_char,
+    }
+    let file = CString::new(path.as_os_str().as_bytes()).ok()?;
+    // dlopen of a library already loaded returns the same handle (its
+    // count goes up and back down); OrtGetApiBase and GetVersionString are
+    // the C API's stable entry points, callable before any initialisation,
+    // and the string is static in the library.
+    #[allow(unsafe_code)]
+    unsafe {
+        let handle = libc::dlopen(file.as_ptr(), libc::RTLD_NOW | libc::RTLD_LOCAL);
+        if handle.is_null() {
+            return None;
+        }
+        let symbol = libc::dlsym(handle, c"OrtGetApiBase".as_ptr());
+        let version = if symbol.is_null() {
+            None
+        } else {
+            let get_base: unsafe extern "C" fn() -> *const ApiBase = std::mem::transmute(symbol);
+            let base = get_base();
+            if base.is_null() {
+                None
+            } else {
+                let s = ((*base).get_version_string)();
+                (!s.is_null())
+                    .then(|| CStr::from_ptr(s).to_str().ok().map(str::to_owned))
+                    .flatten()
+            }
+        };
+        libc::dlclose(handle);
+        version
+    }
 }
 
 /// `libonnxruntime.so.1.31.1` -> `1.31.1`.
@@ -237,6 +282,19 @@ mod tests {
             Some("1.31.1")
         );
         assert_eq!(version_from_name(Path::new("/x/libonnxruntime.so")), None);
+    }
+
+    #[test]
+    fn the_library_reports_its_own_version_under_any_name() {
+        let lib = fetch().expect("libonnxruntime from the project cache");
+        let dir = std::env::temp_dir().join(format!("handoff-ort-copy-{}", std::process::id()));
+        std::fs::create_dir_all(&dir).unwrap();
+        let copy = dir.join("libonnxruntime.so");
+        std::fs::copy(&lib, &copy).unwrap();
+        assert_eq!(library_version(&copy).as_deref(), Some(PINNED_VERSION));
+        std::fs::write(dir.join("not.so"), "not a library").unwrap();
+        assert_eq!(library_version(&dir.join("not.so")), None);
+        let _ = std::fs::remove_dir_all(&dir);
     }
 
     #[test]

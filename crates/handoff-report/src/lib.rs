@@ -373,7 +373,7 @@ fn is_steady(r: &ResultRecord) -> bool {
 
 pub const LOAD_NOTE: &str = "Latency under load is measured from each query's scheduled arrival (Poisson, open loop), so time spent queued counts. `saturated`: the system did not keep up (queries unanswered at the end, errors, or a queue still draining long after the last arrival); its achieved rate is what it managed. `peak` is the highest rate tried whose p99 met the bound. The load generator runs on the same machine.";
 
-pub const SERVING_NOTE: &str = "The same model file, sentences, threads and load, over HTTP on loopback: `handoff serve` (Rust, axum, one model thread) against a FastAPI service (uvicorn, `tokenizers`, one request in the model at a time) running the model in Python onnxruntime (the same ONNX file: the difference is what the Python serving stack costs) or in PyTorch eager through transformers (the safetensors weights it was converted from: the difference is what the whole hand-off gains).";
+pub const SERVING_NOTE: &str = "The same model file, sentences, threads and load, over HTTP on loopback: `handoff serve` (Rust, axum, one model thread) against a FastAPI service (uvicorn, `tokenizers`, one request in the model at a time) running the model in Python onnxruntime (the same ONNX file: the difference is what the Python serving stack costs) or in PyTorch eager through transformers (the safetensors weights it was converted from: the difference is what the whole hand-off gains). At a fixed rate the servers of one comparison were started together and loaded in alternating blocks (A B, B A, ...; the idle server paused), so drift hit both: the paired p50 ratio and its 95% CI come from the per-block medians; p99 and achieved QPS pool each server's blocks and carry no interval. Peak searches run one server after the other.";
 
 /// A table rendered to Markdown or HTML; cells are plain text.
 pub struct Table {
@@ -580,6 +580,18 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
                 format!("{}{}", fmt_ms(rp99), sat(rl)),
                 format!("{}{}", fmt_ms(pp99), sat(pl)),
                 format!("{:.2}x", pp99 / rp99),
+                match paired::paired(r, p, false) {
+                    Some(x) => paired::ratio_text(&x),
+                    None if r
+                        .rounds
+                        .as_ref()
+                        .zip(p.rounds.as_ref())
+                        .is_some_and(|(a, b)| a.group == b.group) =>
+                    {
+                        "too few blocks for an interval".to_owned()
+                    }
+                    None => "not measured together".to_owned(),
+                },
                 format!(
                     "{} vs {}",
                     fmt_rate(rl.achieved_qps),
@@ -599,6 +611,7 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
             "handoff serve p99 ms",
             "FastAPI p99 ms",
             "FastAPI / handoff p99",
+            "FastAPI / handoff p50 (paired, 95% CI)",
             "achieved QPS (handoff vs FastAPI)",
             "peak QPS (handoff vs FastAPI)",
         ],

@@ -270,10 +270,11 @@ pub fn handoff_gain_table(records: &[ResultRecord]) -> Option<Table> {
     })
 }
 
-/// The same call on another backend: model, threads, batch, dims, device
-/// and repeat.
+/// The same call on another backend: model, threads, batch, dims, device,
+/// scenario and repeat.
 fn same_call(a: &ResultRecord, b: &ResultRecord) -> bool {
     a.repeat == b.repeat
+        && a.case.scenario == b.case.scenario
         && (
             &a.case.model,
             a.case.threads,

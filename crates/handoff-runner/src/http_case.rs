@@ -20,8 +20,10 @@ use handoff_backend::{Device, Tensor, TensorData, compare, load_tensors};
 use handoff_load::http::{request, run_level, runtime};
 use handoff_load::{Level, find_peak, poisson_schedule, query_count};
 use handoff_suite::{Load, LoadTarget};
+use std::os::unix::process::CommandExt;
 
 use crate::record::{LoadStats, Status};
+use crate::rounds::RoundsInfo;
 use crate::worker::{Job, ReferenceFile, WorkerReport, peak_outcome};
 
 /// What a server needs to know to serve a case.
@@ -62,12 +64,15 @@ pub const READY_PREFIX: &str = "listening on http://";
 
 /// A server process, killed when dropped (closing its stdin first, which
 /// is how it learns that this process is gone even after a crash here).
+/// It runs in a process group of its own, so it can be paused whole while
+/// another server's block runs.
 struct Server {
     child: Child,
 }
 
 impl Drop for Server {
     fn drop(&mut self) {
+        crate::machine::signal_group(self.child.id(), libc::SIGCONT);
         drop(self.child.stdin.take());
         let _ = self.child.kill();
         let _ = self.child.wait();
@@ -80,42 +85,122 @@ fn fail(mut report: WorkerReport, status: Status, reason: String) -> WorkerRepor
     report
 }
 
-/// Runs one `http` case end to end; never panics on a server's failure.
-pub fn run(
+fn failed(report: WorkerReport, status: Status, reason: String) -> Box<WorkerReport> {
+    Box::new(fail(report, status, reason))
+}
+
+/// A started server that answered its output check and its warm-up: ready
+/// for load.
+pub struct Served {
+    server: Server,
+    name: String,
+    addr: SocketAddr,
+    rt: handoff_load::http::Runtime,
+    bodies: Vec<Vec<u8>>,
+    tail: Arc<std::sync::Mutex<Vec<String>>>,
+    /// What is known so far (load time, first answer, parity, warm-up).
+    report: WorkerReport,
+    /// Median warm-up latency, one request at a time, ms.
+    service_ms: f64,
+}
+
+impl Served {
+    /// The server's last stderr lines, for the reason of a failed cell.
+    fn stderr_tail(&self) -> String {
+        // Give the reader a moment to take the last lines of a dead server.
+        std::thread::sleep(Duration::from_millis(100));
+        let t = self.tail.lock().expect("tail lock");
+        let last: Vec<&String> = t.iter().rev().take(3).collect();
+        last.into_iter()
+            .rev()
+            .cloned()
+            .collect::<Vec<_>>()
+            .join(" | ")
+    }
+
+    /// Poisson arrivals at `qps`: `queries` of them, drawn with `seed`.
+    fn level(&self, qps: f64, queries: usize, seed: u64) -> Result<Level, String> {
+        let schedule = poisson_schedule(qps, queries, seed);
+        self.rt
+            .block_on(run_level(self.addr, "/embed", &self.bodies, qps, &schedule))
+            .map_err(|e| e.to_string())
+    }
+
+    /// Freezes the idle server (SIGSTOP to its group) so that nothing it
+    /// does between its blocks (a runtime's spinning threads, a collector)
+    /// runs during another server's block; `false` wakes it.
+    fn pause(&self, paused: bool) {
+        let signal = if paused { libc::SIGSTOP } else { libc::SIGCONT };
+        crate::machine::signal_group(self.server.child.id(), signal);
+    }
+
+    /// `Some(reason)` when the server has died.
+    fn died(&mut self) -> Option<String> {
+        match self.server.child.try_wait() {
+            Ok(Some(status)) => Some(format!(
+                "{} died during the load ({status}): {}",
+                self.name,
+                self.stderr_tail()
+            )),
+            _ => None,
+        }
+    }
+
+    /// The cell: `level`'s samples with `stats`, unless the server died.
+    fn finish(mut self, level: Level, mut stats: LoadStats) -> WorkerReport {
+        if let Some(why) = self.died() {
+            return fail(self.report, Status::Failed, why);
+        }
+        let mut report = std::mem::take(&mut self.report);
+        stats.server = Some(self.name.clone());
+        stats.server_rss_mb =
+            crate::machine::process_peak_rss_mb(&self.server.child.id().to_string());
+        report.peak_rss_mb = stats.server_rss_mb;
+        report.samples_ms = level.latencies_ms;
+        report.load = Some(stats);
+        report.status = Some(Status::Ok);
+        report
+    }
+}
+
+/// Starts the case's server and checks it: ready (`/health`), the output
+/// of request 0 against the reference, a warm-up one request at a time.
+/// `Err` is the case's cell.
+pub fn start(
     job: &Job,
     spec: &ServerSpec,
     sentences: &[String],
-    load: &Load,
     reference: Option<&ReferenceFile>,
     launcher: Option<&ServerLauncher>,
     start_timeout: Duration,
-) -> WorkerReport {
+) -> Result<Served, Box<WorkerReport>> {
     let report = WorkerReport::default();
     let Some(launcher) = launcher else {
-        return fail(
+        return Err(failed(
             report,
             Status::Unavailable,
             "this build cannot start HTTP servers".into(),
-        );
+        ));
     };
     let launch = match (launcher.0)(spec) {
         Ok(l) => l,
-        Err((status, reason)) => return fail(report, status, reason),
+        Err((status, reason)) => return Err(failed(report, status, reason)),
     };
     let mut command = launch.command;
     let child = command
         .stdin(Stdio::piped())
         .stdout(Stdio::piped())
         .stderr(Stdio::piped())
+        .process_group(0)
         .spawn();
     let mut server = match child {
         Ok(c) => Server { child: c },
         Err(e) => {
-            return fail(
+            return Err(failed(
                 report,
                 Status::Failed,
                 format!("cannot start {}: {e}", launch.server),
-            );
+            ));
         }
     };
     let (addr_tx, addr_rx) = mpsc::channel();
@@ -143,28 +228,17 @@ pub fn run(
             }
         }
     });
-    let stderr_tail = || {
-        // Give the reader a moment to take the last lines of a dead server.
-        std::thread::sleep(Duration::from_millis(100));
-        let t = tail.lock().expect("tail lock");
-        let last: Vec<&String> = t.iter().rev().take(3).collect();
-        last.into_iter()
-            .rev()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(" | ")
-    };
     let started = Instant::now();
     let addr: SocketAddr = loop {
         if let Ok(a) = addr_rx.recv_timeout(Duration::from_millis(50)) {
             match a.parse() {
                 Ok(a) => break a,
                 Err(_) => {
-                    return fail(
+                    return Err(failed(
                         report,
                         Status::Failed,
                         format!("{} announced a bad address `{a}`", launch.server),
-                    );
+                    ));
                 }
             }
         }
@@ -174,16 +248,25 @@ pub fn run(
                 Some(4) => (Status::Unavailable, String::new()),
                 _ => (Status::Failed, format!(" ({status})")),
             };
-            let why = stderr_tail();
+            std::thread::sleep(Duration::from_millis(100));
+            let why = {
+                let t = tail.lock().expect("tail lock");
+                let last: Vec<&String> = t.iter().rev().take(3).collect();
+                last.into_iter()
+                    .rev()
+                    .cloned()
+                    .collect::<Vec<_>>()
+                    .join(" | ")
+            };
             let why = why.strip_prefix("error: ").unwrap_or(&why).to_owned();
-            return fail(
+            return Err(failed(
                 report,
                 s,
                 format!("{} exited before serving{what}: {why}", launch.server),
-            );
+            ));
         }
         if started.elapsed() > start_timeout {
-            return fail(
+            return Err(failed(
                 report,
                 Status::Timeout,
                 format!(
@@ -191,14 +274,14 @@ pub fn run(
                     launch.server,
                     start_timeout.as_secs_f64()
                 ),
-            );
+            ));
         }
     };
     let mut report = report;
     report.load_ms = Some(started.elapsed().as_secs_f64() * 1e3);
     let rt = match runtime() {
         Ok(r) => r,
-        Err(e) => return fail(report, Status::Failed, format!("tokio: {e}")),
+        Err(e) => return Err(failed(report, Status::Failed, format!("tokio: {e}"))),
     };
     let batch = job.case.batch as usize;
     let body = |i: usize| -> Vec<u8> {
@@ -214,11 +297,11 @@ pub fn run(
         match rt.block_on(request(addr, "GET", "/health", b"")) {
             Ok(r) if r.status == 200 => break,
             _ if started.elapsed() > start_timeout => {
-                return fail(
+                return Err(failed(
                     report,
                     Status::Timeout,
                     format!("{} did not answer /health", launch.server),
-                );
+                ));
             }
             _ => std::thread::sleep(Duration::from_millis(20)),
         }
@@ -230,7 +313,7 @@ pub fn run(
     let first = match first {
         Ok(r) if r.status == 200 => r,
         Ok(r) => {
-            return fail(
+            return Err(failed(
                 report,
                 Status::Failed,
                 format!(
@@ -239,9 +322,9 @@ pub fn run(
                     r.status,
                     String::from_utf8_lossy(&r.body)
                 ),
-            );
+            ));
         }
-        Err(e) => return fail(report, Status::Failed, e.to_string()),
+        Err(e) => return Err(failed(report, Status::Failed, e.to_string())),
     };
     if let Some(r) = reference {
         match check_output(&first.body, r, batch) {
@@ -251,7 +334,7 @@ pub fn run(
                 let max_abs = parity.max_abs;
                 report.parity = Some(parity);
                 if !ok {
-                    return fail(
+                    return Err(failed(
                         report,
                         Status::Mismatch,
                         format!(
@@ -259,10 +342,10 @@ pub fn run(
                             r.backend,
                             detail.unwrap_or_else(|| format!("max abs {max_abs:.3e}"))
                         ),
-                    );
+                    ));
                 }
             }
-            Err(e) => return fail(report, Status::Failed, e),
+            Err(e) => return Err(failed(report, Status::Failed, e)),
         }
     }
 
@@ -280,66 +363,196 @@ pub fn run(
         )) {
             Ok(r) if r.status == 200 => warm.push(t.elapsed().as_secs_f64() * 1e3),
             Ok(r) => {
-                return fail(
+                return Err(failed(
                     report,
                     Status::Failed,
                     format!("warm-up answer {}", r.status),
-                );
+                ));
             }
-            Err(e) => return fail(report, Status::Failed, e.to_string()),
+            Err(e) => return Err(failed(report, Status::Failed, e.to_string())),
         }
     }
     report.warmup_runs = warm.len() as u64;
-    let service_ms = handoff_stats::median(&warm);
+    Ok(Served {
+        server,
+        name: launch.server,
+        addr,
+        rt,
+        bodies,
+        tail,
+        report,
+        service_ms: handoff_stats::median(&warm),
+    })
+}
 
-    let label = job.case.scenario.label();
-    let level_at = |qps: f64, duration: Duration, min: u32| {
-        let n = query_count(qps, duration, min);
-        let schedule = poisson_schedule(qps, n, job.seed);
-        rt.block_on(run_level(addr, "/embed", &bodies, qps, &schedule))
+/// One `http` case on its own: its server started and checked, then one
+/// fixed rate for the load's duration, or a peak search.
+pub fn run(
+    job: &Job,
+    spec: &ServerSpec,
+    sentences: &[String],
+    load: &Load,
+    reference: Option<&ReferenceFile>,
+    launcher: Option<&ServerLauncher>,
+    start_timeout: Duration,
+) -> WorkerReport {
+    let mut served = match start(job, spec, sentences, reference, launcher, start_timeout) {
+        Ok(s) => s,
+        Err(report) => return *report,
     };
+    let label = job.case.scenario.label();
     let outcome: Result<(Level, LoadStats), String> = match load.target {
-        LoadTarget::Qps(qps) => level_at(qps, load.duration, load.min_queries)
+        LoadTarget::Qps(qps) => served
+            .level(
+                qps,
+                query_count(qps, load.duration, load.min_queries),
+                job.seed,
+            )
             .map(|level| {
                 let stats = LoadStats::from_level(label, &level);
                 (level, stats)
-            })
-            .map_err(|e| e.to_string()),
+            }),
         LoadTarget::Peak { p99 } => {
             let step = (load.duration / 3).max(Duration::from_secs(2));
             let min = (load.min_queries / 2).max(1);
+            let service_ms = served.service_ms;
             find_peak(
                 p99.as_secs_f64() * 1e3,
                 1e3 / service_ms.max(1e-3),
                 7,
-                |q| level_at(q, step, min),
+                |q| served.level(q, query_count(q, step, min), job.seed),
             )
-            .map(|peak| peak_outcome(&mut report, label, peak))
-            .map_err(|e| e.to_string())
+            .map(|peak| peak_outcome(&mut served.report, label, peak))
         }
     };
-    let (level, mut stats) = match outcome {
-        Ok(o) => o,
-        Err(e) => return fail(report, Status::Failed, e),
-    };
-    if let Ok(Some(status)) = server.child.try_wait() {
-        return fail(
-            report,
-            Status::Failed,
-            format!(
-                "{} died during the load ({status}): {}",
-                launch.server,
-                stderr_tail()
-            ),
-        );
+    match outcome {
+        Ok((level, stats)) => served.finish(level, stats),
+        Err(e) => fail(std::mem::take(&mut served.report), Status::Failed, e),
     }
-    stats.server = Some(launch.server);
-    stats.server_rss_mb = crate::machine::process_peak_rss_mb(&server.child.id().to_string());
-    report.peak_rss_mb = stats.server_rss_mb;
-    report.samples_ms = level.latencies_ms;
-    report.load = Some(stats);
-    report.status = Some(Status::Ok);
-    report
+}
+
+/// How many blocks the alternation splits a rate's queries into: at least
+/// 8 queries a block, at most 12 blocks, so each block's median means
+/// something and the paired interval has rounds enough.
+pub fn blocks_for(queries: usize) -> usize {
+    (queries / 8).clamp(2, 12)
+}
+
+/// The `http` cases of one comparison (the same model, inputs and rate;
+/// different servers, backends or threads) measured in alternating blocks:
+/// every server is started and checked first, then each round runs one
+/// block of Poisson arrivals on each server in turn, the order reversed
+/// every round (A B, B A, A B, ...; the first order seeded), the idle
+/// servers paused. Drift then hits every server alike, and the per-block
+/// medians give paired ratios as the one-query-at-a-time groups do. Each
+/// case gets as many queries in all as it would alone. `None` when
+/// stopped.
+#[allow(clippy::too_many_arguments)]
+pub fn alternate(
+    cases: Vec<Result<Served, Box<WorkerReport>>>,
+    qps: f64,
+    queries: usize,
+    labels: &[String],
+    group: &str,
+    seed: u64,
+    stop: Option<&std::sync::atomic::AtomicBool>,
+) -> Option<Vec<(WorkerReport, Option<RoundsInfo>)>> {
+    let n = cases.len();
+    let blocks = blocks_for(queries);
+    let per_block = queries.div_ceil(blocks);
+    let mut live: Vec<Option<Served>> = Vec::with_capacity(n);
+    let mut out: Vec<Option<WorkerReport>> = Vec::with_capacity(n);
+    for c in cases {
+        match c {
+            Ok(s) => {
+                s.pause(true);
+                live.push(Some(s));
+                out.push(None);
+            }
+            Err(report) => {
+                live.push(None);
+                out.push(Some(*report));
+            }
+        }
+    }
+    let mut levels: Vec<Vec<Level>> = vec![Vec::new(); n];
+    let mut info: Vec<RoundsInfo> = (0..n)
+        .map(|_| RoundsInfo {
+            group: group.to_owned(),
+            order_seed: seed,
+            processes: 1,
+            ..Default::default()
+        })
+        .collect();
+    let mut order = crate::rounds::RoundOrder::new(seed).shuffle(n);
+    for round in 0..blocks {
+        if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+            return None;
+        }
+        for (slot, &i) in order.iter().enumerate() {
+            let level = match live[i].as_mut() {
+                None => None,
+                Some(s) => {
+                    s.pause(false);
+                    let block_seed = seed ^ ((round as u64) << 32 | i as u64);
+                    let level = s.level(qps, per_block, block_seed);
+                    s.pause(true);
+                    match level.and_then(|l| match s.died() {
+                        Some(why) => Err(why),
+                        None => Ok(l),
+                    }) {
+                        Ok(l) => Some(l),
+                        Err(why) => {
+                            let s = live[i].take().expect("live");
+                            let mut report = s.report.clone();
+                            report.samples_ms = levels[i]
+                                .iter()
+                                .flat_map(|l| l.latencies_ms.iter().copied())
+                                .collect();
+                            out[i] = Some(fail(report, Status::Failed, why));
+                            None
+                        }
+                    }
+                }
+            };
+            info[i].slots.push(slot);
+            info[i].process.push(0);
+            match level {
+                Some(l) => {
+                    info[i].block_runs.push(l.completed as usize);
+                    info[i].block_medians_ms.push(l.p50_ms);
+                    levels[i].push(l);
+                }
+                None => {
+                    info[i].block_runs.push(0);
+                    info[i].block_medians_ms.push(None);
+                }
+            }
+        }
+        order.reverse();
+    }
+    Some(
+        live.into_iter()
+            .zip(out)
+            .zip(levels)
+            .zip(info)
+            .zip(labels)
+            .map(
+                |((((served, done), levels), info), label)| match (served, done) {
+                    (_, Some(report)) => {
+                        let ran = info.block_runs.iter().any(|r| *r > 0);
+                        (report, ran.then_some(info))
+                    }
+                    (Some(s), None) => {
+                        let level = Level::merge(qps, &levels);
+                        let stats = LoadStats::from_level(label.clone(), &level);
+                        (s.finish(level, stats), Some(info))
+                    }
+                    (None, None) => unreachable!("every case is live or done"),
+                },
+            )
+            .collect(),
+    )
 }
 
 /// Compares the served embedding of request 0 with the reference's last

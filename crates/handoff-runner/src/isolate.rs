@@ -174,6 +174,7 @@ impl Spawned {
             .env("RAYON_NUM_THREADS", job.case.threads.to_string())
             // Keep the stderr tail quoted in a failed cell readable.
             .env("RUST_BACKTRACE", "0")
+            .envs(&job.env)
             .stdin(Stdio::piped())
             .stdout(Stdio::piped())
             .stderr(Stdio::piped())

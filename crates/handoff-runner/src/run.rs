@@ -309,6 +309,24 @@ impl<'a> Runner<'a> {
                         .map_err(io(&meta_path))?;
                         records
                     }
+                    Unit::Http(key, cases) => {
+                        for c in &cases {
+                            observer.case_started(c);
+                        }
+                        let seed = group_seed(self.plan.seed, &key, rep);
+                        let Some(records) =
+                            self.measure_http_group(&key, &cases, rep, seed, &mut ctx)
+                        else {
+                            summary.interrupted = true;
+                            break 'units;
+                        };
+                        for c in
+                            crate::pairs::group_comparisons(&records, &self.plan.check.reference)
+                        {
+                            write_json_line(&mut comparisons, &c).map_err(io(&comparisons_path))?;
+                        }
+                        records
+                    }
                 };
                 for record in records {
                     write_line(&mut results, &record).map_err(io(&results_path))?;
@@ -330,6 +348,20 @@ impl<'a> Runner<'a> {
     fn units(&self, cases: Vec<Case>, split_notes: &mut Vec<String>) -> Vec<Unit> {
         let mut units: Vec<Unit> = Vec::new();
         for case in cases {
+            if !self.options.sequential
+                && let handoff_suite::Scenario::Http { load } = &case.scenario
+                && matches!(load.target, handoff_suite::LoadTarget::Qps(_))
+            {
+                let key = format!("http-{}", case.group_key());
+                match units
+                    .iter_mut()
+                    .find(|u| matches!(u, Unit::Http(k, _) if *k == key))
+                {
+                    Some(Unit::Http(_, members)) => members.push(case),
+                    _ => units.push(Unit::Http(key, vec![case])),
+                }
+                continue;
+            }
             let interleave = !self.options.sequential
                 && matches!(
                     case.scenario,
@@ -375,7 +407,11 @@ impl<'a> Runner<'a> {
                         out.push(Unit::Group(k, part));
                     }
                 }
-                single => out.push(single),
+                // A server with nothing to alternate with runs alone.
+                Unit::Http(_, mut cases) if cases.len() == 1 => {
+                    out.push(Unit::Single(cases.remove(0)));
+                }
+                other => out.push(other),
             }
         }
         out
@@ -395,7 +431,7 @@ impl<'a> Runner<'a> {
                     cases.iter().map(|c| c.id.clone()).collect(),
                     cases.iter().map(|c| self.estimate_mb(c)).sum(),
                 )),
-                Unit::Single(_) => None,
+                Unit::Single(_) | Unit::Http(..) => None,
             })
             .collect();
         (groups, notes)
@@ -706,6 +742,12 @@ impl<'a> Runner<'a> {
                 .get(&case.backend)
                 .cloned()
                 .unwrap_or(serde_json::Value::Null),
+            env: match (&model.ort_library, &mode) {
+                (Some(lib), JobMode::Measure { .. }) if case.backend == "ort" => {
+                    [("ORT_DYLIB_PATH".to_owned(), lib.display().to_string())].into()
+                }
+                _ => Default::default(),
+            },
             mode,
             rounds: false,
         }
@@ -746,20 +788,19 @@ impl<'a> Runner<'a> {
         }
     }
 
-    fn http_case(
+    /// What the server of an `http` case serves, or the case's cell when
+    /// it cannot be served.
+    fn http_spec<'m>(
         &self,
-        job: &Job,
-        model: &handoff_suite::PlanModel,
-        load: &handoff_suite::Load,
-        reference: Option<&ReferenceFile>,
-    ) -> WorkerReport {
-        let case = &job.case;
+        case: &Case,
+        model: &'m handoff_suite::PlanModel,
+    ) -> Result<(crate::http_case::ServerSpec, &'m [String]), Box<WorkerReport>> {
         let (Some(hf_dir), Some(sentences)) = (&model.hf_dir, &model.sentences) else {
-            return WorkerReport {
+            return Err(Box::new(WorkerReport {
                 status: Some(Status::Unsupported),
                 reason: Some("the http scenario needs a text model with a tokenizer".into()),
                 ..Default::default()
-            };
+            }));
         };
         let spec = crate::http_case::ServerSpec {
             backend: case.backend.clone(),
@@ -771,6 +812,20 @@ impl<'a> Runner<'a> {
             seq: case.dims.get("seq").copied().unwrap_or(128),
             max_batch: case.batch.max(64),
         };
+        Ok((spec, sentences))
+    }
+
+    fn http_case(
+        &self,
+        job: &Job,
+        model: &handoff_suite::PlanModel,
+        load: &handoff_suite::Load,
+        reference: Option<&ReferenceFile>,
+    ) -> WorkerReport {
+        let (spec, sentences) = match self.http_spec(&job.case, model) {
+            Ok(s) => s,
+            Err(report) => return *report,
+        };
         crate::http_case::run(
             job,
             &spec,
@@ -779,6 +834,83 @@ impl<'a> Runner<'a> {
             reference,
             self.options.servers.as_ref(),
             self.plan.timeout,
+        )
+    }
+
+    /// `http` cases at one rate whose servers alternate in blocks (see
+    /// [`crate::http_case::alternate`]); `None` when interrupted.
+    fn measure_http_group(
+        &self,
+        key: &str,
+        cases: &[Case],
+        rep: u32,
+        seed: u64,
+        ctx: &mut Ctx<'_>,
+    ) -> Option<Vec<ResultRecord>> {
+        let start = Instant::now();
+        let (mut qps, mut queries) = (0.0, 0);
+        let mut served = Vec::new();
+        let mut unchecked = Vec::new();
+        let mut labels = Vec::new();
+        for case in cases {
+            let model = self
+                .plan
+                .model(&case.model)
+                .expect("plan cases name plan models");
+            if let handoff_suite::Scenario::Http { load } = &case.scenario
+                && let handoff_suite::LoadTarget::Qps(q) = load.target
+            {
+                qps = q;
+                queries = handoff_load::query_count(q, load.duration, load.min_queries);
+            }
+            let (reference, mode) = self.reference_file(case, model, ctx);
+            let job = self.job(case, model, mode);
+            let check = match &job.mode {
+                JobMode::Measure { reference } => reference.clone(),
+                _ => None,
+            };
+            served.push(self.http_spec(case, model).and_then(|(spec, sentences)| {
+                crate::http_case::start(
+                    &job,
+                    &spec,
+                    sentences,
+                    check.as_ref(),
+                    self.options.servers.as_ref(),
+                    self.plan.timeout,
+                )
+            }));
+            unchecked.push(reference.err());
+            labels.push(case.scenario.label());
+        }
+        let outcomes = crate::http_case::alternate(
+            served,
+            qps,
+            queries,
+            &labels,
+            key,
+            seed,
+            self.options.stop.as_deref(),
+        )?;
+        let elapsed = start.elapsed().as_secs_f64() / cases.len().max(1) as f64;
+        Some(
+            cases
+                .iter()
+                .zip(outcomes)
+                .zip(unchecked)
+                .map(|((case, (mut report, rounds)), why)| {
+                    let model = self
+                        .plan
+                        .model(&case.model)
+                        .expect("plan cases name plan models");
+                    if let (Some(why), Status::Ok) = (why, report.status()) {
+                        report.reason = Some(format!("parity unchecked: {why}"));
+                    }
+                    let mut record =
+                        self.finish_record(case, model, report, rounds, rep, Instant::now(), ctx);
+                    record.wall_s = Some((elapsed * 1000.0).round() / 1000.0);
+                    record
+                })
+                .collect(),
         )
     }
 
@@ -942,6 +1074,9 @@ pub type GroupPreview = (String, Vec<String>, f64);
 enum Unit {
     Single(Case),
     Group(String, Vec<Case>),
+    /// `http` cases at one fixed rate on the same inputs: their servers
+    /// alternate in blocks.
+    Http(String, Vec<Case>),
 }
 
 /// The job of a case's `k`-th of `n` worker processes: its own file for

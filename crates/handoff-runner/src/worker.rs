@@ -43,6 +43,11 @@ pub struct Job {
     /// runs a block per [`BlockCommand`].
     #[serde(default)]
     pub rounds: bool,
+    /// Environment of the worker process beyond the parent's (a model's
+    /// `ort_library` as `ORT_DYLIB_PATH`); only a worker process can have
+    /// it.
+    #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
+    pub env: std::collections::BTreeMap<String, String>,
 }
 
 /// What the parent asks a worker measuring in rounds to do next.

@@ -1,7 +1,8 @@
-//! A/B of two files of one model in one run: the suite's model entry becomes
-//! two entries, `ID.base` and `ID.head`, with the same inputs (so they form
-//! one comparison group and are measured in the same interleaved rounds),
-//! and the suite's other models are left out.
+//! A/B in one run: the suite's model entry becomes two entries, `ID.base`
+//! and `ID.head`, with the same inputs (so they form one comparison group
+//! and are measured in the same interleaved rounds), and the suite's other
+//! models are left out. What differs between the two is a model file, an
+//! ONNX Runtime library (`ort_library`), or both.
 
 use std::path::Path;
 
@@ -28,11 +29,19 @@ pub enum AbError {
     UnknownModel { id: String, known: String },
 }
 
-/// The suite `text` with model `id` measured as two files: `base` first,
-/// then `head` (absolute or relative to the suite's directory, as any
-/// `onnx:` path), every other field of the entry (inputs, variants,
-/// backends) kept for both.
-pub fn ab_suite(text: &str, id: &str, base: &Path, head: &Path) -> Result<String, AbError> {
+/// One side of an A/B: its model file (`None`: the suite's source) and its
+/// ONNX Runtime library (`None`: the provisioned one). Paths absolute or
+/// relative to the suite's directory, as any path in a suite.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Side<'a> {
+    pub file: Option<&'a Path>,
+    pub ort_library: Option<&'a Path>,
+}
+
+/// The suite `text` with model `id` measured twice: `base` first, then
+/// `head`, every other field of the entry (inputs, variants, backends) kept
+/// for both.
+pub fn ab_suite(text: &str, id: &str, base: Side<'_>, head: Side<'_>) -> Result<String, AbError> {
     let mut doc: Value = serde_yaml_ng::from_str(text).map_err(|e| AbError::Yaml(e.to_string()))?;
     let models = doc
         .get_mut("models")
@@ -50,13 +59,18 @@ pub fn ab_suite(text: &str, id: &str, base: &Path, head: &Path) -> Result<String
             id: id.to_owned(),
             known: ids.join(", "),
         })?;
-    let side = |new_id: String, path: &Path| {
+    let side = |new_id: String, side: Side<'_>| {
         let mut m = entry.clone();
         if let Some(map) = m.as_mapping_mut() {
             map.insert("id".into(), new_id.into());
-            let mut source = serde_yaml_ng::Mapping::new();
-            source.insert("onnx".into(), path.display().to_string().into());
-            map.insert("source".into(), Value::Mapping(source));
+            if let Some(path) = side.file {
+                let mut source = serde_yaml_ng::Mapping::new();
+                source.insert("onnx".into(), path.display().to_string().into());
+                map.insert("source".into(), Value::Mapping(source));
+            }
+            if let Some(lib) = side.ort_library {
+                map.insert("ort_library".into(), lib.display().to_string().into());
+            }
         }
         m
     };
@@ -80,7 +94,11 @@ backends: [ort]
 
     #[test]
     fn the_model_becomes_base_then_head_and_others_are_left_out() {
-        let out = ab_suite(SUITE, "m", Path::new("a/m.onnx"), Path::new("/abs/m2.onnx")).unwrap();
+        let file = |p: &'static str| Side {
+            file: Some(Path::new(p)),
+            ort_library: None,
+        };
+        let out = ab_suite(SUITE, "m", file("a/m.onnx"), file("/abs/m2.onnx")).unwrap();
         let doc: Value = serde_yaml_ng::from_str(&out).unwrap();
         let models = doc["models"].as_sequence().unwrap();
         assert_eq!(models.len(), 2);
@@ -93,14 +111,29 @@ backends: [ort]
     }
 
     #[test]
+    fn two_libraries_keep_the_source_and_set_ort_library() {
+        let lib = |p: &'static str| Side {
+            file: None,
+            ort_library: Some(Path::new(p)),
+        };
+        let out = ab_suite(SUITE, "m", lib("old/libonnxruntime.so"), lib("/new/lib.so")).unwrap();
+        let doc: Value = serde_yaml_ng::from_str(&out).unwrap();
+        let models = doc["models"].as_sequence().unwrap();
+        assert_eq!(models[0]["source"]["onnx"], "m.onnx");
+        assert_eq!(models[1]["source"]["onnx"], "m.onnx");
+        assert_eq!(models[0]["ort_library"], "old/libonnxruntime.so");
+        assert_eq!(models[1]["ort_library"], "/new/lib.so");
+    }
+
+    #[test]
     fn an_unknown_model_names_the_known_ones() {
-        let e = ab_suite(SUITE, "x", Path::new("a"), Path::new("b")).unwrap_err();
+        let e = ab_suite(SUITE, "x", Side::default(), Side::default()).unwrap_err();
         assert_eq!(
             e.to_string(),
             "the suite has no model `x` (it has: other, m)"
         );
         assert_eq!(
-            ab_suite("name: s\n", "m", Path::new("a"), Path::new("b")).unwrap_err(),
+            ab_suite("name: s\n", "m", Side::default(), Side::default()).unwrap_err(),
             AbError::NoModels
         );
     }

@@ -169,6 +169,9 @@ pub struct PlanModel {
     /// The suite's batch sizes and dim values this model does not accept,
     /// each with why ("b8 not run: batch is fixed at 1 (...)").
     pub not_run: Vec<String>,
+    /// The ONNX Runtime library this model's `ort` cases load (the suite's
+    /// `ort_library`), absolute; `None`: the provisioned one.
+    pub ort_library: Option<PathBuf>,
 }
 
 /// What a precision variant is and how far it is from fp32.
@@ -745,6 +748,12 @@ fn build(
                     }
                 }
             }
+            if model.ort_library.is_some() && matches!(raw.isolation, Some(RawIsolation::None)) {
+                ctx.err(
+                    format!("{path}.ort_library"),
+                    "one process loads one ONNX Runtime library: `ort_library` needs `isolation: process`",
+                );
+            }
             let lowered = lowered_variants(rm, &model, &path, options, ctx, &backends);
             let precision = precision_variants(rm, &model, &path, options, ctx);
             models.push(model);
@@ -1047,6 +1056,26 @@ fn build_model(
         .collect();
     dim_names.sort();
     dim_names.dedup();
+    let ort_library = match &rm.ort_library {
+        None => None,
+        Some(p) => match base.join(p).canonicalize() {
+            Ok(abs) if abs.is_file() => Some(abs),
+            _ => {
+                ctx.err(
+                    format!("{path}.ort_library"),
+                    format!(
+                        "{} is not a file (a libonnxruntime.so, e.g. from an onnxruntime wheel)",
+                        base.join(p).display()
+                    ),
+                );
+                return None;
+            }
+        },
+    };
+    let source = match &ort_library {
+        Some(lib) => format!("{source} (ort library {})", lib.display()),
+        None => source,
+    };
     let model = PlanModel {
         id: rm.id.clone(),
         path: file,
@@ -1063,6 +1092,7 @@ fn build_model(
         variant: None,
         fixed_dims,
         not_run,
+        ort_library,
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
         verify_conversion(&model, dir, tools.as_ref(), path, ctx);

@@ -116,6 +116,15 @@ pub struct RawModel {
     /// output (embedding, logits) to fp32's, per row. Default 0.99.
     #[serde(default)]
     pub min_cosine: Option<f64>,
+    /// Run this model's `ort` cases with this ONNX Runtime library
+    /// (`libonnxruntime.so`, relative to the suite) instead of the one
+    /// handoff provisions. Two entries of one model with two libraries
+    /// compare ONNX Runtime releases in one interleaved run (`handoff ab
+    /// --base-ort LIB --head-ort LIB` writes them). Needs `isolation:
+    /// process` (one library per process); parity is still checked against
+    /// the reference backend on the provisioned library.
+    #[serde(default)]
+    pub ort_library: Option<PathBuf>,
 }
 
 /// Where a model comes from: exactly one of the keys.

@@ -128,14 +128,18 @@ impl CompareCmd {
     }
 }
 
-/// A/B of two files of one model, measured in one run: the suite's
-/// model ID becomes ID.base (BASE) and ID.head (HEAD), measured in the
-/// same interleaved rounds on every backend, thread count, batch and
-/// variant of the suite; exit 1 if any case regressed.
+/// A/B in one run: two files of one model (--base/--head), two ONNX
+/// Runtime libraries (--base-ort/--head-ort), or both. The suite's model
+/// ID becomes ID.base and ID.head, measured in the same interleaved rounds
+/// on every backend, thread count, batch and variant of the suite; exit 1
+/// if any case regressed.
 ///
 /// A case regresses when the paired 95% CI of head/base excludes 1 and
 /// the change exceeds --threshold, or when head failed, hung, disagreed
 /// with its reference or failed its accuracy gate where base did not.
+///
+///   handoff ab perf.yaml --model enc --base main.onnx --head pr.onnx
+///   handoff ab perf.yaml --model enc --base-ort old/libonnxruntime.so --head-ort new/libonnxruntime.so
 #[derive(clap::Args)]
 pub struct AbCmd {
     /// Suite file (YAML) that lists the model.
@@ -144,11 +148,18 @@ pub struct AbCmd {
     #[arg(long)]
     pub model: String,
     /// The base ONNX file (e.g. the model on the main branch).
-    #[arg(long)]
-    pub base: PathBuf,
+    #[arg(long, requires = "head")]
+    pub base: Option<PathBuf>,
     /// The head ONNX file (e.g. the model in the pull request).
-    #[arg(long)]
-    pub head: PathBuf,
+    #[arg(long, requires = "base")]
+    pub head: Option<PathBuf>,
+    /// The base ONNX Runtime library (libonnxruntime.so) for the model's
+    /// `ort` cases (e.g. the release in production).
+    #[arg(long, requires = "head_ort", required_unless_present = "base")]
+    pub base_ort: Option<PathBuf>,
+    /// The head ONNX Runtime library (e.g. the upgrade under review).
+    #[arg(long, requires = "base_ort")]
+    pub head_ort: Option<PathBuf>,
     /// Smallest change that counts, as a fraction.
     #[arg(long, default_value_t = 0.02)]
     pub threshold: f64,
@@ -176,6 +187,8 @@ impl AbCmd {
             model,
             base,
             head,
+            base_ort,
+            head_ort,
             threshold,
             filter,
             out,
@@ -185,8 +198,24 @@ impl AbCmd {
         } = self;
         let text = std::fs::read_to_string(&suite)
             .with_context(|| format!("cannot read {}", suite.display()))?;
-        let ab = handoff_suite::ab::ab_suite(&text, &model, &base, &head)
-            .with_context(|| format!("{}", suite.display()))?;
+        // Paths on the command line are the user's, relative to here; the
+        // suite resolves its own from its directory.
+        let here = |p: Option<PathBuf>| p.map(std::path::absolute).transpose();
+        let (base, head, base_ort, head_ort) =
+            (here(base)?, here(head)?, here(base_ort)?, here(head_ort)?);
+        let ab = handoff_suite::ab::ab_suite(
+            &text,
+            &model,
+            handoff_suite::ab::Side {
+                file: base.as_deref(),
+                ort_library: base_ort.as_deref(),
+            },
+            handoff_suite::ab::Side {
+                file: head.as_deref(),
+                ort_library: head_ort.as_deref(),
+            },
+        )
+        .with_context(|| format!("{}", suite.display()))?;
         // Relative paths in the suite still resolve from its directory.
         let plan = Plan::from_str(&suite, &ab, &plan_options(registry))?;
         let out = out.unwrap_or_else(|| {
