@@ -11,6 +11,16 @@ with --threads intra-op threads. Like `handoff serve`, one request is in
 the model at a time (a lock), so the two differ in language and stack, not
 in architecture.
 
+With `--task text-classification` (PyTorch only) it is the service teams
+copy for a classifier: `transformers.pipeline("text-classification")` loaded
+in the lifespan handler, called per request:
+
+  POST /predict  {"text": "..."}  ->  {"label": "...", "score": 0.97}
+
+The pipeline is given the model (AutoModelForSequenceClassification from
+--hf-dir) and the fast tokenizer from --tokenizer, and pads to --seq like
+`handoff serve`, so both run the same tokens: the difference is the stack.
+
 handoff starts it (in .cache/venv-python-ort) for `http` cases of the
 python-onnxruntime backend, and with `--runtime torch --hf-dir DIR` (in
 .cache/venv-python-torch) for python-torch: the same service with the model
@@ -19,6 +29,7 @@ off. Tokenisation is the same in both, and the same as `handoff serve`'s.
 
   python fastapi_server.py --model M.onnx --tokenizer tokenizer.json \
       --threads 1 --seq 128 [--runtime onnxruntime|torch] [--hf-dir DIR] \
+      [--task embed|text-classification] \
       [--host 127.0.0.1] [--port 0] [--watch-stdin]
 
 It prints `listening on http://HOST:PORT` once the model is loaded; with
@@ -47,6 +58,7 @@ def parse_args():
     p.add_argument("--watch-stdin", action="store_true")
     p.add_argument("--runtime", choices=["onnxruntime", "torch"], default="onnxruntime")
     p.add_argument("--hf-dir", help="the HF directory (config.json + model.safetensors), for --runtime torch")
+    p.add_argument("--task", choices=["embed", "text-classification"], default="embed")
     return p.parse_args()
 
 
@@ -89,10 +101,42 @@ def load_torch(args):
     return run
 
 
+def load_pipeline(args):
+    """A function from one text to {"label", "score"}: the transformers
+    text-classification pipeline, as a team serves a classifier."""
+    os.environ["HF_HUB_OFFLINE"] = "1"
+    import inspect
+
+    import torch
+    import transformers
+
+    torch.set_num_interop_threads(1)
+    torch.set_num_threads(args.threads)
+    model = transformers.AutoModelForSequenceClassification.from_pretrained(
+        args.hf_dir, dtype=torch.float32
+    ).eval()
+    tok = transformers.PreTrainedTokenizerFast(tokenizer_file=args.tokenizer)
+    if tok.pad_token is None:
+        tok.pad_token = "[PAD]"
+    # DistilBERT takes no token types.
+    takes = inspect.signature(model.forward).parameters
+    tok.model_input_names = [n for n in ("input_ids", "token_type_ids", "attention_mask") if n in takes]
+    pipe = transformers.pipeline("text-classification", model=model, tokenizer=tok, device=-1)
+
+    def predict(text):
+        out = pipe(text, padding="max_length", truncation=True, max_length=args.seq)
+        return {"label": out[0]["label"], "score": float(out[0]["score"])}
+
+    return predict
+
+
 def main() -> int:
     args = parse_args()
     if args.runtime == "torch" and not args.hf_dir:
         print("error: --runtime torch needs --hf-dir", file=sys.stderr)
+        return 2
+    if args.task == "text-classification" and args.runtime != "torch":
+        print("error: --task text-classification runs the transformers pipeline: use --runtime torch", file=sys.stderr)
         return 2
     try:
         import uvicorn
@@ -131,13 +175,17 @@ def main() -> int:
     @asynccontextmanager
     async def lifespan(app):
         try:
-            load = load_torch if args.runtime == "torch" else load_onnxruntime
-            state["run"] = load(args)
-            tok = Tokenizer.from_file(args.tokenizer)
-            tok.enable_padding(length=args.seq)
-            tok.enable_truncation(max_length=args.seq)
-            state["tok"] = tok
-            embed_texts(["warm-up"])
+            if args.task == "text-classification":
+                state["predict"] = load_pipeline(args)
+                state["predict"]("warm-up")
+            else:
+                load = load_torch if args.runtime == "torch" else load_onnxruntime
+                state["run"] = load(args)
+                tok = Tokenizer.from_file(args.tokenizer)
+                tok.enable_padding(length=args.seq)
+                tok.enable_truncation(max_length=args.seq)
+                state["tok"] = tok
+                embed_texts(["warm-up"])
         except Exception as e:  # noqa: BLE001 - any load failure ends the service
             text = str(e).replace("\n", " ")
             print(f"error: {text}", file=sys.stderr, flush=True)
@@ -170,9 +218,21 @@ def main() -> int:
     # A sync endpoint: FastAPI runs it in its thread pool, as a team would.
     @app.post("/embed")
     def embed(req: EmbedRequest):
+        if "run" not in state:
+            raise HTTPException(404, "this service runs a text-classification pipeline: use /predict")
         if not 1 <= len(req.texts) <= args.max_batch:
             raise HTTPException(422, f"`texts` must hold 1 to {args.max_batch} strings")
         return {"embeddings": embed_texts(req.texts)}
+
+    class PredictRequest(BaseModel):
+        text: str
+
+    @app.post("/predict")
+    def predict(req: PredictRequest):
+        if "predict" not in state:
+            raise HTTPException(404, "this service embeds: start it with --task text-classification for /predict")
+        with lock:
+            return state["predict"](req.text)
 
     if args.watch_stdin:
         def watch():

@@ -144,11 +144,30 @@ fn tiny_bert_and_distilbert_classifiers_agree_on_every_backend() {
         "name: cls\nmodels:\n  - id: bert-cls\n    source: {hf: bert}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n\
          \x20 - id: distil-cls\n    source: {hf: distil}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n\
          backends: [ort, tract, candle-native, python-torch]\nthreads: [1]\nbatch: [1, 2]\ndims: {seq: [8]}\n\
+         scenarios:\n  - single-stream\n\
+         \x20 - {http: {qps: [10], duration: 2s, min_queries: 20, endpoint: predict, backends: [ort, python-torch]}}\n\
          measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2, processes: 1}\n",
     )
     .unwrap();
     let records = run_ok(dir.path(), "s.yaml", "out");
-    assert_eq!(records.len(), 2 * 4 * 2, "{records:#?}");
+    // Per call on four backends at two batches, and served: handoff serve's
+    // /predict against the transformers pipeline behind FastAPI (batch 1).
+    assert_eq!(records.len(), 2 * 4 * 2 + 2 * 2, "{records:#?}");
+    for r in records.iter().filter(|r| r.load.is_some()) {
+        assert!(r.case.id.ends_with("/http-predict@10qps"), "{}", r.case.id);
+        assert_eq!(r.case.batch, 1);
+        assert!(
+            r.rounds.is_some(),
+            "the two servers alternate: {}",
+            r.case.id
+        );
+        let server = r.load.as_ref().unwrap().server.clone().unwrap();
+        if r.case.backend == "python-torch" {
+            assert_eq!(server, handoff_python::torch::FASTAPI_PIPELINE_SERVER);
+        } else {
+            assert!(server.starts_with("handoff serve"), "{server}");
+        }
+    }
     for r in &records {
         // Each backend's logits (and last hidden state) match ort's: the
         // converter's heads, candle's and PyTorch's are the same function.
@@ -169,4 +188,22 @@ fn tiny_bert_and_distilbert_classifiers_agree_on_every_backend() {
         let inputs = info.inputs.len();
         assert!(inputs == 2 || inputs == 3, "{:?}", info.inputs);
     }
+}
+
+#[test]
+fn predict_needs_a_classifier_and_says_so_at_validation() {
+    let dir = tempfile::tempdir().unwrap();
+    tiny_bert_suite(
+        dir.path(),
+        "ort",
+        "scenarios:\n  - {http: {qps: [10], endpoint: predict}}\n",
+    );
+    let o = common::handoff(&["validate", "s.yaml"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("scenarios[0].http.endpoint")
+            && err.contains("`tiny` is not one (its last output is `sentence_embedding`"),
+        "{err}"
+    );
 }

@@ -54,7 +54,8 @@ pub fn interpreter() -> Result<PathBuf, String> {
 pub const FASTAPI_TORCH_SERVER: &str = "FastAPI + uvicorn (Python) + PyTorch eager (transformers)";
 
 /// The FastAPI service with the model in PyTorch (`--runtime torch`), the
-/// Python side of a serving comparison for `python-torch`.
+/// Python side of a serving comparison for `python-torch`; `classify`:
+/// the transformers text-classification pipeline behind `POST /predict`.
 pub fn fastapi_command(
     model: &std::path::Path,
     hf_dir: &std::path::Path,
@@ -62,11 +63,19 @@ pub fn fastapi_command(
     threads: u32,
     seq: u32,
     max_batch: u32,
+    classify: bool,
 ) -> Result<std::process::Command, String> {
     let mut cmd = crate::fastapi_in(&interpreter()?, model, tokenizer, threads, seq, max_batch);
     cmd.args(["--runtime", "torch", "--hf-dir"]).arg(hf_dir);
+    if classify {
+        cmd.args(["--task", "text-classification"]);
+    }
     Ok(cmd)
 }
+
+/// What the FastAPI service runs with `classify`.
+pub const FASTAPI_PIPELINE_SERVER: &str =
+    "FastAPI + uvicorn (Python) + transformers text-classification pipeline (PyTorch eager)";
 
 #[derive(Debug, Default)]
 pub struct PythonTorchBackend;

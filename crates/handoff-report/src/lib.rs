@@ -571,6 +571,9 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
             Some(vec![
                 r.case.model.clone(),
                 match p.case.backend.as_str() {
+                    "python-torch" if p.case.scenario.starts_with("http predict") => {
+                        "PyTorch pipeline".to_owned()
+                    }
                     "python-torch" => "PyTorch".to_owned(),
                     other => other.trim_start_matches("python-").to_owned(),
                 },

@@ -19,7 +19,7 @@ use std::time::{Duration, Instant};
 use handoff_backend::{Device, Tensor, TensorData, compare, load_tensors};
 use handoff_load::http::{request, run_level, runtime};
 use handoff_load::{Level, find_peak, poisson_schedule, query_count};
-use handoff_suite::{Load, LoadTarget};
+use handoff_suite::{Endpoint, Load, LoadTarget};
 use std::os::unix::process::CommandExt;
 
 use crate::record::{LoadStats, Status};
@@ -37,6 +37,8 @@ pub struct ServerSpec {
     pub threads: u32,
     pub seq: u32,
     pub max_batch: u32,
+    /// What the requests will ask (`/embed`, or `/predict` of a classifier).
+    pub endpoint: Endpoint,
 }
 
 /// A server command and a description for the report.
@@ -97,6 +99,8 @@ pub struct Served {
     addr: SocketAddr,
     rt: handoff_load::http::Runtime,
     bodies: Vec<Vec<u8>>,
+    /// `/embed` or `/predict`.
+    path: &'static str,
     tail: Arc<std::sync::Mutex<Vec<String>>>,
     /// What is known so far (load time, first answer, parity, warm-up).
     report: WorkerReport,
@@ -122,7 +126,13 @@ impl Served {
     fn level(&self, qps: f64, queries: usize, seed: u64) -> Result<Level, String> {
         let schedule = poisson_schedule(qps, queries, seed);
         self.rt
-            .block_on(run_level(self.addr, "/embed", &self.bodies, qps, &schedule))
+            .block_on(run_level(
+                self.addr,
+                self.path,
+                &self.bodies,
+                qps,
+                &schedule,
+            ))
             .map_err(|e| e.to_string())
     }
 
@@ -284,13 +294,23 @@ pub fn start(
         Err(e) => return Err(failed(report, Status::Failed, format!("tokio: {e}"))),
     };
     let batch = job.case.batch as usize;
+    let endpoint = job
+        .case
+        .scenario
+        .load()
+        .map_or(Endpoint::Embed, |l| l.endpoint);
     let body = |i: usize| -> Vec<u8> {
         let texts: Vec<&String> = (0..batch)
             .map(|j| &sentences[(i * batch + j) % sentences.len()])
             .collect();
-        serde_json::to_vec(&serde_json::json!({ "texts": texts })).unwrap_or_default()
+        let body = match endpoint {
+            Endpoint::Embed => serde_json::json!({ "texts": texts }),
+            Endpoint::Predict => serde_json::json!({ "text": texts[0] }),
+        };
+        serde_json::to_vec(&body).unwrap_or_default()
     };
     let bodies: Vec<Vec<u8>> = (0..sentences.len().max(1)).map(body).collect();
+    let path = endpoint.path();
 
     // Ready means answering, whatever the server printed.
     loop {
@@ -308,7 +328,7 @@ pub fn start(
     }
     // The output check: request 0 holds the sentences the reference saw.
     let t = Instant::now();
-    let first = rt.block_on(request(addr, "POST", "/embed", &bodies[0]));
+    let first = rt.block_on(request(addr, "POST", path, &bodies[0]));
     report.first_ms = Some(t.elapsed().as_secs_f64() * 1e3);
     let first = match first {
         Ok(r) if r.status == 200 => r,
@@ -327,7 +347,11 @@ pub fn start(
         Err(e) => return Err(failed(report, Status::Failed, e.to_string())),
     };
     if let Some(r) = reference {
-        match check_output(&first.body, r, batch) {
+        let checked = match endpoint {
+            Endpoint::Embed => check_output(&first.body, r, batch),
+            Endpoint::Predict => check_prediction(&first.body, r, spec.hf_dir.as_deref()),
+        };
+        match checked {
             Ok(parity) => {
                 let ok = parity.ok;
                 let detail = parity.detail.clone();
@@ -358,7 +382,7 @@ pub fn start(
         match rt.block_on(request(
             addr,
             "POST",
-            "/embed",
+            path,
             &bodies[warm.len() % bodies.len()],
         )) {
             Ok(r) if r.status == 200 => warm.push(t.elapsed().as_secs_f64() * 1e3),
@@ -379,6 +403,7 @@ pub fn start(
         addr,
         rt,
         bodies,
+        path,
         tail,
         report,
         service_ms: handoff_stats::median(&warm),
@@ -591,4 +616,67 @@ fn check_output(
         ..last
     };
     Ok(compare(&[served], &[last], &r.backend, r.atol, r.rtol))
+}
+
+/// Checks a `/predict` answer against the reference's logits for the same
+/// text: the same top label (named from the HF directory's `config.json`)
+/// and a softmax probability within 1e-3.
+fn check_prediction(
+    body: &[u8],
+    r: &ReferenceFile,
+    hf_dir: Option<&std::path::Path>,
+) -> Result<handoff_backend::Parity, String> {
+    #[derive(serde::Deserialize)]
+    struct Answer {
+        label: String,
+        score: f64,
+    }
+    let answer: Answer = serde_json::from_slice(body).map_err(|e| {
+        format!("the server's answer is not {{\"label\": ..., \"score\": ...}}: {e}")
+    })?;
+    let reference = load_tensors(&r.path).map_err(|e| format!("reference outputs: {e}"))?;
+    let logits = reference
+        .last()
+        .ok_or("the reference has no outputs")?
+        .data
+        .to_f64();
+    let width = reference
+        .last()
+        .and_then(|t| t.shape.last().copied())
+        .unwrap_or(logits.len())
+        .max(1);
+    let row = &logits[..width.min(logits.len())];
+    let (best, top) = row
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))
+        .ok_or("the reference logits are empty")?;
+    let score = 1.0 / row.iter().map(|l| (l - top).exp()).sum::<f64>();
+    let id2label: Option<serde_json::Value> = hf_dir
+        .and_then(|d| std::fs::read(d.join("config.json")).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|c| c.get("id2label").cloned());
+    let label = id2label
+        .as_ref()
+        .and_then(|m| m.get(best.to_string()))
+        .and_then(|v| v.as_str())
+        .map_or_else(|| format!("LABEL_{best}"), str::to_owned);
+    let diff = (answer.score - score).abs();
+    let ok = answer.label == label && diff <= 1e-3;
+    Ok(handoff_backend::Parity {
+        reference: r.backend.clone(),
+        max_abs: diff,
+        max_rel: diff / score.abs().max(f64::MIN_POSITIVE),
+        atol: 1e-3,
+        rtol: 0.0,
+        ok,
+        detail: (answer.label != label).then(|| {
+            format!(
+                "label `{}` (score {:.4}) where the reference gives `{label}` ({score:.4})",
+                answer.label, answer.score
+            )
+        }),
+        min_cosine: None,
+    })
 }

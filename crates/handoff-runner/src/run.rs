@@ -811,6 +811,10 @@ impl<'a> Runner<'a> {
             threads: case.threads,
             seq: case.dims.get("seq").copied().unwrap_or(128),
             max_batch: case.batch.max(64),
+            endpoint: case
+                .scenario
+                .load()
+                .map_or(handoff_suite::Endpoint::Embed, |l| l.endpoint),
         };
         Ok((spec, sentences))
     }

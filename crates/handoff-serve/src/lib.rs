@@ -2,7 +2,11 @@
 //!
 //! `POST /embed` with `{"texts": ["...", ...]}` answers
 //! `{"embeddings": [[...], ...]}` (the model's last output, one row per
-//! text); `GET /health` answers once the model is loaded. Texts are
+//! text); for a classifier (last output `logits`), `POST /predict` with
+//! `{"text": "..."}` answers `{"label": "...", "score": 0.97}` (softmax of
+//! the logits, labels from `config.json`'s `id2label`), the endpoint of a
+//! transformers text-classification pipeline behind FastAPI; `GET /health`
+//! answers once the model is loaded. Texts are
 //! tokenised padded to `seq`, as in the suite's cases, so a served request
 //! costs what a benchmarked batch costs plus HTTP and JSON.
 //!
@@ -114,6 +118,77 @@ struct EmbedResponse {
     embeddings: Vec<Vec<f32>>,
 }
 
+#[derive(Debug, Deserialize)]
+struct PredictRequest {
+    text: String,
+}
+
+#[derive(Debug, Serialize, PartialEq)]
+struct Prediction {
+    label: String,
+    score: f32,
+}
+
+/// The top label and its softmax probability, as the text-classification
+/// pipeline reports them.
+fn predict(logits: &[f32], labels: &[String]) -> Option<Prediction> {
+    let (best, top) = logits
+        .iter()
+        .copied()
+        .enumerate()
+        .max_by(|a, b| a.1.total_cmp(&b.1))?;
+    let sum: f32 = logits.iter().map(|l| (l - top).exp()).sum();
+    Some(Prediction {
+        label: labels
+            .get(best)
+            .cloned()
+            .unwrap_or_else(|| format!("LABEL_{best}")),
+        score: 1.0 / sum,
+    })
+}
+
+/// The labels of a classifier (`config.json`'s `id2label` in the HF
+/// directory, else `LABEL_i`); `None` when the model's last output is not
+/// `logits`.
+fn classifier_labels(config: &ServeConfig) -> Result<Option<Vec<String>>, ServeError> {
+    let info =
+        handoff_onnx::ModelInfo::load(&config.model.path).map_err(|e| ServeError::Model {
+            path: config.model.path.clone(),
+            detail: e.to_string(),
+        })?;
+    let Some(last) = info.outputs.last().filter(|o| o.name == "logits") else {
+        return Ok(None);
+    };
+    let width = last
+        .dims
+        .as_ref()
+        .and_then(|d| d.last())
+        .and_then(|d| match d {
+            handoff_onnx::inspect::Dim::Fixed(v) => usize::try_from(*v).ok(),
+            _ => None,
+        })
+        .unwrap_or(0);
+    let id2label: Option<serde_json::Map<String, serde_json::Value>> = config
+        .model
+        .hf_dir
+        .as_ref()
+        .and_then(|d| std::fs::read(d.join("config.json")).ok())
+        .and_then(|b| serde_json::from_slice::<serde_json::Value>(&b).ok())
+        .and_then(|c| c.get("id2label")?.as_object().cloned());
+    let n = width.max(id2label.as_ref().map_or(0, |m| m.len()));
+    Ok(Some(
+        (0..n)
+            .map(|i| {
+                id2label
+                    .as_ref()
+                    .and_then(|m| m.get(&i.to_string()))
+                    .and_then(|v| v.as_str())
+                    .map_or_else(|| format!("LABEL_{i}"), str::to_owned)
+            })
+            .collect(),
+    ))
+}
+
 type Reply = oneshot::Sender<Result<Vec<Vec<f32>>, String>>;
 
 #[derive(Clone)]
@@ -122,6 +197,8 @@ struct AppState {
     max_batch: usize,
     limits: Limits,
     info: serde_json::Value,
+    /// A classifier's labels; `None`: /predict answers 404.
+    labels: Option<std::sync::Arc<Vec<String>>>,
 }
 
 /// `{"error": "..."}` with a status (and `Retry-After` on 503).
@@ -159,9 +236,11 @@ pub fn serve(
 ) -> Result<(), ServeError> {
     let addr = listener.local_addr()?;
     let (tx, rx) = mpsc::sync_channel::<(Vec<String>, Reply)>(config.limits.queue.max(1));
+    let labels = classifier_labels(config)?;
     let state = AppState {
         queue: tx,
         max_batch: config.max_batch,
+        labels: labels.map(std::sync::Arc::new),
         limits: config.limits,
         info: serde_json::json!({
             "status": "ok",
@@ -210,6 +289,7 @@ pub fn serve(
             let listener = tokio::net::TcpListener::from_std(listener)?;
             let app = Router::new()
                 .route("/embed", post(embed))
+                .route("/predict", post(predict_one))
                 .route("/health", get(health))
                 .layer(DefaultBodyLimit::max(state.limits.body_bytes))
                 .with_state(state);
@@ -272,30 +352,75 @@ async fn embed(
             ),
         );
     }
+    match run_model(&state, req.texts).await {
+        Ok(embeddings) => Json(EmbedResponse { embeddings }).into_response(),
+        Err(response) => response,
+    }
+}
+
+async fn predict_one(
+    State(state): State<AppState>,
+    body: Result<Json<PredictRequest>, JsonRejection>,
+) -> Response {
+    let Some(labels) = state.labels.clone() else {
+        return error(
+            StatusCode::NOT_FOUND,
+            "this model is not a classifier (its last output is not `logits`): use /embed",
+        );
+    };
+    let req = match body {
+        Ok(Json(req)) => req,
+        Err(rejection) => return error(rejection.status(), rejection.body_text()),
+    };
+    if req.text.len() > state.limits.text_bytes {
+        return error(
+            StatusCode::UNPROCESSABLE_ENTITY,
+            format!(
+                "`text` is {} bytes; the limit is {}",
+                req.text.len(),
+                state.limits.text_bytes
+            ),
+        );
+    }
+    match run_model(&state, vec![req.text]).await {
+        Ok(rows) => match rows.first().and_then(|l| predict(l, &labels)) {
+            Some(p) => Json(p).into_response(),
+            None => error(
+                StatusCode::INTERNAL_SERVER_ERROR,
+                "the model gave no logits",
+            ),
+        },
+        Err(response) => response,
+    }
+}
+
+/// Queues `texts` for the model thread and waits for its rows; `Err` is the
+/// answer to send instead (overloaded, timed out, failed).
+async fn run_model(state: &AppState, texts: Vec<String>) -> Result<Vec<Vec<f32>>, Response> {
     let (tx, rx) = oneshot::channel();
-    match state.queue.try_send((req.texts, tx)) {
+    match state.queue.try_send((texts, tx)) {
         Ok(()) => {}
         Err(mpsc::TrySendError::Full(_)) => {
-            return error(
+            return Err(error(
                 StatusCode::SERVICE_UNAVAILABLE,
                 format!(
                     "overloaded: {} requests are already waiting; retry later",
                     state.limits.queue
                 ),
-            );
+            ));
         }
         Err(mpsc::TrySendError::Disconnected(_)) => {
-            return error(StatusCode::SERVICE_UNAVAILABLE, "model thread ended");
+            return Err(error(StatusCode::SERVICE_UNAVAILABLE, "model thread ended"));
         }
     }
     match tokio::time::timeout(state.limits.timeout, rx).await {
-        Ok(Ok(Ok(embeddings))) => Json(EmbedResponse { embeddings }).into_response(),
-        Ok(Ok(Err(e))) => error(StatusCode::INTERNAL_SERVER_ERROR, e),
-        Ok(Err(_)) => error(StatusCode::SERVICE_UNAVAILABLE, "model thread ended"),
-        Err(_) => error(
+        Ok(Ok(Ok(rows))) => Ok(rows),
+        Ok(Ok(Err(e))) => Err(error(StatusCode::INTERNAL_SERVER_ERROR, e)),
+        Ok(Err(_)) => Err(error(StatusCode::SERVICE_UNAVAILABLE, "model thread ended")),
+        Err(_) => Err(error(
             StatusCode::GATEWAY_TIMEOUT,
             format!("no answer within {:?}", state.limits.timeout),
-        ),
+        )),
     }
 }
 
@@ -422,6 +547,20 @@ fn bucket(n: usize) -> usize {
 
 #[cfg(test)]
 mod tests {
+    #[test]
+    fn a_prediction_is_the_top_label_and_its_softmax_probability() {
+        let labels = vec!["NEGATIVE".to_owned(), "POSITIVE".to_owned()];
+        let p = super::predict(&[0.0, 2.0_f32.ln()], &labels).unwrap();
+        assert_eq!(p.label, "POSITIVE");
+        assert!((p.score - 2.0 / 3.0).abs() < 1e-6, "{p:?}");
+        // Labels the config does not name.
+        assert_eq!(
+            super::predict(&[1.0, 0.0, 3.0], &[]).unwrap().label,
+            "LABEL_2"
+        );
+        assert_eq!(super::predict(&[], &labels), None);
+    }
+
     #[test]
     fn batch_sizes_round_up_to_powers_of_two() {
         let sizes: Vec<usize> = [1, 2, 3, 5, 8, 9, 33, 64].map(super::bucket).to_vec();

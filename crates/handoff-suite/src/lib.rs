@@ -25,4 +25,4 @@ pub use plan::{
     Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions, Variant,
     VariantInfo,
 };
-pub use scenario::{Load, LoadTarget, Scenario, ScenarioSpec};
+pub use scenario::{Endpoint, Load, LoadTarget, Scenario, ScenarioSpec};

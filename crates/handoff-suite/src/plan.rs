@@ -738,6 +738,33 @@ fn build(
                     ),
                 );
             }
+            let last_output = model.info.outputs.last().map(|o| o.name.as_str());
+            let predict_at = |list: &[crate::scenario::RawScenario]| {
+                list.iter().position(|r| {
+                    matches!(r, crate::scenario::RawScenario::Http(l) if l.endpoint == Some(crate::Endpoint::Predict))
+                })
+            };
+            let predict = match &rm.scenarios {
+                Some(r) => predict_at(r).map(|j| format!("{path}.scenarios[{j}].http.endpoint")),
+                None => raw
+                    .scenarios
+                    .as_deref()
+                    .and_then(predict_at)
+                    .map(|j| format!("scenarios[{j}].http.endpoint")),
+            };
+            if model.sentences.is_some()
+                && last_output != Some("logits")
+                && let Some(at) = predict
+            {
+                ctx.err(
+                    at,
+                    format!(
+                        "`predict` answers a classifier's label; `{}` is not one (its last output is `{}`, not `logits`): use `endpoint: embed`",
+                        rm.id,
+                        last_output.unwrap_or("none")
+                    ),
+                );
+            }
             if let Some(b) = &rm.backends {
                 for (j, name) in b.iter().enumerate() {
                     if !backends.contains(name) {

@@ -141,6 +141,36 @@ pub struct RawLoad {
     /// Only these batch sizes (default: all).
     #[serde(default)]
     pub batch: Option<Vec<u32>>,
+    /// `http` only: what each request asks. `embed` (default): `POST
+    /// /embed {"texts": [batch texts]}` -> the last output per text.
+    /// `predict`: `POST /predict {"text": "..."}` -> `{"label", "score"}`,
+    /// a classifier served as a transformers text-classification pipeline
+    /// is (python-torch: the pipeline itself behind FastAPI); batch 1.
+    #[serde(default)]
+    pub endpoint: Option<Endpoint>,
+}
+
+/// What an `http` request asks the server.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "kebab-case")]
+pub enum Endpoint {
+    #[default]
+    Embed,
+    Predict,
+}
+
+impl Endpoint {
+    pub fn is_embed(&self) -> bool {
+        *self == Endpoint::Embed
+    }
+
+    /// The request path.
+    pub fn path(&self) -> &'static str {
+        match self {
+            Endpoint::Embed => "/embed",
+            Endpoint::Predict => "/predict",
+        }
+    }
 }
 
 /// Limits a scenario to some of the suite's settings.
@@ -184,6 +214,8 @@ pub struct Load {
     pub target: LoadTarget,
     pub duration: Duration,
     pub min_queries: u32,
+    #[serde(default, skip_serializing_if = "Endpoint::is_embed")]
+    pub endpoint: Endpoint,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -204,6 +236,9 @@ impl Scenario {
             Scenario::Offline => "offline".into(),
             Scenario::MultiStream { streams, .. } => format!("multi-stream x{streams}"),
             Scenario::Server { load } => format!("server {}", load.target.label()),
+            Scenario::Http { load } if load.endpoint == Endpoint::Predict => {
+                format!("http predict {}", load.target.label())
+            }
             Scenario::Http { load } => format!("http {}", load.target.label()),
         }
     }
@@ -216,6 +251,9 @@ impl Scenario {
             Scenario::Offline => Some("offline".into()),
             Scenario::MultiStream { streams, .. } => Some(format!("multi-stream@{streams}")),
             Scenario::Server { load } => Some(format!("server@{}", load.target.id())),
+            Scenario::Http { load } if load.endpoint == Endpoint::Predict => {
+                Some(format!("http-predict@{}", load.target.id()))
+            }
             Scenario::Http { load } => Some(format!("http@{}", load.target.id())),
         }
     }
@@ -338,6 +376,23 @@ pub fn build_scenarios(
                 if min_queries == 0 {
                     err(format!("{p}.min_queries"), "must be at least 1".into());
                 }
+                let endpoint = l.endpoint.unwrap_or_default();
+                if !http && l.endpoint.is_some() {
+                    err(
+                        format!("{p}.endpoint"),
+                        "only `http` scenarios have an endpoint".into(),
+                    );
+                }
+                // One text per /predict request: batch 1 only.
+                let predict_batch = Some(vec![1]);
+                if endpoint == Endpoint::Predict
+                    && l.batch.as_ref().is_some_and(|b| b.iter().any(|v| *v != 1))
+                {
+                    err(
+                        format!("{p}.batch"),
+                        "`endpoint: predict` sends one text per request: batch must be [1]".into(),
+                    );
+                }
                 let mut targets = Vec::new();
                 for (j, q) in l.qps.iter().flatten().enumerate() {
                     if !(q.is_finite() && *q > 0.0 && *q <= 100_000.0) {
@@ -366,13 +421,23 @@ pub fn build_scenarios(
                         target,
                         duration,
                         min_queries,
+                        endpoint,
                     };
                     let scenario = if http {
                         Scenario::Http { load }
                     } else {
                         Scenario::Server { load }
                     };
-                    out.push(spec(scenario, &only!(l)));
+                    let only = RawOnly {
+                        backends: &l.backends,
+                        threads: &l.threads,
+                        batch: if endpoint == Endpoint::Predict {
+                            &predict_batch
+                        } else {
+                            &l.batch
+                        },
+                    };
+                    out.push(spec(scenario, &only));
                 }
             }
         }

@@ -423,6 +423,7 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
                         "python-torch serves safetensors models (source `hf` or `pypi`)".into(),
                     ));
                 };
+                let classify = spec.endpoint == handoff_suite::Endpoint::Predict;
                 let cmd = handoff_python::torch::fastapi_command(
                     &spec.model,
                     hf_dir,
@@ -430,12 +431,26 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
                     spec.threads,
                     spec.seq,
                     spec.max_batch,
+                    classify,
                 )
                 .map_err(|e| (handoff_runner::Status::Unavailable, e))?;
                 return Ok(handoff_runner::Launch {
                     command: cmd,
-                    server: handoff_python::torch::FASTAPI_TORCH_SERVER.into(),
+                    server: if classify {
+                        handoff_python::torch::FASTAPI_PIPELINE_SERVER
+                    } else {
+                        handoff_python::torch::FASTAPI_TORCH_SERVER
+                    }
+                    .into(),
                 });
+            }
+            if spec.backend == "python-onnxruntime"
+                && spec.endpoint == handoff_suite::Endpoint::Predict
+            {
+                return Err((
+                    handoff_runner::Status::Unsupported,
+                    "the onnxruntime FastAPI service answers /embed only; the text-classification pipeline is python-torch's".into(),
+                ));
             }
             if spec.backend == "python-onnxruntime" {
                 let cmd = handoff_python::fastapi_command(
