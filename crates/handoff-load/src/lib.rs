@@ -212,7 +212,16 @@ pub struct Peak {
     pub best: Option<Level>,
     /// Every run, in the order tried.
     pub trace: Vec<Level>,
+    /// The search stopped going down because a run at light load (below
+    /// [`LIGHT_LOAD`] of the server's capacity) missed the bound: queueing
+    /// is not what makes that tail, so no lower rate would meet it.
+    #[serde(default)]
+    pub light_load_miss: bool,
 }
+
+/// Utilisation (rate x median latency) under which a missed p99 bound is
+/// the requests' own spread, not queueing.
+pub const LIGHT_LOAD: f64 = 0.25;
 
 /// Searches for the highest rate whose p99 stays under `p99_bound_ms`:
 /// grows the rate by half until a run misses the bound, then bisects until
@@ -235,6 +244,17 @@ pub fn find_peak<E>(
             good = Some(level);
         } else {
             bad = Some(qps);
+            // Halving the rate again would only make each step longer (a
+            // step keeps its query count) without a chance of meeting it.
+            let utilisation = level.achieved_qps * level.p50_ms.unwrap_or(0.0) / 1e3;
+            if good.is_none() && !level.saturated && utilisation < LIGHT_LOAD {
+                return Ok(Peak {
+                    p99_bound_ms,
+                    best: None,
+                    trace,
+                    light_load_miss: true,
+                });
+            }
         }
         let lo = good.as_ref().map(|l| l.target_qps);
         qps = match (lo, bad) {
@@ -249,6 +269,7 @@ pub fn find_peak<E>(
         p99_bound_ms,
         best: good,
         trace,
+        light_load_miss: false,
     })
 }
 
@@ -439,9 +460,25 @@ mod tests {
         let best = peak.best.unwrap().target_qps;
         assert!(best <= 200.0 && best > 180.0, "{best}");
         assert!(peak.trace.len() < 20);
-        // Nothing meets an impossible bound: no peak, but a trace.
+        assert!(!peak.light_load_miss);
+        // Nothing meets an impossible bound: no peak, but a trace, and the
+        // search stops at the first miss at light load (35 queries/s x 5 ms
+        // is 18% of capacity) instead of halving the rate on and on.
         let none = find_peak(1.0, 50.0, 4, fake).unwrap();
-        assert!(none.best.is_none());
-        assert_eq!(none.trace.len(), 4);
+        assert!(none.best.is_none() && none.light_load_miss);
+        assert_eq!(none.trace.len(), 1);
+        // A bound missed under heavy load goes on down.
+        let slow = |qps: f64| -> Result<Level, ()> {
+            let s: Vec<Duration> = (1..=100)
+                .map(|i| Duration::from_secs_f64(i as f64 / qps))
+                .collect();
+            let lat = if qps <= 20.0 { 5.0 } else { 50.0 };
+            Ok(Level::new(qps, &s, vec![lat; 100], 0, *s.last().unwrap()))
+        };
+        let found = find_peak(10.0, 50.0, 20, slow).unwrap();
+        assert!(
+            found.best.as_ref().is_some_and(|b| b.target_qps <= 20.0),
+            "{found:?}"
+        );
     }
 }

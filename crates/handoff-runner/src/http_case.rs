@@ -463,11 +463,28 @@ pub fn blocks_for(queries: usize) -> usize {
     (queries / 8).clamp(2, 12)
 }
 
+/// The servers' order in round `round`, from the seeded `first`: two
+/// servers alternate A B, B A, A B, ... (ABBA: a drift linear over two rounds
+/// hits both alike); more rotate (A B C, B C A, C A B, ...), so every server
+/// takes every place equally often, which reversing would not do for the
+/// middle ones.
+pub fn block_order(first: &[usize], round: usize) -> Vec<usize> {
+    let n = first.len();
+    if n <= 2 {
+        let mut o = first.to_vec();
+        if round % 2 == 1 {
+            o.reverse();
+        }
+        return o;
+    }
+    (0..n).map(|k| first[(k + round) % n]).collect()
+}
+
 /// The `http` cases of one comparison (the same model, inputs and rate;
 /// different servers, backends or threads) measured in alternating blocks:
 /// every server is started and checked first, then each round runs one
-/// block of Poisson arrivals on each server in turn, the order reversed
-/// every round (A B, B A, A B, ...; the first order seeded), the idle
+/// block of Poisson arrivals on each server in turn ([`block_order`]: two
+/// alternate A B, B A, ...; more rotate; the first order seeded), the idle
 /// servers paused. Drift then hits every server alike, and the per-block
 /// medians give paired ratios as the one-query-at-a-time groups do. Each
 /// case gets as many queries in all as it would alone. `None` when
@@ -509,12 +526,12 @@ pub fn alternate(
             ..Default::default()
         })
         .collect();
-    let mut order = crate::rounds::RoundOrder::new(seed).shuffle(n);
+    let first = crate::rounds::RoundOrder::new(seed).shuffle(n);
     for round in 0..blocks {
         if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
             return None;
         }
-        for (slot, &i) in order.iter().enumerate() {
+        for (slot, &i) in block_order(&first, round).iter().enumerate() {
             let level = match live[i].as_mut() {
                 None => None,
                 Some(s) => {
@@ -554,7 +571,6 @@ pub fn alternate(
                 }
             }
         }
-        order.reverse();
     }
     Some(
         live.into_iter()
@@ -679,4 +695,26 @@ fn check_prediction(
         }),
         min_cosine: None,
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::block_order;
+
+    #[test]
+    fn two_servers_alternate_and_more_take_every_place_in_turn() {
+        let two: Vec<Vec<usize>> = (0..4).map(|r| block_order(&[1, 0], r)).collect();
+        assert_eq!(two, [[1, 0], [0, 1], [1, 0], [0, 1]]);
+        // Three: each server first, middle and last once every three rounds.
+        let three: Vec<Vec<usize>> = (0..3).map(|r| block_order(&[2, 0, 1], r)).collect();
+        assert_eq!(three, [[2, 0, 1], [0, 1, 2], [1, 2, 0]]);
+        for server in 0..3 {
+            let mut places: Vec<usize> = three
+                .iter()
+                .map(|o| o.iter().position(|s| *s == server).unwrap())
+                .collect();
+            places.sort_unstable();
+            assert_eq!(places, [0, 1, 2]);
+        }
+    }
 }

@@ -469,10 +469,15 @@ pub(crate) fn peak_outcome(
                     handoff_load::Level::new(0.0, &[], Vec::new(), 0, Default::default())
                 });
             report.reason = Some(format!(
-                "no rate tried kept p99 under {} ms (lowest: {:.1} QPS, p99 {})",
+                "no rate tried kept p99 under {} ms (lowest: {:.1} QPS, p99 {}){}",
                 peak.p99_bound_ms,
                 lowest.target_qps,
-                lowest.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms"))
+                lowest.p99_ms.map_or("-".into(), |p| format!("{p:.1} ms")),
+                if peak.light_load_miss {
+                    "; that rate is light load, so the tail is the requests' own spread and no lower rate would meet the bound"
+                } else {
+                    ""
+                }
             ));
             lowest
         }
