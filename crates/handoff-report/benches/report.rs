@@ -1,4 +1,4 @@
-//! Report generation for a 200-case run (issue #6 target: under 10 s):
+//! Report generation for a 200-case run (target: under 10 s):
 //! summary.md, one set of 1200x800 PNG plots per model and the
 //! self-contained HTML, from results shaped like a real suite's (5 models x
 //! 4 backends x 2 threads x 5 batch sizes, 1,000 raw samples each).

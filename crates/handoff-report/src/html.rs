@@ -292,7 +292,10 @@ pub fn report_html(
     );
     table(
         "Hand-off gain: serving (handoff serve vs FastAPI)",
-        crate::SERVING_NOTE.into(),
+        std::iter::once(crate::SERVING_NOTE.to_owned())
+            .chain(crate::serving_decisions(&loaded))
+            .collect::<Vec<_>>()
+            .join(" "),
         Vec::new(),
         crate::serving_gain(&loaded),
     );

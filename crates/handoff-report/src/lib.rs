@@ -356,6 +356,9 @@ pub fn summary_markdown(
         out.push_str(SERVING_NOTE);
         out.push_str("\n\n");
         t.markdown(&mut out);
+        for line in serving_decisions(&loaded) {
+            out.push_str(&format!("\n{line}\n"));
+        }
     }
     variants_table(&mut out, records);
     out
@@ -620,6 +623,68 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
         ],
         rows,
     })
+}
+
+/// One sentence per peak search run on both sides: the decision the serving
+/// table supports, in the terms a team asks it.
+pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
+    let peak = |r: &ResultRecord| {
+        let l = r.load.as_ref()?;
+        Some((l.p99_bound_ms?, l.peak_qps))
+    };
+    let mut out = Vec::new();
+    for p in records.iter().filter(|p| {
+        p.case.backend.starts_with("python-")
+            && p.status == Status::Ok
+            && p.case.scenario.starts_with("http ")
+    }) {
+        let Some((bound, py)) = peak(p) else {
+            continue;
+        };
+        let Some(r) = records.iter().find(|r| {
+            r.case.backend == "ort"
+                && r.status == Status::Ok
+                && (
+                    &r.case.model,
+                    r.case.threads,
+                    r.case.batch,
+                    &r.case.scenario,
+                ) == (
+                    &p.case.model,
+                    p.case.threads,
+                    p.case.batch,
+                    &p.case.scenario,
+                )
+        }) else {
+            continue;
+        };
+        let Some((_, rs)) = peak(r) else {
+            continue;
+        };
+        let python = match (p.case.backend.as_str(), p.case.scenario.contains("predict")) {
+            ("python-torch", true) => "FastAPI + transformers pipeline (PyTorch)",
+            ("python-torch", false) => "FastAPI + PyTorch",
+            _ => "FastAPI + onnxruntime",
+        };
+        let rate = |q: Option<f64>| {
+            q.map_or_else(|| "no rate".to_owned(), |q| format!("{} QPS", fmt_rate(q)))
+        };
+        let change = match (py, rs) {
+            (Some(a), Some(b)) => format!(" ({:.2}x)", b / a),
+            _ => String::new(),
+        };
+        out.push(format!(
+            "Moving `{}` ({} thread{}, batch {}) from {python} to handoff serve + ort changes the highest rate with p99 <= {} ms from {} to {}{change} on this machine (peak searches run one server after the other, so they carry the machine's drift).",
+            p.case.model,
+            p.case.threads,
+            if p.case.threads == 1 { "" } else { "s" },
+            p.case.batch,
+            fmt_ms(bound),
+            rate(py),
+            rate(rs),
+        ));
+    }
+    out
 }
 
 pub const COMPARISONS_NOTE: &str = "Every pair measured in the same rounds that this report compares: `backend` (each backend against the reference backend), `threads` (more threads against the fewest), `model` (another model with the same inputs, such as a precision variant or a lowered copy, against the first). `b / a` of p50 latency (below 1: b is faster); `p50-inner`: b timed by its own clock. The same lines are in comparisons.jsonl.";

@@ -87,6 +87,19 @@ fn fail(mut report: WorkerReport, status: Status, reason: String) -> WorkerRepor
     report
 }
 
+/// A dead server's last three stderr lines, joined.
+fn last_lines(tail: &std::sync::Mutex<Vec<String>>) -> String {
+    // Give the reader a moment to take the last lines of a dead server.
+    std::thread::sleep(Duration::from_millis(100));
+    let t = tail.lock().expect("tail lock");
+    let last: Vec<&String> = t.iter().rev().take(3).collect();
+    last.into_iter()
+        .rev()
+        .cloned()
+        .collect::<Vec<_>>()
+        .join(" | ")
+}
+
 fn failed(report: WorkerReport, status: Status, reason: String) -> Box<WorkerReport> {
     Box::new(fail(report, status, reason))
 }
@@ -111,15 +124,7 @@ pub struct Served {
 impl Served {
     /// The server's last stderr lines, for the reason of a failed cell.
     fn stderr_tail(&self) -> String {
-        // Give the reader a moment to take the last lines of a dead server.
-        std::thread::sleep(Duration::from_millis(100));
-        let t = self.tail.lock().expect("tail lock");
-        let last: Vec<&String> = t.iter().rev().take(3).collect();
-        last.into_iter()
-            .rev()
-            .cloned()
-            .collect::<Vec<_>>()
-            .join(" | ")
+        last_lines(&self.tail)
     }
 
     /// Poisson arrivals at `qps`: `queries` of them, drawn with `seed`.
@@ -258,16 +263,7 @@ pub fn start(
                 Some(4) => (Status::Unavailable, String::new()),
                 _ => (Status::Failed, format!(" ({status})")),
             };
-            std::thread::sleep(Duration::from_millis(100));
-            let why = {
-                let t = tail.lock().expect("tail lock");
-                let last: Vec<&String> = t.iter().rev().take(3).collect();
-                last.into_iter()
-                    .rev()
-                    .cloned()
-                    .collect::<Vec<_>>()
-                    .join(" | ")
-            };
+            let why = last_lines(&tail);
             let why = why.strip_prefix("error: ").unwrap_or(&why).to_owned();
             return Err(failed(
                 report,

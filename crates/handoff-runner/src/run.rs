@@ -296,11 +296,12 @@ impl<'a> Runner<'a> {
                             summary.interrupted = true;
                             break 'units;
                         };
-                        for c in
-                            crate::pairs::group_comparisons(&records, &self.plan.check.reference)
-                        {
-                            write_json_line(&mut comparisons, &c).map_err(io(&comparisons_path))?;
-                        }
+                        write_comparisons(
+                            &mut comparisons,
+                            &comparisons_path,
+                            &records,
+                            &self.plan.check.reference,
+                        )?;
                         let meta_path = dir.join("run.json");
                         std::fs::write(
                             &meta_path,
@@ -320,11 +321,12 @@ impl<'a> Runner<'a> {
                             summary.interrupted = true;
                             break 'units;
                         };
-                        for c in
-                            crate::pairs::group_comparisons(&records, &self.plan.check.reference)
-                        {
-                            write_json_line(&mut comparisons, &c).map_err(io(&comparisons_path))?;
-                        }
+                        write_comparisons(
+                            &mut comparisons,
+                            &comparisons_path,
+                            &records,
+                            &self.plan.check.reference,
+                        )?;
                         records
                     }
                 };
@@ -1173,6 +1175,22 @@ fn group_seed(seed: u64, key: &str, rep: u32) -> u64 {
     use sha2::Digest;
     let d = sha2::Sha256::digest(format!("{seed}/{key}/{rep}").as_bytes());
     u64::from_le_bytes(d[..8].try_into().expect("8 bytes"))
+}
+
+/// The paired comparisons of one group's records, appended.
+fn write_comparisons(
+    file: &mut File,
+    path: &Path,
+    records: &[ResultRecord],
+    reference: &str,
+) -> Result<(), RunError> {
+    for c in crate::pairs::group_comparisons(records, reference) {
+        write_json_line(file, &c).map_err(|source| RunError::Io {
+            path: path.to_owned(),
+            source,
+        })?;
+    }
+    Ok(())
 }
 
 fn write_json_line<T: Serialize>(file: &mut File, value: &T) -> std::io::Result<()> {

@@ -23,8 +23,8 @@ pub struct CompareCmd {
     pub base: String,
     pub head: PathBuf,
     /// p50 (Hodges-Lehmann ratio), p99 or mean (bootstrap CI).
-    #[arg(long, default_value = "p50")]
-    pub metric: String,
+    #[arg(long, value_enum, default_value_t = MetricArg::P50)]
+    pub metric: MetricArg,
     /// Smallest change that counts, as a fraction.
     #[arg(long, default_value_t = 0.05)]
     pub threshold: f64,
@@ -61,6 +61,14 @@ pub struct CompareCmd {
     pub head_bin: Option<PathBuf>,
 }
 
+/// `--metric`.
+#[derive(Clone, Copy, clap::ValueEnum)]
+pub enum MetricArg {
+    P50,
+    P99,
+    Mean,
+}
+
 impl CompareCmd {
     pub fn run(self) -> Result<ExitCode> {
         let Self {
@@ -82,11 +90,10 @@ impl CompareCmd {
             Some(name) => baselines_dir().join(name),
             None => PathBuf::from(base),
         };
-        let metric = match metric.as_str() {
-            "p50" => handoff_compare::Metric::P50,
-            "p99" => handoff_compare::Metric::P99,
-            "mean" => handoff_compare::Metric::Mean,
-            other => anyhow::bail!("unknown metric `{other}` (p50, p99, mean)"),
+        let metric = match metric {
+            MetricArg::P50 => handoff_compare::Metric::P50,
+            MetricArg::P99 => handoff_compare::Metric::P99,
+            MetricArg::Mean => handoff_compare::Metric::Mean,
         };
         let opts = handoff_compare::Options {
             metric,
