@@ -114,6 +114,13 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
             && summary.contains("| tiny | onnxruntime | 1 | 1 | 10 QPS |"),
         "{summary}"
     );
+    // The decision the peak searches support, in a sentence.
+    assert!(
+        summary.contains(
+            "Moving `tiny` (1 thread, batch 1) from FastAPI + onnxruntime to handoff serve + ort changes the highest rate with p99 <= 200 ms from"
+        ),
+        "{summary}"
+    );
     // The fixed-rate row carries the paired ratio of the alternated servers.
     let row = summary
         .lines()

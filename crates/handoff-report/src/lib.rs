@@ -679,7 +679,7 @@ pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
             p.case.threads,
             if p.case.threads == 1 { "" } else { "s" },
             p.case.batch,
-            fmt_ms(bound),
+            bound,
             rate(py),
             rate(rs),
         ));
