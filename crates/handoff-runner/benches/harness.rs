@@ -17,6 +17,7 @@ fn overhead(c: &mut Criterion) {
         target_ci: 1e-9,
         rounds: 10,
         processes: 1,
+        settle: Duration::ZERO,
     };
     let mut g = c.benchmark_group("harness");
     g.throughput(criterion::Throughput::Elements(10_000));

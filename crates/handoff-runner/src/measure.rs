@@ -60,19 +60,36 @@ pub fn measure(
     })
 }
 
-/// One block of interleaved measurement: an optional untimed settle run,
-/// then timed runs for `time_ms` (at least one, at most `max_runs`).
+/// The untimed opening of a block for a case whose runs take `typical_ms`:
+/// `settle`, except for runs of at least four times it, whose own first
+/// milliseconds are a small part of them (MiniLM at batch 8, 240-650 ms
+/// per run, showed no first-run excess on these VMs; a 3.4 ms encoder's
+/// excess added up to about 3 ms over its first 50 ms).
+pub fn settle_for(typical_ms: f64, settle: Duration) -> Duration {
+    if typical_ms >= 4.0 * settle.as_secs_f64() * 1e3 {
+        Duration::ZERO
+    } else {
+        settle
+    }
+}
+
+/// One block of interleaved measurement: untimed runs for at least
+/// `settle` (at least one run; none when zero), then timed runs for
+/// `time_ms` (at least one, at most `max_runs`).
 /// `progress` gets the block's samples so far at doubling intervals from
 /// 250 ms, so a block killed for hanging still leaves them behind.
 pub fn block(
     prepared: &mut dyn Prepared,
     time_ms: f64,
     max_runs: u64,
-    settle: bool,
+    settle: Duration,
     progress: &mut dyn FnMut(&[f64]),
 ) -> Result<crate::worker::BlockResult, BackendError> {
-    if settle {
+    let mut settle_runs = 0;
+    let settle_start = Instant::now();
+    while !settle.is_zero() && (settle_runs == 0 || settle_start.elapsed() < settle) {
         prepared.run()?;
+        settle_runs += 1;
     }
     let budget = Duration::from_secs_f64(time_ms.max(0.0) / 1e3);
     let max_runs = max_runs.max(1) as usize;
@@ -95,7 +112,7 @@ pub fn block(
     Ok(crate::worker::BlockResult {
         samples_ms,
         inner_ms,
-        settle_run: settle,
+        settle_runs,
     })
 }
 
@@ -191,6 +208,7 @@ mod tests {
             target_ci: target,
             rounds: 10,
             processes: 1,
+            settle: Duration::ZERO,
         }
     }
 
@@ -244,5 +262,50 @@ mod tests {
         assert_eq!((s.len(), stop), (25, StopReason::MaxIterations));
         let err = timed_loop(|| Err(BackendError::Failed("boom".into())), &p).unwrap_err();
         assert_eq!(err, BackendError::Failed("boom".into()));
+    }
+
+    /// Counts runs, each sleeping `ms`.
+    struct Sleeper {
+        ms: u64,
+        runs: u32,
+    }
+
+    impl Prepared for Sleeper {
+        fn bind(&mut self, _: &[handoff_backend::Tensor]) -> Result<(), BackendError> {
+            Ok(())
+        }
+        fn run(&mut self) -> Result<(), BackendError> {
+            std::thread::sleep(Duration::from_millis(self.ms));
+            self.runs += 1;
+            Ok(())
+        }
+        fn outputs(&mut self) -> Result<Vec<handoff_backend::Tensor>, BackendError> {
+            Ok(Vec::new())
+        }
+    }
+
+    #[test]
+    fn a_block_opens_with_untimed_runs_for_the_settle_time() {
+        let mut p = Sleeper { ms: 2, runs: 0 };
+        let b = block(&mut p, 0.0, 1, Duration::from_millis(20), &mut |_| {}).unwrap();
+        // At least 20 ms of 2 ms runs before the one timed run.
+        assert!(b.settle_runs >= 10, "{b:?}");
+        assert_eq!(b.samples_ms.len(), 1);
+        assert_eq!(p.runs, b.settle_runs + 1);
+        // A run longer than the settle time settles with one run; zero: none.
+        let mut p = Sleeper { ms: 5, runs: 0 };
+        let b = block(&mut p, 0.0, 1, Duration::from_millis(1), &mut |_| {}).unwrap();
+        assert_eq!(b.settle_runs, 1);
+        let b = block(&mut p, 0.0, 1, Duration::ZERO, &mut |_| {}).unwrap();
+        assert_eq!(b.settle_runs, 0);
+    }
+
+    #[test]
+    fn long_runs_are_not_settled() {
+        let settle = Duration::from_millis(50);
+        assert_eq!(settle_for(3.4, settle), settle);
+        assert_eq!(settle_for(199.0, settle), settle);
+        assert_eq!(settle_for(200.0, settle), Duration::ZERO);
+        assert_eq!(settle_for(650.0, Duration::ZERO), Duration::ZERO);
     }
 }

@@ -66,11 +66,10 @@ pub struct BlockResult {
     pub samples_ms: Vec<f64>,
     #[serde(default)]
     pub inner_ms: Vec<f64>,
-    /// An untimed run started the block (runs much shorter than the block:
-    /// the caches another case's block left behind are refilled off the
-    /// clock).
+    /// Untimed runs that started the block (`measure.settle`: a worker
+    /// resumed after other cases' blocks is slower for a while).
     #[serde(default)]
-    pub settle_run: bool,
+    pub settle_runs: u32,
 }
 
 /// The worker's side of the rounds conversation.
@@ -367,12 +366,12 @@ fn in_blocks(
         Err(e) => return report.fail(&e),
     };
     report.warmup_runs = warmup.len() as u64;
-    let mut typical_ms = handoff_stats::median(&warmup);
     link.ready();
     let mut first_block = true;
+    let mut typical_ms = handoff_stats::median(&warmup);
     while let Some(BlockCommand::Block { time_ms, max_runs }) = link.next() {
-        let settle = typical_ms < time_ms / 10.0;
         let mut progress = |samples: &[f64]| write_partial(job, samples);
+        let settle = crate::measure::settle_for(typical_ms, job.measure.settle);
         let block = match crate::measure::block(prepared, time_ms, max_runs, settle, &mut progress)
         {
             Ok(b) => b,

@@ -84,7 +84,7 @@ fn every_case_runs_once_per_round_in_a_seeded_order() {
     let dir = tempfile::tempdir().unwrap();
     let p = plan(
         dir.path(),
-        "{warmup: 1ms, min_iterations: 5, min_time: 60ms, max_time: 120ms, target_ci: 0.0001, rounds: 6}",
+        "{warmup: 1ms, min_iterations: 5, min_time: 60ms, max_time: 120ms, target_ci: 0.0001, rounds: 6, settle: 0ms}",
         "{latency_us: 500}",
     );
     let (records, comparisons) = run_with(&p, RunOptions::new(dir.path().join("o1")));
@@ -168,7 +168,7 @@ fn paired_ratios_cancel_drift_that_widens_each_cases_own_interval() {
     // drift is); `c` is 10% slower.
     let mock =
         "{latency_us: 1000, drift: 0.3, drift_period_ms: 3000, slowdown: 1.10, slowdown_model: c}";
-    let measure = "{warmup: 1ms, min_iterations: 5, min_time: 1200ms, max_time: 1200ms, target_ci: 0.0001, rounds: 16}";
+    let measure = "{warmup: 1ms, min_iterations: 5, min_time: 1200ms, max_time: 1200ms, target_ci: 0.0001, rounds: 16, settle: 0ms}";
     let dir = tempfile::tempdir().unwrap();
     let p = plan(dir.path(), measure, mock);
     let (records, comparisons) = run_with(
@@ -215,7 +215,7 @@ fn a_case_failing_mid_group_keeps_its_cell_and_the_rest_go_on() {
     let dir = tempfile::tempdir().unwrap();
     let p = plan(
         dir.path(),
-        "{warmup: 1ms, min_iterations: 5, min_time: 600ms, max_time: 600ms, target_ci: 0.0001, rounds: 10}",
+        "{warmup: 1ms, min_iterations: 5, min_time: 600ms, max_time: 600ms, target_ci: 0.0001, rounds: 10, settle: 0ms}",
         "{latency_us: 500, fail: run-later, fail_model: b}",
     );
     let (records, comparisons) = run_with(
@@ -265,7 +265,7 @@ fn an_interrupted_interleaved_run_resumes_the_groups_it_had_not_finished() {
     let file = dir.path().join("suite.yaml");
     plan(
         dir.path(),
-        "{warmup: 1ms, min_iterations: 3, min_time: 30ms, max_time: 30ms, target_ci: 0.0001, rounds: 3}",
+        "{warmup: 1ms, min_iterations: 3, min_time: 30ms, max_time: 30ms, target_ci: 0.0001, rounds: 3, settle: 0ms}",
         "{latency_us: 200}",
     );
     // Batch 1 and 2: two groups.

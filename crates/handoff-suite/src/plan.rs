@@ -105,6 +105,14 @@ pub struct Measure {
     /// (round `r` runs on process `r % processes`).
     #[serde(default = "default_processes")]
     pub processes: u32,
+    /// Interleaved measurement: untimed runs at the start of every block
+    /// for at least this long (at least one run; zero: none).
+    #[serde(default = "default_settle")]
+    pub settle: Duration,
+}
+
+fn default_settle() -> Duration {
+    Duration::from_millis(50)
 }
 
 /// Each worker process has a speed of its own for its whole life (1-3% on
@@ -119,15 +127,18 @@ fn default_processes() -> u32 {
 pub const MAX_PROCESSES: u32 = 8;
 
 /// Short blocks pair better: these VMs' speed moves within a second, so two
-/// cases' blocks should be close in time (a 1 s `min_time` gives 33 ms blocks).
+/// cases' blocks should be close in time (a 1 s `min_time` gives 33 ms blocks,
+/// lengthened to twice `settle`).
 fn default_rounds() -> u32 {
     30
 }
 
 impl Measure {
-    /// The length of one case's block in a round of interleaved measurement.
+    /// The length of one case's block in a round of interleaved measurement:
+    /// `min_time / rounds`, but at least twice the settle time, so the
+    /// untimed opening of each block costs at most half of the timed work.
     pub fn block_time(&self) -> Duration {
-        self.min_time / self.rounds.max(1)
+        (self.min_time / self.rounds.max(1)).max(self.settle * 2)
     }
 }
 
@@ -616,6 +627,7 @@ fn build(
         target_ci: m.target_ci.unwrap_or(0.01),
         rounds: m.rounds.unwrap_or_else(default_rounds),
         processes: m.processes.unwrap_or_else(default_processes),
+        settle: m.settle.map_or_else(default_settle, |d| d.0),
     };
     if measure.rounds < 3 {
         ctx.err(

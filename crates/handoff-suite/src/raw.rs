@@ -297,6 +297,12 @@ pub struct RawMeasure {
     /// them is estimated across the group and widens the CIs. 1 saves
     /// preparation time and memory, but its CIs cannot see that spread.
     pub processes: Option<u32>,
+    /// Interleaved measurement: untimed runs at the start of every block,
+    /// for at least this long (default 50ms; 0 turns them off). A worker
+    /// resumed after other cases' blocks runs slower for its first few
+    /// milliseconds (caches, TLBs, the vCPU's clock): with 4 ms runs, the
+    /// first ones of a block were 20-40% slower on these VMs.
+    pub settle: Option<HumanDuration>,
 }
 
 /// Output parity check against a reference backend.
