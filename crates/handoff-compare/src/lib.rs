@@ -545,10 +545,10 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
     )
     .expect("one run has one environment");
     c.env_differences.clear();
+    c.interleaved = true;
     if opts.metric != Metric::P50 {
         return c;
     }
-    c.interleaved = true;
     let original = |id_of_case: &str, prefix: &str| {
         run.records
             .iter()
@@ -608,8 +608,10 @@ pub fn markdown(c: &Comparison) -> String {
             c.env_differences.join("; ")
         );
     }
-    if c.interleaved {
+    if c.interleaved && c.metric == Metric::P50 {
         out.push_str("> Base and head were measured in one run, in interleaved rounds: the change and its 95% CI come from the per-round head/base ratios (the machine's drift cancels in them), widened by the speed spread between worker processes. A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
+    } else if c.interleaved {
+        out.push_str("> Base and head were measured in one run, in interleaved rounds, so the machine's drift hit both alike: the change and its 95% CI are a bootstrap over both sides' samples (a round is too short for its own tail). A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
     } else {
         out.push_str("> Base and head were measured in separate runs: the machine's speed drifts between them, so a change smaller than the run-to-run noise (the threshold column, from `--repeat`) cannot be told apart from drift. For a gate that can, measure both in one interleaved run (`handoff ab`).\n\n");
     }

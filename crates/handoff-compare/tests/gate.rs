@@ -140,3 +140,35 @@ fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
         "{note}"
     );
 }
+
+/// `handoff ab --metric p99`: both files from one run, the tail gated by
+/// a bootstrap over their samples, and the Markdown says how it was
+/// measured (one run, interleaved), not that the runs were made apart.
+#[test]
+fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
+    let side = |model: &str, ms: f64, tail: f64| {
+        let mut r = case(ms);
+        // The slowest 5% of runs at `tail` x the median.
+        for (i, s) in r.samples_ms.iter_mut().enumerate() {
+            if i % 20 == 0 {
+                *s = ms * tail;
+            }
+        }
+        r.case.id = r.case.id.replacen(&r.case.model, model, 1);
+        r.case.model = model.into();
+        r
+    };
+    let both = run(vec![side("m.base", 1.0, 3.0), side("m.head", 1.0, 4.0)]);
+    let opts = Options {
+        metric: handoff_compare::Metric::P99,
+        threshold: 0.02,
+        ..Options::default()
+    };
+    let c = handoff_compare::compare_ab(&both, "m", &opts);
+    assert_eq!(c.rows.len(), 1, "{:?}", c.rows);
+    assert_eq!(c.rows[0].verdict, Verdict::Regressed, "{:?}", c.rows[0]);
+    let md = handoff_compare::markdown(&c);
+    assert!(md.contains("## handoff ab"), "{md}");
+    assert!(md.contains("bootstrap over both sides' samples"), "{md}");
+    assert!(!md.contains("separate runs"), "{md}");
+}

@@ -69,6 +69,16 @@ pub enum MetricArg {
     Mean,
 }
 
+impl From<MetricArg> for handoff_compare::Metric {
+    fn from(m: MetricArg) -> Self {
+        match m {
+            MetricArg::P50 => Self::P50,
+            MetricArg::P99 => Self::P99,
+            MetricArg::Mean => Self::Mean,
+        }
+    }
+}
+
 impl CompareCmd {
     pub fn run(self) -> Result<ExitCode> {
         let Self {
@@ -90,13 +100,8 @@ impl CompareCmd {
             Some(name) => baselines_dir().join(name),
             None => PathBuf::from(base),
         };
-        let metric = match metric {
-            MetricArg::P50 => handoff_compare::Metric::P50,
-            MetricArg::P99 => handoff_compare::Metric::P99,
-            MetricArg::Mean => handoff_compare::Metric::Mean,
-        };
         let opts = handoff_compare::Options {
-            metric,
+            metric: metric.into(),
             threshold,
             case_thresholds,
             noise_k,
@@ -170,6 +175,10 @@ pub struct AbCmd {
     /// Smallest change that counts, as a fraction.
     #[arg(long, default_value_t = 0.02)]
     pub threshold: f64,
+    /// p50: paired ratio of the rounds' medians (drift cancels); p99 or
+    /// mean: bootstrap CI over both sides' samples from the same rounds.
+    #[arg(long, value_enum, default_value_t = MetricArg::P50)]
+    pub metric: MetricArg,
     /// Only cases whose id contains this text (repeatable).
     #[arg(long, short)]
     pub filter: Vec<String>,
@@ -197,6 +206,7 @@ impl AbCmd {
             base_ort,
             head_ort,
             threshold,
+            metric,
             filter,
             out,
             markdown,
@@ -248,6 +258,7 @@ impl AbCmd {
         let run = handoff_compare::Run::load(&out)?;
         let opts = handoff_compare::Options {
             threshold,
+            metric: metric.into(),
             ..Default::default()
         };
         let c = handoff_compare::compare_ab(&run, &model, &opts);

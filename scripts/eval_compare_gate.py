@@ -1,0 +1,64 @@
+"""Summarises scripts/eval_compare_gate.sh: per set of `handoff ab` runs,
+how many runs regressed, per case and in all, with the changes measured."""
+import json
+import statistics
+import sys
+from collections import defaultdict
+from pathlib import Path
+
+out, n = Path(sys.argv[1]), int(sys.argv[2])
+cpu = (out / "cpu.txt").read_text().strip() if (out / "cpu.txt").exists() else "?"
+print(f"up to {n} runs per set in {out}; CPU: {cpu}\n")
+
+flops = {}
+for name in ("slow-p50", "slow-p99"):
+    for run in sorted(out.glob(f"{name}-*")):
+        if not (run / "results.jsonl").exists():
+            continue
+        for line in (run / "results.jsonl").read_text().splitlines():
+            r = json.loads(line)
+            if r.get("flops") and r["case"]["backend"] == "tract":
+                flops[(name, r["case"]["model"])] = r["flops"]
+for name in ("slow-p50", "slow-p99"):
+    base, head = flops.get((name, "enc.base")), flops.get((name, "enc.head"))
+    if base and head:
+        print(f"{name}: FLOPs per inference (tract's cost model) base {base:.4g}, head {head:.4g} ({head / base:.3f}x)")
+print()
+
+sets = {
+    "aa-p50": ("same file, p50", "false regression"),
+    "slow-p50": ("+5% FLOPs head, p50", "detected"),
+    "aa-p99": ("same file, p99", "false regression"),
+    "slow-p99": ("+10% FLOPs head, p99", "detected"),
+}
+targets = {"aa-p50": "<= 1/20", "slow-p50": ">= 19/20", "aa-p99": "<= 1/20", "slow-p99": ">= 19/20"}
+print("| set | runs | runs with a regression | target | case | regressed | improved | other verdicts | CI covers no change | median change | median CI half-width |")
+print("|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
+for name, (what, _) in sets.items():
+    per_case = defaultdict(list)
+    any_reg = runs = 0
+    for i in range(1, n + 1):
+        f = out / f"{name}-{i}" / "ab.json"
+        if not f.exists():
+            continue
+        runs += 1
+        rows = json.loads(f.read_text())["rows"]
+        any_reg += any(r["verdict"] == "regressed" for r in rows)
+        for r in rows:
+            per_case[r["id"]].append(r)
+    first = True
+    for case in sorted(per_case):
+        rs = per_case[case]
+        verdicts = defaultdict(int)
+        for r in rs:
+            verdicts[r["verdict"]] += 1
+        other = ", ".join(f"{k} {v}" for k, v in sorted(verdicts.items()) if k not in ("regressed", "improved"))
+        changes = [r["ratio"] - 1 for r in rs if r.get("ratio")]
+        covers = sum(1 for r in rs if r.get("ratio_ci95") and r["ratio_ci95"][0] <= 1 <= r["ratio_ci95"][1])
+        half = [(r["ratio_ci95"][1] - r["ratio_ci95"][0]) / 2 for r in rs if r.get("ratio_ci95")]
+        print(
+            f"| {name + ': ' + what if first else ''} | {runs if first else ''} | {any_reg if first else ''} | {targets[name] if first else ''} "
+            f"| {case} | {verdicts['regressed']} | {verdicts['improved']} | {other or '-'} | {covers}/{len(rs)} "
+            f"| {statistics.median(changes) * 100:+.1f}% | ±{statistics.median(half) * 100:.1f}% |"
+        )
+        first = False
