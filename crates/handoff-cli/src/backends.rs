@@ -73,11 +73,13 @@ pub fn name_parser() -> clap::builder::PossibleValuesParser {
 /// Where the plan's models are cached, which backends exist, and the
 /// conversion and quantisation tools materialising a plan uses.
 pub fn plan_options(registry: &Arc<Registry>) -> PlanOptions {
+    let model_cache = handoff_backend::home::model_cache_dir();
     PlanOptions {
-        model_cache: handoff_backend::home::model_cache_dir(),
+        model_cache: model_cache.clone(),
         known_backends: registry.names().into_iter().map(str::to_owned).collect(),
         tools: Some(Arc::new(tools::Tools {
             registry: Arc::clone(registry),
+            model_cache,
         })),
     }
 }

@@ -20,6 +20,34 @@ pub const LOWERING_MAX_ABS: f64 = 1e-5;
 
 pub struct Tools {
     pub registry: Arc<Registry>,
+    /// Where files a suite makes (variants, lowered models) go.
+    pub model_cache: PathBuf,
+}
+
+impl Tools {
+    /// The directory for files made from `onnx`: beside it when it is in
+    /// the model cache already (downloaded, converted or generated there),
+    /// else a directory of the cache named after the file's location, so a
+    /// suite never writes next to a file it was only pointed at.
+    fn derived_dir(&self, onnx: &Path) -> Result<PathBuf, String> {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        let (file, cache) = (abs(onnx), abs(&self.model_cache));
+        if file.starts_with(&cache)
+            && let Some(parent) = file.parent()
+        {
+            return Ok(parent.to_owned());
+        }
+        let key = handoff_onnx::inspect::sha256_hex(file.to_string_lossy().as_bytes());
+        let dir = cache.join("derived").join(&key[..16]);
+        std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        Ok(dir)
+    }
+
+    /// `name` (a file name made from `onnx`) in [`Self::derived_dir`].
+    fn derived(&self, onnx: &Path, name: &Path) -> Result<PathBuf, String> {
+        let name = name.file_name().unwrap_or(name.as_os_str());
+        Ok(self.derived_dir(onnx)?.join(name))
+    }
 }
 
 fn run_once(
@@ -119,7 +147,7 @@ impl ModelTools for Tools {
                 warning: None,
             });
         }
-        let out = variant_path(onnx, variant);
+        let out = self.derived(onnx, &variant_path(onnx, variant))?;
         let request = VariantRequest::new(variant, min_cosine);
         let (accuracy, warning) =
             build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
@@ -186,7 +214,7 @@ impl ModelTools for Tools {
         specs: &[TensorSpec],
     ) -> Result<Option<Lowered>, String> {
         ort_ready();
-        let out = lowered_path(onnx, backend_name);
+        let out = self.derived(onnx, &lowered_path(onnx, backend_name))?;
         if let Some(prov) = Provenance::load(&out).filter(|_| out.is_file()) {
             let ops = prov
                 .steps

@@ -673,3 +673,41 @@ fn the_variant_cache_refuses_a_variant_built_for_another_cpu_class() {
     assert_eq!(o.status.code(), Some(2));
     assert!(String::from_utf8_lossy(&o.stderr).contains("HANDOFF_TARGET_CPU"));
 }
+
+/// A suite pointed at a model file outside the model cache makes its
+/// variants in the cache, never beside that file (which may be someone
+/// else's directory, or read-only).
+#[test]
+fn variants_of_a_file_outside_the_cache_are_written_into_the_cache() {
+    use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("theirs")).unwrap();
+    let spec = SyntheticSpec {
+        kind: Kind::Mlp,
+        width: 64,
+        depth: 2,
+        seed: 0,
+    };
+    write_model(&spec.build(), &d.join("theirs/m.onnx")).unwrap();
+    std::fs::write(
+        d.join("s.yaml"),
+        "name: v\nmodels:\n  - id: m\n    source: {onnx: theirs/m.onnx}\n    variants: [fp32, int8-dynamic]\n    min_cosine: 0.9\nbackends: [ort]\n",
+    )
+    .unwrap();
+    let o = handoff(&["validate", "s.yaml"], d);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let beside: Vec<_> = walk(&d.join("theirs"));
+    assert_eq!(beside, vec![d.join("theirs/m.onnx")], "{beside:?}");
+    let made = walk(&d.join("cache/derived"));
+    assert!(
+        made.iter()
+            .any(|p| p.to_string_lossy().ends_with("m.int8-dynamic.onnx")),
+        "{made:?}"
+    );
+}

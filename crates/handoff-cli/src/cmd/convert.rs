@@ -79,6 +79,10 @@ fn convert(
     ensure_ort(false);
     let tools = tools::Tools {
         registry: Arc::clone(registry),
+        // Lowered files go beside the output the user named.
+        model_cache: out
+            .parent()
+            .map_or_else(|| PathBuf::from("."), Path::to_owned),
     };
     let check = tools
         .verify_conversion(out, hf_dir, &specs)
