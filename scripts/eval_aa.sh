@@ -15,13 +15,8 @@ n=${1:-20}
 suite=${2:-suites/aa.yaml}
 out=${3:-reports/eval-$(basename "$suite" .yaml)-$(date -u +%Y%m%dT%H%M%S)}
 bin=${HANDOFF_BIN:-target/release/handoff}
-if [ ! -x "$bin" ]; then
-  PROTOC="$PWD/scripts/protoc" cargo build --release --locked -p handoff-cli
-fi
-"$bin" setup >/dev/null
-mkdir -p "$out"
-grep -o 'avx512_vnni\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$out/cpu.txt" || true
-grep -m1 'model name' /proc/cpuinfo >> "$out/cpu.txt" || true
+. scripts/eval_common.sh
+eval_prepare "$out"
 for i in $(seq 1 "$n"); do
   if [ -s "$out/run-$i/results.jsonl" ] && [ -s "$out/run-$i/summary.md" ]; then
     continue

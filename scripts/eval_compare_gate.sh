@@ -20,13 +20,9 @@ cd "$(dirname "$0")/.."
 n=${1:-20}
 out=$(realpath -m "${2:-reports/eval-gate-$(date -u +%Y%m%dT%H%M%S)}")
 bin=$(realpath -m "${HANDOFF_BIN:-target/release/handoff}")
-if [ ! -x "$bin" ]; then
-  PROTOC="$PWD/scripts/protoc" cargo build --release --locked -p handoff-cli
-fi
-"$bin" setup >/dev/null
+. scripts/eval_common.sh
+eval_prepare "$out"
 mkdir -p "$out/models"
-grep -o 'avx512_vnni\|avx2' /proc/cpuinfo | sort -u | tr '\n' ' ' > "$out/cpu.txt" || true
-grep -m1 'model name' /proc/cpuinfo >> "$out/cpu.txt" || true
 
 # The three encoder files, written by validating a suite that lists them.
 cat > "$out/models.yaml" <<'YAML'

@@ -43,9 +43,8 @@ impl Tools {
         Ok(dir)
     }
 
-    /// `name` (a file name made from `onnx`) in [`Self::derived_dir`].
-    fn derived(&self, onnx: &Path, name: &Path) -> Result<PathBuf, String> {
-        let name = name.file_name().unwrap_or(name.as_os_str());
+    /// `name` (a file made from `onnx`) in [`Self::derived_dir`].
+    fn derived(&self, onnx: &Path, name: &str) -> Result<PathBuf, String> {
         Ok(self.derived_dir(onnx)?.join(name))
     }
 }
@@ -147,7 +146,7 @@ impl ModelTools for Tools {
                 warning: None,
             });
         }
-        let out = self.derived(onnx, &variant_path(onnx, variant))?;
+        let out = self.derived(onnx, &variant_file_name(onnx, variant))?;
         let request = VariantRequest::new(variant, min_cosine);
         let (accuracy, warning) =
             build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
@@ -214,7 +213,7 @@ impl ModelTools for Tools {
         specs: &[TensorSpec],
     ) -> Result<Option<Lowered>, String> {
         ort_ready();
-        let out = self.derived(onnx, &lowered_path(onnx, backend_name))?;
+        let out = self.derived(onnx, &lowered_file_name(onnx, backend_name))?;
         if let Some(prov) = Provenance::load(&out).filter(|_| out.is_file()) {
             let ops = prov
                 .steps
@@ -311,9 +310,10 @@ impl ModelTools for Tools {
     }
 }
 
-pub fn lowered_path(onnx: &Path, backend: &str) -> PathBuf {
+/// The file name of `onnx` lowered for `backend`.
+fn lowered_file_name(onnx: &Path, backend: &str) -> String {
     let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
-    onnx.with_file_name(format!("{stem}.lowered-{backend}.onnx"))
+    format!("{stem}.lowered-{backend}.onnx")
 }
 
 use handoff_convert::quantize::VARIANTS;
@@ -321,13 +321,18 @@ use handoff_convert::quantize::VARIANTS;
 /// ONNX Runtime's quantiser, run as the reference int8 variant.
 const ORT_QUANTIZE_PY: &str = include_str!("../../../scripts/ort_quantize.py");
 
-/// Where a variant of `onnx` is written.
-pub fn variant_path(onnx: &Path, variant: &str) -> PathBuf {
+/// The file name of a variant of `onnx`.
+fn variant_file_name(onnx: &Path, variant: &str) -> String {
     let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     match variant {
-        "nnef" => onnx.with_file_name(format!("{stem}.nnef.tar")),
-        v => onnx.with_file_name(format!("{stem}.{v}.onnx")),
+        "nnef" => format!("{stem}.nnef.tar"),
+        v => format!("{stem}.{v}.onnx"),
     }
+}
+
+/// A variant of `onnx` beside it (`handoff quantize` without `--out`).
+pub fn variant_path(onnx: &Path, variant: &str) -> PathBuf {
+    onnx.with_file_name(variant_file_name(onnx, variant))
 }
 
 /// How a variant is made, for `handoff quantize` and suites.

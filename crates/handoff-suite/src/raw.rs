@@ -299,9 +299,9 @@ pub struct RawMeasure {
     pub processes: Option<u32>,
     /// Interleaved measurement: untimed runs at the start of every block,
     /// for at least this long (default 50ms; 0 turns them off). A worker
-    /// resumed after other cases' blocks runs slower for its first few
-    /// milliseconds (caches, TLBs, the vCPU's clock): with 4 ms runs, the
-    /// first ones of a block were 20-40% slower on these VMs.
+    /// resumed after other cases' blocks runs slower for its first tens of
+    /// milliseconds: with 3.4 ms runs, the first timed run of a block was
+    /// 23% slower than the rest on these VMs without it.
     pub settle: Option<HumanDuration>,
 }
 
