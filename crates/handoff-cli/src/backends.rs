@@ -8,7 +8,7 @@
 use std::sync::Arc;
 
 use handoff_backend::{Backend, Registry};
-use handoff_suite::PlanOptions;
+use handoff_suite::{PlanOptions, Preparation};
 
 use crate::tools;
 
@@ -70,9 +70,10 @@ pub fn name_parser() -> clap::builder::PossibleValuesParser {
     }))
 }
 
-/// Where the plan's models are cached, which backends exist, and the
-/// conversion and quantisation tools materialising a plan uses.
-pub fn plan_options(registry: &Arc<Registry>) -> PlanOptions {
+/// Where the plan's models are cached, which backends exist, the
+/// conversion and quantisation tools materialising a plan uses, and
+/// whether it may use them.
+pub fn plan_options(registry: &Arc<Registry>, preparation: Preparation) -> PlanOptions {
     let model_cache = handoff_backend::home::model_cache_dir();
     PlanOptions {
         model_cache: model_cache.clone(),
@@ -81,6 +82,7 @@ pub fn plan_options(registry: &Arc<Registry>) -> PlanOptions {
             registry: Arc::clone(registry),
             model_cache,
         })),
+        preparation,
     }
 }
 

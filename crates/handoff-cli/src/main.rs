@@ -45,6 +45,7 @@ enum Command {
     Merge(cmd::report::MergeCmd),
     Init(cmd::init::InitCmd),
     Validate(cmd::run::ValidateCmd),
+    Prepare(cmd::run::PrepareCmd),
     /// Print the suite format's JSON Schema.
     Schema,
     /// Probe each compiled-in backend: version, or why it is unavailable.
@@ -93,6 +94,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::ListBackends => cmd::setup::list_backends(&registry),
         Command::Run(c) => c.run(&registry),
         Command::Validate(c) => c.run(&registry),
+        Command::Prepare(c) => c.run(&registry),
         Command::Compare(c) => c.run(),
         Command::Ab(c) => c.run(&registry),
         Command::Baseline(c) => c.run(),
@@ -100,7 +102,7 @@ fn run(cli: Cli) -> Result<ExitCode> {
         Command::Report(c) => c.run(),
         Command::Init(c) => c.run(&registry),
         Command::Setup(c) => c.run(),
-        Command::Gil(c) => c.run(&registry),
+        Command::Gil(c) => c.run(),
         Command::Serve(c) => c.run(&registry),
         Command::Convert(c) => c.run(&registry),
         Command::Quantize(c) => c.run(&registry),

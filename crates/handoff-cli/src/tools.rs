@@ -30,22 +30,32 @@ impl Tools {
     /// else a directory of the cache named after the file's location, so a
     /// suite never writes next to a file it was only pointed at.
     fn derived_dir(&self, onnx: &Path) -> Result<PathBuf, String> {
-        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
-        let (file, cache) = (abs(onnx), abs(&self.model_cache));
-        if file.starts_with(&cache)
-            && let Some(parent) = file.parent()
-        {
-            return Ok(parent.to_owned());
-        }
-        let key = handoff_onnx::inspect::sha256_hex(file.to_string_lossy().as_bytes());
-        let dir = cache.join("derived").join(&key[..16]);
+        let dir = self.derived_dir_path(onnx);
         std::fs::create_dir_all(&dir).map_err(|e| format!("{}: {e}", dir.display()))?;
         Ok(dir)
+    }
+
+    /// [`Self::derived_dir`] without creating it.
+    fn derived_dir_path(&self, onnx: &Path) -> PathBuf {
+        let abs = |p: &Path| std::path::absolute(p).unwrap_or_else(|_| p.to_owned());
+        let (file, cache) = (abs(onnx), abs(&self.model_cache));
+        match file.parent() {
+            Some(parent) if file.starts_with(&cache) => parent.to_owned(),
+            _ => {
+                let key = handoff_onnx::inspect::sha256_hex(file.to_string_lossy().as_bytes());
+                cache.join("derived").join(&key[..16])
+            }
+        }
     }
 
     /// `name` (a file made from `onnx`) in [`Self::derived_dir`].
     fn derived(&self, onnx: &Path, name: &str) -> Result<PathBuf, String> {
         Ok(self.derived_dir(onnx)?.join(name))
+    }
+
+    /// Where [`Self::derived`] puts `name`, creating nothing.
+    fn derived_path(&self, onnx: &Path, name: &str) -> PathBuf {
+        self.derived_dir_path(onnx).join(name)
     }
 }
 
@@ -206,6 +216,41 @@ impl ModelTools for Tools {
         })
     }
 
+    fn cached_variant(
+        &self,
+        onnx: &Path,
+        variant: &str,
+        min_cosine: f64,
+        specs: &[TensorSpec],
+    ) -> Option<Variant> {
+        // candle-q8 has no file: its check runs whenever the plan is built.
+        if variant == "candle-q8" {
+            return None;
+        }
+        let out = self.derived_path(onnx, &variant_file_name(onnx, variant));
+        let request = VariantRequest::new(variant, min_cosine);
+        let key = request.cache_key(onnx, specs);
+        // A build that fell back (down-projections in fp32) answers for
+        // the request it stands in for.
+        let accuracy = cached_check(&out, &request, &key, false)?;
+        Some(Variant {
+            path: out,
+            accuracy,
+            warning: None,
+        })
+    }
+
+    fn cached_lowering(&self, onnx: &Path, backend: &str) -> Option<Lowered> {
+        let out = self.derived_path(onnx, &lowered_file_name(onnx, backend));
+        let prov = Provenance::load(&out).filter(|_| out.is_file())?;
+        let ops = prov
+            .steps
+            .iter()
+            .filter_map(|s| s.name.strip_prefix("lower:").map(str::to_owned))
+            .collect();
+        Some(Lowered { path: out, ops })
+    }
+
     fn lower_for(
         &self,
         onnx: &Path,
@@ -213,15 +258,10 @@ impl ModelTools for Tools {
         specs: &[TensorSpec],
     ) -> Result<Option<Lowered>, String> {
         ort_ready();
-        let out = self.derived(onnx, &lowered_file_name(onnx, backend_name))?;
-        if let Some(prov) = Provenance::load(&out).filter(|_| out.is_file()) {
-            let ops = prov
-                .steps
-                .iter()
-                .filter_map(|s| s.name.strip_prefix("lower:").map(str::to_owned))
-                .collect();
-            return Ok(Some(Lowered { path: out, ops }));
+        if let Some(cached) = self.cached_lowering(onnx, backend_name) {
+            return Ok(Some(cached));
         }
+        let out = self.derived(onnx, &lowered_file_name(onnx, backend_name))?;
         let backend = self
             .registry
             .get(backend_name)
@@ -415,6 +455,27 @@ pub fn build_variant(
     ))
 }
 
+/// The accuracy check of a variant at `out` built for `request` (cache key
+/// `key`) by this tool version, if there is one; unless `exact`, a build
+/// that fell back for that request counts too.
+fn cached_check(
+    out: &Path,
+    request: &VariantRequest,
+    key: &serde_json::Value,
+    exact: bool,
+) -> Option<Check> {
+    let step_name = format!("quantize:{}", request.variant);
+    let prov = Provenance::load(out).filter(|_| out.is_file())?;
+    let built = prov.tool == handoff_convert::CONVERTER_VERSION
+        && prov.steps.iter().any(|s| {
+            s.name == step_name
+                && (s.params.get("request") == Some(key)
+                    || !exact && s.params.get("fallback_of") == Some(key))
+        });
+    let check = prov.checks.into_iter().find(|c| c.name == "accuracy")?;
+    (built && check.threshold_min_cosine == request.min_cosine).then_some(check)
+}
+
 /// [`build_variant`] without the fallback; `fallback_of`: the cache key of
 /// the request this build stands in for (a later build for that request
 /// reuses it).
@@ -436,18 +497,8 @@ fn build_variant_as(
         "built_on": handoff_convert::isa::Isa::detect(),
         "int8_weights": request.cpu.weight_bits_reason(),
     });
-    if out.is_file()
-        && let Some(prov) = Provenance::load(out)
-        && prov.tool == handoff_convert::CONVERTER_VERSION
-        && prov.steps.iter().any(|s| {
-            s.name == step_name
-                && (s.params.get("request") == Some(&key)
-                    || fallback_of.is_none() && s.params.get("fallback_of") == Some(&key))
-        })
-        && let Some(check) = prov.checks.iter().find(|c| c.name == "accuracy")
-        && check.threshold_min_cosine == request.min_cosine
-    {
-        return Ok((check.clone(), None));
+    if let Some(check) = cached_check(out, request, &key, fallback_of.is_some()) {
+        return Ok((check, None));
     }
     let tmp = out.with_extension(format!("tmp{}.onnx", std::process::id()));
     let (mut params, warning) = match request.variant.as_str() {

@@ -255,6 +255,109 @@ fn a_tiny_bert_converts_and_runs_on_every_backend() {
     }));
 }
 
+/// `validate` and `run --dry-run` check a suite without downloading,
+/// converting, generating, quantising or running a model: they say what
+/// `handoff run` would build, and `handoff prepare` builds it.
+#[test]
+fn validate_and_dry_run_build_nothing_and_prepare_builds_what_they_list() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bert = d.join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 16, 1, 2, 3).unwrap();
+    common::write_tokenizer(&bert);
+    let suite = |far: &str| {
+        format!(
+            "name: p
+models:
+  - id: mlp
+    source: {{synthetic: {{kind: mlp, width: 32, depth: 1}}}}
+    variants: [fp32, int8-dynamic]
+    min_cosine: 0.9
+  - id: tiny
+    source: {{hf: bert}}
+{far}backends: [ort]
+dims: {{seq: [8]}}
+"
+        )
+    };
+    let far = "  - id: far
+    source: {pypi: {package: handoff-no-such-package, version: 0.0.1, sha256: '0000000000000000000000000000000000000000000000000000000000000000', path: m}}
+";
+    std::fs::write(d.join("s.yaml"), suite(far)).unwrap();
+    let listed = |args: &[&str]| {
+        let o = handoff(args, d);
+        let text = String::from_utf8_lossy(&o.stdout).into_owned();
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{text}{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        text
+    };
+    for args in [&["validate", "s.yaml"][..], &["run", "s.yaml", "--dry-run"]] {
+        let text = listed(args);
+        for want in [
+            "still to prepare",
+            "far: download pypi:handoff-no-such-package==0.0.1",
+            "mlp: generate",
+            "mlp@int8-dynamic: build it and check it against fp32",
+            "tiny: convert",
+            "tiny: check the converted model against its source",
+        ] {
+            assert!(text.contains(want), "{args:?}: {want}\n{text}");
+        }
+        // The models that need no download are read (the HF directory
+        // converted in memory): their cases are listed.
+        assert!(text.contains("tiny/ort/cpu/t1/b1/seq=8"), "{text}");
+        assert!(!text.contains("mlp@int8-dynamic/ort"), "{text}");
+        assert!(!d.join("cache").exists(), "{args:?} wrote into the cache");
+    }
+    std::fs::write(d.join("s.yaml"), suite("")).unwrap();
+    let prepared = listed(&["prepare", "s.yaml"]);
+    assert!(prepared.contains("mlp@int8-dynamic/ort"), "{prepared}");
+    assert!(!prepared.contains("still to prepare"), "{prepared}");
+    // Now everything is there: validate lists the same cases, builds
+    // nothing and has nothing left to say.
+    let files = |dir: &Path| {
+        let mut v: Vec<_> = walkdir(dir);
+        v.sort();
+        v
+    };
+    let before = files(&d.join("cache"));
+    assert!(
+        before.iter().any(|p| p.contains(".int8-dynamic.onnx ")),
+        "{before:?}"
+    );
+    let text = listed(&["validate", "s.yaml"]);
+    assert!(!text.contains("still to prepare"), "{text}");
+    assert_eq!(
+        text.lines().filter(|l| l.contains("/ort/cpu/")).count(),
+        prepared.lines().filter(|l| l.contains("/ort/cpu/")).count()
+    );
+    assert_eq!(files(&d.join("cache")), before);
+}
+
+/// Files under `dir` (path, size, modified), recursively.
+fn walkdir(dir: &Path) -> Vec<String> {
+    let mut out = Vec::new();
+    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
+        let p = e.path();
+        if p.is_dir() {
+            out.extend(walkdir(&p));
+        } else {
+            let m = e.metadata().unwrap();
+            out.push(format!(
+                "{} {} {:?}",
+                p.display(),
+                m.len(),
+                m.modified().unwrap()
+            ));
+        }
+    }
+    out
+}
+
 #[test]
 fn a_tokenizer_that_does_not_parse_is_named() {
     let dir = tempfile::tempdir().unwrap();

@@ -598,12 +598,8 @@ fn the_variant_cache_refuses_a_variant_built_for_another_cpu_class() {
         "name: v\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 64, depth: 2}}\n    variants: [fp32, int8-dynamic]\n    min_cosine: 0.9\nbackends: [ort]\n",
     )
     .unwrap();
-    let validate = |target: &str| {
-        let o = common::handoff_env(
-            &["validate", "s.yaml"],
-            d,
-            &[("HANDOFF_TARGET_CPU", target)],
-        );
+    let prepare = |target: &str| {
+        let o = common::handoff_env(&["prepare", "s.yaml"], d, &[("HANDOFF_TARGET_CPU", target)]);
         assert_eq!(
             o.status.code(),
             Some(0),
@@ -632,7 +628,7 @@ fn the_variant_cache_refuses_a_variant_built_for_another_cpu_class() {
             .unwrap();
         (prov, largest)
     };
-    let (avx2, q) = validate("avx2");
+    let (avx2, q) = prepare("avx2");
     let step = |p: &serde_json::Value| {
         p["steps"]
             .as_array()
@@ -651,19 +647,38 @@ fn the_variant_cache_refuses_a_variant_built_for_another_cpu_class() {
     );
     assert_eq!(q, 63, "7-bit weights for AVX2");
     // The same suite for a VNNI machine: rebuilt, 8-bit.
-    let (vnni, q) = validate("avx512-vnni");
+    let (vnni, q) = prepare("avx512-vnni");
     assert_eq!(
         step(&vnni)["params"]["target_cpu"]["cpu_class"],
         "x86-avx512-vnni"
     );
     assert_eq!(q, 127, "8-bit weights with VNNI");
     // And this machine's class is what an unset variable means.
-    let (native, _) = validate("");
+    let (native, _) = prepare("");
     assert_eq!(
         step(&native)["params"]["target_cpu"]["cpu_class"],
         Isa::detect().class.as_str()
     );
     assert!(CpuClass::X86Avx2.saturates_int8());
+    // `validate` reuses the variant built for this class and would build
+    // the one for another class, building nothing itself.
+    let pending = |target: &str| {
+        let o = common::handoff_env(
+            &["validate", "s.yaml"],
+            d,
+            &[("HANDOFF_TARGET_CPU", target)],
+        );
+        assert_eq!(o.status.code(), Some(0));
+        String::from_utf8_lossy(&o.stdout).contains("mlp@int8-dynamic: build it")
+    };
+    assert!(!pending(""));
+    let other = if Isa::detect().class == CpuClass::X86Avx2 {
+        "avx512-vnni"
+    } else {
+        "avx2"
+    };
+    assert!(pending(other));
+    assert_eq!(prepare("").0, native);
     // A misspelt class is an error, not a silent native build.
     let o = common::handoff_env(
         &["validate", "s.yaml"],
@@ -695,7 +710,7 @@ fn variants_of_a_file_outside_the_cache_are_written_into_the_cache() {
         "name: v\nmodels:\n  - id: m\n    source: {onnx: theirs/m.onnx}\n    variants: [fp32, int8-dynamic]\n    min_cosine: 0.9\nbackends: [ort]\n",
     )
     .unwrap();
-    let o = handoff(&["validate", "s.yaml"], d);
+    let o = handoff(&["prepare", "s.yaml"], d);
     assert_eq!(
         o.status.code(),
         Some(0),

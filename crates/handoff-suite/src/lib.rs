@@ -22,7 +22,7 @@ pub mod text;
 pub use duration::HumanDuration;
 pub use error::SuiteError;
 pub use plan::{
-    Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions, Variant,
-    VariantInfo,
+    Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions,
+    Preparation, Variant, VariantInfo,
 };
 pub use scenario::{Endpoint, Load, LoadTarget, Scenario, ScenarioSpec};

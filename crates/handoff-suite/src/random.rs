@@ -14,71 +14,87 @@ use crate::text::{CALIBRATION_SENTENCES, DEFAULT_SENTENCES};
 /// What the results call such a model, in `model_source`.
 pub const RANDOM_NOTE: &str = "random weights: outputs meaningless, speed only";
 
-/// Writes the model (unless cached) and returns its directory and source
-/// label.
-pub fn materialise(
-    raw: &RawRandom,
-    suite_seed: u64,
-    cache: &Path,
-) -> Result<(PathBuf, String), String> {
-    let (arch, name, layers) = match raw.arch {
-        RandomArch::Bert => (Arch::Bert, "bert", 12),
-        RandomArch::Distilbert => (Arch::DistilBert, "distilbert", 6),
-    };
-    let model = RandomModel {
-        arch,
-        labels: raw.labels.map(|n| n as usize),
-        hidden: raw.hidden.unwrap_or(768) as usize,
-        layers: raw.layers.unwrap_or(layers) as usize,
-        heads: raw.heads.unwrap_or(12) as usize,
-        vocab: 30522,
-        max_positions: 512,
-        scale: 0.035,
-        seed: raw.seed.unwrap_or(suite_seed),
-    };
-    if model.labels == Some(0) {
-        return Err("`labels` must be at least 1".into());
+/// A random model's place in the model cache, checked but not yet written.
+pub struct RandomDir {
+    pub dir: PathBuf,
+    /// What the results call it (`random:<id> (random weights: ...)`).
+    pub label: String,
+    model: RandomModel,
+    id: String,
+}
+
+impl RandomDir {
+    /// Checks the suite's settings and names the directory.
+    pub fn new(raw: &RawRandom, suite_seed: u64, cache: &Path) -> Result<Self, String> {
+        let (arch, name, layers) = match raw.arch {
+            RandomArch::Bert => (Arch::Bert, "bert", 12),
+            RandomArch::Distilbert => (Arch::DistilBert, "distilbert", 6),
+        };
+        let model = RandomModel {
+            arch,
+            labels: raw.labels.map(|n| n as usize),
+            hidden: raw.hidden.unwrap_or(768) as usize,
+            layers: raw.layers.unwrap_or(layers) as usize,
+            heads: raw.heads.unwrap_or(12) as usize,
+            vocab: 30522,
+            max_positions: 512,
+            scale: 0.035,
+            seed: raw.seed.unwrap_or(suite_seed),
+        };
+        if model.labels == Some(0) {
+            return Err("`labels` must be at least 1".into());
+        }
+        if model.hidden == 0 || model.layers == 0 || model.heads == 0 {
+            return Err("`hidden`, `layers` and `heads` must be at least 1".into());
+        }
+        if !model.hidden.is_multiple_of(model.heads) {
+            return Err(format!(
+                "`hidden` ({}) must be a multiple of `heads` ({})",
+                model.hidden, model.heads
+            ));
+        }
+        if model.hidden > 4096 || model.layers > 48 {
+            return Err(format!(
+                "hidden {} and {} layers are beyond the limits (4096, 48)",
+                model.hidden, model.layers
+            ));
+        }
+        let id = format!(
+            "{name}-h{}-l{}-a{}{}-seed{}",
+            model.hidden,
+            model.layers,
+            model.heads,
+            model
+                .labels
+                .map_or_else(|| "-encoder".to_owned(), |n| format!("-cls{n}")),
+            model.seed
+        );
+        Ok(Self {
+            dir: cache.join("random").join(&id),
+            label: format!("random:{id} ({RANDOM_NOTE})"),
+            model,
+            id,
+        })
     }
-    if model.hidden == 0 || model.layers == 0 || model.heads == 0 {
-        return Err("`hidden`, `layers` and `heads` must be at least 1".into());
+
+    /// Whether the model is in the cache already.
+    pub fn is_written(&self) -> bool {
+        self.dir.join("tokenizer.json").is_file()
     }
-    if !model.hidden.is_multiple_of(model.heads) {
-        return Err(format!(
-            "`hidden` ({}) must be a multiple of `heads` ({})",
-            model.hidden, model.heads
-        ));
-    }
-    if model.hidden > 4096 || model.layers > 48 {
-        return Err(format!(
-            "hidden {} and {} layers are beyond the limits (4096, 48)",
-            model.hidden, model.layers
-        ));
-    }
-    let id = format!(
-        "{name}-h{}-l{}-a{}{}-seed{}",
-        model.hidden,
-        model.layers,
-        model.heads,
-        model
-            .labels
-            .map_or_else(|| "-encoder".to_owned(), |n| format!("-cls{n}")),
-        model.seed
-    );
-    let dir = cache.join("random").join(&id);
-    if !dir.join("tokenizer.json").is_file() {
-        // Written elsewhere and renamed: a crash leaves no half model.
-        let tmp = cache
-            .join("random")
-            .join(format!("{id}.tmp{}", std::process::id()));
+
+    /// Writes the weights and tokenizer (elsewhere, then renamed: a crash
+    /// leaves no half model).
+    pub fn write(&self) -> Result<(), String> {
+        let parent = self.dir.parent().unwrap_or(&self.dir);
+        let tmp = parent.join(format!("{}.tmp{}", self.id, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        model
+        self.model
             .write(&tmp)
             .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        write_tokenizer(&tmp, model.vocab).map_err(|e| format!("{}: {e}", tmp.display()))?;
-        let _ = std::fs::remove_dir_all(&dir);
-        std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+        write_tokenizer(&tmp, self.model.vocab).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let _ = std::fs::remove_dir_all(&self.dir);
+        std::fs::rename(&tmp, &self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))
     }
-    Ok((dir, format!("random:{id} ({RANDOM_NOTE})")))
 }
 
 /// A word-level tokenizer over the built-in sentences' words (lower-cased,

@@ -118,6 +118,7 @@ fn setup() -> (tempfile::TempDir, PlanOptions) {
         model_cache: dir.path().join("cache"),
         known_backends: vec!["mock".into(), "mock-ref".into()],
         tools: None,
+        preparation: handoff_suite::Preparation::Build,
     };
     (dir, options)
 }

@@ -12,6 +12,7 @@ fn options(dir: &Path) -> PlanOptions {
             .map(String::from)
             .to_vec(),
         tools: None,
+        preparation: handoff_suite::Preparation::Build,
     }
 }
 

@@ -13,6 +13,7 @@ fn options(dir: &Path) -> PlanOptions {
         model_cache: dir.join("cache"),
         known_backends: ["ort", "mock"].map(String::from).to_vec(),
         tools: None,
+        preparation: handoff_suite::Preparation::Build,
     }
 }
 

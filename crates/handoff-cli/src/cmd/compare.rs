@@ -234,7 +234,11 @@ impl AbCmd {
         )
         .with_context(|| format!("{}", suite.display()))?;
         // Relative paths in the suite still resolve from its directory.
-        let plan = Plan::from_str(&suite, &ab, &plan_options(registry))?;
+        let plan = Plan::from_str(
+            &suite,
+            &ab,
+            &plan_options(registry, handoff_suite::Preparation::Build),
+        )?;
         let out = out.unwrap_or_else(|| {
             PathBuf::from("reports").join(format!("ab-{model}-{}", timestamp()))
         });

@@ -1,4 +1,5 @@
-//! `handoff run` and `handoff validate`: a suite measured, or its cases listed.
+//! `handoff run`, `handoff validate` and `handoff prepare`: a suite
+//! measured, its cases listed, or its models made ready.
 
 use std::io::Write;
 use std::path::{Path, PathBuf};
@@ -9,7 +10,7 @@ use anyhow::{Context, Result};
 use handoff_backend::Registry;
 use handoff_runner::isolate::WorkerCommand;
 use handoff_runner::{Observer, ResultRecord, RunOptions, Runner};
-use handoff_suite::{Case, Plan};
+use handoff_suite::{Case, Plan, Preparation};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backends::{ensure_ort, plan_options};
@@ -38,7 +39,13 @@ impl RunCmd {
             seed,
             run,
         } = self;
-        let mut plan = Plan::from_file(&suite, &plan_options(registry))?;
+        // A dry run shows what the run would do without doing any of it.
+        let preparation = if dry_run {
+            Preparation::Describe
+        } else {
+            Preparation::Build
+        };
+        let mut plan = Plan::from_file(&suite, &plan_options(registry, preparation))?;
         if let Some(seed) = seed {
             plan.seed = seed;
         }
@@ -75,6 +82,9 @@ impl RunCmd {
 }
 
 /// Check a suite and print its expanded cases (like `run --dry-run`).
+/// Downloads, converts, quantises and runs nothing: what `handoff run`
+/// would still build is listed, and its cases with it once it is built
+/// (`handoff prepare`).
 #[derive(clap::Args)]
 pub struct ValidateCmd {
     pub suite: PathBuf,
@@ -86,8 +96,26 @@ pub struct ValidateCmd {
 impl ValidateCmd {
     pub fn run(self, registry: &Arc<Registry>) -> Result<ExitCode> {
         let Self { suite, json } = self;
-        let plan = Plan::from_file(&suite, &plan_options(registry))?;
+        let plan = Plan::from_file(&suite, &plan_options(registry, Preparation::Describe))?;
         print_plan(&plan, json, &|_| true)?;
+        Ok(ExitCode::SUCCESS)
+    }
+}
+
+/// Make everything a suite's cases need - download, convert, generate,
+/// quantise, lower and check each model - without measuring, then print
+/// the cases. `handoff run` does the same first; a CI job can prepare in
+/// one step (and cache `.cache/models`) and measure in the next.
+#[derive(clap::Args)]
+pub struct PrepareCmd {
+    pub suite: PathBuf,
+}
+
+impl PrepareCmd {
+    pub fn run(self, registry: &Arc<Registry>) -> Result<ExitCode> {
+        ensure_ort(false);
+        let plan = Plan::from_file(&self.suite, &plan_options(registry, Preparation::Build))?;
+        print_plan(&plan, false, &|_| true)?;
         Ok(ExitCode::SUCCESS)
     }
 }
@@ -199,7 +227,7 @@ pub fn run_plan(
         match crate::roofline::measure_peak(
             registry,
             &plan.threads,
-            &plan_options(registry).model_cache,
+            &handoff_backend::home::model_cache_dir(),
         ) {
             Ok(p) => std::fs::write(&peak_file, serde_json::to_vec_pretty(&p)?)?,
             Err(e) => eprintln!("warning: no matmul peak for the roofline: {e}"),
@@ -301,6 +329,15 @@ fn print_plan(plan: &Plan, json: bool, keep: &dyn Fn(&Case) -> bool) -> Result<(
     }
     for n in plan.not_run() {
         writeln!(out, "  not run: {n}")?;
+    }
+    if !plan.pending.is_empty() {
+        writeln!(
+            out,
+            "  still to prepare (`handoff run` or `handoff prepare` does it; this command does not):"
+        )?;
+        for p in &plan.pending {
+            writeln!(out, "    - {p}")?;
+        }
     }
     writeln!(
         out,

@@ -2,12 +2,9 @@
 
 use std::path::PathBuf;
 use std::process::ExitCode;
-use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use handoff_backend::{Probe, Registry};
-
-use crate::backends::plan_options;
 
 /// Fetch what runs need (libonnxruntime from the PyPI wheel) into the cache.
 #[derive(clap::Args)]
@@ -71,7 +68,7 @@ pub struct GilCmd {
 }
 
 impl GilCmd {
-    pub fn run(self, registry: &Arc<Registry>) -> Result<ExitCode> {
+    pub fn run(self) -> Result<ExitCode> {
         let Self {
             tokenizer,
             workers,
@@ -86,7 +83,7 @@ impl GilCmd {
         let tokenizer = match tokenizer {
             Some(t) => t,
             None => minilm()
-                .fetch(&plan_options(registry).model_cache)?
+                .fetch(&handoff_backend::home::model_cache_dir())?
                 .join("tokenizer.json"),
         };
         let python = handoff_python::interpreter().map_err(anyhow::Error::msg)?;
