@@ -18,7 +18,7 @@ use serde::{Deserialize, Serialize};
 
 pub use tensor::{
     DType, Fill, Parity, Tensor, TensorData, TensorSpec, compare, load_tensors, min_row_cosine,
-    save_tensors,
+    read_pb, save_tensors, write_pb,
 };
 
 /// Where a case runs.

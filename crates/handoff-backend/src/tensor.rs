@@ -92,6 +92,9 @@ pub enum Fill {
     /// Explicit values (token ids from a tokenizer), repeated if shorter
     /// than the tensor.
     Values(Vec<i64>),
+    /// A serialised `TensorProto` (ONNX test data, `input_K.pb`), checked
+    /// against the spec's dtype and shape when the plan is built.
+    File(std::path::PathBuf),
 }
 
 /// A concrete input: every dimension known.
@@ -113,6 +116,18 @@ impl TensorSpec {
         let mut rng = SplitMix64::new(seed ^ fnv1a(self.name.as_bytes()));
         let n = self.numel();
         let data = match (self.dtype, &self.fill) {
+            (_, Fill::File(path)) => {
+                // The plan read and checked the file; failing here means it
+                // changed since, which no input can stand in for.
+                let t = read_pb(path).unwrap_or_else(|e| panic!("input `{}`: {e}", self.name));
+                assert_eq!(
+                    (t.data.dtype(), &t.shape),
+                    (self.dtype, &self.shape),
+                    "{} changed since the plan was built",
+                    path.display()
+                );
+                t.data
+            }
             (dtype, Fill::Values(v)) => {
                 let at = |i: usize| if v.is_empty() { 0 } else { v[i % v.len()] };
                 match dtype {
@@ -277,6 +292,74 @@ pub fn compare(
 pub enum TensorFileError {
     #[error("cannot read/write tensors at {path}: {detail}")]
     Io { path: String, detail: String },
+}
+
+/// Reads a serialised ONNX `TensorProto` (`input_0.pb`, `output_0.pb` of
+/// the ONNX test-data layout) of f32, i64 or i32.
+pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
+    let err = |detail: String| TensorFileError::Io {
+        path: path.display().to_string(),
+        detail,
+    };
+    let t = handoff_onnx::inspect::read_tensor(path).map_err(|e| err(e.to_string()))?;
+    let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
+    let raw = |size: usize| t.raw_data.chunks_exact(size);
+    let elem = handoff_onnx::ElemType::from_onnx(t.data_type);
+    let data = match elem {
+        handoff_onnx::ElemType::F32 if t.raw_data.is_empty() => TensorData::F32(t.float_data),
+        handoff_onnx::ElemType::F32 => TensorData::F32(
+            raw(4)
+                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+        ),
+        handoff_onnx::ElemType::I64 if t.raw_data.is_empty() => TensorData::I64(t.int64_data),
+        handoff_onnx::ElemType::I64 => TensorData::I64(
+            raw(8)
+                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
+                .collect(),
+        ),
+        handoff_onnx::ElemType::I32 if t.raw_data.is_empty() => TensorData::I32(t.int32_data),
+        handoff_onnx::ElemType::I32 => TensorData::I32(
+            raw(4)
+                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
+                .collect(),
+        ),
+        other => {
+            return Err(err(format!(
+                "{other} tensors are not supported (f32, i64, i32)"
+            )));
+        }
+    };
+    Ok(Tensor {
+        name: t.name,
+        shape,
+        data,
+    })
+}
+
+/// Writes `tensor` as a serialised ONNX `TensorProto` (raw data).
+pub fn write_pb(path: &Path, tensor: &Tensor) -> Result<(), TensorFileError> {
+    use handoff_onnx::ElemType;
+    let (elem, raw): (ElemType, Vec<u8>) = match &tensor.data {
+        TensorData::F32(v) => (
+            ElemType::F32,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        TensorData::I64(v) => (
+            ElemType::I64,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+        TensorData::I32(v) => (
+            ElemType::I32,
+            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        ),
+    };
+    let dims: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
+    let proto = handoff_onnx::builder::tensor(&tensor.name, elem, &dims, raw);
+    std::fs::write(path, proto.encode_to_bytes()).map_err(|e| TensorFileError::Io {
+        path: path.display().to_string(),
+        detail: e.to_string(),
+    })
 }
 
 /// Saves tensors (safetensors format) so a reference computed in one process

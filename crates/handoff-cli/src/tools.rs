@@ -97,6 +97,30 @@ fn run_model(
     p.outputs()
 }
 
+/// The op `backend` stops at on `onnx` when it is one handoff can lower
+/// (`None`: it ran, or failed for another reason, which its cells will
+/// say).
+pub fn lowerable_gap(
+    registry: &Registry,
+    backend: &str,
+    onnx: &Path,
+    specs: &[TensorSpec],
+) -> Option<String> {
+    let b = registry.get(backend)?;
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    // A runtime that panics on the model is not a lowering question.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_once(b, onnx, None, &inputs, specs)
+    }));
+    match result {
+        Ok(Err(BackendError::Unsupported(reason))) => reason
+            .strip_prefix("op ")
+            .filter(|op| LOWERABLE.contains(op))
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
 fn candle_threads() -> usize {
     std::env::var("RAYON_NUM_THREADS")
         .ok()

@@ -226,3 +226,203 @@ fn init_on_an_hf_directory_writes_a_text_suite_that_validates() {
     );
     assert!(String::from_utf8_lossy(&o.stdout).contains("/candle-native/"));
 }
+
+/// A model shipped with reference data in the ONNX test-data layout: the
+/// first set's inputs are what runs (so its batch, not the suite's), and
+/// every backend is checked against the recorded outputs of every set; a
+/// backend that differs is a `mismatch` with no numbers.
+#[test]
+fn recorded_outputs_in_the_onnx_test_data_layout_check_every_backend() {
+    use handoff_backend::{Tensor, TensorData, write_pb};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let w: Vec<f32> = (0..12).map(|i| (i as f32 - 5.5) / 4.0).collect();
+    let b = [0.5f32, -1.0, 0.25];
+    let mut g = GraphBuilder::new("affine");
+    let x = g.input("x", ElemType::F32, &[D::Sym("N"), D::Fixed(4)]);
+    let wn = g.init_f32("w", &[4, 3], w.clone());
+    let bn = g.init_f32("b", &[3], b.to_vec());
+    let xw = g.node("MatMul", &[&x, &wn], vec![]);
+    g.node_to("Add", &[&xw, &bn], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Sym("N"), D::Fixed(3)]);
+    write_model(&g.finish(13), &d.join("affine.onnx")).unwrap();
+    let affine = |xs: &[f32]| -> Vec<f32> {
+        xs.chunks(4)
+            .flat_map(|row| {
+                (0..3).map(|c| b[c] + (0..4).map(|k| row[k] * w[k * 3 + c]).sum::<f32>())
+            })
+            .collect()
+    };
+    let tensor = |name: &str, shape: Vec<usize>, v: Vec<f32>| Tensor {
+        name: name.into(),
+        shape,
+        data: TensorData::F32(v),
+    };
+    // Set 0 unnamed (matched by position), set 1 named.
+    let write_set = |k: usize, names: (&str, &str), xs: Vec<f32>, nudge: f32| {
+        let set = d.join(format!("data/test_data_set_{k}"));
+        std::fs::create_dir_all(&set).unwrap();
+        let mut ys = affine(&xs);
+        ys[4] += nudge;
+        write_pb(&set.join("input_0.pb"), &tensor(names.0, vec![2, 4], xs)).unwrap();
+        write_pb(&set.join("output_0.pb"), &tensor(names.1, vec![2, 3], ys)).unwrap();
+    };
+    let xs0: Vec<f32> = (0..8).map(|i| i as f32 / 8.0).collect();
+    let xs1: Vec<f32> = (0..8).map(|i| 1.0 - i as f32 / 3.0).collect();
+    write_set(0, ("", ""), xs0, 0.0);
+    write_set(1, ("x", "y"), xs1.clone(), 0.0);
+    std::fs::write(
+        d.join("s.yaml"),
+        "name: expected
+models:
+  - id: affine
+    source: {onnx: affine.onnx}
+    check: {expected: data, atol: 1.0e-5}
+backends: [ort, tract]
+batch: [1, 2]
+measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2, processes: 1, rounds: 3}
+",
+    )
+    .unwrap();
+    let o = handoff(&["validate", "s.yaml"], d);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    assert!(
+        text.contains(
+            "affine: b1 not run: batch is fixed at 2 (the inputs are the expected data in"
+        ),
+        "{text}"
+    );
+    let records = common::run_ok(d, "s.yaml", "good");
+    assert_eq!(records.len(), 2, "{records:?}");
+    for r in &records {
+        assert_eq!(r.status, Status::Ok, "{r:?}");
+        assert_eq!(r.case.batch, 2);
+        let e = r
+            .expected
+            .as_ref()
+            .expect("checked against the recorded outputs");
+        assert!(
+            e.ok && e.reference == "expected outputs (2 data sets)",
+            "{e:?}"
+        );
+        assert!(e.max_abs < 1e-5, "{e:?}");
+    }
+    let md = std::fs::read_to_string(d.join("good/summary.md")).unwrap();
+    assert!(md.contains("expected outputs (2 data sets): ok"), "{md}");
+    // The second set's recorded output is off by 0.01: every backend fails
+    // the check there, and no case has numbers.
+    write_set(1, ("x", "y"), xs1, 0.01);
+    let o = handoff(&["run", "s.yaml", "--out", "bad", "--quiet"], d);
+    assert_ne!(
+        o.status.code(),
+        Some(2),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let bad = read_results(&d.join("bad/results.jsonl")).unwrap().records;
+    assert_eq!(bad.len(), 2);
+    for r in &bad {
+        assert_eq!(r.status, Status::Mismatch, "{r:?}");
+        let reason = r.reason.as_deref().unwrap_or_default();
+        assert!(
+            reason.contains("test_data_set_1: max abs 1.000e-2"),
+            "{reason}"
+        );
+        assert!(r.latency_ms.is_none() && r.samples_ms.is_empty(), "{r:?}");
+    }
+    // Data the model cannot take is a located error before anything runs.
+    write_pb(
+        &d.join("data/test_data_set_1/input_0.pb"),
+        &tensor("x", vec![2, 5], vec![0.0; 10]),
+    )
+    .unwrap();
+    let o = handoff(&["validate", "s.yaml"], d);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("s.yaml:5:13: models[0].check.expected:")
+            && err.contains("has shape [2, 5]; input `x: f32[N, 4]` does not take it"),
+        "{err}"
+    );
+}
+
+/// What `handoff init` finds by running and reading around the model: a
+/// backend that lacks an op handoff lowers gets `lower_for`, and recorded
+/// data beside the model (the ONNX model zoo layout) becomes the suite's
+/// inputs and expected outputs.
+#[test]
+fn init_probes_for_lowerable_ops_and_uses_recorded_data_beside_the_model() {
+    use handoff_backend::{Tensor, TensorData, write_pb};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    std::fs::create_dir_all(d.join("suites")).unwrap();
+    // LayerNormalization: candle-onnx lacks it, handoff rewrites it.
+    std::fs::create_dir_all(d.join("ln")).unwrap();
+    let mut g = GraphBuilder::new("ln");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    let scale = g.init_f32("scale", &[8], vec![1.0; 8]);
+    let bias = g.init_f32("bias", &[8], vec![0.0; 8]);
+    g.node_to("LayerNormalization", &[&x, &scale, &bias], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    write_model(&g.finish(17), &d.join("ln/model.onnx")).unwrap();
+    // A model zoo directory: the model and one recorded data set (batch 3).
+    std::fs::create_dir_all(d.join("zoo/test_data_set_0")).unwrap();
+    let mut g = GraphBuilder::new("zoo");
+    relu_each(&mut g, &[("x", &[D::Sym("N"), D::Fixed(4)])]);
+    write_model(&g.finish(13), &d.join("zoo/model.onnx")).unwrap();
+    let xs: Vec<f32> = (0..12).map(|i| i as f32 - 6.0).collect();
+    let ys: Vec<f32> = xs.iter().map(|v| v.max(0.0)).collect();
+    for (file, v) in [("input_0.pb", xs), ("output_0.pb", ys)] {
+        let t = Tensor {
+            name: String::new(),
+            shape: vec![3, 4],
+            data: TensorData::F32(v),
+        };
+        write_pb(&d.join("zoo/test_data_set_0").join(file), &t).unwrap();
+    }
+    let init = |name: &str| {
+        let suite = format!("suites/{name}.yaml");
+        let o = handoff(&["init", &format!("{name}/model.onnx"), "--out", &suite], d);
+        assert_eq!(
+            o.status.code(),
+            Some(0),
+            "{}",
+            String::from_utf8_lossy(&o.stderr)
+        );
+        let text = std::fs::read_to_string(d.join(&suite)).unwrap();
+        let v = handoff(&["validate", &suite], d);
+        let listed = String::from_utf8_lossy(&v.stdout).into_owned();
+        assert_eq!(
+            v.status.code(),
+            Some(0),
+            "{text}\n{}",
+            String::from_utf8_lossy(&v.stderr)
+        );
+        (text, listed)
+    };
+    let (text, listed) = init("ln");
+    if text.contains("candle-onnx") {
+        assert!(text.contains("lower_for: [candle-onnx]"), "{text}");
+        assert!(
+            listed.contains("ln: run it on candle-onnx and lower the ops candle-onnx lacks"),
+            "{listed}"
+        );
+    }
+    assert!(
+        !text.contains("lower_for: [ort") && !text.contains("lower_for: [tract"),
+        "{text}"
+    );
+    let (text, listed) = init("zoo");
+    assert!(text.contains("check: {expected: ../zoo}"), "{text}");
+    assert!(
+        text.contains("batch: [3]") && !text.contains("inputs:"),
+        "{text}"
+    );
+    assert!(listed.contains("zoo/ort/cpu/t1/b3"), "{listed}");
+}

@@ -238,6 +238,28 @@ pub fn read_model(path: &Path) -> Result<ModelProto, OnnxError> {
     decode(path, &bytes)
 }
 
+/// A serialised `TensorProto`, as in the ONNX test-data layout
+/// (`test_data_set_N/input_K.pb`), checked like an initializer.
+pub fn read_tensor(path: &Path) -> Result<TensorProto, OnnxError> {
+    let bytes = std::fs::read(path).map_err(|source| OnnxError::Read {
+        path: path.to_owned(),
+        source,
+    })?;
+    let invalid = |detail: String| OnnxError::Invalid {
+        path: path.to_owned(),
+        detail,
+    };
+    let t = TensorProto::decode(bytes.as_slice()).map_err(|e| OnnxError::Decode {
+        path: path.to_owned(),
+        detail: e.to_string(),
+    })?;
+    if t.data_location == 1 || !t.external_data.is_empty() {
+        return Err(invalid("the tensor's data is in an external file".into()));
+    }
+    check_initializer(&t).map_err(invalid)?;
+    Ok(t)
+}
+
 pub fn sha256_hex(bytes: &[u8]) -> String {
     let digest = Sha256::digest(bytes);
     digest.iter().map(|b| format!("{b:02x}")).collect()

@@ -182,6 +182,12 @@ pub struct TensorProto {
     pub data_location: i32,
 }
 
+impl TensorProto {
+    pub fn encode_to_bytes(&self) -> Vec<u8> {
+        self.encode_to_vec()
+    }
+}
+
 impl ModelProto {
     pub fn encode_to_bytes(&self) -> Vec<u8> {
         self.encode_to_vec()

@@ -108,6 +108,10 @@ fn notes(r: &ResultRecord) -> String {
             (lat.p50 - inner.p50) * 1e3
         ));
     }
+    // A failed check is already the reason of a `mismatch`.
+    if let Some(e) = r.expected.as_ref().filter(|e| e.ok) {
+        n.push(format!("{}: ok, max abs {:.0e}", e.reference, e.max_abs));
+    }
     if let Some(a) = &r.accuracy {
         n.push(format!(
             "{}{}: cos {:.4} vs fp32{}",

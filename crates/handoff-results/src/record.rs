@@ -83,6 +83,10 @@ pub struct ResultRecord {
     pub stop: Option<StopReason>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub parity: Option<Parity>,
+    /// The check against the outputs the model's author recorded
+    /// (`check.expected`): worst over every data set.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub expected: Option<Parity>,
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub machine: Option<MachineLoad>,
     #[serde(skip_serializing_if = "Option::is_none", default)]

@@ -750,6 +750,10 @@ impl<'a> Runner<'a> {
                 }
                 _ => Default::default(),
             },
+            expected: match &mode {
+                JobMode::Measure { .. } => model.expected.as_deref().cloned(),
+                JobMode::Reference { .. } => None,
+            },
             mode,
             rounds: false,
         }
@@ -1021,6 +1025,7 @@ impl<'a> Runner<'a> {
             throughput_items_s: throughput,
             stop: report.stop,
             parity: report.parity,
+            expected: report.expected,
             machine: report.machine,
             peak_rss_mb: report.peak_rss_mb,
             wall_s: Some((wall_s * 1000.0).round() / 1000.0),

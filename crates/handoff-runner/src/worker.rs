@@ -9,6 +9,7 @@ use handoff_backend::{
     BackendError, ExecutionKind, ModelRef, Parity, PrepareOptions, Prepared, Probe, Registry,
     Tensor, compare, load_tensors, min_row_cosine, save_tensors,
 };
+use handoff_suite::expected::Expected;
 use handoff_suite::{Case, LoadTarget, Measure, Scenario};
 use serde::{Deserialize, Serialize};
 
@@ -48,6 +49,9 @@ pub struct Job {
     /// it.
     #[serde(default, skip_serializing_if = "std::collections::BTreeMap::is_empty")]
     pub env: std::collections::BTreeMap<String, String>,
+    /// Recorded outputs to check the backend against before measuring.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub expected: Option<Expected>,
 }
 
 /// What the parent asks a worker measuring in rounds to do next.
@@ -116,6 +120,9 @@ pub struct WorkerReport {
     pub warmup_runs: u64,
     pub stop: Option<StopReason>,
     pub parity: Option<Parity>,
+    /// The check against recorded outputs (`Job::expected`).
+    #[serde(default)]
+    pub expected: Option<Parity>,
     pub machine: Option<MachineLoad>,
     pub peak_rss_mb: Option<f64>,
     /// Load scenarios: rates, saturation, peak search.
@@ -148,6 +155,85 @@ impl WorkerReport {
         self.peak_rss_mb = peak_rss_mb();
         self
     }
+}
+
+/// Runs every recorded data set and compares the outputs with the
+/// recorded ones (`first`: the outputs on `inputs`, which are the first
+/// set's); leaves `inputs` bound for the timed runs. The result is the
+/// worst set: largest differences, and the first set that failed.
+fn check_expected(
+    prepared: &mut dyn Prepared,
+    first: &[Tensor],
+    inputs: &[Tensor],
+    expected: &Expected,
+) -> Result<Parity, BackendError> {
+    let n = expected.sets.len();
+    let mut worst = Parity {
+        reference: format!(
+            "expected outputs ({n} data set{})",
+            if n == 1 { "" } else { "s" }
+        ),
+        max_abs: 0.0,
+        max_rel: 0.0,
+        atol: expected.atol,
+        rtol: expected.rtol,
+        ok: true,
+        detail: None,
+        min_cosine: None,
+    };
+    let mut rebind = false;
+    for (k, set) in expected.sets.iter().enumerate() {
+        let set_inputs: Vec<Tensor> = set.inputs.iter().map(|s| s.generate(0)).collect();
+        let got = if k == 0 && set_inputs == inputs {
+            first.to_vec()
+        } else {
+            rebind = true;
+            prepared.bind(&set_inputs)?;
+            prepared.run()?;
+            prepared.outputs()?
+        };
+        let mut want = Vec::new();
+        let mut picked = Vec::new();
+        for o in &set.outputs {
+            want.push(
+                handoff_backend::read_pb(&o.path).map_err(|e| {
+                    BackendError::Failed(format!("expected output `{}`: {e}", o.name))
+                })?,
+            );
+            picked.push(got.get(o.index).cloned().ok_or_else(|| {
+                BackendError::Failed(format!(
+                    "the backend gave {} outputs; the expected data has output `{}` at {}",
+                    got.len(),
+                    o.name,
+                    o.index
+                ))
+            })?);
+        }
+        let p = compare(
+            &picked,
+            &want,
+            &worst.reference,
+            expected.atol,
+            expected.rtol,
+        );
+        worst.max_abs = worst.max_abs.max(p.max_abs);
+        worst.max_rel = worst.max_rel.max(p.max_rel);
+        if !p.ok && worst.ok {
+            worst.ok = false;
+            worst.detail = Some(format!(
+                "{}: {}",
+                set.name,
+                p.detail.unwrap_or_else(|| format!(
+                    "max abs {:.3e} > atol {:.0e} + rtol {:.0e} x |expected|",
+                    p.max_abs, expected.atol, expected.rtol
+                ))
+            ));
+        }
+    }
+    if rebind {
+        prepared.bind(inputs)?;
+    }
+    Ok(worst)
 }
 
 /// Runs a job to completion and says what happened; never panics on a
@@ -267,6 +353,25 @@ pub fn execute_job_linked(
             }
         }
         JobMode::Measure { reference: None } => {}
+    }
+    if let Some(expected) = &job.expected {
+        let check = match check_expected(prepared.as_mut(), &outputs, &inputs, expected) {
+            Ok(c) => c,
+            Err(e) => return report.fail(&e),
+        };
+        let ok = check.ok;
+        let detail = check.detail.clone();
+        report.expected = Some(check);
+        if !ok {
+            report.status = Some(Status::Mismatch);
+            report.reason = Some(format!(
+                "outputs differ from the expected outputs in {}: {}",
+                expected.dir.display(),
+                detail.unwrap_or_default()
+            ));
+            report.peak_rss_mb = peak_rss_mb();
+            return report;
+        }
     }
     drop(outputs);
     match &case.scenario {

@@ -20,10 +20,16 @@ pub fn onnx_backends(available: &[String]) -> Vec<String> {
 
 /// A starter suite for the ONNX file at `model`, which the suite will name
 /// as `model_in_suite` (relative to where the suite is written).
+///
+/// Recorded data beside the model (`test_data_set_N/`, the ONNX model zoo
+/// layout) becomes `check: {expected: ...}`: the suite runs that data and
+/// checks every backend against its outputs. `lower_for`: backends found to
+/// lack an op handoff can rewrite (the CLI probes them).
 pub fn onnx_suite(
     model: &Path,
     model_in_suite: &str,
     backends: &[String],
+    lower_for: &[String],
 ) -> Result<String, String> {
     // Read once: the summary and the graph come from the same bytes.
     let bytes =
@@ -159,6 +165,15 @@ pub fn onnx_suite(
             shape.join(", ")
         ));
     }
+    let data_dir = model.parent().unwrap_or(Path::new("."));
+    let recorded = if data_dir.join("test_data_set_0").is_dir() {
+        Some(
+            crate::expected::load(data_dir, &info, 1e-4, 1e-3)
+                .map(|(e, _)| e.sets[0].inputs.clone()),
+        )
+    } else {
+        None
+    };
     let mut out = String::new();
     let _ = writeln!(
         out,
@@ -171,17 +186,63 @@ pub fn onnx_suite(
     out.push_str("models:\n");
     let _ = writeln!(out, "  - id: {}", yaml_str(&id));
     let _ = writeln!(out, "    source: {{onnx: {}}}", yaml_str(model_in_suite));
-    out.push_str("    inputs:\n");
-    for l in lines {
-        out.push_str(&l);
+    if !lower_for.is_empty() {
+        let _ = writeln!(
+            out,
+            "    # Run here, {} lacked an op handoff rewrites into primitives: the\n    # model also runs as `{id}+lowered` (checked against the original on ort).\n    lower_for: [{}]",
+            lower_for.join(" and "),
+            lower_for.join(", ")
+        );
     }
+    let data_batch = match &recorded {
+        Some(Ok(inputs)) => {
+            let dir = Path::new(model_in_suite)
+                .parent()
+                .filter(|p| !p.as_os_str().is_empty())
+                .map_or_else(|| ".".to_owned(), |p| p.display().to_string());
+            let _ = writeln!(
+                out,
+                "    # The model ships recorded data (test_data_set_N/, the ONNX test-data\n    # layout): its inputs are what runs, and every backend is checked\n    # against its recorded outputs.\n    check: {{expected: {}}}",
+                yaml_str(&dir)
+            );
+            // As the plan counts items of fixed-shape inputs: their shared
+            // leading dim, else one.
+            let leading: Vec<usize> = inputs
+                .iter()
+                .filter_map(|t| t.shape.first().copied())
+                .collect();
+            Some(match leading.first() {
+                Some(&b) if leading.iter().all(|&l| l == b) => b as u32,
+                _ => 1,
+            })
+        }
+        other => {
+            if let Some(Err(e)) = other {
+                let _ = writeln!(
+                    out,
+                    "    # test_data_set_0/ beside the model does not fit it, so the inputs\n    # below are generated: {}",
+                    e.replace('\n', " ")
+                );
+            }
+            out.push_str("    inputs:\n");
+            for l in lines {
+                out.push_str(&l);
+            }
+            None
+        }
+    };
     let _ = writeln!(
         out,
-        "# The backends `handoff list-backends` finds here that run ONNX files.\n# If candle-onnx reports a missing op, `lower_for: [candle-onnx]` on the\n# model adds a copy with that op rewritten into primitives."
+        "# The backends `handoff list-backends` finds here that run ONNX files."
     );
     let _ = writeln!(out, "backends: [{}]", backends.join(", "));
     out.push_str("threads: [1, 2]\n");
-    if has_batch {
+    if let Some(b) = data_batch {
+        let _ = writeln!(
+            out,
+            "batch: [{b}]                     # the batch of the recorded inputs"
+        );
+    } else if has_batch {
         out.push_str("batch: [1, 8]                  # the model's batch dim is dynamic\n");
     } else {
         let b = fixed_batch.unwrap_or(1).max(1);
@@ -190,7 +251,7 @@ pub fn onnx_suite(
             "batch: [{b}]                     # no dynamic batch dim: the model runs one fixed batch"
         );
     }
-    if !dims.is_empty() {
+    if !dims.is_empty() && data_batch.is_none() {
         out.push_str("dims:\n");
         for (name, v) in &dims {
             let _ = writeln!(
@@ -266,9 +327,19 @@ fn embedding_rows(graph: &handoff_onnx::proto::GraphProto) -> BTreeMap<String, i
 }
 
 fn model_id(path: &Path) -> String {
-    let stem = path
+    let mut stem = path
         .file_stem()
         .map_or_else(|| "model".into(), |s| s.to_string_lossy().into_owned());
+    // Model zoo directories hold a `model.onnx`: the directory names it.
+    if stem == "model"
+        && let Some(dir) = path.canonicalize().ok().and_then(|p| {
+            p.parent()?
+                .file_name()
+                .map(|n| n.to_string_lossy().into_owned())
+        })
+    {
+        stem = dir;
+    }
     symbol(&stem).replace('_', "-")
 }
 

@@ -10,6 +10,7 @@
 pub mod ab;
 pub mod duration;
 pub mod error;
+pub mod expected;
 pub mod init;
 pub mod locate;
 pub mod plan;

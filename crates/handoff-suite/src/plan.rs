@@ -211,6 +211,8 @@ pub struct PlanModel {
     /// The ONNX Runtime library this model's `ort` cases load (the suite's
     /// `ort_library`), absolute; `None`: the provisioned one.
     pub ort_library: Option<PathBuf>,
+    /// Recorded outputs every backend is checked against (`check.expected`).
+    pub expected: Option<Arc<crate::expected::Expected>>,
 }
 
 /// What a precision variant is and how far it is from fp32.
@@ -763,6 +765,7 @@ fn build(
             &batch,
             &dims,
             raw.seed.unwrap_or(42),
+            &check,
         ) {
             let mut model = model;
             let before = ctx.problems.len();
@@ -889,6 +892,7 @@ fn build_model(
     suite_batch: &[u32],
     dims: &BTreeMap<String, Vec<u32>>,
     seed: u64,
+    check: &Check,
 ) -> Option<PlanModel> {
     let src = &rm.source;
     let kinds = [
@@ -1069,9 +1073,34 @@ fn build_model(
     let before = ctx.problems.len();
     let mut text = None;
     let mut kept_sentences = None;
-    let inputs = match (&rm.inputs, &hf_dir) {
-        (Some(specs), _) => check_inputs(specs, &info, path, ctx, dims),
-        (None, Some(dir)) => {
+    let mut expected = None;
+    let inputs = match (&rm.inputs, &hf_dir, &rm.check) {
+        (_, _, Some(c)) => {
+            if rm.inputs.is_some() || hf_dir.is_some() {
+                ctx.err(
+                    format!("{path}.check.expected"),
+                    "the inputs come from the expected data: drop `inputs` (and use an `onnx` or `synthetic` source, not a text model)",
+                );
+                return None;
+            }
+            let (atol, rtol) = (c.atol.unwrap_or(check.atol), c.rtol.unwrap_or(check.rtol));
+            if !(atol >= 0.0 && rtol >= 0.0) {
+                ctx.err(format!("{path}.check"), "atol and rtol must be >= 0");
+                return None;
+            }
+            match crate::expected::load(&base.join(&c.expected), &info, atol, rtol) {
+                Ok((e, inputs)) => {
+                    expected = Some(Arc::new(e));
+                    inputs
+                }
+                Err(e) => {
+                    ctx.err(format!("{path}.check.expected"), e);
+                    return None;
+                }
+            }
+        }
+        (Some(specs), _, None) => check_inputs(specs, &info, path, ctx, dims),
+        (None, Some(dir), None) => {
             let text_cfg = rm.text.clone().unwrap_or_default();
             let sentences: Vec<String> = match (&text_cfg.sentences, &text_cfg.file) {
                 (Some(_), Some(_)) => {
@@ -1125,18 +1154,21 @@ fn build_model(
             }
             text_inputs(&info, path, ctx)
         }
-        (None, None) => derive_inputs(&info, path, ctx, dims),
+        (None, None, None) => derive_inputs(&info, path, ctx, dims),
     };
     if ctx.problems.len() > before {
         return None;
     }
-    let limits = match ShapeLimits::of(&inputs, &info) {
+    let mut limits = match ShapeLimits::of(&inputs, &info) {
         Ok(l) => l,
         Err(e) => {
             ctx.err(format!("{path}.inputs"), format!("no case can run: {e}"));
             return None;
         }
     };
+    if let (Some(e), Some(p)) = (&expected, limits.batch.as_mut()) {
+        p.because = format!("the inputs are the expected data in {}", e.dir.display());
+    }
     let (batch, mut not_run) = limits.batches(&batch);
     if batch.is_empty() {
         let p = limits
@@ -1221,6 +1253,7 @@ fn build_model(
         fixed_dims,
         not_run,
         ort_library,
+        expected,
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
         verify_conversion(&model, dir, tools.as_ref(), path, ctx);
@@ -1468,6 +1501,9 @@ fn precision_variants(
                         reference_model: (name == "nnef").then(|| model.path.clone()),
                         reference_is_fp32: name == "nnef" || name == "candle-q8",
                     }),
+                    // A variant answers to fp32 through its accuracy gate,
+                    // not to allclose on the recorded outputs.
+                    expected: None,
                     ..model.clone()
                 }),
                 Err(e) => ctx.err(at, e.to_string()),
@@ -1618,7 +1654,7 @@ fn text_inputs(info: &ModelInfo, path: &str, ctx: &mut Ctx<'_>) -> Vec<InputTemp
     out
 }
 
-fn dtype_of(elem: ElemType) -> Option<DType> {
+pub(crate) fn dtype_of(elem: ElemType) -> Option<DType> {
     match elem {
         ElemType::F32 => Some(DType::F32),
         ElemType::I64 => Some(DType::I64),

@@ -125,6 +125,29 @@ pub struct RawModel {
     /// the reference backend on the provisioned library.
     #[serde(default)]
     pub ort_library: Option<PathBuf>,
+    /// Outputs the model's author recorded, to check every backend against.
+    #[serde(default)]
+    pub check: Option<RawModelCheck>,
+}
+
+/// A model's own reference data.
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelCheck {
+    /// A directory in the ONNX test-data layout, relative to the suite:
+    /// `test_data_set_N/input_K.pb` and `output_K.pb` (serialised
+    /// TensorProtos; K in the model's input and output order unless the
+    /// tensors are named). The first set's inputs become the model's inputs
+    /// (so its batch is the data's); every backend's outputs on every set
+    /// are compared with the recorded ones, and a case that differs is a
+    /// `mismatch` with no numbers.
+    pub expected: PathBuf,
+    /// Absolute tolerance (default: the suite's `check.atol`).
+    #[serde(default)]
+    pub atol: Option<f64>,
+    /// Relative tolerance (default: the suite's `check.rtol`).
+    #[serde(default)]
+    pub rtol: Option<f64>,
 }
 
 /// Where a model comes from: exactly one of the keys.

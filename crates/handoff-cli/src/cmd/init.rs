@@ -65,7 +65,15 @@ fn init(registry: &Registry, model: &Path, out: Option<&Path>, force: bool) -> R
         handoff_suite::init::hf_suite(model, &in_suite, &available)
     } else {
         let backends = handoff_suite::init::onnx_backends(&available);
-        handoff_suite::init::onnx_suite(model, &in_suite, &backends).map_err(anyhow::Error::msg)?
+        let text = handoff_suite::init::onnx_suite(model, &in_suite, &backends, &[])
+            .map_err(anyhow::Error::msg)?;
+        let lower_for = probe_lowerable(registry, model, out, &text)?;
+        if lower_for.is_empty() {
+            text
+        } else {
+            handoff_suite::init::onnx_suite(model, &in_suite, &backends, &lower_for)
+                .map_err(anyhow::Error::msg)?
+        }
     };
     match out {
         None => print!("{text}"),
@@ -81,6 +89,37 @@ fn init(registry: &Registry, model: &Path, out: Option<&Path>, force: bool) -> R
         }
     }
     Ok(ExitCode::SUCCESS)
+}
+
+/// The suite's backends that stop at an op handoff can lower, found by
+/// running each once on the suite's first case (read as the suite will be,
+/// building nothing).
+fn probe_lowerable(
+    registry: &Registry,
+    model: &Path,
+    out: Option<&Path>,
+    suite: &str,
+) -> Result<Vec<String>> {
+    let options = handoff_suite::PlanOptions {
+        model_cache: handoff_backend::home::model_cache_dir(),
+        known_backends: registry.names().into_iter().map(str::to_owned).collect(),
+        tools: None,
+        preparation: handoff_suite::Preparation::Describe,
+    };
+    // The suite names files relative to where it will be written.
+    let at = out.unwrap_or(Path::new("handoff-init.yaml"));
+    let plan = handoff_suite::Plan::from_str(at, suite, &options)?;
+    let mut found = Vec::new();
+    for backend in &plan.backends {
+        let Some(case) = plan.cases().find(|c| &c.backend == backend) else {
+            continue;
+        };
+        if let Some(op) = crate::tools::lowerable_gap(registry, backend, model, &case.inputs) {
+            eprintln!("{backend} lacks {op}, which handoff lowers: adding lower_for: [{backend}]");
+            found.push(backend.clone());
+        }
+    }
+    Ok(found)
 }
 
 /// `path` relative to `dir` (both absolute), with `..` where needed.
