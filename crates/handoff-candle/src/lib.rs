@@ -58,8 +58,9 @@ impl Backend for CandleOnnxBackend {
         }
         require_cpu(options.device)?;
         check_threads(options.threads)?;
-        let proto = candle_onnx::read_file(model.path())
+        let mut proto = candle_onnx::read_file(model.path())
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", model.path().display())))?;
+        raw_constants(&mut proto);
         let graph = proto
             .graph
             .as_ref()
@@ -71,6 +72,77 @@ impl Backend for CandleOnnxBackend {
             output_names,
             last: HashMap::new(),
         }))
+    }
+}
+
+/// Moves tensor values stored in typed fields (`float_data`, `int64_data`,
+/// `int32_data` for bool and 8/16-bit types: what older exporters write)
+/// into `raw_data`. candle-onnx reads tensor attributes (`ConstantOfShape`'s
+/// `value`, say) and bool or 8/16-bit tensors from `raw_data` only, so it
+/// saw an empty buffer ("Shape mismatch, got buffer of size 0 which is
+/// compatible with shape [1]"). The same values in the other encoding:
+/// nothing about the computation changes.
+fn raw_constants(model: &mut candle_onnx::onnx::ModelProto) {
+    fn graph(g: &mut candle_onnx::onnx::GraphProto) {
+        g.initializer.iter_mut().for_each(tensor);
+        for node in &mut g.node {
+            for attr in &mut node.attribute {
+                attr.t.iter_mut().for_each(tensor);
+                attr.tensors.iter_mut().for_each(tensor);
+                if let Some(sub) = attr.g.as_mut() {
+                    graph(sub);
+                }
+                attr.graphs.iter_mut().for_each(graph);
+            }
+        }
+    }
+    fn tensor(t: &mut candle_onnx::onnx::TensorProto) {
+        if !t.raw_data.is_empty() {
+            return;
+        }
+        let raw: Vec<u8> = if !t.float_data.is_empty() {
+            std::mem::take(&mut t.float_data)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        } else if !t.int64_data.is_empty() {
+            std::mem::take(&mut t.int64_data)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        } else if !t.double_data.is_empty() {
+            std::mem::take(&mut t.double_data)
+                .iter()
+                .flat_map(|v| v.to_le_bytes())
+                .collect()
+        } else if !t.int32_data.is_empty() {
+            // int32_data also carries bool, int8/16, uint8/16 and fp16
+            // values, one per element, in the raw width of the type.
+            use candle_onnx::onnx::tensor_proto::DataType;
+            let values = std::mem::take(&mut t.int32_data);
+            match DataType::try_from(t.data_type) {
+                Ok(DataType::Int32) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
+                Ok(DataType::Int8 | DataType::Uint8 | DataType::Bool) => {
+                    values.iter().map(|v| *v as u8).collect()
+                }
+                Ok(DataType::Int16 | DataType::Uint16 | DataType::Float16 | DataType::Bfloat16) => {
+                    values
+                        .iter()
+                        .flat_map(|v| (*v as u16).to_le_bytes())
+                        .collect()
+                }
+                _ => {
+                    t.int32_data = values;
+                    return;
+                }
+            }
+        } else {
+            return;
+        };
+        t.raw_data = raw;
+    }
+    if let Some(g) = model.graph.as_mut() {
+        graph(g);
     }
 }
 
@@ -488,5 +560,79 @@ mod tests {
             CandleOnnxBackend.probe(Device::Cuda),
             Probe::Unavailable { .. }
         ));
+    }
+
+    /// Older exporters store tensor values in `int64_data` or `float_data`;
+    /// candle-onnx reads a tensor attribute from `raw_data` only.
+    #[test]
+    fn constants_stored_in_typed_fields_are_read() {
+        use handoff_onnx::ElemType;
+        use handoff_onnx::builder::{D, GraphBuilder, write_model};
+        use handoff_onnx::proto::{AttributeProto, TensorProto, attribute_type};
+        let constant = |name: &str, t: TensorProto| AttributeProto {
+            name: name.into(),
+            r#type: attribute_type::TENSOR,
+            t: Some(t),
+            ..Default::default()
+        };
+        let mut g = GraphBuilder::new("old-export");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(6)]);
+        let shape = TensorProto {
+            dims: vec![2],
+            data_type: ElemType::I64.onnx_code(),
+            int64_data: vec![3, 4],
+            ..Default::default()
+        };
+        let half = TensorProto {
+            dims: vec![1],
+            data_type: ElemType::F32.onnx_code(),
+            float_data: vec![0.5],
+            ..Default::default()
+        };
+        g.node_to("Constant", &[], vec![constant("value", shape)], "shape");
+        // A tensor attribute: candle-onnx reads these from raw_data only.
+        g.node_to(
+            "ConstantOfShape",
+            &["shape"],
+            vec![constant("value", half)],
+            "half",
+        );
+        let r = g.node("Reshape", &[&x, "shape"], vec![]);
+        g.node_to("Mul", &[&r, "half"], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(3), D::Fixed(4)]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        write_model(&g.finish(13), &path).unwrap();
+        let model = ModelRef {
+            path: path.clone(),
+            id: "m".into(),
+            hf_dir: None,
+        };
+        let spec = handoff_backend::TensorSpec {
+            name: "x".into(),
+            dtype: handoff_backend::DType::F32,
+            shape: vec![2, 6],
+            fill: handoff_backend::Fill::Random {
+                min: -1.0,
+                max: 1.0,
+            },
+        };
+        let options = PrepareOptions {
+            device: Device::Cpu,
+            threads: candle_core::utils::get_num_threads(),
+            inputs: vec![spec.clone()],
+            options: serde_json::Value::Null,
+        };
+        let input = spec.generate(1);
+        let mut p = CandleOnnxBackend.prepare(&model, &options).unwrap();
+        p.bind(std::slice::from_ref(&input)).unwrap();
+        p.run().unwrap();
+        let out = p.outputs().unwrap();
+        assert_eq!(out[0].shape, vec![3, 4]);
+        let (TensorData::F32(got), TensorData::F32(x)) = (&out[0].data, &input.data) else {
+            panic!("f32 in and out");
+        };
+        let want: Vec<f32> = x.iter().map(|v| v * 0.5).collect();
+        assert_eq!(got, &want);
     }
 }

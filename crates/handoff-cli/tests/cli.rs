@@ -340,22 +340,13 @@ dims: {{seq: [8]}}
 
 /// Files under `dir` (path, size, modified), recursively.
 fn walkdir(dir: &Path) -> Vec<String> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walkdir(&p));
-        } else {
-            let m = e.metadata().unwrap();
-            out.push(format!(
-                "{} {} {:?}",
-                p.display(),
-                m.len(),
-                m.modified().unwrap()
-            ));
-        }
-    }
-    out
+    common::walk(dir)
+        .into_iter()
+        .map(|p| {
+            let m = std::fs::metadata(&p).unwrap();
+            format!("{} {} {:?}", p.display(), m.len(), m.modified().unwrap())
+        })
+        .collect()
 }
 
 #[test]

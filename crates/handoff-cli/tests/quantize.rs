@@ -319,7 +319,7 @@ fn a_suite_runs_variants_with_their_accuracy_and_size() {
     );
     // The sidecar records the steps and the check.
     let cache = dir.path().join("cache");
-    let sidecar = walk(&cache)
+    let sidecar = common::walk(&cache)
         .into_iter()
         .find(|p| {
             p.to_string_lossy()
@@ -351,19 +351,6 @@ fn a_suite_runs_variants_with_their_accuracy_and_size() {
         !smoothing["activations"].as_array().unwrap().is_empty(),
         "{smoothing}"
     );
-}
-
-fn walk(dir: &Path) -> Vec<std::path::PathBuf> {
-    let mut out = Vec::new();
-    for e in std::fs::read_dir(dir).into_iter().flatten().flatten() {
-        let p = e.path();
-        if p.is_dir() {
-            out.extend(walk(&p));
-        } else {
-            out.push(p);
-        }
-    }
-    out
 }
 
 #[test]
@@ -717,9 +704,9 @@ fn variants_of_a_file_outside_the_cache_are_written_into_the_cache() {
         "{}",
         String::from_utf8_lossy(&o.stderr)
     );
-    let beside: Vec<_> = walk(&d.join("theirs"));
+    let beside: Vec<_> = common::walk(&d.join("theirs"));
     assert_eq!(beside, vec![d.join("theirs/m.onnx")], "{beside:?}");
-    let made = walk(&d.join("cache/derived"));
+    let made = common::walk(&d.join("cache/derived"));
     assert!(
         made.iter()
             .any(|p| p.to_string_lossy().ends_with("m.int8-dynamic.onnx")),
