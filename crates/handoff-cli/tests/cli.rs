@@ -338,6 +338,47 @@ dims: {{seq: [8]}}
     assert_eq!(files(&d.join("cache")), before);
 }
 
+/// A suite may read a model from anywhere, and `validate` says which files
+/// lie outside the suite's directory tree.
+#[test]
+fn validate_names_files_read_from_outside_the_suites_directory() {
+    use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let spec = SyntheticSpec {
+        kind: Kind::Mlp,
+        width: 8,
+        depth: 1,
+        seed: 0,
+    };
+    for at in ["theirs/m.onnx", "suites/own.onnx"] {
+        std::fs::create_dir_all(d.join(at).parent().unwrap()).unwrap();
+        handoff_onnx::builder::write_model(&spec.build(), &d.join(at)).unwrap();
+    }
+    std::fs::write(
+        d.join("suites/s.yaml"),
+        "name: o\nmodels:\n  - id: far\n    source: {onnx: ../theirs/m.onnx}\n  - id: near\n    source: {onnx: own.onnx}\nbackends: [ort]\n",
+    )
+    .unwrap();
+    let o = handoff(&["validate", "suites/s.yaml"], d);
+    let text = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let far = d.join("theirs/m.onnx").canonicalize().unwrap();
+    assert!(
+        text.contains(&format!(
+            "reads from outside the suite's directory: models[0].source.onnx: {}",
+            far.display()
+        )),
+        "{text}"
+    );
+    assert!(!text.contains("models[1].source"), "{text}");
+}
+
 /// Files under `dir` (path, size, modified), recursively.
 fn walkdir(dir: &Path) -> Vec<String> {
     common::walk(dir)

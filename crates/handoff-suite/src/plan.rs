@@ -276,6 +276,10 @@ pub struct Plan {
     /// are not in [`Plan::cases`] until it is made. Empty for a plan built
     /// with [`Preparation::Build`].
     pub pending: Vec<String>,
+    /// Files and directories the suite reads from outside its own
+    /// directory tree, as `field: absolute path` (allowed; said by
+    /// `validate`).
+    pub outside: Vec<String>,
 }
 
 /// One measurement to make.
@@ -336,9 +340,21 @@ struct Ctx<'a> {
     problems: Vec<Problem>,
     describe: bool,
     pending: Vec<String>,
+    outside: Vec<String>,
 }
 
 impl Ctx<'_> {
+    /// Notes `path` (named at `field`) when it lies outside the suite's
+    /// directory tree: allowed for reading, but said.
+    fn read_from(&mut self, base: &Path, field: String, path: &Path) {
+        let dir = base.canonicalize().unwrap_or_else(|_| base.to_owned());
+        if let Ok(abs) = path.canonicalize()
+            && !abs.starts_with(&dir)
+        {
+            self.outside.push(format!("{field}: {}", abs.display()));
+        }
+    }
+
     /// Records a step `Preparation::Build` would take.
     fn pending(&mut self, what: impl Into<String>) {
         self.pending.push(what.into());
@@ -400,11 +416,13 @@ impl Plan {
             problems: Vec::new(),
             describe: options.preparation == Preparation::Describe,
             pending: Vec::new(),
+            outside: Vec::new(),
         };
         let base = file.parent().unwrap_or(Path::new("."));
         let mut plan = build(&raw, base, options, &mut ctx, text);
         if ctx.problems.is_empty() {
             plan.pending = ctx.pending;
+            plan.outside = ctx.outside;
             Ok(plan)
         } else {
             Err(SuiteError::Invalid(ctx.problems))
@@ -879,6 +897,7 @@ fn build(
         seed: raw.seed.unwrap_or(42),
         backend_options,
         pending: Vec::new(),
+        outside: Vec::new(),
     }
 }
 
@@ -966,6 +985,7 @@ fn build_model(
                 }
             } else {
                 let d = base.join(src.hf.as_ref().expect("one source kind"));
+                ctx.read_from(base, format!("{path}.source.hf"), &d);
                 let label = format!("hf:{}", d.display());
                 (d, label, "hf")
             };
@@ -992,6 +1012,7 @@ fn build_model(
         (Some(_), Some(_)) => unreachable!("checked above"),
         (Some(p), None) => {
             let resolved = base.join(p);
+            ctx.read_from(base, format!("{path}.source.onnx"), &resolved);
             if !resolved.is_file() {
                 ctx.err(
                     format!("{path}.source.onnx"),
@@ -1088,6 +1109,11 @@ fn build_model(
                 ctx.err(format!("{path}.check"), "atol and rtol must be >= 0");
                 return None;
             }
+            ctx.read_from(
+                base,
+                format!("{path}.check.expected"),
+                &base.join(&c.expected),
+            );
             match crate::expected::load(&base.join(&c.expected), &info, atol, rtol) {
                 Ok((e, inputs)) => {
                     expected = Some(Arc::new(e));
@@ -1102,6 +1128,9 @@ fn build_model(
         (Some(specs), _, None) => check_inputs(specs, &info, path, ctx, dims),
         (None, Some(dir), None) => {
             let text_cfg = rm.text.clone().unwrap_or_default();
+            if let Some(f) = &text_cfg.file {
+                ctx.read_from(base, format!("{path}.text.file"), &base.join(f));
+            }
             let sentences: Vec<String> = match (&text_cfg.sentences, &text_cfg.file) {
                 (Some(_), Some(_)) => {
                     ctx.err(
@@ -1216,6 +1245,9 @@ fn build_model(
         .collect();
     dim_names.sort();
     dim_names.dedup();
+    if let Some(p) = &rm.ort_library {
+        ctx.read_from(base, format!("{path}.ort_library"), &base.join(p));
+    }
     let ort_library = match &rm.ort_library {
         None => None,
         Some(p) => match base.join(p).canonicalize() {

@@ -330,6 +330,9 @@ fn print_plan(plan: &Plan, json: bool, keep: &dyn Fn(&Case) -> bool) -> Result<(
     for n in plan.not_run() {
         writeln!(out, "  not run: {n}")?;
     }
+    for o in &plan.outside {
+        writeln!(out, "  reads from outside the suite's directory: {o}")?;
+    }
     if !plan.pending.is_empty() {
         writeln!(
             out,
