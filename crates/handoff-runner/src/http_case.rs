@@ -39,6 +39,8 @@ pub struct ServerSpec {
     pub max_batch: u32,
     /// What the requests will ask (`/embed`, or `/predict` of a classifier).
     pub endpoint: Endpoint,
+    /// Dynamic batching wait of the server (`None`: each request alone).
+    pub batch_wait: Option<Duration>,
 }
 
 /// A server command and a description for the report.

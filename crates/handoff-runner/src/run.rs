@@ -821,6 +821,7 @@ impl<'a> Runner<'a> {
                 .scenario
                 .load()
                 .map_or(handoff_suite::Endpoint::Embed, |l| l.endpoint),
+            batch_wait: case.scenario.load().and_then(|l| l.batch_wait),
         };
         Ok((spec, sentences))
     }

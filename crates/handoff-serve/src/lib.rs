@@ -75,9 +75,13 @@ pub struct ServeConfig {
     pub tokenizer: PathBuf,
     /// `127.0.0.1:0` picks a free port.
     pub addr: SocketAddr,
-    /// Most texts in one request.
+    /// Most texts in one request (and in one dynamically batched call).
     pub max_batch: usize,
     pub limits: Limits,
+    /// Dynamic batching: the model thread waits up to this long after a
+    /// request for more to run with it in one call (up to `max_batch`
+    /// texts). Zero: every request runs alone, as it arrives.
+    pub batch_wait: std::time::Duration,
 }
 
 /// What a request may cost the server.
@@ -248,6 +252,7 @@ pub fn serve(
             "backend": backend.name(),
             "threads": config.threads,
             "seq": config.seq,
+            "batch_wait_ms": config.batch_wait.as_secs_f64() * 1e3,
         }),
     };
     std::thread::scope(|s| -> Result<(), ServeError> {
@@ -270,12 +275,34 @@ pub fn serve(
                     return;
                 }
             };
-            for (texts, reply) in rx {
-                // Its client gave up (timeout, closed connection): no work.
-                if reply.is_closed() {
+            let mut next = None;
+            loop {
+                let Some(first) = next.take().or_else(|| rx.recv().ok()) else {
+                    break;
+                };
+                let (mut group, carried) = gather(&rx, first, config.batch_wait, config.max_batch);
+                next = carried;
+                // Their clients gave up (timeout, closed connection): no work.
+                group.retain(|(_, reply)| !reply.is_closed());
+                if group.is_empty() {
                     continue;
                 }
-                let _ = reply.send(model.embed(&texts).map_err(|e| e.to_string()));
+                let texts: Vec<String> =
+                    group.iter().flat_map(|(t, _)| t.iter().cloned()).collect();
+                match model.embed(&texts) {
+                    Ok(rows) => {
+                        let mut rows = rows.into_iter();
+                        for (t, reply) in group {
+                            let _ = reply.send(Ok(rows.by_ref().take(t.len()).collect()));
+                        }
+                    }
+                    Err(e) => {
+                        let e = e.to_string();
+                        for (_, reply) in group {
+                            let _ = reply.send(Err(e.clone()));
+                        }
+                    }
+                }
             }
         });
         loaded_rx
@@ -300,6 +327,36 @@ pub fn serve(
         })?;
         Ok(())
     })
+}
+
+type Job = (Vec<String>, Reply);
+
+/// The requests that run with `first` in one call: those arriving within
+/// `wait` of it, while the texts fit in `max_texts`; the request that did
+/// not fit comes back to open the next call.
+fn gather(
+    rx: &mpsc::Receiver<Job>,
+    first: Job,
+    wait: std::time::Duration,
+    max_texts: usize,
+) -> (Vec<Job>, Option<Job>) {
+    let mut texts = first.0.len();
+    let mut group = vec![first];
+    if wait.is_zero() {
+        return (group, None);
+    }
+    let deadline = std::time::Instant::now() + wait;
+    while texts < max_texts {
+        match rx.recv_timeout(deadline.saturating_duration_since(std::time::Instant::now())) {
+            Ok(job) if texts + job.0.len() <= max_texts => {
+                texts += job.0.len();
+                group.push(job);
+            }
+            Ok(job) => return (group, Some(job)),
+            Err(_) => break,
+        }
+    }
+    (group, None)
 }
 
 async fn health(State(state): State<AppState>) -> Json<serde_json::Value> {

@@ -17,10 +17,16 @@ use handoff_onnx::ElemType;
 use handoff_onnx::builder::{D, GraphBuilder, write_model};
 use handoff_serve::{Limits, ServeConfig};
 
-/// 20 ms a call, one f32 per text.
+/// 20 ms a call, one f32 per text: its token count (so a test can tell
+/// whose row a client got back). Counts its calls.
 struct Slow;
 
-struct SlowSession(usize);
+struct SlowSession {
+    batch: usize,
+    tokens: Vec<f32>,
+}
+
+static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Backend for Slow {
     fn name(&self) -> &'static str {
@@ -36,23 +42,35 @@ impl Backend for Slow {
         }
     }
     fn prepare(&self, _: &ModelRef, o: &PrepareOptions) -> Result<Box<dyn Prepared>, BackendError> {
-        Ok(Box::new(SlowSession(o.inputs[0].shape[0])))
+        Ok(Box::new(SlowSession {
+            batch: o.inputs[0].shape[0],
+            tokens: Vec::new(),
+        }))
     }
 }
 
 impl Prepared for SlowSession {
-    fn bind(&mut self, _: &[Tensor]) -> Result<(), BackendError> {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        let mask = inputs.iter().find(|t| t.name == "attention_mask").unwrap();
+        let TensorData::I64(m) = &mask.data else {
+            panic!("an i64 mask")
+        };
+        self.tokens = m
+            .chunks(mask.shape[1])
+            .map(|row| row.iter().sum::<i64>() as f32)
+            .collect();
         Ok(())
     }
     fn run(&mut self) -> Result<(), BackendError> {
+        CALLS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         std::thread::sleep(Duration::from_millis(20));
         Ok(())
     }
     fn outputs(&mut self) -> Result<Vec<Tensor>, BackendError> {
         Ok(vec![Tensor {
             name: "y".into(),
-            shape: vec![self.0, 1],
-            data: TensorData::F32(vec![1.0; self.0]),
+            shape: vec![self.batch, 1],
+            data: TensorData::F32(self.tokens.clone()),
         }])
     }
 }
@@ -80,7 +98,7 @@ fn send(addr: SocketAddr, body: &[u8]) -> (u16, String, String) {
     (code, head.to_owned(), body.to_owned())
 }
 
-fn start(dir: &std::path::Path) -> SocketAddr {
+fn start(dir: &std::path::Path, queue: usize, batch_wait: Duration) -> SocketAddr {
     let mut g = GraphBuilder::new("m");
     for name in ["input_ids", "attention_mask"] {
         let x = g.input(name, ElemType::I64, &[D::Sym("batch"), D::Sym("seq")]);
@@ -113,8 +131,9 @@ fn start(dir: &std::path::Path) -> SocketAddr {
         tokenizer,
         addr: "127.0.0.1:0".parse().unwrap(),
         max_batch: 8,
+        batch_wait,
         limits: Limits {
-            queue: 2,
+            queue,
             body_bytes: 4096,
             text_bytes: 100,
             timeout: Duration::from_secs(10),
@@ -131,7 +150,7 @@ fn start(dir: &std::path::Path) -> SocketAddr {
 #[test]
 fn overload_is_shed_with_503_bad_input_gets_4xx_and_service_continues() {
     let dir = tempfile::tempdir().unwrap();
-    let addr = start(dir.path());
+    let addr = start(dir.path(), 2, Duration::ZERO);
     let ok = br#"{"texts": ["a a"]}"#;
     // Sixteen clients against a 20 ms model and a queue of two.
     let answers: Vec<(u16, String, String)> = std::thread::scope(|s| {
@@ -182,4 +201,34 @@ fn overload_is_shed_with_503_bad_input_gets_4xx_and_service_continues() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["embeddings"].as_array().unwrap().len(), n, "{text}");
     }
+}
+
+/// With a batch wait, requests that arrive together run in one call, and
+/// each client gets its own rows back.
+#[test]
+fn requests_arriving_together_run_as_one_batch() {
+    let dir = tempfile::tempdir().unwrap();
+    let addr = start(dir.path(), 16, Duration::from_secs(1));
+    let before = CALLS.load(std::sync::atomic::Ordering::SeqCst);
+    let answers: Vec<(usize, u16, String)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (1..=6)
+            .map(|k| {
+                s.spawn(move || {
+                    let body = format!(r#"{{"texts": ["{}"]}}"#, vec!["a"; k].join(" "));
+                    let (code, _, text) = send(addr, body.as_bytes());
+                    (k, code, text)
+                })
+            })
+            .collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    for (k, code, text) in &answers {
+        assert_eq!(*code, 200, "{text}");
+        let v: serde_json::Value = serde_json::from_str(text).unwrap();
+        assert_eq!(v["embeddings"], serde_json::json!([[*k as f64]]), "{text}");
+    }
+    // Six requests sent at once: fewer calls than requests (one, unless a
+    // client took over a second to connect).
+    let calls = CALLS.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!((1..6).contains(&calls), "{calls} calls for 6 requests");
 }

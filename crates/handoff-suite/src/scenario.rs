@@ -148,6 +148,12 @@ pub struct RawLoad {
     /// is (python-torch: the pipeline itself behind FastAPI); batch 1.
     #[serde(default)]
     pub endpoint: Option<Endpoint>,
+    /// `http` only: dynamic batching in `handoff serve` (`--batch-wait-ms`):
+    /// after a request the model thread waits up to this long for more and
+    /// runs them as one batch. The FastAPI services have none: their cells
+    /// say so.
+    #[serde(default)]
+    pub batch_wait: Option<HumanDuration>,
 }
 
 /// What an `http` request asks the server.
@@ -216,6 +222,9 @@ pub struct Load {
     pub min_queries: u32,
     #[serde(default, skip_serializing_if = "Endpoint::is_embed")]
     pub endpoint: Endpoint,
+    /// `http`: the server's dynamic-batching wait (none: each request alone).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub batch_wait: Option<Duration>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Serialize, Deserialize)]
@@ -237,9 +246,9 @@ impl Scenario {
             Scenario::MultiStream { streams, .. } => format!("multi-stream x{streams}"),
             Scenario::Server { load } => format!("server {}", load.target.label()),
             Scenario::Http { load } if load.endpoint == Endpoint::Predict => {
-                format!("http predict {}", load.target.label())
+                format!("http predict {}{}", load.target.label(), load.wait_label())
             }
-            Scenario::Http { load } => format!("http {}", load.target.label()),
+            Scenario::Http { load } => format!("http {}{}", load.target.label(), load.wait_label()),
         }
     }
 
@@ -251,10 +260,12 @@ impl Scenario {
             Scenario::Offline => Some("offline".into()),
             Scenario::MultiStream { streams, .. } => Some(format!("multi-stream@{streams}")),
             Scenario::Server { load } => Some(format!("server@{}", load.target.id())),
-            Scenario::Http { load } if load.endpoint == Endpoint::Predict => {
-                Some(format!("http-predict@{}", load.target.id()))
-            }
-            Scenario::Http { load } => Some(format!("http@{}", load.target.id())),
+            Scenario::Http { load } if load.endpoint == Endpoint::Predict => Some(format!(
+                "http-predict@{}{}",
+                load.target.id(),
+                load.wait_id()
+            )),
+            Scenario::Http { load } => Some(format!("http@{}{}", load.target.id(), load.wait_id())),
         }
     }
 
@@ -263,6 +274,21 @@ impl Scenario {
             Scenario::Server { load } | Scenario::Http { load } => Some(load),
             _ => None,
         }
+    }
+}
+
+impl Load {
+    /// `+wait5ms` for a batching server, for case ids.
+    fn wait_id(&self) -> String {
+        self.batch_wait.map_or_else(String::new, |d| {
+            format!("+wait{}ms", trim_float(d.as_secs_f64() * 1e3))
+        })
+    }
+
+    fn wait_label(&self) -> String {
+        self.batch_wait.map_or_else(String::new, |d| {
+            format!(", batch wait {} ms", trim_float(d.as_secs_f64() * 1e3))
+        })
     }
 }
 
@@ -383,6 +409,19 @@ pub fn build_scenarios(
                         "only `http` scenarios have an endpoint".into(),
                     );
                 }
+                let batch_wait = l.batch_wait.map(|d| d.0).filter(|d| !d.is_zero());
+                if !http && l.batch_wait.is_some() {
+                    err(
+                        format!("{p}.batch_wait"),
+                        "only `http` scenarios have a server to batch in".into(),
+                    );
+                }
+                if batch_wait.is_some_and(|d| d > Duration::from_secs(1)) {
+                    err(
+                        format!("{p}.batch_wait"),
+                        "must be at most 1s (every request waits up to this long)".into(),
+                    );
+                }
                 // One text per /predict request: batch 1 only.
                 let predict_batch = Some(vec![1]);
                 if endpoint == Endpoint::Predict
@@ -422,6 +461,7 @@ pub fn build_scenarios(
                         duration,
                         min_queries,
                         endpoint,
+                        batch_wait,
                     };
                     let scenario = if http {
                         Scenario::Http { load }

@@ -177,3 +177,20 @@ fn source_needs_exactly_one_kind() {
         "name: t\nmodels:\n  - id: m\n    source: {}\nbackends: [mock]\nthreads: [0]\n"
     ));
 }
+
+#[test]
+fn batch_wait_is_for_http_servers_and_at_most_a_second() {
+    let e = errors(&format!(
+        "{BASE}scenarios:\n  - {{server: {{qps: [5], batch_wait: 5ms}}}}\n  - {{http: {{qps: [5], batch_wait: 2s}}}}\n"
+    ));
+    assert!(
+        e.contains(
+            "scenarios[0].server.batch_wait: only `http` scenarios have a server to batch in"
+        ),
+        "{e}"
+    );
+    assert!(
+        e.contains("scenarios[1].http.batch_wait: must be at most 1s"),
+        "{e}"
+    );
+}

@@ -456,6 +456,12 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
     let exe = std::env::current_exe().context("cannot find the handoff executable")?;
     Ok(handoff_runner::ServerLauncher(Arc::new(
         move |spec: &handoff_runner::ServerSpec| {
+            if spec.backend.starts_with("python-") && spec.batch_wait.is_some() {
+                return Err((
+                    handoff_runner::Status::Unsupported,
+                    "dynamic batching (`batch_wait`) is handoff serve's; the FastAPI services run each request alone".into(),
+                ));
+            }
             if spec.backend == "python-torch" {
                 let Some(hf_dir) = &spec.hf_dir else {
                     return Err((
@@ -523,9 +529,15 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
             if let Some(d) = &spec.hf_dir {
                 cmd.arg("--hf-dir").arg(d);
             }
+            let mut server = format!("handoff serve (Rust, axum) + {}", spec.backend);
+            if let Some(w) = spec.batch_wait {
+                let ms = w.as_secs_f64() * 1e3;
+                cmd.args(["--batch-wait-ms", &ms.to_string()]);
+                server.push_str(&format!(", dynamic batching (wait {ms} ms)"));
+            }
             Ok(handoff_runner::Launch {
                 command: cmd,
-                server: format!("handoff serve (Rust, axum) + {}", spec.backend),
+                server,
             })
         },
     )))

@@ -13,7 +13,8 @@ use crate::cmd::DeviceArg;
 /// POST /embed with {"texts": ["...", ...]} answers {"embeddings":
 /// [[...], ...]} (the model's last output per text, tokenised padded to
 /// --seq); GET /health answers once the model is loaded. One model
-/// thread serves requests in arrival order. Suites measure it with the
+/// thread serves requests in arrival order (or, with --batch-wait-ms,
+/// those arriving together as one batch). Suites measure it with the
 /// `http` scenario, beside a FastAPI service for python-onnxruntime.
 ///
 ///   handoff serve models/cache/hf/<hash>/model.onnx --hf-dir DIR --port 8080
@@ -56,6 +57,11 @@ pub struct ServeCmd {
     /// Milliseconds before an unanswered request gets 504.
     #[arg(long, default_value_t = 30_000)]
     pub request_timeout_ms: u64,
+    /// Dynamic batching: after a request, wait up to this many
+    /// milliseconds for more and run them in one call (at most
+    /// --max-batch texts). 0: each request runs alone.
+    #[arg(long, default_value_t = 0.0)]
+    pub batch_wait_ms: f64,
     /// Address to listen on. Only loopback is allowed unless
     /// --allow-remote: this is a benchmark server, not a hardened one.
     #[arg(long, default_value = "127.0.0.1")]
@@ -152,6 +158,8 @@ fn serve(registry: &Registry, a: ServeCmd) -> Result<ExitCode> {
         addr,
         max_batch: a.max_batch,
         limits,
+        batch_wait: std::time::Duration::try_from_secs_f64(a.batch_wait_ms / 1e3)
+            .context("--batch-wait-ms must be a duration of 0 or more")?,
     };
     // Before loading: a port in use fails in a millisecond, not after.
     let listener = handoff_serve::bind(addr)?;
