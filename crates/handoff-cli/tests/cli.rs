@@ -313,6 +313,16 @@ dims: {{seq: [8]}}
         assert!(!text.contains("mlp@int8-dynamic/ort"), "{text}");
         assert!(!d.join("cache").exists(), "{args:?} wrote into the cache");
     }
+    // A model not fetched yet still has what the suite says of it checked.
+    let wrong = format!("{far}    backends: [tract]\n");
+    std::fs::write(d.join("s.yaml"), suite(&wrong)).unwrap();
+    let o = handoff(&["validate", "s.yaml"], d);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("models[2].backends[0]: `tract` is not among the suite's backends"),
+        "{err}"
+    );
     std::fs::write(d.join("s.yaml"), suite("")).unwrap();
     let prepared = listed(&["prepare", "s.yaml"]);
     assert!(prepared.contains("mlp@int8-dynamic/ort"), "{prepared}");

@@ -272,9 +272,9 @@ pub struct Plan {
     pub seed: u64,
     /// Validated options per backend, as JSON for the backend to read.
     pub backend_options: BTreeMap<String, serde_json::Value>,
-    /// What preparing the plan would still make, one line each; its cases
-    /// are not in [`Plan::cases`] until it is made. Empty for a plan built
-    /// with [`Preparation::Build`].
+    /// What preparing the plan would still make, one line each (a line
+    /// says when the cases of what it makes cannot be listed until then).
+    /// Empty for a plan built with [`Preparation::Build`].
     pub pending: Vec<String>,
     /// Files and directories the suite reads from outside its own
     /// directory tree, as `field: absolute path` (allowed; said by
@@ -774,7 +774,8 @@ fn build(
             );
             continue;
         }
-        if let Some(model) = build_model(
+        let (problems, pending) = (ctx.problems.len(), ctx.pending.len());
+        let built = build_model(
             rm,
             &path,
             base,
@@ -784,7 +785,18 @@ fn build(
             &dims,
             raw.seed.unwrap_or(42),
             &check,
-        ) {
+        );
+        if built.is_none() && ctx.problems.len() == problems && ctx.pending.len() > pending {
+            // Not fetched yet (`Describe`): what the suite says of the model
+            // that does not need the model is still checked.
+            check_model_backends(rm, &path, &backends, ctx);
+            if let Some(r) = &rm.scenarios {
+                build_scenarios(r, &format!("{path}.scenarios"), &backends, &mut |p, m| {
+                    ctx.err(p, m)
+                });
+            }
+        }
+        if let Some(model) = built {
             let mut model = model;
             let before = ctx.problems.len();
             model.scenarios = match &rm.scenarios {
@@ -840,16 +852,7 @@ fn build(
                     ),
                 );
             }
-            if let Some(b) = &rm.backends {
-                for (j, name) in b.iter().enumerate() {
-                    if !backends.contains(name) {
-                        ctx.err(
-                            format!("{path}.backends[{j}]"),
-                            format!("`{name}` is not among the suite's backends"),
-                        );
-                    }
-                }
-            }
+            check_model_backends(rm, &path, &backends, ctx);
             if model.ort_library.is_some() && matches!(raw.isolation, Some(RawIsolation::None)) {
                 ctx.err(
                     format!("{path}.ort_library"),
@@ -898,6 +901,18 @@ fn build(
         backend_options,
         pending: Vec::new(),
         outside: Vec::new(),
+    }
+}
+
+/// A model's `backends` must be among the suite's.
+fn check_model_backends(rm: &RawModel, path: &str, backends: &[String], ctx: &mut Ctx<'_>) {
+    for (j, name) in rm.backends.iter().flatten().enumerate() {
+        if !backends.contains(name) {
+            ctx.err(
+                format!("{path}.backends[{j}]"),
+                format!("`{name}` is not among the suite's backends"),
+            );
+        }
     }
 }
 
