@@ -261,8 +261,20 @@ pub fn serve(
         s.spawn(move || {
             let model = Model::load(backend, config).and_then(|mut m| {
                 // Compile for the common case before answering /health, so
-                // the first request does not pay for it.
-                m.embed(&["warm-up".to_owned()])?;
+                // the first request does not pay for it. A batching server
+                // makes calls of every size up to `max_batch`: it loads each
+                // batch size's session now, or a call of a new size would
+                // stall every request behind a session load.
+                let largest = if config.batch_wait.is_zero() {
+                    1
+                } else {
+                    bucket(config.max_batch)
+                };
+                let mut n = 1;
+                while n <= largest {
+                    m.embed(&vec!["warm-up".to_owned(); n])?;
+                    n *= 2;
+                }
                 Ok(m)
             });
             let mut model = match model {
