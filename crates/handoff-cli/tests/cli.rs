@@ -284,17 +284,7 @@ dims: {{seq: [8]}}
     source: {pypi: {package: handoff-no-such-package, version: 0.0.1, sha256: '0000000000000000000000000000000000000000000000000000000000000000', path: m}}
 ";
     std::fs::write(d.join("s.yaml"), suite(far)).unwrap();
-    let listed = |args: &[&str]| {
-        let o = handoff(args, d);
-        let text = String::from_utf8_lossy(&o.stdout).into_owned();
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{text}{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
-        text
-    };
+    let listed = |args: &[&str]| common::handoff_ok(args, d);
     for args in [&["validate", "s.yaml"][..], &["run", "s.yaml", "--dry-run"]] {
         let text = listed(args);
         for want in [
@@ -370,14 +360,7 @@ fn validate_names_files_read_from_outside_the_suites_directory() {
         "name: o\nmodels:\n  - id: far\n    source: {onnx: ../theirs/m.onnx}\n  - id: near\n    source: {onnx: own.onnx}\nbackends: [ort]\n",
     )
     .unwrap();
-    let o = handoff(&["validate", "suites/s.yaml"], d);
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = common::handoff_ok(&["validate", "suites/s.yaml"], d);
     let far = d.join("theirs/m.onnx").canonicalize().unwrap();
     assert!(
         text.contains(&format!(

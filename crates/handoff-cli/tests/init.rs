@@ -284,14 +284,7 @@ measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, targ
 ",
     )
     .unwrap();
-    let o = handoff(&["validate", "s.yaml"], d);
-    let text = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(
-        o.status.code(),
-        Some(0),
-        "{}",
-        String::from_utf8_lossy(&o.stderr)
-    );
+    let text = common::handoff_ok(&["validate", "s.yaml"], d);
     assert!(
         text.contains(
             "affine: b1 not run: batch is fixed at 2 (the inputs are the expected data in"
@@ -388,22 +381,9 @@ fn init_probes_for_lowerable_ops_and_uses_recorded_data_beside_the_model() {
     }
     let init = |name: &str| {
         let suite = format!("suites/{name}.yaml");
-        let o = handoff(&["init", &format!("{name}/model.onnx"), "--out", &suite], d);
-        assert_eq!(
-            o.status.code(),
-            Some(0),
-            "{}",
-            String::from_utf8_lossy(&o.stderr)
-        );
+        common::handoff_ok(&["init", &format!("{name}/model.onnx"), "--out", &suite], d);
         let text = std::fs::read_to_string(d.join(&suite)).unwrap();
-        let v = handoff(&["validate", &suite], d);
-        let listed = String::from_utf8_lossy(&v.stdout).into_owned();
-        assert_eq!(
-            v.status.code(),
-            Some(0),
-            "{text}\n{}",
-            String::from_utf8_lossy(&v.stderr)
-        );
+        let listed = common::handoff_ok(&["validate", &suite], d);
         (text, listed)
     };
     let (text, listed) = init("ln");

@@ -22,6 +22,19 @@ pub fn handoff_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
         .unwrap()
 }
 
+/// `handoff ARGS` in `dir`, which must exit 0; its stdout.
+pub fn handoff_ok(args: &[&str], dir: &Path) -> String {
+    let o = handoff(args, dir);
+    let out = String::from_utf8_lossy(&o.stdout).into_owned();
+    assert_eq!(
+        o.status.code(),
+        Some(0),
+        "handoff {args:?}:\n{out}{}",
+        String::from_utf8_lossy(&o.stderr)
+    );
+    out
+}
+
 /// `handoff run SUITE --out OUT --quiet` in `dir`, which must exit 0; the
 /// records it wrote.
 pub fn run_ok(dir: &Path, suite: &str, out: &str) -> Vec<ResultRecord> {
