@@ -148,23 +148,7 @@ fn load_set(dir: &Path, name: String, info: &ModelInfo) -> Result<ExpectedSet, S
     let mut inputs: Vec<Option<TensorSpec>> = vec![None; info.inputs.len()];
     for (k, path) in input_files.iter().enumerate() {
         let t = handoff_backend::read_pb(path).map_err(|e| e.to_string())?;
-        // Named tensors go to the input of that name; unnamed ones by
-        // position.
-        let at = if t.name.is_empty() {
-            k
-        } else {
-            info.inputs
-                .iter()
-                .position(|i| i.name == t.name)
-                .ok_or_else(|| {
-                    format!(
-                        "{} is tensor `{}`; the model's inputs are {}",
-                        path.display(),
-                        t.name,
-                        names(&info.inputs)
-                    )
-                })?
-        };
+        let at = slot(path, &t.name, k, &info.inputs, "inputs")?;
         let io = &info.inputs[at];
         if inputs[at].is_some() {
             return Err(format!(
@@ -216,21 +200,7 @@ fn load_set(dir: &Path, name: String, info: &ModelInfo) -> Result<ExpectedSet, S
     let mut outputs = Vec::new();
     for (k, path) in output_files.iter().enumerate() {
         let t = handoff_backend::read_pb(path).map_err(|e| e.to_string())?;
-        let index = if t.name.is_empty() {
-            k
-        } else {
-            info.outputs
-                .iter()
-                .position(|o| o.name == t.name)
-                .ok_or_else(|| {
-                    format!(
-                        "{} is tensor `{}`; the model's outputs are {}",
-                        path.display(),
-                        t.name,
-                        names(&info.outputs)
-                    )
-                })?
-        };
+        let index = slot(path, &t.name, k, &info.outputs, "outputs")?;
         outputs.push(ExpectedOutput {
             index,
             name: info.outputs[index].name.clone(),
@@ -244,6 +214,28 @@ fn load_set(dir: &Path, name: String, info: &ModelInfo) -> Result<ExpectedSet, S
             .map(|i| i.expect("one file per input"))
             .collect(),
         outputs,
+    })
+}
+
+/// Which of the model's inputs or outputs (`what`) the `k`-th file
+/// `path`, holding tensor `name`, stands for: the one of that name, or by
+/// position when the tensor is unnamed.
+fn slot(
+    path: &Path,
+    name: &str,
+    k: usize,
+    io: &[handoff_onnx::IoInfo],
+    what: &str,
+) -> Result<usize, String> {
+    if name.is_empty() {
+        return Ok(k);
+    }
+    io.iter().position(|i| i.name == name).ok_or_else(|| {
+        format!(
+            "{} is tensor `{name}`; the model's {what} are {}",
+            path.display(),
+            names(io)
+        )
     })
 }
 
