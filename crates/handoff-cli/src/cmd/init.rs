@@ -2,6 +2,7 @@
 
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
+use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use handoff_backend::{Probe, Registry};
@@ -24,13 +25,18 @@ pub struct InitCmd {
 }
 
 impl InitCmd {
-    pub fn run(self, registry: &Registry) -> Result<ExitCode> {
+    pub fn run(self, registry: &Arc<Registry>) -> Result<ExitCode> {
         init(registry, &self.model, self.out.as_deref(), self.force)
     }
 }
 
 /// `handoff init`: the starter suite for `model`, printed or written.
-fn init(registry: &Registry, model: &Path, out: Option<&Path>, force: bool) -> Result<ExitCode> {
+fn init(
+    registry: &Arc<Registry>,
+    model: &Path,
+    out: Option<&Path>,
+    force: bool,
+) -> Result<ExitCode> {
     if !model.exists() {
         anyhow::bail!("{} does not exist", model.display());
     }
@@ -95,17 +101,12 @@ fn init(registry: &Registry, model: &Path, out: Option<&Path>, force: bool) -> R
 /// running each once on the suite's first case (read as the suite will be,
 /// building nothing).
 fn probe_lowerable(
-    registry: &Registry,
+    registry: &Arc<Registry>,
     model: &Path,
     out: Option<&Path>,
     suite: &str,
 ) -> Result<Vec<String>> {
-    let options = handoff_suite::PlanOptions {
-        model_cache: handoff_backend::home::model_cache_dir(),
-        known_backends: registry.names().into_iter().map(str::to_owned).collect(),
-        tools: None,
-        preparation: handoff_suite::Preparation::Describe,
-    };
+    let options = crate::backends::plan_options(registry, handoff_suite::Preparation::Describe);
     // The suite names files relative to where it will be written.
     let at = out.unwrap_or(Path::new("handoff-init.yaml"));
     let plan = handoff_suite::Plan::from_str(at, suite, &options)?;
