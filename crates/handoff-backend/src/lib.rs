@@ -16,6 +16,10 @@ use std::path::{Path, PathBuf};
 
 use serde::{Deserialize, Serialize};
 
+/// Written into the source label of a model with seeded random weights (a
+/// stand-in at a real model's size); reports find stand-ins by it.
+pub const RANDOM_WEIGHTS_NOTE: &str = "random weights: outputs meaningless, speed only";
+
 pub use tensor::{
     DType, Fill, Parity, Tensor, TensorData, TensorSpec, compare, load_tensors, min_row_cosine,
     read_pb, save_tensors, write_pb,

@@ -5,6 +5,8 @@
 use std::fmt::Write;
 
 use handoff_results::{ResultRecord, Status};
+
+use crate::{fmt_ms, fmt_rate, p99};
 use serde::Serialize;
 
 /// Escapes text for HTML element content and quoted attributes.
@@ -38,29 +40,14 @@ rows.forEach(function(r){b.appendChild(r);});});});
 window.addEventListener('load',function(){var im=document.images,n=0;for(var i=0;i<im.length;i++){if(im[i].complete&&im[i].naturalWidth>0)n++;}
 document.body.setAttribute('data-images-loaded',n+'/'+im.length);});";
 
-fn num(v: Option<f64>, digits: usize) -> (String, String) {
-    match v {
-        Some(v) if v.is_finite() => (format!("{v:.digits$}"), format!("{v}")),
-        _ => ("-".into(), String::new()),
-    }
-}
-
+/// `backend t2 b8 seq=128`: a case in the chart and the recommendation.
 fn label(r: &ResultRecord) -> String {
-    let dims = crate::dim_items(r);
-    let interp = if matches!(
-        r.case.execution,
-        Some(handoff_backend::ExecutionKind::Interpreter)
-    ) {
-        " (interpreter)"
-    } else {
-        ""
-    };
     format!(
-        "{}{interp} t{} b{} {}",
-        r.case.backend,
+        "{} t{} b{} {}",
+        crate::backend_label(r),
         r.case.threads,
         r.case.batch,
-        dims.join(",")
+        crate::dim_items(r).join(",")
     )
 }
 
@@ -167,6 +154,10 @@ struct ModelView {
     id: String,
     source: Option<String>,
     sha: Option<String>,
+    /// A seeded random-weights stand-in.
+    random: bool,
+    /// Passing batch-1 cases the recommendation does not rest on.
+    passed_over: usize,
     latency: Option<Rec>,
     throughput: Option<Rec>,
     /// Inline SVG built with [`esc`], marked safe.
@@ -232,9 +223,9 @@ pub fn report_html(
             .collect()
     };
     let (steady, loaded) = crate::split_scenarios(records);
-    let models: Vec<ModelView> = crate::models(&steady)
-        .into_iter()
-        .map(|m| model_view(m, &steady, b64(m)))
+    let models: Vec<ModelView> = crate::model_summaries(&steady)
+        .iter()
+        .map(|m| model_view(m, b64(m.id)))
         .collect();
     let mut tables = Vec::new();
     let mut table = |title: &str, note: String, images: Vec<String>, t: Option<crate::Table>| {
@@ -350,74 +341,57 @@ pub fn report_html(
     }
 }
 
-fn model_view(m: &str, records: &[ResultRecord], images: Vec<String>) -> ModelView {
-    let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
-    let ok = || rows.iter().filter(|r| r.recommendable());
-    let lat = ok()
-        .filter(|r| r.case.batch == 1)
-        .min_by(|a, b| p99(a).total_cmp(&p99(b)));
-    let thr = ok().max_by(|a, b| {
-        a.throughput_items_s
-            .unwrap_or(0.0)
-            .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
-    });
-    // The Python baseline at the recommended configuration, when the suite
-    // ran one: the hand-off gain in one number.
-    let python = |r: &ResultRecord| {
-        rows.iter()
-            .find(|p| {
-                p.case.backend == "python-onnxruntime"
-                    && p.passes()
-                    && (p.case.threads, p.case.batch, &p.case.dims)
-                        == (r.case.threads, r.case.batch, &r.case.dims)
-            })
-            .filter(|_| r.case.backend != "python-onnxruntime")
-    };
-    let latency = lat.map(|r| Rec {
-        label: label(r),
-        text: format!(
-            "p99 {:.3} ms at batch 1{}",
-            p99(r),
-            python(r).map_or(String::new(), |p| format!(
-                "; Python onnxruntime there: p99 {:.3} ms{}",
-                p99(p),
-                crate::paired::paired(r, p, false).map_or(String::new(), |x| format!(
+fn model_view(m: &crate::ModelSummary<'_>, images: Vec<String>) -> ModelView {
+    let python_p99 = |p: &crate::Pick<'_>| {
+        p.python.as_ref().map_or(String::new(), |(py, x)| {
+            format!(
+                "; Python onnxruntime there: p99 {} ms{}",
+                fmt_ms(p99(py)),
+                x.as_ref().map_or(String::new(), |x| format!(
                     ", p50 Python / this: {}",
-                    crate::paired::ratio_text(&x)
+                    crate::paired::ratio_text(x)
                 ))
-            ))
+            )
+        })
+    };
+    let python_rate = |p: &crate::Pick<'_>| {
+        p.python.as_ref().map_or(String::new(), |(py, x)| {
+            py.throughput_items_s.map_or(String::new(), |pt| {
+                format!(
+                    "; Python onnxruntime there: {} items/s{}",
+                    fmt_rate(pt),
+                    x.as_ref().map_or(String::new(), |x| format!(
+                        " (its p50 / this: {})",
+                        crate::paired::ratio_text(x)
+                    ))
+                )
+            })
+        })
+    };
+    let latency = m.lowest_p99.as_ref().map(|p| Rec {
+        label: label(p.case),
+        text: format!("p99 {} ms at batch 1{}", fmt_ms(p99(p.case)), python_p99(p)),
+    });
+    let throughput = m.highest_throughput.as_ref().map(|p| Rec {
+        label: label(p.case),
+        text: format!(
+            "{} items/s{}",
+            fmt_rate(p.case.throughput_items_s.unwrap_or(0.0)),
+            python_rate(p)
         ),
     });
-    let throughput = thr.map(|r| {
-        let t = r.throughput_items_s.unwrap_or(0.0);
-        Rec {
-            label: label(r),
-            text: format!(
-                "{t:.1} items/s{}",
-                python(r)
-                    .and_then(|p| p.throughput_items_s)
-                    .map_or(String::new(), |pt| format!(
-                        "; Python onnxruntime there: {pt:.1} items/s{}",
-                        python(r)
-                            .and_then(|p| crate::paired::paired(r, p, false))
-                            .map_or(String::new(), |x| format!(
-                                " (its p50 / this: {})",
-                                crate::paired::ratio_text(&x)
-                            ))
-                    ))
-            ),
-        }
-    });
-    let first = rows.first();
+    let first = m.rows.first();
     ModelView {
-        id: m.to_owned(),
+        id: m.id.to_owned(),
         source: first.map(|r| r.case.model_source.clone()),
         sha: first.map(|r| r.case.model_sha256[..16.min(r.case.model_sha256.len())].to_owned()),
+        random: m.random_source.is_some(),
+        passed_over: m.passed_over,
         latency,
         throughput,
-        chart: minijinja::Value::from_safe_string(chart(&rows)),
+        chart: minijinja::Value::from_safe_string(chart(&m.rows)),
         images,
-        rows: rows.iter().map(|r| table_row(r)).collect(),
+        rows: m.rows.iter().map(|r| table_row(r)).collect(),
     }
 }
 
@@ -429,18 +403,7 @@ fn table_row(r: &ResultRecord) -> Vec<Cell> {
     };
     let l = r.latency_ms.as_ref();
     let dims = crate::dim_items(r);
-    let backend = format!(
-        "{}{}",
-        r.case.backend,
-        if matches!(
-            r.case.execution,
-            Some(handoff_backend::ExecutionKind::Interpreter)
-        ) {
-            " (interpreter)"
-        } else {
-            ""
-        }
-    );
+    let backend = crate::backend_label(r);
     let mut cells = vec![
         text(backend, "l"),
         text(r.case.device.to_string(), "l"),
@@ -453,31 +416,43 @@ fn table_row(r: &ResultRecord) -> Vec<Cell> {
         ),
     ];
     let ci = l.map(|l| 100.0 * (l.p50_ci95[1] - l.p50_ci95[0]) / 2.0 / l.p50);
-    let numbers = [
-        (l.map(|l| l.n as f64), 0),
-        (l.map(|l| l.p50), 4),
-        (ci, 2),
-        (l.map(|l| l.p90), 4),
-        (l.map(|l| l.p99), 4),
-        (l.map(|l| l.p999), 4),
-        (l.map(|l| l.mean), 4),
-        (l.map(|l| l.stddev), 4),
-        (l.map(|l| l.cov), 3),
-        (l.map(|l| l.outliers as f64), 0),
-        (r.throughput_items_s, 1),
-        (r.load_ms, 1),
-        (r.first_ms, 2),
-        (r.parity.as_ref().map(|p| p.max_abs), 9),
+    // Shown as every other view shows them; the raw value sorts.
+    fn count(v: f64) -> String {
+        format!("{v:.0}")
+    }
+    fn percent(v: f64) -> String {
+        format!("{v:.2}")
+    }
+    fn ratio(v: f64) -> String {
+        format!("{v:.3}")
+    }
+    fn abs(v: f64) -> String {
+        format!("{v:.1e}")
+    }
+    type Shown = fn(f64) -> String;
+    let numbers: [(Option<f64>, Shown); 14] = [
+        (l.map(|l| l.n as f64), count),
+        (l.map(|l| l.p50), fmt_ms),
+        (ci, percent),
+        (l.map(|l| l.p90), fmt_ms),
+        (l.map(|l| l.p99), fmt_ms),
+        (l.map(|l| l.p999), fmt_ms),
+        (l.map(|l| l.mean), fmt_ms),
+        (l.map(|l| l.stddev), fmt_ms),
+        (l.map(|l| l.cov), ratio),
+        (l.map(|l| l.outliers as f64), count),
+        (r.throughput_items_s, fmt_rate),
+        (r.load_ms, fmt_ms),
+        (r.first_ms, fmt_ms),
+        (r.parity.as_ref().map(|p| p.max_abs), abs),
     ];
-    for (v, d) in numbers {
-        let (shown, raw) = num(v, d);
-        let shown = if d == 9 {
-            v.map_or("-".into(), |x| format!("{x:.1e}"))
-        } else {
-            shown
+    for (v, shown) in numbers {
+        let (text, raw) = match v {
+            Some(v) if v.is_finite() => (shown(v), v.to_string()),
+            _ => ("-".into(), String::new()),
         };
         cells.push(Cell {
-            text: shown,
+            text,
             raw: Some(raw),
             class: String::new(),
         });
@@ -494,10 +469,6 @@ fn table_row(r: &ResultRecord) -> Vec<Cell> {
     cells.push(text(r.reason.clone().unwrap_or_default(), "l"));
     cells.push(text(provenance(r), "l"));
     cells
-}
-
-fn p99(r: &ResultRecord) -> f64 {
-    r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
 }
 
 /// Where the row's model came from: its source, the file's hash, and for a

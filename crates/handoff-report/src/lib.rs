@@ -5,9 +5,11 @@ pub mod html;
 pub mod paired;
 pub mod plots;
 pub mod roofline;
+pub mod summary;
 pub mod write;
 
 pub use paired::RunContext;
+pub use summary::{ModelSummary, Pick, fmt_ms, fmt_rate, model_summaries, p99};
 pub use write::{WriteError, write_report};
 
 use std::fmt::Write;
@@ -21,7 +23,7 @@ pub fn terminal_table(records: &[ResultRecord]) -> String {
         "model", "backend", "dev", "thr", "batch", "dims", "status", "p50 ms", "±95% CI", "p99 ms",
         "items/s", "parity", "notes",
     ];
-    let rows: Vec<Vec<String>> = records.iter().map(row).collect();
+    let rows: Vec<Vec<String>> = records.iter().map(|r| Row::of(r).cells()).collect();
     let mut widths: Vec<usize> = header.iter().map(|h| h.len()).collect();
     for r in &rows {
         for (i, c) in r.iter().enumerate().take(header.len() - 1) {
@@ -128,50 +130,69 @@ fn notes(r: &ResultRecord) -> String {
     n.join("; ")
 }
 
-fn row(r: &ResultRecord) -> Vec<String> {
-    let lat = r.latency_ms.as_ref();
-    let ci = lat.map_or("-".into(), |l| {
-        let half = (l.p50_ci95[1] - l.p50_ci95[0]) / 2.0;
-        format!("±{:.1}%", 100.0 * half / l.p50)
-    });
-    vec![
-        r.case.model.clone(),
-        backend_label(r),
-        r.case.device.to_string(),
-        r.case.threads.to_string(),
-        r.case.batch.to_string(),
-        dims(r),
-        r.status.as_str().to_owned(),
-        lat.map_or("-".into(), |l| fmt_ms(l.p50)),
-        ci,
-        lat.map_or("-".into(), |l| fmt_ms(l.p99)),
-        r.throughput_items_s.map_or("-".into(), fmt_rate),
-        r.parity.as_ref().map_or("-".into(), |p| {
-            if p.ok {
-                format!("ok {:.0e}", p.max_abs)
-            } else {
-                format!("FAIL {:.1e}", p.max_abs)
-            }
-        }),
-        notes(r),
-    ]
+/// A case's cells as the terminal table and summary.md show them.
+struct Row {
+    model: String,
+    backend: String,
+    device: String,
+    threads: String,
+    batch: String,
+    dims: String,
+    status: String,
+    p50: String,
+    ci: String,
+    p99: String,
+    rate: String,
+    parity: String,
+    notes: String,
 }
 
-fn fmt_ms(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.1}")
-    } else if v >= 1.0 {
-        format!("{v:.3}")
-    } else {
-        format!("{v:.4}")
+impl Row {
+    fn of(r: &ResultRecord) -> Row {
+        let lat = r.latency_ms.as_ref();
+        Row {
+            model: r.case.model.clone(),
+            backend: backend_label(r),
+            device: r.case.device.to_string(),
+            threads: r.case.threads.to_string(),
+            batch: r.case.batch.to_string(),
+            dims: dims(r),
+            status: r.status.as_str().to_owned(),
+            p50: lat.map_or("-".into(), |l| fmt_ms(l.p50)),
+            ci: lat.map_or("-".into(), |l| {
+                let half = (l.p50_ci95[1] - l.p50_ci95[0]) / 2.0;
+                format!("±{:.1}%", 100.0 * half / l.p50)
+            }),
+            p99: lat.map_or("-".into(), |l| fmt_ms(l.p99)),
+            rate: r.throughput_items_s.map_or("-".into(), fmt_rate),
+            parity: r.parity.as_ref().map_or("-".into(), |p| {
+                if p.ok {
+                    format!("ok {:.0e}", p.max_abs)
+                } else {
+                    format!("FAIL {:.1e}", p.max_abs)
+                }
+            }),
+            notes: notes(r),
+        }
     }
-}
 
-fn fmt_rate(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.0}")
-    } else {
-        format!("{v:.1}")
+    /// In [`terminal_table`]'s column order.
+    fn cells(self) -> Vec<String> {
+        vec![
+            self.model,
+            self.backend,
+            self.device,
+            self.threads,
+            self.batch,
+            self.dims,
+            self.status,
+            self.p50,
+            self.ci,
+            self.p99,
+            self.rate,
+            self.parity,
+            self.notes,
+        ]
     }
 }
 
@@ -224,100 +245,8 @@ pub fn summary_markdown(
     }
     let (steady, loaded) = split_scenarios(records);
     let records = &steady[..];
-    let models = models(records);
-    for m in models {
-        let _ = writeln!(out, "## {}\n", escape_md(m));
-        let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == m).collect();
-        // A stand-in's source says it has random weights: every section
-        // with its numbers repeats that.
-        if let Some(r) = rows
-            .iter()
-            .find(|r| r.case.model_source.contains("random weights"))
-        {
-            let _ = writeln!(
-                out,
-                "Model `{}`: seeded random weights at a real model's size, so its outputs (and labels) mean nothing and only its speed does.\n",
-                escape_md(&r.case.model_source),
-            );
-        }
-        let passed_over = rows
-            .iter()
-            .filter(|r| r.passes() && r.case.batch == 1 && !r.recommendable())
-            .count();
-        if passed_over > 0 {
-            let _ = writeln!(
-                out,
-                "Not considered for the recommendation: {passed_over} batch-1 case(s) measured while the CPU was busy or without an output check against the reference.\n"
-            );
-        }
-        if let Some(best) = rows
-            .iter()
-            .filter(|r| r.recommendable() && r.case.batch == 1)
-            .min_by(|a, b| p99(a).total_cmp(&p99(b)))
-        {
-            // The runner-up on another backend, measured in the same rounds:
-            // is the winner measurably ahead?
-            let versus = rows
-                .iter()
-                .filter(|r| {
-                    r.recommendable() && r.case.batch == 1 && r.case.backend != best.case.backend
-                })
-                .filter_map(|r| paired::paired(best, r, false).map(|x| (r, x)))
-                .min_by(|a, b| p99(a.0).total_cmp(&p99(b.0)))
-                .map_or(String::new(), |(r, x)| {
-                    format!(
-                        " Next best, {} at {} thread(s), p50 vs this: {}.",
-                        escape_md(&backend_label(r)),
-                        r.case.threads,
-                        paired::ratio_text(&x)
-                    )
-                });
-            let _ = writeln!(
-                out,
-                "Lowest p99 at batch 1: **{}**, {} thread(s): p99 {} ms, p50 {} ms.{versus}\n",
-                escape_md(&backend_label(best)),
-                best.case.threads,
-                fmt_ms(p99(best)),
-                fmt_ms(best.latency_ms.as_ref().map_or(f64::NAN, |l| l.p50))
-            );
-        }
-        if let Some(best) = rows.iter().filter(|r| r.recommendable()).max_by(|a, b| {
-            a.throughput_items_s
-                .unwrap_or(0.0)
-                .total_cmp(&b.throughput_items_s.unwrap_or(0.0))
-        }) {
-            let _ = writeln!(
-                out,
-                "Highest throughput: **{}**, {} thread(s), batch {}: {} items/s.\n",
-                escape_md(&backend_label(best)),
-                best.case.threads,
-                best.case.batch,
-                best.throughput_items_s.map_or("-".into(), fmt_rate)
-            );
-        }
-        scaling_section(&mut out, &rows);
-        out.push_str("| backend | threads | batch | dims | status | p50 ms | p99 ms | items/s | parity max abs | notes |\n");
-        out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
-        for r in rows {
-            let cells = row(r);
-            let _ = writeln!(
-                out,
-                "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-                escape_md(&cells[1]),
-                cells[3],
-                cells[4],
-                escape_md(&cells[5]),
-                cells[6],
-                cells[7],
-                cells[9],
-                cells[10],
-                r.parity
-                    .as_ref()
-                    .map_or("-".into(), |p| format!("{:.1e}", p.max_abs)),
-                escape_md(&cells[12]),
-            );
-        }
-        out.push('\n');
+    for m in summary::model_summaries(records) {
+        model_markdown(&mut out, &m);
     }
     if let Some(t) = paired::handoff_gain_table(records) {
         out.push_str("## Hand-off gain: Rust ort vs Python onnxruntime\n\n");
@@ -366,6 +295,80 @@ pub fn summary_markdown(
     }
     variants_table(&mut out, records);
     out
+}
+
+/// One model's section of summary.md.
+fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
+    let _ = writeln!(out, "## {}\n", escape_md(m.id));
+    if let Some(source) = m.random_source {
+        let _ = writeln!(
+            out,
+            "Model `{}`: seeded random weights at a real model's size, so its outputs (and labels) mean nothing and only its speed does.\n",
+            escape_md(source),
+        );
+    }
+    if m.passed_over > 0 {
+        let _ = writeln!(
+            out,
+            "Not considered for the recommendation: {} batch-1 case(s) measured while the CPU was busy or without an output check against the reference.\n",
+            m.passed_over
+        );
+    }
+    if let Some(pick) = &m.lowest_p99 {
+        let best = pick.case;
+        // The runner-up on another backend, measured in the same rounds:
+        // is the winner measurably ahead?
+        let versus = pick.runner_up.as_ref().map_or(String::new(), |(r, x)| {
+            format!(
+                " Next best, {} at {} thread(s), p50 vs this: {}.",
+                escape_md(&backend_label(r)),
+                r.case.threads,
+                paired::ratio_text(x)
+            )
+        });
+        let _ = writeln!(
+            out,
+            "Lowest p99 at batch 1: **{}**, {} thread(s): p99 {} ms, p50 {} ms.{versus}\n",
+            escape_md(&backend_label(best)),
+            best.case.threads,
+            fmt_ms(p99(best)),
+            fmt_ms(best.latency_ms.as_ref().map_or(f64::NAN, |l| l.p50))
+        );
+    }
+    if let Some(pick) = &m.highest_throughput {
+        let best = pick.case;
+        let _ = writeln!(
+            out,
+            "Highest throughput: **{}**, {} thread(s), batch {}: {} items/s.\n",
+            escape_md(&backend_label(best)),
+            best.case.threads,
+            best.case.batch,
+            best.throughput_items_s.map_or("-".into(), fmt_rate)
+        );
+    }
+    scaling_section(out, &m.rows);
+    out.push_str("| backend | threads | batch | dims | status | p50 ms | p99 ms | items/s | parity max abs | notes |\n");
+    out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
+    for r in &m.rows {
+        let row = Row::of(r);
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            escape_md(&row.backend),
+            row.threads,
+            row.batch,
+            escape_md(&row.dims),
+            row.status,
+            row.p50,
+            row.p99,
+            row.rate,
+            r.parity
+                .as_ref()
+                .map_or("-".into(), |p| format!("{:.1e}", p.max_abs)),
+            escape_md(&row.notes),
+        );
+    }
+    out.push('\n');
 }
 
 /// The one-query-at-a-time rows (what the per-model tables and plots show)
@@ -844,10 +847,6 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
         out.push('\n');
     }
     out.push('\n');
-}
-
-fn p99(r: &ResultRecord) -> f64 {
-    r.latency_ms.as_ref().map_or(f64::INFINITY, |l| l.p99)
 }
 
 /// Each precision-variant model (`<base>@<variant>`), in order, with its

@@ -72,6 +72,38 @@ fn html_report_is_self_contained_and_escapes_user_strings() {
 }
 
 #[test]
+fn markdown_and_html_draw_the_same_conclusions_from_one_summary() {
+    let mut records = fixture();
+    let model = records[0].case.model.clone();
+    for r in records.iter_mut().filter(|r| r.case.model == model) {
+        r.case.model_source = format!("random:x ({})", handoff_backend::RANDOM_WEIGHTS_NOTE);
+    }
+    let summaries = handoff_report::model_summaries(&records);
+    let first = &summaries[0];
+    assert!(first.random_source.is_some());
+    let md = handoff_report::summary_markdown("q", &records, false, &Default::default());
+    let html = handoff_report::html::report_html(
+        "q",
+        &records,
+        None,
+        false,
+        &Default::default(),
+        &Default::default(),
+    );
+    // A random stand-in says so in both.
+    assert!(md.contains("seeded random weights"), "{md}");
+    assert!(html.contains("Seeded random weights"));
+    // Both name the same lowest-p99 case, with the same figure.
+    let best = first
+        .lowest_p99
+        .as_ref()
+        .expect("a recommendable batch-1 case");
+    let p99 = handoff_report::fmt_ms(handoff_report::p99(best.case));
+    assert!(md.contains(&format!("p99 {p99} ms")), "{md}");
+    assert!(html.contains(&format!("p99 {p99} ms at batch 1")), "{html}");
+}
+
+#[test]
 fn plots_are_non_blank_pngs_of_the_promised_size() {
     let records = fixture();
     let dir = std::env::temp_dir().join(format!("handoff-plots-{}", std::process::id()));

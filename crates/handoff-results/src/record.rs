@@ -30,6 +30,15 @@ pub enum Status {
     Timeout,
 }
 
+impl CaseIdentity {
+    /// A seeded random-weights stand-in: its outputs mean nothing, only its
+    /// speed does.
+    pub fn random_weights(&self) -> bool {
+        self.model_source
+            .contains(handoff_backend::RANDOM_WEIGHTS_NOTE)
+    }
+}
+
 impl Status {
     pub fn as_str(self) -> &'static str {
         match self {
