@@ -6,8 +6,17 @@ use std::path::Path;
 
 use tokenizers::{PaddingParams, PaddingStrategy, Tokenizer, TruncationParams};
 
+/// What is wrong with a tokenizer (the caller names the file).
+#[derive(Debug, thiserror::Error)]
+pub enum TextError {
+    #[error("not a tokenizer.json: {0}")]
+    NotATokenizer(String),
+    #[error("cannot pad and truncate to {seq} tokens: {detail}")]
+    FixedLength { seq: usize, detail: String },
+}
+
 /// Pads and truncates every encoding of `tok` to exactly `seq` tokens.
-pub fn set_fixed_length(tok: &mut Tokenizer, seq: usize) -> Result<(), String> {
+pub fn set_fixed_length(tok: &mut Tokenizer, seq: usize) -> Result<(), TextError> {
     tok.with_padding(Some(PaddingParams {
         strategy: PaddingStrategy::Fixed(seq),
         ..Default::default()
@@ -17,13 +26,17 @@ pub fn set_fixed_length(tok: &mut Tokenizer, seq: usize) -> Result<(), String> {
         ..Default::default()
     }))
     .map(|_| ())
-    .map_err(|e| e.to_string())
+    .map_err(|e| TextError::FixedLength {
+        seq,
+        detail: e.to_string(),
+    })
 }
 
 /// Loads a tokenizer.json and fixes its length to `seq`. The error says
 /// what is wrong, not which file (the caller knows how to name it).
-pub fn load_fixed_length(path: &Path, seq: usize) -> Result<Tokenizer, String> {
-    let mut tok = Tokenizer::from_file(path).map_err(|e| format!("not a tokenizer.json: {e}"))?;
+pub fn load_fixed_length(path: &Path, seq: usize) -> Result<Tokenizer, TextError> {
+    let mut tok =
+        Tokenizer::from_file(path).map_err(|e| TextError::NotATokenizer(e.to_string()))?;
     set_fixed_length(&mut tok, seq)?;
     Ok(tok)
 }

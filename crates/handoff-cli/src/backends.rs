@@ -10,7 +10,7 @@ use std::sync::Arc;
 use handoff_backend::{Backend, Registry};
 use handoff_suite::{PlanOptions, Preparation};
 
-use crate::tools;
+use handoff_prepare as tools;
 
 /// Registers `$backend` when `$feature` is on, else a [`NotBuilt`] of that
 /// name and kind.
@@ -81,6 +81,7 @@ pub fn plan_options(registry: &Arc<Registry>, preparation: Preparation) -> PlanO
         tools: Some(Arc::new(tools::Tools {
             registry: Arc::clone(registry),
             model_cache,
+            ensure_ort: || ensure_ort(false),
         })),
         preparation,
     }

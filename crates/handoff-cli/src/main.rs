@@ -15,7 +15,6 @@ use handoff_suite::SuiteError;
 mod backends;
 mod cmd;
 mod roofline;
-mod tools;
 
 #[derive(Parser)]
 #[command(

@@ -25,7 +25,7 @@ static ENV: OnceLock<Result<(ort::environment::Environment, provision::Located),
 
 fn environment() -> Result<&'static (ort::environment::Environment, provision::Located), String> {
     ENV.get_or_init(|| {
-        let located = provision::locate()?;
+        let located = provision::locate().map_err(|e| e.to_string())?;
         let builder =
             ort::init_from(&located.path).map_err(|e| format!("library not loadable: {e}"))?;
         let env = builder

@@ -42,6 +42,50 @@ impl fmt::Display for Origin {
     }
 }
 
+/// Why no usable library was found or fetched.
+#[derive(Debug, thiserror::Error)]
+pub enum ProvisionError {
+    #[error("library not found: ORT_DYLIB_PATH={0} does not exist")]
+    EnvPathMissing(String),
+    /// Every place tried, with why it did not hold a library.
+    #[error("library not found: tried {}", tried.join("; "))]
+    NotFound { tried: Vec<String> },
+    #[error(
+        "library {} is ONNX Runtime {version}; handoff needs 1.{MIN_MINOR} or newer (run `handoff setup` to fetch {PINNED_VERSION})",
+        path.display()
+    )]
+    TooOld { path: PathBuf, version: String },
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("cannot run {what}: {source}")]
+    Start {
+        what: &'static str,
+        #[source]
+        source: std::io::Error,
+    },
+    /// pip refused or failed; `hint` says when the wheel was not a pinned
+    /// file, `detail` is the end of pip's stderr.
+    #[error("pip download onnxruntime=={PINNED_VERSION} failed ({status}){hint}: {detail}")]
+    Download {
+        status: std::process::ExitStatus,
+        hint: &'static str,
+        detail: String,
+    },
+    #[error("could not extract libonnxruntime from the wheel in {}", wheels.display())]
+    Extract { wheels: PathBuf },
+}
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
+    move |source| ProvisionError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 /// The cache directory (see [`handoff_backend::home`]).
 pub fn cache_dir() -> PathBuf {
     handoff_backend::home::cache_dir()
@@ -54,7 +98,7 @@ fn cached_library() -> PathBuf {
 }
 
 /// Where the library is, or why none was found (each place tried).
-pub fn locate() -> Result<Located, String> {
+pub fn locate() -> Result<Located, ProvisionError> {
     let mut tried = Vec::new();
     if let Ok(p) = std::env::var("ORT_DYLIB_PATH")
         && !p.is_empty()
@@ -63,9 +107,7 @@ pub fn locate() -> Result<Located, String> {
         if path.is_file() {
             return check(path, Origin::EnvVar);
         }
-        return Err(format!(
-            "library not found: ORT_DYLIB_PATH={p} does not exist"
-        ));
+        return Err(ProvisionError::EnvPathMissing(p));
     }
     tried.push("ORT_DYLIB_PATH (unset)".to_owned());
     let cached = cached_library();
@@ -80,12 +122,12 @@ pub fn locate() -> Result<Located, String> {
         Some(p) => check(p, Origin::PythonPackage),
         None => {
             tried.push("python3 -c 'import onnxruntime' (not installed)".to_owned());
-            Err(format!("library not found: tried {}", tried.join("; ")))
+            Err(ProvisionError::NotFound { tried })
         }
     }
 }
 
-fn check(path: PathBuf, origin: Origin) -> Result<Located, String> {
+fn check(path: PathBuf, origin: Origin) -> Result<Located, ProvisionError> {
     let version = library_version(&path)
         .or_else(|| version_from_name(&path))
         .unwrap_or_else(|| "unknown".into());
@@ -95,10 +137,7 @@ fn check(path: PathBuf, origin: Origin) -> Result<Located, String> {
         .and_then(|m| m.parse::<u32>().ok())
         && minor < MIN_MINOR
     {
-        return Err(format!(
-            "library {} is ONNX Runtime {version}; handoff needs 1.{MIN_MINOR} or newer (run `handoff setup` to fetch {PINNED_VERSION})",
-            path.display()
-        ));
+        return Err(ProvisionError::TooOld { path, version });
     }
     Ok(Located {
         path,
@@ -187,15 +226,14 @@ pub const WHEEL_SHA256: [&str; 8] = [
 
 /// `pip download` of the pinned onnxruntime wheel into `dir`, refused by
 /// pip (`--require-hashes`) unless the file is one of `hashes`.
-pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<(), String> {
-    std::fs::create_dir_all(dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<(), ProvisionError> {
+    std::fs::create_dir_all(dir).map_err(io(dir))?;
     let mut requirement = format!("onnxruntime=={PINNED_VERSION}");
     for h in hashes {
         requirement.push_str(&format!(" --hash=sha256:{h}"));
     }
     let file = dir.join("requirements.txt");
-    std::fs::write(&file, format!("{requirement}\n"))
-        .map_err(|e| format!("cannot write {}: {e}", file.display()))?;
+    std::fs::write(&file, format!("{requirement}\n")).map_err(io(&file))?;
     let out = Command::new("python3")
         .args([
             "-m",
@@ -211,7 +249,10 @@ pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<(), String> {
         .arg("-r")
         .arg(&file)
         .output()
-        .map_err(|e| format!("cannot run python3 -m pip: {e}"))?;
+        .map_err(|source| ProvisionError::Start {
+            what: "python3 -m pip",
+            source,
+        })?;
     if out.status.success() {
         return Ok(());
     }
@@ -222,16 +263,16 @@ pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<(), String> {
         ""
     };
     let tail: Vec<&str> = err.lines().rev().take(4).collect();
-    Err(format!(
-        "pip download onnxruntime=={PINNED_VERSION} failed ({}){hint}: {}",
-        out.status,
-        tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-    ))
+    Err(ProvisionError::Download {
+        status: out.status,
+        hint,
+        detail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+    })
 }
 
 /// Fills the project cache from the onnxruntime wheel on PyPI. Returns the
 /// library path; a no-op when it is already there.
-pub fn fetch() -> Result<PathBuf, String> {
+pub fn fetch() -> Result<PathBuf, ProvisionError> {
     let lib = cached_library();
     if lib.is_file() {
         return Ok(lib);
@@ -253,19 +294,19 @@ pub fn fetch() -> Result<PathBuf, String> {
          open(tmp, 'wb').write(data)\n\
          os.replace(tmp, sys.argv[2])\n"
     );
-    std::fs::create_dir_all(&dir).map_err(|e| format!("cannot create {}: {e}", dir.display()))?;
+    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
     let status = Command::new("python3")
         .arg("-c")
         .arg(script)
         .arg(&wheels)
         .arg(&lib)
         .status()
-        .map_err(|e| format!("cannot run python3: {e}"))?;
+        .map_err(|source| ProvisionError::Start {
+            what: "python3",
+            source,
+        })?;
     if !status.success() || !lib.is_file() {
-        return Err(format!(
-            "could not extract libonnxruntime from the wheel in {}",
-            wheels.display()
-        ));
+        return Err(ProvisionError::Extract { wheels });
     }
     let _ = std::fs::remove_dir_all(&wheels);
     Ok(lib)
@@ -302,7 +343,10 @@ mod tests {
         let dir = tempfile::tempdir().unwrap();
         let wrong = "0".repeat(64);
         let err = download_wheel(dir.path(), &[wrong.as_str()]).unwrap_err();
-        assert!(err.contains("not one of the pinned files"), "{err}");
+        assert!(
+            matches!(&err, ProvisionError::Download { hint, .. } if hint.contains("not one of the pinned files")),
+            "{err}"
+        );
         let wheels = std::fs::read_dir(dir.path())
             .unwrap()
             .filter(|e| {
@@ -316,6 +360,10 @@ mod tests {
     #[test]
     fn old_libraries_are_refused_with_the_reason() {
         let err = check(PathBuf::from("/x/libonnxruntime.so.1.20.0"), Origin::EnvVar).unwrap_err();
-        assert!(err.contains("needs 1.31 or newer"), "{err}");
+        assert!(
+            matches!(&err, ProvisionError::TooOld { version, .. } if version == "1.20.0"),
+            "{err}"
+        );
+        assert!(err.to_string().contains("needs 1.31 or newer"), "{err}");
     }
 }

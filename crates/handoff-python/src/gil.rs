@@ -15,6 +15,8 @@ use handoff_backend::text::load_fixed_length as load;
 use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
+use crate::PythonError;
+
 const GIL_PY: &str = include_str!("../../../scripts/gil_tokenize.py");
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
@@ -72,15 +74,22 @@ pub fn measure(
     workers: &[usize],
     reps: usize,
     scratch: &Path,
-) -> Result<GilReport, String> {
-    let tok = load(tokenizer, seq).map_err(|e| format!("{}: {e}", tokenizer.display()))?;
+) -> Result<GilReport, PythonError> {
+    let io = |path: &Path| {
+        let path = path.to_owned();
+        move |source| PythonError::Io { path, source }
+    };
+    let tok = load(tokenizer, seq).map_err(|source| PythonError::Tokenizer {
+        path: tokenizer.to_owned(),
+        source,
+    })?;
     let rust_threads = workers
         .iter()
         .map(|&w| rust_rate(&tok, texts, w, reps))
         .collect();
-    std::fs::create_dir_all(scratch).map_err(|e| format!("{}: {e}", scratch.display()))?;
+    std::fs::create_dir_all(scratch).map_err(io(scratch))?;
     let file = scratch.join(format!("gil-texts-{}.txt", std::process::id()));
-    std::fs::write(&file, texts.join("\n")).map_err(|e| format!("{}: {e}", file.display()))?;
+    std::fs::write(&file, texts.join("\n")).map_err(io(&file))?;
     let list: Vec<String> = workers.iter().map(ToString::to_string).collect();
     let out = Command::new(python)
         .arg("-c")
@@ -94,18 +103,23 @@ pub fn measure(
         .args(["--reps", &reps.to_string()])
         .env("TOKENIZERS_PARALLELISM", "false")
         .output()
-        .map_err(|e| format!("cannot start {}: {e}", python.display()));
+        .map_err(|source| PythonError::Start {
+            what: python.display().to_string(),
+            source,
+        });
     let _ = std::fs::remove_file(&file);
     let out = out?;
     if !out.status.success() {
-        return Err(format!(
-            "gil_tokenize.py failed ({}): {}",
-            out.status,
-            String::from_utf8_lossy(&out.stderr).trim()
-        ));
+        return Err(PythonError::Failed {
+            what: "gil_tokenize.py".into(),
+            status: out.status,
+            detail: String::from_utf8_lossy(&out.stderr).trim().to_owned(),
+        });
     }
-    let py: PyOut = serde_json::from_slice(&out.stdout)
-        .map_err(|e| format!("gil_tokenize.py printed something else: {e}"))?;
+    let py: PyOut = serde_json::from_slice(&out.stdout).map_err(|e| PythonError::Output {
+        what: "gil_tokenize.py".into(),
+        detail: e.to_string(),
+    })?;
     let pick = |m: &std::collections::BTreeMap<String, f64>| -> Vec<f64> {
         workers
             .iter()

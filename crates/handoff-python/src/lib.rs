@@ -38,6 +38,50 @@ const WORKER_PY: &str = include_str!("../../../scripts/py_worker.py");
 static NEXT_SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
 const FASTAPI_PY: &str = include_str!("../../../scripts/fastapi_server.py");
 
+/// Why a Python environment or tool could not be used.
+#[derive(Debug, thiserror::Error)]
+pub enum PythonError {
+    #[error("{}: {source}", path.display())]
+    Io {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(
+        "{}: another process has been building this environment for over {minutes} minutes; remove the directory if it died",
+        path.display()
+    )]
+    Locked { path: PathBuf, minutes: u64 },
+    #[error("{what}: cannot start: {source}")]
+    Start {
+        what: String,
+        #[source]
+        source: std::io::Error,
+    },
+    /// A command ran and failed; `detail` is the end of its stderr.
+    #[error("{what} failed ({status}): {detail}")]
+    Failed {
+        what: String,
+        status: std::process::ExitStatus,
+        detail: String,
+    },
+    #[error("{}: {source}", path.display())]
+    Tokenizer {
+        path: PathBuf,
+        #[source]
+        source: handoff_backend::text::TextError,
+    },
+    #[error("{what} printed something else: {detail}")]
+    Output { what: String, detail: String },
+    #[error("{what} {} is not set up: run `{command}` ({detail})", dir.display())]
+    NotSetUp {
+        what: &'static str,
+        dir: PathBuf,
+        command: &'static str,
+        detail: String,
+    },
+}
+
 /// What the FastAPI service is, for reports.
 pub const FASTAPI_SERVER: &str = "FastAPI + uvicorn (Python) + onnxruntime";
 
@@ -51,7 +95,7 @@ pub fn fastapi_command(
     threads: u32,
     seq: u32,
     max_batch: u32,
-) -> Result<Command, String> {
+) -> Result<Command, PythonError> {
     Ok(fastapi_in(
         &interpreter()?,
         model,
@@ -96,18 +140,19 @@ pub fn cache_dir() -> PathBuf {
 }
 
 /// Creates the baseline environment (no-op when it is there).
-pub fn setup() -> Result<PathBuf, String> {
+pub fn setup() -> Result<PathBuf, PythonError> {
     pyenv::ensure(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES)
 }
 
 /// The baseline environment's interpreter, or how to create it.
-pub fn interpreter() -> Result<PathBuf, String> {
+pub fn interpreter() -> Result<PathBuf, PythonError> {
     pyenv::existing(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES).ok_or_else(|| {
-        format!(
-            "python environment {} is not set up: run `handoff setup` (creates it from PyPI: {})",
-            cache_dir().join(format!("venv-{PYTHON_ORT_ENV}")).display(),
-            PYTHON_ORT_PACKAGES.join(" ")
-        )
+        PythonError::NotSetUp {
+            what: "python environment",
+            dir: cache_dir().join(format!("venv-{PYTHON_ORT_ENV}")),
+            command: "handoff setup",
+            detail: format!("creates it from PyPI: {}", PYTHON_ORT_PACKAGES.join(" ")),
+        }
     })
 }
 
@@ -137,7 +182,9 @@ impl Backend for PythonOrtBackend {
                     .into(),
                 detail: format!("Python onnxruntime in a worker process ({})", p.display()),
             },
-            Err(reason) => Probe::Unavailable { reason },
+            Err(e) => Probe::Unavailable {
+                reason: e.to_string(),
+            },
         }
     }
 
@@ -147,7 +194,7 @@ impl Backend for PythonOrtBackend {
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
         handoff_backend::require_cpu(options.device)?;
-        let python = interpreter().map_err(BackendError::Unavailable)?;
+        let python = interpreter().map_err(|e| BackendError::Unavailable(e.to_string()))?;
         // The suite's ORT graph optimisation level (`backend_options.ort`),
         // as the Rust ort backend uses it; ORT's default otherwise.
         let optimization = options

@@ -7,6 +7,15 @@
 use std::path::{Path, PathBuf};
 use std::process::Command;
 
+use crate::PythonError;
+
+fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PythonError + '_ {
+    move |source| PythonError::Io {
+        path: path.to_owned(),
+        source,
+    }
+}
+
 fn marker_text(packages: &[&str]) -> String {
     packages.join("\n")
 }
@@ -19,7 +28,7 @@ struct BuildLock(PathBuf);
 impl BuildLock {
     const STALE: std::time::Duration = std::time::Duration::from_secs(20 * 60);
 
-    fn acquire(path: &Path) -> Result<Self, String> {
+    fn acquire(path: &Path) -> Result<Self, PythonError> {
         let start = std::time::Instant::now();
         loop {
             match std::fs::create_dir(path) {
@@ -34,15 +43,14 @@ impl BuildLock {
                         continue;
                     }
                     if start.elapsed() > Self::STALE {
-                        return Err(format!(
-                            "{}: another process has been building this environment for over {} minutes; remove the directory if it died",
-                            path.display(),
-                            Self::STALE.as_secs() / 60
-                        ));
+                        return Err(PythonError::Locked {
+                            path: path.to_owned(),
+                            minutes: Self::STALE.as_secs() / 60,
+                        });
                     }
                     std::thread::sleep(std::time::Duration::from_millis(250));
                 }
-                Err(e) => return Err(format!("{}: {e}", path.display())),
+                Err(e) => return Err(io(path)(e)),
             }
         }
     }
@@ -63,7 +71,7 @@ pub fn existing(cache: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> 
 }
 
 /// A created environment's interpreter, or why there is none.
-pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, String> {
+pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, PythonError> {
     let dir = cache.join(format!("venv-{name}"));
     let python = dir.join("bin").join("python");
     // The marker lists the pins: a changed pin rebuilds the environment.
@@ -74,7 +82,7 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, St
     if ready() {
         return Ok(python);
     }
-    std::fs::create_dir_all(cache).map_err(|e| format!("{}: {e}", cache.display()))?;
+    std::fs::create_dir_all(cache).map_err(io(cache))?;
     // One builder at a time: a second process (parallel tests, two
     // `handoff` runs) would otherwise delete the first one's finished
     // environment, perhaps in use, to put its own in place.
@@ -84,20 +92,21 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, St
     }
     let tmp = cache.join(format!("venv-{name}.tmp{}", std::process::id()));
     let _ = std::fs::remove_dir_all(&tmp);
-    let run = |cmd: &mut Command, what: &str| -> Result<(), String> {
-        let out = cmd
-            .output()
-            .map_err(|e| format!("{what}: cannot start: {e}"))?;
+    let run = |cmd: &mut Command, what: &str| -> Result<(), PythonError> {
+        let out = cmd.output().map_err(|source| PythonError::Start {
+            what: what.to_owned(),
+            source,
+        })?;
         if out.status.success() {
             Ok(())
         } else {
             let err = String::from_utf8_lossy(&out.stderr);
             let tail: Vec<&str> = err.lines().rev().take(5).collect();
-            Err(format!(
-                "{what} failed ({}): {}",
-                out.status,
-                tail.into_iter().rev().collect::<Vec<_>>().join(" | ")
-            ))
+            Err(PythonError::Failed {
+                what: what.to_owned(),
+                status: out.status,
+                detail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
+            })
         }
     };
     run(
@@ -112,10 +121,10 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, St
     )?;
     // venv scripts embed their path: build in place of the final directory.
     let _ = std::fs::remove_dir_all(&dir);
-    std::fs::rename(&tmp, &dir).map_err(|e| format!("{}: {e}", dir.display()))?;
+    std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
     // pip's entry-point scripts keep the temporary path in their shebang;
     // handoff only ever runs `python -m` / `python -c`, which survive the move.
-    std::fs::write(&marker, wanted).map_err(|e| format!("{}: {e}", marker.display()))?;
+    std::fs::write(&marker, wanted).map_err(io(&marker))?;
     Ok(python)
 }
 

@@ -13,7 +13,7 @@ use handoff_backend::{
 };
 use serde_json::json;
 
-use crate::{Worker, cache_dir, pyenv};
+use crate::{PythonError, Worker, cache_dir, pyenv};
 
 /// Pinned packages of the PyTorch environment. PyPI's Linux torch wheel
 /// depends on the CUDA runtime wheels, so the environment is large (about
@@ -34,19 +34,19 @@ pub const DOWNLOAD_NOTE: &str =
 const TORCH_WORKER_PY: &str = include_str!("../../../scripts/py_torch_worker.py");
 
 /// Creates the PyTorch environment (no-op when it is there).
-pub fn setup() -> Result<PathBuf, String> {
+pub fn setup() -> Result<PathBuf, PythonError> {
     pyenv::ensure(&cache_dir(), PYTHON_TORCH_ENV, &PYTHON_TORCH_PACKAGES)
 }
 
 /// The PyTorch environment's interpreter, or how to create it.
-pub fn interpreter() -> Result<PathBuf, String> {
+pub fn interpreter() -> Result<PathBuf, PythonError> {
     pyenv::existing(&cache_dir(), PYTHON_TORCH_ENV, &PYTHON_TORCH_PACKAGES).ok_or_else(|| {
-        format!(
-            "the PyTorch environment {} is not set up: run `handoff setup --torch` ({DOWNLOAD_NOTE})",
-            cache_dir()
-                .join(format!("venv-{PYTHON_TORCH_ENV}"))
-                .display()
-        )
+        PythonError::NotSetUp {
+            what: "the PyTorch environment",
+            dir: cache_dir().join(format!("venv-{PYTHON_TORCH_ENV}")),
+            command: "handoff setup --torch",
+            detail: DOWNLOAD_NOTE.into(),
+        }
     })
 }
 
@@ -64,7 +64,7 @@ pub fn fastapi_command(
     seq: u32,
     max_batch: u32,
     classify: bool,
-) -> Result<std::process::Command, String> {
+) -> Result<std::process::Command, PythonError> {
     let mut cmd = crate::fastapi_in(&interpreter()?, model, tokenizer, threads, seq, max_batch);
     cmd.args(["--runtime", "torch", "--hf-dir"]).arg(hf_dir);
     if classify {
@@ -106,7 +106,9 @@ impl Backend for PythonTorchBackend {
                     p.display()
                 ),
             },
-            Err(reason) => Probe::Unavailable { reason },
+            Err(e) => Probe::Unavailable {
+                reason: e.to_string(),
+            },
         }
     }
 
@@ -127,7 +129,7 @@ impl Backend for PythonTorchBackend {
                     .into(),
             )
         })?;
-        let python = interpreter().map_err(BackendError::Unavailable)?;
+        let python = interpreter().map_err(|e| BackendError::Unavailable(e.to_string()))?;
         let worker = Worker::start(
             &python,
             TORCH_WORKER_PY,

@@ -507,9 +507,9 @@ struct Model<'b> {
 impl<'b> Model<'b> {
     fn load(backend: &'b dyn Backend, config: &ServeConfig) -> Result<Self, ServeError> {
         let tokenizer = handoff_backend::text::load_fixed_length(&config.tokenizer, config.seq)
-            .map_err(|detail| ServeError::Tokenizer {
+            .map_err(|e| ServeError::Tokenizer {
                 path: config.tokenizer.clone(),
-                detail,
+                detail: e.to_string(),
             })?;
         let info =
             handoff_onnx::ModelInfo::load(&config.model.path).map_err(|e| ServeError::Model {

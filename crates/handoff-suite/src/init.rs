@@ -18,6 +18,23 @@ pub fn onnx_backends(available: &[String]) -> Vec<String> {
         .collect()
 }
 
+/// Why a starter suite could not be written for a model file.
+#[derive(Debug, thiserror::Error)]
+pub enum InitError {
+    #[error("cannot read {}: {source}", path.display())]
+    Read {
+        path: std::path::PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error(transparent)]
+    Onnx(#[from] handoff_onnx::inspect::OnnxError),
+    #[error("input `{name}` is {dtype}: handoff feeds f32, i64 and i32 inputs only")]
+    InputType { name: String, dtype: String },
+    #[error("input `{name}` declares no shape: write its `inputs` entry by hand")]
+    NoShape { name: String },
+}
+
 /// A starter suite for the ONNX file at `model`, which the suite will name
 /// as `model_in_suite` (relative to where the suite is written).
 ///
@@ -30,13 +47,14 @@ pub fn onnx_suite(
     model_in_suite: &str,
     backends: &[String],
     lower_for: &[String],
-) -> Result<String, String> {
+) -> Result<String, InitError> {
     // Read once: the summary and the graph come from the same bytes.
-    let bytes =
-        std::fs::read(model).map_err(|e| format!("cannot read {}: {e}", model.display()))?;
-    let info = ModelInfo::from_bytes(model, &bytes).map_err(|e| e.to_string())?;
-    let graph = handoff_onnx::inspect::decode(model, &bytes)
-        .map_err(|e| e.to_string())?
+    let bytes = std::fs::read(model).map_err(|source| InitError::Read {
+        path: model.to_owned(),
+        source,
+    })?;
+    let info = ModelInfo::from_bytes(model, &bytes)?;
+    let graph = handoff_onnx::inspect::decode(model, &bytes)?
         .graph
         .unwrap_or_default();
     let vocab = embedding_rows(&graph);
@@ -63,17 +81,16 @@ pub fn onnx_suite(
             ElemType::I64 => ("i64", "int"),
             ElemType::I32 => ("i32", "int"),
             other => {
-                return Err(format!(
-                    "input `{}` is {other}: handoff feeds f32, i64 and i32 inputs only",
-                    input.name
-                ));
+                return Err(InitError::InputType {
+                    name: input.name.clone(),
+                    dtype: other.to_string(),
+                });
             }
         };
         let Some(model_dims) = &input.dims else {
-            return Err(format!(
-                "input `{}` declares no shape: write its `inputs` entry by hand",
-                input.name
-            ));
+            return Err(InitError::NoShape {
+                name: input.name.clone(),
+            });
         };
         let mut shape = Vec::new();
         for (k, d) in model_dims.iter().enumerate() {

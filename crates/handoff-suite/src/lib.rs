@@ -24,6 +24,6 @@ pub use duration::HumanDuration;
 pub use error::SuiteError;
 pub use plan::{
     Case, Check, Isolation, Lowered, Measure, ModelTools, Plan, PlanModel, PlanOptions,
-    Preparation, Variant, VariantInfo,
+    Preparation, ToolError, Variant, VariantInfo,
 };
 pub use scenario::{Endpoint, Load, LoadTarget, Scenario, ScenarioSpec};

@@ -46,8 +46,12 @@ pub enum Preparation {
     Describe,
 }
 
-/// Model steps that need runtimes, injected by the CLI so this crate stays
-/// free of them.
+/// Why a [`ModelTools`] step failed; the plan reports it at the field that
+/// asked for the step.
+pub type ToolError = Box<dyn std::error::Error + Send + Sync>;
+
+/// Model steps that need runtimes (`handoff-prepare` implements them),
+/// injected so this crate stays free of runtimes.
 pub trait ModelTools: Send + Sync {
     /// Compares the converted ONNX model (on a reference runtime) with the
     /// source model (natively) on the given inputs.
@@ -56,7 +60,7 @@ pub trait ModelTools: Send + Sync {
         onnx: &Path,
         hf_dir: &Path,
         inputs: &[TensorSpec],
-    ) -> Result<ProvCheck, String>;
+    ) -> Result<ProvCheck, ToolError>;
 
     /// Runs the model on `backend`; while it reports an unsupported op
     /// that can be lowered, lowers it. `Ok(None)`: nothing needed lowering.
@@ -65,7 +69,7 @@ pub trait ModelTools: Send + Sync {
         onnx: &Path,
         backend: &str,
         inputs: &[TensorSpec],
-    ) -> Result<Option<Lowered>, String>;
+    ) -> Result<Option<Lowered>, ToolError>;
 
     /// Builds (or reuses) a precision variant (`fp16`, `int8-dynamic`) and
     /// checks it against the model on `inputs`; quantisers that calibrate
@@ -78,7 +82,7 @@ pub trait ModelTools: Send + Sync {
         min_cosine: f64,
         inputs: &[TensorSpec],
         calibration: &[TensorSpec],
-    ) -> Result<Variant, String>;
+    ) -> Result<Variant, ToolError>;
 
     /// The variant [`Self::make_variant`] would reuse without building or
     /// checking anything; `None`: it would have to build or check one.
@@ -994,7 +998,7 @@ fn build_model(
                         return None;
                     }
                     Err(e) => {
-                        ctx.err(format!("{path}.source.random"), e);
+                        ctx.err(format!("{path}.source.random"), e.to_string());
                         return None;
                     }
                 }
@@ -1555,7 +1559,7 @@ fn precision_variants(
                 }),
                 Err(e) => ctx.err(at, e.to_string()),
             },
-            Err(e) => ctx.err(at, e),
+            Err(e) => ctx.err(at, e.to_string()),
         }
     }
     out
@@ -1664,7 +1668,7 @@ fn lowered_variants(
                 }
                 Err(e) => ctx.err(format!("{path}.lower_for[{j}]"), e.to_string()),
             },
-            Err(e) => ctx.err(format!("{path}.lower_for[{j}]"), e),
+            Err(e) => ctx.err(format!("{path}.lower_for[{j}]"), e.to_string()),
         }
     }
     out

@@ -12,7 +12,26 @@ use crate::raw::{RandomArch, RawRandom};
 use crate::text::{CALIBRATION_SENTENCES, DEFAULT_SENTENCES};
 
 /// What the results call such a model, in `model_source`.
-pub const RANDOM_NOTE: &str = "random weights: outputs meaningless, speed only";
+pub use handoff_backend::RANDOM_WEIGHTS_NOTE as RANDOM_NOTE;
+
+/// Why a random model cannot be made.
+#[derive(Debug, thiserror::Error)]
+pub enum RandomError {
+    #[error("`labels` must be at least 1")]
+    NoLabels,
+    #[error("`hidden`, `layers` and `heads` must be at least 1")]
+    Empty,
+    #[error("`hidden` ({hidden}) must be a multiple of `heads` ({heads})")]
+    Heads { hidden: usize, heads: usize },
+    #[error("hidden {hidden} and {layers} layers are beyond the limits (4096, 48)")]
+    TooLarge { hidden: usize, layers: usize },
+    #[error("{}: {source}", path.display())]
+    Write {
+        path: PathBuf,
+        #[source]
+        source: std::io::Error,
+    },
+}
 
 /// A random model's place in the model cache, checked but not yet written.
 pub struct RandomDir {
@@ -25,7 +44,7 @@ pub struct RandomDir {
 
 impl RandomDir {
     /// Checks the suite's settings and names the directory.
-    pub fn new(raw: &RawRandom, suite_seed: u64, cache: &Path) -> Result<Self, String> {
+    pub fn new(raw: &RawRandom, suite_seed: u64, cache: &Path) -> Result<Self, RandomError> {
         let (arch, name, layers) = match raw.arch {
             RandomArch::Bert => (Arch::Bert, "bert", 12),
             RandomArch::Distilbert => (Arch::DistilBert, "distilbert", 6),
@@ -42,22 +61,22 @@ impl RandomDir {
             seed: raw.seed.unwrap_or(suite_seed),
         };
         if model.labels == Some(0) {
-            return Err("`labels` must be at least 1".into());
+            return Err(RandomError::NoLabels);
         }
         if model.hidden == 0 || model.layers == 0 || model.heads == 0 {
-            return Err("`hidden`, `layers` and `heads` must be at least 1".into());
+            return Err(RandomError::Empty);
         }
         if !model.hidden.is_multiple_of(model.heads) {
-            return Err(format!(
-                "`hidden` ({}) must be a multiple of `heads` ({})",
-                model.hidden, model.heads
-            ));
+            return Err(RandomError::Heads {
+                hidden: model.hidden,
+                heads: model.heads,
+            });
         }
         if model.hidden > 4096 || model.layers > 48 {
-            return Err(format!(
-                "hidden {} and {} layers are beyond the limits (4096, 48)",
-                model.hidden, model.layers
-            ));
+            return Err(RandomError::TooLarge {
+                hidden: model.hidden,
+                layers: model.layers,
+            });
         }
         let id = format!(
             "{name}-h{}-l{}-a{}{}-seed{}",
@@ -84,16 +103,18 @@ impl RandomDir {
 
     /// Writes the weights and tokenizer (elsewhere, then renamed: a crash
     /// leaves no half model).
-    pub fn write(&self) -> Result<(), String> {
+    pub fn write(&self) -> Result<(), RandomError> {
         let parent = self.dir.parent().unwrap_or(&self.dir);
         let tmp = parent.join(format!("{}.tmp{}", self.id, std::process::id()));
         let _ = std::fs::remove_dir_all(&tmp);
-        self.model
-            .write(&tmp)
-            .map_err(|e| format!("{}: {e}", tmp.display()))?;
-        write_tokenizer(&tmp, self.model.vocab).map_err(|e| format!("{}: {e}", tmp.display()))?;
+        let at = |path: &Path| {
+            let path = path.to_owned();
+            move |source| RandomError::Write { path, source }
+        };
+        self.model.write(&tmp).map_err(at(&tmp))?;
+        write_tokenizer(&tmp, self.model.vocab).map_err(at(&tmp))?;
         let _ = std::fs::remove_dir_all(&self.dir);
-        std::fs::rename(&tmp, &self.dir).map_err(|e| format!("{}: {e}", self.dir.display()))
+        std::fs::rename(&tmp, &self.dir).map_err(at(&self.dir))
     }
 }
 

@@ -9,10 +9,42 @@ use handoff_backend::{DType, TensorSpec};
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::Cost;
 
+/// Why a model's FLOPs could not be counted.
+#[derive(Debug, thiserror::Error)]
+pub enum CostError {
+    #[error("{}: {detail}", path.display())]
+    Tract {
+        path: std::path::PathBuf,
+        detail: String,
+    },
+    #[error("{}: no shape for input `{name}`", path.display())]
+    NoShape {
+        path: std::path::PathBuf,
+        name: String,
+    },
+    #[error(
+        "{}: {dtype} multiply-adds (node {node}) are not comparable with a floating-point peak",
+        path.display()
+    )]
+    IntegerMultiplyAdds {
+        path: std::path::PathBuf,
+        dtype: String,
+        node: String,
+    },
+    #[error("{}: a symbolic FLOP count ({count})", path.display())]
+    Symbolic {
+        path: std::path::PathBuf,
+        count: String,
+    },
+}
+
 /// 2 x multiply-adds of one inference on inputs of these shapes; an error
 /// for graphs with integer multiply-adds (quantised models).
-pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, String> {
-    let e = |e: TractError| format!("{}: {e:#}", path.display());
+pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, CostError> {
+    let e = |e: TractError| CostError::Tract {
+        path: path.to_owned(),
+        detail: format!("{e:#}"),
+    };
     let mut model = tract_onnx::onnx().model_for_path(path).map_err(e)?;
     let outlets = model.input_outlets().map_err(e)?.to_vec();
     for (i, outlet) in outlets.iter().enumerate() {
@@ -20,7 +52,10 @@ pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, String> {
         let spec = inputs
             .iter()
             .find(|s| s.name == name)
-            .ok_or_else(|| format!("{}: no shape for input `{name}`", path.display()))?;
+            .ok_or_else(|| CostError::NoShape {
+                path: path.to_owned(),
+                name: name.clone(),
+            })?;
         let dt = match spec.dtype {
             DType::F32 => f32::datum_type(),
             DType::I64 => i64::datum_type(),
@@ -45,15 +80,16 @@ pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, String> {
                 // operations: set against an f32 peak they would read as
                 // more than 100% of the machine.
                 if !dt.is_float() {
-                    return Err(format!(
-                        "{}: {dt:?} multiply-adds (node {}) are not comparable with a floating-point peak",
-                        path.display(),
-                        node.name
-                    ));
+                    return Err(CostError::IntegerMultiplyAdds {
+                        path: path.to_owned(),
+                        dtype: format!("{dt:?}"),
+                        node: node.name.clone(),
+                    });
                 }
-                fma += count
-                    .to_i64()
-                    .map_err(|_| format!("{}: a symbolic FLOP count ({count})", path.display()))?;
+                fma += count.to_i64().map_err(|_| CostError::Symbolic {
+                    path: path.to_owned(),
+                    count: count.to_string(),
+                })?;
             }
         }
     }

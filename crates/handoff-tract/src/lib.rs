@@ -8,7 +8,7 @@
 
 pub mod cost;
 
-pub use cost::flops;
+pub use cost::{CostError, flops};
 
 use std::sync::Arc;
 

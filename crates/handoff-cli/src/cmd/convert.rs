@@ -8,7 +8,7 @@ use anyhow::Result;
 use handoff_backend::Registry;
 
 use crate::backends::ensure_ort;
-use crate::tools;
+use handoff_prepare as tools;
 
 /// Convert an HF BERT-family model (config.json + model.safetensors) to
 /// ONNX, check it against candle's native BERT on 32 tokenised sentences,
@@ -50,7 +50,6 @@ fn convert(
     seq: u32,
 ) -> Result<()> {
     use handoff_backend::{DType, Fill, TensorSpec};
-    use handoff_suite::ModelTools;
     let prov = handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(hf_dir), out)?;
     println!(
         "wrote {} ({:.1} MB, sha256 {})",
@@ -83,10 +82,9 @@ fn convert(
         model_cache: out
             .parent()
             .map_or_else(|| PathBuf::from("."), Path::to_owned),
+        ensure_ort: || ensure_ort(false),
     };
-    let check = tools
-        .verify_conversion(out, hf_dir, &specs)
-        .map_err(anyhow::Error::msg)?;
+    let check = tools.check_conversion(out, hf_dir, &specs)?;
     println!(
         "conversion check ({}): max abs {:.2e} (<= {:e}), min cosine {:.8} (>= {}): {}",
         check.inputs,
@@ -118,10 +116,7 @@ fn convert(
         })
         .collect();
     for backend in lower_for {
-        match tools
-            .lower_for(out, backend, &batch1)
-            .map_err(anyhow::Error::msg)?
-        {
+        match tools.lower(out, backend, &batch1)? {
             Some(l) => println!(
                 "lowered for {backend}: {} ({})",
                 l.path.display(),

@@ -71,14 +71,12 @@ fn init(
         handoff_suite::init::hf_suite(model, &in_suite, &available)
     } else {
         let backends = handoff_suite::init::onnx_backends(&available);
-        let text = handoff_suite::init::onnx_suite(model, &in_suite, &backends, &[])
-            .map_err(anyhow::Error::msg)?;
+        let text = handoff_suite::init::onnx_suite(model, &in_suite, &backends, &[])?;
         let lower_for = probe_lowerable(registry, model, out, &text)?;
         if lower_for.is_empty() {
             text
         } else {
-            handoff_suite::init::onnx_suite(model, &in_suite, &backends, &lower_for)
-                .map_err(anyhow::Error::msg)?
+            handoff_suite::init::onnx_suite(model, &in_suite, &backends, &lower_for)?
         }
     };
     match out {
@@ -115,7 +113,7 @@ fn probe_lowerable(
         let Some(case) = plan.cases().find(|c| &c.backend == backend) else {
             continue;
         };
-        if let Some(op) = crate::tools::lowerable_gap(registry, backend, model, &case.inputs) {
+        if let Some(op) = handoff_prepare::lowerable_gap(registry, backend, model, &case.inputs) {
             eprintln!("{backend} lacks {op}, which handoff lowers: adding lower_for: [{backend}]");
             found.push(backend.clone());
         }

@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use handoff_backend::Registry;
 
-use crate::tools;
+use handoff_prepare as tools;
 
 /// Build a precision variant of an ONNX model, check it against the
 /// original on ONNX Runtime and write `<out>.provenance.json`.
@@ -134,8 +134,7 @@ impl QuantizeCmd {
         // Always rebuild on request: the cache is for suites.
         let _ = std::fs::remove_file(&out);
         let (check, warning) =
-            tools::build_variant(registry, &model, &out, &request, &specs, &calibration)
-                .map_err(anyhow::Error::msg)?;
+            tools::build_variant(registry, &model, &out, &request, &specs, &calibration)?;
         if let Some(w) = warning {
             eprintln!("warning: {w}");
         }

@@ -479,7 +479,7 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
                     spec.max_batch,
                     classify,
                 )
-                .map_err(|e| (handoff_runner::Status::Unavailable, e))?;
+                .map_err(|e| (handoff_runner::Status::Unavailable, e.to_string()))?;
                 return Ok(handoff_runner::Launch {
                     command: cmd,
                     server: if classify {
@@ -506,7 +506,7 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
                     spec.seq,
                     spec.max_batch,
                 )
-                .map_err(|e| (handoff_runner::Status::Unavailable, e))?;
+                .map_err(|e| (handoff_runner::Status::Unavailable, e.to_string()))?;
                 return Ok(handoff_runner::Launch {
                     command: cmd,
                     server: handoff_python::FASTAPI_SERVER.into(),

@@ -20,10 +20,10 @@ impl SetupCmd {
         let Self { torch } = self;
         #[cfg(feature = "ort")]
         {
-            let lib = handoff_ort::provision::fetch().map_err(anyhow::Error::msg)?;
+            let lib = handoff_ort::provision::fetch()?;
             println!("onnxruntime: {}", lib.display());
         }
-        let python = handoff_python::setup().map_err(anyhow::Error::msg)?;
+        let python = handoff_python::setup()?;
         println!("python baseline: {}", python.display());
         if torch {
             if handoff_python::torch::interpreter().is_err() {
@@ -32,7 +32,7 @@ impl SetupCmd {
                     handoff_python::torch::DOWNLOAD_NOTE
                 );
             }
-            let python = handoff_python::torch::setup().map_err(anyhow::Error::msg)?;
+            let python = handoff_python::torch::setup()?;
             println!("pytorch baseline: {}", python.display());
         }
         Ok(ExitCode::SUCCESS)
@@ -86,7 +86,7 @@ impl GilCmd {
                 .fetch(&handoff_backend::home::model_cache_dir())?
                 .join("tokenizer.json"),
         };
-        let python = handoff_python::interpreter().map_err(anyhow::Error::msg)?;
+        let python = handoff_python::interpreter()?;
         let sentences = handoff_suite::text::DEFAULT_SENTENCES;
         let texts: Vec<String> = (0..texts)
             .map(|i| sentences[i % sentences.len()].to_owned())
@@ -99,8 +99,7 @@ impl GilCmd {
             &workers,
             reps,
             &handoff_python::cache_dir(),
-        )
-        .map_err(anyhow::Error::msg)?;
+        )?;
         print!("{}", report.markdown());
         if let Some(path) = json {
             std::fs::write(&path, serde_json::to_vec_pretty(&report)?)

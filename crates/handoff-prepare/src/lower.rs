@@ -1,0 +1,183 @@
+//! Lowering by probing: run the model on a backend; while the backend
+//! stops at an op handoff can rewrite into simpler ones, rewrite it, and
+//! keep the copy only if ORT gives the original's outputs on it.
+
+use std::path::Path;
+
+use handoff_backend::{BackendError, Registry, Tensor, TensorSpec};
+use handoff_convert::lower::{LOWERABLE, lower_op};
+use handoff_convert::provenance::{Check, Provenance, Step};
+use handoff_suite::Lowered;
+
+use crate::{
+    LOWERING_MAX_ABS, PrepareError, Tools, derived_provenance, embedding_agreement, run_once,
+};
+
+/// The op `backend` stops at on `onnx` when it is one handoff can lower
+/// (`None`: it ran, or failed for another reason, which its cells will
+/// say).
+pub fn lowerable_gap(
+    registry: &Registry,
+    backend: &str,
+    onnx: &Path,
+    specs: &[TensorSpec],
+) -> Option<String> {
+    let b = registry.get(backend)?;
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    // A runtime that panics on the model is not a lowering question.
+    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        run_once(b, onnx, None, &inputs, specs)
+    }));
+    match result {
+        Ok(Err(BackendError::Unsupported(reason))) => reason
+            .strip_prefix("op ")
+            .filter(|op| LOWERABLE.contains(op))
+            .map(str::to_owned),
+        _ => None,
+    }
+}
+
+/// The file name of `onnx` lowered for `backend`.
+fn lowered_file_name(onnx: &Path, backend: &str) -> String {
+    let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    format!("{stem}.lowered-{backend}.onnx")
+}
+
+impl Tools {
+    /// The lowered copy [`Self::lower`] would reuse.
+    pub(crate) fn cached_lowering_of(&self, onnx: &Path, backend: &str) -> Option<Lowered> {
+        let out = self.derived_path(onnx, &lowered_file_name(onnx, backend));
+        let prov = Provenance::load(&out).filter(|_| out.is_file())?;
+        let ops = prov
+            .steps
+            .iter()
+            .filter_map(|s| s.name.strip_prefix("lower:").map(str::to_owned))
+            .collect();
+        Some(Lowered { path: out, ops })
+    }
+
+    /// Runs `onnx` on `backend_name`, lowering each op it stops at that
+    /// handoff can lower; `Ok(None)`: nothing needed lowering (or what it
+    /// stops at cannot be lowered: its cells will say which op).
+    pub fn lower(
+        &self,
+        onnx: &Path,
+        backend_name: &str,
+        specs: &[TensorSpec],
+    ) -> Result<Option<Lowered>, PrepareError> {
+        self.ort_ready();
+        if let Some(cached) = self.cached_lowering_of(onnx, backend_name) {
+            return Ok(Some(cached));
+        }
+        let out = self.derived(onnx, &lowered_file_name(onnx, backend_name))?;
+        let backend = self.backend(backend_name)?;
+        let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+        let mut model = handoff_onnx::inspect::read_model(onnx)?;
+        let mut lowered_ops: Vec<String> = Vec::new();
+        let tmp = out.with_extension(format!("probe{}.onnx", std::process::id()));
+        let mut current = onnx.to_owned();
+        let result = loop {
+            match run_once(backend, &current, None, &inputs, specs) {
+                Ok(_) => break Ok(()),
+                Err(BackendError::Unsupported(reason)) => {
+                    let Some(op) = reason.strip_prefix("op ").map(str::to_owned) else {
+                        break Err(PrepareError::Backend {
+                            what: backend_name.to_owned(),
+                            source: BackendError::Unsupported(reason),
+                        });
+                    };
+                    if !LOWERABLE.contains(&op.as_str()) || lowered_ops.contains(&op) {
+                        break Ok(());
+                    }
+                    if let Err(e) = lower_op(&mut model, &op) {
+                        break Err(e.into());
+                    }
+                    lowered_ops.push(op);
+                    if let Err(e) = handoff_onnx::builder::write_model(&model, &tmp) {
+                        break Err(e.into());
+                    }
+                    current = tmp.clone();
+                }
+                Err(source) => {
+                    break Err(PrepareError::Backend {
+                        what: backend_name.to_owned(),
+                        source,
+                    });
+                }
+            }
+        };
+        let checked = result.and_then(|()| {
+            if lowered_ops.is_empty() {
+                return Ok(None);
+            }
+            self.check_lowering(onnx, &tmp, &inputs, specs, &lowered_ops)
+                .map(Some)
+        });
+        let max_abs = match checked {
+            Ok(Some(max_abs)) => max_abs,
+            other => {
+                let _ = std::fs::remove_file(&tmp);
+                return other.map(|_| None);
+            }
+        };
+        std::fs::rename(&tmp, &out).map_err(PrepareError::io(&out))?;
+        let bytes = std::fs::read(&out).map_err(PrepareError::io(&out))?;
+        let mut prov = derived_provenance(onnx);
+        for op in &lowered_ops {
+            prov.steps.push(Step {
+                name: format!("lower:{op}"),
+                params: serde_json::json!({"for": backend_name, "found_by": "probing the backend"}),
+            });
+        }
+        prov.output_sha256 = handoff_onnx::inspect::sha256_hex(&bytes);
+        prov.size_bytes = bytes.len() as u64;
+        prov.checks.push(Check {
+            name: "lowering".into(),
+            compared: "all outputs: ort on the lowered vs the original model".into(),
+            inputs: "the suite's inputs at batch 1".into(),
+            max_abs,
+            min_cosine: f64::NAN,
+            threshold_max_abs: LOWERING_MAX_ABS,
+            threshold_min_cosine: f64::NAN,
+            label_agreement: None,
+            passed: true,
+        });
+        prov.save(&out).map_err(PrepareError::io(&out))?;
+        Ok(Some(Lowered {
+            path: out,
+            ops: lowered_ops,
+        }))
+    }
+
+    /// The rewrite must not change the numbers: every output on ORT, the
+    /// lowered copy against the original. Returns the largest difference.
+    fn check_lowering(
+        &self,
+        onnx: &Path,
+        lowered: &Path,
+        inputs: &[Tensor],
+        specs: &[TensorSpec],
+        ops: &[String],
+    ) -> Result<f64, PrepareError> {
+        let ort = self
+            .registry
+            .get("ort")
+            .ok_or_else(|| PrepareError::Needs("ort is needed to check a lowering".into()))?;
+        let a = run_once(ort, onnx, None, inputs, specs)
+            .map_err(PrepareError::backend("ort (original)"))?;
+        let b = run_once(ort, lowered, None, inputs, specs)
+            .map_err(PrepareError::backend("ort (lowered)"))?;
+        let max_abs = a
+            .iter()
+            .zip(&b)
+            .map(|(x, y)| embedding_agreement(x, y).0)
+            .fold(0.0, f64::max);
+        if max_abs > LOWERING_MAX_ABS {
+            return Err(PrepareError::Check(format!(
+                "lowering {} changed the outputs on ort by {max_abs:.2e} (> {LOWERING_MAX_ABS:e})",
+                ops.join(", ")
+            )));
+        }
+        Ok(max_abs)
+    }
+}

