@@ -10,6 +10,7 @@ pub mod home;
 pub mod mock;
 pub mod tensor;
 pub mod text;
+pub mod wheel;
 
 use std::fmt;
 use std::path::{Path, PathBuf};

