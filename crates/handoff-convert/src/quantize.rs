@@ -290,6 +290,9 @@ pub const VARIANTS: [&str; 7] = [
 
 /// Pinned packages of the Python environment that runs ORT's quantiser.
 pub const ORT_QUANT_PACKAGES: [&str; 2] = ["onnxruntime==1.31.1", "onnx==1.20.1"];
+/// Every package of that environment with its wheels' SHA-256
+/// (scripts/lock_python.py writes it from the pins above).
+pub const ORT_QUANT_LOCK: &str = include_str!("../../../scripts/locks/quant.txt");
 
 /// The ops this module quantises; anything else holding a large float
 /// constant is reported in [`QuantReport::left_fp32`].

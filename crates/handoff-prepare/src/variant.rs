@@ -235,8 +235,11 @@ fn build_variant_as(
         "ort-int8-dynamic" => {
             let python = handoff_python::pyenv::ensure(
                 &handoff_backend::home::cache_dir(),
-                "quant",
-                &quantize::ORT_QUANT_PACKAGES,
+                &handoff_python::pyenv::EnvSpec {
+                    name: "quant",
+                    packages: &quantize::ORT_QUANT_PACKAGES,
+                    lock: quantize::ORT_QUANT_LOCK,
+                },
             )?;
             let reduce_range = request.cpu.saturates_int8();
             let out = std::process::Command::new(python)

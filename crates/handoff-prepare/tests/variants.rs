@@ -123,3 +123,43 @@ fn an_unknown_variant_and_a_missing_backend_are_typed_errors() {
     let err = tools.lower(&model, "tract", &inputs(1)).unwrap_err();
     assert_eq!(err.to_string(), "backend tract is not in this build");
 }
+
+#[test]
+fn the_quantiser_environment_lock_was_written_from_its_pins() {
+    let spec = handoff_python::pyenv::EnvSpec {
+        name: "quant",
+        packages: &handoff_convert::quantize::ORT_QUANT_PACKAGES,
+        lock: handoff_convert::quantize::ORT_QUANT_LOCK,
+    };
+    assert_eq!(spec.locked_packages(), spec.packages);
+    assert!(spec.platforms().contains(&"cp311-x86_64"));
+}
+
+#[test]
+fn onnx_runtimes_own_quantiser_runs_from_its_locked_environment_and_is_gated() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = mlp(dir.path());
+    let tools = tools(dir.path());
+    let v = tools
+        .variant(
+            &model,
+            None,
+            "ort-int8-dynamic",
+            0.99,
+            &inputs(4),
+            &inputs(4),
+        )
+        .unwrap();
+    assert!(v.accuracy.passed, "{:?}", v.accuracy);
+    assert!(std::fs::metadata(&v.path).unwrap().len() < std::fs::metadata(&model).unwrap().len());
+    let prov = handoff_convert::provenance::Provenance::load(&v.path).unwrap();
+    let step = prov
+        .steps
+        .iter()
+        .find(|s| s.name == "quantize:ort-int8-dynamic")
+        .expect("the quantiser's step is recorded");
+    assert_eq!(
+        step.params["tool"],
+        "onnxruntime.quantization.quantize_dynamic"
+    );
+}

@@ -33,6 +33,12 @@ pub const PYTHON_ORT_PACKAGES: [&str; 5] = [
     "tokenizers==0.23.3",
 ];
 pub const PYTHON_ORT_ENV: &str = "python-ort";
+/// The baseline environment: its pins and their lock.
+pub const PYTHON_ORT: pyenv::EnvSpec<'static> = pyenv::EnvSpec {
+    name: PYTHON_ORT_ENV,
+    packages: &PYTHON_ORT_PACKAGES,
+    lock: include_str!("../../../scripts/locks/python-ort.txt"),
+};
 const WORKER_PY: &str = include_str!("../../../scripts/py_worker.py");
 /// Each worker's scratch directory is its own, also for two in one process.
 static NEXT_SCRATCH: std::sync::atomic::AtomicU64 = std::sync::atomic::AtomicU64::new(0);
@@ -73,6 +79,14 @@ pub enum PythonError {
     },
     #[error("{what} printed something else: {detail}")]
     Output { what: String, detail: String },
+    #[error(
+        "the lock of the `{env}` environment has no wheels for {platform} (it covers {covered}): run scripts/lock_python.py {env} with this Python"
+    )]
+    NoLock {
+        env: String,
+        platform: String,
+        covered: String,
+    },
     #[error("{what} {} is not set up: run `{command}` ({detail})", dir.display())]
     NotSetUp {
         what: &'static str,
@@ -141,18 +155,16 @@ pub fn cache_dir() -> PathBuf {
 
 /// Creates the baseline environment (no-op when it is there).
 pub fn setup() -> Result<PathBuf, PythonError> {
-    pyenv::ensure(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES)
+    pyenv::ensure(&cache_dir(), &PYTHON_ORT)
 }
 
 /// The baseline environment's interpreter, or how to create it.
 pub fn interpreter() -> Result<PathBuf, PythonError> {
-    pyenv::existing(&cache_dir(), PYTHON_ORT_ENV, &PYTHON_ORT_PACKAGES).ok_or_else(|| {
-        PythonError::NotSetUp {
-            what: "python environment",
-            dir: cache_dir().join(format!("venv-{PYTHON_ORT_ENV}")),
-            command: "handoff setup",
-            detail: format!("creates it from PyPI: {}", PYTHON_ORT_PACKAGES.join(" ")),
-        }
+    pyenv::existing(&cache_dir(), &PYTHON_ORT).ok_or_else(|| PythonError::NotSetUp {
+        what: "python environment",
+        dir: cache_dir().join(format!("venv-{PYTHON_ORT_ENV}")),
+        command: "handoff setup",
+        detail: format!("creates it from PyPI: {}", PYTHON_ORT_PACKAGES.join(" ")),
     })
 }
 

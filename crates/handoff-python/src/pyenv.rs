@@ -1,5 +1,7 @@
-//! Python virtual environments under the project cache, filled from PyPI
-//! with pinned packages on first use (`python3 -m venv`, then `pip install`).
+//! Python virtual environments under the project cache, filled from PyPI on
+//! first use (`python3 -m venv`, then `pip install --require-hashes` from
+//! the environment's lock file: every package pinned to one version and
+//! the SHA-256 of its wheels, so pip installs those files or nothing).
 //! Used for reference tools that only exist in Python (ONNX Runtime's
 //! quantiser) and for Python baselines. Nothing is installed outside the
 //! cache.
@@ -9,15 +11,50 @@ use std::process::Command;
 
 use crate::PythonError;
 
+/// An environment: its name (`venv-<name>` in the cache), its top-level
+/// pins and its lock (`scripts/locks/<name>.txt`, written by
+/// `scripts/lock_python.py` from those pins).
+#[derive(Debug, Clone, Copy)]
+pub struct EnvSpec<'a> {
+    pub name: &'a str,
+    pub packages: &'a [&'a str],
+    pub lock: &'a str,
+}
+
+impl EnvSpec<'_> {
+    /// What the marker file of a built environment holds: a changed pin or
+    /// lock rebuilds it.
+    fn marker_text(&self) -> String {
+        format!("{}\n{}", self.packages.join("\n"), self.lock)
+    }
+
+    /// The lock's `# <key>: ...` header line.
+    fn header(&self, key: &str) -> Option<&str> {
+        self.lock
+            .lines()
+            .find_map(|l| l.strip_prefix("# ")?.strip_prefix(key)?.strip_prefix(": "))
+    }
+
+    /// The platforms the lock has wheels for (`cp311-x86_64`, ...).
+    pub fn platforms(&self) -> Vec<&str> {
+        self.header("platforms")
+            .map(|p| p.split_whitespace().collect())
+            .unwrap_or_default()
+    }
+
+    /// The top-level pins the lock was written from.
+    pub fn locked_packages(&self) -> Vec<&str> {
+        self.header("top-level")
+            .map(|p| p.split_whitespace().collect())
+            .unwrap_or_default()
+    }
+}
+
 fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PythonError + '_ {
     move |source| PythonError::Io {
         path: path.to_owned(),
         source,
     }
-}
-
-fn marker_text(packages: &[&str]) -> String {
-    packages.join("\n")
 }
 
 /// A directory as a lock: creating one is atomic, and it is removed when
@@ -62,21 +99,21 @@ impl Drop for BuildLock {
     }
 }
 
-/// The interpreter of an environment created earlier with these pins.
-pub fn existing(cache: &Path, name: &str, packages: &[&str]) -> Option<PathBuf> {
-    let dir = cache.join(format!("venv-{name}"));
+/// The interpreter of an environment created earlier from this spec.
+pub fn existing(cache: &Path, spec: &EnvSpec<'_>) -> Option<PathBuf> {
+    let dir = cache.join(format!("venv-{}", spec.name));
     let python = dir.join("bin").join("python");
     let marker = std::fs::read_to_string(dir.join(".handoff-packages")).ok()?;
-    (python.is_file() && marker == marker_text(packages)).then_some(python)
+    (python.is_file() && marker == spec.marker_text()).then_some(python)
 }
 
 /// A created environment's interpreter, or why there is none.
-pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, PythonError> {
+pub fn ensure(cache: &Path, spec: &EnvSpec<'_>) -> Result<PathBuf, PythonError> {
+    let name = spec.name;
     let dir = cache.join(format!("venv-{name}"));
     let python = dir.join("bin").join("python");
-    // The marker lists the pins: a changed pin rebuilds the environment.
     let marker = dir.join(".handoff-packages");
-    let wanted = marker_text(packages);
+    let wanted = spec.marker_text();
     let ready =
         || python.is_file() && std::fs::read_to_string(&marker).ok().as_deref() == Some(&wanted);
     if ready() {
@@ -113,12 +150,11 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, Py
         Command::new("python3").args(["-m", "venv"]).arg(&tmp),
         "python3 -m venv",
     )?;
-    run(
-        Command::new(tmp.join("bin").join("python"))
-            .args(["-m", "pip", "install", "--quiet", "--only-binary=:all:"])
-            .args(packages),
-        &format!("pip install {}", packages.join(" ")),
-    )?;
+    let built = build_from_lock(&tmp, spec, &run);
+    if let Err(e) = built {
+        let _ = std::fs::remove_dir_all(&tmp);
+        return Err(e);
+    }
     // venv scripts embed their path: build in place of the final directory.
     let _ = std::fs::remove_dir_all(&dir);
     std::fs::rename(&tmp, &dir).map_err(io(&dir))?;
@@ -128,11 +164,131 @@ pub fn ensure(cache: &Path, name: &str, packages: &[&str]) -> Result<PathBuf, Py
     Ok(python)
 }
 
+/// Installs the lock into the new environment at `venv`, after checking
+/// that the lock has wheels for its interpreter and machine.
+fn build_from_lock(
+    venv: &Path,
+    spec: &EnvSpec<'_>,
+    run: &dyn Fn(&mut Command, &str) -> Result<(), PythonError>,
+) -> Result<(), PythonError> {
+    let python = venv.join("bin").join("python");
+    let out = Command::new(&python)
+        .args([
+            "-c",
+            "import sys, platform; print(f'cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')",
+        ])
+        .output()
+        .map_err(|source| PythonError::Start {
+            what: python.display().to_string(),
+            source,
+        })?;
+    let platform = String::from_utf8_lossy(&out.stdout).trim().to_owned();
+    let covered = spec.platforms();
+    if !covered.contains(&platform.as_str()) {
+        return Err(PythonError::NoLock {
+            env: spec.name.to_owned(),
+            platform,
+            covered: covered.join(" "),
+        });
+    }
+    let lock = venv.join("handoff-lock.txt");
+    std::fs::write(&lock, spec.lock).map_err(io(&lock))?;
+    run(
+        Command::new(&python)
+            .args(["-m", "pip", "install", "--quiet", "--only-binary=:all:"])
+            .args(["--require-hashes", "-r"])
+            .arg(&lock),
+        &format!(
+            "pip install --require-hashes (the {} lock: {})",
+            spec.name,
+            spec.packages.join(" ")
+        ),
+    )
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
     use std::sync::Arc;
     use std::sync::atomic::{AtomicBool, Ordering};
+
+    #[test]
+    fn each_lock_was_written_from_its_environments_pins() {
+        for spec in [crate::PYTHON_ORT, crate::torch::PYTHON_TORCH] {
+            assert_eq!(spec.locked_packages(), spec.packages, "{}", spec.name);
+            assert!(spec.platforms().contains(&"cp311-x86_64"), "{}", spec.name);
+            // Every top-level pin is a locked line with at least one hash.
+            for p in spec.packages {
+                let line = spec
+                    .lock
+                    .lines()
+                    .position(|l| l.replace('_', "-").starts_with(&p.replace('_', "-")))
+                    .unwrap_or_else(|| panic!("{}: {p} is not locked", spec.name));
+                let next = spec.lock.lines().nth(line + 1).unwrap_or("");
+                assert!(next.trim_start().starts_with("--hash=sha256:"), "{p}");
+            }
+        }
+    }
+
+    /// A lock of one small wheel, with `hash` as its SHA-256.
+    fn one_package_lock(hash: &str, platforms: &str) -> String {
+        format!(
+            "# top-level: idna==3.20\n# platforms: {platforms}\nidna==3.20 \\\n    --hash=sha256:{hash}\n"
+        )
+    }
+
+    fn this_platform() -> String {
+        let out = Command::new("python3")
+            .args([
+                "-c",
+                "import sys, platform; print(f'cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')",
+            ])
+            .output()
+            .unwrap();
+        String::from_utf8(out.stdout).unwrap().trim().to_owned()
+    }
+
+    #[test]
+    fn a_wheel_whose_hash_is_not_locked_is_refused_and_nothing_is_kept() {
+        let cache = tempfile::tempdir().unwrap();
+        let lock = one_package_lock(&"0".repeat(64), &this_platform());
+        let spec = EnvSpec {
+            name: "t",
+            packages: &["idna==3.20"],
+            lock: &lock,
+        };
+        let err = ensure(cache.path(), &spec).unwrap_err();
+        assert!(
+            matches!(&err, PythonError::Failed { detail, .. } if detail.to_lowercase().contains("hash")),
+            "{err}"
+        );
+        let left: Vec<_> = std::fs::read_dir(cache.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+        assert!(existing(cache.path(), &spec).is_none());
+    }
+
+    #[test]
+    fn a_platform_the_lock_does_not_cover_is_refused_before_pip() {
+        let cache = tempfile::tempdir().unwrap();
+        let lock = one_package_lock(&"0".repeat(64), "cp39-sparc64");
+        let spec = EnvSpec {
+            name: "t",
+            packages: &["idna==3.20"],
+            lock: &lock,
+        };
+        let err = ensure(cache.path(), &spec).unwrap_err();
+        assert!(
+            matches!(&err, PythonError::NoLock { covered, .. } if covered == "cp39-sparc64"),
+            "{err}"
+        );
+        assert!(
+            err.to_string().contains("scripts/lock_python.py t"),
+            "{err}"
+        );
+    }
 
     #[test]
     fn the_build_lock_lets_one_builder_in_at_a_time() {

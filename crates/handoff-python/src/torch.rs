@@ -28,6 +28,12 @@ pub const PYTHON_TORCH_PACKAGES: [&str; 7] = [
     "uvicorn==0.54.0",
 ];
 pub const PYTHON_TORCH_ENV: &str = "python-torch";
+/// The PyTorch environment: its pins and their lock.
+pub const PYTHON_TORCH: pyenv::EnvSpec<'static> = pyenv::EnvSpec {
+    name: PYTHON_TORCH_ENV,
+    packages: &PYTHON_TORCH_PACKAGES,
+    lock: include_str!("../../../scripts/locks/python-torch.txt"),
+};
 /// What `handoff setup --torch` prints before it downloads.
 pub const DOWNLOAD_NOTE: &str =
     "PyTorch from PyPI with its CUDA runtime wheels: about 3 GB to download, 5.6 GB on disk";
@@ -35,18 +41,16 @@ const TORCH_WORKER_PY: &str = include_str!("../../../scripts/py_torch_worker.py"
 
 /// Creates the PyTorch environment (no-op when it is there).
 pub fn setup() -> Result<PathBuf, PythonError> {
-    pyenv::ensure(&cache_dir(), PYTHON_TORCH_ENV, &PYTHON_TORCH_PACKAGES)
+    pyenv::ensure(&cache_dir(), &PYTHON_TORCH)
 }
 
 /// The PyTorch environment's interpreter, or how to create it.
 pub fn interpreter() -> Result<PathBuf, PythonError> {
-    pyenv::existing(&cache_dir(), PYTHON_TORCH_ENV, &PYTHON_TORCH_PACKAGES).ok_or_else(|| {
-        PythonError::NotSetUp {
-            what: "the PyTorch environment",
-            dir: cache_dir().join(format!("venv-{PYTHON_TORCH_ENV}")),
-            command: "handoff setup --torch",
-            detail: DOWNLOAD_NOTE.into(),
-        }
+    pyenv::existing(&cache_dir(), &PYTHON_TORCH).ok_or_else(|| PythonError::NotSetUp {
+        what: "the PyTorch environment",
+        dir: cache_dir().join(format!("venv-{PYTHON_TORCH_ENV}")),
+        command: "handoff setup --torch",
+        detail: DOWNLOAD_NOTE.into(),
     })
 }
 
