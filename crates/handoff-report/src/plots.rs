@@ -595,7 +595,7 @@ fn heatmap(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
             let text_colour = if t > 0.5 { WHITE } else { BLACK };
             chart
                 .draw_series(std::iter::once(Text::new(
-                    format!("{} ms", fmt_sig(v)),
+                    format!("{} ms", crate::fmt_ms(v)),
                     (SegmentValue::CenterOf(ix), SegmentValue::CenterOf(iy)),
                     (FONT, 16).into_font().color(&text_colour),
                 )))
@@ -603,17 +603,6 @@ fn heatmap(model: &str, rows: &[&ResultRecord], path: &Path) -> Result<(), PlotE
         }
     }
     root.present().map_err(|x| e(x.to_string()))
-}
-
-/// Four significant digits, as in the tables.
-fn fmt_sig(v: f64) -> String {
-    if v >= 100.0 {
-        format!("{v:.1}")
-    } else if v >= 10.0 {
-        format!("{v:.2}")
-    } else {
-        format!("{v:.3}")
-    }
 }
 
 /// Accuracy (cosine to fp32) against speed (best items/s) for each base
