@@ -816,7 +816,13 @@ impl<'a> Runner<'a> {
             device: case.device,
             threads: case.threads,
             seq: case.dims.get("seq").copied().unwrap_or(128),
-            max_batch: case.batch.max(64),
+            // Its client sends `batch` texts a request; a batching server
+            // gathers requests up to 64 texts.
+            max_batch: if case.scenario.load().and_then(|l| l.batch_wait).is_some() {
+                case.batch.max(64)
+            } else {
+                case.batch
+            },
             endpoint: case
                 .scenario
                 .load()

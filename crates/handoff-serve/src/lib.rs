@@ -20,7 +20,8 @@
 //! [`Limits`]): a bounded queue sheds load with 503 + `Retry-After`, bodies
 //! and texts have size limits (413, 422), a request unanswered in time gets
 //! 504, every error is `{"error": "..."}`, and batch sizes are rounded up to
-//! powers of two so at most log2(max_batch) + 1 sessions are ever loaded.
+//! powers of two, whose log2(max_batch) + 1 sessions are all loaded before
+//! the server says it is ready: no request waits behind a session load.
 //! SIGTERM or Ctrl-C stops accepting and finishes the requests in flight.
 
 use std::collections::HashMap;
@@ -260,16 +261,10 @@ pub fn serve(
         let (loaded_tx, loaded_rx) = mpsc::channel::<Result<(), ServeError>>();
         s.spawn(move || {
             let model = Model::load(backend, config).and_then(|mut m| {
-                // Compile for the common case before answering /health, so
-                // the first request does not pay for it. A batching server
-                // makes calls of every size up to `max_batch`: it loads each
-                // batch size's session now, or a call of a new size would
-                // stall every request behind a session load.
-                let largest = if config.batch_wait.is_zero() {
-                    1
-                } else {
-                    bucket(config.max_batch)
-                };
+                // Every batch size's session is loaded and run once before
+                // /health answers: a call of a size not loaded yet would
+                // stall every request queued behind it.
+                let largest = bucket(config.max_batch);
                 let mut n = 1;
                 while n <= largest {
                     m.embed(&vec!["warm-up".to_owned(); n])?;

@@ -27,6 +27,7 @@ struct SlowSession {
 }
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 
 impl Backend for Slow {
     fn name(&self) -> &'static str {
@@ -42,6 +43,7 @@ impl Backend for Slow {
         }
     }
     fn prepare(&self, _: &ModelRef, o: &PrepareOptions) -> Result<Box<dyn Prepared>, BackendError> {
+        SESSIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
         Ok(Box::new(SlowSession {
             batch: o.inputs[0].shape[0],
             tokens: Vec::new(),
@@ -151,6 +153,9 @@ fn start(dir: &std::path::Path, queue: usize, batch_wait: Duration) -> SocketAdd
 fn overload_is_shed_with_503_bad_input_gets_4xx_and_service_continues() {
     let dir = tempfile::tempdir().unwrap();
     let addr = start(dir.path(), 2, Duration::ZERO);
+    let sessions = || SESSIONS.load(std::sync::atomic::Ordering::SeqCst);
+    // Batch sizes 1, 2, 4 and 8 (`max_batch` 8), loaded before it is ready.
+    assert_eq!(sessions(), 4);
     let ok = br#"{"texts": ["a a"]}"#;
     // Sixteen clients against a 20 ms model and a queue of two.
     let answers: Vec<(u16, String, String)> = std::thread::scope(|s| {
@@ -201,6 +206,7 @@ fn overload_is_shed_with_503_bad_input_gets_4xx_and_service_continues() {
         let v: serde_json::Value = serde_json::from_str(&text).unwrap();
         assert_eq!(v["embeddings"].as_array().unwrap().len(), n, "{text}");
     }
+    assert_eq!(sessions(), 4, "a request loaded a session");
 }
 
 /// With a batch wait, requests that arrive together run in one call, and

@@ -41,7 +41,8 @@ pub struct ServeCmd {
     /// Tokens per text (padding and truncation).
     #[arg(long, default_value_t = 128)]
     pub seq: usize,
-    /// Most texts in one request.
+    /// Most texts in one request. A session per power of two up to it is
+    /// loaded before the server is ready.
     #[arg(long, default_value_t = 64)]
     pub max_batch: usize,
     /// Requests waiting for the model; more are answered 503 with
