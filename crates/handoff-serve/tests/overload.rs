@@ -101,6 +101,15 @@ fn send(addr: SocketAddr, body: &[u8]) -> (u16, String, String) {
 }
 
 fn start(dir: &std::path::Path, queue: usize, batch_wait: Duration) -> SocketAddr {
+    start_with_timeout(dir, queue, batch_wait, Duration::from_secs(10))
+}
+
+fn start_with_timeout(
+    dir: &std::path::Path,
+    queue: usize,
+    batch_wait: Duration,
+    timeout: Duration,
+) -> SocketAddr {
     let mut g = GraphBuilder::new("m");
     for name in ["input_ids", "attention_mask"] {
         let x = g.input(name, ElemType::I64, &[D::Sym("batch"), D::Sym("seq")]);
@@ -138,7 +147,7 @@ fn start(dir: &std::path::Path, queue: usize, batch_wait: Duration) -> SocketAdd
             queue,
             body_bytes: 4096,
             text_bytes: 100,
-            timeout: Duration::from_secs(10),
+            timeout,
         },
     };
     let listener = handoff_serve::bind(config.addr).unwrap();
@@ -237,4 +246,40 @@ fn requests_arriving_together_run_as_one_batch() {
     // client took over a second to connect).
     let calls = CALLS.load(std::sync::atomic::Ordering::SeqCst) - before;
     assert!((1..6).contains(&calls), "{calls} calls for 6 requests");
+}
+
+/// A request not answered in time gets 504 with a JSON error, and the model
+/// thread skips a request whose client has given up instead of running it.
+#[test]
+fn requests_past_their_deadline_get_504_and_are_not_run() {
+    let dir = tempfile::tempdir().unwrap();
+    // 32 requests of 20 ms each against a 150 ms deadline.
+    let addr = start_with_timeout(dir.path(), 64, Duration::ZERO, Duration::from_millis(150));
+    let before = CALLS.load(std::sync::atomic::Ordering::SeqCst);
+    let ok = br#"{"texts": ["a a"]}"#;
+    let answers: Vec<(u16, String, String)> = std::thread::scope(|s| {
+        let clients: Vec<_> = (0..32).map(|_| s.spawn(|| send(addr, ok))).collect();
+        clients.into_iter().map(|c| c.join().unwrap()).collect()
+    });
+    let count = |code: u16| answers.iter().filter(|a| a.0 == code).count();
+    assert_eq!(count(200) + count(504), answers.len(), "{answers:?}");
+    assert!(count(504) > 0, "no request timed out: {answers:?}");
+    let late = answers.iter().find(|a| a.0 == 504).unwrap();
+    let v: serde_json::Value = serde_json::from_str(&late.2).unwrap();
+    assert!(
+        v["error"].as_str().unwrap().contains("no answer within"),
+        "{}",
+        late.2
+    );
+    // Wait for the model thread to drain what is left, then count its calls.
+    std::thread::sleep(Duration::from_millis(800));
+    let runs = CALLS.load(std::sync::atomic::Ordering::SeqCst) - before;
+    assert!(
+        runs < answers.len(),
+        "{runs} calls for {} requests",
+        answers.len()
+    );
+    // And it answers in time when it is not overloaded.
+    let (code, _, text) = send(addr, ok);
+    assert_eq!(code, 200, "{text}");
 }
