@@ -20,7 +20,7 @@ use handoff_convert::provenance::{Check, Provenance};
 use handoff_suite::{Lowered, ModelTools, ToolError, Variant};
 
 pub use lower::lowerable_gap;
-pub use variant::{VariantRequest, build_variant, variant_path};
+pub use variant::{QUANT_ENV, VariantRequest, build_variant, variant_path};
 
 /// Thresholds of the conversion check (ORT on the ONNX file vs candle's
 /// native BERT on the safetensors).

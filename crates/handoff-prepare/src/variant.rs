@@ -13,6 +13,13 @@ use crate::{PrepareError, Tools, derived_provenance, embedding_agreement, run_mo
 
 use handoff_convert::quantize::VARIANTS;
 
+/// The environment ONNX Runtime's quantiser runs in (`.cache/venv-quant`).
+pub const QUANT_ENV: handoff_python::pyenv::EnvSpec<'static> = handoff_python::pyenv::EnvSpec {
+    name: "quant",
+    packages: &handoff_convert::quantize::ORT_QUANT_PACKAGES,
+    lock: handoff_convert::quantize::ORT_QUANT_LOCK,
+};
+
 /// ONNX Runtime's quantiser, run as the reference int8 variant.
 const ORT_QUANTIZE_PY: &str = include_str!("../../../scripts/ort_quantize.py");
 
@@ -233,14 +240,8 @@ fn build_variant_as(
             )
         }
         "ort-int8-dynamic" => {
-            let python = handoff_python::pyenv::ensure(
-                &handoff_backend::home::cache_dir(),
-                &handoff_python::pyenv::EnvSpec {
-                    name: "quant",
-                    packages: &quantize::ORT_QUANT_PACKAGES,
-                    lock: quantize::ORT_QUANT_LOCK,
-                },
-            )?;
+            let python =
+                handoff_python::pyenv::ensure(&handoff_backend::home::cache_dir(), &QUANT_ENV)?;
             let reduce_range = request.cpu.saturates_int8();
             let out = std::process::Command::new(python)
                 .arg("-c")

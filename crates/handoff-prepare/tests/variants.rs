@@ -126,11 +126,7 @@ fn an_unknown_variant_and_a_missing_backend_are_typed_errors() {
 
 #[test]
 fn the_quantiser_environment_lock_was_written_from_its_pins() {
-    let spec = handoff_python::pyenv::EnvSpec {
-        name: "quant",
-        packages: &handoff_convert::quantize::ORT_QUANT_PACKAGES,
-        lock: handoff_convert::quantize::ORT_QUANT_LOCK,
-    };
+    let spec = handoff_prepare::QUANT_ENV;
     assert_eq!(spec.locked_packages(), spec.packages);
     assert!(spec.platforms().contains(&"cp311-x86_64"));
 }

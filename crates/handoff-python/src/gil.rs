@@ -16,6 +16,7 @@ use serde::{Deserialize, Serialize};
 use tokenizers::Tokenizer;
 
 use crate::PythonError;
+use crate::pyenv::io;
 
 const GIL_PY: &str = include_str!("../../../scripts/gil_tokenize.py");
 
@@ -75,10 +76,6 @@ pub fn measure(
     reps: usize,
     scratch: &Path,
 ) -> Result<GilReport, PythonError> {
-    let io = |path: &Path| {
-        let path = path.to_owned();
-        move |source| PythonError::Io { path, source }
-    };
     let tok = load(tokenizer, seq).map_err(|source| PythonError::Tokenizer {
         path: tokenizer.to_owned(),
         source,

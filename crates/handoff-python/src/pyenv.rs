@@ -50,7 +50,10 @@ impl EnvSpec<'_> {
     }
 }
 
-fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PythonError + '_ {
+/// Prints the interpreter's platform as the locks name it (`cp311-x86_64`).
+const PLATFORM_PY: &str = "import sys, platform; print(f'cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')";
+
+pub(crate) fn io(path: &Path) -> impl FnOnce(std::io::Error) -> PythonError + '_ {
     move |source| PythonError::Io {
         path: path.to_owned(),
         source,
@@ -173,10 +176,7 @@ fn build_from_lock(
 ) -> Result<(), PythonError> {
     let python = venv.join("bin").join("python");
     let out = Command::new(&python)
-        .args([
-            "-c",
-            "import sys, platform; print(f'cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')",
-        ])
+        .args(["-c", PLATFORM_PY])
         .output()
         .map_err(|source| PythonError::Start {
             what: python.display().to_string(),
@@ -239,10 +239,7 @@ mod tests {
 
     fn this_platform() -> String {
         let out = Command::new("python3")
-            .args([
-                "-c",
-                "import sys, platform; print(f'cp{sys.version_info[0]}{sys.version_info[1]}-{platform.machine()}')",
-            ])
+            .args(["-c", PLATFORM_PY])
             .output()
             .unwrap();
         String::from_utf8(out.stdout).unwrap().trim().to_owned()
