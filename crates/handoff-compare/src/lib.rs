@@ -546,9 +546,6 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
     .expect("one run has one environment");
     c.env_differences.clear();
     c.interleaved = true;
-    if opts.metric != Metric::P50 {
-        return c;
-    }
     let original = |id_of_case: &str, prefix: &str| {
         run.records
             .iter()
@@ -563,20 +560,37 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
         };
         let same_rounds =
             matches!((&a.rounds, &b.rounds), (Some(x), Some(y)) if x.group == y.group);
-        let Some(r) = same_rounds
-            .then(|| handoff_results::pairs::ratio_of(a, b, false))
-            .flatten()
-        else {
+        let paired = same_rounds
+            .then(|| paired_estimate(a, b, opts.metric))
+            .flatten();
+        let Some((ratio, ci95)) = paired else {
             continue;
         };
-        row.ratio = Some(r.ratio);
-        row.ratio_ci95 = Some(r.ci95);
+        row.ratio = Some(ratio);
+        row.ratio_ci95 = Some(ci95);
         row.noise = None;
         let floor = opts.threshold_for(&row.id);
         row.threshold = floor;
-        row.verdict = decide(r.ratio, r.ci95, floor);
+        row.verdict = decide(ratio, ci95, floor);
     }
     c
+}
+
+/// `b / a` of the metric with its 95% CI from rounds both ran: p50 from the
+/// per-round medians (widened by the between-process variance), other
+/// metrics by a paired bootstrap over rounds.
+fn paired_estimate(a: &ResultRecord, b: &ResultRecord, metric: Metric) -> Option<(f64, [f64; 2])> {
+    if metric == Metric::P50 {
+        let r = handoff_results::pairs::ratio_of(a, b, false)?;
+        return Some((r.ratio, r.ci95));
+    }
+    let (ra, rb) = (
+        handoff_results::pairs::round_samples(a)?,
+        handoff_results::pairs::round_samples(b)?,
+    );
+    let est =
+        handoff_stats::compare::paired_round_bootstrap(&ra, &rb, |s| metric_of(s, metric), 0x5eed)?;
+    Some((est.ratio, [est.lo, est.hi]))
 }
 
 /// Markdown for PR comments and `$GITHUB_STEP_SUMMARY`.
@@ -611,7 +625,7 @@ pub fn markdown(c: &Comparison) -> String {
     if c.interleaved && c.metric == Metric::P50 {
         out.push_str("> Base and head were measured in one run, in interleaved rounds: the change and its 95% CI come from the per-round head/base ratios (the machine's drift cancels in them), widened by the speed spread between worker processes. A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
     } else if c.interleaved {
-        out.push_str("> Base and head were measured in one run, in interleaved rounds, so the machine's drift hit both alike: the change and its 95% CI are a bootstrap over both sides' samples (a round is too short for its own tail). A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
+        out.push_str("> Base and head were measured in one run, in interleaved rounds, so the machine's drift hit both alike: the change and its 95% CI are a paired bootstrap over rounds (each draw takes the same rounds' samples on both sides, so drift cancels and a slow stretch that hit whole blocks counts as one draw, not as many independent samples). A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
     } else {
         out.push_str("> Base and head were measured in separate runs: the machine's speed drifts between them, so a change smaller than the run-to-run noise (the threshold column, from `--repeat`) cannot be told apart from drift. For a gate that can, measure both in one interleaved run (`handoff ab`).\n\n");
     }

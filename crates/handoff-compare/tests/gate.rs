@@ -141,9 +141,10 @@ fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
     );
 }
 
-/// `handoff ab --metric p99`: both files from one run, the tail gated by
-/// a bootstrap over their samples, and the Markdown says how it was
-/// measured (one run, interleaved), not that the runs were made apart.
+/// `handoff ab --metric p99`: both files from one run's rounds, the tail
+/// gated by a paired bootstrap over those rounds, and the Markdown says how
+/// it was measured (one run, interleaved), not that the runs were made
+/// apart.
 #[test]
 fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
     let side = |model: &str, ms: f64, tail: f64| {
@@ -156,6 +157,13 @@ fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
         }
         r.case.id = r.case.id.replacen(&r.case.model, model, 1);
         r.case.model = model.into();
+        // 20 rounds of 20 runs, both sides in the same group.
+        r.rounds = Some(handoff_results::RoundsInfo {
+            group: "g".into(),
+            block_runs: vec![20; 20],
+            block_medians_ms: vec![Some(ms); 20],
+            ..Default::default()
+        });
         r
     };
     let both = run(vec![side("m.base", 1.0, 3.0), side("m.head", 1.0, 4.0)]);
@@ -169,6 +177,6 @@ fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
     assert_eq!(c.rows[0].verdict, Verdict::Regressed, "{:?}", c.rows[0]);
     let md = handoff_compare::markdown(&c);
     assert!(md.contains("## handoff ab"), "{md}");
-    assert!(md.contains("bootstrap over both sides' samples"), "{md}");
+    assert!(md.contains("paired bootstrap over rounds"), "{md}");
     assert!(!md.contains("separate runs"), "{md}");
 }

@@ -96,6 +96,26 @@ pub fn medians(r: &ResultRecord, inner: bool) -> Option<Vec<f64>> {
     Some(v.iter().map(|m| m.unwrap_or(f64::NAN)).collect())
 }
 
+/// A case's samples split into its rounds' blocks (empty for rounds it did
+/// not run); `None` without rounds or when the counts do not add up.
+pub fn round_samples(r: &ResultRecord) -> Option<Vec<&[f64]>> {
+    let info = r.rounds.as_ref()?;
+    if info.block_runs.iter().sum::<usize>() != r.samples_ms.len() {
+        return None;
+    }
+    let mut at = 0;
+    Some(
+        info.block_runs
+            .iter()
+            .map(|&n| {
+                let block = &r.samples_ms[at..at + n];
+                at += n;
+                block
+            })
+            .collect(),
+    )
+}
+
 /// `b / a` from the rounds both ran (`inner`: `b` by its own clock), its
 /// interval widened by both sides' between-process variance.
 pub fn ratio_of(a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<PairedRatio> {

@@ -87,6 +87,54 @@ pub fn bootstrap_ratio<F: Fn(&[f64]) -> f64>(
     })
 }
 
+/// Percentile CI of `stat(head) / stat(base)` from a paired bootstrap over
+/// rounds (for metrics such as p99 that have no rank-based interval). Each
+/// replicate draws round indices with replacement and pools the samples of
+/// those rounds on both sides, so the interval carries what a sample-level
+/// bootstrap cannot see: samples of one block share the machine's state of
+/// that moment, and a slow stretch hits whole blocks. Rounds where either
+/// side has no samples are left out; `None` below 6 paired rounds.
+pub fn paired_round_bootstrap<F: Fn(&[f64]) -> f64>(
+    base: &[&[f64]],
+    head: &[&[f64]],
+    stat: F,
+    seed: u64,
+) -> Option<RatioEstimate> {
+    let rounds: Vec<(&[f64], &[f64])> = base
+        .iter()
+        .zip(head)
+        .filter(|(b, h)| !b.is_empty() && !h.is_empty())
+        .map(|(b, h)| (*b, *h))
+        .collect();
+    if rounds.len() < 6 {
+        return None;
+    }
+    let pool = |pick: &mut dyn Iterator<Item = usize>| -> (Vec<f64>, Vec<f64>) {
+        let (mut b, mut h) = (Vec::new(), Vec::new());
+        for i in pick {
+            b.extend_from_slice(rounds[i].0);
+            h.extend_from_slice(rounds[i].1);
+        }
+        (b, h)
+    };
+    let (all_b, all_h) = pool(&mut (0..rounds.len()));
+    let mut rng = crate::SplitMix64(seed);
+    let n = rounds.len() as u64;
+    let mut ratios: Vec<f64> = (0..1000)
+        .map(|_| {
+            let mut draw = (0..n).map(|_| (rng.next() % n) as usize);
+            let (b, h) = pool(&mut draw);
+            stat(&h) / stat(&b)
+        })
+        .collect();
+    ratios.sort_by(f64::total_cmp);
+    Some(RatioEstimate {
+        ratio: stat(&all_h) / stat(&all_b),
+        lo: crate::quantile_sorted(&ratios, 0.025),
+        hi: crate::quantile_sorted(&ratios, 0.975),
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -149,5 +197,78 @@ mod tests {
     #[test]
     fn too_few_samples_give_no_estimate() {
         assert!(hodges_lehmann_ratio(&[1.0], &[1.0, 2.0], 1.96).is_none());
+    }
+
+    /// Rounds of `per` samples each: a factor per round and side (the
+    /// machine's state during that block: sd 5% in log terms, and with
+    /// probability `burst` a host hiccup that makes the whole block 1.8x
+    /// slower), a drift shared by both sides of a round, and an
+    /// exponential tail on a floor of 3.
+    fn blocky(rounds: usize, per: usize, scale: f64, burst: f64, seed: u64) -> Vec<Vec<f64>> {
+        let noise = synth::normal(rounds, 0.0, 0.05, seed);
+        let hiccup = synth::uniform(rounds, 0.0, 1.0, seed + 500);
+        let drift = synth::normal(rounds, 0.0, 0.1, 7);
+        (0..rounds)
+            .map(|r| {
+                let slow = if hiccup[r] < burst { 1.8f64.ln() } else { 0.0 };
+                let f = scale * (noise[r] + slow + drift[r]).exp();
+                synth::exponential(per, 1.0, seed * 1000 + r as u64)
+                    .into_iter()
+                    .map(|x| f * (3.0 + x))
+                    .collect()
+            })
+            .collect()
+    }
+
+    fn p99(s: &[f64]) -> f64 {
+        let mut v = s.to_vec();
+        v.sort_by(f64::total_cmp);
+        crate::quantile_sorted(&v, 0.99)
+    }
+
+    fn slices(v: &[Vec<f64>]) -> Vec<&[f64]> {
+        v.iter().map(Vec::as_slice).collect()
+    }
+
+    #[test]
+    fn the_paired_round_bootstrap_covers_one_where_a_sample_bootstrap_does_not() {
+        let (mut by_round, mut by_sample) = (0, 0);
+        let trials = 60;
+        for t in 0..trials {
+            let a = blocky(40, 10, 1.0, 0.1, 2 * t + 1);
+            let b = blocky(40, 10, 1.0, 0.1, 2 * t + 2);
+            let r = paired_round_bootstrap(&slices(&a), &slices(&b), p99, t).unwrap();
+            by_round += usize::from(r.lo <= 1.0 && 1.0 <= r.hi);
+            let s = bootstrap_ratio(&a.concat(), &b.concat(), p99, t).unwrap();
+            by_sample += usize::from(s.lo <= 1.0 && 1.0 <= s.hi);
+        }
+        assert!(
+            by_round >= 54,
+            "paired rounds covered 1.0 in {by_round}/{trials}"
+        );
+        assert!(
+            by_sample < by_round,
+            "samples {by_sample}/{trials}, rounds {by_round}/{trials}"
+        );
+    }
+
+    #[test]
+    fn the_paired_round_bootstrap_finds_a_ten_percent_p99_change() {
+        let a = blocky(120, 20, 1.0, 0.0, 11);
+        let b = blocky(120, 20, 1.1, 0.0, 12);
+        let r = paired_round_bootstrap(&slices(&a), &slices(&b), p99, 3).unwrap();
+        assert!(r.lo > 1.0 && (r.ratio - 1.1).abs() < 0.06, "{r:?}");
+    }
+
+    #[test]
+    fn rounds_one_side_missed_are_left_out_and_few_rounds_give_nothing() {
+        let a = blocky(8, 5, 1.0, 0.0, 1);
+        let mut b = blocky(8, 5, 1.0, 0.0, 2);
+        b[2].clear();
+        b[5].clear();
+        b[6].clear();
+        assert!(paired_round_bootstrap(&slices(&a), &slices(&b), p99, 1).is_none());
+        b[6] = a[6].clone();
+        assert!(paired_round_bootstrap(&slices(&a), &slices(&b), p99, 1).is_some());
     }
 }

@@ -176,7 +176,8 @@ pub struct AbCmd {
     #[arg(long, default_value_t = 0.02)]
     pub threshold: f64,
     /// p50: paired ratio of the rounds' medians (drift cancels); p99 or
-    /// mean: bootstrap CI over both sides' samples from the same rounds.
+    /// mean: paired bootstrap over rounds (each draw pools the same rounds'
+    /// samples on both sides).
     #[arg(long, value_enum, default_value_t = MetricArg::P50)]
     pub metric: MetricArg,
     /// Only cases whose id contains this text (repeatable).
