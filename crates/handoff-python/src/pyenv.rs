@@ -48,6 +48,32 @@ impl EnvSpec<'_> {
             .map(|p| p.split_whitespace().collect())
             .unwrap_or_default()
     }
+
+    /// Why the lock does not match the pins, if it does not: it was written
+    /// from other top-level pins, or a pin has no locked line with a hash
+    /// (a lock edited by hand or regenerated from a stale list).
+    pub fn lock_drift(&self) -> Option<String> {
+        if self.locked_packages() != self.packages {
+            return Some(format!(
+                "the lock of `{}` was written from {:?}, the pins are {:?}: run scripts/lock_python.py {}",
+                self.name,
+                self.locked_packages(),
+                self.packages,
+                self.name
+            ));
+        }
+        let norm = |s: &str| s.replace('_', "-").to_ascii_lowercase();
+        let lines: Vec<&str> = self.lock.lines().collect();
+        self.packages.iter().find_map(|p| {
+            let at = lines
+                .iter()
+                .position(|l| !l.starts_with('#') && norm(l).starts_with(&format!("{} ", norm(p))));
+            let hashed = at
+                .and_then(|i| lines.get(i + 1))
+                .is_some_and(|next| next.trim_start().starts_with("--hash=sha256:"));
+            (!hashed).then(|| format!("the lock of `{}` has no hashed line for {p}", self.name))
+        })
+    }
 }
 
 /// Prints the interpreter's platform as the locks name it (`cp311-x86_64`).
@@ -215,19 +241,31 @@ mod tests {
     #[test]
     fn each_lock_was_written_from_its_environments_pins() {
         for spec in [crate::PYTHON_ORT, crate::torch::PYTHON_TORCH] {
-            assert_eq!(spec.locked_packages(), spec.packages, "{}", spec.name);
+            assert_eq!(spec.lock_drift(), None);
             assert!(spec.platforms().contains(&"cp311-x86_64"), "{}", spec.name);
-            // Every top-level pin is a locked line with at least one hash.
-            for p in spec.packages {
-                let line = spec
-                    .lock
-                    .lines()
-                    .position(|l| l.replace('_', "-").starts_with(&p.replace('_', "-")))
-                    .unwrap_or_else(|| panic!("{}: {p} is not locked", spec.name));
-                let next = spec.lock.lines().nth(line + 1).unwrap_or("");
-                assert!(next.trim_start().starts_with("--hash=sha256:"), "{p}");
+        }
+    }
+
+    #[test]
+    fn a_lock_that_lost_a_pins_line_or_was_written_from_other_pins_drifts() {
+        let lock = one_package_lock(&"0".repeat(64), "cp311-x86_64");
+        let unhashed: String = lock
+            .lines()
+            .filter(|l| !l.contains("--hash"))
+            .collect::<Vec<_>>()
+            .join("\n");
+        fn spec<'a>(packages: &'a [&'a str], lock: &'a str) -> EnvSpec<'a> {
+            EnvSpec {
+                name: "t",
+                packages,
+                lock,
             }
         }
+        assert_eq!(spec(&["idna==3.20"], &lock).lock_drift(), None);
+        let other = spec(&["idna==3.21"], &lock).lock_drift().unwrap();
+        assert!(other.contains("was written from"), "{other}");
+        let lost = spec(&["idna==3.20"], &unhashed).lock_drift().unwrap();
+        assert!(lost.contains("no hashed line for idna==3.20"), "{lost}");
     }
 
     /// A lock of one small wheel, with `hash` as its SHA-256.
