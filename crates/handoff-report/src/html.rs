@@ -246,6 +246,12 @@ pub fn report_html(
         crate::paired::canary_table(ctx.canary),
     );
     table(
+        "Models per backend",
+        crate::COVERAGE_NOTE.into(),
+        Vec::new(),
+        crate::coverage_table(records),
+    );
+    table(
         "Hand-off gain: Rust ort vs Python onnxruntime",
         crate::paired::GAIN_NOTE.into(),
         Vec::new(),

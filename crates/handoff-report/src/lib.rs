@@ -243,6 +243,12 @@ pub fn summary_markdown(
         }
         out.push('\n');
     }
+    if let Some(t) = coverage_table(records) {
+        out.push_str("## Models per backend\n\n");
+        out.push_str(COVERAGE_NOTE);
+        out.push_str("\n\n");
+        t.markdown(&mut out);
+    }
     let (steady, loaded) = split_scenarios(records);
     let records = &steady[..];
     for m in summary::model_summaries(records) {
@@ -295,6 +301,39 @@ pub fn summary_markdown(
     }
     variants_table(&mut out, records);
     out
+}
+
+pub const COVERAGE_NOTE: &str = "A model counts for a backend where at least one of its cases ran and passed its check; its precision variants and lowered copies count with it. For the others, the first case's status and reason.";
+
+/// How many of the run's models each backend ran, and why not the others;
+/// `None` for a run of one model.
+pub fn coverage_table(records: &[ResultRecord]) -> Option<Table> {
+    let rows = summary::coverage(records)?
+        .into_iter()
+        .map(|c| {
+            vec![
+                c.backend.to_owned(),
+                format!("{} of {}", c.ran, c.of),
+                c.not
+                    .iter()
+                    .map(|(model, why)| format!("{model} ({})", short(why, 140)))
+                    .collect::<Vec<_>>()
+                    .join("; "),
+            ]
+        })
+        .collect();
+    Some(Table {
+        header: vec!["backend", "models run", "not run (why)"],
+        rows,
+    })
+}
+
+/// `text` cut to about `max` characters at a character boundary.
+fn short(text: &str, max: usize) -> String {
+    match text.char_indices().nth(max) {
+        Some((at, _)) => format!("{}…", &text[..at]),
+        None => text.to_owned(),
+    }
 }
 
 /// One model's section of summary.md.

@@ -137,3 +137,137 @@ pub fn fmt_rate(v: f64) -> String {
         format!("{v:.1}")
     }
 }
+
+/// How many of a run's models one backend ran.
+#[derive(Debug, PartialEq)]
+pub struct Coverage<'a> {
+    pub backend: &'a str,
+    pub ran: usize,
+    pub of: usize,
+    /// The models it did not run, each with the reason of its first case
+    /// (`unsupported: ...`, `failed: ...`).
+    pub not: Vec<(String, String)>,
+}
+
+/// Per backend, how many of the run's models (precision variants and
+/// lowered copies counted with the model they come from) have at least one
+/// `ok` case on it; `None` for a run of one model. A backend that never
+/// ran a model at all (unavailable) is listed too, with its reason.
+pub fn coverage(records: &[ResultRecord]) -> Option<Vec<Coverage<'_>>> {
+    let base = |r: &ResultRecord| -> String {
+        r.case
+            .model
+            .split(['@', '+'])
+            .next()
+            .unwrap_or_default()
+            .to_owned()
+    };
+    let mut models: Vec<String> = Vec::new();
+    let mut backends: Vec<&str> = Vec::new();
+    for r in records {
+        let m = base(r);
+        if !models.contains(&m) {
+            models.push(m);
+        }
+        if !backends.contains(&r.case.backend.as_str()) {
+            backends.push(&r.case.backend);
+        }
+    }
+    if models.len() < 2 {
+        return None;
+    }
+    let out = backends
+        .into_iter()
+        .map(|backend| {
+            let mut ran = 0;
+            let mut not = Vec::new();
+            for m in &models {
+                let cases: Vec<&ResultRecord> = records
+                    .iter()
+                    .filter(|r| r.case.backend == backend && base(r) == *m)
+                    .collect();
+                if cases
+                    .iter()
+                    .any(|r| r.status == handoff_results::Status::Ok)
+                {
+                    ran += 1;
+                } else if let Some(first) = cases.first() {
+                    not.push((
+                        m.clone(),
+                        format!(
+                            "{}: {}",
+                            first.status.as_str(),
+                            first.reason.as_deref().unwrap_or("no reason recorded")
+                        ),
+                    ));
+                } else {
+                    not.push((m.clone(), "not in the suite for this backend".into()));
+                }
+            }
+            Coverage {
+                backend,
+                ran,
+                of: models.len(),
+                not,
+            }
+        })
+        .collect();
+    Some(out)
+}
+
+#[cfg(test)]
+mod tests {
+    use handoff_results::{ResultRecord, Status};
+
+    fn case(model: &str, backend: &str, status: Status, reason: Option<&str>) -> ResultRecord {
+        let line = include_str!("../tests/fixtures/results.jsonl")
+            .lines()
+            .next()
+            .unwrap();
+        let mut r: ResultRecord = serde_json::from_str(line).unwrap();
+        r.case.model = model.into();
+        r.case.backend = backend.into();
+        r.status = status;
+        r.reason = reason.map(Into::into);
+        r
+    }
+
+    #[test]
+    fn coverage_counts_a_model_where_any_of_its_cases_passed_and_names_why_not() {
+        let records = vec![
+            case("cnn", "ort", Status::Ok, None),
+            case("cnn", "candle-onnx", Status::Failed, Some("Shape mismatch")),
+            case("bert", "ort", Status::Ok, None),
+            case(
+                "bert",
+                "candle-onnx",
+                Status::Unsupported,
+                Some("op LayerNormalization"),
+            ),
+            case("bert+lowered", "candle-onnx", Status::Ok, None),
+            case(
+                "bert@int8-dynamic",
+                "ort",
+                Status::Mismatch,
+                Some("max_abs 0.3"),
+            ),
+            case("rnn", "ort", Status::Mismatch, Some("max_abs 2")),
+        ];
+        let cov = super::coverage(&records).unwrap();
+        assert_eq!(cov.len(), 2);
+        assert_eq!((cov[0].backend, cov[0].ran, cov[0].of), ("ort", 2, 3));
+        assert_eq!(
+            cov[0].not,
+            vec![("rnn".into(), "mismatch: max_abs 2".into())]
+        );
+        assert_eq!((cov[1].backend, cov[1].ran), ("candle-onnx", 1));
+        assert_eq!(
+            cov[1].not,
+            vec![
+                ("cnn".into(), "failed: Shape mismatch".into()),
+                ("rnn".into(), "not in the suite for this backend".into()),
+            ]
+        );
+        assert_eq!(super::coverage(&records[..2]), None, "one model: no line");
+    }
+}
