@@ -4,90 +4,10 @@
 
 mod common;
 
-use std::path::Path;
-
-use common::handoff;
+use common::{handoff, init_models as models, relu_each};
 use handoff_onnx::ElemType;
 use handoff_onnx::builder::{D, GraphBuilder, write_model};
 use handoff_runner::{Status, read_results};
-
-fn relu_each(g: &mut GraphBuilder, inputs: &[(&str, &[D])]) {
-    for (i, (name, dims)) in inputs.iter().enumerate() {
-        let x = g.input(name, ElemType::F32, dims);
-        let out = format!("y{i}");
-        g.node_to("Relu", &[&x], vec![], &out);
-        g.output(&out, ElemType::F32, dims);
-    }
-}
-
-/// The five shapes of model a user brings, written into `dir`.
-fn models(dir: &Path) {
-    // A CNN exported with a fixed batch of 1.
-    let mut g = GraphBuilder::new("cnn");
-    relu_each(
-        &mut g,
-        &[(
-            "image",
-            &[D::Fixed(1), D::Fixed(3), D::Fixed(8), D::Fixed(8)],
-        )],
-    );
-    write_model(&g.finish(13), &dir.join("cnn.onnx")).unwrap();
-    // An encoder with an exporter's dim names.
-    let mut g = GraphBuilder::new("enc");
-    relu_each(
-        &mut g,
-        &[(
-            "features",
-            &[
-                D::Sym("batch_size"),
-                D::Sym("sequence_length"),
-                D::Fixed(16),
-            ],
-        )],
-    );
-    write_model(&g.finish(13), &dir.join("encoder.onnx")).unwrap();
-    // Token ids into an embedding table, a mask and token types.
-    let mut g = GraphBuilder::new("bert");
-    let bs = [D::Sym("batch"), D::Sym("seq")];
-    let ids = g.input("input_ids", ElemType::I64, &bs);
-    let mask = g.input("attention_mask", ElemType::I64, &bs);
-    let types = g.input("token_type_ids", ElemType::I64, &bs);
-    let table = g.init_f32("word_embeddings", &[50, 4], vec![0.5; 200]);
-    g.node_to("Gather", &[&table, &ids], vec![], "emb");
-    g.output(
-        "emb",
-        ElemType::F32,
-        &[D::Sym("batch"), D::Sym("seq"), D::Fixed(4)],
-    );
-    let to_f32 = vec![handoff_onnx::builder::attr_int("to", 1)];
-    g.node_to("Cast", &[&mask], to_f32.clone(), "mask_f");
-    g.output("mask_f", ElemType::F32, &bs);
-    g.node_to("Cast", &[&types], to_f32, "types_f");
-    g.output("types_f", ElemType::F32, &bs);
-    write_model(&g.finish(13), &dir.join("bert.onnx")).unwrap();
-    // A scalar input beside the batch.
-    let mut g = GraphBuilder::new("scale");
-    let x = g.input("x", ElemType::F32, &[D::Sym("N"), D::Fixed(4)]);
-    let k = g.input("gain", ElemType::F32, &[]);
-    g.node_to("Mul", &[&x, &k], vec![], "y");
-    g.output("y", ElemType::F32, &[D::Sym("N"), D::Fixed(4)]);
-    write_model(&g.finish(13), &dir.join("scalar.onnx")).unwrap();
-    // A recurrent state [layers, batch, hidden] beside the step input.
-    let mut g = GraphBuilder::new("rnn");
-    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
-    let h = g.input(
-        "state",
-        ElemType::F32,
-        &[D::Fixed(2), D::Sym("batch"), D::Fixed(8)],
-    );
-    g.node_to("Add", &[&h, &x], vec![], "h_next");
-    g.output(
-        "h_next",
-        ElemType::F32,
-        &[D::Fixed(2), D::Sym("batch"), D::Fixed(8)],
-    );
-    write_model(&g.finish(13), &dir.join("state.onnx")).unwrap();
-}
 
 #[test]
 fn init_writes_suites_that_validate_and_run_for_five_kinds_of_model() {
