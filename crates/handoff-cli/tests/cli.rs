@@ -7,7 +7,7 @@ mod common;
 use std::path::Path;
 use std::process::Command;
 
-use common::{handoff, run_ok, write_tokenizer};
+use common::{handoff, handoff_env, run_ok, write_tokenizer};
 
 use handoff_runner::{Status, read_results};
 
@@ -425,6 +425,10 @@ fn an_unsupported_architecture_is_a_clear_error() {
     assert!(!dir.path().join("g.onnx").exists());
 }
 
+/// The mock's latency is a wall-clock wait, which the other tests running
+/// beside it do not change: they must not mark its cases busy.
+const QUIET: &[(&str, &str)] = &[("HANDOFF_BUSY_CORES", "100")];
+
 fn mock_run(dir: &Path, out: &str, slowdown: f64, extra_args: &[&str]) {
     let suite = write(
         dir,
@@ -439,7 +443,7 @@ fn mock_run(dir: &Path, out: &str, slowdown: f64, extra_args: &[&str]) {
     );
     let mut args = vec!["run", &suite, "--out", out, "--quiet"];
     args.extend_from_slice(extra_args);
-    let o = handoff(&args, dir);
+    let o = handoff_env(&args, dir, QUIET);
     assert_eq!(
         o.status.code(),
         Some(0),
@@ -700,7 +704,7 @@ fn compare_rerun_confirms_a_real_regression_and_drops_a_fluke() {
     mock_run(d, "slow", 1.3, &[]);
     let bin = env!("CARGO_BIN_EXE_handoff");
     // Same build on both sides: the "regression" was a fluke of the runs.
-    let o = handoff(
+    let o = handoff_env(
         &[
             "compare",
             "base",
@@ -713,6 +717,7 @@ fn compare_rerun_confirms_a_real_regression_and_drops_a_fluke() {
             bin,
         ],
         d,
+        QUIET,
     );
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(
@@ -733,7 +738,7 @@ fn compare_rerun_confirms_a_real_regression_and_drops_a_fluke() {
         .args(["+x", slow_bin.to_str().unwrap()])
         .status()
         .unwrap();
-    let o = handoff(
+    let o = handoff_env(
         &[
             "compare",
             "base",
@@ -746,6 +751,7 @@ fn compare_rerun_confirms_a_real_regression_and_drops_a_fluke() {
             slow_bin.to_str().unwrap(),
         ],
         d,
+        QUIET,
     );
     let text = String::from_utf8_lossy(&o.stdout);
     assert_eq!(

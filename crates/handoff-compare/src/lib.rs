@@ -482,7 +482,40 @@ fn compare_case(
     row.ratio = Some(ratio);
     row.ratio_ci95 = Some([est.lo, est.hi]);
     row.verdict = decide(ratio, [est.lo, est.hi], threshold);
+    if let Some(busy) = busy_note(base.iter().chain(head).copied()) {
+        row.verdict = decide_busy([est.lo, est.hi]);
+        row.note = with_changes(busy);
+    }
     row
+}
+
+/// How much a load from other processes can slow one side of a comparison
+/// on these machines (a parallel build doubles latencies).
+const BUSY_FACTOR: f64 = 2.0;
+
+/// Why a measured change is judged only beyond [`BUSY_FACTOR`]: some of its
+/// cases were timed while other processes used the CPU, which does not hit
+/// both sides alike.
+fn busy_note<'a>(records: impl Iterator<Item = &'a ResultRecord>) -> Option<String> {
+    let most = records
+        .filter_map(|r| r.machine.as_ref().filter(|m| m.busy))
+        .map(|m| m.other_cpu_cores)
+        .reduce(f64::max)?;
+    Some(format!(
+        "busy: measured while other processes used up to {most:.2} cores, so a change within {BUSY_FACTOR}x either way is not judged; re-run on a quiet machine"
+    ))
+}
+
+/// The verdict on a busy machine: only a change whose whole CI lies beyond
+/// what the load could have done to one side.
+fn decide_busy([lo, hi]: [f64; 2]) -> Verdict {
+    if lo > BUSY_FACTOR {
+        Verdict::Regressed
+    } else if hi < 1.0 / BUSY_FACTOR {
+        Verdict::Improved
+    } else {
+        Verdict::Inconclusive
+    }
 }
 
 /// The verdict on a head/base ratio with its 95% CI: a change counts when
@@ -572,6 +605,15 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
         let floor = opts.threshold_for(&row.id);
         row.threshold = floor;
         row.verdict = decide(ratio, ci95, floor);
+        if let Some(busy) = busy_note([a, b].into_iter()) {
+            row.verdict = decide_busy(ci95);
+            // compare() has already said so when it saw the same records.
+            row.note = Some(match row.note.take() {
+                Some(n) if n.starts_with("busy:") => n,
+                Some(n) if !n.is_empty() => format!("{busy}; {n}"),
+                _ => busy,
+            });
+        }
     }
     c
 }

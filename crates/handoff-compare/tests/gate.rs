@@ -180,3 +180,51 @@ fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
     assert!(md.contains("paired bootstrap over rounds"), "{md}");
     assert!(!md.contains("separate runs"), "{md}");
 }
+
+/// A case timed while something else used the CPU (a parallel build) is
+/// judged only beyond what that load can do to one side (2x), in a
+/// comparison of two runs and in one `ab` run: the load does not hit both
+/// sides alike, so a smaller "change" may be the load's.
+#[test]
+fn a_change_measured_on_a_busy_machine_is_judged_only_beyond_what_the_load_can_do() {
+    let busy = |mut r: ResultRecord| {
+        r.machine = Some(handoff_results::MachineLoad {
+            loadavg_before: 2.3,
+            loadavg_after: 2.3,
+            other_cpu_cores: 0.93,
+            busy: true,
+        });
+        r
+    };
+    let (v, note) = verdict(vec![case(1.0)], vec![busy(case(1.1))], &Options::default());
+    assert_eq!(v, Verdict::Inconclusive);
+    assert!(
+        note.contains("busy: measured while other processes used up to 0.93 cores"),
+        "{note}"
+    );
+    // Quiet, the same numbers are a regression; busy, a 3x change still is.
+    let (v, _) = verdict(vec![case(1.0)], vec![case(1.1)], &Options::default());
+    assert_eq!(v, Verdict::Regressed);
+    let (v, _) = verdict(vec![case(1.0)], vec![busy(case(3.0))], &Options::default());
+    assert_eq!(v, Verdict::Regressed);
+
+    let side = |model: &str, ms: f64| {
+        let mut r = case(ms);
+        r.case.id = r.case.id.replacen(&r.case.model, model, 1);
+        r.case.model = model.into();
+        r.rounds = Some(handoff_results::RoundsInfo {
+            group: "g".into(),
+            block_runs: vec![20; 20],
+            block_medians_ms: (0..20)
+                .map(|i| Some(ms * (1.0 + 0.001 * f64::from(i % 3))))
+                .collect(),
+            ..Default::default()
+        });
+        r
+    };
+    let both = run(vec![side("m.base", 1.0), busy(side("m.head", 1.1))]);
+    let c = handoff_compare::compare_ab(&both, "m", &Options::default());
+    assert_eq!(c.rows[0].verdict, Verdict::Inconclusive, "{:?}", c.rows[0]);
+    assert_eq!(c.regressions(), 0);
+    assert!(c.rows[0].note.as_deref().unwrap_or("").starts_with("busy:"));
+}
