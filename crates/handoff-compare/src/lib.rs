@@ -605,14 +605,10 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
         let floor = opts.threshold_for(&row.id);
         row.threshold = floor;
         row.verdict = decide(ratio, ci95, floor);
-        if let Some(busy) = busy_note([a, b].into_iter()) {
+        // compare() has put the busy note on the row: it saw these records
+        // (and any repeats).
+        if busy_note([a, b].into_iter()).is_some() {
             row.verdict = decide_busy(ci95);
-            // compare() has already said so when it saw the same records.
-            row.note = Some(match row.note.take() {
-                Some(n) if n.starts_with("busy:") => n,
-                Some(n) if !n.is_empty() => format!("{busy}; {n}"),
-                _ => busy,
-            });
         }
     }
     c

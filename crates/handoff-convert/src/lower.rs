@@ -36,27 +36,35 @@ pub fn lower_op(model: &mut ModelProto, op: &str) -> Result<usize, LowerError> {
         .find(|o| o.domain.is_empty() || o.domain == "ai.onnx")
         .map_or(1, |o| o.version);
     let graph = model.graph.as_mut().ok_or(LowerError::NoGraph)?;
-    let mut out = Vec::with_capacity(graph.node.len());
+    // Every node is rewritten before the graph changes, so a node that
+    // cannot be lowered leaves the model as it was.
     let mut inits = Vec::new();
-    let mut count = 0;
-    let nodes = std::mem::take(&mut graph.node);
-    for (i, node) in nodes.iter().enumerate() {
-        if node.op_type == op && (node.domain.is_empty() || node.domain == "ai.onnx") {
-            let mut ctx = Lowering {
-                index: i,
-                opset,
-                inits: &mut inits,
-            };
-            out.extend(match op {
-                "LayerNormalization" => layer_norm(node, &mut ctx)?,
-                _ => global_average_pool(node, rank_of(graph, &nodes, &node.input[0]), &mut ctx)?,
-            });
-            count += 1;
-        } else {
-            out.push(node.clone());
+    let mut rewrites: Vec<Option<Vec<NodeProto>>> = Vec::with_capacity(graph.node.len());
+    for (i, node) in graph.node.iter().enumerate() {
+        if node.op_type != op || !(node.domain.is_empty() || node.domain == "ai.onnx") {
+            rewrites.push(None);
+            continue;
         }
+        let mut ctx = Lowering {
+            index: i,
+            opset,
+            inits: &mut inits,
+        };
+        rewrites.push(Some(match op {
+            "LayerNormalization" => layer_norm(node, &mut ctx)?,
+            _ => {
+                let rank = node.input.first().and_then(|x| rank_of(graph, x));
+                global_average_pool(node, rank, &mut ctx)?
+            }
+        }));
     }
-    graph.node = out;
+    let count = rewrites.iter().flatten().count();
+    let nodes = std::mem::take(&mut graph.node);
+    graph.node = nodes
+        .into_iter()
+        .zip(rewrites)
+        .flat_map(|(node, rewrite)| rewrite.unwrap_or_else(|| vec![node]))
+        .collect();
     graph.initializer.extend(inits);
     Ok(count)
 }
@@ -100,7 +108,7 @@ fn mk(op: &str, inputs: Vec<String>, out: String, attrs: Vec<AttributeProto>) ->
 /// The rank of `value`, from the graph's declared shapes or, for an
 /// intermediate value, by following ops that keep their first input's rank
 /// back to one whose rank is known (a Conv's weight tells its own).
-fn rank_of(graph: &GraphProto, nodes: &[NodeProto], value: &str) -> Option<usize> {
+fn rank_of(graph: &GraphProto, value: &str) -> Option<usize> {
     const SAME_RANK: [&str; 14] = [
         "Relu",
         "Sigmoid",
@@ -129,7 +137,10 @@ fn rank_of(graph: &GraphProto, nodes: &[NodeProto], value: &str) -> Option<usize
         if declared.is_some() {
             return declared;
         }
-        let producer = nodes.iter().find(|n| n.output.first() == Some(&value))?;
+        let producer = graph
+            .node
+            .iter()
+            .find(|n| n.output.first() == Some(&value))?;
         if matches!(producer.op_type.as_str(), "Conv" | "ConvTranspose") {
             let weight = producer.input.get(1)?;
             return graph
@@ -153,20 +164,21 @@ fn global_average_pool(
     rank: Option<usize>,
     ctx: &mut Lowering<'_>,
 ) -> Result<Vec<NodeProto>, LowerError> {
-    let rank = rank.filter(|r| *r >= 3).ok_or_else(|| LowerError::Node {
+    let err = |detail: String| LowerError::Node {
         node: node.name.clone(),
         op: node.op_type.clone(),
-        detail: format!(
-            "the rank of its input `{}` is not declared in the graph nor implied by the ops before it",
-            node.input[0]
-        ),
+        detail,
+    };
+    let (Some(x), Some(y)) = (node.input.first(), node.output.first()) else {
+        return Err(err("needs one input and one output".into()));
+    };
+    let rank = rank.filter(|r| *r >= 3).ok_or_else(|| {
+        err(format!(
+            "the rank of its input `{x}` is not declared in the graph nor implied by the ops before it"
+        ))
     })?;
     let axes: Vec<i64> = (2..rank as i64).collect();
-    Ok(vec![ctx.reduce_mean(
-        node.input[0].clone(),
-        &axes,
-        node.output[0].clone(),
-    )])
+    Ok(vec![ctx.reduce_mean(x.clone(), &axes, y.clone())])
 }
 
 /// LayerNormalization(x, gamma, beta) over the last axis as
@@ -323,5 +335,11 @@ mod tests {
             .unwrap_err()
             .to_string();
         assert!(err.contains("rank of its input"), "{err}");
+        // A malformed node is an error, not a panic.
+        m.graph.as_mut().unwrap().node[1].input.clear();
+        let err = lower_op(&mut m, "GlobalAveragePool")
+            .unwrap_err()
+            .to_string();
+        assert!(err.contains("needs one input and one output"), "{err}");
     }
 }

@@ -154,15 +154,10 @@ pub struct Coverage<'a> {
 /// `ok` case on it; `None` for a run of one model. A backend that never
 /// ran a model at all (unavailable) is listed too, with its reason.
 pub fn coverage(records: &[ResultRecord]) -> Option<Vec<Coverage<'_>>> {
-    let base = |r: &ResultRecord| -> String {
-        r.case
-            .model
-            .split(['@', '+'])
-            .next()
-            .unwrap_or_default()
-            .to_owned()
-    };
-    let mut models: Vec<String> = Vec::new();
+    fn base(r: &ResultRecord) -> &str {
+        r.case.model.split(['@', '+']).next().unwrap_or_default()
+    }
+    let mut models: Vec<&str> = Vec::new();
     let mut backends: Vec<&str> = Vec::new();
     for r in records {
         let m = base(r);
@@ -193,7 +188,7 @@ pub fn coverage(records: &[ResultRecord]) -> Option<Vec<Coverage<'_>>> {
                     ran += 1;
                 } else if let Some(first) = cases.first() {
                     not.push((
-                        m.clone(),
+                        (*m).to_owned(),
                         format!(
                             "{}: {}",
                             first.status.as_str(),
@@ -201,7 +196,7 @@ pub fn coverage(records: &[ResultRecord]) -> Option<Vec<Coverage<'_>>> {
                         ),
                     ));
                 } else {
-                    not.push((m.clone(), "not in the suite for this backend".into()));
+                    not.push(((*m).to_owned(), "not in the suite for this backend".into()));
                 }
             }
             Coverage {
