@@ -128,6 +128,8 @@ fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
         passed,
         size_bytes: 23_000_000,
         fp32_size_bytes: 90_000_000,
+        cpu_class: None,
+        built: None,
     };
     let mut base = case(0.1);
     base.accuracy = Some(accuracy(true, 0.993));

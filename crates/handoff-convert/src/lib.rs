@@ -7,9 +7,10 @@ pub mod bert;
 pub mod fetch;
 pub mod isa;
 pub mod lower;
+pub mod normalize;
 pub mod provenance;
 pub mod quantize;
 
 /// Converter version, recorded in provenance; bump when output changes.
 pub const CONVERTER_VERSION: &str =
-    concat!("handoff-convert ", env!("CARGO_PKG_VERSION"), "+bert2");
+    concat!("handoff-convert ", env!("CARGO_PKG_VERSION"), "+bert2.q2");

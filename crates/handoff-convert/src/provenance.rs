@@ -50,6 +50,10 @@ pub struct Check {
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub label_agreement: Option<f64>,
     pub passed: bool,
+    /// The int8 class of the CPU the check ran on ([`crate::isa::CpuClass`]):
+    /// an int8 file can compute differently on another class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_class: Option<String>,
 }
 
 /// JSON has no NaN: serde_json writes it (a figure that does not apply) as

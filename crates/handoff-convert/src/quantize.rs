@@ -16,7 +16,7 @@
 use std::collections::{BTreeMap, BTreeSet, HashMap};
 
 use handoff_onnx::builder::{
-    attr_int, named_node as node, tensor_f32, tensor_i8, tensor_i64, tensor_u8,
+    attr_int, attr_ints, named_node as node, tensor_f32, tensor_i8, tensor_i64, tensor_u8,
 };
 use handoff_onnx::inspect::ElemType;
 use handoff_onnx::proto::{ModelProto, NodeProto, TensorProto};
@@ -32,6 +32,14 @@ pub enum QuantError {
     NothingToQuantize { min_elements: usize, detail: String },
     #[error("calibration: {0}")]
     Calibration(String),
+    #[error(
+        "the model imports ONNX opset {found}; {what} needs opset >= {needs}: export it again at a newer opset"
+    )]
+    Opset {
+        found: i64,
+        needs: i64,
+        what: &'static str,
+    },
     #[error("initializer `{name}`: {detail}")]
     Initializer { name: String, detail: String },
     #[error(
@@ -250,21 +258,39 @@ fn quantize_sym(
 
 /// `MatMul(a, DequantizeLinear(Wq, Ws, Wzp))` in place of node `n`: int8
 /// weights on disk, the multiply in fp32 (per-column scales on axis 1).
+/// Before opset 13 DequantizeLinear has no axis: per-column weights are
+/// dequantised as `Cast(Wq) * Ws` there (the zero point is 0).
 fn dequantized_matmul(
     p: &str,
     n: &NodeProto,
     a: &str,
     [wq, ws, wzp]: [&str; 3],
     per_channel: bool,
-) -> [NodeProto; 2] {
+    opset: i64,
+) -> Vec<NodeProto> {
     let wf = format!("{p}_w_f32");
+    let out = n.output.first().map_or("", String::as_str);
+    let matmul = node("MatMul", n.name.clone(), &[a, &wf], &[out], vec![]);
+    if per_channel && opset < 13 {
+        let cast = format!("{p}_w_cast");
+        return vec![
+            node(
+                "Cast",
+                format!("{p}_w_cast"),
+                &[wq],
+                &[&cast],
+                vec![attr_int("to", ElemType::F32.onnx_code().into())],
+            ),
+            node("Mul", format!("{p}_w_scale"), &[&cast, ws], &[&wf], vec![]),
+            matmul,
+        ];
+    }
     let axis = if per_channel {
         vec![attr_int("axis", 1)]
     } else {
         vec![]
     };
-    let out = n.output.first().map_or("", String::as_str);
-    [
+    vec![
         node(
             "DequantizeLinear",
             format!("{p}_dq"),
@@ -272,13 +298,13 @@ fn dequantized_matmul(
             &[&wf],
             axis,
         ),
-        node("MatMul", n.name.clone(), &[a, &wf], &[out], vec![]),
+        matmul,
     ]
 }
 
 /// Precision variants a suite can ask for (`fp32` is the model itself;
 /// `ort-int8-dynamic` is ONNX Runtime's own Python quantiser, the reference).
-pub const VARIANTS: [&str; 7] = [
+pub const VARIANTS: [&str; 8] = [
     "fp32",
     "fp16",
     "int8-dynamic",
@@ -286,7 +312,21 @@ pub const VARIANTS: [&str; 7] = [
     "ort-int8-dynamic",
     "nnef",
     "candle-q8",
+    "torch-bf16",
 ];
+
+/// The backend that makes a variant at load from the safetensors model,
+/// with no file of its own: candle's Q8_0 matmuls (`candle-q8`) and
+/// PyTorch under bf16 autocast (`torch-bf16`, what a team on a CPU with
+/// AVX512-BF16 or AMX tries before it hands off). Only that backend runs
+/// it; its cases are checked against the fp32 model by the accuracy gate.
+pub fn made_at_load_by(variant: &str) -> Option<&'static str> {
+    match variant {
+        "candle-q8" => Some("candle-native"),
+        "torch-bf16" => Some("python-torch"),
+        _ => None,
+    }
+}
 
 /// Pinned packages of the Python environment that runs ORT's quantiser.
 pub const ORT_QUANT_PACKAGES: [&str; 2] = ["onnxruntime==1.31.1", "onnx==1.20.1"];
@@ -733,6 +773,25 @@ fn quantize_graph(
     options: &DynamicOptions,
     ranges: Option<&BTreeMap<String, Range>>,
 ) -> Result<QuantReport, QuantError> {
+    let opset = crate::normalize::opset(model);
+    let (needs, what) = match (ranges, options.per_channel) {
+        (Some(_), true) => (
+            13,
+            "int8-static with per-channel weights (DequantizeLinear on an axis)",
+        ),
+        (Some(_), false) => (
+            11,
+            "int8-static (QuantizeLinear, Unsqueeze with negative axes)",
+        ),
+        (None, _) => (11, "int8-dynamic (DynamicQuantizeLinear)"),
+    };
+    if opset < needs {
+        return Err(QuantError::Opset {
+            found: opset,
+            needs,
+            what,
+        });
+    }
     let graph = model.graph.as_mut().ok_or(QuantError::NoGraph)?;
     let inits: HashMap<String, usize> = graph
         .initializer
@@ -753,6 +812,21 @@ fn quantize_graph(
     // (Q, K and V read the same hidden state).
     let mut quantized_acts: HashMap<String, [String; 3]> = HashMap::new();
     let mut replaced: BTreeSet<String> = BTreeSet::new();
+    // A weight read by several nodes (a shared projection, tied embeddings)
+    // is stored once per scheme; another scheme gets names of its own.
+    let mut stored: HashMap<(String, &'static str), String> = HashMap::new();
+    let mut names_for = |w: &str, scheme: &'static str, p: &str| -> (String, bool) {
+        if let Some(prefix) = stored.get(&(w.to_owned(), scheme)) {
+            return (prefix.clone(), false);
+        }
+        let prefix = if stored.keys().any(|(name, _)| name == w) {
+            format!("{w}_{p}")
+        } else {
+            w.to_owned()
+        };
+        stored.insert((w.to_owned(), scheme), prefix.clone());
+        (prefix, true)
+    };
     for (i, n) in graph.node.iter().enumerate() {
         let standard = n.domain.is_empty() || n.domain == "ai.onnx";
         let weight_at = match n.op_type.as_str() {
@@ -767,6 +841,12 @@ fn quantize_graph(
             }
         };
         let Some(w) = n.input.get(weight_at).and_then(|x| big_float(x)) else {
+            if weight_at == 1 && n.input.first().is_some_and(|x| big_float(x).is_some()) {
+                report.skipped.push(format!(
+                    "{} (MatMul): the constant is the left operand",
+                    n.name
+                ));
+            }
             new_nodes.push(n.clone());
             continue;
         };
@@ -802,17 +882,21 @@ fn quantize_graph(
                 } else {
                     options.matmul_qmax()
                 };
-                let (q, scales) =
-                    quantize_sym(&values, groups, qmax, |k| if per { k % cols } else { 0 });
-                let scale_dims: Vec<i64> = if per { vec![cols as i64] } else { vec![] };
+                let scheme = if weight_only { "weight-only" } else { "int8" };
+                let (prefix, new) = names_for(&w.name, scheme, &p);
                 let (wq, ws, wzp) = (
-                    format!("{}_q", w.name),
-                    format!("{}_scale", w.name),
-                    format!("{}_zp", w.name),
+                    format!("{prefix}_q"),
+                    format!("{prefix}_scale"),
+                    format!("{prefix}_zp"),
                 );
-                new_inits.push(tensor_i8(&wq, &w.dims, &q));
-                new_inits.push(tensor_f32(&ws, &scale_dims, &scales));
-                new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
+                if new {
+                    let (q, scales) =
+                        quantize_sym(&values, groups, qmax, |k| if per { k % cols } else { 0 });
+                    let scale_dims: Vec<i64> = if per { vec![cols as i64] } else { vec![] };
+                    new_inits.push(tensor_i8(&wq, &w.dims, &q));
+                    new_inits.push(tensor_f32(&ws, &scale_dims, &scales));
+                    new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
+                }
                 if weight_only {
                     new_nodes.extend(dequantized_matmul(
                         &p,
@@ -820,6 +904,7 @@ fn quantize_graph(
                         &n.input[0],
                         [&wq, &ws, &wzp],
                         per,
+                        opset,
                     ));
                     report.weight_only.push(n.name.clone());
                     replaced.insert(w.name.clone());
@@ -863,7 +948,14 @@ fn quantize_graph(
                         [names[3].clone(), String::new(), String::new()]
                     })[0]
                         .clone();
-                    new_nodes.extend(dequantized_matmul(&p, n, &a_dq, [&wq, &ws, &wzp], per));
+                    new_nodes.extend(dequantized_matmul(
+                        &p,
+                        n,
+                        &a_dq,
+                        [&wq, &ws, &wzp],
+                        per,
+                        opset,
+                    ));
                     replaced.insert(w.name.clone());
                     *report.quantized.entry("MatMul".into()).or_default() += 1;
                     continue;
@@ -933,12 +1025,21 @@ fn quantize_graph(
                     new_nodes.push(n.clone());
                     continue;
                 }
-                let (q, scales) = quantize_sym(&values, rows, 127.0, |k| k / cols);
-                let (tq, ts) = (format!("{}_q", w.name), format!("{}_row_scale", w.name));
-                new_inits.push(tensor_i8(&tq, &w.dims, &q));
-                new_inits.push(tensor_f32(&ts, &[rows as i64], &scales));
+                let (prefix, new) = names_for(&w.name, "rows", &p);
+                let (tq, ts) = (format!("{prefix}_q"), format!("{prefix}_row_scale"));
+                if new {
+                    let (q, scales) = quantize_sym(&values, rows, 127.0, |k| k / cols);
+                    new_inits.push(tensor_i8(&tq, &w.dims, &q));
+                    new_inits.push(tensor_f32(&ts, &[rows as i64], &scales));
+                }
+                // Unsqueeze takes its axes as an input from opset 13.
                 let axes = format!("{p}_axes");
-                new_inits.push(tensor_i64(&axes, &[1], &[-1]));
+                let (unsqueeze_in, unsqueeze_attr) = if opset >= 13 {
+                    new_inits.push(tensor_i64(&axes, &[1], &[-1]));
+                    (vec![axes.as_str()], vec![])
+                } else {
+                    (vec![], vec![attr_ints("axes", &[-1])])
+                };
                 let ids = &n.input[1];
                 let (gq, gf, gs, gs1) = (
                     format!("{p}_rows_q"),
@@ -970,9 +1071,9 @@ fn quantize_graph(
                 new_nodes.push(node(
                     "Unsqueeze",
                     format!("{p}_unsqueeze"),
-                    &[&gs, &axes],
+                    &[&[gs.as_str()], unsqueeze_in.as_slice()].concat(),
                     &[&gs1],
-                    vec![],
+                    unsqueeze_attr,
                 ));
                 new_nodes.push(node(
                     "Mul",
@@ -1341,6 +1442,115 @@ mod tests {
         assert_eq!(q, vec![127, -38, 127, 32]);
         let s = f32_values(init(&m, "table_row_scale")).unwrap();
         assert!((s[0] - 1.0 / 127.0).abs() < 1e-7 && (s[1] - 0.02 / 127.0).abs() < 1e-9);
+    }
+
+    #[test]
+    fn a_weight_shared_by_a_lookup_and_two_matmuls_is_stored_once_per_scheme() {
+        // Tied embeddings: the table is looked up and multiplied by twice.
+        let mut g = GraphBuilder::new("t");
+        let ids = g.input("ids", ElemType::I64, &[D::Fixed(3)]);
+        let x = g.input("x", ElemType::F32, &[D::Fixed(1), D::Fixed(2)]);
+        let table = g.init_f32("table", &[2, 2], vec![1.0, -0.3, 0.02, 0.005]);
+        g.node_to("Gather", &[&table, &ids], vec![], "e");
+        g.node_to("MatMul", &[&x, &table], vec![], "y1");
+        g.node_to("MatMul", &[&x, &table], vec![], "y2");
+        for o in ["e", "y1", "y2"] {
+            g.output(o, ElemType::F32, &[D::Fixed(1), D::Fixed(2)]);
+        }
+        let mut m = g.finish(17);
+        quantize_dynamic(&mut m, &opts()).unwrap();
+        let names: Vec<&str> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .initializer
+            .iter()
+            .map(|t| t.name.as_str())
+            .collect();
+        let unique: BTreeSet<&str> = names.iter().copied().collect();
+        assert_eq!(names.len(), unique.len(), "no name twice: {names:?}");
+        // The lookup's per-row int8 table and the MatMuls' per-column one
+        // differ, so each has its own name; the two MatMuls share theirs.
+        let mmi: Vec<&String> = m
+            .graph
+            .as_ref()
+            .unwrap()
+            .node
+            .iter()
+            .filter(|n| n.op_type == "MatMulInteger")
+            .map(|n| &n.input[1])
+            .collect();
+        assert_eq!(mmi.len(), 2);
+        assert_eq!(mmi[0], mmi[1]);
+        assert_ne!(mmi[0], "table_q", "{names:?}");
+        assert!(names.contains(&"table_q") && names.contains(&"table_row_scale"));
+    }
+
+    #[test]
+    fn opsets_without_the_ops_int8_needs_are_refused_and_older_forms_used_where_they_exist() {
+        let mut m = tiny_matmul(vec![0.5; 12]);
+        m.opset_import[0].version = 10;
+        let before = m.clone();
+        let err = quantize_dynamic(&mut m, &opts()).unwrap_err();
+        assert!(
+            err.to_string()
+                .contains("opset 10; int8-dynamic (DynamicQuantizeLinear) needs opset >= 11"),
+            "{err}"
+        );
+        assert_eq!(m, before);
+        let ranges = BTreeMap::from([(
+            "x".to_owned(),
+            Range {
+                min: -1.0,
+                max: 3.0,
+            },
+        )]);
+        m.opset_import[0].version = 12;
+        let err = quantize_static(&mut m, &ranges, &opts()).unwrap_err();
+        assert!(err.to_string().contains("needs opset >= 13"), "{err}");
+        // Opset 12: Unsqueeze takes axes as an attribute; per-column
+        // weight-only weights are dequantised as Cast * scale.
+        let mut g = GraphBuilder::new("t");
+        let ids = g.input("ids", ElemType::I64, &[D::Fixed(3)]);
+        let x = g.input("x", ElemType::F32, &[D::Fixed(1), D::Fixed(4)]);
+        let table = g.init_f32("table", &[2, 2], vec![1.0, -0.3, 0.02, 0.005]);
+        g.node_to("Gather", &[&table, &ids], vec![], "e");
+        let down = g.init_f32("down", &[4, 2], vec![0.5; 8]);
+        g.node_to("MatMul", &[&x, &down], vec![], "y");
+        g.output("e", ElemType::F32, &[D::Fixed(3), D::Fixed(2)]);
+        g.output("y", ElemType::F32, &[D::Fixed(1), D::Fixed(2)]);
+        let mut m = g.finish(12);
+        let options = DynamicOptions {
+            down_proj_weight_only: true,
+            ..opts()
+        };
+        quantize_dynamic(&mut m, &options).unwrap();
+        let graph = m.graph.as_ref().unwrap();
+        let unsqueeze = graph
+            .node
+            .iter()
+            .find(|n| n.op_type == "Unsqueeze")
+            .unwrap();
+        assert_eq!(unsqueeze.input.len(), 1);
+        assert_eq!(unsqueeze.attribute[0].ints, [-1]);
+        assert!(
+            graph.node.iter().all(|n| n.op_type != "DequantizeLinear"),
+            "{:?}",
+            m.op_types()
+        );
+        assert_eq!(
+            m.op_types(),
+            [
+                "Gather",
+                "Cast",
+                "Gather",
+                "Unsqueeze",
+                "Mul",
+                "Cast",
+                "Mul",
+                "MatMul"
+            ]
+        );
     }
 
     #[test]

@@ -20,7 +20,7 @@ use handoff_convert::provenance::{Check, Provenance};
 use handoff_suite::{Lowered, ModelTools, ToolError, Variant};
 
 pub use lower::lowerable_gap;
-pub use variant::{QUANT_ENV, VariantRequest, build_variant, variant_path};
+pub use variant::{Gated, QUANT_ENV, VariantRequest, build_variant, variant_path};
 
 /// Thresholds of the conversion check (ORT on the ONNX file vs candle's
 /// native BERT on the safetensors).
@@ -192,6 +192,7 @@ impl Tools {
             threshold_min_cosine: CONVERSION_MIN_COSINE,
             label_agreement: None,
             passed: max_abs <= CONVERSION_MAX_ABS && min_cosine >= CONVERSION_MIN_COSINE,
+            cpu_class: None,
         })
     }
 }

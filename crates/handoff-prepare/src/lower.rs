@@ -141,6 +141,7 @@ impl Tools {
             threshold_min_cosine: f64::NAN,
             label_agreement: None,
             passed: true,
+            cpu_class: None,
         });
         prov.save(&out).map_err(PrepareError::io(&out))?;
         Ok(Some(Lowered {

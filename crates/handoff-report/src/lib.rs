@@ -116,7 +116,7 @@ fn notes(r: &ResultRecord) -> String {
     }
     if let Some(a) = &r.accuracy {
         n.push(format!(
-            "{}{}: cos {:.4} vs fp32{}",
+            "{}{}: cos {:.4} vs fp32{}{}",
             if a.passed { "" } else { "ACCURACY-FAIL " },
             a.variant,
             a.min_cosine,
@@ -124,7 +124,9 @@ fn notes(r: &ResultRecord) -> String {
                 format!(", {:.1} MB", a.size_bytes as f64 / 1e6)
             } else {
                 String::new()
-            }
+            },
+            a.regate_note()
+                .map_or_else(String::new, |w| format!(" ({w})"))
         ));
     }
     n.join("; ")
@@ -743,7 +745,7 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
     }
     let best = |model: &str| best_throughput(records, model);
     out.push_str("## Precision variants\n\n");
-    out.push_str("Accuracy: smallest per-row cosine similarity of the last output to the fp32 model's on the check inputs (ORT, 1 thread). Speed: best items/s of any backend and configuration.\n\n");
+    out.push_str("Accuracy: smallest per-row cosine similarity of the last output to the fp32 model's on the check inputs (ORT, 1 thread), computed on this run's machine. Speed: best items/s of any backend and configuration.\n\n");
     out.push_str("| model | variant | size MB | % of fp32 | min cosine | gate | best items/s | x fp32 | load ms (vs fp32, same backend) |\n|---|---|---:|---:|---:|---|---:|---:|---|\n");
     let fastest_load = |model: &str, backend: Option<&str>| {
         records
@@ -770,9 +772,18 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             },
             None => "-".into(),
         };
+        let gate = format!(
+            "{} ({} {}{}{})",
+            if a.passed { "pass" } else { "**FAIL**" },
+            if a.passed { ">=" } else { "<" },
+            a.threshold_min_cosine,
+            labels(a),
+            a.regate_note()
+                .map_or_else(String::new, |w| format!("; {w}"))
+        );
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {:.4} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {:.4} | {gate} | {} | {} | {} |",
             escape_md(base),
             escape_md(&a.variant),
             if a.size_bytes > 0 {
@@ -789,11 +800,6 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
                 "-".into()
             },
             a.min_cosine,
-            if a.passed {
-                format!("pass (>= {}{})", a.threshold_min_cosine, labels(a))
-            } else {
-                format!("**FAIL** (< {}{})", a.threshold_min_cosine, labels(a))
-            },
             mine.map_or("-".into(), |t| format!("{t:.1}")),
             match (mine, fp32) {
                 (Some(x), Some(y)) if y > 0.0 => format!("{:.2}", x / y),

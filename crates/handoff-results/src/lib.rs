@@ -15,8 +15,8 @@ use serde::{Deserialize, Serialize};
 
 pub use pairs::{Comparison, read_comparisons};
 pub use record::{
-    Accuracy, CaseIdentity, LoadStats, ReadError, ResultRecord, Results, SCHEMA_VERSION, Status,
-    read_results,
+    Accuracy, BuiltGate, CaseIdentity, LoadStats, ReadError, ResultRecord, Results, SCHEMA_VERSION,
+    Status, read_results,
 };
 
 /// Why the timed loop stopped.

@@ -193,7 +193,9 @@ impl LoadStats {
     }
 }
 
-/// A precision variant's accuracy gate, measured once when it was built.
+/// A precision variant's accuracy gate, computed on the machine of the run
+/// (a file built earlier is checked again: an int8 file can compute
+/// differently on another CPU class).
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Accuracy {
     pub variant: String,
@@ -210,6 +212,39 @@ pub struct Accuracy {
     /// Size of the fp32 model it was made from.
     #[serde(default)]
     pub fp32_size_bytes: u64,
+    /// The int8 class of the CPU the gate ran on (this run's machine).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_class: Option<String>,
+    /// For a file built before this run: the gate recorded when it was
+    /// built, maybe on another CPU class.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub built: Option<BuiltGate>,
+}
+
+/// The accuracy gate a variant file passed or failed where it was built.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+pub struct BuiltGate {
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub cpu_class: Option<String>,
+    pub min_cosine: f64,
+    pub passed: bool,
+}
+
+impl Accuracy {
+    /// Said when the gate where the file was built and the gate on this
+    /// run's machine disagree.
+    pub fn regate_note(&self) -> Option<String> {
+        let built = self.built.as_ref().filter(|b| b.passed != self.passed)?;
+        let class = |c: &Option<String>| c.clone().unwrap_or_else(|| "CPU not recorded".into());
+        Some(format!(
+            "{} where it was built ({}, cos {:.4}), {} on this CPU ({})",
+            if built.passed { "passed" } else { "failed" },
+            class(&built.cpu_class),
+            built.min_cosine,
+            if self.passed { "passes" } else { "fails" },
+            class(&self.cpu_class)
+        ))
+    }
 }
 
 impl ResultRecord {

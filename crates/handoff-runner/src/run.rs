@@ -1067,6 +1067,12 @@ impl<'a> Runner<'a> {
                     std::fs::metadata(&model.path).map_or(0, |m| m.len())
                 },
                 fp32_size_bytes: v.fp32_bytes,
+                cpu_class: v.accuracy.cpu_class.clone(),
+                built: v.built.as_ref().map(|b| handoff_results::BuiltGate {
+                    cpu_class: b.cpu_class.clone(),
+                    min_cosine: b.min_cosine,
+                    passed: b.passed,
+                }),
             }),
             env: env.to_owned(),
             load: report.load,

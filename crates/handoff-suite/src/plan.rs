@@ -103,9 +103,13 @@ pub trait ModelTools: Send + Sync {
 #[derive(Debug, Clone)]
 pub struct Variant {
     pub path: PathBuf,
+    /// The gate as this machine computed it.
     pub accuracy: ProvCheck,
     /// E.g. ops left in fp32.
     pub warning: Option<String>,
+    /// For a file built earlier: the gate recorded when it was built
+    /// (maybe on another CPU class).
+    pub built: Option<ProvCheck>,
 }
 
 /// A lowered copy of a model.
@@ -223,13 +227,17 @@ pub struct PlanModel {
 #[derive(Debug, Clone)]
 pub struct VariantInfo {
     pub name: String,
+    /// The accuracy gate, computed on this machine.
     pub accuracy: ProvCheck,
+    /// The gate recorded when the file was built, for a reused file.
+    pub built: Option<ProvCheck>,
     pub fp32_bytes: u64,
     /// The file the reference backend runs instead of this one, when it
     /// cannot read the variant's format (NNEF: the fp32 ONNX model).
     pub reference_model: Option<PathBuf>,
-    /// The reference outputs come from the fp32 model (nnef, candle-q8), so
-    /// the case check is the accuracy gate, not runtime agreement.
+    /// The reference outputs come from the fp32 model (nnef, candle-q8,
+    /// torch-bf16), so the case check is the accuracy gate, not runtime
+    /// agreement.
     pub reference_is_fp32: bool,
 }
 
@@ -863,8 +871,8 @@ fn build(
                     "one process loads one ONNX Runtime library: `ort_library` needs `isolation: process`",
                 );
             }
-            let lowered = lowered_variants(rm, &model, &path, options, ctx, &backends);
-            let precision = precision_variants(rm, &model, &path, options, ctx);
+            let lowered = lowered_variants(rm, &model, &path, options, ctx, &backends, &dims);
+            let precision = precision_variants(rm, &model, &path, options, ctx, &dims);
             models.push(model);
             if ctx.problems.len() == before {
                 for mut derived in lowered.into_iter().chain(precision) {
@@ -1411,12 +1419,37 @@ fn verify_conversion(
     }
 }
 
+/// The dims a model's checks (conversion, lowering, variant gates) run at:
+/// each named dim at the value the model fixes or else the suite's first
+/// value, `seq` at a text model's first tokenised length. A sequence of 1
+/// would check attention over one token, which hides what int8 does to it.
+fn check_dims(model: &PlanModel, suite: &BTreeMap<String, Vec<u32>>) -> BTreeMap<String, u32> {
+    let mut dims: BTreeMap<String, u32> = model
+        .dim_names
+        .iter()
+        .map(|d| {
+            let v = model
+                .fixed_dims
+                .get(d)
+                .copied()
+                .or_else(|| suite.get(d).and_then(|v| v.first().copied()))
+                .unwrap_or(1);
+            (d.clone(), v)
+        })
+        .collect();
+    if let Some(seq) = model.text.as_ref().and_then(|t| t.keys().next()) {
+        dims.insert("seq".into(), *seq);
+    }
+    dims
+}
+
 fn precision_variants(
     rm: &RawModel,
     model: &PlanModel,
     path: &str,
     options: &PlanOptions,
     ctx: &mut Ctx<'_>,
+    suite_dims: &BTreeMap<String, Vec<u32>>,
 ) -> Vec<PlanModel> {
     let Some(names) = &rm.variants else {
         return Vec::new();
@@ -1431,16 +1464,8 @@ fn precision_variants(
     }
     // The same inputs as the conversion check: 32 sentences (or 8 random
     // rows) at the first value of each dim; the same for every variant.
-    let mut dims: BTreeMap<String, u32> = model.dim_names.iter().map(|d| (d.clone(), 1)).collect();
-    let batch = match &model.text {
-        Some(t) => {
-            if let Some(seq) = t.keys().next() {
-                dims.insert("seq".into(), *seq);
-            }
-            32
-        }
-        None => 8,
-    };
+    let dims = check_dims(model, suite_dims);
+    let batch = if model.text.is_some() { 32 } else { 8 };
     let inputs = model.concrete_inputs(batch, &dims);
     let mut calibration: Option<Vec<TensorSpec>> = None;
     let mut out = Vec::new();
@@ -1474,9 +1499,11 @@ fn precision_variants(
             }
         }
         let calibration = calibration.as_deref().unwrap_or_default();
-        // NNEF is tract's own format, candle-q8 candle's: only they run them.
-        let only = if name == "candle-q8" {
-            Some(vec!["candle-native".to_owned()])
+        // NNEF is tract's own format, candle-q8 candle's, torch-bf16
+        // PyTorch's: only they run them.
+        let at_load = handoff_convert::quantize::made_at_load_by(name);
+        let only = if let Some(runner) = at_load {
+            Some(vec![runner.to_owned()])
         } else if name == "nnef" {
             if !model
                 .backends
@@ -1496,7 +1523,7 @@ fn precision_variants(
             model.backends.clone()
         };
         let info = |path: &Path| -> Result<ModelInfo, String> {
-            if name == "candle-q8" {
+            if at_load.is_some() {
                 Ok(model.info.clone())
             } else if name == "nnef" {
                 let bytes = std::fs::read(path).map_err(|e| format!("{}: {e}", path.display()))?;
@@ -1539,8 +1566,9 @@ fn precision_variants(
                     path: v.path,
                     source: format!("{}@{name}", model.source),
                     info,
-                    // Native backends load safetensors: only candle-q8 is one.
-                    hf_dir: if name == "candle-q8" {
+                    // Native backends load safetensors: only the variants
+                    // made at load are for them.
+                    hf_dir: if at_load.is_some() {
                         model.hf_dir.clone()
                     } else {
                         None
@@ -1548,9 +1576,10 @@ fn precision_variants(
                     variant: Some(VariantInfo {
                         name: name.clone(),
                         accuracy: v.accuracy,
+                        built: v.built,
                         fp32_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
                         reference_model: (name == "nnef").then(|| model.path.clone()),
-                        reference_is_fp32: name == "nnef" || name == "candle-q8",
+                        reference_is_fp32: name == "nnef" || at_load.is_some(),
                     }),
                     // A variant answers to fp32 through its accuracy gate,
                     // not to allclose on the recorded outputs.
@@ -1598,6 +1627,7 @@ fn lowered_variants(
     options: &PlanOptions,
     ctx: &mut Ctx<'_>,
     backends: &[String],
+    suite_dims: &BTreeMap<String, Vec<u32>>,
 ) -> Vec<PlanModel> {
     let Some(targets) = &rm.lower_for else {
         return Vec::new();
@@ -1609,17 +1639,7 @@ fn lowered_variants(
         );
         return Vec::new();
     };
-    let first_dims: BTreeMap<String, u32> =
-        model.dim_names.iter().map(|d| (d.clone(), 1)).collect();
-    let inputs = {
-        let mut dims = first_dims;
-        if let Some(t) = &model.text
-            && let Some(seq) = t.keys().next()
-        {
-            dims.insert("seq".into(), *seq);
-        }
-        model.concrete_inputs(1, &dims)
-    };
+    let inputs = model.concrete_inputs(1, &check_dims(model, suite_dims));
     let mut out: Vec<PlanModel> = Vec::new();
     for (j, backend) in targets.iter().enumerate() {
         if !backends.contains(backend) {

@@ -133,7 +133,7 @@ impl QuantizeCmd {
         let calibration = check_inputs(&model, tokenizer.as_deref(), &calibration, batch, seq)?;
         // Always rebuild on request: the cache is for suites.
         let _ = std::fs::remove_file(&out);
-        let (check, warning) =
+        let tools::Gated { check, warning, .. } =
             tools::build_variant(registry, &model, &out, &request, &specs, &calibration)?;
         if let Some(w) = warning {
             eprintln!("warning: {w}");
