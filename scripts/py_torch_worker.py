@@ -4,7 +4,7 @@ hand-off, PyTorch eager through transformers, loaded from the HF directory
 starts it (in .cache/venv-python-torch) and talks the same JSON lines as the
 onnxruntime worker:
 
-  {"cmd": "load", "hf_dir": DIR, "threads": N}
+  {"cmd": "load", "hf_dir": DIR, "threads": N, "precision": "fp32" | "bf16"}
   {"cmd": "bind", "inputs": [{"name", "dtype", "shape", "path"}]}   raw little-endian files
   {"cmd": "run"}       -> {"ok": true, "inner_ns": N}   the forward call timed inside Python
   {"cmd": "outputs", "dir": DIR} -> each output written raw to DIR, with dtype and shape
@@ -12,7 +12,10 @@ onnxruntime worker:
 Outputs match handoff's converted ONNX model, so the same parity check
 applies: `last_hidden_state`, then `sentence_embedding` (the attention-mask-
 weighted mean over tokens) for an encoder, or `logits` for a
-`...ForSequenceClassification` model (AutoModelForSequenceClassification). Every reply is {"ok": true, ...} or
+`...ForSequenceClassification` model (AutoModelForSequenceClassification).
+Precision "bf16" runs the forward call under torch.autocast(bfloat16) (weights
+stay fp32; matmuls run in bf16, fast on AVX512-BF16 and AMX) and returns fp32
+outputs. Every reply is {"ok": true, ...} or
 {"ok": false, "error": "..."}; stdout carries only replies.
 """
 import json
@@ -44,6 +47,7 @@ def main() -> int:
 
     model = None
     classifier = False
+    bf16 = False
     feeds = {}
     last = []
     for line in sys.stdin:
@@ -69,6 +73,7 @@ def main() -> int:
                 t0 = time.perf_counter_ns()
                 model = auto.from_pretrained(req["hf_dir"], dtype=torch.float32)
                 model.eval()
+                bf16 = req.get("precision", "fp32") == "bf16"
                 reply = {
                     "ok": True,
                     "version": torch.__version__,
@@ -76,6 +81,7 @@ def main() -> int:
                     "attention": getattr(model.config, "_attn_implementation", None),
                     "python": platform.python_version(),
                     "load_ns": time.perf_counter_ns() - t0,
+                    "precision": "bf16 autocast" if bf16 else "fp32",
                 }
             elif cmd == "bind":
                 feeds = {
@@ -87,7 +93,7 @@ def main() -> int:
                 reply = {"ok": True}
             elif cmd == "run":
                 t0 = time.perf_counter_ns()
-                with torch.inference_mode():
+                with torch.inference_mode(), torch.autocast("cpu", dtype=torch.bfloat16, enabled=bf16):
                     if classifier:
                         out = model(**feeds, output_hidden_states=True)
                         last = [("last_hidden_state", out.hidden_states[-1]), ("logits", out.logits)]
@@ -101,7 +107,7 @@ def main() -> int:
                 outs = []
                 for name, value in last:
                     path = os.path.join(req["dir"], f"out{len(outs)}.bin")
-                    value = np.ascontiguousarray(value.numpy())
+                    value = np.ascontiguousarray(value.float().numpy())
                     value.tofile(path)
                     outs.append({"name": name, "dtype": str(value.dtype), "shape": list(value.shape), "path": path})
                 reply = {"ok": True, "outputs": outs}

@@ -79,6 +79,55 @@ fn python_torch_runs_the_safetensors_model_and_agrees_with_ort() {
     );
 }
 
+/// PyTorch's own fast path on CPUs with bf16 units: the `torch-bf16`
+/// variant runs the same safetensors under bf16 autocast on python-torch
+/// only, gated against the fp32 model on ort like any precision variant.
+#[test]
+fn torch_bf16_runs_on_python_torch_gated_against_fp32() {
+    handoff_python::torch::setup().expect("pytorch environment");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let bert = d.join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    std::fs::write(
+        d.join("s.yaml"),
+        "name: bf16\nmodels:\n  - id: tiny\n    source: {hf: bert}\n    text: {sentences: [w4 w5 w6, w7 w8, w9]}\n    variants: [fp32, torch-bf16]\n\
+         backends: [ort, python-torch]\nthreads: [1]\nbatch: [2]\ndims: {seq: [8]}\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2, processes: 1}\n",
+    )
+    .unwrap();
+    let records = run_ok(d, "s.yaml", "out");
+    let ids: Vec<&str> = records.iter().map(|r| r.case.id.as_str()).collect();
+    let bf16: Vec<_> = records
+        .iter()
+        .filter(|r| r.case.model == "tiny@torch-bf16")
+        .collect();
+    assert_eq!(bf16.len(), 1, "python-torch only: {ids:?}");
+    let r = bf16[0];
+    assert_eq!(r.case.backend, "python-torch");
+    assert_eq!(r.status, Status::Ok, "{:?}", r.reason);
+    let a = r.accuracy.as_ref().expect("its gate");
+    assert!(a.passed && a.threshold_min_cosine == 0.99, "{a:?}");
+    // bf16 really ran: close to fp32, not equal to it.
+    assert!(a.min_cosine < 1.0 - 1e-7 && a.max_abs > 1e-5, "{a:?}");
+    // The case itself is checked against fp32 ort outputs by that gate.
+    assert!(r.parity.as_ref().is_some_and(|p| p.ok), "{:?}", r.parity);
+    let summary = std::fs::read_to_string(d.join("out/summary.md")).unwrap();
+    assert!(summary.contains("| tiny | torch-bf16 |"), "{summary}");
+    // The hand-off question on such a CPU: Rust against PyTorch in bf16,
+    // from the same rounds.
+    let gain = summary
+        .split("## Hand-off gain vs PyTorch")
+        .nth(1)
+        .unwrap_or_else(|| panic!("no PyTorch table:\n{summary}"));
+    let row = gain
+        .lines()
+        .find(|l| l.starts_with("| tiny@torch-bf16 | 1 | 2 | seq=8 | ort |"))
+        .unwrap_or_else(|| panic!("no bf16 row:\n{gain}"));
+    assert!(!row.contains("not measured together"), "{row}");
+}
+
 #[test]
 fn without_its_environment_python_torch_is_unavailable_and_says_how_to_set_it_up() {
     let dir = tempfile::tempdir().unwrap();

@@ -122,11 +122,17 @@ impl Backend for PythonTorchBackend {
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
         handoff_backend::require_cpu(options.device)?;
-        if let Some((_, variant)) = model.id.split_once(['@', '+']) {
-            return Err(BackendError::Unsupported(format!(
-                "`{variant}` is an ONNX rewrite; python-torch runs the fp32 safetensors model"
-            )));
-        }
+        // bf16 autocast is PyTorch's own precision variant; the others are
+        // ONNX rewrites.
+        let precision = match model.id.split_once(['@', '+']) {
+            None => "fp32",
+            Some((_, "torch-bf16")) => "bf16",
+            Some((_, variant)) => {
+                return Err(BackendError::Unsupported(format!(
+                    "`{variant}` is an ONNX rewrite; python-torch runs the safetensors model (in fp32, or bf16 autocast as the torch-bf16 variant)"
+                )));
+            }
+        };
         let dir = model.hf_dir.as_ref().ok_or_else(|| {
             BackendError::Unsupported(
                 "python-torch runs safetensors models (source `hf` or `pypi`), not a bare ONNX file"
@@ -137,7 +143,7 @@ impl Backend for PythonTorchBackend {
         let worker = Worker::start(
             &python,
             TORCH_WORKER_PY,
-            &json!({"cmd": "load", "hf_dir": dir, "threads": options.threads}),
+            &json!({"cmd": "load", "hf_dir": dir, "threads": options.threads, "precision": precision}),
         )?;
         Ok(Box::new(worker))
     }

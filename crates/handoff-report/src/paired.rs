@@ -270,27 +270,46 @@ pub fn handoff_gain_table(records: &[ResultRecord]) -> Option<Table> {
     })
 }
 
+/// [`same_call`] on any form of the same model: the model itself or one of
+/// its precision variants or lowered copies.
+fn same_call_of_base(a: &ResultRecord, b: &ResultRecord) -> bool {
+    base_model(&a.case.model) == base_model(&b.case.model) && call(a) == call(b)
+}
+
+/// The model a precision variant (`id@variant`) or lowered copy
+/// (`id+lowered`) was made from.
+fn base_model(id: &str) -> &str {
+    id.split(['@', '+']).next().unwrap_or_default()
+}
+
 /// The same call on another backend: model, threads, batch, dims, device,
 /// scenario and repeat.
 fn same_call(a: &ResultRecord, b: &ResultRecord) -> bool {
-    a.repeat == b.repeat
-        && a.case.scenario == b.case.scenario
-        && (
-            &a.case.model,
-            a.case.threads,
-            a.case.batch,
-            &a.case.dims,
-            a.case.device,
-        ) == (
-            &b.case.model,
-            b.case.threads,
-            b.case.batch,
-            &b.case.dims,
-            b.case.device,
-        )
+    a.case.model == b.case.model && call(a) == call(b)
 }
 
-pub const TORCH_GAIN_NOTE: &str = "The model as a team runs it before the hand-off, PyTorch eager through transformers (`torch.inference_mode()`, the case's intra-op threads, 1 inter-op thread), against each Rust backend on the same safetensors weights or the ONNX file converted from them, with the same tokens, measured in the same rounds. PyTorch p50 is timed inside Python around the forward call and pooling; each Rust p50 around the backend's run. The ratio and its 95% CI come from the per-round medians: above 1, the Rust backend is that many times faster.";
+/// What makes two cases the same call, but the model.
+fn call(
+    r: &ResultRecord,
+) -> (
+    u32,
+    &str,
+    u32,
+    u32,
+    &std::collections::BTreeMap<String, u32>,
+    handoff_backend::Device,
+) {
+    (
+        r.repeat,
+        r.case.scenario.as_str(),
+        r.case.threads,
+        r.case.batch,
+        &r.case.dims,
+        r.case.device,
+    )
+}
+
+pub const TORCH_GAIN_NOTE: &str = "The model as a team runs it before the hand-off, PyTorch eager through transformers (`torch.inference_mode()`, the case's intra-op threads, 1 inter-op thread), against each Rust backend on the same safetensors weights or the ONNX file converted from them, with the same tokens, measured in the same rounds. A `@torch-bf16` row (PyTorch under bf16 autocast) stands beside every Rust form of the model, its precision variants included. PyTorch p50 is timed inside Python around the forward call and pooling; each Rust p50 around the backend's run. The ratio and its 95% CI come from the per-round medians: above 1, the Rust backend is that many times faster.";
 
 /// What handing off from PyTorch gains per call: `python-torch` (timed
 /// inside Python) against every Rust backend that ran the same call.
@@ -303,10 +322,19 @@ pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
         let Some(py) = p.inner_latency_ms.as_ref() else {
             continue;
         };
-        for r in records
-            .iter()
-            .filter(|r| !r.case.backend.starts_with("python-") && r.passes() && same_call(r, p))
-        {
+        // PyTorch in bf16 stands beside every Rust form of the model (fp32
+        // and each precision variant that passed): the choice is between
+        // them. Eager fp32 beside the same fp32 model.
+        let bf16 = p.case.model.ends_with("@torch-bf16");
+        for r in records.iter().filter(|r| {
+            !r.case.backend.starts_with("python-")
+                && r.passes()
+                && if bf16 {
+                    same_call_of_base(r, p)
+                } else {
+                    same_call(r, p)
+                }
+        }) {
             let Some(rs) = r.latency_ms.as_ref() else {
                 continue;
             };
@@ -316,7 +344,10 @@ pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
                 p.case.threads.to_string(),
                 p.case.batch.to_string(),
                 escape_md(&dims(p)),
-                escape_md(&r.case.backend),
+                escape_md(&match r.case.model.split_once('@') {
+                    Some((_, variant)) if bf16 => format!("{} ({variant})", r.case.backend),
+                    _ => r.case.backend.clone(),
+                }),
                 fmt_ms(rs.p50),
                 fmt_ms(py.p50),
                 x.as_ref()
