@@ -135,6 +135,73 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
     assert!(html.contains("<h2>Under load</h2>"));
 }
 
+/// The hand-off served with its int8 build: an `http` scenario that lists a
+/// precision variant loads it too, beside the fp32 servers, and the serving
+/// table puts it next to FastAPI with its accuracy gate. A variant the
+/// model does not build is refused where the scenario names it.
+#[test]
+fn a_load_scenario_serves_the_variants_it_lists() {
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    let bert = dir.path().join("bert");
+    handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
+    write_tokenizer(&bert);
+    let suite = |variant: &str| {
+        format!(
+            "name: serving\nmodels:\n  - id: tiny\n    source: {{hf: bert}}\n    text: {{sentences: [w4 w5 w6, w7 w8, w9]}}\n    variants: [fp32, int8-dynamic]\n    min_cosine: 0.9\n\
+             \x20   scenarios:\n      - single-stream\n\
+             \x20     - {{http: {{qps: [20], duration: 1s, min_queries: 10, variants: [{variant}]}}}}\n\
+             backends: [ort, python-onnxruntime]\nthreads: [1]\nbatch: [1]\ndims: {{seq: [8]}}\ntimeout: 60s\n\
+             measure: {{warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2}}\n"
+        )
+    };
+    std::fs::write(dir.path().join("bad.yaml"), suite("fp16")).unwrap();
+    let o = common::handoff(&["validate", "bad.yaml"], dir.path());
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(
+            "models[0].scenarios: a scenario loads variant `fp16`, which this model does not build"
+        ),
+        "{err}"
+    );
+    std::fs::write(dir.path().join("s.yaml"), suite("int8-dynamic")).unwrap();
+    let records = run_ok(dir.path(), "s.yaml", "out");
+    let http: Vec<&str> = records
+        .iter()
+        .filter(|r| r.case.scenario.starts_with("http "))
+        .map(|r| r.case.id.as_str())
+        .collect();
+    assert_eq!(
+        http,
+        [
+            "tiny/ort/cpu/t1/b1/seq=8/http@20qps",
+            "tiny/python-onnxruntime/cpu/t1/b1/seq=8/http@20qps",
+            "tiny@int8-dynamic/ort/cpu/t1/b1/seq=8/http@20qps",
+            "tiny@int8-dynamic/python-onnxruntime/cpu/t1/b1/seq=8/http@20qps"
+        ]
+    );
+    for r in records
+        .iter()
+        .filter(|r| r.case.scenario.starts_with("http "))
+    {
+        assert_eq!(r.status, Status::Ok, "{}: {:?}", r.case.id, r.reason);
+    }
+    let summary = std::fs::read_to_string(dir.path().join("out/summary.md")).unwrap();
+    let row = |fastapi: &str| {
+        summary.lines().any(|l| {
+            l.starts_with("| tiny@int8-dynamic (cos ")
+                && l.contains(&format!(" vs fp32, passes) | {fastapi} | 1 | 1 | 20 QPS |"))
+        })
+    };
+    // handoff serve on the int8 file beside FastAPI on the fp32 file, and
+    // beside FastAPI on the int8 file, said as such.
+    assert!(
+        row("onnxruntime") && row("onnxruntime (int8-dynamic)"),
+        "{summary}"
+    );
+}
+
 #[test]
 fn serve_refuses_a_port_in_use_and_remote_hosts() {
     let dir = tempfile::tempdir().unwrap();

@@ -591,23 +591,8 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
         .iter()
         .filter(http)
         .filter(|p| p.case.backend.starts_with("python-"))
-        .filter_map(|p| {
-            let r = records.iter().filter(http).find(|r| {
-                r.case.backend == "ort"
-                    && (
-                        &r.case.model,
-                        r.case.threads,
-                        r.case.batch,
-                        &r.case.dims,
-                        &r.case.scenario,
-                    ) == (
-                        &p.case.model,
-                        p.case.threads,
-                        p.case.batch,
-                        &p.case.dims,
-                        &p.case.scenario,
-                    )
-            })?;
+        .flat_map(|p| served_beside(records, p).filter(http).map(move |r| (p, r)))
+        .filter_map(|(p, r)| {
             let (rl, pl) = (r.load.as_ref()?, p.load.as_ref()?);
             let (rp99, pp99) = (r.latency_ms.as_ref()?.p99, p.latency_ms.as_ref()?.p99);
             let sat =
@@ -620,13 +605,19 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
                 _ => "-".into(),
             };
             Some(vec![
-                r.case.model.clone(),
-                match p.case.backend.as_str() {
-                    "python-torch" if p.case.scenario.starts_with("http predict") => {
-                        "PyTorch pipeline".to_owned()
+                served_model(r),
+                {
+                    let on = match p.case.backend.as_str() {
+                        "python-torch" if p.case.scenario.starts_with("http predict") => {
+                            "PyTorch pipeline".to_owned()
+                        }
+                        "python-torch" => "PyTorch".to_owned(),
+                        other => other.trim_start_matches("python-").to_owned(),
+                    };
+                    match p.case.model.split_once('@') {
+                        Some((_, variant)) => format!("{on} ({variant})"),
+                        None => on,
                     }
-                    "python-torch" => "PyTorch".to_owned(),
-                    other => other.trim_start_matches("python-").to_owned(),
                 },
                 r.case.threads.to_string(),
                 r.case.batch.to_string(),
@@ -673,6 +664,36 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
     })
 }
 
+/// The `handoff serve` + ort runs of the same load as a FastAPI run `p`: on
+/// the same model, or on one of its precision variants when the scenario
+/// loads that too (the hand-off served with its int8 build).
+fn served_beside<'a>(
+    records: &'a [ResultRecord],
+    p: &'a ResultRecord,
+) -> impl Iterator<Item = &'a ResultRecord> + 'a {
+    let base = |m: &'a str| m.split('@').next().unwrap_or_default();
+    records.iter().filter(move |r| {
+        r.case.backend == "ort"
+            && base(&r.case.model) == base(&p.case.model)
+            && (r.case.model == p.case.model || r.accuracy.is_some())
+            && (r.case.threads, r.case.batch, &r.case.dims, &r.case.scenario)
+                == (p.case.threads, p.case.batch, &p.case.dims, &p.case.scenario)
+    })
+}
+
+/// A served model's name, with a variant's accuracy gate.
+fn served_model(r: &ResultRecord) -> String {
+    match &r.accuracy {
+        Some(a) => format!(
+            "{} (cos {:.4} vs fp32, {})",
+            r.case.model,
+            a.min_cosine,
+            if a.passed { "passes" } else { "FAILS" }
+        ),
+        None => r.case.model.clone(),
+    }
+}
+
 /// One sentence per peak search run on both sides: the decision the serving
 /// table supports, in the terms a team asks it.
 pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
@@ -689,40 +710,34 @@ pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
         let Some((bound, py)) = peak(p) else {
             continue;
         };
-        let Some(r) = records.iter().find(|r| {
-            r.case.backend == "ort"
-                && r.status == Status::Ok
-                && (
-                    &r.case.model,
-                    r.case.threads,
-                    r.case.batch,
-                    &r.case.scenario,
-                ) == (
-                    &p.case.model,
-                    p.case.threads,
-                    p.case.batch,
-                    &p.case.scenario,
-                )
-        }) else {
-            continue;
-        };
-        let Some((_, rs)) = peak(r) else {
-            continue;
-        };
-        let python = match (p.case.backend.as_str(), p.case.scenario.contains("predict")) {
-            ("python-torch", true) => "FastAPI + transformers pipeline (PyTorch)",
-            ("python-torch", false) => "FastAPI + PyTorch",
-            _ => "FastAPI + onnxruntime",
-        };
-        let rate = |q: Option<f64>| {
-            q.map_or_else(|| "no rate".to_owned(), |q| format!("{} QPS", fmt_rate(q)))
-        };
-        let change = match (py, rs) {
-            (Some(a), Some(b)) => format!(" ({:.2}x)", b / a),
-            _ => String::new(),
-        };
-        out.push(format!(
-            "Moving `{}` ({} thread{}, batch {}) from {python} to handoff serve + ort changes the highest rate with p99 <= {} ms from {} to {}{change} on this machine (peak searches run one server after the other, so they carry the machine's drift).",
+        // A variant below its accuracy gate is no hand-off to suggest.
+        for r in served_beside(records, p)
+            .filter(|r| r.status == Status::Ok && r.accuracy.as_ref().is_none_or(|a| a.passed))
+        {
+            let Some((_, rs)) = peak(r) else {
+                continue;
+            };
+            let python = match (p.case.backend.as_str(), p.case.scenario.contains("predict")) {
+                ("python-torch", true) => "FastAPI + transformers pipeline (PyTorch)",
+                ("python-torch", false) => "FastAPI + PyTorch",
+                _ => "FastAPI + onnxruntime",
+            };
+            let rate = |q: Option<f64>| {
+                q.map_or_else(|| "no rate".to_owned(), |q| format!("{} QPS", fmt_rate(q)))
+            };
+            let change = match (py, rs) {
+                (Some(a), Some(b)) => format!(" ({:.2}x)", b / a),
+                _ => String::new(),
+            };
+            let target = match &r.accuracy {
+                Some(a) => format!(
+                    "handoff serve + ort on its {} build (cos {:.4} vs fp32)",
+                    a.variant, a.min_cosine
+                ),
+                None => "handoff serve + ort".to_owned(),
+            };
+            out.push(format!(
+            "Moving `{}` ({} thread{}, batch {}) from {python} to {target} changes the highest rate with p99 <= {} ms from {} to {}{change} on this machine (peak searches run one server after the other, so they carry the machine's drift).",
             p.case.model,
             p.case.threads,
             if p.case.threads == 1 { "" } else { "s" },
@@ -731,6 +746,7 @@ pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
             rate(py),
             rate(rs),
         ));
+        }
     }
     out
 }

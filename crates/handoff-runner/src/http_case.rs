@@ -347,7 +347,9 @@ pub fn start(
     if let Some(r) = reference {
         let checked = match endpoint {
             Endpoint::Embed => check_output(&first.body, r, batch),
-            Endpoint::Predict => check_prediction(&first.body, r, spec.hf_dir.as_deref()),
+            // Label names live beside the tokenizer (the HF directory), for
+            // a variant's ONNX file too.
+            Endpoint::Predict => check_prediction(&first.body, r, spec.tokenizer.parent()),
         };
         match checked {
             Ok(parity) => {

@@ -801,7 +801,13 @@ impl<'a> Runner<'a> {
         case: &Case,
         model: &'m handoff_suite::PlanModel,
     ) -> Result<(crate::http_case::ServerSpec, &'m [String]), Box<WorkerReport>> {
-        let (Some(hf_dir), Some(sentences)) = (&model.hf_dir, &model.sentences) else {
+        // A precision variant is an ONNX file of its own; its tokenizer is
+        // its source model's.
+        let tokenizer_dir = model.hf_dir.as_ref().or_else(|| {
+            let (base, _) = model.id.split_once('@')?;
+            self.plan.model(base)?.hf_dir.as_ref()
+        });
+        let (Some(tokenizer_dir), Some(sentences)) = (tokenizer_dir, &model.sentences) else {
             return Err(Box::new(WorkerReport {
                 status: Some(Status::Unsupported),
                 reason: Some("the http scenario needs a text model with a tokenizer".into()),
@@ -811,8 +817,10 @@ impl<'a> Runner<'a> {
         let spec = crate::http_case::ServerSpec {
             backend: case.backend.clone(),
             model: model.path.clone(),
-            hf_dir: Some(hf_dir.clone()),
-            tokenizer: hf_dir.join("tokenizer.json"),
+            // Only where the backend may load the safetensors: not for a
+            // variant's ONNX file.
+            hf_dir: model.hf_dir.clone(),
+            tokenizer: tokenizer_dir.join("tokenizer.json"),
             device: case.device,
             threads: case.threads,
             seq: case.dims.get("seq").copied().unwrap_or(128),

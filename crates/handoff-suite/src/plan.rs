@@ -776,6 +776,18 @@ fn build(
         Some(r) => build_scenarios(r, "scenarios", &backends, &mut |p, m| ctx.err(p, m)),
         None => vec![ScenarioSpec::single_stream()],
     };
+    for v in suite_scenarios.iter().flat_map(|s| &s.variants) {
+        let built = raw
+            .models
+            .iter()
+            .any(|m| m.variants.as_ref().is_some_and(|vs| vs.contains(v)));
+        if !built || v == "fp32" {
+            ctx.err(
+                "scenarios",
+                format!("a scenario loads variant `{v}`, which no model's `variants:` builds"),
+            );
+        }
+    }
     let mut models: Vec<PlanModel> = Vec::new();
     for (i, rm) in raw.models.iter().enumerate() {
         let path = format!("models[{i}]");
@@ -819,6 +831,20 @@ fn build(
                 }
                 None => suite_scenarios.clone(),
             };
+            if rm.scenarios.is_some() {
+                let builds = rm.variants.as_deref().unwrap_or_default();
+                for v in model.scenarios.iter().flat_map(|s| &s.variants) {
+                    if !builds.contains(v) || v == "fp32" {
+                        ctx.err(
+                            format!("{path}.scenarios"),
+                            format!(
+                                "a scenario loads variant `{v}`, which this model does not build (its `variants:` are [{}])",
+                                builds.join(", ")
+                            ),
+                        );
+                    }
+                }
+            }
             if model.sentences.is_none()
                 && let Some(j) = model
                     .scenarios
@@ -877,10 +903,13 @@ fn build(
             if ctx.problems.len() == before {
                 for mut derived in lowered.into_iter().chain(precision) {
                     // Load scenarios compare serving set-ups; running them
-                    // on every variant would multiply a suite's time.
-                    derived.scenarios.retain(|s| {
-                        matches!(s.scenario, Scenario::SingleStream | Scenario::Offline)
-                    });
+                    // on every variant would multiply a suite's time, so a
+                    // variant runs one only when the scenario lists it.
+                    let variant = derived
+                        .variant
+                        .as_ref()
+                        .map_or("(lowered copy)".to_owned(), |v| v.name.clone());
+                    derived.scenarios.retain(|s| s.runs_variant(Some(&variant)));
                     if derived.scenarios.is_empty() {
                         derived.scenarios.push(ScenarioSpec::single_stream());
                     }

@@ -154,6 +154,12 @@ pub struct RawLoad {
     /// say so.
     #[serde(default)]
     pub batch_wait: Option<HumanDuration>,
+    /// Also load these precision variants of the model (from its
+    /// `variants:`), e.g. `[int8-dynamic]`: the hand-off served with its
+    /// int8 build, beside the fp32 servers. Default: none; a variant
+    /// otherwise runs single-stream only.
+    #[serde(default)]
+    pub variants: Option<Vec<String>>,
 }
 
 /// What an `http` request asks the server.
@@ -320,6 +326,8 @@ pub struct ScenarioSpec {
     pub backends: Option<Vec<String>>,
     pub threads: Option<Vec<u32>>,
     pub batch: Option<Vec<u32>>,
+    /// Precision variants of the model this load scenario also runs on.
+    pub variants: Vec<String>,
 }
 
 impl ScenarioSpec {
@@ -329,6 +337,20 @@ impl ScenarioSpec {
             backends: None,
             threads: None,
             batch: None,
+            variants: Vec::new(),
+        }
+    }
+
+    /// Whether a precision variant of the model (`None`: the model itself)
+    /// runs this scenario: single-stream and offline always, a load
+    /// scenario only when it lists the variant.
+    pub fn runs_variant(&self, variant: Option<&str>) -> bool {
+        match variant {
+            None => true,
+            Some(v) => {
+                matches!(self.scenario, Scenario::SingleStream | Scenario::Offline)
+                    || self.variants.iter().any(|x| x == v)
+            }
         }
     }
 
@@ -359,6 +381,7 @@ pub fn build_scenarios(
             backends: only.backends.clone(),
             threads: only.threads.clone(),
             batch: only.batch.clone(),
+            variants: Vec::new(),
         };
         match r {
             RawScenario::SingleStream => out.push(ScenarioSpec::single_stream()),
@@ -477,7 +500,10 @@ pub fn build_scenarios(
                             &l.batch
                         },
                     };
-                    out.push(spec(scenario, &only));
+                    out.push(ScenarioSpec {
+                        variants: l.variants.clone().unwrap_or_default(),
+                        ..spec(scenario, &only)
+                    });
                 }
             }
         }
