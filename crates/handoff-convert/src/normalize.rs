@@ -48,6 +48,22 @@ fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a handoff_onnx::proto::Att
     n.attribute.iter().find(|a| a.name == name)
 }
 
+/// Each initializer's position, by name.
+fn initializer_index(g: &GraphProto) -> HashMap<String, usize> {
+    g.initializer
+        .iter()
+        .enumerate()
+        .map(|(i, t)| (t.name.clone(), i))
+        .collect()
+}
+
+/// `scale * v^T` of a row-major `rows x cols` matrix, row-major `cols x rows`.
+fn transposed(v: &[f32], rows: usize, cols: usize, scale: f32) -> Vec<f32> {
+    (0..rows * cols)
+        .map(|k| scale * v[(k % rows) * cols + k / rows])
+        .collect()
+}
+
 fn is_float_of(t: &TensorProto, min_elements: usize) -> bool {
     t.data_type == ElemType::F32.onnx_code()
         && t.dims.iter().product::<i64>() as usize >= min_elements
@@ -82,12 +98,7 @@ fn fold_transposes(
     done: &mut Vec<String>,
     replaced: &mut BTreeSet<String>,
 ) -> Result<(), QuantError> {
-    let inits: HashMap<String, usize> = g
-        .initializer
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
+    let inits = initializer_index(g);
     let mut added = Vec::new();
     let mut kept = Vec::with_capacity(g.node.len());
     for n in std::mem::take(&mut g.node) {
@@ -100,10 +111,7 @@ fn fold_transposes(
         match w {
             Some(w) if perm_ok => {
                 let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
-                let v = f32_values(w)?;
-                let t: Vec<f32> = (0..rows * cols)
-                    .map(|k| v[(k % rows) * cols + k / rows])
-                    .collect();
+                let t = transposed(&f32_values(w)?, rows, cols, 1.0);
                 done.push(format!(
                     "Transpose of `{}` folded into `{}`",
                     w.name, n.output[0]
@@ -128,12 +136,7 @@ fn gemm_to_matmul(
     done: &mut Vec<String>,
     replaced: &mut BTreeSet<String>,
 ) -> Result<(), QuantError> {
-    let inits: HashMap<String, usize> = g
-        .initializer
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
+    let inits = initializer_index(g);
     let taken: BTreeSet<String> = g
         .initializer
         .iter()
@@ -175,10 +178,10 @@ fn gemm_to_matmul(
         let (rows, cols) = (b.dims[0] as usize, b.dims[1] as usize);
         let v = f32_values(b)?;
         let (w, dims) = if int("transB", 0) == 1 {
-            let t: Vec<f32> = (0..rows * cols)
-                .map(|k| alpha * v[(k % rows) * cols + k / rows])
-                .collect();
-            (t, [cols as i64, rows as i64])
+            (
+                transposed(&v, rows, cols, alpha),
+                [cols as i64, rows as i64],
+            )
         } else {
             (
                 v.iter().map(|x| alpha * x).collect(),
