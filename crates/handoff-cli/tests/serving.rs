@@ -146,26 +146,37 @@ fn a_load_scenario_serves_the_variants_it_lists() {
     let bert = dir.path().join("bert");
     handoff_convert::bert::write_tiny_bert(&bert, 32, 2, 4, 7).unwrap();
     write_tokenizer(&bert);
-    let suite = |variant: &str| {
+    let suite = |builds: &str, variant: &str| {
         format!(
-            "name: serving\nmodels:\n  - id: tiny\n    source: {{hf: bert}}\n    text: {{sentences: [w4 w5 w6, w7 w8, w9]}}\n    variants: [fp32, int8-dynamic]\n    min_cosine: 0.9\n\
+            "name: serving\nmodels:\n  - id: tiny\n    source: {{hf: bert}}\n    text: {{sentences: [w4 w5 w6, w7 w8, w9]}}\n    variants: [{builds}]\n    min_cosine: 0.9\n\
              \x20   scenarios:\n      - single-stream\n\
              \x20     - {{http: {{qps: [20], duration: 1s, min_queries: 10, variants: [{variant}]}}}}\n\
              backends: [ort, python-onnxruntime]\nthreads: [1]\nbatch: [1]\ndims: {{seq: [8]}}\ntimeout: 60s\n\
              measure: {{warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2}}\n"
         )
     };
-    std::fs::write(dir.path().join("bad.yaml"), suite("fp16")).unwrap();
+    // Not built, or made by its runtime at load (no file a server runs).
+    std::fs::write(
+        dir.path().join("bad.yaml"),
+        suite("fp32, int8-dynamic, torch-bf16", "fp16, torch-bf16"),
+    )
+    .unwrap();
     let o = common::handoff(&["validate", "bad.yaml"], dir.path());
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
         err.contains(
             "models[0].scenarios: a scenario loads variant `fp16`, which this model does not build"
+        ) && err.contains(
+            "a scenario loads variant `torch-bf16`, which python-torch makes at load: no server runs it"
         ),
         "{err}"
     );
-    std::fs::write(dir.path().join("s.yaml"), suite("int8-dynamic")).unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        suite("fp32, int8-dynamic", "int8-dynamic"),
+    )
+    .unwrap();
     let records = run_ok(dir.path(), "s.yaml", "out");
     let http: Vec<&str> = records
         .iter()

@@ -787,6 +787,7 @@ fn build(
                 format!("a scenario loads variant `{v}`, which no model's `variants:` builds"),
             );
         }
+        served_variant(ctx, "scenarios", v);
     }
     let mut models: Vec<PlanModel> = Vec::new();
     for (i, rm) in raw.models.iter().enumerate() {
@@ -843,6 +844,7 @@ fn build(
                             ),
                         );
                     }
+                    served_variant(ctx, &format!("{path}.scenarios"), v);
                 }
             }
             if model.sentences.is_none()
@@ -1445,6 +1447,20 @@ fn verify_conversion(
             format!("{path}.source"),
             format!("conversion check could not run: {e}"),
         ),
+    }
+}
+
+/// A load scenario serves a variant's own file; one made by its runtime at
+/// load (candle-q8, torch-bf16) has none, and its servers would load the
+/// fp32 model under the variant's name.
+fn served_variant(ctx: &mut Ctx<'_>, at: &str, variant: &str) {
+    if let Some(runner) = handoff_convert::quantize::made_at_load_by(variant) {
+        ctx.err(
+            at,
+            format!(
+                "a scenario loads variant `{variant}`, which {runner} makes at load: no server runs it (it is measured single-stream without being listed here)"
+            ),
+        );
     }
 }
 
