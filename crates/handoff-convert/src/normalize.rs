@@ -49,7 +49,7 @@ fn attr<'a>(n: &'a NodeProto, name: &str) -> Option<&'a handoff_onnx::proto::Att
 }
 
 /// Each initializer's position, by name.
-fn initializer_index(g: &GraphProto) -> HashMap<String, usize> {
+pub(crate) fn initializer_index(g: &GraphProto) -> HashMap<String, usize> {
     g.initializer
         .iter()
         .enumerate()
@@ -245,7 +245,7 @@ fn gemm_to_matmul(
 /// Older exporters list every initializer as a graph input too (IR < 4, or
 /// `keep_initializers_as_inputs`): such an input goes with its initializer,
 /// or a caller would have to feed it.
-fn drop_replaced(g: &mut GraphProto, replaced: &BTreeSet<String>) {
+pub(crate) fn drop_replaced(g: &mut GraphProto, replaced: &BTreeSet<String>) {
     fn reads(g: &GraphProto, into: &mut BTreeSet<String>) {
         for n in &g.node {
             into.extend(n.input.iter().cloned());

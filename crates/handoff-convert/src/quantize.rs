@@ -719,7 +719,7 @@ pub fn smooth(
         .iter()
         .flat_map(|d| d.weights.iter().cloned())
         .collect();
-    drop_unread(graph, &replaced);
+    crate::normalize::drop_replaced(graph, &replaced);
     Ok(done)
 }
 
@@ -731,22 +731,6 @@ fn spread(v: &[f32]) -> f32 {
     }
     nz.sort_by(f32::total_cmp);
     nz[nz.len() - 1] / nz[nz.len() / 2]
-}
-
-/// Removes the `replaced` initializers that no node (and no graph output)
-/// reads any more; others are left alone (a subgraph may read them).
-fn drop_unread(graph: &mut handoff_onnx::proto::GraphProto, replaced: &BTreeSet<String>) {
-    let read: BTreeSet<&str> = graph
-        .node
-        .iter()
-        .flat_map(|n| n.input.iter().map(String::as_str))
-        .chain(graph.output.iter().map(|o| o.name.as_str()))
-        .collect();
-    let keep: Vec<TensorProto> = std::mem::take(&mut graph.initializer)
-        .into_iter()
-        .filter(|t| !replaced.contains(&t.name) || read.contains(t.name.as_str()))
-        .collect();
-    graph.initializer = keep;
 }
 
 /// Rewrites `model` in place with int8 weights and statically quantised
@@ -793,12 +777,7 @@ fn quantize_graph(
         });
     }
     let graph = model.graph.as_mut().ok_or(QuantError::NoGraph)?;
-    let inits: HashMap<String, usize> = graph
-        .initializer
-        .iter()
-        .enumerate()
-        .map(|(i, t)| (t.name.clone(), i))
-        .collect();
+    let inits = crate::normalize::initializer_index(graph);
     let big_float = |name: &str| -> Option<&TensorProto> {
         let t = &graph.initializer[*inits.get(name)?];
         let count: i64 = t.dims.iter().product();
@@ -1101,7 +1080,7 @@ fn quantize_graph(
     graph.initializer.extend(new_inits);
     graph.node = new_nodes;
     // Float weights nothing reads any more.
-    drop_unread(graph, &replaced);
+    crate::normalize::drop_replaced(graph, &replaced);
     Ok(report)
 }
 
@@ -1550,6 +1529,27 @@ mod tests {
                 "Mul",
                 "MatMul"
             ]
+        );
+    }
+
+    #[test]
+    fn a_quantised_weight_listed_as_a_graph_input_leaves_the_inputs_too() {
+        // Older exporters list every initializer as a graph input as well.
+        let mut m = tiny_matmul(vec![0.5; 12]);
+        let graph = m.graph.as_mut().unwrap();
+        let mut w = graph.input[0].clone();
+        w.name = "w".into();
+        graph.input.push(w);
+        quantize_dynamic(&mut m, &opts()).unwrap();
+        let graph = m.graph.as_ref().unwrap();
+        assert!(graph.initializer.iter().all(|t| t.name != "w"));
+        assert_eq!(
+            graph
+                .input
+                .iter()
+                .map(|i| i.name.as_str())
+                .collect::<Vec<_>>(),
+            ["x"]
         );
     }
 
