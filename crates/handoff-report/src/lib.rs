@@ -671,10 +671,10 @@ fn served_beside<'a>(
     records: &'a [ResultRecord],
     p: &'a ResultRecord,
 ) -> impl Iterator<Item = &'a ResultRecord> + 'a {
-    let base = |m: &'a str| m.split('@').next().unwrap_or_default();
+    use paired::base_model;
     records.iter().filter(move |r| {
         r.case.backend == "ort"
-            && base(&r.case.model) == base(&p.case.model)
+            && base_model(&r.case.model) == base_model(&p.case.model)
             && (r.case.model == p.case.model || r.accuracy.is_some())
             && (r.case.threads, r.case.batch, &r.case.dims, &r.case.scenario)
                 == (p.case.threads, p.case.batch, &p.case.dims, &p.case.scenario)
@@ -710,20 +710,20 @@ pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
         let Some((bound, py)) = peak(p) else {
             continue;
         };
+        let python = match (p.case.backend.as_str(), p.case.scenario.contains("predict")) {
+            ("python-torch", true) => "FastAPI + transformers pipeline (PyTorch)",
+            ("python-torch", false) => "FastAPI + PyTorch",
+            _ => "FastAPI + onnxruntime",
+        };
+        let rate = |q: Option<f64>| {
+            q.map_or_else(|| "no rate".to_owned(), |q| format!("{} QPS", fmt_rate(q)))
+        };
         // A variant below its accuracy gate is no hand-off to suggest.
         for r in served_beside(records, p)
             .filter(|r| r.status == Status::Ok && r.accuracy.as_ref().is_none_or(|a| a.passed))
         {
             let Some((_, rs)) = peak(r) else {
                 continue;
-            };
-            let python = match (p.case.backend.as_str(), p.case.scenario.contains("predict")) {
-                ("python-torch", true) => "FastAPI + transformers pipeline (PyTorch)",
-                ("python-torch", false) => "FastAPI + PyTorch",
-                _ => "FastAPI + onnxruntime",
-            };
-            let rate = |q: Option<f64>| {
-                q.map_or_else(|| "no rate".to_owned(), |q| format!("{} QPS", fmt_rate(q)))
             };
             let change = match (py, rs) {
                 (Some(a), Some(b)) => format!(" ({:.2}x)", b / a),
@@ -922,7 +922,7 @@ pub(crate) fn variant_models(
                 .iter()
                 .find(|r| r.case.model == m)
                 .and_then(|r| r.accuracy.as_ref())?;
-            Some((m, m.split('@').next().unwrap_or(m), a))
+            Some((m, paired::base_model(m), a))
         })
         .collect()
 }

@@ -278,7 +278,7 @@ fn same_call_of_base(a: &ResultRecord, b: &ResultRecord) -> bool {
 
 /// The model a precision variant (`id@variant`) or lowered copy
 /// (`id+lowered`) was made from.
-fn base_model(id: &str) -> &str {
+pub(crate) fn base_model(id: &str) -> &str {
     id.split(['@', '+']).next().unwrap_or_default()
 }
 

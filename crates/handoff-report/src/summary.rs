@@ -155,7 +155,7 @@ pub struct Coverage<'a> {
 /// ran a model at all (unavailable) is listed too, with its reason.
 pub fn coverage(records: &[ResultRecord]) -> Option<Vec<Coverage<'_>>> {
     fn base(r: &ResultRecord) -> &str {
-        r.case.model.split(['@', '+']).next().unwrap_or_default()
+        crate::paired::base_model(&r.case.model)
     }
     let mut models: Vec<&str> = Vec::new();
     let mut backends: Vec<&str> = Vec::new();
