@@ -92,8 +92,7 @@ impl VariantRequest {
 pub struct Gated {
     /// The check, run on this machine (also for a reused file).
     pub check: Check,
-    /// E.g. ops left in fp32, or a gate that fails here but passed where
-    /// the file was built.
+    /// E.g. ops left in fp32 (a file built now).
     pub warning: Option<String>,
     /// For a file built earlier (this machine or another that shares the
     /// cache): the check recorded when it was built.
@@ -144,26 +143,6 @@ pub fn build_variant(
                 .map_or(note.clone(), |w| format!("{w}; {note}")),
         ),
         ..gated
-    })
-}
-
-/// What a reused variant's two gates say, when they disagree.
-fn regate_warning(built: &Check, here: &Check) -> Option<String> {
-    let class = |c: &Check| {
-        c.cpu_class
-            .clone()
-            .unwrap_or_else(|| "CPU not recorded".into())
-    };
-    (built.passed != here.passed).then(|| {
-        format!(
-            "the accuracy gate {} on this CPU ({}: min cosine {:.4}) and {} where the file was built ({}: {:.4}); this machine's result counts",
-            if here.passed { "passes" } else { "fails" },
-            class(here),
-            here.min_cosine,
-            if built.passed { "passed" } else { "failed" },
-            class(built),
-            built.min_cosine
-        )
     })
 }
 
@@ -229,9 +208,11 @@ fn build_variant_as(
             specs,
             request.min_cosine,
         )?;
+        // Where the two gates disagree, the run's results say so
+        // (`Accuracy::regate_note`).
         return Ok(Gated {
-            warning: regate_warning(&built, &here),
             check: here,
+            warning: None,
             built: Some(built),
         });
     }
