@@ -256,10 +256,21 @@ fn quantize_sym(
     (q, scales)
 }
 
-/// `MatMul(a, DequantizeLinear(Wq, Ws, Wzp))` in place of node `n`: int8
-/// weights on disk, the multiply in fp32 (per-column scales on axis 1).
-/// Before opset 13 DequantizeLinear has no axis: per-column weights are
-/// dequantised as `Cast(Wq) * Ws` there (the zero point is 0).
+/// `MatMul(a, W)` in place of node `n`, with `W` the int8 weights `Wq`
+/// dequantised by their scales `Ws` (per column on axis 1, zero point 0).
+///
+/// `fp32_multiply` (weight-only): `W = Cast(Wq) * Ws`, which ONNX Runtime
+/// folds into an fp32 constant at load, so the multiply really is fp32.
+/// As `DequantizeLinear` it would not be: ONNX Runtime (1.31) rewrites
+/// `DequantizeLinear` of a per-column int8 weight into a MatMul into
+/// `MatMulNBits`, which quantises the activation to int8 in blocks of 32
+/// channels (measured: a down-projection whose input had one channel 200x
+/// the others lost the same accuracy that way as in int8).
+///
+/// Otherwise (int8-static, with the activation dequantised before it)
+/// `DequantizeLinear`, the QDQ form runtimes fuse into integer kernels;
+/// before opset 13 it has no axis, and per-column weights become
+/// `Cast(Wq) * Ws` there too.
 fn dequantized_matmul(
     p: &str,
     n: &NodeProto,
@@ -267,11 +278,12 @@ fn dequantized_matmul(
     [wq, ws, wzp]: [&str; 3],
     per_channel: bool,
     opset: i64,
+    fp32_multiply: bool,
 ) -> Vec<NodeProto> {
     let wf = format!("{p}_w_f32");
     let out = n.output.first().map_or("", String::as_str);
     let matmul = node("MatMul", n.name.clone(), &[a, &wf], &[out], vec![]);
-    if per_channel && opset < 13 {
+    if fp32_multiply || (per_channel && opset < 13) {
         let cast = format!("{p}_w_cast");
         return vec![
             node(
@@ -553,6 +565,21 @@ fn int8_matmul_weight<'a>(
         && w.dims.len() == 2
         && !(options.down_proj_weight_only && is_down_projection(w));
     ok.then_some(w)
+}
+
+/// The MatMul nodes [`quantize_dynamic`] gives int8 activations, in graph
+/// order: the candidates of a per-MatMul sensitivity measurement.
+pub fn int8_matmuls(model: &ModelProto, options: &DynamicOptions) -> Vec<String> {
+    let Some(g) = model.graph.as_ref() else {
+        return Vec::new();
+    };
+    let inits: HashMap<&str, &TensorProto> =
+        g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
+    g.node
+        .iter()
+        .filter(|n| int8_matmul_weight(n, &inits, options).is_some())
+        .map(|n| n.name.clone())
+        .collect()
 }
 
 fn is_excluded(n: &NodeProto, options: &DynamicOptions) -> bool {
@@ -874,7 +901,9 @@ fn quantize_graph(
                     let scale_dims: Vec<i64> = if per { vec![cols as i64] } else { vec![] };
                     new_inits.push(tensor_i8(&wq, &w.dims, &q));
                     new_inits.push(tensor_f32(&ws, &scale_dims, &scales));
-                    new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
+                    if !weight_only {
+                        new_inits.push(tensor_i8(&wzp, &scale_dims, &vec![0i8; groups]));
+                    }
                 }
                 if weight_only {
                     new_nodes.extend(dequantized_matmul(
@@ -884,6 +913,7 @@ fn quantize_graph(
                         [&wq, &ws, &wzp],
                         per,
                         opset,
+                        true,
                     ));
                     report.weight_only.push(n.name.clone());
                     replaced.insert(w.name.clone());
@@ -934,6 +964,7 @@ fn quantize_graph(
                         [&wq, &ws, &wzp],
                         per,
                         opset,
+                        false,
                     ));
                     replaced.insert(w.name.clone());
                     *report.quantized.entry("MatMul".into()).or_default() += 1;
@@ -1254,8 +1285,9 @@ mod tests {
         assert!(smoothing_targets(&m, &options).is_empty());
         let report = quantize_dynamic(&mut m, &options).unwrap();
         assert_eq!(report.weight_only.len(), 1);
+        // Not DequantizeLinear, which ORT would turn into an int8 multiply.
         let ops = m.op_types();
-        assert_eq!(ops, ["DequantizeLinear", "MatMul"]);
+        assert_eq!(ops, ["Cast", "Mul", "MatMul"]);
     }
 
     fn f32_init(m: &ModelProto, name: &str) -> Vec<f32> {

@@ -8,6 +8,7 @@
 //! and asks only for what is cached when it describes a plan.
 
 mod lower;
+mod sensitivity;
 mod variant;
 
 use std::path::{Path, PathBuf};
@@ -266,14 +267,26 @@ fn run_model(
     inputs: &[Tensor],
     specs: &[TensorSpec],
 ) -> Result<Vec<Tensor>, BackendError> {
+    // In this process candle's pool has whatever size rayon chose.
+    let threads = if backend.name().starts_with("candle") {
+        candle_threads()
+    } else {
+        1
+    };
+    run_model_on(backend, model, inputs, specs, threads)
+}
+
+/// [`run_model`] on `threads` threads.
+fn run_model_on(
+    backend: &dyn Backend,
+    model: &ModelRef,
+    inputs: &[Tensor],
+    specs: &[TensorSpec],
+    threads: usize,
+) -> Result<Vec<Tensor>, BackendError> {
     let options = PrepareOptions {
         device: handoff_backend::Device::Cpu,
-        // In this process candle's pool has whatever size rayon chose.
-        threads: if backend.name().starts_with("candle") {
-            candle_threads()
-        } else {
-            1
-        },
+        threads,
         inputs: specs.to_vec(),
         options: serde_json::Value::Null,
     };

@@ -23,7 +23,7 @@ pub const QUANT_ENV: handoff_python::pyenv::EnvSpec<'static> = handoff_python::p
 /// ONNX Runtime's quantiser, run as the reference int8 variant.
 const ORT_QUANTIZE_PY: &str = include_str!("../../../scripts/ort_quantize.py");
 
-fn quantize_error(
+pub(crate) fn quantize_error(
     onnx: &Path,
 ) -> impl FnOnce(handoff_convert::quantize::QuantError) -> PrepareError + '_ {
     move |source| PrepareError::Quantize {
@@ -108,12 +108,12 @@ pub struct Gated {
 /// and the gate that counts is the one on the machine that measures it.
 ///
 /// An int8 variant that fails its gate with every MatMul in int8 is built
-/// once more with the down-projections (the FFN's output MatMul, whose
-/// input after GELU has the widest outliers) multiplying in fp32 from int8
-/// weights; the warning and the provenance say so. On AVX2 without VNNI,
-/// where weights are 7-bit, that is what keeps MiniLM above the gate. A
-/// reused file that fails here is reported, not rebuilt: it is the file
-/// that was asked for.
+/// once more with the MatMuls that cost the most accuracy left in fp32, as
+/// few as the measurement on the calibration inputs says clear the gate
+/// (see [`crate::sensitivity`]); the warning and the provenance say which
+/// and why. On MiniLM that is the first layer's FFN down-projection, whose
+/// input after GELU has the widest outliers. A reused file that fails here
+/// is reported, not rebuilt: it is the file that was asked for.
 pub fn build_variant(
     registry: &Registry,
     onnx: &Path,
@@ -124,17 +124,41 @@ pub fn build_variant(
 ) -> Result<Gated, PrepareError> {
     let first = build_variant_as(registry, onnx, out, request, specs, calibration, None)?;
     let int8 = matches!(request.variant.as_str(), "int8-dynamic" | "int8-static");
-    if first.check.passed || first.built.is_some() || !int8 || request.dynamic.down_proj_weight_only
-    {
+    if first.check.passed || first.built.is_some() || !int8 {
         return Ok(first);
     }
+    let scratch = out.with_extension(format!("tmp{}.onnx", std::process::id()));
+    let found = crate::sensitivity::measure(
+        registry,
+        onnx,
+        request,
+        calibration,
+        first.check.min_cosine,
+        &scratch,
+    )?;
     let mut retry = request.clone();
-    retry.dynamic.down_proj_weight_only = true;
-    let key = request.cache_key(onnx, specs);
-    let gated = build_variant_as(registry, onnx, out, &retry, specs, calibration, Some(&key))?;
+    retry.dynamic.exclude.extend(found.chosen.iter().cloned());
+    let fallback = Fallback {
+        of: request.cache_key(onnx, specs),
+        sensitivity: serde_json::to_value(&found).unwrap_or_default(),
+    };
+    let gated = build_variant_as(
+        registry,
+        onnx,
+        out,
+        &retry,
+        specs,
+        calibration,
+        Some(&fallback),
+    )?;
     let note = format!(
-        "with every MatMul in int8 the gate failed (min cosine {:.4} < {}); the down-projections now multiply in fp32 from int8 weights: min cosine {:.4}",
-        first.check.min_cosine, request.min_cosine, gated.check.min_cosine
+        "with every MatMul in int8 the gate failed (min cosine {:.4} < {}); {} of {} MatMuls, the most sensitive on the calibration inputs, stay fp32 ({}): min cosine {:.4}",
+        first.check.min_cosine,
+        request.min_cosine,
+        found.chosen.len(),
+        found.candidates,
+        found.chosen.join(", "),
+        gated.check.min_cosine
     );
     Ok(Gated {
         warning: Some(
@@ -144,6 +168,14 @@ pub fn build_variant(
         ),
         ..gated
     })
+}
+
+/// A build standing in for a request whose gate failed: that request's
+/// cache key (a later build for it reuses this one) and the measurement
+/// that chose what changed.
+struct Fallback {
+    of: serde_json::Value,
+    sensitivity: serde_json::Value,
 }
 
 /// The accuracy check of a variant at `out` built for `request` (cache key
@@ -167,9 +199,8 @@ fn cached_check(
     (built && check.threshold_min_cosine == request.min_cosine).then_some(check)
 }
 
-/// [`build_variant`] without the fallback; `fallback_of`: the cache key of
-/// the request this build stands in for (a later build for that request
-/// reuses it).
+/// [`build_variant`] without the fallback; `fallback`: what this build
+/// stands in for.
 fn build_variant_as(
     registry: &Registry,
     onnx: &Path,
@@ -177,7 +208,7 @@ fn build_variant_as(
     request: &VariantRequest,
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
-    fallback_of: Option<&serde_json::Value>,
+    fallback: Option<&Fallback>,
 ) -> Result<Gated, PrepareError> {
     use handoff_convert::quantize;
     let step_name = format!("quantize:{}", request.variant);
@@ -199,7 +230,7 @@ fn build_variant_as(
         id: format!("check@{}", request.variant),
         hf_dir: None,
     };
-    if let Some(built) = cached_check(out, request, &key, fallback_of.is_some()) {
+    if let Some(built) = cached_check(out, request, &key, fallback.is_some()) {
         let here = accuracy_check(
             registry,
             onnx,
@@ -247,21 +278,8 @@ fn build_variant_as(
             let mut model = handoff_onnx::inspect::read_model(onnx)?;
             let normalized = normalize(&mut model, onnx, &request.dynamic)?;
             let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
-            let targets = quantize::calibration_targets(&model, &request.dynamic);
-            let ranges: std::collections::BTreeMap<String, quantize::Range> =
-                calibration_run(registry, &model, &targets, &tmp, calibration)?
-                    .into_iter()
-                    .map(|(name, t)| {
-                        quantize::Range::calibrate(&f32s(&t), request.dynamic.calibration)
-                            .map(|r| (name.clone(), r))
-                            .ok_or_else(|| PrepareError::Quantize {
-                                path: onnx.to_owned(),
-                                source: quantize::QuantError::Calibration(format!(
-                                    "activation `{name}` has no finite values"
-                                )),
-                            })
-                    })
-                    .collect::<Result<_, PrepareError>>()?;
+            let ranges =
+                static_ranges(registry, &model, onnx, &request.dynamic, &tmp, calibration)?;
             let report = quantize::quantize_static(&mut model, &ranges, &request.dynamic)
                 .map_err(quantize_error(onnx))?;
             handoff_onnx::builder::write_model(&model, &tmp)?;
@@ -320,8 +338,9 @@ fn build_variant_as(
     };
     // What the cache compares: a build with other options is not reused.
     params["request"] = key;
-    if let Some(original) = fallback_of {
-        params["fallback_of"] = original.clone();
+    if let Some(f) = fallback {
+        params["fallback_of"] = f.of.clone();
+        params["sensitivity"] = f.sensitivity.clone();
     }
     let check = accuracy_check(
         registry,
@@ -448,8 +467,36 @@ fn label_agreement(a: &Tensor, b: &Tensor) -> f64 {
     rows.iter().filter(|same| **same).count() as f64 / rows.len() as f64
 }
 
+/// int8-static's activation ranges: one calibration run of `model` (after
+/// smoothing) with every activation a quantised MatMul reads as an output,
+/// each turned into a range by `options.calibration`.
+pub(crate) fn static_ranges(
+    registry: &Registry,
+    model: &handoff_onnx::proto::ModelProto,
+    onnx: &Path,
+    options: &handoff_convert::quantize::DynamicOptions,
+    scratch: &Path,
+    calibration: &[TensorSpec],
+) -> Result<std::collections::BTreeMap<String, handoff_convert::quantize::Range>, PrepareError> {
+    use handoff_convert::quantize;
+    let targets = quantize::calibration_targets(model, options);
+    calibration_run(registry, model, &targets, scratch, calibration)?
+        .into_iter()
+        .map(|(name, t)| {
+            quantize::Range::calibrate(&f32s(&t), options.calibration)
+                .map(|r| (name.clone(), r))
+                .ok_or_else(|| PrepareError::Quantize {
+                    path: onnx.to_owned(),
+                    source: quantize::QuantError::Calibration(format!(
+                        "activation `{name}` has no finite values"
+                    )),
+                })
+        })
+        .collect()
+}
+
 /// Seed of random calibration inputs: the check draws with seed 0.
-const CALIBRATION_SEED: u64 = 1;
+pub(crate) const CALIBRATION_SEED: u64 = 1;
 
 /// `targets` as computed by ORT on the calibration inputs: one run of the
 /// model with those activations added as outputs.
@@ -483,7 +530,12 @@ fn f32s(t: &Tensor) -> Vec<f32> {
 }
 
 /// What the calibration inputs were, for the provenance sidecar.
-fn calibration_inputs(specs: &[TensorSpec], activations: usize) -> String {
+pub(crate) fn calibration_inputs(specs: &[TensorSpec], activations: usize) -> String {
+    format!("{}, {activations} activations", calibration_source(specs))
+}
+
+/// The calibration inputs and their shape.
+pub(crate) fn calibration_source(specs: &[TensorSpec]) -> String {
     let text = specs
         .iter()
         .any(|s| matches!(s.fill, handoff_backend::Fill::Values(_)));
@@ -496,14 +548,14 @@ fn calibration_inputs(specs: &[TensorSpec], activations: usize) -> String {
     } else {
         format!("random inputs, seed {CALIBRATION_SEED} (the check uses seed 0)")
     };
-    format!("{what}, shape {shape}, {activations} activations")
+    format!("{what}, shape {shape}")
 }
 
 /// Exporter forms of weights (a `Constant` node, a `Transpose`d
 /// initializer, a `Gemm`) rewritten into the `MatMul` form the quantiser
 /// reads (see `handoff_convert::normalize`); what was rewritten goes into
 /// the provenance.
-fn normalize(
+pub(crate) fn normalize(
     model: &mut handoff_onnx::proto::ModelProto,
     onnx: &Path,
     options: &handoff_convert::quantize::DynamicOptions,
@@ -514,7 +566,7 @@ fn normalize(
 /// SmoothQuant before int8 quantisation (see `quantize::smooth`): per-channel
 /// maxima of the activations from one calibration run, then the model is
 /// rescaled in place. Returns what the sidecar records (null when off).
-fn smooth(
+pub(crate) fn smooth(
     registry: &Registry,
     model: &mut handoff_onnx::proto::ModelProto,
     options: &handoff_convert::quantize::DynamicOptions,

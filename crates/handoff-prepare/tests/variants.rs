@@ -159,3 +159,99 @@ fn onnx_runtimes_own_quantiser_runs_from_its_locked_environment_and_is_gated() {
         "onnxruntime.quantization.quantize_dynamic"
     );
 }
+
+/// x -> MatMul -> h -> MatMul (a down-projection) -> y -> MatMul -> z, where
+/// h has one channel 200x the others: h's one per-tensor int8 scale leaves
+/// the other channels a level or two, and smoothing does not touch a
+/// down-projection's input.
+fn outlier_model(dir: &Path) -> std::path::PathBuf {
+    use handoff_onnx::builder::{D, GraphBuilder};
+    use handoff_onnx::inspect::ElemType;
+    let mut seed = 7u64;
+    let mut draw = |n: usize, scale: f32| -> Vec<f32> {
+        (0..n)
+            .map(|_| {
+                seed = seed
+                    .wrapping_mul(6364136223846793005)
+                    .wrapping_add(1442695040888963407);
+                ((seed >> 33) as f32 / (1u64 << 31) as f32 - 0.5) * 2.0 * scale
+            })
+            .collect()
+    };
+    let mut w1 = draw(256 * 256, 0.1);
+    w1.iter_mut().step_by(256).for_each(|v| *v *= 200.0);
+    let mut w2 = draw(256 * 64, 0.1);
+    w2[..64].iter_mut().for_each(|v| *v *= 0.001);
+    let w3 = draw(64 * 64, 0.1);
+    let mut g = GraphBuilder::new("outlier");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(256)]);
+    let w1 = g.init_f32("w1", &[256, 256], w1);
+    let w2 = g.init_f32("w2", &[256, 64], w2);
+    let w3 = g.init_f32("w3", &[64, 64], w3);
+    g.node_to("MatMul", &[&x, &w1], vec![], "h");
+    g.node_to("MatMul", &["h", &w2], vec![], "y");
+    g.node_to("MatMul", &["y", &w3], vec![], "z");
+    g.output("z", ElemType::F32, &[D::Sym("batch"), D::Fixed(64)]);
+    let path = dir.join("outlier.onnx");
+    handoff_onnx::builder::write_model(&g.finish(17), &path).unwrap();
+    path
+}
+
+#[test]
+fn an_int8_model_below_its_gate_keeps_only_the_matmul_that_costs_the_accuracy_in_fp32() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = outlier_model(dir.path());
+    let tools = tools(dir.path());
+    let (specs, calibration) = (inputs(16), inputs(16));
+    let v = tools
+        .make_variant(&model, None, "int8-dynamic", 0.99, &specs, &calibration)
+        .unwrap();
+    assert!(v.accuracy.passed, "{:?} {:?}", v.accuracy, v.warning);
+    let warning = v.warning.expect("the fallback is announced");
+    assert!(
+        warning.contains("1 of 3 MatMuls") && warning.contains("y_node"),
+        "{warning}"
+    );
+
+    let prov = handoff_convert::provenance::Provenance::load(&v.path).unwrap();
+    let step = prov
+        .steps
+        .iter()
+        .find(|s| s.name == "quantize:int8-dynamic")
+        .unwrap();
+    assert_eq!(
+        step.params["options"]["exclude"],
+        serde_json::json!(["y_node"])
+    );
+    assert_eq!(
+        step.params["report"]["skipped"],
+        serde_json::json!(["y_node (MatMul): excluded"])
+    );
+    let found = &step.params["sensitivity"];
+    assert_eq!(found["chosen"], serde_json::json!(["y_node"]));
+    let ranked = found["ranked"].as_array().unwrap();
+    assert_eq!(ranked.len(), 3, "{found}");
+    assert_eq!(ranked[0][0], "y_node", "{found}");
+    let all_int8 = found["all_int8"].as_f64().unwrap();
+    assert!(all_int8 < 0.99, "{found}");
+    // The other two MatMuls in fp32 would not have helped.
+    for r in &ranked[1..] {
+        assert!(r[1].as_f64().unwrap() < 0.99, "{found}");
+    }
+    assert!(
+        found["inputs"].as_str().unwrap().contains("seed 1"),
+        "measured on the calibration inputs, not the check's: {found}"
+    );
+
+    // The stand-in answers for the request that failed, without measuring again.
+    let before = mtime(&v.path);
+    let cached = tools
+        .cached_variant(&model, "int8-dynamic", 0.99, &specs)
+        .expect("the fallback build is in the cache");
+    assert_eq!(cached.path, v.path);
+    let again = tools
+        .make_variant(&model, None, "int8-dynamic", 0.99, &specs, &calibration)
+        .unwrap();
+    assert_eq!(mtime(&again.path), before);
+    assert!(again.accuracy.passed);
+}

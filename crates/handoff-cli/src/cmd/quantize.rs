@@ -60,7 +60,10 @@ pub struct QuantizeCmd {
     /// `entropy` (the clip with the least KL divergence, as TensorRT).
     #[arg(long, default_value = "minmax")]
     pub calibration: handoff_convert::quantize::Calibration,
-    /// Node or initializer names to keep in fp32 (repeatable).
+    /// Node or initializer names to keep in fp32 (repeatable). A model
+    /// that misses the gate anyway keeps the fewest further MatMuls in
+    /// fp32 that clear it, chosen by measuring each one's cost on the
+    /// calibration inputs.
     #[arg(long)]
     pub exclude: Vec<String>,
     /// Weights with fewer elements stay fp32.
