@@ -130,6 +130,7 @@ fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
         fp32_size_bytes: 90_000_000,
         cpu_class: None,
         built: None,
+        kept_fp32: None,
     };
     let mut base = case(0.1);
     base.accuracy = Some(accuracy(true, 0.993));

@@ -633,7 +633,7 @@ impl Tools {
             return Ok(Variant {
                 path: onnx.to_owned(),
                 accuracy,
-                warning: None,
+                kept_fp32: None,
                 built: None,
             });
         }
@@ -641,9 +641,9 @@ impl Tools {
         let request = VariantRequest::new(variant, min_cosine);
         let gated = build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
         Ok(Variant {
+            kept_fp32: kept_fp32(&out),
             path: out,
             accuracy: gated.check,
-            warning: gated.warning,
             built: gated.built,
         })
     }
@@ -669,10 +669,63 @@ impl Tools {
         // the request it stands in for.
         let accuracy = cached_check(&out, &request, &key, false)?;
         Some(Variant {
+            kept_fp32: kept_fp32(&out),
             path: out,
             accuracy,
-            warning: None,
             built: None,
         })
     }
+}
+
+/// What of the variant at `out` stays fp32 and why, from its provenance:
+/// MatMuls kept fp32 by the sensitivity measurement or by request, weights
+/// multiplied in fp32, ops the quantiser does not handle.
+fn kept_fp32(out: &Path) -> Option<String> {
+    let prov = Provenance::load(out)?;
+    let step = prov
+        .steps
+        .iter()
+        .find(|s| s.name.starts_with("quantize:"))?;
+    let p = &step.params;
+    let names = |v: &serde_json::Value| -> Vec<String> {
+        v.as_array()
+            .map(|a| {
+                a.iter()
+                    .filter_map(|x| x.as_str().map(str::to_owned))
+                    .collect()
+            })
+            .unwrap_or_default()
+    };
+    let mut notes = Vec::new();
+    let chosen = names(&p["sensitivity"]["chosen"]);
+    if let Some(candidates) = p["sensitivity"]["candidates"].as_u64()
+        && !chosen.is_empty()
+    {
+        notes.push(format!(
+            "{} of {candidates} MatMuls kept fp32 for accuracy (measured)",
+            chosen.len()
+        ));
+    }
+    // The chosen MatMuls are in the options' exclude list too.
+    let requested = names(&p["options"]["exclude"])
+        .len()
+        .saturating_sub(chosen.len());
+    if requested > 0 {
+        notes.push(format!("{requested} node(s) kept fp32 by request"));
+    }
+    let weight_only = names(&p["report"]["weight_only"]);
+    if !weight_only.is_empty() {
+        notes.push(format!(
+            "{} MatMul(s) with int8 weights multiply in fp32",
+            weight_only.len()
+        ));
+    }
+    let left = names(&p["report"]["left_fp32"]);
+    if !left.is_empty() {
+        notes.push(format!(
+            "not quantised (op not handled): {}",
+            left.join(", ")
+        ));
+    }
+    (!notes.is_empty()).then(|| notes.join("; "))
 }

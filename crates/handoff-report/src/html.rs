@@ -486,13 +486,16 @@ fn provenance(r: &ResultRecord) -> String {
     if let Some(a) = &r.accuracy {
         let _ = write!(
             p,
-            "; {} cos {:.4} vs fp32 ({} {}{})",
+            "; {} cos {:.4} vs fp32 ({} {}{}{})",
             a.variant,
             a.min_cosine,
             if a.passed { "passes" } else { "FAILS" },
             a.threshold_min_cosine,
             a.regate_note()
-                .map_or_else(String::new, |w| format!("; {w}"))
+                .map_or_else(String::new, |w| format!("; {w}")),
+            a.kept_fp32
+                .as_ref()
+                .map_or_else(String::new, |k| format!("; {k}"))
         );
     }
     if let Some(v) = &r.case.backend_version {

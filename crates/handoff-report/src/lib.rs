@@ -789,13 +789,16 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
             None => "-".into(),
         };
         let gate = format!(
-            "{} ({} {}{}{})",
+            "{} ({} {}{}{}{})",
             if a.passed { "pass" } else { "**FAIL**" },
             if a.passed { ">=" } else { "<" },
             a.threshold_min_cosine,
             labels(a),
             a.regate_note()
-                .map_or_else(String::new, |w| format!("; {w}"))
+                .map_or_else(String::new, |w| format!("; {w}")),
+            a.kept_fp32
+                .as_ref()
+                .map_or_else(String::new, |k| format!("; {}", escape_md(k)))
         );
         let _ = writeln!(
             out,

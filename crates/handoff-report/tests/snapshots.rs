@@ -243,3 +243,34 @@ fn hand_off_gain_prints_a_ratio_only_where_its_ci_excludes_one() {
         "{summary}"
     );
 }
+
+#[test]
+fn the_variants_table_says_what_stays_fp32() {
+    let base = fixture()[0].clone();
+    let mut variant = base.clone();
+    variant.case.model = "mlp@int8-dynamic".into();
+    variant.case.id = "mlp@int8-dynamic/ort/cpu/t1/b1".into();
+    variant.accuracy = Some(handoff_results::Accuracy {
+        variant: "int8-dynamic".into(),
+        compared: "output `y`: variant on ort vs fp32 on ort, 1 thread".into(),
+        min_cosine: 0.9954,
+        max_abs: 0.1,
+        threshold_min_cosine: 0.995,
+        label_agreement: None,
+        passed: true,
+        size_bytes: 24_700_000,
+        fp32_size_bytes: 90_300_000,
+        cpu_class: Some("x86-avx512-vnni".into()),
+        built: None,
+        kept_fp32: Some("1 of 36 MatMuls kept fp32 for accuracy (measured)".into()),
+    });
+    let md = handoff_report::summary_markdown("q", &[base, variant], false, &Default::default());
+    let row = md
+        .lines()
+        .find(|l| l.starts_with("| mlp | int8-dynamic"))
+        .unwrap_or_else(|| panic!("no variants row:\n{md}"));
+    assert!(
+        row.contains("pass (>= 0.995; 1 of 36 MatMuls kept fp32 for accuracy (measured))"),
+        "{row}"
+    );
+}

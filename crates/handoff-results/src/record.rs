@@ -219,6 +219,10 @@ pub struct Accuracy {
     /// built, maybe on another CPU class.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub built: Option<BuiltGate>,
+    /// What of the model stays fp32 and why, e.g. "1 of 36 MatMuls kept
+    /// fp32 for accuracy (measured)"; the names are in the provenance.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub kept_fp32: Option<String>,
 }
 
 /// The accuracy gate a variant file passed or failed where it was built.

@@ -1081,6 +1081,7 @@ impl<'a> Runner<'a> {
                     min_cosine: b.min_cosine,
                     passed: b.passed,
                 }),
+                kept_fp32: v.kept_fp32.clone(),
             }),
             env: env.to_owned(),
             load: report.load,

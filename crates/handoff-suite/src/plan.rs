@@ -105,8 +105,9 @@ pub struct Variant {
     pub path: PathBuf,
     /// The gate as this machine computed it.
     pub accuracy: ProvCheck,
-    /// E.g. ops left in fp32.
-    pub warning: Option<String>,
+    /// What of the model stays fp32 and why (from the provenance), e.g.
+    /// "1 of 36 MatMuls kept fp32 for accuracy (measured)".
+    pub kept_fp32: Option<String>,
     /// For a file built earlier: the gate recorded when it was built
     /// (maybe on another CPU class).
     pub built: Option<ProvCheck>,
@@ -231,6 +232,8 @@ pub struct VariantInfo {
     pub accuracy: ProvCheck,
     /// The gate recorded when the file was built, for a reused file.
     pub built: Option<ProvCheck>,
+    /// What of the model stays fp32 and why.
+    pub kept_fp32: Option<String>,
     pub fp32_bytes: u64,
     /// The file the reference backend runs instead of this one, when it
     /// cannot read the variant's format (NNEF: the fp32 ONNX model).
@@ -1622,6 +1625,7 @@ fn precision_variants(
                         name: name.clone(),
                         accuracy: v.accuracy,
                         built: v.built,
+                        kept_fp32: v.kept_fp32,
                         fp32_bytes: std::fs::metadata(&model.path).map_or(0, |m| m.len()),
                         reference_model: (name == "nnef").then(|| model.path.clone()),
                         reference_is_fp32: name == "nnef" || at_load.is_some(),
