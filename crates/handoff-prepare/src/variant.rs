@@ -41,6 +41,17 @@ fn variant_file_name(onnx: &Path, variant: &str) -> String {
     }
 }
 
+/// A suite's variant of `onnx` for `request`: a tag of the request (cache
+/// key and gate) in the name, so two requests for one source in one run
+/// (two gates, other check inputs) never build into the same file.
+fn cached_file_name(onnx: &Path, request: &VariantRequest, specs: &[TensorSpec]) -> String {
+    let key = request.cache_key(onnx, specs);
+    let tag = handoff_onnx::inspect::sha256_hex(format!("{key}|{}", request.min_cosine).as_bytes());
+    let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
+    let name = variant_file_name(onnx, &request.variant);
+    format!("{stem}.{}{}", &tag[..8], &name[stem.len()..])
+}
+
 /// A variant of `onnx` beside it (`handoff quantize` without `--out`).
 pub fn variant_path(onnx: &Path, variant: &str) -> PathBuf {
     onnx.with_file_name(variant_file_name(onnx, variant))
@@ -637,8 +648,8 @@ impl Tools {
                 built: None,
             });
         }
-        let out = self.derived(onnx, &variant_file_name(onnx, variant))?;
         let request = VariantRequest::new(variant, min_cosine);
+        let out = self.derived(onnx, &cached_file_name(onnx, &request, specs))?;
         let gated = build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
         Ok(Variant {
             kept_fp32: kept_fp32(&out),
@@ -662,8 +673,8 @@ impl Tools {
         if handoff_convert::quantize::made_at_load_by(variant).is_some() {
             return None;
         }
-        let out = self.derived_path(onnx, &variant_file_name(onnx, variant));
         let request = VariantRequest::new(variant, min_cosine);
+        let out = self.derived_path(onnx, &cached_file_name(onnx, &request, specs));
         let key = request.cache_key(onnx, specs);
         // A build that fell back (down-projections in fp32) answers for
         // the request it stands in for.

@@ -26,8 +26,14 @@ use crate::worker::{Job, JobMode, ReferenceFile, WorkerReport};
 
 /// Cases of a precision variant are checked against the reference backend
 /// running the same variant by per-row cosine, not allclose: two runtimes'
-/// int8 kernels may round a quantisation boundary differently.
-pub const VARIANT_PARITY_MIN_COSINE: f64 = 0.999;
+/// int8 kernels may round a quantisation boundary differently, and one
+/// flip moves everything after it. How far that goes was measured on
+/// MiniLM int8 (ORT, 8 sentences): scaling one activation by 1 + 1e-6
+/// moved the sentence embeddings to cosine 0.99923 of the unscaled ones,
+/// by 1 + 1e-5 to 0.9988-0.9990, so fp32 rounding alone puts two correct
+/// runtimes near 0.999. 0.998 stays clear of that and still catches what
+/// differs for real, e.g. kernels that saturate (0.993-0.995 on AVX2).
+pub const VARIANT_PARITY_MIN_COSINE: f64 = 0.998;
 
 #[derive(Debug, Clone)]
 pub struct RunOptions {
