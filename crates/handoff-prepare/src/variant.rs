@@ -44,8 +44,7 @@ fn variant_file_name(onnx: &Path, variant: &str) -> String {
 /// A suite's variant of `onnx` for `request`: a tag of the request (cache
 /// key and gate) in the name, so two requests for one source in one run
 /// (two gates, other check inputs) never build into the same file.
-fn cached_file_name(onnx: &Path, request: &VariantRequest, specs: &[TensorSpec]) -> String {
-    let key = request.cache_key(onnx, specs);
+fn cached_file_name(onnx: &Path, request: &VariantRequest, key: &serde_json::Value) -> String {
     let tag = handoff_onnx::inspect::sha256_hex(format!("{key}|{}", request.min_cosine).as_bytes());
     let stem = onnx.file_stem().and_then(|s| s.to_str()).unwrap_or("model");
     let name = variant_file_name(onnx, &request.variant);
@@ -82,20 +81,26 @@ impl VariantRequest {
     }
 
     /// What a cached variant must have been built from to be reused: the
-    /// request, the CPU class, the source model's bytes and the check
-    /// inputs.
-    fn cache_key(&self, onnx: &Path, specs: &[TensorSpec]) -> serde_json::Value {
-        let source = std::fs::read(onnx)
-            .map(|b| handoff_onnx::inspect::sha256_hex(&b))
-            .unwrap_or_default();
+    /// request, the CPU class, the source model's bytes (`source_sha256`,
+    /// see [`source_sha256`]) and the check inputs.
+    fn cache_key(&self, source_sha256: &str, specs: &[TensorSpec]) -> serde_json::Value {
         let inputs = serde_json::to_vec(specs).unwrap_or_default();
         serde_json::json!({
             "options": self.dynamic,
             "cpu_class": self.cpu.as_str(),
-            "source_sha256": source,
+            "source_sha256": source_sha256,
             "check_inputs_sha256": handoff_onnx::inspect::sha256_hex(&inputs),
         })
     }
+}
+
+/// The sha256 of the source model's bytes for [`VariantRequest`]'s cache
+/// key, read once per request (a 90 MB model takes about a second), empty
+/// when the file cannot be read (the build then fails on reading it).
+fn source_sha256(onnx: &Path) -> String {
+    std::fs::read(onnx)
+        .map(|b| handoff_onnx::inspect::sha256_hex(&b))
+        .unwrap_or_default()
 }
 
 /// A variant's accuracy gate as this machine computed it.
@@ -133,7 +138,21 @@ pub fn build_variant(
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
 ) -> Result<Gated, PrepareError> {
-    let first = build_variant_as(registry, onnx, out, request, specs, calibration, None)?;
+    let key = request.cache_key(&source_sha256(onnx), specs);
+    build_variant_keyed(registry, onnx, out, request, &key, specs, calibration)
+}
+
+/// [`build_variant`] for a request whose cache key is `key`.
+fn build_variant_keyed(
+    registry: &Registry,
+    onnx: &Path,
+    out: &Path,
+    request: &VariantRequest,
+    key: &serde_json::Value,
+    specs: &[TensorSpec],
+    calibration: &[TensorSpec],
+) -> Result<Gated, PrepareError> {
+    let first = build_variant_as(registry, onnx, out, request, key, specs, calibration, None)?;
     let int8 = matches!(request.variant.as_str(), "int8-dynamic" | "int8-static");
     if first.check.passed || first.built.is_some() || !int8 {
         return Ok(first);
@@ -150,14 +169,16 @@ pub fn build_variant(
     let mut retry = request.clone();
     retry.dynamic.exclude.extend(found.chosen.iter().cloned());
     let fallback = Fallback {
-        of: request.cache_key(onnx, specs),
+        of: key.clone(),
         sensitivity: serde_json::to_value(&found).unwrap_or_default(),
     };
+    let retry_key = retry.cache_key(key["source_sha256"].as_str().unwrap_or_default(), specs);
     let gated = build_variant_as(
         registry,
         onnx,
         out,
         &retry,
+        &retry_key,
         specs,
         calibration,
         Some(&fallback),
@@ -210,20 +231,21 @@ fn cached_check(
     (built && check.threshold_min_cosine == request.min_cosine).then_some(check)
 }
 
-/// [`build_variant`] without the fallback; `fallback`: what this build
-/// stands in for.
+/// [`build_variant`] without the fallback, for `request` whose cache key
+/// is `key`; `fallback`: what this build stands in for.
+#[allow(clippy::too_many_arguments)]
 fn build_variant_as(
     registry: &Registry,
     onnx: &Path,
     out: &Path,
     request: &VariantRequest,
+    key: &serde_json::Value,
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
     fallback: Option<&Fallback>,
 ) -> Result<Gated, PrepareError> {
     use handoff_convert::quantize;
     let step_name = format!("quantize:{}", request.variant);
-    let key = request.cache_key(onnx, specs);
     let options = serde_json::to_value(&request.dynamic).unwrap_or_default();
     let target = serde_json::json!({
         "cpu_class": request.cpu.as_str(),
@@ -241,7 +263,7 @@ fn build_variant_as(
         id: format!("check@{}", request.variant),
         hf_dir: None,
     };
-    if let Some(built) = cached_check(out, request, &key, fallback.is_some()) {
+    if let Some(built) = cached_check(out, request, key, fallback.is_some()) {
         let here = accuracy_check(
             registry,
             onnx,
@@ -348,7 +370,7 @@ fn build_variant_as(
         }
     };
     // What the cache compares: a build with other options is not reused.
-    params["request"] = key;
+    params["request"] = key.clone();
     if let Some(f) = fallback {
         params["fallback_of"] = f.of.clone();
         params["sensitivity"] = f.sensitivity.clone();
@@ -649,8 +671,17 @@ impl Tools {
             });
         }
         let request = VariantRequest::new(variant, min_cosine);
-        let out = self.derived(onnx, &cached_file_name(onnx, &request, specs))?;
-        let gated = build_variant(&self.registry, onnx, &out, &request, specs, calibration)?;
+        let key = request.cache_key(&source_sha256(onnx), specs);
+        let out = self.derived(onnx, &cached_file_name(onnx, &request, &key))?;
+        let gated = build_variant_keyed(
+            &self.registry,
+            onnx,
+            &out,
+            &request,
+            &key,
+            specs,
+            calibration,
+        )?;
         Ok(Variant {
             kept_fp32: kept_fp32(&out),
             path: out,
@@ -674,8 +705,8 @@ impl Tools {
             return None;
         }
         let request = VariantRequest::new(variant, min_cosine);
-        let out = self.derived_path(onnx, &cached_file_name(onnx, &request, specs));
-        let key = request.cache_key(onnx, specs);
+        let key = request.cache_key(&source_sha256(onnx), specs);
+        let out = self.derived_path(onnx, &cached_file_name(onnx, &request, &key));
         // A build that fell back (down-projections in fp32) answers for
         // the request it stands in for.
         let accuracy = cached_check(&out, &request, &key, false)?;
