@@ -103,7 +103,7 @@ pub fn measurement_note(ctx: &RunContext<'_>, records: &[ResultRecord]) -> Optio
         .collect();
     let processes = if processes > 1 {
         format!(
-            " Each case ran on {processes} worker processes in turn; the speed difference between processes measured in each group (largest here: {:.1}% sd) widens both intervals.",
+            " Each case ran on {processes} worker processes in turn; the speed difference between its processes, measured for each case (largest here: {:.1}% sd), widens its intervals.",
             100.0 * spread.iter().copied().fold(0.0, f64::max)
         )
     } else if interleaved {

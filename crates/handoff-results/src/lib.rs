@@ -124,9 +124,9 @@ pub struct RoundsInfo {
     /// The process that ran each round.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub process: Vec<usize>,
-    /// The group's between-process variance of the log latency
-    /// ([`handoff_stats::rounds::process_variance`]), which widens this
-    /// case's CI and its ratios; `None` with one process per case.
+    /// This case's between-process variance of the log latency, estimated
+    /// in its group ([`handoff_stats::rounds::process_variances`]), which
+    /// widens its CI and its ratios; `None` with one process per case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_var: Option<f64>,
 }
@@ -150,7 +150,7 @@ impl RoundsInfo {
     }
 
     /// The variance this case's median carries from its processes' own
-    /// speeds: the group's between-process variance over the number of
+    /// speeds: its between-process variance over the number of
     /// processes it was averaged over (0 when not estimated).
     pub fn process_term(&self) -> f64 {
         self.process_var.unwrap_or(0.0) / f64::from(self.processes.max(1))

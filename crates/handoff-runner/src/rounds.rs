@@ -311,9 +311,13 @@ pub fn run_group<'w>(
         .filter(|c| c.info.processes > 1)
         .map(|c| c.info.by_process())
         .collect();
-    let process_var = handoff_stats::rounds::process_variance(&measured);
-    for c in cases.iter_mut().filter(|c| c.info.processes > 1) {
-        c.info.process_var = process_var;
+    let process_var = handoff_stats::rounds::process_variances(&measured);
+    for (c, v) in cases
+        .iter_mut()
+        .filter(|c| c.info.processes > 1)
+        .zip(process_var)
+    {
+        c.info.process_var = v;
     }
     Some(
         cases

@@ -104,11 +104,15 @@ fn every_case_runs_once_per_round_in_a_seeded_order() {
     // Not the same order every round.
     assert!((1..rounds).any(|r| info[0].slots[r] != info[0].slots[0]));
     // Two workers per case by default, used in turn; the spread between
-    // them is estimated for the group and kept with every case.
+    // them is estimated for each case and kept with it.
     for i in &info {
         assert_eq!(i.processes, 2);
         assert_eq!(i.process, (0..rounds).map(|r| r % 2).collect::<Vec<_>>());
-        assert!(i.process_var.is_some_and(|v| v >= 0.0) && i.process_var == info[0].process_var);
+        assert!(
+            i.process_var.is_some_and(|v| v >= 0.0),
+            "{:?}",
+            i.process_var
+        );
     }
     for r in &records {
         let i = r.rounds.as_ref().unwrap();
