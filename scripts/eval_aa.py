@@ -48,20 +48,23 @@ for key in sorted(pairs):
     )
 
 # The between-process spread the runs estimated (sd of the log latency of
-# one worker process), per batch: what widened the intervals above.
-spread = defaultdict(list)
+# one worker process, per case): what widened the intervals above.
+spread = defaultdict(list)  # (backend, threads, batch) -> sd per case and run
 for i in range(1, n + 1):
-    seen = set()
     for l in (out / f"run-{i}" / "results.jsonl").read_text().splitlines():
         r = json.loads(l) if l.strip() else {}
         info = r.get("rounds") or {}
-        if info.get("process_var") is not None and info["group"] not in seen:
-            seen.add(info["group"])
-            spread[r["case"]["batch"]].append(info["process_var"] ** 0.5)
-for b in sorted(spread):
-    s = spread[b]
-    print(f"\nbatch {b}: between-process sd per run, median {100 * statistics.median(s):.2f}%, "
-          f"range {100 * min(s):.2f}-{100 * max(s):.2f}% ({len(s)} runs)")
+        if info.get("process_var") is not None:
+            c = r["case"]
+            spread[(c["backend"], c["threads"], c["batch"])].append(info["process_var"] ** 0.5)
+print("\nBetween-process sd per case (every model id and run):\n")
+print("| backend | threads | batch | cases | median | 90th percentile | max |")
+print("|---|---:|---:|---:|---:|---:|---:|")
+for key in sorted(spread):
+    s = sorted(spread[key])
+    q90 = s[min(len(s) - 1, int(0.9 * len(s)))]
+    print(f"| {key[0]} | {key[1]} | {key[2]} | {len(s)} | {100 * statistics.median(s):.2f}% | "
+          f"{100 * q90:.2f}% | {100 * max(s):.2f}% |")
 
 # What `handoff ab` (default --threshold 0.02) would decide on the same
 # paired ratios: regressed when the CI excludes 1 and the ratio exceeds
