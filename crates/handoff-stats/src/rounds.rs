@@ -219,37 +219,35 @@ pub fn process_variances(series: &[Vec<Option<(usize, f64)>>]) -> Vec<Option<f64
                 .collect()
         })
         .collect();
-    let centre: Vec<f64> = logs
+    // Each block's deviation from its case's median, computed once; a
+    // round's drift for case `c` is the median of the others' deviations.
+    let deviations: Vec<Vec<Option<(usize, f64)>>> = logs
         .iter()
         .map(|s| {
             let v: Vec<f64> = s.iter().flatten().map(|(_, l)| *l).collect();
-            if v.is_empty() {
-                f64::NAN
-            } else {
-                crate::median(&v)
-            }
+            let centre = if v.is_empty() { 0.0 } else { crate::median(&v) };
+            s.iter().map(|x| x.map(|(k, l)| (k, l - centre))).collect()
         })
         .collect();
-    let rounds = logs.iter().map(Vec::len).max().unwrap_or(0);
-    let own: Vec<Option<f64>> = logs
+    let own: Vec<Option<f64>> = deviations
         .iter()
         .enumerate()
         .map(|(c, s)| {
             let mut parts: std::collections::BTreeMap<usize, Vec<f64>> = Default::default();
-            for (r, v) in s.iter().enumerate().take(rounds) {
-                let Some((k, l)) = v else { continue };
-                let others: Vec<f64> = logs
+            for (r, v) in s.iter().enumerate() {
+                let Some((k, dev)) = v else { continue };
+                let others: Vec<f64> = deviations
                     .iter()
                     .enumerate()
                     .filter(|(d, _)| *d != c)
-                    .filter_map(|(d, o)| o.get(r).copied().flatten().map(|(_, x)| x - centre[d]))
+                    .filter_map(|(_, o)| o.get(r).copied().flatten().map(|(_, x)| x))
                     .collect();
                 let drift = if others.is_empty() {
                     0.0
                 } else {
                     crate::median(&others)
                 };
-                parts.entry(*k).or_default().push(l - centre[c] - drift);
+                parts.entry(*k).or_default().push(dev - drift);
             }
             let located: Vec<(f64, f64)> = parts
                 .values()
