@@ -138,21 +138,22 @@ pub fn build_variant(
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
 ) -> Result<Gated, PrepareError> {
-    let key = request.cache_key(&source_sha256(onnx), specs);
-    build_variant_keyed(registry, onnx, out, request, &key, specs, calibration)
+    let source = source_sha256(onnx);
+    build_variant_of(registry, onnx, &source, out, request, specs, calibration)
 }
 
-/// [`build_variant`] for a request whose cache key is `key`.
-fn build_variant_keyed(
+/// [`build_variant`] for a source whose bytes hash to `source_sha256`.
+fn build_variant_of(
     registry: &Registry,
     onnx: &Path,
+    source_sha256: &str,
     out: &Path,
     request: &VariantRequest,
-    key: &serde_json::Value,
     specs: &[TensorSpec],
     calibration: &[TensorSpec],
 ) -> Result<Gated, PrepareError> {
-    let first = build_variant_as(registry, onnx, out, request, key, specs, calibration, None)?;
+    let key = request.cache_key(source_sha256, specs);
+    let first = build_variant_as(registry, onnx, out, request, &key, specs, calibration, None)?;
     let int8 = matches!(request.variant.as_str(), "int8-dynamic" | "int8-static");
     if first.check.passed || first.built.is_some() || !int8 {
         return Ok(first);
@@ -169,10 +170,10 @@ fn build_variant_keyed(
     let mut retry = request.clone();
     retry.dynamic.exclude.extend(found.chosen.iter().cloned());
     let fallback = Fallback {
-        of: key.clone(),
+        of: key,
         sensitivity: serde_json::to_value(&found).unwrap_or_default(),
     };
-    let retry_key = retry.cache_key(key["source_sha256"].as_str().unwrap_or_default(), specs);
+    let retry_key = retry.cache_key(source_sha256, specs);
     let gated = build_variant_as(
         registry,
         onnx,
@@ -671,14 +672,15 @@ impl Tools {
             });
         }
         let request = VariantRequest::new(variant, min_cosine);
-        let key = request.cache_key(&source_sha256(onnx), specs);
+        let source = source_sha256(onnx);
+        let key = request.cache_key(&source, specs);
         let out = self.derived(onnx, &cached_file_name(onnx, &request, &key))?;
-        let gated = build_variant_keyed(
+        let gated = build_variant_of(
             &self.registry,
             onnx,
+            &source,
             &out,
             &request,
-            &key,
             specs,
             calibration,
         )?;
