@@ -357,35 +357,22 @@ pub struct LiveChild {
 }
 
 impl LiveChild {
-    /// Starts the worker and waits until it has loaded, checked and warmed
-    /// up its model; `Err` is the case's cell when it got no further.
-    pub fn start(
+    /// Starts the worker without waiting for it to load, check and warm up
+    /// its model ([`StartingChild::ready`] waits): several can load side by
+    /// side.
+    pub fn spawn(
         cmd: &WorkerCommand,
         job: &Job,
         timeout: Duration,
         stop: Option<std::sync::Arc<AtomicBool>>,
-    ) -> Result<Self, WorkerReport> {
-        let mut spawned = Spawned::start(cmd, job)?;
-        loop {
-            match spawned.wait(timeout, stop.as_deref()) {
-                Waited::Message(Message::Ready) => {
-                    return Ok(Self {
-                        spawned,
-                        partial: job.partial_path.clone(),
-                        timeout,
-                        stop,
-                    });
-                }
-                Waited::Message(Message::Report(r)) => {
-                    let _ = spawned.child.wait();
-                    return Err(*r);
-                }
-                Waited::Message(Message::Block(_)) => {}
-                Waited::Ended(r) => return Err(r),
-            }
-        }
+    ) -> Result<StartingChild, WorkerReport> {
+        Ok(StartingChild(Self {
+            spawned: Spawned::start(cmd, job)?,
+            partial: job.partial_path.clone(),
+            timeout,
+            stop,
+        }))
     }
-
     fn send(&mut self, command: &BlockCommand) -> bool {
         let mut line = serde_json::to_vec(command).unwrap_or_default();
         line.push(b'\n');
@@ -393,6 +380,28 @@ impl LiveChild {
             .stdin
             .as_mut()
             .is_some_and(|s| s.write_all(&line).and_then(|()| s.flush()).is_ok())
+    }
+}
+
+/// A worker process that is loading, checking and warming up its model.
+pub struct StartingChild(LiveChild);
+
+impl StartingChild {
+    /// Waits until the worker is ready for blocks; `Err` is the case's cell
+    /// when it got no further (the timeout counts from this call).
+    pub fn ready(mut self) -> Result<LiveChild, WorkerReport> {
+        let child = &mut self.0;
+        loop {
+            match child.spawned.wait(child.timeout, child.stop.as_deref()) {
+                Waited::Message(Message::Ready) => return Ok(self.0),
+                Waited::Message(Message::Report(r)) => {
+                    let _ = child.spawned.child.wait();
+                    return Err(*r);
+                }
+                Waited::Message(Message::Block(_)) => {}
+                Waited::Ended(r) => return Err(r),
+            }
+        }
     }
 }
 

@@ -56,25 +56,42 @@ impl RoundOrder {
     }
 }
 
-/// Calls `start(i)` for the `per_case` workers of each of `cases` cases,
-/// in strata: every case's first worker in a seeded random order, then
-/// every case's second in another, and so on; returns the results by index
+/// Starts the `per_case` workers of each of `cases` cases in strata: every
+/// case's first worker in a seeded random order, then every case's second
+/// in another, and so on; returns the results by index
 /// `i = case * per_case + k`. Whatever comes with being started early or
 /// late (memory the kernel hands out, a cache still warm from the reference
 /// run; the first worker of a group was slower in every one of ten runs
 /// here) then favours no case: each case's workers sit at about the same
 /// average place in the order.
-pub fn in_stratified_order<T>(
+///
+/// `spawn(i)` begins a start and `ready` waits for it to end. The first
+/// stratum starts one worker at a time: its load and first-inference times
+/// are the case's cold-start figures and must not share the machine. Later
+/// strata start `width` workers side by side (a second process only has to
+/// be warm, and loading a model is mostly one core's work), which roughly
+/// halves their share of a group's set-up on two cores.
+pub fn in_stratified_order<P, T>(
     cases: usize,
     per_case: usize,
     seed: u64,
-    mut start: impl FnMut(usize) -> T,
+    width: usize,
+    mut spawn: impl FnMut(usize) -> P,
+    mut ready: impl FnMut(P) -> T,
 ) -> Vec<T> {
     let mut slots: Vec<Option<T>> = (0..cases * per_case).map(|_| None).collect();
     let mut order = RoundOrder::new(seed ^ 0x5747_4152_5400_0000);
     for k in 0..per_case {
-        for c in order.shuffle(cases) {
-            slots[c * per_case + k] = Some(start(c * per_case + k));
+        let stratum = order.shuffle(cases);
+        let width = if k == 0 { 1 } else { width.max(1) };
+        for chunk in stratum.chunks(width) {
+            let pending: Vec<(usize, P)> = chunk
+                .iter()
+                .map(|c| (c * per_case + k, spawn(c * per_case + k)))
+                .collect();
+            for (i, p) in pending {
+                slots[i] = Some(ready(p));
+            }
         }
     }
     slots
@@ -432,17 +449,48 @@ mod tests {
 
     #[test]
     fn workers_start_in_strata_of_one_per_case() {
-        let mut started = Vec::new();
-        let out = in_stratified_order(4, 3, 9, |i| {
-            started.push(i);
-            i * 10
-        });
-        assert_eq!(out, (0..12).map(|i| i * 10).collect::<Vec<_>>());
-        for (k, stratum) in started.chunks(4).enumerate() {
+        // Events: (true, i) when worker i is spawned, (false, i) when it is
+        // waited for.
+        let events = std::cell::RefCell::new(Vec::new());
+        let out = in_stratified_order(
+            5,
+            3,
+            9,
+            2,
+            |i| {
+                events.borrow_mut().push((true, i));
+                i
+            },
+            |i| {
+                events.borrow_mut().push((false, i));
+                i * 10
+            },
+        );
+        assert_eq!(out, (0..15).map(|i| i * 10).collect::<Vec<_>>());
+        let events = events.into_inner();
+        let started: Vec<usize> = events.iter().filter(|e| e.0).map(|e| e.1).collect();
+        for (k, stratum) in started.chunks(5).enumerate() {
             let mut cases: Vec<usize> = stratum.iter().map(|i| i / 3).collect();
             assert!(stratum.iter().all(|i| i % 3 == k), "{started:?}");
             cases.sort_unstable();
-            assert_eq!(cases, [0, 1, 2, 3]);
+            assert_eq!(cases, [0, 1, 2, 3, 4]);
+        }
+        // How many workers were starting at once, at each spawn.
+        let mut starting = 0usize;
+        let mut at_spawn = Vec::new();
+        for &(spawned, _) in &events {
+            if spawned {
+                starting += 1;
+                at_spawn.push(starting);
+            } else {
+                starting -= 1;
+            }
+        }
+        // The first stratum alone; later ones two at a time (five cases:
+        // two pairs and one alone).
+        assert_eq!(at_spawn[..5], [1, 1, 1, 1, 1], "{events:?}");
+        for stratum in at_spawn[5..].chunks(5) {
+            assert_eq!(stratum, [1, 2, 1, 2, 1], "{events:?}");
         }
     }
 

@@ -536,15 +536,25 @@ impl<'a> Runner<'a> {
         let outcomes = match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
                 let started = per_case(
-                    crate::rounds::in_stratified_order(jobs.len(), n, seed, |i| {
-                        crate::isolate::LiveChild::start(
-                            cmd,
-                            &process_job(&jobs[i / n], i % n, n),
-                            self.plan.timeout,
-                            self.options.stop.clone(),
-                        )
-                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                    }),
+                    crate::rounds::in_stratified_order(
+                        jobs.len(),
+                        n,
+                        seed,
+                        crate::machine::cpu_count(),
+                        |i| {
+                            crate::isolate::LiveChild::spawn(
+                                cmd,
+                                &process_job(&jobs[i / n], i % n, n),
+                                self.plan.timeout,
+                                self.options.stop.clone(),
+                            )
+                        },
+                        |starting| {
+                            starting?
+                                .ready()
+                                .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                        },
+                    ),
                     n,
                 );
                 crate::rounds::run_group(
@@ -558,15 +568,23 @@ impl<'a> Runner<'a> {
                 )
             }
             _ => std::thread::scope(|scope| {
+                // Workers in threads of this process start one at a time.
                 let started = per_case(
-                    crate::rounds::in_stratified_order(jobs.len(), n, seed, |i| {
-                        crate::isolate::ThreadWorker::start(
-                            scope,
-                            process_job(&jobs[i / n], i % n, n),
-                            self.registry,
-                        )
-                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                    }),
+                    crate::rounds::in_stratified_order(
+                        jobs.len(),
+                        n,
+                        seed,
+                        1,
+                        |i| {
+                            crate::isolate::ThreadWorker::start(
+                                scope,
+                                process_job(&jobs[i / n], i % n, n),
+                                self.registry,
+                            )
+                            .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                        },
+                        |started| started,
+                    ),
                     n,
                 );
                 crate::rounds::run_group(
