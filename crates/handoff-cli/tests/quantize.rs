@@ -224,6 +224,89 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(
     }
 }
 
+/// Outlier channels split off a down-projection's input: the fp32 model
+/// computes the same product (on tract too, whose Gather reads the negative
+/// axis), and its int8 version is the spec's int8 product of the other
+/// channels plus the outliers' exact one: far closer to fp32 than plain int8.
+#[test]
+fn split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error() {
+    for options in [
+        native(1),
+        DynamicOptions {
+            weight_bits: 7,
+            ..native(1)
+        },
+    ] {
+        split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(options);
+    }
+}
+
+fn split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(options: DynamicOptions) {
+    use handoff_convert::quantize::{channel_absmax, split_outlier_channels};
+    handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    // A down-projection (rows >= 2 x columns); channel 5 is 25x the others
+    // in every row, as MiniLM's FFN activations are on one token.
+    let (m, k, n) = (4, 16, 4);
+    let x: Vec<f32> = (0..m * k)
+        .map(|i| {
+            let v = ((i * 37 % 23) as f32 - 11.0) / 10.0;
+            if i % k == 5 { 25.0 + v } else { v }
+        })
+        .collect();
+    let w: Vec<f32> = (0..k * n)
+        .map(|i| ((i * 53 % 31) as f32 - 15.0) / 40.0)
+        .collect();
+    let exact: Vec<f32> = (0..m * n)
+        .map(|i| (0..k).map(|r| x[(i / n) * k + r] * w[r * n + i % n]).sum())
+        .collect();
+    let absmax = std::collections::BTreeMap::from([("x".to_owned(), channel_absmax(&x, k))]);
+    let mut split = matmul_model(m, k, n, &w);
+    let done = split_outlier_channels(&mut split, &absmax, 3.0, &options).unwrap();
+    assert_eq!(done.len(), 1, "{done:?}");
+    assert_eq!(done[0].channels, [5]);
+    let dir = tempfile::tempdir().unwrap();
+    let fp32 = dir.path().join("split.onnx");
+    write_model(&split, &fp32).unwrap();
+    let mut int8 = split.clone();
+    quantize_dynamic(&mut int8, &options).unwrap();
+    let int8_path = dir.path().join("split-int8.onnx");
+    write_model(&int8, &int8_path).unwrap();
+    let mut plain = matmul_model(m, k, n, &w);
+    quantize_dynamic(&mut plain, &options).unwrap();
+    let plain_path = dir.path().join("plain-int8.onnx");
+    write_model(&plain, &plain_path).unwrap();
+    // The int8 product reads channel 5 as zero; the outlier product adds it.
+    let masked: Vec<f32> = x
+        .iter()
+        .enumerate()
+        .map(|(i, v)| if i % k == 5 { 0.0 } else { *v })
+        .collect();
+    let want: Vec<f32> = reference(&masked, m, k, &w, n, qmax(&options))
+        .iter()
+        .enumerate()
+        .map(|(i, y)| y + x[(i / n) * k + 5] * w[5 * n + i % n])
+        .collect();
+    let err = |y: &[f32]| -> f32 {
+        y.iter()
+            .zip(&exact)
+            .map(|(a, b)| (a - b).abs())
+            .fold(0.0, f32::max)
+    };
+    for (name, backend) in ort_and_tract() {
+        let got = run(backend.as_ref(), &fp32, &x, m, k);
+        assert_close(&format!("{name} fp32"), &got, &exact, 1e-4);
+        let got = run(backend.as_ref(), &int8_path, &x, m, k);
+        assert_close(&format!("{name} int8 vs spec"), &got, &want, 1e-4);
+        let plain = run(backend.as_ref(), &plain_path, &x, m, k);
+        assert!(
+            err(&got) * 4.0 < err(&plain),
+            "{name}: split int8 error {} is not well under plain int8's {}",
+            err(&got),
+            err(&plain)
+        );
+    }
+}
+
 /// x[m, k] -> MatMul(W[k, n]) -> y.
 fn matmul_model(m: usize, k: usize, n: usize, w: &[f32]) -> handoff_onnx::proto::ModelProto {
     let mut g = GraphBuilder::new("t");

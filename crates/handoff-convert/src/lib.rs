@@ -13,4 +13,4 @@ pub mod quantize;
 
 /// Converter version, recorded in provenance; bump when output changes.
 pub const CONVERTER_VERSION: &str =
-    concat!("handoff-convert ", env!("CARGO_PKG_VERSION"), "+bert2.q3");
+    concat!("handoff-convert ", env!("CARGO_PKG_VERSION"), "+bert2.q4");

@@ -21,7 +21,7 @@ use serde::Serialize;
 
 use crate::variant::{
     CALIBRATION_SEED, VariantRequest, calibration_source, normalize, quantize_error, smooth,
-    static_ranges,
+    split_outliers, static_ranges,
 };
 use crate::{PrepareError, embedding_agreement, run_model_on};
 
@@ -75,6 +75,7 @@ pub fn measure(
     let mut model = handoff_onnx::inspect::read_model(onnx)?;
     normalize(&mut model, onnx, &request.dynamic)?;
     smooth(registry, &mut model, &request.dynamic, scratch, calibration)?;
+    split_outliers(registry, &mut model, &request.dynamic, scratch, calibration)?;
     let ranges = match request.variant.as_str() {
         "int8-static" => Some(static_ranges(
             registry,

@@ -297,9 +297,11 @@ fn build_variant_as(
             } else {
                 let normalized = normalize(&mut model, onnx, &request.dynamic)?;
                 let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
+                let split =
+                    split_outliers(registry, &mut model, &request.dynamic, &tmp, calibration)?;
                 (
                     quantize::quantize_dynamic(&mut model, &request.dynamic),
-                    serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "smoothing": smoothing}),
+                    serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "smoothing": smoothing, "outlier_split": split}),
                 )
             };
             let report = report.map_err(quantize_error(onnx))?;
@@ -312,13 +314,14 @@ fn build_variant_as(
             let mut model = handoff_onnx::inspect::read_model(onnx)?;
             let normalized = normalize(&mut model, onnx, &request.dynamic)?;
             let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
+            let split = split_outliers(registry, &mut model, &request.dynamic, &tmp, calibration)?;
             let ranges =
                 static_ranges(registry, &model, onnx, &request.dynamic, &tmp, calibration)?;
             let report = quantize::quantize_static(&mut model, &ranges, &request.dynamic)
                 .map_err(quantize_error(onnx))?;
             handoff_onnx::builder::write_model(&model, &tmp)?;
             (
-                serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "report": report}),
+                serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "calibration": {"method": request.dynamic.calibration, "inputs": calibration_inputs(calibration, ranges.len()), "ranges": ranges}, "smoothing": smoothing, "outlier_split": split, "report": report}),
                 report.warning(),
             )
         }
@@ -597,6 +600,65 @@ pub(crate) fn normalize(
     handoff_convert::normalize::for_int8(model, options.min_elements).map_err(quantize_error(onnx))
 }
 
+/// Outlier channels split off before int8 quantisation (see
+/// `quantize::split_outlier_channels`): per-channel maxima of the
+/// down-projection inputs from one calibration run, then the model is
+/// rewritten in place. Returns what the sidecar records (null when off or
+/// when no activation has such channels).
+pub(crate) fn split_outliers(
+    registry: &Registry,
+    model: &mut handoff_onnx::proto::ModelProto,
+    options: &handoff_convert::quantize::DynamicOptions,
+    scratch: &Path,
+    calibration: &[TensorSpec],
+) -> Result<serde_json::Value, PrepareError> {
+    use handoff_convert::quantize;
+    let Some(ratio) = options.split_outliers else {
+        return Ok(serde_json::Value::Null);
+    };
+    let targets = quantize::outlier_targets(model, options);
+    if targets.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    let absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
+    let done =
+        quantize::split_outlier_channels(model, &absmax, ratio, options).map_err(|source| {
+            PrepareError::Quantize {
+                path: scratch.to_owned(),
+                source,
+            }
+        })?;
+    if done.is_empty() {
+        return Ok(serde_json::Value::Null);
+    }
+    Ok(serde_json::json!({
+        "method": "outlier channels of down-projection inputs multiplied in fp32 beside the int8 product (a Gather of those channels and a MatMul of those weight rows)",
+        "ratio": ratio,
+        "calibration": calibration_inputs(calibration, targets.len()),
+        "activations": done,
+    }))
+}
+
+/// Per-channel maxima of `targets` over one calibration run.
+fn channel_maxima(
+    registry: &Registry,
+    model: &handoff_onnx::proto::ModelProto,
+    targets: &[String],
+    scratch: &Path,
+    calibration: &[TensorSpec],
+) -> Result<std::collections::BTreeMap<String, Vec<f32>>, PrepareError> {
+    Ok(
+        calibration_run(registry, model, targets, scratch, calibration)?
+            .into_iter()
+            .map(|(name, t)| {
+                let channels = t.shape.last().copied().unwrap_or(1);
+                let m = handoff_convert::quantize::channel_absmax(&f32s(&t), channels);
+                (name, m)
+            })
+            .collect(),
+    )
+}
+
 /// SmoothQuant before int8 quantisation (see `quantize::smooth`): per-channel
 /// maxima of the activations from one calibration run, then the model is
 /// rescaled in place. Returns what the sidecar records (null when off).
@@ -615,15 +677,7 @@ pub(crate) fn smooth(
     if targets.is_empty() {
         return Ok(serde_json::Value::Null);
     }
-    let absmax: std::collections::BTreeMap<String, Vec<f32>> =
-        calibration_run(registry, model, &targets, scratch, calibration)?
-            .into_iter()
-            .map(|(name, t)| {
-                let channels = t.shape.last().copied().unwrap_or(1);
-                let m = quantize::channel_absmax(&f32s(&t), channels);
-                (name, m)
-            })
-            .collect();
+    let absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
     let done = quantize::smooth(model, &absmax, alpha, options).map_err(|source| {
         PrepareError::Quantize {
             path: scratch.to_owned(),

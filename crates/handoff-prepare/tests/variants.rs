@@ -161,10 +161,11 @@ fn onnx_runtimes_own_quantiser_runs_from_its_locked_environment_and_is_gated() {
 }
 
 /// x -> MatMul -> h -> MatMul (a down-projection) -> y -> MatMul -> z, where
-/// h has one channel 200x the others: h's one per-tensor int8 scale leaves
-/// the other channels a level or two, and smoothing does not touch a
-/// down-projection's input.
-fn outlier_model(dir: &Path) -> std::path::PathBuf {
+/// `wide` of h's channels are 200x the others: h's one per-tensor int8
+/// scale leaves the other channels a level or two, and smoothing does not
+/// touch a down-projection's input. One such channel is split off as an
+/// outlier; sixteen are too many for that.
+fn outlier_model(dir: &Path, wide: usize) -> std::path::PathBuf {
     use handoff_onnx::builder::{D, GraphBuilder};
     use handoff_onnx::inspect::ElemType;
     let mut seed = 7u64;
@@ -178,10 +179,16 @@ fn outlier_model(dir: &Path) -> std::path::PathBuf {
             })
             .collect()
     };
+    // Columns 0..wide of w1 (so channels 0..wide of h) are large, and rows
+    // 0..wide of w2 small, so the large channels add little to y.
     let mut w1 = draw(256 * 256, 0.1);
-    w1.iter_mut().step_by(256).for_each(|v| *v *= 200.0);
+    for (i, v) in w1.iter_mut().enumerate() {
+        if i % 256 < wide {
+            *v *= 200.0;
+        }
+    }
     let mut w2 = draw(256 * 64, 0.1);
-    w2[..64].iter_mut().for_each(|v| *v *= 0.001);
+    w2[..wide * 64].iter_mut().for_each(|v| *v *= 0.001);
     let w3 = draw(64 * 64, 0.1);
     let mut g = GraphBuilder::new("outlier");
     let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(256)]);
@@ -198,9 +205,58 @@ fn outlier_model(dir: &Path) -> std::path::PathBuf {
 }
 
 #[test]
+fn one_outlier_channel_is_split_off_and_every_matmul_stays_int8() {
+    let dir = tempfile::tempdir().unwrap();
+    let model = outlier_model(dir.path(), 1);
+    let (specs, calibration) = (inputs(16), inputs(16));
+    let v = tools(dir.path())
+        .make_variant(&model, None, "int8-dynamic", 0.99, &specs, &calibration)
+        .unwrap();
+    assert!(v.accuracy.passed, "{:?}", v.accuracy);
+    assert_eq!(v.kept_fp32, None);
+    let prov = handoff_convert::provenance::Provenance::load(&v.path).unwrap();
+    let step = prov
+        .steps
+        .iter()
+        .find(|s| s.name == "quantize:int8-dynamic")
+        .unwrap();
+    let split = &step.params["outlier_split"]["activations"];
+    assert_eq!(split[0]["activation"], "h", "{split}");
+    assert_eq!(split[0]["channels"], serde_json::json!([0]), "{split}");
+    assert_eq!(
+        split[0]["matmuls"],
+        serde_json::json!(["y_node"]),
+        "{split}"
+    );
+    assert_eq!(step.params["report"]["quantized"]["MatMul"], 3, "{step:?}");
+    // Without the split, the same model misses the gate with every MatMul
+    // in int8 and keeps the down-projection in fp32.
+    let mut request = handoff_prepare::VariantRequest::new("int8-dynamic", 0.99);
+    request.dynamic.split_outliers = None;
+    let unsplit = dir.path().join("unsplit.onnx");
+    let registry = tools(dir.path()).registry;
+    let gated =
+        handoff_prepare::build_variant(&registry, &model, &unsplit, &request, &specs, &calibration)
+            .unwrap();
+    assert!(gated.check.passed, "{:?}", gated.check);
+    let prov = handoff_convert::provenance::Provenance::load(&unsplit).unwrap();
+    let step = prov
+        .steps
+        .iter()
+        .find(|s| s.name == "quantize:int8-dynamic")
+        .unwrap();
+    assert!(step.params["outlier_split"].is_null(), "{step:?}");
+    assert!(step.params["sensitivity"]["all_int8"].as_f64().unwrap() < 0.99);
+    assert_eq!(
+        step.params["sensitivity"]["chosen"],
+        serde_json::json!(["y_node"])
+    );
+}
+
+#[test]
 fn an_int8_model_below_its_gate_keeps_only_the_matmul_that_costs_the_accuracy_in_fp32() {
     let dir = tempfile::tempdir().unwrap();
-    let model = outlier_model(dir.path());
+    let model = outlier_model(dir.path(), 16);
     let tools = tools(dir.path());
     let (specs, calibration) = (inputs(16), inputs(16));
     let v = tools

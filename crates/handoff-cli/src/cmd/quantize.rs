@@ -55,6 +55,12 @@ pub struct QuantizeCmd {
     /// int8-dynamic, no calibration run).
     #[arg(long)]
     pub no_smooth: bool,
+    /// int8-dynamic/int8-static: no split of outlier channels (a
+    /// down-projection input's few channels that dwarf the rest, found on
+    /// the calibration inputs and multiplied in fp32 beside the int8
+    /// product).
+    #[arg(long)]
+    pub no_split: bool,
     /// int8-static: activation ranges from `minmax` (nothing clips),
     /// `percentile:P` (the values beyond the P-th percentile clip) or
     /// `entropy` (the clip with the least KL divergence, as TensorRT).
@@ -100,6 +106,7 @@ impl QuantizeCmd {
             weight_only_down_proj,
             smooth,
             no_smooth,
+            no_split,
             calibration: calibration_method,
             exclude,
             min_elements,
@@ -126,6 +133,7 @@ impl QuantizeCmd {
                 min_elements,
                 exclude,
                 weight_bits: cpu.weight_bits(),
+                split_outliers: (!no_split).then_some(handoff_convert::quantize::SPLIT_RATIO),
             },
             min_cosine,
             cpu,
