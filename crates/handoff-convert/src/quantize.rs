@@ -1473,7 +1473,7 @@ mod tests {
         g.output("y", ElemType::F32, &[D::Fixed(1), D::Fixed(4)]);
         let mut m = g.finish(17);
         let targets = outlier_targets(&m, &opts());
-        assert_eq!(targets, [h.clone()]);
+        assert_eq!(targets, std::slice::from_ref(&h));
         let mut absmax = vec![1.0f32; 16];
         absmax[9] = 10.0;
         let absmax = BTreeMap::from([(h.clone(), absmax)]);
