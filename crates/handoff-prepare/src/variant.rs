@@ -127,8 +127,8 @@ pub struct Gated {
 /// once more with the MatMuls that cost the most accuracy left in fp32, as
 /// few as the measurement on the calibration inputs says clear the gate
 /// (see [`crate::sensitivity`]); the warning and the provenance say which
-/// and why. On MiniLM that is the first layer's FFN down-projection, whose
-/// input after GELU has the widest outliers. A reused file that fails here
+/// and why. On MiniLM (outlier channels split off) that is none on a VNNI
+/// CPU and one FFN down-projection for AVX2. A reused file that fails here
 /// is reported, not rebuilt: it is the file that was asked for.
 pub fn build_variant(
     registry: &Registry,
