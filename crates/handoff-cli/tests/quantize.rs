@@ -25,6 +25,16 @@ fn native(min_elements: usize) -> DynamicOptions {
     }
 }
 
+/// `options` with 7-bit weights: what an AVX2 machine gets. They cannot
+/// saturate, so every CPU class computes the same, and the 7-bit path is
+/// tested on any machine.
+fn seven_bit(options: DynamicOptions) -> DynamicOptions {
+    DynamicOptions {
+        weight_bits: 7,
+        ..options
+    }
+}
+
 /// The largest int8 weight magnitude under `options`.
 fn qmax(options: &DynamicOptions) -> f32 {
     if options.weight_bits == 7 {
@@ -146,17 +156,10 @@ fn spec_and_near_fp32(
 /// int8.
 #[test]
 fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel() {
-    // This machine's weights, and 7-bit ones (what an AVX2 machine gets:
-    // they cannot saturate, so every CPU class computes the same).
-    for options in [
+    smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(native(1));
+    smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(seven_bit(
         native(1),
-        DynamicOptions {
-            weight_bits: 7,
-            ..native(1)
-        },
-    ] {
-        smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(options);
-    }
+    ));
 }
 
 fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(
@@ -191,33 +194,67 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(
         init(&smoothed, "w_smoothed"),
     );
     let xs: Vec<f32> = x.iter().enumerate().map(|(i, v)| v * inv[i % k]).collect();
-    let dir = tempfile::tempdir().unwrap();
-    let fp32 = dir.path().join("smoothed.onnx");
-    write_model(&smoothed, &fp32).unwrap();
-    let mut int8 = smoothed.clone();
-    quantize_dynamic(&mut int8, &options).unwrap();
-    let int8_path = dir.path().join("smoothed-int8.onnx");
-    write_model(&int8, &int8_path).unwrap();
-    let mut plain = matmul_model(m, k, n, &w);
-    quantize_dynamic(&mut plain, &options).unwrap();
-    let plain_path = dir.path().join("plain-int8.onnx");
-    write_model(&plain, &plain_path).unwrap();
     let want = reference(&xs, m, k, &ws, n, qmax(&options));
+    let plain = matmul_model(m, k, n, &w);
+    check_rewrite(
+        "smoothed",
+        &smoothed,
+        &plain,
+        &options,
+        &x,
+        (m, k),
+        &exact,
+        &want,
+        2.0,
+    );
+}
+
+/// `rewritten`, an fp32 rewrite of the MatMul `plain` (x[m, k] -> y) for
+/// int8: on ORT and tract, it computes `exact` (the product by hand), its
+/// int8 version computes `want` (the spec's), and its int8 error against
+/// `exact` is under `1 / gain` of `plain`'s int8 error.
+#[allow(clippy::too_many_arguments)]
+fn check_rewrite(
+    what: &str,
+    rewritten: &handoff_onnx::proto::ModelProto,
+    plain: &handoff_onnx::proto::ModelProto,
+    options: &DynamicOptions,
+    x: &[f32],
+    (m, k): (usize, usize),
+    exact: &[f32],
+    want: &[f32],
+    gain: f32,
+) {
+    let dir = tempfile::tempdir().unwrap();
+    let write = |model: &handoff_onnx::proto::ModelProto, int8: bool, name: &str| {
+        let mut model = model.clone();
+        if int8 {
+            quantize_dynamic(&mut model, options).unwrap();
+        }
+        let path = dir.path().join(name);
+        write_model(&model, &path).unwrap();
+        path
+    };
+    let (fp32, int8, plain_int8) = (
+        write(rewritten, false, "rewritten.onnx"),
+        write(rewritten, true, "rewritten-int8.onnx"),
+        write(plain, true, "plain-int8.onnx"),
+    );
     let err = |y: &[f32]| -> f32 {
         y.iter()
-            .zip(&exact)
+            .zip(exact)
             .map(|(a, b)| (a - b).abs())
             .fold(0.0, f32::max)
     };
     for (name, backend) in ort_and_tract() {
-        let got = run(backend.as_ref(), &fp32, &x, m, k);
-        assert_close(&format!("{name} fp32"), &got, &exact, 1e-4);
-        let got = run(backend.as_ref(), &int8_path, &x, m, k);
-        assert_close(&format!("{name} int8 vs spec"), &got, &want, 1e-4);
-        let plain = run(backend.as_ref(), &plain_path, &x, m, k);
+        let got = run(backend.as_ref(), &fp32, x, m, k);
+        assert_close(&format!("{name} {what} fp32"), &got, exact, 1e-4);
+        let got = run(backend.as_ref(), &int8, x, m, k);
+        assert_close(&format!("{name} {what} int8 vs spec"), &got, want, 1e-4);
+        let plain = run(backend.as_ref(), &plain_int8, x, m, k);
         assert!(
-            err(&got) * 2.0 < err(&plain),
-            "{name}: smoothed int8 error {} is not well under plain int8's {}",
+            err(&got) * gain < err(&plain),
+            "{name}: {what} int8 error {} is not under 1/{gain} of plain int8's {}",
             err(&got),
             err(&plain)
         );
@@ -230,15 +267,8 @@ fn smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel_with(
 /// channels plus the outliers' exact one: far closer to fp32 than plain int8.
 #[test]
 fn split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error() {
-    for options in [
-        native(1),
-        DynamicOptions {
-            weight_bits: 7,
-            ..native(1)
-        },
-    ] {
-        split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(options);
-    }
+    split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(native(1));
+    split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(seven_bit(native(1)));
 }
 
 fn split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(options: DynamicOptions) {
@@ -264,17 +294,6 @@ fn split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(options: 
     let done = split_outlier_channels(&mut split, &absmax, 3.0, &options).unwrap();
     assert_eq!(done.len(), 1, "{done:?}");
     assert_eq!(done[0].channels, [5]);
-    let dir = tempfile::tempdir().unwrap();
-    let fp32 = dir.path().join("split.onnx");
-    write_model(&split, &fp32).unwrap();
-    let mut int8 = split.clone();
-    quantize_dynamic(&mut int8, &options).unwrap();
-    let int8_path = dir.path().join("split-int8.onnx");
-    write_model(&int8, &int8_path).unwrap();
-    let mut plain = matmul_model(m, k, n, &w);
-    quantize_dynamic(&mut plain, &options).unwrap();
-    let plain_path = dir.path().join("plain-int8.onnx");
-    write_model(&plain, &plain_path).unwrap();
     // The int8 product reads channel 5 as zero; the outlier product adds it.
     let masked: Vec<f32> = x
         .iter()
@@ -286,25 +305,18 @@ fn split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error_with(options: 
         .enumerate()
         .map(|(i, y)| y + x[(i / n) * k + 5] * w[5 * n + i % n])
         .collect();
-    let err = |y: &[f32]| -> f32 {
-        y.iter()
-            .zip(&exact)
-            .map(|(a, b)| (a - b).abs())
-            .fold(0.0, f32::max)
-    };
-    for (name, backend) in ort_and_tract() {
-        let got = run(backend.as_ref(), &fp32, &x, m, k);
-        assert_close(&format!("{name} fp32"), &got, &exact, 1e-4);
-        let got = run(backend.as_ref(), &int8_path, &x, m, k);
-        assert_close(&format!("{name} int8 vs spec"), &got, &want, 1e-4);
-        let plain = run(backend.as_ref(), &plain_path, &x, m, k);
-        assert!(
-            err(&got) * 4.0 < err(&plain),
-            "{name}: split int8 error {} is not well under plain int8's {}",
-            err(&got),
-            err(&plain)
-        );
-    }
+    let plain = matmul_model(m, k, n, &w);
+    check_rewrite(
+        "split",
+        &split,
+        &plain,
+        &options,
+        &x,
+        (m, k),
+        &exact,
+        &want,
+        4.0,
+    );
 }
 
 /// x[m, k] -> MatMul(W[k, n]) -> y.
@@ -598,17 +610,8 @@ fn int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract() {
 /// same arithmetic by hand.
 #[test]
 fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract() {
-    // This machine's weights, and 7-bit ones (what an AVX2 machine gets:
-    // they cannot saturate, so every CPU class computes the same).
-    for options in [
-        native(1),
-        DynamicOptions {
-            weight_bits: 7,
-            ..native(1)
-        },
-    ] {
-        int8_static_qdq_matches_a_hand_computation_on_ort_and_tract_with(options);
-    }
+    int8_static_qdq_matches_a_hand_computation_on_ort_and_tract_with(native(1));
+    int8_static_qdq_matches_a_hand_computation_on_ort_and_tract_with(seven_bit(native(1)));
 }
 
 fn int8_static_qdq_matches_a_hand_computation_on_ort_and_tract_with(options: DynamicOptions) {

@@ -623,6 +623,16 @@ fn is_down_projection(w: &TensorProto) -> bool {
 /// so maxima calibrated on other sentences do not carry over (on MiniLM,
 /// smoothing them too lowered the cosine from 0.9939 to 0.9902).
 pub fn smoothing_targets(model: &ModelProto, options: &DynamicOptions) -> Vec<String> {
+    int8_activations(model, options, |w| !is_down_projection(w))
+}
+
+/// The activations of int8 MatMuls whose weight `keep` accepts, in graph
+/// order, each once.
+fn int8_activations(
+    model: &ModelProto,
+    options: &DynamicOptions,
+    keep: impl Fn(&TensorProto) -> bool,
+) -> Vec<String> {
     let Some(g) = model.graph.as_ref() else {
         return Vec::new();
     };
@@ -631,13 +641,46 @@ pub fn smoothing_targets(model: &ModelProto, options: &DynamicOptions) -> Vec<St
     let mut seen: Vec<String> = Vec::new();
     for n in &g.node {
         if let Some(w) = int8_matmul_weight(n, &inits, options)
-            && !is_down_projection(w)
+            && keep(w)
             && !seen.contains(&n.input[0])
         {
             seen.push(n.input[0].clone());
         }
     }
     seen
+}
+
+/// The int8 MatMuls reading activation `a` (index, weight), checked to
+/// have one weight row per channel of `channels`.
+fn int8_readers<'a>(
+    nodes: &[NodeProto],
+    inits: &HashMap<&str, &'a TensorProto>,
+    a: &str,
+    channels: usize,
+    options: &DynamicOptions,
+) -> Result<Vec<(usize, &'a TensorProto)>, QuantError> {
+    let readers: Vec<(usize, &TensorProto)> = nodes
+        .iter()
+        .enumerate()
+        .filter(|(_, n)| n.input.first().is_some_and(|x| x == a))
+        .filter_map(|(i, n)| Some((i, int8_matmul_weight(n, inits, options)?)))
+        .collect();
+    for (_, w) in &readers {
+        if w.dims[0] as usize != channels {
+            return Err(QuantError::Calibration(format!(
+                "activation `{a}` has {channels} channels but weight `{}` has {} rows",
+                w.name, w.dims[0]
+            )));
+        }
+    }
+    Ok(readers)
+}
+
+/// Channel maxima of activation `a` from `absmax`.
+fn maxima_of<'m>(absmax: &'m BTreeMap<String, Vec<f32>>, a: &str) -> Result<&'m [f32], QuantError> {
+    absmax.get(a).map(Vec::as_slice).ok_or_else(|| {
+        QuantError::Calibration(format!("no calibrated channel maxima for activation `{a}`"))
+    })
 }
 
 /// SmoothQuant (Xiao et al., 2023): `X W = (X diag(1/s)) (diag(s) W)` with
@@ -673,27 +716,12 @@ pub fn smooth(
     let mut rewired: HashMap<usize, (String, String)> = HashMap::new();
     let mut new_inits: Vec<TensorProto> = Vec::new();
     for a in &targets {
-        let m = absmax.get(a).ok_or_else(|| {
-            QuantError::Calibration(format!("no calibrated channel maxima for activation `{a}`"))
-        })?;
-        let readers: Vec<(usize, &TensorProto)> = graph
-            .node
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.input.first() == Some(a))
-            .filter_map(|(i, n)| Some((i, int8_matmul_weight(n, &inits, options)?)))
-            .collect();
+        let m = maxima_of(absmax, a)?;
+        let readers = int8_readers(&graph.node, &inits, a, m.len(), options)?;
         let mut wmax = vec![0f32; m.len()];
         let mut weights = Vec::with_capacity(readers.len());
         for (_, w) in &readers {
-            let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
-            if rows != m.len() {
-                return Err(QuantError::Calibration(format!(
-                    "activation `{a}` has {} channels but weight `{}` has {rows} rows",
-                    m.len(),
-                    w.name
-                )));
-            }
+            let cols = w.dims[1] as usize;
             let values = f32_values(w)?;
             for (k, row) in values.chunks(cols).enumerate() {
                 wmax[k] = row.iter().fold(wmax[k], |x, v| x.max(v.abs()));
@@ -775,21 +803,7 @@ pub fn smooth(
 /// The activations [`split_outlier_channels`] looks at, in graph order:
 /// inputs of int8 down-projections, which smoothing leaves alone.
 pub fn outlier_targets(model: &ModelProto, options: &DynamicOptions) -> Vec<String> {
-    let Some(g) = model.graph.as_ref() else {
-        return Vec::new();
-    };
-    let inits: HashMap<&str, &TensorProto> =
-        g.initializer.iter().map(|t| (t.name.as_str(), t)).collect();
-    let mut seen: Vec<String> = Vec::new();
-    for n in &g.node {
-        if let Some(w) = int8_matmul_weight(n, &inits, options)
-            && is_down_projection(w)
-            && !seen.contains(&n.input[0])
-        {
-            seen.push(n.input[0].clone());
-        }
-    }
-    seen
+    int8_activations(model, options, is_down_projection)
 }
 
 /// At most this many channels of one activation are split off: a few
@@ -858,20 +872,12 @@ pub fn split_outlier_channels(
     let mut after: HashMap<usize, (String, Vec<NodeProto>)> = HashMap::new();
     let mut new_inits: Vec<TensorProto> = Vec::new();
     for a in &targets {
-        let m = absmax.get(a).ok_or_else(|| {
-            QuantError::Calibration(format!("no calibrated channel maxima for activation `{a}`"))
-        })?;
+        let m = maxima_of(absmax, a)?;
         let channels = outlier_channels(m, ratio);
         if channels.is_empty() {
             continue;
         }
-        let readers: Vec<(usize, &TensorProto)> = graph
-            .node
-            .iter()
-            .enumerate()
-            .filter(|(_, n)| n.input.first() == Some(a))
-            .filter_map(|(i, n)| Some((i, int8_matmul_weight(n, &inits, options)?)))
-            .collect();
+        let readers = int8_readers(&graph.node, &inits, a, m.len(), options)?;
         let (inliers, outliers) = (format!("{a}_inliers"), format!("{a}_outliers"));
         let (mask, index) = (format!("{a}_inlier_mask"), format!("{a}_outlier_index"));
         let mut keep = vec![1f32; m.len()];
@@ -883,14 +889,7 @@ pub fn split_outlier_channels(
         new_inits.push(tensor_i64(&index, &[idx.len() as i64], &idx));
         let mut names = Vec::new();
         for (i, w) in &readers {
-            let (rows, cols) = (w.dims[0] as usize, w.dims[1] as usize);
-            if rows != m.len() {
-                return Err(QuantError::Calibration(format!(
-                    "activation `{a}` has {} channels but weight `{}` has {rows} rows",
-                    m.len(),
-                    w.name
-                )));
-            }
+            let cols = w.dims[1] as usize;
             let values = f32_values(w)?;
             let picked: Vec<f32> = channels
                 .iter()

@@ -621,13 +621,8 @@ pub(crate) fn split_outliers(
         return Ok(serde_json::Value::Null);
     }
     let absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
-    let done =
-        quantize::split_outlier_channels(model, &absmax, ratio, options).map_err(|source| {
-            PrepareError::Quantize {
-                path: scratch.to_owned(),
-                source,
-            }
-        })?;
+    let done = quantize::split_outlier_channels(model, &absmax, ratio, options)
+        .map_err(quantize_error(scratch))?;
     if done.is_empty() {
         return Ok(serde_json::Value::Null);
     }
@@ -678,12 +673,7 @@ pub(crate) fn smooth(
         return Ok(serde_json::Value::Null);
     }
     let absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
-    let done = quantize::smooth(model, &absmax, alpha, options).map_err(|source| {
-        PrepareError::Quantize {
-            path: scratch.to_owned(),
-            source,
-        }
-    })?;
+    let done = quantize::smooth(model, &absmax, alpha, options).map_err(quantize_error(scratch))?;
     Ok(serde_json::json!({
         "method": "SmoothQuant (per-channel maxima, activations rescaled by a Mul, weights by the inverse)",
         "alpha": alpha,

@@ -21,6 +21,16 @@ fn tools(cache: &Path) -> Tools {
     }
 }
 
+/// The provenance step `name` of the variant at `path`.
+fn step_of(path: &Path, name: &str) -> handoff_convert::provenance::Step {
+    handoff_convert::provenance::Provenance::load(path)
+        .unwrap()
+        .steps
+        .into_iter()
+        .find(|s| s.name == name)
+        .unwrap_or_else(|| panic!("no step {name} in {}'s provenance", path.display()))
+}
+
 fn mlp(dir: &Path) -> std::path::PathBuf {
     let spec = SyntheticSpec {
         kind: Kind::Mlp,
@@ -148,12 +158,7 @@ fn onnx_runtimes_own_quantiser_runs_from_its_locked_environment_and_is_gated() {
         .unwrap();
     assert!(v.accuracy.passed, "{:?}", v.accuracy);
     assert!(std::fs::metadata(&v.path).unwrap().len() < std::fs::metadata(&model).unwrap().len());
-    let prov = handoff_convert::provenance::Provenance::load(&v.path).unwrap();
-    let step = prov
-        .steps
-        .iter()
-        .find(|s| s.name == "quantize:ort-int8-dynamic")
-        .expect("the quantiser's step is recorded");
+    let step = step_of(&v.path, "quantize:ort-int8-dynamic");
     assert_eq!(
         step.params["tool"],
         "onnxruntime.quantization.quantize_dynamic"
@@ -214,12 +219,7 @@ fn one_outlier_channel_is_split_off_and_every_matmul_stays_int8() {
         .unwrap();
     assert!(v.accuracy.passed, "{:?}", v.accuracy);
     assert_eq!(v.kept_fp32, None);
-    let prov = handoff_convert::provenance::Provenance::load(&v.path).unwrap();
-    let step = prov
-        .steps
-        .iter()
-        .find(|s| s.name == "quantize:int8-dynamic")
-        .unwrap();
+    let step = step_of(&v.path, "quantize:int8-dynamic");
     let split = &step.params["outlier_split"]["activations"];
     assert_eq!(split[0]["activation"], "h", "{split}");
     assert_eq!(split[0]["channels"], serde_json::json!([0]), "{split}");
@@ -239,12 +239,7 @@ fn one_outlier_channel_is_split_off_and_every_matmul_stays_int8() {
         handoff_prepare::build_variant(&registry, &model, &unsplit, &request, &specs, &calibration)
             .unwrap();
     assert!(gated.check.passed, "{:?}", gated.check);
-    let prov = handoff_convert::provenance::Provenance::load(&unsplit).unwrap();
-    let step = prov
-        .steps
-        .iter()
-        .find(|s| s.name == "quantize:int8-dynamic")
-        .unwrap();
+    let step = step_of(&unsplit, "quantize:int8-dynamic");
     assert!(step.params["outlier_split"].is_null(), "{step:?}");
     assert!(step.params["sensitivity"]["all_int8"].as_f64().unwrap() < 0.99);
     assert_eq!(
@@ -266,12 +261,7 @@ fn an_int8_model_below_its_gate_keeps_only_the_matmul_that_costs_the_accuracy_in
     let note = Some("1 of 3 MatMuls kept fp32 for accuracy (measured)".to_owned());
     assert_eq!(v.kept_fp32, note);
 
-    let prov = handoff_convert::provenance::Provenance::load(&v.path).unwrap();
-    let step = prov
-        .steps
-        .iter()
-        .find(|s| s.name == "quantize:int8-dynamic")
-        .unwrap();
+    let step = step_of(&v.path, "quantize:int8-dynamic");
     assert_eq!(
         step.params["options"]["exclude"],
         serde_json::json!(["y_node"])
