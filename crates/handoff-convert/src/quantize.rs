@@ -848,7 +848,7 @@ pub struct SplitChannels {
 /// other channels, and the outliers are multiplied in fp32 (a Gather of
 /// `o.len()` columns and a MatMul of `o.len()` rows). Exact in fp32. In
 /// MiniLM the down-projection inputs of the first four layers carry one or
-/// two channels 4-5x larger than any other, on the first token of every
+/// two channels 3.6-5x the ninth-largest, on the first token of every
 /// sentence, the same channels on calibration and check sentences; only
 /// which channels, not how large, is taken from calibration. `absmax`
 /// holds each target's channel maxima ([`outlier_targets`] lists them).

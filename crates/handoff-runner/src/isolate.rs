@@ -373,6 +373,7 @@ impl LiveChild {
             stop,
         }))
     }
+
     fn send(&mut self, command: &BlockCommand) -> bool {
         let mut line = serde_json::to_vec(command).unwrap_or_default();
         line.push(b'\n');

@@ -69,8 +69,8 @@ impl RoundOrder {
 /// stratum starts one worker at a time: its load and first-inference times
 /// are the case's cold-start figures and must not share the machine. Later
 /// strata start `width` workers side by side (a second process only has to
-/// be warm, and loading a model is mostly one core's work), which roughly
-/// halves their share of a group's set-up on two cores.
+/// be warm, and loading a model is mostly one core's work), which shortens
+/// a group's set-up where loading dominates it.
 pub fn in_stratified_order<P, T>(
     cases: usize,
     per_case: usize,
