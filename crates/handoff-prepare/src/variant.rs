@@ -766,8 +766,9 @@ impl Tools {
 }
 
 /// What of the variant at `out` stays fp32 and why, from its provenance:
-/// MatMuls kept fp32 by the sensitivity measurement or by request, weights
-/// multiplied in fp32, ops the quantiser does not handle.
+/// MatMuls kept fp32 by the sensitivity measurement or by request, outlier
+/// channels split off, weights multiplied in fp32, ops the quantiser does
+/// not handle.
 fn kept_fp32(out: &Path) -> Option<String> {
     let prov = Provenance::load(out)?;
     let step = prov
@@ -800,6 +801,24 @@ fn kept_fp32(out: &Path) -> Option<String> {
         .saturating_sub(chosen.len());
     if requested > 0 {
         notes.push(format!("{requested} node(s) kept fp32 by request"));
+    }
+    if let Some(split) = p["outlier_split"]["activations"].as_array()
+        && !split.is_empty()
+    {
+        let channels: usize = split
+            .iter()
+            .map(|a| a["channels"].as_array().map_or(0, Vec::len))
+            .sum();
+        let matmuls: usize = split
+            .iter()
+            .map(|a| a["matmuls"].as_array().map_or(0, Vec::len))
+            .sum();
+        let plural = |n: usize, what: &str| format!("{n} {what}{}", if n == 1 { "" } else { "s" });
+        notes.push(format!(
+            "{} of {} multiplied in fp32 beside the int8 product",
+            plural(channels, "outlier channel"),
+            plural(matmuls, "MatMul")
+        ));
     }
     let weight_only = names(&p["report"]["weight_only"]);
     if !weight_only.is_empty() {
