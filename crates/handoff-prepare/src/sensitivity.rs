@@ -20,8 +20,8 @@ use handoff_backend::{Registry, Tensor, TensorSpec};
 use serde::Serialize;
 
 use crate::variant::{
-    CALIBRATION_SEED, VariantRequest, calibration_source, normalize, quantize_error, smooth,
-    split_outliers, static_ranges,
+    CALIBRATION_SEED, VariantRequest, calibration_source, normalize, quantize_error,
+    smooth_and_split, static_ranges,
 };
 use crate::{PrepareError, embedding_agreement, run_model_on};
 
@@ -74,8 +74,7 @@ pub fn measure(
     // longer counts the excluded weight; the gate then checks that build.
     let mut model = handoff_onnx::inspect::read_model(onnx)?;
     normalize(&mut model, onnx, &request.dynamic)?;
-    smooth(registry, &mut model, &request.dynamic, scratch, calibration)?;
-    split_outliers(registry, &mut model, &request.dynamic, scratch, calibration)?;
+    smooth_and_split(registry, &mut model, &request.dynamic, scratch, calibration)?;
     let ranges = match request.variant.as_str() {
         "int8-static" => Some(static_ranges(
             registry,

@@ -296,9 +296,8 @@ fn build_variant_as(
                 )
             } else {
                 let normalized = normalize(&mut model, onnx, &request.dynamic)?;
-                let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
-                let split =
-                    split_outliers(registry, &mut model, &request.dynamic, &tmp, calibration)?;
+                let (smoothing, split) =
+                    smooth_and_split(registry, &mut model, &request.dynamic, &tmp, calibration)?;
                 (
                     quantize::quantize_dynamic(&mut model, &request.dynamic),
                     serde_json::json!({"options": options, "target_cpu": target, "normalized": normalized, "smoothing": smoothing, "outlier_split": split}),
@@ -313,8 +312,8 @@ fn build_variant_as(
         "int8-static" => {
             let mut model = handoff_onnx::inspect::read_model(onnx)?;
             let normalized = normalize(&mut model, onnx, &request.dynamic)?;
-            let smoothing = smooth(registry, &mut model, &request.dynamic, &tmp, calibration)?;
-            let split = split_outliers(registry, &mut model, &request.dynamic, &tmp, calibration)?;
+            let (smoothing, split) =
+                smooth_and_split(registry, &mut model, &request.dynamic, &tmp, calibration)?;
             let ranges =
                 static_ranges(registry, &model, onnx, &request.dynamic, &tmp, calibration)?;
             let report = quantize::quantize_static(&mut model, &ranges, &request.dynamic)
@@ -600,38 +599,82 @@ pub(crate) fn normalize(
     handoff_convert::normalize::for_int8(model, options.min_elements).map_err(quantize_error(onnx))
 }
 
-/// Outlier channels split off before int8 quantisation (see
-/// `quantize::split_outlier_channels`): per-channel maxima of the
-/// down-projection inputs from one calibration run, then the model is
-/// rewritten in place. Returns what the sidecar records (null when off or
-/// when no activation has such channels).
-pub(crate) fn split_outliers(
+/// The fp32 rewrites before int8 quantisation, from one calibration run:
+/// SmoothQuant (see `quantize::smooth`), then outlier channels split off
+/// (see `quantize::split_outlier_channels`). The split's activations are
+/// down-projection inputs, which smoothing leaves as they are, so the
+/// maxima of one run on the unsmoothed model serve both; an activation
+/// smoothing did rewire (one read by a down-projection and another int8
+/// MatMul) is calibrated again on the smoothed model. Returns what the
+/// sidecar records for each (null when off or when nothing was done).
+pub(crate) fn smooth_and_split(
     registry: &Registry,
     model: &mut handoff_onnx::proto::ModelProto,
     options: &handoff_convert::quantize::DynamicOptions,
     scratch: &Path,
     calibration: &[TensorSpec],
-) -> Result<serde_json::Value, PrepareError> {
+) -> Result<(serde_json::Value, serde_json::Value), PrepareError> {
     use handoff_convert::quantize;
-    let Some(ratio) = options.split_outliers else {
-        return Ok(serde_json::Value::Null);
+    let smoothing_targets = match options.smooth_alpha {
+        Some(_) => quantize::smoothing_targets(model, options),
+        None => Vec::new(),
     };
-    let targets = quantize::outlier_targets(model, options);
-    if targets.is_empty() {
-        return Ok(serde_json::Value::Null);
+    let mut targets = smoothing_targets.clone();
+    if options.split_outliers.is_some() {
+        for t in quantize::outlier_targets(model, options) {
+            if !targets.contains(&t) {
+                targets.push(t);
+            }
+        }
     }
-    let absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
+    if targets.is_empty() {
+        return Ok((serde_json::Value::Null, serde_json::Value::Null));
+    }
+    let mut absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
+    let smoothing = match options.smooth_alpha {
+        Some(alpha) if !smoothing_targets.is_empty() => {
+            let done = quantize::smooth(model, &absmax, alpha, options)
+                .map_err(quantize_error(scratch))?;
+            serde_json::json!({
+                "method": "SmoothQuant (per-channel maxima, activations rescaled by a Mul, weights by the inverse)",
+                "alpha": alpha,
+                "calibration": calibration_inputs(calibration, smoothing_targets.len()),
+                "activations": done,
+            })
+        }
+        _ => serde_json::Value::Null,
+    };
+    let Some(ratio) = options.split_outliers else {
+        return Ok((smoothing, serde_json::Value::Null));
+    };
+    let split_targets = quantize::outlier_targets(model, options);
+    let missing: Vec<String> = split_targets
+        .iter()
+        .filter(|t| !absmax.contains_key(*t))
+        .cloned()
+        .collect();
+    if !missing.is_empty() {
+        absmax.extend(channel_maxima(
+            registry,
+            model,
+            &missing,
+            scratch,
+            calibration,
+        )?);
+    }
     let done = quantize::split_outlier_channels(model, &absmax, ratio, options)
         .map_err(quantize_error(scratch))?;
-    if done.is_empty() {
-        return Ok(serde_json::Value::Null);
-    }
-    Ok(serde_json::json!({
-        "method": "outlier channels of down-projection inputs multiplied in fp32 beside the int8 product (a Gather of those channels and a MatMul of those weight rows)",
-        "ratio": ratio,
-        "calibration": calibration_inputs(calibration, targets.len()),
-        "activations": done,
-    }))
+    let split = if done.is_empty() {
+        serde_json::Value::Null
+    } else {
+        serde_json::json!({
+            "method": "outlier channels of down-projection inputs multiplied in fp32 beside the int8 product (a Gather of those channels and a MatMul of those weight rows)",
+            "ratio": ratio,
+            "calibration": calibration_inputs(calibration, split_targets.len()),
+            "activations": done,
+        })
+    };
+    Ok((smoothing, split))
 }
 
 /// Per-channel maxima of `targets` over one calibration run.
@@ -652,34 +695,6 @@ fn channel_maxima(
             })
             .collect(),
     )
-}
-
-/// SmoothQuant before int8 quantisation (see `quantize::smooth`): per-channel
-/// maxima of the activations from one calibration run, then the model is
-/// rescaled in place. Returns what the sidecar records (null when off).
-pub(crate) fn smooth(
-    registry: &Registry,
-    model: &mut handoff_onnx::proto::ModelProto,
-    options: &handoff_convert::quantize::DynamicOptions,
-    scratch: &Path,
-    calibration: &[TensorSpec],
-) -> Result<serde_json::Value, PrepareError> {
-    use handoff_convert::quantize;
-    let Some(alpha) = options.smooth_alpha else {
-        return Ok(serde_json::Value::Null);
-    };
-    let targets = quantize::smoothing_targets(model, options);
-    if targets.is_empty() {
-        return Ok(serde_json::Value::Null);
-    }
-    let absmax = channel_maxima(registry, model, &targets, scratch, calibration)?;
-    let done = quantize::smooth(model, &absmax, alpha, options).map_err(quantize_error(scratch))?;
-    Ok(serde_json::json!({
-        "method": "SmoothQuant (per-channel maxima, activations rescaled by a Mul, weights by the inverse)",
-        "alpha": alpha,
-        "calibration": calibration_inputs(calibration, targets.len()),
-        "activations": done,
-    }))
 }
 
 impl Tools {
