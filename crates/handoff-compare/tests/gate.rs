@@ -144,32 +144,36 @@ fn an_accuracy_gate_that_passed_in_base_and_fails_in_head_is_a_regression() {
     );
 }
 
+/// One side of an `ab` run: 20 rounds of 20 runs in one group, the
+/// slowest 5% of runs at `tail` x the median `ms`.
+fn ab_side(model: &str, ms: f64, tail: f64) -> ResultRecord {
+    let mut r = case(ms);
+    for (i, s) in r.samples_ms.iter_mut().enumerate() {
+        if i % 20 == 0 {
+            *s = ms * tail;
+        }
+    }
+    r.case.id = r.case.id.replacen(&r.case.model, model, 1);
+    r.case.model = model.into();
+    r.rounds = Some(handoff_results::RoundsInfo {
+        group: "g".into(),
+        block_runs: vec![20; 20],
+        block_medians_ms: vec![Some(ms); 20],
+        ..Default::default()
+    });
+    r
+}
+
 /// `handoff ab --metric p99`: both files from one run's rounds, the tail
 /// gated by a paired bootstrap over those rounds, and the Markdown says how
 /// it was measured (one run, interleaved), not that the runs were made
 /// apart.
 #[test]
 fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
-    let side = |model: &str, ms: f64, tail: f64| {
-        let mut r = case(ms);
-        // The slowest 5% of runs at `tail` x the median.
-        for (i, s) in r.samples_ms.iter_mut().enumerate() {
-            if i % 20 == 0 {
-                *s = ms * tail;
-            }
-        }
-        r.case.id = r.case.id.replacen(&r.case.model, model, 1);
-        r.case.model = model.into();
-        // 20 rounds of 20 runs, both sides in the same group.
-        r.rounds = Some(handoff_results::RoundsInfo {
-            group: "g".into(),
-            block_runs: vec![20; 20],
-            block_medians_ms: vec![Some(ms); 20],
-            ..Default::default()
-        });
-        r
-    };
-    let both = run(vec![side("m.base", 1.0, 3.0), side("m.head", 1.0, 4.0)]);
+    let both = run(vec![
+        ab_side("m.base", 1.0, 3.0),
+        ab_side("m.head", 1.0, 4.0),
+    ]);
     let opts = Options {
         metric: handoff_compare::Metric::P99,
         threshold: 0.02,
@@ -182,6 +186,35 @@ fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
     assert!(md.contains("## handoff ab"), "{md}");
     assert!(md.contains("paired bootstrap over rounds"), "{md}");
     assert!(!md.contains("separate runs"), "{md}");
+}
+
+/// p90 is read from the body of the distribution: a change in the slowest
+/// 5% of runs alone leaves it unchanged (and regresses p99), a 10% slower
+/// body regresses it.
+#[test]
+fn p90_gates_the_body_and_not_the_slowest_runs() {
+    let gate = |head: ResultRecord, metric| {
+        let opts = Options {
+            metric,
+            threshold: 0.02,
+            ..Options::default()
+        };
+        let c =
+            handoff_compare::compare_ab(&run(vec![ab_side("m.base", 1.0, 3.0), head]), "m", &opts);
+        assert_eq!(c.rows.len(), 1, "{:?}", c.rows);
+        c.rows[0].verdict
+    };
+    use handoff_compare::Metric::{P90, P95, P99};
+    assert_eq!(gate(ab_side("m.head", 1.0, 4.0), P90), Verdict::Unchanged);
+    assert_eq!(gate(ab_side("m.head", 1.0, 4.0), P99), Verdict::Regressed);
+    assert_eq!(
+        gate(ab_side("m.head", 1.1, 3.0 / 1.1), P90),
+        Verdict::Regressed
+    );
+    assert_eq!(
+        gate(ab_side("m.head", 1.1, 3.0 / 1.1), P95),
+        Verdict::Regressed
+    );
 }
 
 /// A case timed while something else used the CPU (a parallel build) is
@@ -210,6 +243,13 @@ fn a_change_measured_on_a_busy_machine_is_judged_only_beyond_what_the_load_can_d
     assert_eq!(v, Verdict::Regressed);
     let (v, _) = verdict(vec![case(1.0)], vec![busy(case(3.0))], &Options::default());
     assert_eq!(v, Verdict::Regressed);
+    // A threshold above the change holds on a busy machine too.
+    let tolerant = Options {
+        threshold: 4.0,
+        ..Options::default()
+    };
+    let (v, _) = verdict(vec![case(1.0)], vec![busy(case(3.0))], &tolerant);
+    assert_eq!(v, Verdict::Unchanged);
 
     let side = |model: &str, ms: f64| {
         let mut r = case(ms);
