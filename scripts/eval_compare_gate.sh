@@ -11,7 +11,10 @@
 #
 #   scripts/eval_compare_gate.sh [N=20] [OUT=reports/eval-gate-<time>]
 #
-# P99_RUNS=K runs the two p99 sets K times instead of N.
+# P99_RUNS=K runs the two p99 sets K times instead of N, P50_RUNS=K the
+# p50 sets. The p99 runs are then gated again on p95 and p90 (`handoff ab
+# --gate-only`: the same samples, nothing measured again) as the sets
+# aa-p95, slow-p95, aa-p90 and slow-p90.
 # HANDOFF_BIN picks the binary (default target/release/handoff, built if
 # missing). A run directory that is complete is not measured again, so an
 # interrupted evaluation continues where it stopped.
@@ -70,12 +73,31 @@ ab() { # $1 = name, $2 = head file, $3 = metric, $4 = run number
   mv "$dir.json.tmp" "$dir/ab.json"
 }
 k=${P99_RUNS:-$n}
+k50=${P50_RUNS:-$n}
 for i in $(seq 1 "$n"); do
-  ab aa-p50 d20.onnx p50 "$i"
-  ab slow-p50 d21.onnx p50 "$i"
+  if [ "$i" -le "$k50" ]; then
+    ab aa-p50 d20.onnx p50 "$i"
+    ab slow-p50 d21.onnx p50 "$i"
+  fi
   if [ "$i" -le "$k" ]; then
     ab aa-p99 d20.onnx p99 "$i"
     ab slow-p99 d22.onnx p99 "$i"
   fi
+done
+for i in $(seq 1 "$k"); do
+  for set in aa:d20 slow:d22; do
+    for metric in p95 p90; do
+      run="$out/${set%%:*}-p99-$i" dir="$out/${set%%:*}-$metric-$i"
+      if [ ! -s "$run/ab.json" ] || [ -s "$dir/ab.json" ]; then continue; fi
+      mkdir -p "$dir"
+      code=0
+      (cd "$out" && "$bin" ab gate.yaml --model enc --base d20.onnx --head "${set#*:}.onnx" \
+        --out "$run" --gate-only --metric "$metric" --json "$dir/ab.json" >/dev/null) || code=$?
+      if [ "$code" -gt 1 ]; then
+        echo "handoff ab --gate-only exited $code" >&2
+        exit "$code"
+      fi
+    done
+  done
 done
 python3 scripts/eval_compare_gate.py "$out" "$n"

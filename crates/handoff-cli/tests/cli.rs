@@ -883,6 +883,59 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
             .contains("model file changed"),
         "{rows:?}"
     );
+    // The same run gated again without measuring: p90, and a threshold the
+    // change does not reach.
+    let measured = std::fs::read(d.join("grown/results.jsonl")).unwrap();
+    let o = handoff(
+        &[
+            "ab",
+            "suite.yaml",
+            "--model",
+            "mlp",
+            "--base",
+            "small.onnx",
+            "--head",
+            "big.onnx",
+            "--out",
+            "grown",
+            "--gate-only",
+            "--metric",
+            "p90",
+            "--threshold",
+            "1000",
+        ],
+        d,
+    );
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(0), "{md}");
+    assert!(
+        md.contains("(P90)") && !md.contains("**regressed**"),
+        "{md}"
+    );
+    assert_eq!(
+        std::fs::read(d.join("grown/results.jsonl")).unwrap(),
+        measured
+    );
+    // A model the run did not measure is an error, not an empty pass.
+    let o = handoff(
+        &[
+            "ab",
+            "suite.yaml",
+            "--model",
+            "mlpp",
+            "--base",
+            "small.onnx",
+            "--head",
+            "big.onnx",
+            "--out",
+            "grown",
+            "--gate-only",
+        ],
+        d,
+    );
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(err.contains("no `handoff ab` cases of model mlpp"), "{err}");
     let o = ab("big.onnx", "small.onnx", "shrunk");
     let md = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{md}");

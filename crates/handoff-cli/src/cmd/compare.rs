@@ -22,7 +22,7 @@ use crate::cmd::run::{RunArgs, run_plan, timestamp};
 pub struct CompareCmd {
     pub base: String,
     pub head: PathBuf,
-    /// p50 (Hodges-Lehmann ratio), p99 or mean (bootstrap CI).
+    /// p50 (Hodges-Lehmann ratio), p90, p95, p99 or mean (bootstrap CI).
     #[arg(long, value_enum, default_value_t = MetricArg::P50)]
     pub metric: MetricArg,
     /// Smallest change that counts, as a fraction.
@@ -65,6 +65,8 @@ pub struct CompareCmd {
 #[derive(Clone, Copy, clap::ValueEnum)]
 pub enum MetricArg {
     P50,
+    P90,
+    P95,
     P99,
     Mean,
 }
@@ -73,6 +75,8 @@ impl From<MetricArg> for handoff_compare::Metric {
     fn from(m: MetricArg) -> Self {
         match m {
             MetricArg::P50 => Self::P50,
+            MetricArg::P90 => Self::P90,
+            MetricArg::P95 => Self::P95,
             MetricArg::P99 => Self::P99,
             MetricArg::Mean => Self::Mean,
         }
@@ -175,9 +179,9 @@ pub struct AbCmd {
     /// Smallest change that counts, as a fraction.
     #[arg(long, default_value_t = 0.02)]
     pub threshold: f64,
-    /// p50: paired ratio of the rounds' medians (drift cancels); p99 or
-    /// mean: paired bootstrap over rounds (each draw pools the same rounds'
-    /// samples on both sides).
+    /// p50: paired ratio of the rounds' medians (drift cancels); p90, p95,
+    /// p99 or mean: paired bootstrap over rounds (each draw pools the same
+    /// rounds' samples on both sides).
     #[arg(long, value_enum, default_value_t = MetricArg::P50)]
     pub metric: MetricArg,
     /// Only cases whose id contains this text (repeatable).
@@ -195,6 +199,10 @@ pub struct AbCmd {
     /// No progress bar and no table.
     #[arg(long, short)]
     pub quiet: bool,
+    /// Measure nothing: gate the run already in --out again (e.g. with
+    /// another --metric or --threshold); its ab.md is left as it was.
+    #[arg(long, requires = "out")]
+    pub gate_only: bool,
 }
 
 impl AbCmd {
@@ -213,7 +221,12 @@ impl AbCmd {
             markdown,
             json,
             quiet,
+            gate_only,
         } = self;
+        if gate_only {
+            let out = out.expect("clap requires --out with --gate-only");
+            return gate(&out, &model, threshold, metric, markdown, json, false);
+        }
         let text = std::fs::read_to_string(&suite)
             .with_context(|| format!("cannot read {}", suite.display()))?;
         // Paths on the command line are the user's, relative to here; the
@@ -260,24 +273,48 @@ impl AbCmd {
         if code != ExitCode::SUCCESS {
             return Ok(code);
         }
-        let run = handoff_compare::Run::load(&out)?;
-        let opts = handoff_compare::Options {
-            threshold,
-            metric: metric.into(),
-            ..Default::default()
-        };
-        let c = handoff_compare::compare_ab(&run, &model, &opts);
-        let md = handoff_compare::markdown(&c);
-        print!("{md}");
-        std::fs::write(out.join("ab.md"), &md)?;
-        if let Some(p) = markdown {
-            std::fs::write(p, &md)?;
-        }
-        if let Some(p) = json {
-            std::fs::write(p, serde_json::to_vec_pretty(&c)?)?;
-        }
-        Ok(ExitCode::from(u8::from(c.regressions() > 0)))
+        gate(&out, &model, threshold, metric, markdown, json, true)
     }
+}
+
+/// Gates model `model`'s `.base` against `.head` cases of the `handoff ab`
+/// run in `out`: Markdown to stdout, `markdown` and (`save`) `out/ab.md`;
+/// exit 1 on a regression.
+fn gate(
+    out: &Path,
+    model: &str,
+    threshold: f64,
+    metric: MetricArg,
+    markdown: Option<PathBuf>,
+    json: Option<PathBuf>,
+    save: bool,
+) -> Result<ExitCode> {
+    let run = handoff_compare::Run::load(out)?;
+    let base = format!("{model}.base");
+    if !run.records.iter().any(|r| r.case.model.starts_with(&base)) {
+        anyhow::bail!(
+            "{} holds no `handoff ab` cases of model {model} (none named {base})",
+            out.display()
+        );
+    }
+    let opts = handoff_compare::Options {
+        threshold,
+        metric: metric.into(),
+        ..Default::default()
+    };
+    let c = handoff_compare::compare_ab(&run, model, &opts);
+    let md = handoff_compare::markdown(&c);
+    print!("{md}");
+    if save {
+        std::fs::write(out.join("ab.md"), &md)?;
+    }
+    if let Some(p) = markdown {
+        std::fs::write(p, &md)?;
+    }
+    if let Some(p) = json {
+        std::fs::write(p, serde_json::to_vec_pretty(&c)?)?;
+    }
+    Ok(ExitCode::from(u8::from(c.regressions() > 0)))
 }
 
 /// Save a run as a named baseline (in .handoff/baselines/, or
