@@ -885,13 +885,12 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
     );
     // The same run gated again without measuring: p90, and a threshold the
     // change does not reach.
-    let measured = std::fs::read(d.join("grown/results.jsonl")).unwrap();
-    let o = handoff(
-        &[
+    let regate = |model: &str, extra: &[&str]| {
+        let mut args = vec![
             "ab",
             "suite.yaml",
             "--model",
-            "mlp",
+            model,
             "--base",
             "small.onnx",
             "--head",
@@ -899,13 +898,12 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
             "--out",
             "grown",
             "--gate-only",
-            "--metric",
-            "p90",
-            "--threshold",
-            "1000",
-        ],
-        d,
-    );
+        ];
+        args.extend_from_slice(extra);
+        handoff(&args, d)
+    };
+    let measured = std::fs::read(d.join("grown/results.jsonl")).unwrap();
+    let o = regate("mlp", &["--metric", "p90", "--threshold", "1000"]);
     let md = String::from_utf8_lossy(&o.stdout);
     assert_eq!(o.status.code(), Some(0), "{md}");
     assert!(
@@ -917,22 +915,7 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
         measured
     );
     // A model the run did not measure is an error, not an empty pass.
-    let o = handoff(
-        &[
-            "ab",
-            "suite.yaml",
-            "--model",
-            "mlpp",
-            "--base",
-            "small.onnx",
-            "--head",
-            "big.onnx",
-            "--out",
-            "grown",
-            "--gate-only",
-        ],
-        d,
-    );
+    let o = regate("mlpp", &[]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(err.contains("no `handoff ab` cases of model mlpp"), "{err}");
