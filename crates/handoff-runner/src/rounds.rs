@@ -58,46 +58,56 @@ impl RoundOrder {
 
 /// Starts the `per_case` workers of each of `cases` cases in strata: every
 /// case's first worker in a seeded random order, then every case's second
-/// in another, and so on; returns the results by index
-/// `i = case * per_case + k`. Whatever comes with being started early or
-/// late (memory the kernel hands out, a cache still warm from the reference
-/// run; the first worker of a group was slower in every one of ten runs
-/// here) then favours no case: each case's workers sit at about the same
-/// average place in the order.
+/// in another, and so on; returns each case's workers in order, or the
+/// report of the first that could not start. Whatever comes with being
+/// started early or late (memory the kernel hands out, a cache still warm
+/// from the reference run; the first worker of a group was slower in every
+/// one of ten runs here) then favours no case: each case's workers sit at
+/// about the same average place in the order.
 ///
-/// `spawn(i)` begins a start and `ready` waits for it to end. The first
-/// stratum starts one worker at a time: its load and first-inference times
-/// are the case's cold-start figures and must not share the machine. Later
-/// strata start `width` workers side by side (a second process only has to
-/// be warm, and loading a model is mostly one core's work), which shortens
-/// a group's set-up where loading dominates it.
-pub fn in_stratified_order<P, T>(
+/// `spawn(i)` begins the start of worker `i = case * per_case + k` and
+/// `ready` waits for it to end. The first stratum starts one worker at a
+/// time: its load and first-inference times are the case's cold-start
+/// figures and must not share the machine. Later strata start `width`
+/// workers side by side (a second process only has to be warm, and loading
+/// a model is mostly one core's work), which shortens a group's set-up
+/// where loading dominates it. A case whose worker could not start gets no
+/// more (an unsupported operator fails every process alike, and each
+/// failed start is a model load spent for nothing).
+pub fn in_stratified_order<P, W, E>(
     cases: usize,
     per_case: usize,
     seed: u64,
     width: usize,
     mut spawn: impl FnMut(usize) -> P,
-    mut ready: impl FnMut(P) -> T,
-) -> Vec<T> {
-    let mut slots: Vec<Option<T>> = (0..cases * per_case).map(|_| None).collect();
+    mut ready: impl FnMut(P) -> Result<W, E>,
+) -> Vec<Result<Vec<W>, E>> {
+    let mut out: Vec<Result<Vec<W>, E>> = (0..cases).map(|_| Ok(Vec::new())).collect();
     let mut order = RoundOrder::new(seed ^ 0x5747_4152_5400_0000);
     for k in 0..per_case {
-        let stratum = order.shuffle(cases);
+        let stratum: Vec<usize> = order
+            .shuffle(cases)
+            .into_iter()
+            .filter(|&c| out[c].is_ok())
+            .collect();
         let width = if k == 0 { 1 } else { width.max(1) };
         for chunk in stratum.chunks(width) {
             let pending: Vec<(usize, P)> = chunk
                 .iter()
-                .map(|c| (c * per_case + k, spawn(c * per_case + k)))
+                .map(|&c| (c, spawn(c * per_case + k)))
                 .collect();
-            for (i, p) in pending {
-                slots[i] = Some(ready(p));
+            for (c, p) in pending {
+                match (ready(p), &mut out[c]) {
+                    (Ok(w), Ok(workers)) => workers.push(w),
+                    (Err(e), slot) => *slot = Err(e),
+                    // A case whose start failed in this same chunk keeps
+                    // that first report; the one worker more is dropped.
+                    (Ok(_), Err(_)) => {}
+                }
             }
         }
     }
-    slots
-        .into_iter()
-        .map(|s| s.expect("every index started"))
-        .collect()
+    out
 }
 
 struct CaseState<'w> {
@@ -463,10 +473,13 @@ mod tests {
             },
             |i| {
                 events.borrow_mut().push((false, i));
-                i * 10
+                Ok::<_, ()>(i * 10)
             },
         );
-        assert_eq!(out, (0..15).map(|i| i * 10).collect::<Vec<_>>());
+        let expected: Vec<Result<Vec<usize>, ()>> = (0..5)
+            .map(|c| Ok((0..3).map(|k| (c * 3 + k) * 10).collect()))
+            .collect();
+        assert_eq!(out, expected);
         let events = events.into_inner();
         let started: Vec<usize> = events.iter().filter(|e| e.0).map(|e| e.1).collect();
         for (k, stratum) in started.chunks(5).enumerate() {
@@ -492,6 +505,30 @@ mod tests {
         for stratum in at_spawn[5..].chunks(5) {
             assert_eq!(stratum, [1, 2, 1, 2, 1], "{events:?}");
         }
+    }
+
+    #[test]
+    fn a_case_whose_worker_fails_to_start_gets_no_more() {
+        // Case 1's first worker fails; case 3's second one does.
+        let spawned = std::cell::RefCell::new(Vec::new());
+        let out = in_stratified_order(
+            4,
+            3,
+            5,
+            2,
+            |i| {
+                spawned.borrow_mut().push(i);
+                i
+            },
+            |i| if i == 3 || i == 10 { Err(i) } else { Ok(i) },
+        );
+        assert_eq!(out[0], Ok(vec![0, 1, 2]));
+        assert_eq!(out[1], Err(3));
+        assert_eq!(out[2], Ok(vec![6, 7, 8]));
+        assert_eq!(out[3], Err(10));
+        let mut spawned = spawned.into_inner();
+        spawned.sort_unstable();
+        assert_eq!(spawned, [0, 1, 2, 3, 6, 7, 8, 9, 10]);
     }
 
     #[test]

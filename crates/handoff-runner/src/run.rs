@@ -535,27 +535,24 @@ impl<'a> Runner<'a> {
         let n = self.plan.measure.processes.max(1) as usize;
         let outcomes = match (&self.plan.isolation, &self.options.worker) {
             (Isolation::Process, Some(cmd)) => {
-                let started = per_case(
-                    crate::rounds::in_stratified_order(
-                        jobs.len(),
-                        n,
-                        seed,
-                        crate::machine::cpu_count(),
-                        |i| {
-                            crate::isolate::LiveChild::spawn(
-                                cmd,
-                                &process_job(&jobs[i / n], i % n, n),
-                                self.plan.timeout,
-                                self.options.stop.clone(),
-                            )
-                        },
-                        |starting| {
-                            starting?
-                                .ready()
-                                .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                        },
-                    ),
+                let started = crate::rounds::in_stratified_order(
+                    jobs.len(),
                     n,
+                    seed,
+                    crate::machine::cpu_count(),
+                    |i| {
+                        crate::isolate::LiveChild::spawn(
+                            cmd,
+                            &process_job(&jobs[i / n], i % n, n),
+                            self.plan.timeout,
+                            self.options.stop.clone(),
+                        )
+                    },
+                    |starting| {
+                        starting?
+                            .ready()
+                            .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                    },
                 );
                 crate::rounds::run_group(
                     started,
@@ -569,23 +566,20 @@ impl<'a> Runner<'a> {
             }
             _ => std::thread::scope(|scope| {
                 // Workers in threads of this process start one at a time.
-                let started = per_case(
-                    crate::rounds::in_stratified_order(
-                        jobs.len(),
-                        n,
-                        seed,
-                        1,
-                        |i| {
-                            crate::isolate::ThreadWorker::start(
-                                scope,
-                                process_job(&jobs[i / n], i % n, n),
-                                self.registry,
-                            )
-                            .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
-                        },
-                        |started| started,
-                    ),
+                let started = crate::rounds::in_stratified_order(
+                    jobs.len(),
                     n,
+                    seed,
+                    1,
+                    |i| {
+                        crate::isolate::ThreadWorker::start(
+                            scope,
+                            process_job(&jobs[i / n], i % n, n),
+                            self.registry,
+                        )
+                        .map(|w| Box::new(w) as Box<dyn crate::isolate::CaseWorker>)
+                    },
+                    |started| started,
                 );
                 crate::rounds::run_group(
                     started,
@@ -1148,24 +1142,6 @@ fn process_job(job: &Job, k: usize, n: usize) -> Job {
         p.set_file_name(name);
     }
     job
-}
-
-/// Regroups workers started in case-major order (`n` per case): a case
-/// whose processes did not all start is the first failure's cell (the
-/// others are dropped, which stops them).
-fn per_case<W>(
-    started: Vec<Result<W, WorkerReport>>,
-    n: usize,
-) -> Vec<Result<Vec<W>, WorkerReport>> {
-    let mut out = Vec::new();
-    let mut it = started.into_iter();
-    loop {
-        let chunk: Vec<Result<W, WorkerReport>> = it.by_ref().take(n).collect();
-        if chunk.is_empty() {
-            return out;
-        }
-        out.push(chunk.into_iter().collect());
-    }
 }
 
 /// Splits a group into consecutive parts whose estimated memory fits
