@@ -227,6 +227,16 @@ pub const LIGHT_LOAD: f64 = 0.25;
 /// grows the rate by half until a run misses the bound, then bisects until
 /// the bracket is within 10%. `hint_qps` is a first guess (e.g. one over
 /// the single-query latency); at most `max_steps` runs.
+///
+/// A run that misses the bound by one slow answer alone is run again at
+/// the same rate and judged on both runs' answers pooled. A step has a few
+/// dozen queries, so its p99 is about its slowest answer, and on a shared
+/// machine one answer in a hundred can meet a hiccup of the host at any
+/// rate: judged alone, such a run sent the search down to a fifth of the
+/// rate the server held (FastAPI + onnxruntime on a 2-vCPU VM: 3.1 queries/s
+/// after 7.6 missed by 1.6 ms and 3.8 by one answer, where the run before
+/// had found 17.7). Two slow answers in one run are queueing, and the run
+/// fails without a second.
 pub fn find_peak<E>(
     p99_bound_ms: f64,
     hint_qps: f64,
@@ -237,9 +247,15 @@ pub fn find_peak<E>(
     let mut bad: Option<f64> = None;
     let mut trace = Vec::new();
     let mut qps = (hint_qps * 0.7).max(0.1);
-    for _ in 0..max_steps.max(1) {
-        let level = run(qps)?;
+    let max_steps = max_steps.max(1);
+    while trace.len() < max_steps {
+        let mut level = run(qps)?;
         trace.push(level.without_samples());
+        if one_answer_over(&level, p99_bound_ms) && trace.len() < max_steps {
+            let again = run(qps)?;
+            trace.push(again.without_samples());
+            level = Level::merge(qps, &[level, again]);
+        }
         if level.meets(p99_bound_ms) {
             good = Some(level);
         } else {
@@ -271,6 +287,18 @@ pub fn find_peak<E>(
         trace,
         light_load_miss: false,
     })
+}
+
+/// A run that kept up and missed the bound by exactly one answer.
+fn one_answer_over(level: &Level, p99_bound_ms: f64) -> bool {
+    !level.saturated
+        && !level.meets(p99_bound_ms)
+        && level
+            .latencies_ms
+            .iter()
+            .filter(|&&ms| ms > p99_bound_ms)
+            .count()
+            == 1
 }
 
 /// Serves a schedule in this thread, one query at a time in arrival order
@@ -480,5 +508,70 @@ mod tests {
             found.best.as_ref().is_some_and(|b| b.target_qps <= 20.0),
             "{found:?}"
         );
+    }
+
+    /// 50 answers at `qps`: 5 ms each, `over` of them 50 ms.
+    fn run_with(qps: f64, over: usize) -> Level {
+        let s: Vec<Duration> = (1..=50)
+            .map(|i| Duration::from_secs_f64(i as f64 / qps))
+            .collect();
+        let mut lat = vec![5.0; 50];
+        for l in lat.iter_mut().take(over) {
+            *l = 50.0;
+        }
+        Level::new(qps, &s, lat, 0, *s.last().unwrap())
+    }
+
+    #[test]
+    fn one_slow_answer_is_run_again_and_two_are_a_miss() {
+        // Capacity 200 queries/s; below it, the first run at each rate
+        // meets a hiccup (one answer over the bound), the second does not.
+        let mut tried = Vec::new();
+        let hiccup = |qps: f64| -> Result<Level, ()> {
+            let first = !tried.contains(&qps.to_bits());
+            tried.push(qps.to_bits());
+            Ok(run_with(
+                qps,
+                if qps > 200.0 { 5 } else { usize::from(first) },
+            ))
+        };
+        let peak = find_peak(10.0, 50.0, 30, hiccup).unwrap();
+        let best = peak.best.as_ref().unwrap();
+        assert!(
+            best.target_qps > 180.0 && best.target_qps <= 200.0,
+            "{peak:?}"
+        );
+        // The level that met the bound is the two runs pooled.
+        assert_eq!(best.queries, 100);
+        assert_eq!(best.latencies_ms.iter().filter(|&&l| l > 10.0).count(), 1);
+        // A rate over capacity fails on its first run: five slow answers.
+        let over: Vec<&Level> = peak.trace.iter().filter(|l| l.target_qps > 200.0).collect();
+        assert!(!over.is_empty());
+        for l in &over {
+            assert_eq!(
+                peak.trace
+                    .iter()
+                    .filter(|t| t.target_qps == l.target_qps)
+                    .count(),
+                1
+            );
+        }
+        // Two slow answers in one run: a miss, not run again.
+        let mut runs = 0;
+        let two = find_peak(10.0, 50.0, 30, |q| {
+            runs += 1;
+            Ok::<_, ()>(run_with(q, 2))
+        })
+        .unwrap();
+        assert_eq!(runs, two.trace.len());
+        assert!(
+            two.trace
+                .windows(2)
+                .all(|w| w[0].target_qps != w[1].target_qps)
+        );
+        // One slow answer in every run: pooled, two in a hundred still miss.
+        let always = find_peak(10.0, 50.0, 30, |q| Ok::<_, ()>(run_with(q, 1))).unwrap();
+        assert!(always.best.is_none(), "{always:?}");
+        assert_eq!(always.trace[0].target_qps, always.trace[1].target_qps);
     }
 }
