@@ -212,12 +212,20 @@ pub struct Peak {
     pub best: Option<Level>,
     /// Every run, in the order tried.
     pub trace: Vec<Level>,
+    /// The lowest rate tried that missed the bound: with `best`, the
+    /// bracket the peak lies in.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub missed_qps: Option<f64>,
     /// The search stopped going down because a run at light load (below
     /// [`LIGHT_LOAD`] of the server's capacity) missed the bound: queueing
     /// is not what makes that tail, so no lower rate would meet it.
     #[serde(default)]
     pub light_load_miss: bool,
 }
+
+/// A peak search stops once the lowest rate that missed is within this
+/// factor of the highest that met the bound.
+pub const PEAK_BRACKET: f64 = 1.1;
 
 /// Utilisation (rate x median latency) under which a missed p99 bound is
 /// the requests' own spread, not queueing.
@@ -226,7 +234,24 @@ pub const LIGHT_LOAD: f64 = 0.25;
 /// Searches for the highest rate whose p99 stays under `p99_bound_ms`:
 /// grows the rate by half until a run misses the bound, then bisects until
 /// the bracket is within 10%. `hint_qps` is a first guess (e.g. one over
-/// the single-query latency); at most `max_steps` runs.
+/// the single-query latency); at most `max_steps` runs. [`PeakSearch`] is
+/// the same search one run at a time, for searches that take turns.
+pub fn find_peak<E>(
+    p99_bound_ms: f64,
+    hint_qps: f64,
+    max_steps: usize,
+    mut run: impl FnMut(f64) -> Result<Level, E>,
+) -> Result<Peak, E> {
+    let mut search = PeakSearch::new(p99_bound_ms, hint_qps, max_steps);
+    while let Some(qps) = search.next_qps() {
+        search.record(run(qps)?);
+    }
+    Ok(search.finish())
+}
+
+/// The state of a peak search ([`find_peak`]): ask [`PeakSearch::next_qps`]
+/// for the rate of the next run, hand its outcome to
+/// [`PeakSearch::record`], until there is no next rate.
 ///
 /// A run that misses the bound by one slow answer alone is run again at
 /// the same rate and judged on both runs' answers pooled. A step has a few
@@ -237,56 +262,89 @@ pub const LIGHT_LOAD: f64 = 0.25;
 /// after 7.6 missed by 1.6 ms and 3.8 by one answer, where the run before
 /// had found 17.7). Two slow answers in one run are queueing, and the run
 /// fails without a second.
-pub fn find_peak<E>(
+#[derive(Debug, Clone)]
+pub struct PeakSearch {
     p99_bound_ms: f64,
-    hint_qps: f64,
     max_steps: usize,
-    mut run: impl FnMut(f64) -> Result<Level, E>,
-) -> Result<Peak, E> {
-    let mut good: Option<Level> = None;
-    let mut bad: Option<f64> = None;
-    let mut trace = Vec::new();
-    let mut qps = (hint_qps * 0.7).max(0.1);
-    let max_steps = max_steps.max(1);
-    while trace.len() < max_steps {
-        let mut level = run(qps)?;
-        trace.push(level.without_samples());
-        if one_answer_over(&level, p99_bound_ms) && trace.len() < max_steps {
-            let again = run(qps)?;
-            trace.push(again.without_samples());
-            level = Level::merge(qps, &[level, again]);
+    qps: f64,
+    good: Option<Level>,
+    bad: Option<f64>,
+    trace: Vec<Level>,
+    /// A run waiting for its second at the same rate.
+    first_of_two: Option<Level>,
+    over: bool,
+    light_load_miss: bool,
+}
+
+impl PeakSearch {
+    pub fn new(p99_bound_ms: f64, hint_qps: f64, max_steps: usize) -> Self {
+        Self {
+            p99_bound_ms,
+            max_steps: max_steps.max(1),
+            qps: (hint_qps * 0.7).max(0.1),
+            good: None,
+            bad: None,
+            trace: Vec::new(),
+            first_of_two: None,
+            over: false,
+            light_load_miss: false,
         }
-        if level.meets(p99_bound_ms) {
-            good = Some(level);
+    }
+
+    /// The rate of the next run; `None` once the search is over.
+    pub fn next_qps(&self) -> Option<f64> {
+        (!self.over).then_some(self.qps)
+    }
+
+    /// The outcome of a run at the last rate [`PeakSearch::next_qps`] gave.
+    pub fn record(&mut self, run: Level) {
+        if self.over {
+            return;
+        }
+        self.trace.push(run.without_samples());
+        let level = match self.first_of_two.take() {
+            Some(first) => Level::merge(self.qps, &[first, run]),
+            None if one_answer_over(&run, self.p99_bound_ms)
+                && self.trace.len() < self.max_steps =>
+            {
+                self.first_of_two = Some(run);
+                return;
+            }
+            None => run,
+        };
+        if level.meets(self.p99_bound_ms) {
+            self.good = Some(level);
         } else {
-            bad = Some(qps);
+            self.bad = Some(self.qps);
             // Halving the rate again would only make each step longer (a
             // step keeps its query count) without a chance of meeting it.
             let utilisation = level.achieved_qps * level.p50_ms.unwrap_or(0.0) / 1e3;
-            if good.is_none() && !level.saturated && utilisation < LIGHT_LOAD {
-                return Ok(Peak {
-                    p99_bound_ms,
-                    best: None,
-                    trace,
-                    light_load_miss: true,
-                });
+            if self.good.is_none() && !level.saturated && utilisation < LIGHT_LOAD {
+                self.light_load_miss = true;
+                self.over = true;
+                return;
             }
         }
-        let lo = good.as_ref().map(|l| l.target_qps);
-        qps = match (lo, bad) {
-            (Some(lo), Some(hi)) if hi / lo <= 1.1 => break,
-            (Some(lo), Some(hi)) => (lo + hi) / 2.0,
-            (Some(lo), None) => lo * 1.5,
-            (None, Some(hi)) => hi / 2.0,
+        let lo = self.good.as_ref().map(|l| l.target_qps);
+        match (lo, self.bad) {
+            (Some(lo), Some(hi)) if hi / lo <= PEAK_BRACKET => self.over = true,
+            (Some(lo), Some(hi)) => self.qps = (lo + hi) / 2.0,
+            (Some(lo), None) => self.qps = lo * 1.5,
+            (None, Some(hi)) => self.qps = hi / 2.0,
             (None, None) => unreachable!("each run is either good or bad"),
-        };
+        }
+        self.over |= self.trace.len() >= self.max_steps;
     }
-    Ok(Peak {
-        p99_bound_ms,
-        best: good,
-        trace,
-        light_load_miss: false,
-    })
+
+    pub fn finish(self) -> Peak {
+        Peak {
+            p99_bound_ms: self.p99_bound_ms,
+            best: self.good,
+            trace: self.trace,
+            missed_qps: self.bad,
+            light_load_miss: self.light_load_miss,
+        }
+    }
 }
 
 /// A run that kept up and missed the bound by exactly one answer.
@@ -485,8 +543,11 @@ mod tests {
             Ok(Level::new(qps, &s, vec![lat; 100], 0, *s.last().unwrap()))
         };
         let peak = find_peak(10.0, 50.0, 20, fake).unwrap();
-        let best = peak.best.unwrap().target_qps;
+        let best = peak.best.as_ref().unwrap().target_qps;
         assert!(best <= 200.0 && best > 180.0, "{best}");
+        // The bracket: the lowest rate that missed, within 10% above.
+        let missed = peak.missed_qps.unwrap();
+        assert!(missed > 200.0 && missed <= best * PEAK_BRACKET, "{missed}");
         assert!(peak.trace.len() < 20);
         assert!(!peak.light_load_miss);
         // Nothing meets an impossible bound: no peak, but a trace, and the

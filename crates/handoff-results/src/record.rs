@@ -164,6 +164,14 @@ pub struct LoadStats {
     /// Highest rate tried whose p99 met the bound (peak search).
     #[serde(skip_serializing_if = "Option::is_none", default)]
     pub peak_qps: Option<f64>,
+    /// The lowest rate the peak search tried that missed the bound: the
+    /// peak lies between `peak_qps` and this.
+    #[serde(skip_serializing_if = "Option::is_none", default)]
+    pub missed_qps: Option<f64>,
+    /// The peak search took turns, step by step, with the other servers
+    /// of its comparison (instead of running before or after them).
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub alternated: bool,
     /// Every rate the peak search tried.
     #[serde(default, skip_serializing_if = "Vec::is_empty")]
     pub levels: Vec<handoff_load::Level>,

@@ -18,7 +18,7 @@ use std::time::{Duration, Instant};
 
 use handoff_backend::{Device, Tensor, TensorData, compare, load_tensors};
 use handoff_load::http::{request, run_level, runtime};
-use handoff_load::{Level, find_peak, poisson_schedule, query_count};
+use handoff_load::{Level, PeakSearch, find_peak, poisson_schedule, query_count};
 use handoff_suite::{Endpoint, Load, LoadTarget};
 use std::os::unix::process::CommandExt;
 
@@ -437,16 +437,20 @@ pub fn run(
                 let stats = LoadStats::from_level(label, &level);
                 (level, stats)
             }),
-        LoadTarget::Peak { p99 } => {
-            let step = (load.duration / 3).max(Duration::from_secs(2));
-            let min = (load.min_queries / 2).max(1);
+        LoadTarget::Peak { .. } => {
+            let Alternation::Peak {
+                p99_bound_ms,
+                step,
+                min_queries,
+                max_steps,
+            } = Alternation::of(load)
+            else {
+                unreachable!("a peak target is a peak search")
+            };
             let service_ms = served.service_ms;
-            find_peak(
-                p99.as_secs_f64() * 1e3,
-                1e3 / service_ms.max(1e-3),
-                7,
-                |q| served.level(q, query_count(q, step, min), job.seed),
-            )
+            find_peak(p99_bound_ms, 1e3 / service_ms.max(1e-3), max_steps, |q| {
+                served.level(q, query_count(q, step, min_queries), job.seed)
+            })
             .map(|peak| peak_outcome(&mut served.report, label, peak))
         }
     };
@@ -480,31 +484,116 @@ pub fn block_order(first: &[usize], round: usize) -> Vec<usize> {
     (0..n).map(|k| first[(k + round) % n]).collect()
 }
 
-/// The `http` cases of one comparison (the same model, inputs and rate;
-/// different servers, backends or threads) measured in alternating blocks:
-/// every server is started and checked first, then each round runs one
-/// block of Poisson arrivals on each server in turn ([`block_order`]: two
-/// alternate A B, B A, ...; more rotate; the first order seeded), the idle
-/// servers paused. Drift then hits every server alike, and the per-block
-/// medians give paired ratios as the one-query-at-a-time groups do. Each
-/// case gets as many queries in all as it would alone. `None` when
+/// What the servers of an alternated `http` comparison do in turn.
+#[derive(Debug, Clone, Copy)]
+pub enum Alternation {
+    /// One fixed rate: `queries` in all per server, split into blocks.
+    Rate { qps: f64, queries: usize },
+    /// A peak search per server ([`PeakSearch`]), one step each in turn:
+    /// steps of `step` (at least `min_queries` queries), at most
+    /// `max_steps` of them.
+    Peak {
+        p99_bound_ms: f64,
+        step: Duration,
+        min_queries: u32,
+        max_steps: usize,
+    },
+}
+
+impl Alternation {
+    /// What a load asks of each server: its rate and query count, or its
+    /// peak search (steps of a third of `duration`, at least 2 s and half
+    /// of `min_queries`; at most 7).
+    pub fn of(load: &Load) -> Self {
+        match load.target {
+            LoadTarget::Qps(qps) => Self::Rate {
+                qps,
+                queries: query_count(qps, load.duration, load.min_queries),
+            },
+            LoadTarget::Peak { p99 } => Self::Peak {
+                p99_bound_ms: p99.as_secs_f64() * 1e3,
+                step: (load.duration / 3).max(Duration::from_secs(2)),
+                min_queries: (load.min_queries / 2).max(1),
+                max_steps: 7,
+            },
+        }
+    }
+}
+
+/// What one server has gathered so far.
+enum Gathered {
+    Blocks(Vec<Level>),
+    Search(Box<PeakSearch>),
+}
+
+impl Gathered {
+    /// The rate and query count of this server's next turn, if it has one.
+    fn next(&self, what: Alternation, round: usize) -> Option<(f64, usize)> {
+        match (self, what) {
+            (Self::Blocks(_), Alternation::Rate { qps, queries }) => {
+                let blocks = blocks_for(queries);
+                (round < blocks).then(|| (qps, queries.div_ceil(blocks)))
+            }
+            (
+                Self::Search(s),
+                Alternation::Peak {
+                    step, min_queries, ..
+                },
+            ) => s.next_qps().map(|q| (q, query_count(q, step, min_queries))),
+            _ => None,
+        }
+    }
+
+    /// Everything run so far, as samples for a cell that failed later.
+    fn samples(&self) -> Vec<f64> {
+        match self {
+            Self::Blocks(levels) => levels
+                .iter()
+                .flat_map(|l| l.latencies_ms.iter().copied())
+                .collect(),
+            Self::Search(_) => Vec::new(),
+        }
+    }
+}
+
+/// `http` cases of one comparison (the same model, load and batch on
+/// different servers, backends or threads) measured in alternating turns:
+/// every server is started and checked first, then each round gives each
+/// server one turn ([`block_order`]: two alternate A B, B A, ...; more
+/// rotate; the first order seeded), the idle servers paused. At a fixed
+/// rate a turn is a block of Poisson arrivals: drift then hits every server
+/// alike, the per-block medians give paired ratios as the
+/// one-query-at-a-time groups do, and each case gets as many queries in
+/// all as it would alone. In a peak search a turn is one step of that
+/// server's own search, so the searches run side by side through the same
+/// stretch of the machine's drift instead of one after the other (their
+/// steps are at different rates, so there is no paired ratio). `None` when
 /// stopped.
-#[allow(clippy::too_many_arguments)]
 pub fn alternate(
     cases: Vec<Result<Served, Box<WorkerReport>>>,
-    qps: f64,
-    queries: usize,
+    what: Alternation,
     labels: &[String],
     group: &str,
     seed: u64,
     stop: Option<&std::sync::atomic::AtomicBool>,
 ) -> Option<Vec<(WorkerReport, Option<RoundsInfo>)>> {
     let n = cases.len();
-    let blocks = blocks_for(queries);
-    let per_block = queries.div_ceil(blocks);
     let mut live: Vec<Option<Served>> = Vec::with_capacity(n);
     let mut out: Vec<Option<WorkerReport>> = Vec::with_capacity(n);
+    let mut gathered: Vec<Gathered> = Vec::with_capacity(n);
     for c in cases {
+        gathered.push(match what {
+            Alternation::Rate { .. } => Gathered::Blocks(Vec::new()),
+            Alternation::Peak {
+                p99_bound_ms,
+                max_steps,
+                ..
+            } => Gathered::Search(Box::new(PeakSearch::new(
+                p99_bound_ms,
+                c.as_ref().map_or(1.0, |s| 1e3 / s.service_ms.max(1e-3)),
+                max_steps,
+            ))),
+        });
         match c {
             Ok(s) => {
                 s.pause(true);
@@ -517,7 +606,6 @@ pub fn alternate(
             }
         }
     }
-    let mut levels: Vec<Vec<Level>> = vec![Vec::new(); n];
     let mut info: Vec<RoundsInfo> = (0..n)
         .map(|_| RoundsInfo {
             group: group.to_owned(),
@@ -527,47 +615,51 @@ pub fn alternate(
         })
         .collect();
     let first = crate::rounds::RoundOrder::new(seed).shuffle(n);
-    for round in 0..blocks {
+    for round in 0.. {
+        let turns: Vec<Option<(f64, usize)>> = (0..n)
+            .map(|i| live[i].as_ref().and(gathered[i].next(what, round)))
+            .collect();
+        if turns.iter().all(Option::is_none) {
+            break;
+        }
         if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
             return None;
         }
         for (slot, &i) in block_order(&first, round).iter().enumerate() {
-            let level = match live[i].as_mut() {
-                None => None,
-                Some(s) => {
-                    s.pause(false);
-                    let block_seed = seed ^ ((round as u64) << 32 | i as u64);
-                    let level = s.level(qps, per_block, block_seed);
-                    s.pause(true);
-                    match level.and_then(|l| match s.died() {
-                        Some(why) => Err(why),
-                        None => Ok(l),
-                    }) {
-                        Ok(l) => Some(l),
-                        Err(why) => {
-                            let s = live[i].take().expect("live");
-                            let mut report = s.report.clone();
-                            report.samples_ms = levels[i]
-                                .iter()
-                                .flat_map(|l| l.latencies_ms.iter().copied())
-                                .collect();
-                            out[i] = Some(fail(report, Status::Failed, why));
-                            None
-                        }
-                    }
-                }
-            };
             info[i].slots.push(slot);
             info[i].process.push(0);
-            match level {
-                Some(l) => {
+            let (Some(s), Some((qps, queries))) = (live[i].as_mut(), turns[i]) else {
+                // A server that is gone (or whose search is over) keeps
+                // its place in the round, empty.
+                info[i].block_runs.push(0);
+                info[i].block_medians_ms.push(None);
+                continue;
+            };
+            s.pause(false);
+            // A fixed rate draws a fresh schedule per block; a search keeps
+            // one, as it does alone.
+            let level_seed = match what {
+                Alternation::Rate { .. } => seed ^ ((round as u64) << 32 | i as u64),
+                Alternation::Peak { .. } => seed,
+            };
+            let level = s.level(qps, queries, level_seed);
+            s.pause(true);
+            match level.and_then(|l| s.died().map_or(Ok(l), Err)) {
+                Ok(l) => {
                     info[i].block_runs.push(l.completed as usize);
                     info[i].block_medians_ms.push(l.p50_ms);
-                    levels[i].push(l);
+                    match &mut gathered[i] {
+                        Gathered::Blocks(levels) => levels.push(l),
+                        Gathered::Search(search) => search.record(l),
+                    }
                 }
-                None => {
+                Err(why) => {
                     info[i].block_runs.push(0);
                     info[i].block_medians_ms.push(None);
+                    let s = live[i].take().expect("live");
+                    let mut report = s.report.clone();
+                    report.samples_ms = gathered[i].samples();
+                    out[i] = Some(fail(report, Status::Failed, why));
                 }
             }
         }
@@ -575,23 +667,37 @@ pub fn alternate(
     Some(
         live.into_iter()
             .zip(out)
-            .zip(levels)
+            .zip(gathered)
             .zip(info)
             .zip(labels)
-            .map(
-                |((((served, done), levels), info), label)| match (served, done) {
-                    (_, Some(report)) => {
-                        let ran = info.block_runs.iter().any(|r| *r > 0);
-                        (report, ran.then_some(info))
+            .map(|((((served, done), gathered), info), label)| {
+                // A search's steps are at rates of its own: nothing to pair.
+                let info = matches!(what, Alternation::Rate { .. }).then_some(info);
+                match (served, done, gathered) {
+                    (_, Some(report), _) => {
+                        let ran = info
+                            .as_ref()
+                            .is_some_and(|i| i.block_runs.iter().any(|r| *r > 0));
+                        (report, info.filter(|_| ran))
                     }
-                    (Some(s), None) => {
+                    (Some(s), None, Gathered::Blocks(levels)) => {
+                        let qps = match what {
+                            Alternation::Rate { qps, .. } => qps,
+                            Alternation::Peak { .. } => 0.0,
+                        };
                         let level = Level::merge(qps, &levels);
                         let stats = LoadStats::from_level(label.clone(), &level);
-                        (s.finish(level, stats), Some(info))
+                        (s.finish(level, stats), info)
                     }
-                    (None, None) => unreachable!("every case is live or done"),
-                },
-            )
+                    (Some(mut s), None, Gathered::Search(search)) => {
+                        let (level, mut stats) =
+                            peak_outcome(&mut s.report, label.clone(), search.finish());
+                        stats.alternated = true;
+                        (s.finish(level, stats), None)
+                    }
+                    (None, None, _) => unreachable!("every case is live or done"),
+                }
+            })
             .collect(),
     )
 }

@@ -357,8 +357,7 @@ impl<'a> Runner<'a> {
         let mut units: Vec<Unit> = Vec::new();
         for case in cases {
             if !self.options.sequential
-                && let handoff_suite::Scenario::Http { load } = &case.scenario
-                && matches!(load.target, handoff_suite::LoadTarget::Qps(_))
+                && let handoff_suite::Scenario::Http { .. } = &case.scenario
             {
                 let key = format!("http-{}", case.group_key());
                 match units
@@ -880,8 +879,9 @@ impl<'a> Runner<'a> {
         )
     }
 
-    /// `http` cases at one rate whose servers alternate in blocks (see
-    /// [`crate::http_case::alternate`]); `None` when interrupted.
+    /// `http` cases of one load (a rate, or a peak search) whose servers
+    /// take turns (see [`crate::http_case::alternate`]); `None` when
+    /// interrupted.
     fn measure_http_group(
         &self,
         key: &str,
@@ -891,7 +891,7 @@ impl<'a> Runner<'a> {
         ctx: &mut Ctx<'_>,
     ) -> Option<Vec<ResultRecord>> {
         let start = Instant::now();
-        let (mut qps, mut queries) = (0.0, 0);
+        let mut what = None;
         let mut served = Vec::new();
         let mut unchecked = Vec::new();
         let mut labels = Vec::new();
@@ -900,11 +900,8 @@ impl<'a> Runner<'a> {
                 .plan
                 .model(&case.model)
                 .expect("plan cases name plan models");
-            if let handoff_suite::Scenario::Http { load } = &case.scenario
-                && let handoff_suite::LoadTarget::Qps(q) = load.target
-            {
-                qps = q;
-                queries = handoff_load::query_count(q, load.duration, load.min_queries);
+            if let handoff_suite::Scenario::Http { load } = &case.scenario {
+                what = Some(crate::http_case::Alternation::of(load));
             }
             let (reference, mode) = self.reference_file(case, model, ctx);
             let job = self.job(case, model, mode);
@@ -927,8 +924,7 @@ impl<'a> Runner<'a> {
         }
         let outcomes = crate::http_case::alternate(
             served,
-            qps,
-            queries,
+            what.expect("an http group holds http cases"),
             &labels,
             key,
             seed,

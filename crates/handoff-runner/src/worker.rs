@@ -589,6 +589,7 @@ pub(crate) fn peak_outcome(
     let mut stats = LoadStats::from_level(label, &chosen);
     stats.p99_bound_ms = Some(peak.p99_bound_ms);
     stats.peak_qps = chosen.meets(peak.p99_bound_ms).then_some(chosen.target_qps);
+    stats.missed_qps = peak.missed_qps;
     stats.levels = peak.trace;
     (chosen, stats)
 }
