@@ -714,20 +714,22 @@ fn served_model(r: &ResultRecord) -> String {
     }
 }
 
+/// A peak search's bound (ms) and figures; `None` for other loads.
+fn peak_search(r: &ResultRecord) -> Option<(f64, &handoff_results::LoadStats)> {
+    let l = r.load.as_ref()?;
+    Some((l.p99_bound_ms?, l))
+}
+
 /// One sentence per peak search run on both sides: the two peaks in the
 /// terms a team asks about, said to be one search each (never a ratio).
 pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
-    let peak = |r: &ResultRecord| {
-        let l = r.load.as_ref()?;
-        Some((l.p99_bound_ms?, l.peak_qps))
-    };
     let mut out = Vec::new();
     for p in records.iter().filter(|p| {
         p.case.backend.starts_with("python-")
             && p.status == Status::Ok
             && p.case.scenario.starts_with("http ")
     }) {
-        let Some((bound, py)) = peak(p) else {
+        let Some((bound, pl)) = peak_search(p) else {
             continue;
         };
         let python = match (p.case.backend.as_str(), p.case.scenario.contains("predict")) {
@@ -742,10 +744,7 @@ pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
         for r in served_beside(records, p)
             .filter(|r| r.status == Status::Ok && r.accuracy.as_ref().is_none_or(|a| a.passed))
         {
-            let Some((_, rs)) = peak(r) else {
-                continue;
-            };
-            let (Some(pl), Some(rl)) = (&p.load, &r.load) else {
+            let Some((_, rl)) = peak_search(r) else {
                 continue;
             };
             let target = match &r.accuracy {
@@ -760,8 +759,8 @@ pub fn serving_decisions(records: &[ResultRecord]) -> Vec<String> {
             let how = peak_verdict(rl, pl);
             out.push(format!(
                 "`{model}` ({threads} thread{plural}, batch {batch}), highest rate with p99 <= {bound} ms on this machine: {} on {python}, {} on {target} ({how}). The paired p50 at a fixed rate (a `qps:` load) is the measured comparison.",
-                rate(py),
-                rate(rs),
+                rate(pl.peak_qps),
+                rate(rl.peak_qps),
             ));
         }
     }

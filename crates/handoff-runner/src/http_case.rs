@@ -426,27 +426,17 @@ pub fn run(
         Err(report) => return *report,
     };
     let label = job.case.scenario.label();
-    let outcome: Result<(Level, LoadStats), String> = match load.target {
-        LoadTarget::Qps(qps) => served
-            .level(
-                qps,
-                query_count(qps, load.duration, load.min_queries),
-                job.seed,
-            )
-            .map(|level| {
-                let stats = LoadStats::from_level(label, &level);
-                (level, stats)
-            }),
-        LoadTarget::Peak { .. } => {
-            let Alternation::Peak {
-                p99_bound_ms,
-                step,
-                min_queries,
-                max_steps,
-            } = Alternation::of(load)
-            else {
-                unreachable!("a peak target is a peak search")
-            };
+    let outcome: Result<(Level, LoadStats), String> = match Alternation::of(load) {
+        Alternation::Rate { qps, queries } => served.level(qps, queries, job.seed).map(|level| {
+            let stats = LoadStats::from_level(label, &level);
+            (level, stats)
+        }),
+        Alternation::Peak {
+            p99_bound_ms,
+            step,
+            min_queries,
+            max_steps,
+        } => {
             let service_ms = served.service_ms;
             find_peak(p99_bound_ms, 1e3 / service_ms.max(1e-3), max_steps, |q| {
                 served.level(q, query_count(q, step, min_queries), job.seed)
@@ -520,38 +510,84 @@ impl Alternation {
     }
 }
 
-/// What one server has gathered so far.
+/// What one server has gathered so far, with what its turns are.
 enum Gathered {
-    Blocks(Vec<Level>),
-    Search(Box<PeakSearch>),
+    /// Fixed-rate blocks of `per_block` queries at `qps`, `blocks` of them.
+    Blocks {
+        qps: f64,
+        per_block: usize,
+        blocks: usize,
+        levels: Vec<Level>,
+    },
+    /// A peak search, whose steps last `step` (at least `min_queries`).
+    Search {
+        search: Box<PeakSearch>,
+        step: Duration,
+        min_queries: u32,
+    },
 }
 
 impl Gathered {
-    /// The rate and query count of this server's next turn, if it has one.
-    fn next(&self, what: Alternation, round: usize) -> Option<(f64, usize)> {
-        match (self, what) {
-            (Self::Blocks(_), Alternation::Rate { qps, queries }) => {
+    /// Nothing yet; `hint_qps` is the server's first guess of its capacity.
+    fn new(what: Alternation, hint_qps: f64) -> Self {
+        match what {
+            Alternation::Rate { qps, queries } => {
                 let blocks = blocks_for(queries);
-                (round < blocks).then(|| (qps, queries.div_ceil(blocks)))
+                Self::Blocks {
+                    qps,
+                    per_block: queries.div_ceil(blocks),
+                    blocks,
+                    levels: Vec::new(),
+                }
             }
-            (
-                Self::Search(s),
-                Alternation::Peak {
-                    step, min_queries, ..
-                },
-            ) => s.next_qps().map(|q| (q, query_count(q, step, min_queries))),
-            _ => None,
+            Alternation::Peak {
+                p99_bound_ms,
+                step,
+                min_queries,
+                max_steps,
+            } => Self::Search {
+                search: Box::new(PeakSearch::new(p99_bound_ms, hint_qps, max_steps)),
+                step,
+                min_queries,
+            },
+        }
+    }
+
+    /// The rate and query count of this server's turn in `round`, if it
+    /// has one.
+    fn next(&self, round: usize) -> Option<(f64, usize)> {
+        match self {
+            Self::Blocks {
+                qps,
+                per_block,
+                blocks,
+                ..
+            } => (round < *blocks).then_some((*qps, *per_block)),
+            Self::Search {
+                search,
+                step,
+                min_queries,
+            } => search
+                .next_qps()
+                .map(|q| (q, query_count(q, *step, *min_queries))),
+        }
+    }
+
+    fn record(&mut self, level: Level) {
+        match self {
+            Self::Blocks { levels, .. } => levels.push(level),
+            Self::Search { search, .. } => search.record(level),
         }
     }
 
     /// Everything run so far, as samples for a cell that failed later.
     fn samples(&self) -> Vec<f64> {
         match self {
-            Self::Blocks(levels) => levels
+            Self::Blocks { levels, .. } => levels
                 .iter()
                 .flat_map(|l| l.latencies_ms.iter().copied())
                 .collect(),
-            Self::Search(_) => Vec::new(),
+            Self::Search { .. } => Vec::new(),
         }
     }
 }
@@ -582,18 +618,10 @@ pub fn alternate(
     let mut out: Vec<Option<WorkerReport>> = Vec::with_capacity(n);
     let mut gathered: Vec<Gathered> = Vec::with_capacity(n);
     for c in cases {
-        gathered.push(match what {
-            Alternation::Rate { .. } => Gathered::Blocks(Vec::new()),
-            Alternation::Peak {
-                p99_bound_ms,
-                max_steps,
-                ..
-            } => Gathered::Search(Box::new(PeakSearch::new(
-                p99_bound_ms,
-                c.as_ref().map_or(1.0, |s| 1e3 / s.service_ms.max(1e-3)),
-                max_steps,
-            ))),
-        });
+        gathered.push(Gathered::new(
+            what,
+            c.as_ref().map_or(1.0, |s| 1e3 / s.service_ms.max(1e-3)),
+        ));
         match c {
             Ok(s) => {
                 s.pause(true);
@@ -617,7 +645,7 @@ pub fn alternate(
     let first = crate::rounds::RoundOrder::new(seed).shuffle(n);
     for round in 0.. {
         let turns: Vec<Option<(f64, usize)>> = (0..n)
-            .map(|i| live[i].as_ref().and(gathered[i].next(what, round)))
+            .map(|i| live[i].as_ref().and(gathered[i].next(round)))
             .collect();
         if turns.iter().all(Option::is_none) {
             break;
@@ -648,10 +676,7 @@ pub fn alternate(
                 Ok(l) => {
                     info[i].block_runs.push(l.completed as usize);
                     info[i].block_medians_ms.push(l.p50_ms);
-                    match &mut gathered[i] {
-                        Gathered::Blocks(levels) => levels.push(l),
-                        Gathered::Search(search) => search.record(l),
-                    }
+                    gathered[i].record(l);
                 }
                 Err(why) => {
                     info[i].block_runs.push(0);
@@ -680,16 +705,12 @@ pub fn alternate(
                             .is_some_and(|i| i.block_runs.iter().any(|r| *r > 0));
                         (report, info.filter(|_| ran))
                     }
-                    (Some(s), None, Gathered::Blocks(levels)) => {
-                        let qps = match what {
-                            Alternation::Rate { qps, .. } => qps,
-                            Alternation::Peak { .. } => 0.0,
-                        };
+                    (Some(s), None, Gathered::Blocks { qps, levels, .. }) => {
                         let level = Level::merge(qps, &levels);
                         let stats = LoadStats::from_level(label.clone(), &level);
                         (s.finish(level, stats), info)
                     }
-                    (Some(mut s), None, Gathered::Search(search)) => {
+                    (Some(mut s), None, Gathered::Search { search, .. }) => {
                         let (level, mut stats) =
                             peak_outcome(&mut s.report, label.clone(), search.finish());
                         stats.alternated = true;
