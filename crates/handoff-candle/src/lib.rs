@@ -10,6 +10,7 @@
 //! With the `cuda` feature, candle-native runs on `cuda:0`; candle-onnx stays
 //! CPU-only because it builds every initializer on the CPU.
 
+mod models;
 pub mod qbert;
 
 use std::collections::HashMap;
@@ -306,7 +307,7 @@ impl Backend for CandleNativeBackend {
         model: &ModelRef,
         options: &PrepareOptions,
     ) -> Result<Box<dyn Prepared>, BackendError> {
-        use candle_transformers::models::bert::{BertModel, Config};
+        use crate::models::bert::{BertModel, Config};
         let device = candle_device(options.device)?;
         if device.is_cpu() {
             check_threads(options.threads)?;
@@ -348,7 +349,7 @@ impl Backend for CandleNativeBackend {
         let invalid =
             |e: candle_core::Error| BackendError::InvalidModel(format!("{}: {e}", st.display()));
         let (encoder, hidden) = if shape.distil {
-            use candle_transformers::models::distilbert::{Config as DConfig, DistilBertModel};
+            use crate::models::distilbert::{Config as DConfig, DistilBertModel};
             let config: DConfig = serde_json::from_str(&text).map_err(unsupported)?;
             let hidden = config.dim;
             (
@@ -420,9 +421,9 @@ impl ModelShape {
 }
 
 enum Encoder {
-    Bert(candle_transformers::models::bert::BertModel),
+    Bert(crate::models::bert::BertModel),
     QBert(qbert::QBert),
-    Distil(candle_transformers::models::distilbert::DistilBertModel),
+    Distil(crate::models::distilbert::DistilBertModel),
 }
 
 /// The sequence-classification head on the first token: BERT's pooler

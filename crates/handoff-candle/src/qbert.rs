@@ -5,10 +5,10 @@
 //! LayerNorm, softmax and the attention products stay fp32, as in
 //! candle-transformers' quantised models.
 
+use crate::models::bert::{Config, HiddenAct};
 use candle_core::quantized::{GgmlDType, QMatMul, QTensor};
 use candle_core::{D, DType, Module, Result, Tensor};
 use candle_nn::{Embedding, LayerNorm, VarBuilder};
-use candle_transformers::models::bert::{Config, HiddenAct};
 
 /// Linear layer with a quantised weight.
 struct QLinear {
