@@ -231,10 +231,16 @@ pub const PEAK_BRACKET: f64 = 1.1;
 /// the requests' own spread, not queueing.
 pub const LIGHT_LOAD: f64 = 0.25;
 
+/// The rate one server holds answering queries back to back, each taking
+/// `service_ms`: a peak search's first guess ([`find_peak`]'s `hint_qps`).
+pub fn serial_capacity_qps(service_ms: f64) -> f64 {
+    1e3 / service_ms.max(1e-3)
+}
+
 /// Searches for the highest rate whose p99 stays under `p99_bound_ms`:
 /// grows the rate by half until a run misses the bound, then bisects until
-/// the bracket is within 10%. `hint_qps` is a first guess (e.g. one over
-/// the single-query latency); at most `max_steps` runs. [`PeakSearch`] is
+/// the bracket is within 10%. `hint_qps` is a first guess
+/// ([`serial_capacity_qps`]); at most `max_steps` runs. [`PeakSearch`] is
 /// the same search one run at a time, for searches that take turns.
 pub fn find_peak<E>(
     p99_bound_ms: f64,

@@ -437,8 +437,8 @@ pub fn run(
             min_queries,
             max_steps,
         } => {
-            let service_ms = served.service_ms;
-            find_peak(p99_bound_ms, 1e3 / service_ms.max(1e-3), max_steps, |q| {
+            let hint = handoff_load::serial_capacity_qps(served.service_ms);
+            find_peak(p99_bound_ms, hint, max_steps, |q| {
                 served.level(q, query_count(q, step, min_queries), job.seed)
             })
             .map(|peak| peak_outcome(&mut served.report, label, peak))
@@ -474,7 +474,9 @@ pub fn block_order(first: &[usize], round: usize) -> Vec<usize> {
     (0..n).map(|k| first[(k + round) % n]).collect()
 }
 
-/// What the servers of an alternated `http` comparison do in turn.
+/// What a load asks of a server: one fixed rate or a peak search. The
+/// servers of an alternated `http` comparison take these in turns; a lone
+/// server (`http`, or the in-process `server` scenario) runs them at once.
 #[derive(Debug, Clone, Copy)]
 pub enum Alternation {
     /// One fixed rate: `queries` in all per server, split into blocks.
@@ -620,7 +622,8 @@ pub fn alternate(
     for c in cases {
         gathered.push(Gathered::new(
             what,
-            c.as_ref().map_or(1.0, |s| 1e3 / s.service_ms.max(1e-3)),
+            c.as_ref()
+                .map_or(1.0, |s| handoff_load::serial_capacity_qps(s.service_ms)),
         ));
         match c {
             Ok(s) => {

@@ -10,9 +10,10 @@ use handoff_backend::{
     Tensor, compare, load_tensors, min_row_cosine, save_tensors,
 };
 use handoff_suite::expected::Expected;
-use handoff_suite::{Case, LoadTarget, Measure, Scenario};
+use handoff_suite::{Case, Measure, Scenario};
 use serde::{Deserialize, Serialize};
 
+use crate::http_case::Alternation;
 use crate::machine::{CpuSnapshot, MachineLoad, peak_rss_mb};
 use crate::measure::{StopReason, measure};
 use crate::record::{LoadStats, Status};
@@ -520,25 +521,27 @@ fn server_scenario(
     report.warmup_runs = warmup_runs;
     let before = CpuSnapshot::now();
     let label = job.case.scenario.label();
-    let mut level_at = |qps: f64, duration: std::time::Duration, min: u32| {
-        let n = handoff_load::query_count(qps, duration, min);
-        let schedule = handoff_load::poisson_schedule(qps, n, job.seed);
+    let mut level_at = |qps: f64, queries: usize| {
+        let schedule = handoff_load::poisson_schedule(qps, queries, job.seed);
         handoff_load::run_in_process(qps, &schedule, || prepared.run())
     };
-    let (level, stats) = match load.target {
-        LoadTarget::Qps(qps) => match level_at(qps, load.duration, load.min_queries) {
+    let (level, stats) = match Alternation::of(load) {
+        Alternation::Rate { qps, queries } => match level_at(qps, queries) {
             Ok(level) => {
                 let stats = LoadStats::from_level(label, &level);
                 (level, stats)
             }
             Err(e) => return report.fail(&e),
         },
-        LoadTarget::Peak { p99 } => {
-            let bound = p99.as_secs_f64() * 1e3;
-            let step = (load.duration / 3).max(std::time::Duration::from_secs(2));
-            let min = (load.min_queries / 2).max(1);
-            let peak = match handoff_load::find_peak(bound, 1e3 / service_ms.max(1e-3), 7, |q| {
-                level_at(q, step, min)
+        Alternation::Peak {
+            p99_bound_ms,
+            step,
+            min_queries,
+            max_steps,
+        } => {
+            let hint = handoff_load::serial_capacity_qps(service_ms);
+            let peak = match handoff_load::find_peak(p99_bound_ms, hint, max_steps, |q| {
+                level_at(q, handoff_load::query_count(q, step, min_queries))
             }) {
                 Ok(p) => p,
                 Err(e) => return report.fail(&e),
