@@ -12,7 +12,10 @@
 //! shrunk to `g / e` of its all-int8 value, less a tenth for margin. (The
 //! two sets differ in difficulty: on MiniLM the calibration sentences'
 //! smallest cosine is 0.987 where the check's is 0.993, so asking them for
-//! the gate's own cosine put 9 MatMuls in fp32 where 1 cleared it.)
+//! the gate's own cosine put 9 MatMuls in fp32 where 1 cleared it.) That count
+//! is an estimate: where the check still misses the gate, the next
+//! MatMuls of the same ranking follow, one build and check each, up to the
+//! same cap (`added_for_gate` in the provenance says how many).
 
 use std::path::Path;
 
@@ -44,10 +47,32 @@ pub struct Sensitivity {
     pub ranked: Vec<(String, f64)>,
     /// The MatMuls chosen for fp32, in the order they were added.
     pub chosen: Vec<String>,
-    /// Smallest row cosine with `chosen` in fp32.
+    /// Smallest row cosine with `chosen` in fp32, before any were added
+    /// for the gate.
     pub reached: f64,
+    /// Of `chosen`, the last ones added because the check still missed the
+    /// gate with those before them.
+    pub added_for_gate: usize,
     /// The candidates there were.
     pub candidates: usize,
+}
+
+impl Sensitivity {
+    /// The most MatMuls that may stay fp32.
+    pub fn cap(&self) -> usize {
+        (self.candidates / MAX_SHARE).max(1)
+    }
+
+    /// Adds the next MatMul of the ranking after the check missed the gate
+    /// with `chosen`; false at the cap.
+    pub fn add_for_gate(&mut self) -> bool {
+        if self.chosen.len() >= self.cap() || self.chosen.len() >= self.ranked.len() {
+            return false;
+        }
+        self.chosen.push(self.ranked[self.chosen.len()].0.clone());
+        self.added_for_gate += 1;
+        true
+    }
 }
 
 /// Measures `request`'s int8 model of `onnx` on `calibration` and picks the
@@ -145,16 +170,46 @@ pub fn measure(
             }
         }
         Ok(Sensitivity {
-            method: "each int8 MatMul alone left in fp32, end-to-end smallest row cosine to fp32; the best added one at a time until the error has shrunk as much as the failed gate needs, less a tenth",
+            method: "each int8 MatMul alone left in fp32, end-to-end smallest row cosine to fp32; the best added one at a time until the error has shrunk as much as the failed gate needs, less a tenth; then the next ones, one build and check each, while the check still misses the gate",
             inputs: calibration_source(calibration),
             all_int8,
             target,
             ranked,
             chosen,
             reached,
+            added_for_gate: 0,
             candidates: candidates.len(),
         })
     })();
     let _ = std::fs::remove_file(&path);
     found
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn matmuls_added_for_the_gate_follow_the_ranking_up_to_a_quarter() {
+        let mut s = Sensitivity {
+            method: "",
+            inputs: String::new(),
+            all_int8: 0.99,
+            target: 0.995,
+            ranked: (0..9)
+                .map(|i| (format!("m{i}"), 0.999 - f64::from(i) * 1e-3))
+                .collect(),
+            chosen: vec!["m0".into()],
+            reached: 0.995,
+            added_for_gate: 0,
+            candidates: 9,
+        };
+        assert_eq!(s.cap(), 2);
+        assert!(s.add_for_gate());
+        assert_eq!(s.chosen, ["m0", "m1"]);
+        assert_eq!(s.added_for_gate, 1);
+        // A quarter of 9 is 2: no third.
+        assert!(!s.add_for_gate());
+        assert_eq!(s.chosen.len(), 2);
+    }
 }
