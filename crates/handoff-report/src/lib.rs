@@ -850,6 +850,7 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
 /// dims, so a thread setting that does not take effect is visible.
 fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
     let mut lines = Vec::new();
+    let mut unexplained = false;
     for r in rows.iter().filter(|r| r.status == Status::Ok) {
         let peers: Vec<&&ResultRecord> = rows
             .iter()
@@ -904,10 +905,11 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
         let verdict = if faster {
             "faster"
         } else if slower {
-            "slower: threading overhead exceeds the parallel work at this size"
+            "slower"
         } else {
-            "no measurable gain: ops too small for the backend to split, or not parallelised"
+            "no measurable gain"
         };
+        unexplained |= !faster;
         lines.push(format!(
             "| {} | {} | {} | {min_t} -> {max_t} | {speedup:.2}x{range} | {verdict} |",
             escape_md(&backend_label(r)),
@@ -927,6 +929,10 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
         out.push('\n');
     }
     out.push('\n');
+    if unexplained {
+        // The speed-up is measured; why more threads did not help is not.
+        out.push_str("Where more threads did not help, the cause is not measured here: ops too small for the runtime to split profitably, ops it does not parallelise, or threads competing for this machine's CPUs with each other, the harness and the host.\n\n");
+    }
 }
 
 /// Each precision-variant model (`<base>@<variant>`), in order, with its
