@@ -32,6 +32,11 @@ use crate::{PrepareError, embedding_agreement, run_model_on};
 /// speed int8 was for is mostly gone and the gate should fail visibly.
 const MAX_SHARE: usize = 4;
 
+/// The most of `candidates` MatMuls that may stay fp32.
+fn cap(candidates: usize) -> usize {
+    (candidates / MAX_SHARE).max(1)
+}
+
 /// What the measurement found, for the warning and the provenance.
 #[derive(Debug, Clone, Serialize)]
 pub struct Sensitivity {
@@ -60,7 +65,7 @@ pub struct Sensitivity {
 impl Sensitivity {
     /// The most MatMuls that may stay fp32.
     pub fn cap(&self) -> usize {
-        (self.candidates / MAX_SHARE).max(1)
+        cap(self.candidates)
     }
 
     /// Adds the next MatMul of the ranking after the check missed the gate
@@ -158,7 +163,7 @@ pub fn measure(
             .collect::<Result<Vec<_>, PrepareError>>()?;
         ranked.sort_by(|a, b| b.1.total_cmp(&a.1));
         let (mut chosen, mut reached) = (Vec::new(), all_int8);
-        for (name, alone) in ranked.iter().take((candidates.len() / MAX_SHARE).max(1)) {
+        for (name, alone) in ranked.iter().take(cap(candidates.len())) {
             chosen.push(name.clone());
             reached = if chosen.len() == 1 {
                 *alone
