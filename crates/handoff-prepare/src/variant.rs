@@ -124,10 +124,11 @@ pub struct Gated {
 /// and the gate that counts is the one on the machine that measures it.
 ///
 /// An int8 variant that fails its gate with every MatMul in int8 is built
-/// once more with the MatMuls that cost the most accuracy left in fp32, as
-/// few as the measurement on the calibration inputs says clear the gate
-/// (see [`crate::sensitivity`]); the warning and the provenance say which
-/// and why. On MiniLM (outlier channels split off) that is none on a VNNI
+/// again with the MatMuls that cost the most accuracy left in fp32, as few
+/// as the measurement on the calibration inputs says clear the gate, and
+/// one more of them per build while the check still misses it (see
+/// [`crate::sensitivity`]); the warning and the provenance say which and
+/// why. On MiniLM (outlier channels split off) that is none on a VNNI
 /// CPU and one FFN down-projection for AVX2. A reused file that fails here
 /// is reported, not rebuilt: it is the file that was asked for.
 pub fn build_variant(
