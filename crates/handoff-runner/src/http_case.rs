@@ -426,24 +426,13 @@ pub fn run(
         Err(report) => return *report,
     };
     let label = job.case.scenario.label();
-    let outcome: Result<(Level, LoadStats), String> = match Alternation::of(load) {
-        Alternation::Rate { qps, queries } => served.level(qps, queries, job.seed).map(|level| {
-            let stats = LoadStats::from_level(label, &level);
-            (level, stats)
-        }),
-        Alternation::Peak {
-            p99_bound_ms,
-            step,
-            min_queries,
-            max_steps,
-        } => {
-            let hint = handoff_load::serial_capacity_qps(served.service_ms);
-            find_peak(p99_bound_ms, hint, max_steps, |q| {
-                served.level(q, query_count(q, step, min_queries), job.seed)
-            })
-            .map(|peak| peak_outcome(&mut served.report, label, peak))
-        }
-    };
+    let mut reason = None;
+    let outcome = Alternation::of(load).serve(served.service_ms, label, &mut reason, |q, n| {
+        served.level(q, n, job.seed)
+    });
+    if reason.is_some() {
+        served.report.reason = reason;
+    }
     match outcome {
         Ok((level, stats)) => served.finish(level, stats),
         Err(e) => fail(std::mem::take(&mut served.report), Status::Failed, e),
@@ -508,6 +497,37 @@ impl Alternation {
                 min_queries: (load.min_queries / 2).max(1),
                 max_steps: 7,
             },
+        }
+    }
+
+    /// One server under this load, whose warm-up took `service_ms` a query:
+    /// the level at the fixed rate, or the peak search's chosen level (see
+    /// [`peak_outcome`], which writes `reason` when no rate met the bound),
+    /// with its stats. `level_at(qps, queries)` serves one level.
+    pub(crate) fn serve<E>(
+        self,
+        service_ms: f64,
+        label: String,
+        reason: &mut Option<String>,
+        mut level_at: impl FnMut(f64, usize) -> Result<Level, E>,
+    ) -> Result<(Level, LoadStats), E> {
+        match self {
+            Self::Rate { qps, queries } => level_at(qps, queries).map(|level| {
+                let stats = LoadStats::from_level(label, &level);
+                (level, stats)
+            }),
+            Self::Peak {
+                p99_bound_ms,
+                step,
+                min_queries,
+                max_steps,
+            } => {
+                let hint = handoff_load::serial_capacity_qps(service_ms);
+                find_peak(p99_bound_ms, hint, max_steps, |q| {
+                    level_at(q, query_count(q, step, min_queries))
+                })
+                .map(|peak| peak_outcome(reason, label, peak))
+            }
         }
     }
 }
@@ -715,7 +735,7 @@ pub fn alternate(
                     }
                     (Some(mut s), None, Gathered::Search { search, .. }) => {
                         let (level, mut stats) =
-                            peak_outcome(&mut s.report, label.clone(), search.finish());
+                            peak_outcome(&mut s.report.reason, label.clone(), search.finish());
                         stats.alternated = true;
                         (s.finish(level, stats), None)
                     }

@@ -521,34 +521,15 @@ fn server_scenario(
     report.warmup_runs = warmup_runs;
     let before = CpuSnapshot::now();
     let label = job.case.scenario.label();
-    let mut level_at = |qps: f64, queries: usize| {
+    let level_at = |qps: f64, queries: usize| {
         let schedule = handoff_load::poisson_schedule(qps, queries, job.seed);
         handoff_load::run_in_process(qps, &schedule, || prepared.run())
     };
-    let (level, stats) = match Alternation::of(load) {
-        Alternation::Rate { qps, queries } => match level_at(qps, queries) {
-            Ok(level) => {
-                let stats = LoadStats::from_level(label, &level);
-                (level, stats)
-            }
+    let (level, stats) =
+        match Alternation::of(load).serve(service_ms, label, &mut report.reason, level_at) {
+            Ok(x) => x,
             Err(e) => return report.fail(&e),
-        },
-        Alternation::Peak {
-            p99_bound_ms,
-            step,
-            min_queries,
-            max_steps,
-        } => {
-            let hint = handoff_load::serial_capacity_qps(service_ms);
-            let peak = match handoff_load::find_peak(p99_bound_ms, hint, max_steps, |q| {
-                level_at(q, handoff_load::query_count(q, step, min_queries))
-            }) {
-                Ok(p) => p,
-                Err(e) => return report.fail(&e),
-            };
-            peak_outcome(&mut report, label, peak)
-        }
-    };
+        };
     report.machine = Some(before.load_until(&CpuSnapshot::now()));
     report.samples_ms = level.latencies_ms;
     report.load = Some(stats);
@@ -558,9 +539,9 @@ fn server_scenario(
 }
 
 /// The record of a peak search: the best level's samples, or the lowest
-/// rate's with a reason when none met the bound.
+/// rate's, with `reason` written, when none met the bound.
 pub(crate) fn peak_outcome(
-    report: &mut WorkerReport,
+    reason: &mut Option<String>,
     label: String,
     peak: handoff_load::Peak,
 ) -> (handoff_load::Level, LoadStats) {
@@ -575,7 +556,7 @@ pub(crate) fn peak_outcome(
                 .unwrap_or_else(|| {
                     handoff_load::Level::new(0.0, &[], Vec::new(), 0, Default::default())
                 });
-            report.reason = Some(format!(
+            *reason = Some(format!(
                 "no rate tried kept p99 under {} ms (lowest: {:.1} QPS, p99 {}){}",
                 peak.p99_bound_ms,
                 lowest.target_qps,
