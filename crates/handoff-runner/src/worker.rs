@@ -504,8 +504,6 @@ fn in_blocks(
     report
 }
 
-/// Warm-up runs for the load scenarios; returns their median time (ms), the
-/// first guess of the service time.
 /// Poisson arrivals served one at a time by this session: a fixed rate, or
 /// the peak search.
 fn server_scenario(
