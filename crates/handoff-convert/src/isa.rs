@@ -149,10 +149,26 @@ pub const INT8_FLAGS: [&str; 9] = [
 ];
 
 impl Isa {
-    /// This machine's (Linux: /proc/cpuinfo; elsewhere by architecture only).
+    /// This machine's. On x86 from the `cpuid` instruction and the OS's
+    /// enabled register state (`xgetbv`), which is what the runtimes' int8
+    /// dispatchers read, so the class is the kernels' even where
+    /// /proc/cpuinfo says otherwise (an emulator presenting another CPU, a
+    /// kernel that hides a feature); elsewhere from /proc/cpuinfo.
     pub fn detect() -> Self {
-        let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
-        Self::parse(&text, std::env::consts::ARCH)
+        #[cfg(target_arch = "x86_64")]
+        {
+            Self::from_x86_flags(&x86::flags())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            Self::parse(&text, std::env::consts::ARCH)
+        }
+    }
+
+    /// From x86 feature names as /proc/cpuinfo spells them.
+    pub fn from_x86_flags(flags: &[&str]) -> Self {
+        Self::parse(&format!("flags\t: {}\n", flags.join(" ")), "x86_64")
     }
 
     /// From the text of /proc/cpuinfo on architecture `arch`
@@ -196,6 +212,42 @@ impl Isa {
     }
 }
 
+#[cfg(target_arch = "x86_64")]
+mod x86 {
+    use std::arch::is_x86_feature_detected as has;
+
+    /// The [`super::INT8_FLAGS`] this CPU has and the OS has enabled (the
+    /// standard library checks `xgetbv` for the AVX and AVX-512 registers),
+    /// named as /proc/cpuinfo names them. AMX int8 has no stable detection
+    /// in the standard library: it is read from /proc/cpuinfo, and only on a
+    /// CPU whose `cpuid` shows AVX512-VNNI, which every AMX CPU has.
+    pub fn flags() -> Vec<&'static str> {
+        let mut out = Vec::new();
+        for (found, name) in [
+            (has!("avx2"), "avx2"),
+            (has!("avx512f"), "avx512f"),
+            (has!("avx512bw"), "avx512bw"),
+            (has!("avx512vnni"), "avx512_vnni"),
+            (has!("avxvnni"), "avx_vnni"),
+        ] {
+            if found {
+                out.push(name);
+            }
+        }
+        if out.contains(&"avx512_vnni")
+            && std::fs::read_to_string("/proc/cpuinfo").is_ok_and(|t| {
+                super::Isa::parse(&t, "x86_64")
+                    .flags
+                    .iter()
+                    .any(|f| f == "amx_int8")
+            })
+        {
+            out.push("amx_int8");
+        }
+        out
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -227,6 +279,22 @@ mod tests {
         assert_eq!(
             Isa::parse(GRAVITON3, "aarch64").flags,
             ["asimd", "asimddp", "i8mm"]
+        );
+    }
+
+    #[test]
+    fn x86_feature_names_give_the_class_cpuinfo_would() {
+        let class = |f: &[&str]| Isa::from_x86_flags(f).class;
+        assert_eq!(class(&["avx2"]), CpuClass::X86Avx2);
+        assert_eq!(
+            class(&["avx2", "avx512f", "avx512bw", "avx512_vnni"]),
+            CpuClass::X86Avx512Vnni
+        );
+        assert_eq!(class(&["avx2", "avx_vnni"]), CpuClass::X86AvxVnni);
+        assert_eq!(class(&[]), CpuClass::X86);
+        assert_eq!(
+            Isa::from_x86_flags(&["avx2", "avx512f"]).flags,
+            ["avx2", "avx512f"]
         );
     }
 

@@ -284,6 +284,8 @@ pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
             "RAYON_NUM_THREADS",
             "ORT_DYLIB_PATH",
             "MKL_NUM_THREADS",
+            crate::isolate::LAUNCHER_VAR,
+            handoff_convert::isa::TARGET_CPU_VAR,
         ]
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
@@ -292,7 +294,9 @@ pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
             cpu_model: field("model name").unwrap_or_else(|| "unknown".into()),
             logical_cores: std::thread::available_parallelism().map_or(1, usize::from),
             cpu_flags,
-            cpu_class: handoff_convert::isa::Isa::parse(&cpuinfo, std::env::consts::ARCH)
+            // The class the runtimes' int8 kernels see (`cpuid` on x86),
+            // which decides which variants are reused.
+            cpu_class: handoff_convert::isa::Isa::detect()
                 .class
                 .as_str()
                 .to_owned(),

@@ -110,6 +110,10 @@ impl GilCmd {
 }
 
 pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
+    // What decides which int8 kernels the runtimes pick, and so what an
+    // int8 variant computes here.
+    let isa = handoff_convert::isa::Isa::detect();
+    println!("int8 CPU class: {} ({})", isa.class, isa.flags.join(" "));
     match handoff_backend::nvidia_driver() {
         Some(v) => println!("NVIDIA driver {v}"),
         None => println!(
