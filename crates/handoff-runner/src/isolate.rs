@@ -32,6 +32,40 @@ pub struct WorkerCommand {
     pub args: Vec<String>,
 }
 
+/// A command (split at whitespace) to start every worker under, e.g.
+/// `qemu-x86_64-static -cpu EPYC-Milan` to compute what an int8 model gives
+/// on a CPU class this machine is not (`scripts/emulate_cpu.sh`). Its
+/// timings are the launcher's, not this machine's.
+pub const LAUNCHER_VAR: &str = "HANDOFF_WORKER_LAUNCHER";
+
+impl WorkerCommand {
+    /// `exe __worker`, under [`LAUNCHER_VAR`]'s command when it is set.
+    pub fn handoff(exe: PathBuf) -> Self {
+        let launcher = std::env::var(LAUNCHER_VAR).unwrap_or_default();
+        Self::launched(&launcher, exe, &["__worker"])
+    }
+
+    /// `exe args`, under `launcher` (a command split at whitespace) unless
+    /// it is blank.
+    pub fn launched(launcher: &str, exe: PathBuf, args: &[&str]) -> Self {
+        let mut words = launcher.split_whitespace().map(str::to_owned);
+        let args = args.iter().map(|a| (*a).to_owned());
+        match words.next() {
+            Some(program) => Self {
+                program: program.into(),
+                args: words
+                    .chain(std::iter::once(exe.to_string_lossy().into_owned()))
+                    .chain(args)
+                    .collect(),
+            },
+            None => Self {
+                program: exe,
+                args: args.collect(),
+            },
+        }
+    }
+}
+
 /// Prefix of the line a worker measuring in rounds prints once warmed up.
 pub const READY_PREFIX: &str = "HANDOFF-READY";
 /// Prefix of a block's samples on a worker's stdout.
@@ -585,5 +619,24 @@ impl CaseWorker for ThreadWorker<'_> {
 
     fn pid(&self) -> Option<u32> {
         None
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::WorkerCommand;
+
+    #[test]
+    fn a_launcher_goes_in_front_of_the_worker_and_a_blank_one_is_none() {
+        let w = WorkerCommand::launched(
+            " qemu-x86_64  -cpu EPYC-Milan ",
+            "/x/handoff".into(),
+            &["__worker"],
+        );
+        assert_eq!(w.program.to_str(), Some("qemu-x86_64"));
+        assert_eq!(w.args, ["-cpu", "EPYC-Milan", "/x/handoff", "__worker"]);
+        let w = WorkerCommand::launched("  ", "/x/handoff".into(), &["__worker"]);
+        assert_eq!(w.program.to_str(), Some("/x/handoff"));
+        assert_eq!(w.args, ["__worker"]);
     }
 }

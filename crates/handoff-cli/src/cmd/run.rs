@@ -203,12 +203,20 @@ pub fn run_plan(
             );
         });
     }
+    let launcher = std::env::var(handoff_runner::isolate::LAUNCHER_VAR)
+        .ok()
+        .filter(|l| !l.trim().is_empty());
+    if let Some(l) = &launcher {
+        eprintln!(
+            "warning: workers run under `{l}` ({}): their timings are the launcher's, not this machine's, so there is no roofline",
+            handoff_runner::isolate::LAUNCHER_VAR
+        );
+    }
     let options = RunOptions {
         out_dir: out.clone(),
-        worker: Some(WorkerCommand {
-            program: std::env::current_exe().context("cannot find the handoff executable")?,
-            args: vec!["__worker".into()],
-        }),
+        worker: Some(WorkerCommand::handoff(
+            std::env::current_exe().context("cannot find the handoff executable")?,
+        )),
         filters: filter,
         repeat,
         shard,
@@ -222,7 +230,11 @@ pub fn run_plan(
     // machine is as quiet as it will be (kept on --resume).
     let peak_file = out.join(handoff_report::roofline::MachinePeak::FILE);
     let real = plan.backends.iter().any(|b| !b.starts_with("mock"));
-    if real && !peak_file.is_file() && plan.isolation == handoff_suite::Isolation::Process {
+    if real
+        && launcher.is_none()
+        && !peak_file.is_file()
+        && plan.isolation == handoff_suite::Isolation::Process
+    {
         std::fs::create_dir_all(&out)?;
         match crate::roofline::measure_peak(
             registry,

@@ -13,9 +13,24 @@ pub fn handoff(args: &[&str], dir: &Path) -> Output {
     handoff_env(args, dir, &[])
 }
 
+/// The built `handoff`, under the workers' launcher when one is set (so a
+/// test run under an emulator, `scripts/emulate_cpu.sh`, emulates the whole
+/// process tree).
+pub fn handoff_command() -> Command {
+    let launcher = std::env::var(handoff_runner::isolate::LAUNCHER_VAR).unwrap_or_default();
+    let w = handoff_runner::isolate::WorkerCommand::launched(
+        &launcher,
+        env!("CARGO_BIN_EXE_handoff").into(),
+        &[],
+    );
+    let mut c = Command::new(w.program);
+    c.args(w.args);
+    c
+}
+
 /// [`handoff`] with extra environment variables.
 pub fn handoff_env(args: &[&str], dir: &Path, env: &[(&str, &str)]) -> Output {
-    Command::new(env!("CARGO_BIN_EXE_handoff"))
+    handoff_command()
         .args(args)
         .current_dir(dir)
         .env("HANDOFF_MODEL_CACHE", dir.join("cache"))
