@@ -1246,3 +1246,64 @@ fn an_exporter_style_bert_quantises_and_passes_its_gate() {
         );
     }
 }
+
+/// The int8 numerics tests of this file again, with this test binary under
+/// QEMU presenting an AMD EPYC Zen 3 (AVX2 without VNNI: u8 x s8 pairs
+/// summed in saturating 16 bits, the class of most cloud VMs and CI
+/// runners), so they are known to hold on that class from any x86 machine.
+/// The runtimes pick their kernels from `cpuid`, which the emulator
+/// answers. As a control that the emulator is in effect, one of them with
+/// 8-bit weights forced must fail there, as it does on a real Zen 3.
+#[cfg(target_arch = "x86_64")]
+#[test]
+fn int8_numerics_hold_on_an_emulated_avx2_cpu() {
+    use handoff_runner::isolate::WorkerCommand;
+    let script = Path::new(env!("CARGO_MANIFEST_DIR")).join("../../scripts/ensure-qemu.sh");
+    let o = std::process::Command::new("bash")
+        .arg(&script)
+        .output()
+        .unwrap();
+    assert!(
+        o.status.success(),
+        "{}: {}",
+        script.display(),
+        String::from_utf8_lossy(&o.stderr)
+    );
+    let launcher = String::from_utf8(o.stdout).unwrap();
+    let exe = std::env::current_exe().unwrap();
+    let run = |tests: &[&str], target_cpu: Option<&str>| {
+        let mut args = vec!["--exact", "--test-threads", "2"];
+        args.extend_from_slice(tests);
+        let w = WorkerCommand::launched(&launcher, exe.clone(), &args);
+        let mut c = std::process::Command::new(&w.program);
+        c.args(&w.args)
+            .env_remove(handoff_convert::isa::TARGET_CPU_VAR)
+            .env_remove(handoff_runner::isolate::LAUNCHER_VAR);
+        if let Some(t) = target_cpu {
+            c.env(handoff_convert::isa::TARGET_CPU_VAR, t);
+        }
+        let o = c.output().unwrap();
+        (
+            o.status.success(),
+            format!(
+                "{}{}",
+                String::from_utf8_lossy(&o.stdout),
+                String::from_utf8_lossy(&o.stderr)
+            ),
+        )
+    };
+    let tests = [
+        "int8_dynamic_on_ort_and_tract_computes_what_the_onnx_spec_says",
+        "int8_static_qdq_matches_a_hand_computation_on_ort_and_tract",
+        "smoothing_is_exact_in_fp32_and_shrinks_int8_error_on_an_outlier_channel",
+        "split_outlier_channels_are_exact_in_fp32_and_shrink_int8_error",
+        "int8_embeddings_and_weight_only_matmul_agree_on_ort_and_tract",
+    ];
+    let (ok, out) = run(&tests, None);
+    assert!(ok && out.contains("5 passed; 0 failed"), "{out}");
+    let (ok, out) = run(&[tests[1]], Some("avx512-vnni"));
+    assert!(
+        !ok && out.contains("1 failed") && out.contains("ort y["),
+        "8-bit weights should saturate on the emulated AVX2 CPU:\n{out}"
+    );
+}
