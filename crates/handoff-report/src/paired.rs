@@ -51,6 +51,23 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
         line.push_str(&format!(" ({})", flags.join(" ")));
     }
     line.push('.');
+    let var = |k: &str| {
+        env.get("env_vars")
+            .and_then(|v| v.get(k))
+            .and_then(|v| v.as_str())
+            .filter(|s| !s.trim().is_empty())
+    };
+    if let Some(target) = var("HANDOFF_TARGET_CPU") {
+        line.push_str(&format!(
+            " Variants built for CPU class `{target}` (HANDOFF_TARGET_CPU)."
+        ));
+    }
+    // An emulator's or a profiler's timings must not pass for this machine's.
+    if let Some(launcher) = var("HANDOFF_WORKER_LAUNCHER") {
+        line.push_str(&format!(
+            " Workers ran under `{launcher}` (HANDOFF_WORKER_LAUNCHER): the timings are the launcher's, not this machine's."
+        ));
+    }
     Some(line)
 }
 
@@ -405,4 +422,35 @@ pub fn canary_table(canary: &[CanaryPoint]) -> Option<Table> {
             format!("{:+.1}%", 100.0 * hi),
         ]],
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_machine_line_says_when_workers_ran_under_a_launcher() {
+        let mut env = serde_json::json!({"cpu_model": "Intel Xeon", "logical_cores": 2,
+            "cpu_class": "x86-avx512-vnni", "cpu_flags": ["avx2", "avx512_vnni"]});
+        let line = |env: &serde_json::Value| {
+            machine_line(&RunContext {
+                env: Some(env),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert_eq!(
+            line(&env),
+            "Machine: Intel Xeon, 2 logical CPUs, int8 class `x86-avx512-vnni` (avx2 avx512_vnni)."
+        );
+        env["env_vars"] = serde_json::json!({"HANDOFF_WORKER_LAUNCHER": "qemu-x86_64 -cpu EPYC-Milan",
+            "HANDOFF_TARGET_CPU": "avx2"});
+        let l = line(&env);
+        assert!(
+            l.contains("built for CPU class `avx2`")
+                && l.contains("Workers ran under `qemu-x86_64 -cpu EPYC-Milan`")
+                && l.contains("not this machine's"),
+            "{l}"
+        );
+    }
 }
