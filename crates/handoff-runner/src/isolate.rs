@@ -38,11 +38,17 @@ pub struct WorkerCommand {
 /// timings are the launcher's, not this machine's.
 pub const LAUNCHER_VAR: &str = "HANDOFF_WORKER_LAUNCHER";
 
+/// [`LAUNCHER_VAR`]'s command, unless it is unset or blank.
+pub fn launcher() -> Option<String> {
+    std::env::var(LAUNCHER_VAR)
+        .ok()
+        .filter(|l| !l.trim().is_empty())
+}
+
 impl WorkerCommand {
-    /// `exe __worker`, under [`LAUNCHER_VAR`]'s command when it is set.
+    /// `exe __worker`, under [`launcher`] when there is one.
     pub fn handoff(exe: PathBuf) -> Self {
-        let launcher = std::env::var(LAUNCHER_VAR).unwrap_or_default();
-        Self::launched(&launcher, exe, &["__worker"])
+        Self::launched(&launcher().unwrap_or_default(), exe, &["__worker"])
     }
 
     /// `exe args`, under `launcher` (a command split at whitespace) unless

@@ -203,9 +203,7 @@ pub fn run_plan(
             );
         });
     }
-    let launcher = std::env::var(handoff_runner::isolate::LAUNCHER_VAR)
-        .ok()
-        .filter(|l| !l.trim().is_empty());
+    let launcher = handoff_runner::isolate::launcher();
     if let Some(l) = &launcher {
         eprintln!(
             "warning: workers run under `{l}` ({}): their timings are the launcher's, not this machine's, so there is no roofline",

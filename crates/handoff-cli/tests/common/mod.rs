@@ -17,9 +17,8 @@ pub fn handoff(args: &[&str], dir: &Path) -> Output {
 /// test run under an emulator, `scripts/emulate_cpu.sh`, emulates the whole
 /// process tree).
 pub fn handoff_command() -> Command {
-    let launcher = std::env::var(handoff_runner::isolate::LAUNCHER_VAR).unwrap_or_default();
     let w = handoff_runner::isolate::WorkerCommand::launched(
-        &launcher,
+        &handoff_runner::isolate::launcher().unwrap_or_default(),
         env!("CARGO_BIN_EXE_handoff").into(),
         &[],
     );
