@@ -252,6 +252,7 @@ fn env_differences(base: &Run, head: &Run) -> Vec<String> {
                 b.logical_cores.to_string(),
             );
             field("CPU flags", a.cpu_flags.join(" "), b.cpu_flags.join(" "));
+            field("int8 CPU class", a.cpu_class.clone(), b.cpu_class.clone());
             field(
                 "build profile",
                 a.build_profile.clone(),

@@ -79,6 +79,10 @@ impl std::fmt::Display for CpuClass {
 /// The environment variable that overrides `native` (see [`TargetCpu::class`]).
 pub const TARGET_CPU_VAR: &str = "HANDOFF_TARGET_CPU";
 
+/// Set by scripts/as-cpu.sh to the profile its cpuid mask hides features
+/// for (`avx2`, `avx512`); recorded with the machine, read by the mask.
+pub const CPUID_MASK_VAR: &str = "HANDOFF_CPUID_MASK";
+
 /// `--target-cpu`: a class to build for, or `native` (this machine).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum TargetCpu {
@@ -164,6 +168,34 @@ impl Isa {
             let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
             Self::parse(&text, std::env::consts::ARCH)
         }
+    }
+
+    /// The [`INT8_FLAGS`] /proc/cpuinfo lists (the kernel's view of the
+    /// CPU) that this process's `cpuid` does not report: hidden by a cpuid
+    /// mask (scripts/as-cpu.sh) or an emulator presenting another CPU, so
+    /// the runtimes run [`Isa::detect`]'s class of kernels on a CPU that has
+    /// more. Empty where the two agree, and off x86.
+    pub fn hidden() -> Vec<String> {
+        #[cfg(target_arch = "x86_64")]
+        {
+            let text = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
+            Self::hidden_from(&Self::parse(&text, "x86_64"), &Self::detect())
+        }
+        #[cfg(not(target_arch = "x86_64"))]
+        {
+            Vec::new()
+        }
+    }
+
+    /// The flags of `kernel` (from /proc/cpuinfo) missing from `seen` (from
+    /// `cpuid`).
+    pub fn hidden_from(kernel: &Isa, seen: &Isa) -> Vec<String> {
+        kernel
+            .flags
+            .iter()
+            .filter(|f| !seen.flags.contains(f))
+            .cloned()
+            .collect()
     }
 
     /// From x86 feature names as /proc/cpuinfo spells them.
@@ -260,6 +292,17 @@ mod tests {
     const GRAVITON3: &str = "processor\t: 0\nFeatures\t: fp asimd evtstrm aes pmull sha1 sha2 crc32 atomics asimddp sve i8mm bf16\n";
     const A72: &str = "Features\t: fp asimd evtstrm crc32 cpuid\n";
     const OLD_X86: &str = "flags\t\t: fpu sse2 sse4_2 avx\n";
+
+    #[test]
+    fn features_the_kernel_lists_but_cpuid_hides_are_named() {
+        let kernel = Isa::parse(ZEN4, "x86_64");
+        let masked = Isa::from_x86_flags(&["avx2"]);
+        assert_eq!(
+            Isa::hidden_from(&kernel, &masked),
+            ["avx512f", "avx512bw", "avx512_vnni"]
+        );
+        assert!(Isa::hidden_from(&kernel, &kernel).is_empty());
+    }
 
     #[test]
     fn each_cpu_class_is_read_from_its_cpuinfo() {

@@ -51,6 +51,17 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
         line.push_str(&format!(" ({})", flags.join(" ")));
     }
     line.push('.');
+    let hidden: Vec<&str> = env
+        .get("cpu_hidden")
+        .and_then(|v| v.as_array())
+        .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+        .unwrap_or_default();
+    if !hidden.is_empty() {
+        line.push_str(&format!(
+            " `cpuid` hid {} (listed in /proc/cpuinfo: a cpuid mask or an emulator), so the runtimes ran the int8 class's kernels on this CPU: their numerics are the class's, their timings this CPU's, not a real CPU of the class.",
+            hidden.join(" ")
+        ));
+    }
     let var = |k: &str| {
         env.get("env_vars")
             .and_then(|v| v.get(k))
@@ -427,6 +438,23 @@ pub fn canary_table(canary: &[CanaryPoint]) -> Option<Table> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn the_machine_line_names_what_cpuid_hid() {
+        let env = serde_json::json!({"cpu_model": "Intel Xeon", "logical_cores": 2,
+            "cpu_class": "x86-avx2", "cpu_flags": ["avx2", "avx512f", "avx512_vnni"],
+            "cpu_hidden": ["avx512f", "avx512_vnni"]});
+        let line = machine_line(&RunContext {
+            env: Some(&env),
+            ..Default::default()
+        })
+        .unwrap();
+        assert!(
+            line.starts_with("Machine: Intel Xeon, 2 logical CPUs, int8 class `x86-avx2` (avx2 avx512f avx512_vnni). `cpuid` hid avx512f avx512_vnni (listed in /proc/cpuinfo"),
+            "{line}"
+        );
+        assert!(line.contains("their timings this CPU's"), "{line}");
+    }
 
     #[test]
     fn the_machine_line_says_when_workers_ran_under_a_launcher() {

@@ -55,6 +55,11 @@ pub struct Fingerprint {
     /// int8 products of 8-bit weights saturate in 16 bits).
     #[serde(default)]
     pub cpu_class: String,
+    /// int8 features /proc/cpuinfo lists that `cpuid` hid from the run (a
+    /// cpuid mask or an emulator): its kernels were `cpu_class`'s on a CPU
+    /// that has more.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub cpu_hidden: Vec<String>,
     pub os: String,
     pub kernel: String,
     pub handoff_version: String,

@@ -286,6 +286,7 @@ pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
             "MKL_NUM_THREADS",
             crate::isolate::LAUNCHER_VAR,
             handoff_convert::isa::TARGET_CPU_VAR,
+            handoff_convert::isa::CPUID_MASK_VAR,
         ]
         .iter()
         .filter_map(|k| std::env::var(k).ok().map(|v| ((*k).to_owned(), v)))
@@ -300,6 +301,7 @@ pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
                 .class
                 .as_str()
                 .to_owned(),
+            cpu_hidden: handoff_convert::isa::Isa::hidden(),
             os,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())

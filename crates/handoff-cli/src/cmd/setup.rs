@@ -114,6 +114,13 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
     // int8 variant computes here.
     let isa = handoff_convert::isa::Isa::detect();
     println!("int8 CPU class: {} ({})", isa.class, isa.flags.join(" "));
+    let hidden = handoff_convert::isa::Isa::hidden();
+    if !hidden.is_empty() {
+        println!(
+            "  cpuid hides {} that /proc/cpuinfo lists (a cpuid mask or an emulator): timings are this CPU's running the class's kernels",
+            hidden.join(" ")
+        );
+    }
     match handoff_backend::nvidia_driver() {
         Some(v) => println!("NVIDIA driver {v}"),
         None => println!(
