@@ -22,6 +22,17 @@ use crate::worker::WorkerReport;
 /// run would otherwise hold the whole group for `rounds` seconds.
 pub const ROUNDS_WITHIN_MAX_TIME: u32 = 10;
 
+/// A case whose own measured time reaches this many times `max_time`
+/// leaves the rounds once it has [`ROUNDS_ALONE`] of them: a runtime with
+/// no fast kernel for this CPU (tract's int8 on AVX2 takes 30-50x its fp32,
+/// 15 s a run at batch 8) would otherwise hold its whole group for the
+/// rounds the others need. The rest of the group goes on to its own limits.
+pub const SLOW_CASE_MAX_TIMES: f64 = 10.0;
+
+/// The fewest rounds after which a slow case may leave: with six paired
+/// rounds the Wilcoxon signed-rank interval can be a true 95% one.
+pub const ROUNDS_ALONE: usize = 6;
+
 /// What the group runner hands back per case.
 pub struct Outcome {
     /// Final report with all samples in round order.
@@ -329,6 +340,13 @@ pub fn run_group<'w>(
             }
             break;
         }
+        for c in cases.iter_mut().filter(|c| !c.workers.is_empty()) {
+            if c.measured_ms >= SLOW_CASE_MAX_TIMES * max_ms
+                && c.info.block_medians_ms.iter().flatten().count() >= ROUNDS_ALONE
+            {
+                c.finish(StopReason::MaxTime);
+            }
+        }
     }
     // Everything the group's workers (and their children) did is the
     // group's own work; anything else is someone else's.
@@ -435,6 +453,8 @@ pub fn canary_on_cpu0() -> Option<f64> {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::worker::BlockResult;
+    use std::time::Duration;
 
     #[test]
     fn each_round_is_a_permutation_and_the_order_follows_the_seed() {
@@ -529,6 +549,60 @@ mod tests {
         let mut spawned = spawned.into_inner();
         spawned.sort_unstable();
         assert_eq!(spawned, [0, 1, 2, 3, 6, 7, 8, 9, 10]);
+    }
+
+    /// One run of `ms` per block, by the clock of the test.
+    struct Fixed {
+        ms: f64,
+    }
+
+    impl CaseWorker for Fixed {
+        fn block(&mut self, time_ms: f64, max_runs: u64) -> Result<BlockResult, WorkerReport> {
+            let runs = ((time_ms / self.ms) as u64).clamp(1, max_runs);
+            Ok(BlockResult {
+                samples_ms: vec![self.ms; runs as usize],
+                ..Default::default()
+            })
+        }
+        fn finish(self: Box<Self>) -> WorkerReport {
+            WorkerReport {
+                status: Some(crate::record::Status::Ok),
+                ..Default::default()
+            }
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_case_far_slower_than_its_group_leaves_after_six_rounds() {
+        let policy = Measure {
+            warmup: Duration::ZERO,
+            min_iterations: 1,
+            max_iterations: 1_000_000,
+            min_time: Duration::from_secs(1),
+            max_time: Duration::from_secs(2),
+            target_ci: 0.0,
+            rounds: 30,
+            processes: 1,
+            settle: Duration::from_millis(50),
+        };
+        // 100 ms blocks: the fast case measures 100 ms a round; the slow
+        // one 5 s, ten times max_time after four rounds.
+        let started: Vec<Result<Vec<Box<dyn CaseWorker>>, WorkerReport>> = vec![
+            Ok(vec![Box::new(Fixed { ms: 1.0 })]),
+            Ok(vec![Box::new(Fixed { ms: 5000.0 })]),
+        ];
+        let out = run_group(started, &[1, 1], "g", &policy, 7, None, &mut |_| {}).unwrap();
+        let measured = |o: &Outcome| o.rounds.block_medians_ms.iter().flatten().count();
+        assert_eq!(measured(&out[1]), ROUNDS_ALONE);
+        assert_eq!(out[1].report.stop, Some(StopReason::MaxTime));
+        // The fast case goes on to its own max_time (2 s at 100 ms a
+        // round), past the ten rounds the slow one would have held it to.
+        assert_eq!(measured(&out[0]), 20);
+        assert_eq!(out[0].rounds.block_medians_ms.len(), 20);
+        assert_eq!(out[1].rounds.block_medians_ms.len(), 20);
     }
 
     #[test]
