@@ -252,7 +252,10 @@ fn env_differences(base: &Run, head: &Run) -> Vec<String> {
                 b.logical_cores.to_string(),
             );
             field("CPU flags", a.cpu_flags.join(" "), b.cpu_flags.join(" "));
-            field("int8 CPU class", a.cpu_class.clone(), b.cpu_class.clone());
+            // Runs recorded before the class was kept have none.
+            if !a.cpu_class.is_empty() && !b.cpu_class.is_empty() {
+                field("int8 CPU class", a.cpu_class.clone(), b.cpu_class.clone());
+            }
             field(
                 "build profile",
                 a.build_profile.clone(),

@@ -271,3 +271,33 @@ fn a_change_measured_on_a_busy_machine_is_judged_only_beyond_what_the_load_can_d
     assert_eq!(c.regressions(), 0);
     assert!(c.rows[0].note.as_deref().unwrap_or("").starts_with("busy:"));
 }
+
+#[test]
+fn runs_on_different_int8_cpu_classes_are_refused() {
+    let fingerprint = |class: &str| {
+        serde_json::from_value::<handoff_results::Fingerprint>(serde_json::json!({
+            "cpu_model": "Intel Xeon", "logical_cores": 2, "cpu_flags": ["avx2", "avx512_vnni"],
+            "cpu_class": class, "os": "Debian", "kernel": "6.1", "handoff_version": "0.1.0",
+            "rustc": "1.95", "build_profile": "release", "git_commit": null,
+            "backends": {}, "env_vars": {}}))
+        .unwrap()
+    };
+    let with = |class: &str| Run {
+        fingerprint: Some(fingerprint(class)),
+        ..run(vec![case(0.1)])
+    };
+    // The same CPU under a cpuid mask runs other int8 kernels.
+    let err = compare(
+        &with("x86-avx512-vnni"),
+        &with("x86-avx2"),
+        &Options::default(),
+    )
+    .unwrap_err()
+    .to_string();
+    assert!(
+        err.contains("int8 CPU class: base x86-avx512-vnni, head x86-avx2"),
+        "{err}"
+    );
+    // A run recorded before the class was kept has none: not a difference.
+    assert!(compare(&with(""), &with("x86-avx2"), &Options::default()).is_ok());
+}
