@@ -14,12 +14,23 @@
 use std::path::{Path, PathBuf};
 
 /// The source tree this code was compiled from, when the running binary is
-/// inside it.
+/// inside it. Decided once per process: a `cargo build` that replaces the
+/// binary during a run leaves Linux naming it `handoff (deleted)`, and a
+/// later answer would move the cache out of the clone mid-run.
 fn source_tree() -> Option<PathBuf> {
-    let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
-    let root = root.canonicalize().ok()?;
-    let exe = std::env::current_exe().ok()?.canonicalize().ok()?;
-    exe.starts_with(&root).then_some(root)
+    static TREE: std::sync::OnceLock<Option<PathBuf>> = std::sync::OnceLock::new();
+    TREE.get_or_init(|| {
+        let root = Path::new(env!("CARGO_MANIFEST_DIR")).join("../..");
+        let root = root.canonicalize().ok()?;
+        let exe = std::env::current_exe().ok()?;
+        let exe = match exe.to_str().and_then(|s| s.strip_suffix(" (deleted)")) {
+            Some(path) => PathBuf::from(path),
+            None => exe,
+        };
+        let exe = exe.canonicalize().ok()?;
+        exe.starts_with(&root).then_some(root)
+    })
+    .clone()
 }
 
 fn var(name: &str) -> Option<PathBuf> {
