@@ -93,6 +93,12 @@ int sigaction(int sig, const struct sigaction *act, struct sigaction *old) {
 }
 
 sighandler_t signal(int sig, sighandler_t handler) {
+    static sighandler_t (*real_signal)(int, sighandler_t);
+    if (sig != SIGSEGV || !installed) {
+        if (!real_signal)
+            real_signal = (sighandler_t(*)(int, sighandler_t))dlsym(RTLD_NEXT, "signal");
+        return real_signal(sig, handler);
+    }
     struct sigaction act, old;
     memset(&act, 0, sizeof act);
     act.sa_handler = handler;
