@@ -35,11 +35,13 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
     };
     let cpu = text("cpu_model")?;
     let cores = env.get("logical_cores").and_then(serde_json::Value::as_u64);
-    let flags: Vec<&str> = env
-        .get("cpu_flags")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
-        .unwrap_or_default();
+    let words = |k: &str| -> Vec<&str> {
+        env.get(k)
+            .and_then(|v| v.as_array())
+            .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
+            .unwrap_or_default()
+    };
+    let flags = words("cpu_flags");
     let mut line = format!("Machine: {cpu}");
     if let Some(n) = cores {
         line.push_str(&format!(", {n} logical CPUs"));
@@ -51,11 +53,7 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
         line.push_str(&format!(" ({})", flags.join(" ")));
     }
     line.push('.');
-    let hidden: Vec<&str> = env
-        .get("cpu_hidden")
-        .and_then(|v| v.as_array())
-        .map(|a| a.iter().filter_map(|f| f.as_str()).collect())
-        .unwrap_or_default();
+    let hidden = words("cpu_hidden");
     if !hidden.is_empty() {
         line.push_str(&format!(
             " `cpuid` hid {} (listed in /proc/cpuinfo: a cpuid mask or an emulator), so the runtimes ran the int8 class's kernels on this CPU: their numerics are the class's, their timings this CPU's, not a real CPU of the class.",
