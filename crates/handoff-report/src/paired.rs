@@ -60,6 +60,15 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
             hidden.join(" ")
         ));
     }
+    if let Some(ns) = env
+        .get("sse_after_avx_ns")
+        .and_then(serde_json::Value::as_f64)
+        .filter(|ns| *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
+    {
+        line.push_str(&format!(
+            " Each switch from AVX to legacy-SSE instructions costs {ns:.0} ns on this CPU (probe); tract 0.23.9's x86 kernels make such switches (its AVX2 int8 kernel in every step), so tract's figures here include that cost (see docs/backends.md in handoff)."
+        ));
+    }
     let var = |k: &str| {
         env.get("env_vars")
             .and_then(|v| v.get(k))
@@ -452,6 +461,25 @@ mod tests {
             "{line}"
         );
         assert!(line.contains("their timings this CPU's"), "{line}");
+    }
+
+    #[test]
+    fn the_machine_line_names_a_costly_switch_from_avx_to_sse_only() {
+        let line = |ns: f64| {
+            let env = serde_json::json!({"cpu_model": "Intel Xeon", "logical_cores": 2,
+                "cpu_class": "x86-avx512-vnni", "cpu_flags": ["avx2"], "sse_after_avx_ns": ns});
+            machine_line(&RunContext {
+                env: Some(&env),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        assert!(
+            line(154.2).ends_with(" Each switch from AVX to legacy-SSE instructions costs 154 ns on this CPU (probe); tract 0.23.9's x86 kernels make such switches (its AVX2 int8 kernel in every step), so tract's figures here include that cost (see docs/backends.md in handoff)."),
+            "{}",
+            line(154.2)
+        );
+        assert!(!line(0.3).contains("legacy-SSE"), "{}", line(0.3));
     }
 
     #[test]

@@ -3,6 +3,7 @@
 //! checked against a reference backend, and one JSON line per case is
 //! appended and flushed to `results.jsonl` as soon as it is known.
 
+pub mod avx_sse;
 pub mod http_case;
 pub mod isolate;
 pub mod machine;

@@ -302,6 +302,7 @@ pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
                 .as_str()
                 .to_owned(),
             cpu_hidden: handoff_convert::isa::Isa::hidden(),
+            sse_after_avx_ns: crate::avx_sse::sse_after_avx_ns(),
             os,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
@@ -375,6 +376,21 @@ mod tests {
             ..b.clone()
         };
         assert!(!a.load_until(&quiet).busy);
+    }
+
+    #[test]
+    fn the_fingerprint_hash_leaves_out_what_is_measured() {
+        let a = collect_fingerprint(BTreeMap::new());
+        let b = Fingerprint {
+            sse_after_avx_ns: Some(a.sse_after_avx_ns.unwrap_or(0.0) + 100.0),
+            ..a.clone()
+        };
+        assert_eq!(a.hash(), b.hash());
+        let other_cpu = Fingerprint {
+            cpu_model: format!("{} (another)", a.cpu_model),
+            ..a.clone()
+        };
+        assert_ne!(a.hash(), other_cpu.hash());
     }
 
     #[test]

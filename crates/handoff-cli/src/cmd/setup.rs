@@ -121,6 +121,13 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
             hidden.join(" ")
         );
     }
+    if let Some(ns) = handoff_runner::avx_sse::sse_after_avx_ns()
+        .filter(|ns| *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
+    {
+        println!(
+            "  each switch from AVX to legacy-SSE code costs {ns:.0} ns on this CPU: tract's x86 kernels switch, so its timings include that (docs/backends.md)"
+        );
+    }
     match handoff_backend::nvidia_driver() {
         Some(v) => println!("NVIDIA driver {v}"),
         None => println!(
