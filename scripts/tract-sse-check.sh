@@ -81,15 +81,19 @@ EOF
 
 crate stock
 (cd "$dir/stock" && cargo fetch -q)
-src="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -name tract-linalg-0.23.9 | head -1)"
-rm -rf "$dir/linalg-vex"
-cp -r "$src" "$dir/linalg-vex"
-mapfile -t templates < <(find "$dir/linalg-vex/x86_64" -name '*.j2')
-sed -i -E \
-    -e 's/^(\s*)(movq|movd|movaps)(\s+xmm)/\1v\2\3/' \
-    -e 's/^(\s*)(pinsrd|pinsrw)(\s+)(xmm[0-9{}a-z]+),/\1v\2\3\4, \4,/' \
-    -e 's/^(\s*)mov(\s+)rsp,(\s*)rbp/\1vzeroupper\n\1mov\2rsp,\3rbp/' \
-    "${templates[@]}"
+# The patched copy is made once: copying it again would rebuild tract.
+if [[ ! -e "$dir/linalg-vex/.vex-only" ]]; then
+    src="$(find "${CARGO_HOME:-$HOME/.cargo}/registry/src" -maxdepth 2 -name tract-linalg-0.23.9 | head -1)"
+    rm -rf "$dir/linalg-vex"
+    cp -r "$src" "$dir/linalg-vex"
+    mapfile -t templates < <(find "$dir/linalg-vex/x86_64" -name '*.j2')
+    sed -i -E \
+        -e 's/^(\s*)(movq|movd|movaps)(\s+xmm)/\1v\2\3/' \
+        -e 's/^(\s*)(pinsrd|pinsrw)(\s+)(xmm[0-9{}a-z]+),/\1v\2\3\4, \4,/' \
+        -e 's/^(\s*)mov(\s+)rsp,(\s*)rbp/\1vzeroupper\n\1mov\2rsp,\3rbp/' \
+        "${templates[@]}"
+    touch "$dir/linalg-vex/.vex-only"
+fi
 crate vex "$dir/linalg-vex"
 for v in stock vex; do
     (cd "$dir/$v" && CARGO_TARGET_DIR="$dir/target" cargo build --release -q)

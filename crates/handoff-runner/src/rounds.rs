@@ -24,9 +24,10 @@ pub const ROUNDS_WITHIN_MAX_TIME: u32 = 10;
 
 /// A case whose own measured time reaches this many times `max_time`
 /// leaves the rounds once it has [`ROUNDS_ALONE`] of them: a runtime with
-/// no fast kernel for this CPU (tract's int8 on AVX2 takes 25-49x its fp32,
-/// 15 s a run at batch 8) would otherwise hold its whole group for the
-/// rounds the others need. The rest of the group goes on to its own limits.
+/// a slow kernel for this CPU (tract's int8 on AVX2 takes 25-49x its fp32
+/// on a Xeon that charges for its switches to legacy SSE, 15 s a run at
+/// batch 8) would otherwise hold its whole group for the rounds the others
+/// need. The rest of the group goes on to its own limits.
 pub const SLOW_CASE_MAX_TIMES: f64 = 10.0;
 
 /// The fewest rounds after which a slow case may leave: with six paired
