@@ -60,10 +60,12 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
             hidden.join(" ")
         ));
     }
+    // Named where tract ran or could have: its kernels are the ones that pay.
+    let has_tract = env.get("backends").and_then(|b| b.get("tract")).is_some();
     if let Some(ns) = env
         .get("sse_after_avx_ns")
         .and_then(serde_json::Value::as_f64)
-        .filter(|ns| *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
+        .filter(|ns| has_tract && *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
     {
         line.push_str(&format!(
             " Each switch from AVX to legacy-SSE instructions costs {ns:.0} ns on this CPU (probe); tract 0.23.9's x86 kernels make such switches (its AVX2 int8 kernel in every step), so tract's figures here include that cost (see docs/backends.md in handoff)."
@@ -465,21 +467,26 @@ mod tests {
 
     #[test]
     fn the_machine_line_names_a_costly_switch_from_avx_to_sse_only() {
-        let line = |ns: f64| {
+        let line_with = |ns: f64, backends: serde_json::Value| {
             let env = serde_json::json!({"cpu_model": "Intel Xeon", "logical_cores": 2,
-                "cpu_class": "x86-avx512-vnni", "cpu_flags": ["avx2"], "sse_after_avx_ns": ns});
+                "cpu_class": "x86-avx512-vnni", "cpu_flags": ["avx2"], "sse_after_avx_ns": ns,
+                "backends": backends});
             machine_line(&RunContext {
                 env: Some(&env),
                 ..Default::default()
             })
             .unwrap()
         };
+        let line = |ns: f64| line_with(ns, serde_json::json!({"ort": "1.31.1", "tract": "0.23.9"}));
         assert!(
             line(154.2).ends_with(" Each switch from AVX to legacy-SSE instructions costs 154 ns on this CPU (probe); tract 0.23.9's x86 kernels make such switches (its AVX2 int8 kernel in every step), so tract's figures here include that cost (see docs/backends.md in handoff)."),
             "{}",
             line(154.2)
         );
         assert!(!line(0.3).contains("legacy-SSE"), "{}", line(0.3));
+        // A build without tract has nothing that pays it.
+        let slim = line_with(154.2, serde_json::json!({"ort": "1.31.1"}));
+        assert!(!slim.contains("legacy-SSE"), "{slim}");
     }
 
     #[test]

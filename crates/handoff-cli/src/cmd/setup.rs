@@ -121,7 +121,10 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
             hidden.join(" ")
         );
     }
-    if let Some(ns) = handoff_runner::avx_sse::sse_after_avx_ns()
+    // Only tract's kernels are known to pay it.
+    if let Some(ns) = cfg!(feature = "tract")
+        .then(handoff_runner::avx_sse::sse_after_avx_ns)
+        .flatten()
         .filter(|ns| *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
     {
         println!(
