@@ -1,12 +1,12 @@
 //! What a legacy-SSE instruction costs right after 256-bit AVX code on this
-//! CPU. Most x86 cores charge a cycle or nothing; some (an Intel Xeon under
-//! KVM that this project runs on: about 150 ns, hundreds of cycles) charge
-//! a state transition every time. Hand-written kernels that mix the two
-//! encodings then run many times slower on such a machine than elsewhere:
-//! tract 0.23.9's x86 int8 kernels load with a legacy `movq`/`movd` (in
-//! the AVX2 kernel's inner loop), and its f32 kernels insert with
-//! `pinsrd` when adding a tensor. The report names the penalty so such a
-//! gap is not read as the runtime's own.
+//! CPU. Intel's optimisation manual describes about a cycle on Skylake and
+//! later cores; the Intel Xeon VMs this project runs on (KVM) charge about
+//! 150 ns, a state transition, every time. Hand-written kernels that mix
+//! the two encodings can then run many times slower than their arithmetic
+//! suggests: tract 0.23.9's AVX2 int8 kernel loads each step with a legacy
+//! `movq`, and other x86 kernels of it load scalars with `movd`/`pinsrd`.
+//! The report names the cost so a reader knows why tract's figures on such
+//! a machine may not carry over to another CPU.
 
 /// Extra nanoseconds per AVX-to-legacy-SSE switch, from a loop of one
 /// 256-bit add and one legacy `movd`, minus the same loop with the VEX
