@@ -121,10 +121,11 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
             hidden.join(" ")
         );
     }
-    // Only tract's kernels are known to pay it.
-    if let Some(ns) = cfg!(feature = "tract")
-        .then(handoff_runner::avx_sse::sse_after_avx_ns)
-        .flatten()
+    // Only tract's kernels are known to pay it; the report asks the same
+    // registry (through env.json's backends).
+    if let Some(ns) = registry
+        .get("tract")
+        .and_then(|_| handoff_runner::avx_sse::sse_after_avx_ns())
         .filter(|ns| *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
     {
         println!(
