@@ -14,6 +14,7 @@ use handoff_suite::SuiteError;
 
 mod backends;
 mod cmd;
+mod out;
 mod roofline;
 
 #[derive(Parser)]

@@ -41,6 +41,25 @@ fn bad_suite_exits_2_with_a_located_message() {
     assert!(String::from_utf8_lossy(&out.stderr).contains("cannot read suite missing.yaml"));
 }
 
+/// Runs handoff with a standard output whose reader has already gone, as
+/// behind `| head` once head has its lines.
+fn handoff_into_closed_pipe(args: &[&str], dir: &Path) -> std::process::Output {
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(args)
+        .current_dir(dir)
+        .stdout(writer)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        !err.contains("panicked") && !err.contains("Broken pipe"),
+        "{args:?}: {err}"
+    );
+    out
+}
+
 #[test]
 fn schema_and_dry_run_succeed() {
     let dir = tempfile::tempdir().unwrap();
@@ -76,6 +95,17 @@ fn schema_and_dry_run_succeed() {
         .collect();
     assert_eq!(ids, ["m/mock/cpu/t2/b1", "m/mock-ref/cpu/t2/b1"], "{text}");
     assert!(text.contains("4 cases (2 selected)"), "{text}");
+    // A reader that stops early ends the output, not the command.
+    for args in [
+        vec!["schema"],
+        vec!["list-backends"],
+        vec!["run", &suite, "--dry-run"],
+    ] {
+        assert_eq!(
+            handoff_into_closed_pipe(&args, dir.path()).status.code(),
+            Some(0)
+        );
+    }
 }
 
 fn crash_suite(dir: &Path, fail: &str) -> Vec<handoff_runner::ResultRecord> {
@@ -491,6 +521,13 @@ fn compare_exit_codes_and_verdicts() {
         "{md}"
     );
     assert!(md.contains("| a/mock/cpu/t1/b1 | unchanged"), "{md}");
+    // The verdict's exit code survives a reader that stopped early.
+    assert_eq!(
+        handoff_into_closed_pipe(&["compare", "base", "slow"], d)
+            .status
+            .code(),
+        Some(1)
+    );
     // Baselines.
     let o = handoff(&["baseline", "save", "main", "base"], d);
     assert_eq!(o.status.code(), Some(0));

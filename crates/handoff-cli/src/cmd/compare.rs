@@ -10,6 +10,7 @@ use handoff_suite::Plan;
 
 use crate::backends::plan_options;
 use crate::cmd::run::{RunArgs, run_plan, timestamp};
+use crate::out::{out, outln};
 
 /// Compare two runs case by case; exit 1 if any case regressed.
 ///
@@ -130,12 +131,12 @@ impl CompareCmd {
             );
         }
         match json.as_deref() {
-            Some(p) if p == Path::new("-") => println!("{}", serde_json::to_string_pretty(&c)?),
+            Some(p) if p == Path::new("-") => outln!("{}", serde_json::to_string_pretty(&c)?)?,
             Some(p) => std::fs::write(p, serde_json::to_vec_pretty(&c)?)?,
             None => {}
         }
         if json.as_deref() != Some(Path::new("-")) {
-            print!("{md}");
+            out!("{md}")?;
         }
         if let Some(p) = markdown {
             std::fs::write(p, &md)?;
@@ -304,7 +305,7 @@ fn gate(
         );
     }
     let md = handoff_compare::markdown(&c);
-    print!("{md}");
+    out!("{md}")?;
     if save {
         std::fs::write(out.join("ab.md"), &md)?;
     }
@@ -332,12 +333,12 @@ impl BaselineCmd {
             BaselineAction::Save { name, run } => {
                 let dir = baselines_dir().join(&name);
                 copy_run(&run, &dir)?;
-                println!("saved baseline {name} in {}", dir.display());
+                outln!("saved baseline {name} in {}", dir.display())?;
             }
             BaselineAction::List => {
                 if let Ok(entries) = std::fs::read_dir(baselines_dir()) {
                     for e in entries.flatten() {
-                        println!("{}", e.file_name().to_string_lossy());
+                        outln!("{}", e.file_name().to_string_lossy())?;
                     }
                 }
             }

@@ -8,6 +8,7 @@ use anyhow::Result;
 use handoff_backend::Registry;
 
 use crate::backends::ensure_ort;
+use crate::out::outln;
 use handoff_prepare as tools;
 
 /// Convert an HF BERT-family model (config.json + model.safetensors) to
@@ -51,12 +52,12 @@ fn convert(
 ) -> Result<()> {
     use handoff_backend::{DType, Fill, TensorSpec};
     let prov = handoff_convert::bert::convert(&handoff_convert::bert::HfDir::new(hf_dir), out)?;
-    println!(
+    outln!(
         "wrote {} ({:.1} MB, sha256 {})",
         out.display(),
         prov.size_bytes as f64 / 1e6,
         &prov.output_sha256[..16]
-    );
+    )?;
     let sentences: Vec<String> = handoff_suite::text::DEFAULT_SENTENCES
         .iter()
         .map(|s| (*s).to_owned())
@@ -85,7 +86,7 @@ fn convert(
         ensure_ort: || ensure_ort(false),
     };
     let check = tools.check_conversion(out, hf_dir, &specs)?;
-    println!(
+    outln!(
         "conversion check ({}): max abs {:.2e} (<= {:e}), min cosine {:.8} (>= {}): {}",
         check.inputs,
         check.max_abs,
@@ -93,7 +94,7 @@ fn convert(
         check.min_cosine,
         check.threshold_min_cosine,
         if check.passed { "passed" } else { "FAILED" }
-    );
+    )?;
     let passed = check.passed;
     let mut prov = prov;
     prov.checks.push(check);
@@ -117,12 +118,12 @@ fn convert(
         .collect();
     for backend in lower_for {
         match tools.lower(out, backend, &batch1)? {
-            Some(l) => println!(
+            Some(l) => outln!(
                 "lowered for {backend}: {} ({})",
                 l.path.display(),
                 l.ops.join(", ")
-            ),
-            None => println!("{backend} runs the model as it is: nothing to lower"),
+            )?,
+            None => outln!("{backend} runs the model as it is: nothing to lower")?,
         }
     }
     Ok(())

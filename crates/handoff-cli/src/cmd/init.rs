@@ -4,6 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
+use crate::out::out;
 use anyhow::{Context, Result};
 use handoff_backend::{Probe, Registry};
 
@@ -80,7 +81,7 @@ fn init(
         }
     };
     match out {
-        None => print!("{text}"),
+        None => out!("{text}")?,
         Some(out) => {
             if out.exists() && !force {
                 anyhow::bail!("{} exists; pass --force to replace it", out.display());

@@ -7,6 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use handoff_backend::Registry;
 
+use crate::out::outln;
 use handoff_prepare as tools;
 
 /// Build a precision variant of an ONNX model, check it against the
@@ -153,7 +154,7 @@ impl QuantizeCmd {
             std::fs::metadata(&model)?.len(),
             std::fs::metadata(&out)?.len(),
         );
-        println!(
+        outln!(
             "{}: {:.1} MB -> {:.1} MB ({:.0}% of fp32); {}: min cosine {:.6}, max abs {:.2e} vs fp32",
             out.display(),
             a as f64 / 1e6,
@@ -162,7 +163,7 @@ impl QuantizeCmd {
             check.inputs,
             check.min_cosine,
             check.max_abs
-        );
+        )?;
         if !check.passed {
             let _ = std::fs::remove_file(&out);
             let _ =

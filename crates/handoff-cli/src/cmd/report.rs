@@ -3,6 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
+use crate::out::{out, outln};
 use anyhow::Result;
 
 /// Print the table and Markdown summary of a results file.
@@ -52,7 +53,7 @@ impl ReportCmd {
         } else {
             suites.join(" + ")
         };
-        print!("{}", handoff_report::terminal_table(&read.records));
+        out!("{}", handoff_report::terminal_table(&read.records))?;
         let out = out.unwrap_or_else(|| first.clone());
         write_report(&out, &first, &suite, &read)?;
         eprintln!(
@@ -103,11 +104,11 @@ impl MergeCmd {
             }
         }
         std::fs::write(out.join("results.jsonl"), lines)?;
-        println!(
+        outln!(
             "merged {} inputs into {}",
             inputs.len(),
             out.join("results.jsonl").display()
-        );
+        )?;
         Ok(ExitCode::SUCCESS)
     }
 }

@@ -14,6 +14,7 @@ use handoff_suite::{Case, Plan, Preparation};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backends::{ensure_ort, plan_options};
+use crate::out::outln;
 
 /// Run a suite: every case, streamed to <out>/results.jsonl, then a table.
 #[derive(clap::Args)]
@@ -64,15 +65,15 @@ impl RunCmd {
                     },
                 )
                 .group_preview();
-                println!("measured in interleaved rounds (--sequential: one case at a time):");
+                outln!("measured in interleaved rounds (--sequential: one case at a time):")?;
                 for (key, ids, mb) in &preview.0 {
-                    println!(
+                    outln!(
                         "  group {key}: {} cases, ~{mb:.0} MB with every session alive",
                         ids.len()
-                    );
+                    )?;
                 }
                 for note in &preview.1 {
-                    println!("  warning: {note}");
+                    outln!("  warning: {note}")?;
                 }
             }
             return Ok(ExitCode::SUCCESS);
@@ -250,35 +251,35 @@ pub fn run_plan(
     let read = handoff_runner::read_results(&summary.results)?;
     crate::cmd::report::write_report(&out, &out, &plan.name, &read)?;
     if !quiet {
-        println!("{}", handoff_report::terminal_table(&read.records));
+        outln!("{}", handoff_report::terminal_table(&read.records))?;
         let counts: Vec<String> = summary
             .counts
             .iter()
             .map(|(s, n)| format!("{n} {s}"))
             .collect();
-        println!("{} cases: {}", read.records.len(), counts.join(", "));
+        outln!("{} cases: {}", read.records.len(), counts.join(", "))?;
         for n in plan.not_run() {
-            println!("not run: {n}");
+            outln!("not run: {n}")?;
         }
         if summary.busy_cases > 0 {
-            println!(
+            outln!(
                 "warning: {} case(s) ran while other processes used CPU; their numbers are marked BUSY",
                 summary.busy_cases
-            );
+            )?;
         }
         if summary.resumed > 0 {
-            println!(
+            outln!(
                 "resumed: {} case(s) were already in {}",
                 summary.resumed,
                 out.display()
-            );
+            )?;
         }
-        println!("results: {}", summary.results.display());
-        println!(
+        outln!("results: {}", summary.results.display())?;
+        outln!(
             "summary: {} and {}",
             out.join("summary.md").display(),
             out.join("report.html").display()
-        );
+        )?;
     }
     if summary.suite_timeout {
         eprintln!(
@@ -301,8 +302,7 @@ pub fn run_plan(
 
 /// The plan's models and settings, then the cases `keep` selects.
 fn print_plan(plan: &Plan, json: bool, keep: &dyn Fn(&Case) -> bool) -> Result<()> {
-    let stdout = std::io::stdout();
-    let mut out = std::io::BufWriter::new(stdout.lock());
+    let mut out = std::io::BufWriter::new(crate::out::Out);
     if json {
         for case in plan.cases().filter(|c| keep(c)) {
             serde_json::to_writer(&mut out, &case)?;

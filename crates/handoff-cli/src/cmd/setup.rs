@@ -3,6 +3,7 @@
 use std::path::PathBuf;
 use std::process::ExitCode;
 
+use crate::out::{out, outln};
 use anyhow::{Context, Result};
 use handoff_backend::{Probe, Registry};
 
@@ -21,19 +22,19 @@ impl SetupCmd {
         #[cfg(feature = "ort")]
         {
             let lib = handoff_ort::provision::fetch()?;
-            println!("onnxruntime: {}", lib.display());
+            outln!("onnxruntime: {}", lib.display())?;
         }
         let python = handoff_python::setup()?;
-        println!("python baseline: {}", python.display());
+        outln!("python baseline: {}", python.display())?;
         if torch {
             if handoff_python::torch::interpreter().is_err() {
-                println!(
+                outln!(
                     "creating the PyTorch environment: {}",
                     handoff_python::torch::DOWNLOAD_NOTE
-                );
+                )?;
             }
             let python = handoff_python::torch::setup()?;
-            println!("pytorch baseline: {}", python.display());
+            outln!("pytorch baseline: {}", python.display())?;
         }
         Ok(ExitCode::SUCCESS)
     }
@@ -100,7 +101,7 @@ impl GilCmd {
             reps,
             &handoff_python::cache_dir(),
         )?;
-        print!("{}", report.markdown());
+        out!("{}", report.markdown())?;
         if let Some(path) = json {
             std::fs::write(&path, serde_json::to_vec_pretty(&report)?)
                 .with_context(|| path.display().to_string())?;
@@ -113,13 +114,13 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
     // What decides which int8 kernels the runtimes pick, and so what an
     // int8 variant computes here.
     let isa = handoff_convert::isa::Isa::detect();
-    println!("int8 CPU class: {} ({})", isa.class, isa.flags.join(" "));
+    outln!("int8 CPU class: {} ({})", isa.class, isa.flags.join(" "))?;
     let hidden = handoff_convert::isa::Isa::hidden();
     if !hidden.is_empty() {
-        println!(
+        outln!(
             "  cpuid hides {} that /proc/cpuinfo lists (a cpuid mask or an emulator): timings are this CPU's running the class's kernels",
             hidden.join(" ")
-        );
+        )?;
     }
     // Only tract's kernels are known to pay it; the report asks the same
     // registry (through env.json's backends).
@@ -128,15 +129,15 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
         .and_then(|_| handoff_runner::avx_sse::sse_after_avx_ns())
         .filter(|ns| *ns > handoff_results::SSE_AFTER_AVX_NOTABLE_NS)
     {
-        println!(
+        outln!(
             "  each switch from AVX to legacy-SSE code costs {ns:.0} ns on this CPU: tract's x86 kernels switch, so its timings include that (docs/backends.md)"
-        );
+        )?;
     }
     match handoff_backend::nvidia_driver() {
-        Some(v) => println!("NVIDIA driver {v}"),
-        None => println!(
+        Some(v) => outln!("NVIDIA driver {v}")?,
+        None => outln!(
             "no NVIDIA driver (no /proc/driver/nvidia/version): cuda cells will be unavailable"
-        ),
+        )?,
     }
     let gpu_features: Vec<&str> = [
         ("cuda-candle", cfg!(feature = "cuda-candle")),
@@ -146,30 +147,30 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
     .into_iter()
     .filter_map(|(n, on)| on.then_some(n))
     .collect();
-    println!(
+    outln!(
         "GPU features in this build: {}",
         if gpu_features.is_empty() {
             "none (scripts/build-gpu.sh builds them)".to_owned()
         } else {
             gpu_features.join(", ")
         }
-    );
+    )?;
     for b in registry.iter() {
         for device in [handoff_backend::Device::Cpu, handoff_backend::Device::Cuda] {
             match b.probe(device) {
                 Probe::Available { version, detail } => {
-                    println!(
+                    outln!(
                         "{:<14} {:<5} available  {version}  ({detail})",
                         b.name(),
                         device.to_string()
-                    );
+                    )?;
                 }
                 Probe::Unavailable { reason } => {
-                    println!(
+                    outln!(
                         "{:<14} {:<5} unavailable: {reason}",
                         b.name(),
                         device.to_string()
-                    );
+                    )?;
                 }
             }
         }
@@ -179,7 +180,7 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
 
 pub fn schema() -> Result<ExitCode> {
     let schema = schemars::schema_for!(handoff_suite::raw::RawSuite);
-    println!("{}", serde_json::to_string_pretty(&schema)?);
+    outln!("{}", serde_json::to_string_pretty(&schema)?)?;
     Ok(ExitCode::SUCCESS)
 }
 
