@@ -8,7 +8,7 @@ use handoff_results::ResultRecord;
 
 fn records() -> Vec<ResultRecord> {
     let template: ResultRecord = serde_json::from_str(
-        include_str!("../tests/fixtures/results.jsonl")
+        include_str!("../../handoff-report/tests/fixtures/results.jsonl")
             .lines()
             .find(|l| l.contains("\"status\": \"ok\""))
             .expect("an ok record in the fixture"),
