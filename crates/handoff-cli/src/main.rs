@@ -24,7 +24,8 @@ mod roofline;
     about = "Benchmark ONNX Runtime, tract and candle on the same models, with sound statistics.",
     long_about = "handoff runs one YAML suite (models x backends x devices x threads x batch x dims) \
 across ONNX Runtime, tract and candle, checks every backend's outputs against a reference, measures \
-each case until the median is known to a set precision, and writes results.jsonl as it goes.\n\n\
+the cases a report compares in interleaved rounds (ratios with 95% CIs), and writes results.jsonl as \
+it goes.\n\n\
 Start with:\n  handoff setup                      # fetch libonnxruntime from PyPI into .cache/\n  \
 handoff run suites/quickstart.yaml # measure, then print a table\n  \
 handoff run suites/quickstart.yaml --dry-run   # show the expanded cases only\n  \
