@@ -312,6 +312,16 @@ impl Registry {
     }
 }
 
+/// The message a panic carried (`panic!`, `todo!`, `unwrap` on an error),
+/// for a cell or an error that says what the runtime did.
+pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
+    payload
+        .downcast_ref::<String>()
+        .cloned()
+        .or_else(|| payload.downcast_ref::<&str>().map(|s| (*s).to_owned()))
+        .unwrap_or_else(|| "unknown panic".into())
+}
+
 /// Pulls the op name out of a runtime's error text when it says an op is
 /// missing, so the cell reads `unsupported: op LayerNormalization`.
 pub fn unsupported_op_from_message(msg: &str) -> Option<String> {

@@ -326,3 +326,49 @@ fn init_probes_for_lowerable_ops_and_uses_recorded_data_beside_the_model() {
     );
     assert!(listed.contains("zoo/ort/cpu/t1/b3"), "{listed}");
 }
+
+/// A backend that panics on the lowered model (candle-onnx's `todo!()` for
+/// a Gather with rank-3 indices, as torch.onnx exports build attention
+/// masks) fails its cells; the run goes on and its other cells are intact.
+#[test]
+fn a_backend_that_panics_after_lowering_is_a_failed_cell_not_a_crash() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut g = GraphBuilder::new("ln-gather");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    let scale = g.init_f32("scale", &[8], vec![1.0; 8]);
+    let bias = g.init_f32("bias", &[8], vec![0.0; 8]);
+    g.node_to("LayerNormalization", &[&x, &scale, &bias], vec![], "y");
+    let table = g.init_f32("table", &[4, 8], (0..32).map(|i| i as f32).collect());
+    let idx = g.init_i64("idx", &[1, 1, 1], vec![2]);
+    g.node_to("Gather", &[&table, &idx], vec![], "z");
+    g.output("y", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    g.output(
+        "z",
+        ElemType::F32,
+        &[D::Fixed(1), D::Fixed(1), D::Fixed(1), D::Fixed(8)],
+    );
+    write_model(&g.finish(17), &d.join("m.onnx")).unwrap();
+    std::fs::write(
+        d.join("s.yaml"),
+        "name: t\nmodels:\n  - id: m\n    source: {onnx: m.onnx}\n    lower_for: [candle-onnx]\n\
+         backends: [ort, candle-onnx]\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let records = common::run_ok(d, "s.yaml", "out");
+    let cell = |id: &str| {
+        records
+            .iter()
+            .find(|r| r.case.id.starts_with(id))
+            .unwrap_or_else(|| panic!("no {id}: {records:#?}"))
+    };
+    assert_eq!(cell("m/ort/").status, Status::Ok);
+    let lowered = cell("m+lowered/candle-onnx/");
+    assert_eq!(lowered.status, Status::Failed, "{lowered:#?}");
+    let reason = lowered.reason.as_deref().unwrap_or_default();
+    assert!(
+        reason.contains("panic") && reason.contains("gather"),
+        "{reason}"
+    );
+}

@@ -24,17 +24,17 @@ pub fn lowerable_gap(
 ) -> Option<String> {
     let b = registry.get(backend)?;
     let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
-    // A runtime that panics on the model is not a lowering question.
-    let result = std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
-        run_once(b, onnx, None, &inputs, specs)
-    }));
-    match result {
-        Ok(Err(BackendError::Unsupported(reason))) => reason
-            .strip_prefix("op ")
-            .filter(|op| LOWERABLE.contains(op))
-            .map(str::to_owned),
+    match run_once(b, onnx, None, &inputs, specs) {
+        Err(BackendError::Unsupported(reason)) => lowerable(&reason).map(str::to_owned),
         _ => None,
     }
+}
+
+/// The op named by an `unsupported` reason, when handoff can lower it.
+fn lowerable(reason: &str) -> Option<&str> {
+    reason
+        .strip_prefix("op ")
+        .filter(|op| LOWERABLE.contains(op))
 }
 
 /// The file name of `onnx` lowered for `backend`.
@@ -77,34 +77,24 @@ impl Tools {
         let tmp = out.with_extension(format!("probe{}.onnx", std::process::id()));
         let mut current = onnx.to_owned();
         let result = loop {
-            match run_once(backend, &current, None, &inputs, specs) {
-                Ok(_) => break Ok(()),
-                Err(BackendError::Unsupported(reason)) => {
-                    let Some(op) = reason.strip_prefix("op ").map(str::to_owned) else {
-                        break Err(PrepareError::Backend {
-                            what: backend_name.to_owned(),
-                            source: BackendError::Unsupported(reason),
-                        });
-                    };
-                    if !LOWERABLE.contains(&op.as_str()) || lowered_ops.contains(&op) {
-                        break Ok(());
-                    }
-                    if let Err(e) = lower_op(&mut model, &op) {
-                        break Err(e.into());
-                    }
-                    lowered_ops.push(op);
-                    if let Err(e) = handoff_onnx::builder::write_model(&model, &tmp) {
-                        break Err(e.into());
-                    }
-                    current = tmp.clone();
-                }
-                Err(source) => {
-                    break Err(PrepareError::Backend {
-                        what: backend_name.to_owned(),
-                        source,
-                    });
-                }
+            let op = match run_once(backend, &current, None, &inputs, specs) {
+                Err(BackendError::Unsupported(reason)) => lowerable(&reason)
+                    .filter(|op| !lowered_ops.iter().any(|o| o == op))
+                    .map(str::to_owned),
+                _ => None,
+            };
+            // It ran, or stops at what handoff cannot lower (another op, an
+            // error, a panic): keep what was lowered, and its cells say the
+            // rest, as they would without lowering.
+            let Some(op) = op else { break Ok(()) };
+            if let Err(e) = lower_op(&mut model, &op) {
+                break Err(e.into());
             }
+            lowered_ops.push(op);
+            if let Err(e) = handoff_onnx::builder::write_model(&model, &tmp) {
+                break Err(e.into());
+            }
+            current = tmp.clone();
         };
         let checked = result.and_then(|()| {
             if lowered_ops.is_empty() {

@@ -166,11 +166,7 @@ pub fn run_in_process_linked(
     })) {
         Ok(r) => r,
         Err(panic) => {
-            let msg = panic
-                .downcast_ref::<String>()
-                .cloned()
-                .or_else(|| panic.downcast_ref::<&str>().map(|s| (*s).to_owned()))
-                .unwrap_or_else(|| "unknown panic".into());
+            let msg = handoff_backend::panic_message(&*panic);
             WorkerReport {
                 status: Some(Status::Failed),
                 reason: Some(format!("panic in backend: {msg}")),
