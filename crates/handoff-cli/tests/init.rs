@@ -328,8 +328,8 @@ fn init_probes_for_lowerable_ops_and_uses_recorded_data_beside_the_model() {
 }
 
 /// A backend that panics on the lowered model (candle-onnx's `todo!()` for
-/// a Gather with rank-3 indices, as torch.onnx exports build attention
-/// masks) fails its cells; the run goes on and its other cells are intact.
+/// a Gather with indices of rank 3 or more, as in torch.onnx's BERT
+/// exports) fails its cells; the run goes on and its other cells are intact.
 #[test]
 fn a_backend_that_panics_after_lowering_is_a_failed_cell_not_a_crash() {
     let dir = tempfile::tempdir().unwrap();
@@ -370,5 +370,63 @@ fn a_backend_that_panics_after_lowering_is_a_failed_cell_not_a_crash() {
     assert!(
         reason.contains("panic") && reason.contains("gather"),
         "{reason}"
+    );
+}
+
+/// A model whose symbolic shapes tract cannot analyse (a dim times itself;
+/// torch.onnx's BERT exports stop it the same way): its tract cells say how
+/// to run it, `shapes: concrete` runs it, and `handoff init` finds that.
+#[test]
+fn tract_runs_what_it_cannot_analyse_symbolically_with_concrete_shapes() {
+    use handoff_onnx::builder::attr_int;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut g = GraphBuilder::new("square");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Sym("seq")]);
+    let (a2, a1) = (
+        g.init_i64("a2", &[1], vec![2]),
+        g.init_i64("a1", &[1], vec![1]),
+    );
+    let col = g.node("Unsqueeze", &[&x, &a2], vec![]);
+    let row = g.node("Unsqueeze", &[&x, &a1], vec![]);
+    let outer = g.node("Mul", &[&col, &row], vec![]);
+    g.node_to("Flatten", &[&outer], vec![attr_int("axis", 1)], "y");
+    g.output("y", ElemType::F32, &[D::Sym("batch"), D::Sym("flat")]);
+    write_model(&g.finish(17), &d.join("m.onnx")).unwrap();
+    let suite = |extra: &str| {
+        format!(
+            "name: t\nmodels:\n  - id: m\n    source: {{onnx: m.onnx}}\n\
+             \x20   inputs: [{{name: x, dtype: f32, shape: [batch, seq], fill: {{constant: 0.5}}}}]\n\
+             backends: [ort, tract]\ndims: {{seq: [3, 5]}}\n\
+             measure: {{warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}}\n{extra}"
+        )
+    };
+    std::fs::write(d.join("a.yaml"), suite("")).unwrap();
+    let tract = |records: &[handoff_runner::ResultRecord]| {
+        records
+            .iter()
+            .filter(|r| r.case.backend == "tract")
+            .map(|r| (r.status, r.reason.clone().unwrap_or_default()))
+            .collect::<Vec<_>>()
+    };
+    for (status, reason) in tract(&common::run_ok(d, "a.yaml", "a")) {
+        assert_eq!(status, Status::Failed);
+        assert!(
+            reason.contains("backend_options: {tract: {shapes: concrete}}"),
+            "{reason}"
+        );
+    }
+    std::fs::write(
+        d.join("b.yaml"),
+        suite("backend_options: {tract: {shapes: concrete}}\n"),
+    )
+    .unwrap();
+    let runs = tract(&common::run_ok(d, "b.yaml", "b"));
+    assert_eq!(runs.len(), 2);
+    assert!(runs.iter().all(|(s, _)| *s == Status::Ok), "{runs:?}");
+    let text = common::handoff_ok(&["init", "m.onnx"], d);
+    assert!(
+        text.contains("\nbackend_options: {tract: {shapes: concrete}}\n"),
+        "{text}"
     );
 }

@@ -20,7 +20,7 @@ use handoff_backend::{
 use handoff_convert::provenance::{Check, Provenance};
 use handoff_suite::{Lowered, ModelTools, ToolError, Variant};
 
-pub use lower::lowerable_gap;
+pub use lower::{lowerable_gap, tract_needs_concrete_shapes};
 pub use variant::{Gated, QUANT_ENV, VariantRequest, build_variant, variant_path};
 
 /// Thresholds of the conversion check (ORT on the ONNX file vs candle's
@@ -284,11 +284,30 @@ fn run_model_on(
     specs: &[TensorSpec],
     threads: usize,
 ) -> Result<Vec<Tensor>, BackendError> {
+    run_model_with(
+        backend,
+        model,
+        inputs,
+        specs,
+        threads,
+        serde_json::Value::Null,
+    )
+}
+
+/// [`run_model_on`] with the backend's suite options.
+fn run_model_with(
+    backend: &dyn Backend,
+    model: &ModelRef,
+    inputs: &[Tensor],
+    specs: &[TensorSpec],
+    threads: usize,
+    backend_options: serde_json::Value,
+) -> Result<Vec<Tensor>, BackendError> {
     let options = PrepareOptions {
         device: handoff_backend::Device::Cpu,
         threads,
         inputs: specs.to_vec(),
-        options: serde_json::Value::Null,
+        options: backend_options,
     };
     // A runtime that panics on a model (candle-onnx's `todo!()` for an op
     // form it lacks) fails this step with its message; measured cases run

@@ -30,6 +30,34 @@ pub fn lowerable_gap(
     }
 }
 
+/// Whether tract fails to plan `onnx` with its symbolic dims and runs it
+/// with each input pinned to the case's shape (`backend_options: {tract:
+/// {shapes: concrete}}`), as on torch.onnx's BERT exports.
+pub fn tract_needs_concrete_shapes(registry: &Registry, onnx: &Path, specs: &[TensorSpec]) -> bool {
+    let Some(tract) = registry.get("tract") else {
+        return false;
+    };
+    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
+    let model = handoff_backend::ModelRef {
+        path: onnx.to_owned(),
+        id: "probe".into(),
+        hf_dir: None,
+    };
+    let symbolic = crate::run_model_on(tract, &model, &inputs, specs, 1);
+    matches!(
+        symbolic,
+        Err(BackendError::InvalidModel(_) | BackendError::Failed(_))
+    ) && crate::run_model_with(
+        tract,
+        &model,
+        &inputs,
+        specs,
+        1,
+        serde_json::json!({"shapes": "concrete"}),
+    )
+    .is_ok()
+}
+
 /// The op named by an `unsupported` reason, when handoff can lower it.
 fn lowerable(reason: &str) -> Option<&str> {
     reason

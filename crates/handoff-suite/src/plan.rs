@@ -768,6 +768,12 @@ fn build(
             backend_options.insert(name.to_owned(), serde_json::to_value(o).unwrap_or_default());
         }
     }
+    if let Some(o) = &raw.backend_options.tract {
+        backend_options.insert(
+            "tract".to_owned(),
+            serde_json::to_value(o).unwrap_or_default(),
+        );
+    }
     if let Some(o) = &raw.backend_options.mock {
         backend_options.insert(
             "mock".to_owned(),

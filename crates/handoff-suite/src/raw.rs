@@ -345,7 +345,26 @@ pub struct RawCheck {
 #[serde(deny_unknown_fields)]
 pub struct RawBackendOptions {
     pub ort: Option<OrtOptions>,
+    pub tract: Option<TractOptions>,
     pub mock: Option<MockOptions>,
+}
+
+#[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct TractOptions {
+    /// `symbolic` (default): one plan with the model's symbolic dims
+    /// (`batch`, `seq`); `concrete`: a plan for each case's input shapes,
+    /// for models whose symbolic shapes tract cannot analyse ("square of
+    /// symbols": a dim times itself; torch.onnx's BERT exports). ONNX
+    /// files only: an `nnef` variant keeps its symbolic plan.
+    pub shapes: Option<TractShapes>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Deserialize, Serialize, JsonSchema)]
+#[serde(rename_all = "lowercase")]
+pub enum TractShapes {
+    Symbolic,
+    Concrete,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]

@@ -73,19 +73,23 @@ impl Backend for TractBackend {
         };
         #[cfg(not(feature = "cuda"))]
         handoff_backend::require_cpu(options.device)?;
+        let concrete = options.options.get("shapes").and_then(|v| v.as_str()) == Some("concrete");
         let typed = if is_nnef(model.path()) {
             nnef()
                 .model_for_path(model.path())
                 .map_err(|e| classify(&e, true))?
         } else {
-            tract_onnx::onnx()
+            let mut onnx = tract_onnx::onnx()
                 .model_for_path(model.path())
-                .map_err(|e| classify(&e, true))?
-                .into_typed()
-                .map_err(|e| classify(&e, true))?
+                .map_err(|e| classify(&e, true))?;
+            if concrete {
+                onnx = with_concrete_inputs(onnx, &options.inputs)?;
+            }
+            onnx.into_typed()
+                .map_err(|e| with_shapes_hint(classify(&e, true), concrete))?
         }
         .into_optimized()
-        .map_err(|e| classify(&e, false))?;
+        .map_err(|e| with_shapes_hint(classify(&e, false), concrete))?;
         let output_names = output_names(&typed)?;
         #[cfg(feature = "cuda")]
         if let Some(runtime) = gpu {
@@ -119,6 +123,44 @@ impl Backend for TractBackend {
             output_names,
             last: TVec::new(),
         }))
+    }
+}
+
+/// Pins each model input to the shape and type this case feeds it
+/// (`backend_options: {tract: {shapes: concrete}}`).
+fn with_concrete_inputs(
+    mut model: InferenceModel,
+    specs: &[handoff_backend::TensorSpec],
+) -> Result<InferenceModel, BackendError> {
+    let outlets = model
+        .input_outlets()
+        .map_err(|e| classify(&e, true))?
+        .to_vec();
+    for (i, outlet) in outlets.iter().enumerate() {
+        let name = model.node(outlet.node).name.clone();
+        let spec = specs.iter().find(|s| s.name == name).ok_or_else(|| {
+            BackendError::InvalidModel(format!("no shape given for input `{name}`"))
+        })?;
+        let dt = match spec.dtype {
+            handoff_backend::DType::F32 => f32::datum_type(),
+            handoff_backend::DType::I64 => i64::datum_type(),
+            handoff_backend::DType::I32 => i32::datum_type(),
+        };
+        model = model
+            .with_input_fact(i, InferenceFact::dt_shape(dt, &spec.shape))
+            .map_err(|e| classify(&e, true))?;
+    }
+    Ok(model)
+}
+
+/// Names the way out when tract cannot plan a model with symbolic dims.
+fn with_shapes_hint(e: BackendError, concrete: bool) -> BackendError {
+    const HINT: &str =
+        "; tract may plan it for each case's shapes: backend_options: {tract: {shapes: concrete}}";
+    match e {
+        BackendError::InvalidModel(m) if !concrete => BackendError::InvalidModel(m + HINT),
+        BackendError::Failed(m) if !concrete => BackendError::Failed(m + HINT),
+        other => other,
     }
 }
 

@@ -73,11 +73,18 @@ fn init(
     } else {
         let backends = handoff_suite::init::onnx_backends(&available);
         let text = handoff_suite::init::onnx_suite(model, &in_suite, &backends, &[])?;
-        let lower_for = probe_lowerable(registry, model, out, &text)?;
-        if lower_for.is_empty() {
+        let (lower_for, concrete) = probe_backends(registry, model, out, &text)?;
+        let text = if lower_for.is_empty() {
             text
         } else {
             handoff_suite::init::onnx_suite(model, &in_suite, &backends, &lower_for)?
+        };
+        if concrete {
+            text + "# Run here, tract could not plan the model with its symbolic dims and ran it\n\
+                    # with each input pinned to the case's shape: one plan per case.\n\
+                    backend_options: {tract: {shapes: concrete}}\n"
+        } else {
+            text
         }
     };
     match out {
@@ -96,15 +103,15 @@ fn init(
     Ok(ExitCode::SUCCESS)
 }
 
-/// The suite's backends that stop at an op handoff can lower, found by
-/// running each once on the suite's first case (read as the suite will be,
-/// building nothing).
-fn probe_lowerable(
+/// The suite's backends that stop at an op handoff can lower, and whether
+/// tract needs concrete shapes, found by running each once on the suite's
+/// first case (read as the suite will be, building nothing).
+fn probe_backends(
     registry: &Arc<Registry>,
     model: &Path,
     out: Option<&Path>,
     suite: &str,
-) -> Result<Vec<String>> {
+) -> Result<(Vec<String>, bool)> {
     let options = crate::backends::plan_options(registry, handoff_suite::Preparation::Describe);
     // The suite names files relative to where it will be written.
     let at = out.unwrap_or(Path::new("handoff-init.yaml"));
@@ -119,7 +126,18 @@ fn probe_lowerable(
             found.push(backend.clone());
         }
     }
-    Ok(found)
+    let concrete = plan
+        .cases()
+        .find(|c| c.backend == "tract")
+        .is_some_and(|case| {
+            handoff_prepare::tract_needs_concrete_shapes(registry, model, &case.inputs)
+        });
+    if concrete {
+        eprintln!(
+            "tract cannot plan the model with its symbolic dims: adding backend_options: {{tract: {{shapes: concrete}}}}"
+        );
+    }
+    Ok((found, concrete))
 }
 
 /// `path` relative to `dir` (both absolute), with `..` where needed.
