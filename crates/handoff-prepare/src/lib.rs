@@ -20,7 +20,7 @@ use handoff_backend::{
 use handoff_convert::provenance::{Check, Provenance};
 use handoff_suite::{Lowered, ModelTools, ToolError, Variant};
 
-pub use lower::{lowerable_gap, tract_needs_concrete_shapes};
+pub use lower::{InitGap, init_gap};
 pub use variant::{Gated, QUANT_ENV, VariantRequest, build_variant, variant_path};
 
 /// Thresholds of the conversion check (ORT on the ONNX file vs candle's
@@ -253,12 +253,27 @@ fn run_once(
     inputs: &[Tensor],
     specs: &[TensorSpec],
 ) -> Result<Vec<Tensor>, BackendError> {
-    let model = ModelRef {
+    run_model(backend, &check_model(onnx, hf_dir), inputs, specs)
+}
+
+/// [`run_once`] of an ONNX file with the backend's suite options.
+fn run_once_with(
+    backend: &dyn Backend,
+    onnx: &Path,
+    inputs: &[Tensor],
+    specs: &[TensorSpec],
+    backend_options: serde_json::Value,
+) -> Result<Vec<Tensor>, BackendError> {
+    let model = check_model(onnx, None);
+    run_model_with(backend, &model, inputs, specs, 1, backend_options)
+}
+
+fn check_model(onnx: &Path, hf_dir: Option<&Path>) -> ModelRef {
+    ModelRef {
         path: onnx.to_owned(),
         id: "check".into(),
         hf_dir: hf_dir.map(Path::to_owned),
-    };
-    run_model(backend, &model, inputs, specs)
+    }
 }
 
 fn run_model(

@@ -11,51 +11,48 @@ use handoff_suite::Lowered;
 
 use crate::{
     LOWERING_MAX_ABS, PrepareError, Tools, derived_provenance, embedding_agreement, run_once,
+    run_once_with,
 };
 
-/// The op `backend` stops at on `onnx` when it is one handoff can lower
-/// (`None`: it ran, or failed for another reason, which its cells will
-/// say).
-pub fn lowerable_gap(
-    registry: &Registry,
-    backend: &str,
-    onnx: &Path,
-    specs: &[TensorSpec],
-) -> Option<String> {
-    let b = registry.get(backend)?;
-    let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
-    match run_once(b, onnx, None, &inputs, specs) {
-        Err(BackendError::Unsupported(reason)) => lowerable(&reason).map(str::to_owned),
-        _ => None,
-    }
+/// What one run of a backend on a model shows `handoff init`.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub enum InitGap {
+    /// It ran, or failed for a reason its cells will say.
+    None,
+    /// It stops at this op, which handoff can lower (`lower_for`).
+    Lowerable(String),
+    /// tract fails to plan the model with its symbolic dims and runs it
+    /// with each input pinned to the case's shape (`backend_options:
+    /// {tract: {shapes: concrete}}`), as on torch.onnx's BERT exports.
+    TractConcreteShapes,
 }
 
-/// Whether tract fails to plan `onnx` with its symbolic dims and runs it
-/// with each input pinned to the case's shape (`backend_options: {tract:
-/// {shapes: concrete}}`), as on torch.onnx's BERT exports.
-pub fn tract_needs_concrete_shapes(registry: &Registry, onnx: &Path, specs: &[TensorSpec]) -> bool {
-    let Some(tract) = registry.get("tract") else {
-        return false;
+/// Runs `backend` once on `onnx` (and tract, where that fails, once more
+/// with concrete shapes) to find what `handoff init` should add.
+pub fn init_gap(registry: &Registry, backend: &str, onnx: &Path, specs: &[TensorSpec]) -> InitGap {
+    let Some(b) = registry.get(backend) else {
+        return InitGap::None;
     };
     let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
-    let model = handoff_backend::ModelRef {
-        path: onnx.to_owned(),
-        id: "probe".into(),
-        hf_dir: None,
-    };
-    let symbolic = crate::run_model_on(tract, &model, &inputs, specs, 1);
-    matches!(
-        symbolic,
+    match run_once(b, onnx, None, &inputs, specs) {
+        Err(BackendError::Unsupported(reason)) => {
+            lowerable(&reason).map_or(InitGap::None, |op| InitGap::Lowerable(op.to_owned()))
+        }
         Err(BackendError::InvalidModel(_) | BackendError::Failed(_))
-    ) && crate::run_model_with(
-        tract,
-        &model,
-        &inputs,
-        specs,
-        1,
-        serde_json::json!({"shapes": "concrete"}),
-    )
-    .is_ok()
+            if backend == "tract"
+                && run_once_with(
+                    b,
+                    onnx,
+                    &inputs,
+                    specs,
+                    serde_json::json!({"shapes": "concrete"}),
+                )
+                .is_ok() =>
+        {
+            InitGap::TractConcreteShapes
+        }
+        _ => InitGap::None,
+    }
 }
 
 /// The op named by an `unsupported` reason, when handoff can lower it.

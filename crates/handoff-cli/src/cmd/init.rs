@@ -117,25 +117,26 @@ fn probe_backends(
     let at = out.unwrap_or(Path::new("handoff-init.yaml"));
     let plan = handoff_suite::Plan::from_str(at, suite, &options)?;
     let mut found = Vec::new();
+    let mut concrete = false;
     for backend in &plan.backends {
         let Some(case) = plan.cases().find(|c| &c.backend == backend) else {
             continue;
         };
-        if let Some(op) = handoff_prepare::lowerable_gap(registry, backend, model, &case.inputs) {
-            eprintln!("{backend} lacks {op}, which handoff lowers: adding lower_for: [{backend}]");
-            found.push(backend.clone());
+        match handoff_prepare::init_gap(registry, backend, model, &case.inputs) {
+            handoff_prepare::InitGap::Lowerable(op) => {
+                eprintln!(
+                    "{backend} lacks {op}, which handoff lowers: adding lower_for: [{backend}]"
+                );
+                found.push(backend.clone());
+            }
+            handoff_prepare::InitGap::TractConcreteShapes => {
+                eprintln!(
+                    "tract cannot plan the model with its symbolic dims: adding backend_options: {{tract: {{shapes: concrete}}}}"
+                );
+                concrete = true;
+            }
+            handoff_prepare::InitGap::None => {}
         }
-    }
-    let concrete = plan
-        .cases()
-        .find(|c| c.backend == "tract")
-        .is_some_and(|case| {
-            handoff_prepare::tract_needs_concrete_shapes(registry, model, &case.inputs)
-        });
-    if concrete {
-        eprintln!(
-            "tract cannot plan the model with its symbolic dims: adding backend_options: {{tract: {{shapes: concrete}}}}"
-        );
     }
     Ok((found, concrete))
 }
