@@ -96,13 +96,13 @@ pub fn ensure_ort(quiet: bool) {
             return;
         }
         if !quiet {
-            eprintln!(
+            crate::out::errln!(
                 "libonnxruntime not found; fetching onnxruntime=={} from PyPI…",
                 handoff_ort::provision::PINNED_VERSION
             );
         }
         if let Err(e) = handoff_ort::provision::fetch() {
-            eprintln!("warning: {e}; ort cells will be `unavailable`");
+            crate::out::errln!("warning: {e}; ort cells will be `unavailable`");
         }
     }
     #[cfg(not(feature = "ort"))]

@@ -11,6 +11,7 @@ use std::process::ExitCode;
 use anyhow::Result;
 use clap::{Parser, Subcommand};
 use handoff_suite::SuiteError;
+use out::errln;
 
 mod backends;
 mod cmd;
@@ -68,10 +69,10 @@ fn main() -> ExitCode {
         Err(e) => {
             if let Some(SuiteError::Invalid(problems)) = e.downcast_ref::<SuiteError>() {
                 for p in problems {
-                    eprintln!("error: {p}");
+                    errln!("error: {p}");
                 }
             } else {
-                eprintln!("error: {e:#}");
+                errln!("error: {e:#}");
             }
             ExitCode::from(2)
         }

@@ -6,6 +6,7 @@
 //! cases, so the printing commands write through [`Out`] instead: once
 //! the pipe is closed the rest of the output is dropped and the command
 //! finishes with its own exit code (a regression found is still exit 1).
+//! Diagnostics go through [`errln!`] for the same reason.
 
 use std::io::{self, Write};
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -58,4 +59,14 @@ macro_rules! outln {
     }};
 }
 
-pub(crate) use {out, outln};
+/// `eprintln!` that cannot panic: a diagnostic whose stderr has gone
+/// (`handoff run ... 2>&1 | head`) has nowhere left to go, and the
+/// command must still finish its run and keep its exit code.
+macro_rules! errln {
+    ($($arg:tt)*) => {{
+        use std::io::Write as _;
+        let _ = writeln!(std::io::stderr(), $($arg)*);
+    }};
+}
+
+pub(crate) use {errln, out, outln};

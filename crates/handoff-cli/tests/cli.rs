@@ -106,6 +106,18 @@ fn schema_and_dry_run_succeed() {
             Some(0)
         );
     }
+    // An error told into a stderr that has gone is still exit 2, not a
+    // panic's 101.
+    let bad = write(dir.path(), "bad.yaml", "name: t\nmodels: 3\n");
+    let (reader, writer) = std::io::pipe().unwrap();
+    drop(reader);
+    let out = Command::new(env!("CARGO_BIN_EXE_handoff"))
+        .args(["validate", &bad])
+        .current_dir(dir.path())
+        .stderr(writer)
+        .output()
+        .unwrap();
+    assert_eq!(out.status.code(), Some(2));
 }
 
 fn crash_suite(dir: &Path, fail: &str) -> Vec<handoff_runner::ResultRecord> {

@@ -84,13 +84,13 @@ pub fn worker_main(registry: &Registry) -> i32 {
     let mut stdin = BufReader::new(std::io::stdin());
     let mut input = String::new();
     if let Err(e) = stdin.read_line(&mut input) {
-        eprintln!("worker: cannot read job: {e}");
+        let _ = writeln!(std::io::stderr(), "worker: cannot read job: {e}");
         return 2;
     }
     let job: Job = match serde_json::from_str(&input) {
         Ok(j) => j,
         Err(e) => {
-            eprintln!("worker: bad job: {e}");
+            let _ = writeln!(std::io::stderr(), "worker: bad job: {e}");
             return 2;
         }
     };
@@ -146,7 +146,10 @@ fn limit_memory(mb: u64) {
     #[allow(unsafe_code)]
     let rc = unsafe { libc::setrlimit(libc::RLIMIT_DATA, &lim) };
     if rc != 0 {
-        eprintln!("worker: could not set the memory limit ({mb} MiB)");
+        let _ = writeln!(
+            std::io::stderr(),
+            "worker: could not set the memory limit ({mb} MiB)"
+        );
     }
 }
 

@@ -100,6 +100,9 @@ pub trait Observer {
     fn started(&mut self, _total: usize) {}
     fn case_started(&mut self, _case: &Case) {}
     fn case_finished(&mut self, _record: &ResultRecord) {}
+    /// Something the user should know that is not a case's result (a
+    /// comparison group split to fit in memory); it is also in run.json.
+    fn warning(&mut self, _note: &str) {}
 }
 
 /// An observer that ignores everything.
@@ -255,7 +258,7 @@ impl<'a> Runner<'a> {
             let known = meta.split_groups.len();
             let units = self.units(pending, &mut meta.split_groups);
             for note in &meta.split_groups[known..] {
-                eprintln!("warning: {note}");
+                observer.warning(note);
             }
             for unit in units {
                 if stopped() {

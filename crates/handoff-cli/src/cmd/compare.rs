@@ -10,7 +10,7 @@ use handoff_suite::Plan;
 
 use crate::backends::plan_options;
 use crate::cmd::run::{RunArgs, run_plan, timestamp};
-use crate::out::{out, outln};
+use crate::out::{errln, out, outln};
 
 /// Compare two runs case by case; exit 1 if any case regressed.
 ///
@@ -125,7 +125,7 @@ impl CompareCmd {
         }
         let md = handoff_compare::markdown(&c);
         if !c.env_differences.is_empty() {
-            eprintln!(
+            errln!(
                 "warning: comparing across environments: {}",
                 c.env_differences.join("; ")
             );

@@ -4,7 +4,7 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 use std::sync::Arc;
 
-use crate::out::out;
+use crate::out::{errln, out};
 use anyhow::{Context, Result};
 use handoff_backend::{Probe, Registry};
 
@@ -94,7 +94,7 @@ fn init(
                 anyhow::bail!("{} exists; pass --force to replace it", out.display());
             }
             std::fs::write(out, &text).with_context(|| format!("writing {}", out.display()))?;
-            eprintln!(
+            errln!(
                 "wrote {}; next: handoff validate {0}, then handoff run {0}",
                 out.display()
             );
@@ -124,13 +124,11 @@ fn probe_backends(
         };
         match handoff_prepare::init_gap(registry, backend, model, &case.inputs) {
             handoff_prepare::InitGap::Lowerable(op) => {
-                eprintln!(
-                    "{backend} lacks {op}, which handoff lowers: adding lower_for: [{backend}]"
-                );
+                errln!("{backend} lacks {op}, which handoff lowers: adding lower_for: [{backend}]");
                 found.push(backend.clone());
             }
             handoff_prepare::InitGap::TractConcreteShapes => {
-                eprintln!(
+                errln!(
                     "tract cannot plan the model with its symbolic dims: adding backend_options: {{tract: {{shapes: concrete}}}}"
                 );
                 concrete = true;

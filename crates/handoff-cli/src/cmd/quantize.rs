@@ -7,7 +7,7 @@ use std::sync::Arc;
 use anyhow::Result;
 use handoff_backend::Registry;
 
-use crate::out::outln;
+use crate::out::{errln, outln};
 use handoff_prepare as tools;
 
 /// Build a precision variant of an ONNX model, check it against the
@@ -148,7 +148,7 @@ impl QuantizeCmd {
         let tools::Gated { check, warning, .. } =
             tools::build_variant(registry, &model, &out, &request, &specs, &calibration)?;
         if let Some(w) = warning {
-            eprintln!("warning: {w}");
+            errln!("warning: {w}");
         }
         let (a, b) = (
             std::fs::metadata(&model)?.len(),

@@ -3,7 +3,7 @@
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
-use crate::out::{out, outln};
+use crate::out::{errln, out, outln};
 use anyhow::Result;
 
 /// Print the table and Markdown summary of a results file.
@@ -56,7 +56,7 @@ impl ReportCmd {
         out!("{}", handoff_report::terminal_table(&read.records))?;
         let out = out.unwrap_or_else(|| first.clone());
         write_report(&out, &first, &suite, &read)?;
-        eprintln!(
+        errln!(
             "wrote {} and {}",
             out.join("summary.md").display(),
             out.join("report.html").display()

@@ -14,7 +14,7 @@ use handoff_suite::{Case, Plan, Preparation};
 use indicatif::{ProgressBar, ProgressStyle};
 
 use crate::backends::{ensure_ort, plan_options};
-use crate::out::outln;
+use crate::out::{errln, outln};
 
 /// Run a suite: every case, streamed to <out>/results.jsonl, then a table.
 #[derive(clap::Args)]
@@ -199,14 +199,14 @@ pub fn run_plan(
             if stop.swap(true, std::sync::atomic::Ordering::SeqCst) {
                 std::process::exit(130);
             }
-            eprintln!(
+            errln!(
                 "\ninterrupted: stopping after killing the case in flight (Ctrl-C again to quit now)"
             );
         });
     }
     let launcher = handoff_runner::isolate::launcher();
     if let Some(l) = &launcher {
-        eprintln!(
+        errln!(
             "warning: workers run under `{l}` ({}): their timings are the launcher's, not this machine's, so there is no roofline",
             handoff_runner::isolate::LAUNCHER_VAR
         );
@@ -241,7 +241,7 @@ pub fn run_plan(
             &handoff_backend::home::model_cache_dir(),
         ) {
             Ok(p) => std::fs::write(&peak_file, serde_json::to_vec_pretty(&p)?)?,
-            Err(e) => eprintln!("warning: no matmul peak for the roofline: {e}"),
+            Err(e) => errln!("warning: no matmul peak for the roofline: {e}"),
         }
     }
     let runner = Runner::new(plan, registry, options);
@@ -282,7 +282,7 @@ pub fn run_plan(
         )?;
     }
     if summary.suite_timeout {
-        eprintln!(
+        errln!(
             "suite_timeout reached: remaining cases not run; resume with `handoff run {} --resume {}`",
             suite.display(),
             out.display()
@@ -290,7 +290,7 @@ pub fn run_plan(
         return Ok((ExitCode::SUCCESS, out));
     }
     if summary.interrupted {
-        eprintln!(
+        errln!(
             "interrupted: resume with `handoff run {} --resume {}`",
             suite.display(),
             out.display()
@@ -432,6 +432,13 @@ impl Observer for Progress {
                 ));
             }
             b.inc(1);
+        }
+    }
+
+    fn warning(&mut self, note: &str) {
+        match &self.bar {
+            Some(b) => b.suspend(|| errln!("warning: {note}")),
+            None => errln!("warning: {note}"),
         }
     }
 }
