@@ -14,6 +14,7 @@ mod models;
 pub mod qbert;
 
 use std::collections::HashMap;
+use std::path::Path;
 
 use candle_core::{DType as CDType, Device as CDevice, Tensor as CTensor};
 use handoff_backend::{
@@ -59,8 +60,7 @@ impl Backend for CandleOnnxBackend {
         }
         require_cpu(options.device)?;
         check_threads(options.threads)?;
-        let mut proto = candle_onnx::read_file(model.path())
-            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", model.path().display())))?;
+        let mut proto = read_onnx(model.path())?;
         raw_constants(&mut proto);
         let graph = proto
             .graph
@@ -74,6 +74,30 @@ impl Backend for CandleOnnxBackend {
             last: HashMap::new(),
         }))
     }
+}
+
+/// The model as candle-onnx reads it, with the weights of a model saved
+/// with external data read in: candle-onnx reads only the `.onnx` file,
+/// and saw empty buffers ("Shape mismatch, got buffer of size 0").
+fn read_onnx(path: &Path) -> Result<candle_onnx::onnx::ModelProto, BackendError> {
+    let invalid = |e: String| BackendError::InvalidModel(format!("{}: {e}", path.display()));
+    let proto = candle_onnx::read_file(path).map_err(|e| invalid(e.to_string()))?;
+    let external = |t: &candle_onnx::onnx::TensorProto| {
+        t.data_location == candle_onnx::onnx::tensor_proto::DataLocation::External as i32
+            || !t.external_data.is_empty()
+    };
+    if !proto
+        .graph
+        .iter()
+        .flat_map(|g| &g.initializer)
+        .any(external)
+    {
+        return Ok(proto);
+    }
+    let whole =
+        handoff_onnx::external::read_model_inline(path).map_err(|e| invalid(e.to_string()))?;
+    prost::Message::decode(prost::Message::encode_to_vec(&whole).as_slice())
+        .map_err(|e| invalid(e.to_string()))
 }
 
 /// Moves tensor values stored in typed fields (`float_data`, `int64_data`,

@@ -1311,3 +1311,78 @@ fn int8_numerics_hold_on_an_emulated_avx2_cpu() {
         "8-bit weights should saturate on the emulated AVX2 CPU:\n{out}"
     );
 }
+
+/// A model saved with its weights in a data file beside it (what
+/// `onnx.save(..., save_as_external_data=True)` and exporters of large
+/// models write) runs, lowers and quantises like any other; new weights
+/// under the same `.onnx` bytes are a new model, and what was made from
+/// the old weights (the int8 build, candle-onnx's lowered copy) is made
+/// again, not reused.
+#[test]
+fn a_model_with_external_data_runs_everywhere_and_new_weights_rebuild_what_was_made_from_it() {
+    use handoff_onnx::synthetic::{Kind, SyntheticSpec};
+    let dir = tempfile::tempdir().unwrap();
+    let path = dir.path().join("enc.onnx");
+    let save = |seed| {
+        let spec = SyntheticSpec {
+            kind: Kind::Encoder,
+            width: 32,
+            depth: 2,
+            seed,
+        };
+        handoff_onnx::external::write_with_external_data(&spec.build(), &path).unwrap();
+    };
+    save(1);
+    assert!(dir.path().join("enc.onnx.data").is_file());
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: x\nmodels:\n  - id: enc\n    source: {onnx: enc.onnx}\n    variants: [fp32, int8-dynamic]\n    lower_for: [candle-onnx]\n    min_cosine: 0.9\n\
+         \x20   inputs: [{name: hidden, dtype: f32, shape: [batch, seq, 32], fill: {random: {min: -1, max: 1}}}]\n\
+         backends: [ort, tract, candle-onnx]\nthreads: [1]\nbatch: [1]\ndims: {seq: [8]}\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let check = |records: &[handoff_runner::ResultRecord]| {
+        let ids: Vec<&str> = records.iter().map(|r| r.case.id.as_str()).collect();
+        assert_eq!(records.len(), 7, "{ids:?}");
+        for r in records {
+            // candle-onnx runs the lowered copy (`enc+lowered`); it lacks
+            // LayerNormalization and int8 tensors.
+            if r.case.backend == "candle-onnx" && r.case.model != "enc+lowered" {
+                assert_eq!(r.status, Status::Unsupported, "{:?}", r.reason);
+                continue;
+            }
+            assert!(
+                r.status == Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
+                "{}: {:?} {:?} {:?}",
+                r.case.id,
+                r.status,
+                r.reason,
+                r.parity
+            );
+            assert!(
+                r.accuracy.as_ref().is_none_or(|a| a.passed),
+                "{:?}",
+                r.accuracy
+            );
+        }
+    };
+    let first = run_ok(dir.path(), "s.yaml", "a");
+    check(&first);
+    // New weights in the data file, the `.onnx` bytes as they were (the
+    // small biases inside it stay those of the first model).
+    let onnx = std::fs::read(&path).unwrap();
+    save(2);
+    std::fs::write(&path, &onnx).unwrap();
+    let second = run_ok(dir.path(), "s.yaml", "b");
+    // A stale int8 build would fail its gate against the new fp32, a stale
+    // lowered copy its parity against ort on the new weights.
+    check(&second);
+    // Every model of the second run is another file than the first's: the
+    // source, its int8 build and the lowered copy (which ort checks
+    // candle-onnx against, so a stale one would agree with itself).
+    for (a, b) in first.iter().zip(&second) {
+        assert_eq!(a.case.id, b.case.id);
+        assert_ne!(a.case.model_sha256, b.case.model_sha256, "{}", a.case.id);
+    }
+}

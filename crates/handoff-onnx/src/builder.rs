@@ -3,6 +3,8 @@
 
 use std::path::Path;
 
+use prost::Message;
+
 use crate::inspect::{ElemType, OnnxError};
 use crate::proto::{
     AttributeProto, Dimension, DimensionValue, GraphProto, ModelProto, NodeProto,
@@ -200,13 +202,25 @@ pub fn attr_float(name: &str, f: f32) -> AttributeProto {
     }
 }
 
+/// protobuf cannot encode a message of 2 GiB or more.
+const PROTOBUF_LIMIT: usize = (2 << 30) - 1;
+
 /// Writes a model atomically (temp file + rename), so a crash never leaves a
-/// half-written model behind that a later run would trust.
+/// half-written model behind that a later run would trust. A model whose
+/// encoding would pass protobuf's 2 GiB limit is refused: no reader could
+/// load it.
 pub fn write_model(model: &ModelProto, path: &Path) -> Result<(), OnnxError> {
     let err = |source| OnnxError::Write {
         path: path.to_owned(),
         source,
     };
+    let len = model.encoded_len();
+    if len >= PROTOBUF_LIMIT {
+        return Err(err(std::io::Error::other(format!(
+            "the model would be {:.2} GB, over protobuf's 2 GiB limit for one file",
+            len as f64 / 1e9
+        ))));
+    }
     if let Some(dir) = path.parent() {
         std::fs::create_dir_all(dir).map_err(err)?;
     }

@@ -141,7 +141,10 @@ impl fmt::Display for IoInfo {
 #[derive(Debug, Clone)]
 pub struct ModelInfo {
     pub path: PathBuf,
+    /// Of the file, and of its external data files if it has any
+    /// ([`crate::external::content_sha256`]).
     pub sha256: String,
+    /// The file's size plus its external data files'.
     pub size_bytes: u64,
     pub opset: i64,
     pub inputs: Vec<IoInfo>,
@@ -205,10 +208,11 @@ impl ModelInfo {
                 }
             })
             .collect();
+        let (sha256, size_bytes) = crate::external::content_sha256(path, bytes, &model)?;
         Ok(Self {
             path: path.to_owned(),
-            sha256: sha256_hex(bytes),
-            size_bytes: bytes.len() as u64,
+            sha256,
+            size_bytes,
             opset,
             inputs,
             outputs,
@@ -291,7 +295,7 @@ fn io_info(v: &ValueInfoProto) -> Result<IoInfo, String> {
 /// Checks that an initializer's payload matches its declared shape, so a
 /// truncated or shape-corrupted file is reported here, naming the tensor,
 /// rather than as whatever a runtime makes of it.
-fn check_initializer(t: &TensorProto) -> Result<u64, String> {
+pub(crate) fn check_initializer(t: &TensorProto) -> Result<u64, String> {
     let mut count: u64 = 1;
     for &d in &t.dims {
         if d < 0 {

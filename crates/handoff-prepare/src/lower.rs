@@ -69,12 +69,22 @@ fn lowered_file_name(onnx: &Path, backend: &str) -> String {
 }
 
 impl Tools {
-    /// The lowered copy [`Self::lower`] would reuse.
+    /// The lowered copy [`Self::lower`] would reuse: one lowered from the
+    /// model as it is now (its sha256, external data included), so a new
+    /// export at the same path is lowered again.
     pub(crate) fn cached_lowering_of(&self, onnx: &Path, backend: &str) -> Option<Lowered> {
         let out = self.derived_path(onnx, &lowered_file_name(onnx, backend));
         let prov = Provenance::load(&out).filter(|_| out.is_file())?;
-        let ops = prov
+        let source = handoff_onnx::external::file_sha256(onnx).ok()?;
+        let steps: Vec<_> = prov
             .steps
+            .iter()
+            .filter(|s| s.name.starts_with("lower:"))
+            .collect();
+        if steps.is_empty() || steps.iter().any(|s| s.params["source_sha256"] != source) {
+            return None;
+        }
+        let ops = steps
             .iter()
             .filter_map(|s| s.name.strip_prefix("lower:").map(str::to_owned))
             .collect();
@@ -97,7 +107,7 @@ impl Tools {
         let out = self.derived(onnx, &lowered_file_name(onnx, backend_name))?;
         let backend = self.backend(backend_name)?;
         let inputs: Vec<Tensor> = specs.iter().map(|s| s.generate(0)).collect();
-        let mut model = handoff_onnx::inspect::read_model(onnx)?;
+        let mut model = handoff_onnx::external::read_model_inline(onnx)?;
         let mut lowered_ops: Vec<String> = Vec::new();
         let tmp = out.with_extension(format!("probe{}.onnx", std::process::id()));
         let mut current = onnx.to_owned();
@@ -138,10 +148,11 @@ impl Tools {
         std::fs::rename(&tmp, &out).map_err(PrepareError::io(&out))?;
         let bytes = std::fs::read(&out).map_err(PrepareError::io(&out))?;
         let mut prov = derived_provenance(onnx);
+        let source = handoff_onnx::external::file_sha256(onnx)?;
         for op in &lowered_ops {
             prov.steps.push(Step {
                 name: format!("lower:{op}"),
-                params: serde_json::json!({"for": backend_name, "found_by": "probing the backend"}),
+                params: serde_json::json!({"for": backend_name, "found_by": "probing the backend", "source_sha256": source}),
             });
         }
         prov.output_sha256 = handoff_onnx::inspect::sha256_hex(&bytes);

@@ -102,7 +102,7 @@ pub fn measure(
     // scales for every activation an int8 MatMul still reads, unless it
     // shares it with an excluded one (Q of Q, K, V), where the scale no
     // longer counts the excluded weight; the gate then checks that build.
-    let mut model = handoff_onnx::inspect::read_model(onnx)?;
+    let mut model = handoff_onnx::external::read_model_inline(onnx)?;
     normalize(&mut model, onnx, &request.dynamic)?;
     smooth_and_split(registry, &mut model, &request.dynamic, scratch, calibration)?;
     let ranges = match request.variant.as_str() {

@@ -94,13 +94,12 @@ impl VariantRequest {
     }
 }
 
-/// The sha256 of the source model's bytes for [`VariantRequest`]'s cache
-/// key, read once per request (a 90 MB model takes about a second), empty
-/// when the file cannot be read (the build then fails on reading it).
+/// The sha256 of the source model (its external data files included) for
+/// [`VariantRequest`]'s cache key, read once per request (a 90 MB model
+/// takes about a second), empty when the model cannot be read (the build
+/// then fails on reading it).
 fn source_sha256(onnx: &Path) -> String {
-    std::fs::read(onnx)
-        .map(|b| handoff_onnx::inspect::sha256_hex(&b))
-        .unwrap_or_default()
+    handoff_onnx::external::file_sha256(onnx).unwrap_or_default()
 }
 
 /// A variant's accuracy gate as this machine computed it.
@@ -294,7 +293,7 @@ fn build_variant_as(
     let tmp = out.with_extension(format!("tmp{}.onnx", std::process::id()));
     let (mut params, warning) = match request.variant.as_str() {
         "int8-dynamic" | "fp16" => {
-            let mut model = handoff_onnx::inspect::read_model(onnx)?;
+            let mut model = handoff_onnx::external::read_model_inline(onnx)?;
             let (report, options) = if request.variant == "fp16" {
                 (
                     quantize::fp16_weights(
@@ -320,7 +319,7 @@ fn build_variant_as(
             (params, report.warning())
         }
         "int8-static" => {
-            let mut model = handoff_onnx::inspect::read_model(onnx)?;
+            let mut model = handoff_onnx::external::read_model_inline(onnx)?;
             let normalized = normalize(&mut model, onnx, &request.dynamic)?;
             let (smoothing, split) =
                 smooth_and_split(registry, &mut model, &request.dynamic, &tmp, calibration)?;
