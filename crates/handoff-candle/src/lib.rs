@@ -81,7 +81,7 @@ impl Backend for CandleOnnxBackend {
 /// and saw empty buffers ("Shape mismatch, got buffer of size 0").
 fn read_onnx(path: &Path) -> Result<candle_onnx::onnx::ModelProto, BackendError> {
     let invalid = |e: String| BackendError::InvalidModel(format!("{}: {e}", path.display()));
-    let proto = candle_onnx::read_file(path).map_err(|e| invalid(e.to_string()))?;
+    let proto = candle_onnx::read_file(path).map_err(|e| invalid(message(&e)))?;
     let external = |t: &candle_onnx::onnx::TensorProto| {
         t.data_location == candle_onnx::onnx::tensor_proto::DataLocation::External as i32
             || !t.external_data.is_empty()
@@ -181,7 +181,7 @@ pub fn candle_device(device: Device) -> Result<CDevice, BackendError> {
         Device::Cpu => Ok(CDevice::Cpu),
         #[cfg(feature = "cuda")]
         Device::Cuda => CDevice::new_cuda(0)
-            .map_err(|e| BackendError::Unavailable(format!("no CUDA device: {e}"))),
+            .map_err(|e| BackendError::Unavailable(format!("no CUDA device: {}", message(&e)))),
         #[cfg(not(feature = "cuda"))]
         Device::Cuda => Err(BackendError::Unavailable(
             "no CUDA device: this build has no candle CUDA support (feature `cuda`)".into(),
@@ -200,8 +200,20 @@ pub fn check_threads(wanted: usize) -> Result<(), BackendError> {
     Ok(())
 }
 
+/// candle's message without the backtrace it appends when
+/// `RUST_BACKTRACE` is set: a cell says what failed, not where in candle.
+fn message(e: &candle_core::Error) -> String {
+    use candle_core::Error;
+    match e {
+        Error::WithBacktrace { inner, .. } => message(inner),
+        Error::Context { inner, context } => format!("{context}: {}", message(inner)),
+        Error::WithPath { inner, path } => format!("{}: {}", path.display(), message(inner)),
+        e => e.to_string(),
+    }
+}
+
 fn classify(e: &candle_core::Error) -> BackendError {
-    let msg = e.to_string();
+    let msg = message(e);
     match unsupported_op_from_message(&msg) {
         Some(op) => BackendError::Unsupported(format!("op {op}")),
         None => {
@@ -218,6 +230,58 @@ fn classify(e: &candle_core::Error) -> BackendError {
             }
         }
     }
+}
+
+/// The node candle-onnx stopped at, as `node NAME (OP)`: its errors name
+/// the tensor or axis but not the node. simple_eval runs the nodes in file
+/// order and stops at the first error, so the shortest prefix of the nodes
+/// that fails with the same message ends with that node: a binary search
+/// of about log2(nodes) partial runs, on failure only. `None` when the
+/// search cannot tell (an unnamed output, another message).
+fn failing_node(
+    model: &candle_onnx::onnx::ModelProto,
+    inputs: &HashMap<String, CTensor>,
+    message: &str,
+) -> Option<String> {
+    let graph = model.graph.as_ref()?;
+    // Whether the first `k` nodes fail with `message`; `None`: untestable.
+    let fails = |k: usize| -> Option<bool> {
+        let last = graph.node[..k].last()?;
+        let out = last.output.iter().find(|o| !o.is_empty())?;
+        let prefix = candle_onnx::onnx::ModelProto {
+            graph: Some(candle_onnx::onnx::GraphProto {
+                node: graph.node[..k].to_vec(),
+                initializer: graph.initializer.clone(),
+                input: graph.input.clone(),
+                output: vec![candle_onnx::onnx::ValueInfoProto {
+                    name: out.clone(),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }),
+            opset_import: model.opset_import.clone(),
+            ..Default::default()
+        };
+        Some(matches!(
+            candle_onnx::simple_eval(&prefix, inputs.clone()),
+            Err(e) if crate::message(&e) == message
+        ))
+    };
+    // Invariant: the first `lo` nodes run, the first `hi` fail.
+    let (mut lo, mut hi) = (0, graph.node.len());
+    if fails(hi)? {
+        while hi - lo > 1 {
+            let mid = lo + (hi - lo) / 2;
+            if fails(mid)? {
+                hi = mid;
+            } else {
+                lo = mid;
+            }
+        }
+        let node = &graph.node[hi - 1];
+        return Some(format!("node {} ({})", node.name, node.op_type));
+    }
+    None
 }
 
 struct CandleOnnxPrepared {
@@ -237,11 +301,12 @@ pub fn to_candle(t: &Tensor, dev: &CDevice) -> Result<CTensor, BackendError> {
             CTensor::from_slice(&w, t.shape.as_slice(), dev)
         }
     }
-    .map_err(|e| BackendError::Failed(format!("input `{}`: {e}", t.name)))
+    .map_err(|e| BackendError::Failed(format!("input `{}`: {}", t.name, message(&e))))
 }
 
 pub fn from_candle(name: &str, t: &CTensor) -> Result<Tensor, BackendError> {
-    let err = |e: candle_core::Error| BackendError::Failed(format!("output `{name}`: {e}"));
+    let err =
+        |e: candle_core::Error| BackendError::Failed(format!("output `{name}`: {}", message(&e)));
     let flat = t.flatten_all().map_err(err)?;
     let data = match t.dtype() {
         CDType::F32 => TensorData::F32(flat.to_vec1::<f32>().map_err(err)?),
@@ -277,7 +342,17 @@ impl Prepared for CandleOnnxPrepared {
     fn run(&mut self) -> Result<(), BackendError> {
         // candle computes eagerly on the CPU: outputs exist when this returns.
         self.last =
-            candle_onnx::simple_eval(&self.model, self.inputs.clone()).map_err(|e| classify(&e))?;
+            candle_onnx::simple_eval(&self.model, self.inputs.clone()).map_err(|e| {
+                match (
+                    classify(&e),
+                    failing_node(&self.model, &self.inputs, &message(&e)),
+                ) {
+                    (BackendError::Failed(why), Some(node)) => {
+                        BackendError::Failed(format!("{node}: {why}"))
+                    }
+                    (other, _) => other,
+                }
+            })?;
         Ok(())
     }
 
@@ -369,9 +444,12 @@ impl Backend for CandleNativeBackend {
         let bytes = std::fs::read(&st)
             .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
         let vb = candle_nn::VarBuilder::from_buffered_safetensors(bytes, CDType::F32, &device)
-            .map_err(|e| BackendError::InvalidModel(format!("{}: {e}", st.display())))?;
-        let invalid =
-            |e: candle_core::Error| BackendError::InvalidModel(format!("{}: {e}", st.display()));
+            .map_err(|e| {
+                BackendError::InvalidModel(format!("{}: {}", st.display(), message(&e)))
+            })?;
+        let invalid = |e: candle_core::Error| {
+            BackendError::InvalidModel(format!("{}: {}", st.display(), message(&e)))
+        };
         let (encoder, hidden) = if shape.distil {
             use crate::models::distilbert::{Config as DConfig, DistilBertModel};
             let config: DConfig = serde_json::from_str(&text).map_err(unsupported)?;
@@ -493,7 +571,7 @@ impl Prepared for CandleNativePrepared {
             .inputs
             .as_ref()
             .ok_or_else(|| BackendError::Failed("no inputs bound".into()))?;
-        let e = |e: candle_core::Error| BackendError::Failed(e.to_string());
+        let e = |e: candle_core::Error| BackendError::Failed(message(&e));
         let missing = || BackendError::Failed("token_type_ids not bound".into());
         let hidden = match &self.encoder {
             Encoder::Bert(b) => b.forward(ids, types.as_ref().ok_or_else(missing)?, Some(mask)),
@@ -585,6 +663,52 @@ mod tests {
             CandleOnnxBackend.probe(Device::Cuda),
             Probe::Unavailable { .. }
         ));
+    }
+
+    /// candle-onnx's own messages do not say where in the graph it
+    /// stopped; the cell does.
+    #[test]
+    fn a_failure_names_the_node_it_stopped_at() {
+        use handoff_onnx::ElemType;
+        use handoff_onnx::builder::{D, GraphBuilder, write_model};
+        let mut g = GraphBuilder::new("bad-reshape");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(6)]);
+        let shape = g.init_i64("shape", &[2], vec![5, 5]);
+        let a = g.node("Relu", &[&x], vec![]);
+        let b = g.node("Neg", &[&a], vec![]);
+        let c = g.node("Reshape", &[&b, &shape], vec![]);
+        let d = g.node("Abs", &[&c], vec![]);
+        g.node_to("Relu", &[&d], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(5), D::Fixed(5)]);
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("m.onnx");
+        write_model(&g.finish(13), &path).unwrap();
+        let model = ModelRef {
+            path,
+            id: "m".into(),
+            hf_dir: None,
+        };
+        let spec = handoff_backend::TensorSpec {
+            name: "x".into(),
+            dtype: handoff_backend::DType::F32,
+            shape: vec![2, 6],
+            fill: handoff_backend::Fill::Constant(1.0),
+        };
+        let options = PrepareOptions {
+            device: Device::Cpu,
+            threads: candle_core::utils::get_num_threads(),
+            inputs: vec![spec.clone()],
+            options: serde_json::Value::Null,
+        };
+        let mut p = CandleOnnxBackend.prepare(&model, &options).unwrap();
+        p.bind(&[spec.generate(1)]).unwrap();
+        match p.run() {
+            Err(BackendError::Failed(why)) => assert!(
+                why.starts_with(&format!("node {c}_node (Reshape): ")),
+                "{why}"
+            ),
+            other => panic!("{other:?}"),
+        }
     }
 
     /// Older exporters store tensor values in `int64_data` or `float_data`;
