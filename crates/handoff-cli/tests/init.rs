@@ -430,3 +430,57 @@ fn tract_runs_what_it_cannot_analyse_symbolically_with_concrete_shapes() {
         "{text}"
     );
 }
+
+/// A model computing in half precision (an fp16 export) gets a check that
+/// allows what fp16 keeps (about 3 significant digits), says why, and its
+/// suite runs on every backend.
+#[test]
+fn a_half_precision_model_gets_a_check_that_fits_half_precision() {
+    use handoff_onnx::builder::attr_int;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut g = GraphBuilder::new("half");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(64)]);
+    let w = g.init_f32(
+        "w",
+        &[64, 64],
+        // Sums of order 1, as after a normalisation: elementwise checks
+        // of fp16 results that cancel from much larger terms need more.
+        (0..64 * 64)
+            .map(|i| (((i * 37) % 101) as f32 / 50.0 - 1.0) / 8.0)
+            .collect(),
+    );
+    let (x16, w16) = (
+        g.node("Cast", &[&x], vec![attr_int("to", 10)]),
+        g.node("Cast", &[&w], vec![attr_int("to", 10)]),
+    );
+    g.node_to("MatMul", &[&x16, &w16], vec![], "y");
+    g.output("y", ElemType::F16, &[D::Sym("batch"), D::Fixed(64)]);
+    write_model(&g.finish(13), &d.join("m.onnx")).unwrap();
+    let text = common::handoff_ok(&["init", "m.onnx"], d);
+    assert!(
+        text.contains("# y in half precision")
+            && text.contains("\ncheck: {reference: ort, atol: 1e-2, rtol: 1e-2}\n"),
+        "{text}"
+    );
+    let quick = text
+        .replace(
+            "backends: [",
+            "backends: [ort, tract, candle-onnx] # was: [",
+        )
+        .replace("min_time: 1s", "min_time: 20ms")
+        .replace("max_time: 3s", "max_time: 100ms")
+        .replace("warmup: 300ms", "warmup: 10ms")
+        .replace("threads: [1, 2]", "threads: [1]");
+    std::fs::write(d.join("s.yaml"), quick).unwrap();
+    for r in common::run_ok(d, "s.yaml", "out") {
+        assert!(
+            r.status == Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
+            "{}: {:?} {:?} {:?}",
+            r.case.id,
+            r.status,
+            r.reason,
+            r.parity
+        );
+    }
+}

@@ -67,3 +67,45 @@ fn python_baseline_runs_and_its_failures_are_cells() {
         }
     }
 }
+
+/// A model with half- and double-precision outputs (an fp16 export) is
+/// checked on every backend, its outputs compared as f32, not refused.
+#[test]
+fn half_and_double_outputs_are_checked_on_every_backend() {
+    use handoff_onnx::ElemType;
+    use handoff_onnx::builder::{D, GraphBuilder, attr_int, write_model};
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = GraphBuilder::new("half-out");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    let w = g.init_f32(
+        "w",
+        &[8, 4],
+        (0..32).map(|i| i as f32 / 32.0 - 0.5).collect(),
+    );
+    let y = g.node("MatMul", &[&x, &w], vec![]);
+    g.node_to("Cast", &[&y], vec![attr_int("to", 10)], "half");
+    g.node_to("Cast", &[&y], vec![attr_int("to", 11)], "double");
+    g.output("half", ElemType::F16, &[D::Sym("batch"), D::Fixed(4)]);
+    g.output("double", ElemType::F64, &[D::Sym("batch"), D::Fixed(4)]);
+    write_model(&g.finish(13), &dir.path().join("m.onnx")).unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: half\nmodels:\n  - id: m\n    source: {onnx: m.onnx}\n\
+         backends: [ort, tract, candle-onnx, python-onnxruntime]\nthreads: [1]\nbatch: [2]\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 200ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let records = run_ok(dir.path(), "s.yaml", "out");
+    assert_eq!(records.len(), 4);
+    for r in &records {
+        assert!(
+            r.status == Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
+            "{}: {:?} {:?} {:?}",
+            r.case.id,
+            r.status,
+            r.reason,
+            r.parity
+        );
+    }
+}

@@ -226,6 +226,29 @@ fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
             let (s, d) = v.try_extract_tensor::<i32>().map_err(err)?;
             (s.to_vec(), TensorData::I32(d.to_vec()))
         }
+        // Compared as f32, which holds every half and most double values
+        // exactly; the check's tolerance is the suite's.
+        TensorElementType::Float16 => {
+            let (s, d) = v.try_extract_tensor::<half::f16>().map_err(err)?;
+            (
+                s.to_vec(),
+                TensorData::F32(d.iter().map(|x| x.to_f32()).collect()),
+            )
+        }
+        TensorElementType::Bfloat16 => {
+            let (s, d) = v.try_extract_tensor::<half::bf16>().map_err(err)?;
+            (
+                s.to_vec(),
+                TensorData::F32(d.iter().map(|x| x.to_f32()).collect()),
+            )
+        }
+        TensorElementType::Float64 => {
+            let (s, d) = v.try_extract_tensor::<f64>().map_err(err)?;
+            (
+                s.to_vec(),
+                TensorData::F32(d.iter().map(|&x| x as f32).collect()),
+            )
+        }
         other => {
             return Err(BackendError::Unsupported(format!(
                 "output dtype {other:?} of `{name}`"

@@ -412,6 +412,19 @@ impl Prepared for Worker {
                             .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
                             .collect(),
                     ),
+                    // Compared as f32, as on the Rust backends.
+                    Some("float16") => TensorData::F32(
+                        bytes
+                            .chunks_exact(2)
+                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
+                            .collect(),
+                    ),
+                    Some("float64") => TensorData::F32(
+                        bytes
+                            .chunks_exact(8)
+                            .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
+                            .collect(),
+                    ),
                     other => {
                         return Err(BackendError::Unsupported(format!(
                             "output dtype {other:?} of `{name}`"

@@ -311,6 +311,16 @@ impl Prepared for TractPrepared {
                             .copied()
                             .collect(),
                     ),
+                    // Compared as f32, as on the other backends.
+                    DatumType::F16 | DatumType::F64 => TensorData::F32(
+                        v.cast_to::<f32>()
+                            .map_err(err)?
+                            .to_plain_array_view::<f32>()
+                            .map_err(err)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    ),
                     other => {
                         return Err(BackendError::Unsupported(format!(
                             "output dtype {other:?} of `{name}`"
