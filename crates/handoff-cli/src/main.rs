@@ -72,11 +72,26 @@ fn main() -> ExitCode {
                     errln!("error: {p}");
                 }
             } else {
-                errln!("error: {e:#}");
+                errln!("error: {}", message(&e));
             }
             ExitCode::from(2)
         }
     }
+}
+
+/// The error and its causes, each said once: the libraries' errors
+/// already include their cause in their message ("cannot read suite
+/// x.yaml: No such file or directory"), which `{:#}` would repeat.
+fn message(e: &anyhow::Error) -> String {
+    let mut text = String::new();
+    for cause in e.chain().map(ToString::to_string) {
+        if text.is_empty() {
+            text = cause;
+        } else if !text.contains(&cause) {
+            text = format!("{text}: {cause}");
+        }
+    }
+    text
 }
 
 fn run(cli: Cli) -> Result<ExitCode> {

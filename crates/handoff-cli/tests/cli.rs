@@ -118,6 +118,13 @@ fn schema_and_dry_run_succeed() {
         .output()
         .unwrap();
     assert_eq!(out.status.code(), Some(2));
+    // A cause is said once, though the library's message already holds it.
+    let out = handoff(&["validate", "nope.yaml"], dir.path());
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(
+        err.trim_end(),
+        "error: cannot read suite nope.yaml: No such file or directory (os error 2)"
+    );
 }
 
 fn crash_suite(dir: &Path, fail: &str) -> Vec<handoff_runner::ResultRecord> {
