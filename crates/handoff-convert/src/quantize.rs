@@ -1324,7 +1324,16 @@ fn quantize_graph(
         *report.quantized.entry(n.op_type.clone()).or_default() += 1;
     }
     if report.quantized.is_empty() {
-        let detail = if report.skipped.is_empty() {
+        // An fp16 export has its big weights in half precision.
+        let half = graph.initializer.iter().any(|t| {
+            matches!(
+                ElemType::from_onnx(t.data_type),
+                ElemType::F16 | ElemType::Other(16)
+            ) && t.dims.iter().product::<i64>() >= options.min_elements as i64
+        });
+        let detail = if half {
+            " (its weights are half precision: build int8 from the fp32 model)".to_owned()
+        } else if report.skipped.is_empty() {
             String::new()
         } else {
             format!(" (skipped: {})", report.skipped.join("; "))
@@ -1663,6 +1672,31 @@ mod tests {
             Err(QuantError::NothingToQuantize { .. })
         ));
         assert_eq!(m, before);
+    }
+
+    /// An fp16 export has nothing int8 can be built from, and says why.
+    #[test]
+    fn half_precision_weights_are_named_as_the_reason() {
+        let mut g = GraphBuilder::new("t");
+        let x = g.input("x", ElemType::F16, &[D::Fixed(1), D::Fixed(64)]);
+        g.node_to("MatMul", &[&x, "w"], vec![], "y");
+        g.output("y", ElemType::F16, &[D::Fixed(1), D::Fixed(64)]);
+        let mut m = g.finish(17);
+        m.graph
+            .as_mut()
+            .unwrap()
+            .initializer
+            .push(handoff_onnx::builder::tensor(
+                "w",
+                ElemType::F16,
+                &[64, 64],
+                vec![0; 64 * 64 * 2],
+            ));
+        let err = quantize_dynamic(&mut m, &opts()).unwrap_err();
+        assert!(
+            err.to_string().contains("weights are half precision"),
+            "{err}"
+        );
     }
 
     #[test]
