@@ -665,24 +665,15 @@ mod tests {
         ));
     }
 
-    /// candle-onnx's own messages do not say where in the graph it
-    /// stopped; the cell does.
-    #[test]
-    fn a_failure_names_the_node_it_stopped_at() {
-        use handoff_onnx::ElemType;
-        use handoff_onnx::builder::{D, GraphBuilder, write_model};
-        let mut g = GraphBuilder::new("bad-reshape");
-        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(6)]);
-        let shape = g.init_i64("shape", &[2], vec![5, 5]);
-        let a = g.node("Relu", &[&x], vec![]);
-        let b = g.node("Neg", &[&a], vec![]);
-        let c = g.node("Reshape", &[&b, &shape], vec![]);
-        let d = g.node("Abs", &[&c], vec![]);
-        g.node_to("Relu", &[&d], vec![], "y");
-        g.output("y", ElemType::F32, &[D::Fixed(5), D::Fixed(5)]);
+    /// candle-onnx prepared on `model` with its input `x` ([2, 6] f32)
+    /// bound to `fill`; the input as bound.
+    fn bound(
+        model: handoff_onnx::proto::ModelProto,
+        fill: handoff_backend::Fill,
+    ) -> (Box<dyn Prepared>, Tensor) {
         let dir = tempfile::tempdir().unwrap();
         let path = dir.path().join("m.onnx");
-        write_model(&g.finish(13), &path).unwrap();
+        handoff_onnx::builder::write_model(&model, &path).unwrap();
         let model = ModelRef {
             path,
             id: "m".into(),
@@ -692,7 +683,7 @@ mod tests {
             name: "x".into(),
             dtype: handoff_backend::DType::F32,
             shape: vec![2, 6],
-            fill: handoff_backend::Fill::Constant(1.0),
+            fill,
         };
         let options = PrepareOptions {
             device: Device::Cpu,
@@ -700,8 +691,29 @@ mod tests {
             inputs: vec![spec.clone()],
             options: serde_json::Value::Null,
         };
+        let input = spec.generate(1);
+        // candle-onnx holds the model in memory: the file may go.
         let mut p = CandleOnnxBackend.prepare(&model, &options).unwrap();
-        p.bind(&[spec.generate(1)]).unwrap();
+        p.bind(std::slice::from_ref(&input)).unwrap();
+        (p, input)
+    }
+
+    /// candle-onnx's own messages do not say where in the graph it
+    /// stopped; the cell does.
+    #[test]
+    fn a_failure_names_the_node_it_stopped_at() {
+        use handoff_onnx::ElemType;
+        use handoff_onnx::builder::{D, GraphBuilder};
+        let mut g = GraphBuilder::new("bad-reshape");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(6)]);
+        let shape = g.init_i64("shape", &[2], vec![5, 5]);
+        let a = g.node("Relu", &[&x], vec![]);
+        let b = g.node("Neg", &[&a], vec![]);
+        let c = g.node("Reshape", &[&b, &shape], vec![]);
+        let d = g.node("Abs", &[&c], vec![]);
+        g.node_to("Relu", &[&d], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(5), D::Fixed(5)]);
+        let (mut p, _) = bound(g.finish(13), handoff_backend::Fill::Constant(1.0));
         match p.run() {
             Err(BackendError::Failed(why)) => assert!(
                 why.starts_with(&format!("node {c}_node (Reshape): ")),
@@ -716,7 +728,7 @@ mod tests {
     #[test]
     fn constants_stored_in_typed_fields_are_read() {
         use handoff_onnx::ElemType;
-        use handoff_onnx::builder::{D, GraphBuilder, write_model};
+        use handoff_onnx::builder::{D, GraphBuilder};
         use handoff_onnx::proto::{AttributeProto, TensorProto, attribute_type};
         let constant = |name: &str, t: TensorProto| AttributeProto {
             name: name.into(),
@@ -749,32 +761,13 @@ mod tests {
         let r = g.node("Reshape", &[&x, "shape"], vec![]);
         g.node_to("Mul", &[&r, "half"], vec![], "y");
         g.output("y", ElemType::F32, &[D::Fixed(3), D::Fixed(4)]);
-        let dir = tempfile::tempdir().unwrap();
-        let path = dir.path().join("m.onnx");
-        write_model(&g.finish(13), &path).unwrap();
-        let model = ModelRef {
-            path: path.clone(),
-            id: "m".into(),
-            hf_dir: None,
-        };
-        let spec = handoff_backend::TensorSpec {
-            name: "x".into(),
-            dtype: handoff_backend::DType::F32,
-            shape: vec![2, 6],
-            fill: handoff_backend::Fill::Random {
+        let (mut p, input) = bound(
+            g.finish(13),
+            handoff_backend::Fill::Random {
                 min: -1.0,
                 max: 1.0,
             },
-        };
-        let options = PrepareOptions {
-            device: Device::Cpu,
-            threads: candle_core::utils::get_num_threads(),
-            inputs: vec![spec.clone()],
-            options: serde_json::Value::Null,
-        };
-        let input = spec.generate(1);
-        let mut p = CandleOnnxBackend.prepare(&model, &options).unwrap();
-        p.bind(std::slice::from_ref(&input)).unwrap();
+        );
         p.run().unwrap();
         let out = p.outputs().unwrap();
         assert_eq!(out[0].shape, vec![3, 4]);

@@ -474,13 +474,6 @@ fn a_half_precision_model_gets_a_check_that_fits_half_precision() {
         .replace("threads: [1, 2]", "threads: [1]");
     std::fs::write(d.join("s.yaml"), quick).unwrap();
     for r in common::run_ok(d, "s.yaml", "out") {
-        assert!(
-            r.status == Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
-            "{}: {:?} {:?} {:?}",
-            r.case.id,
-            r.status,
-            r.reason,
-            r.parity
-        );
+        common::assert_ok_and_agrees(&r);
     }
 }

@@ -99,13 +99,6 @@ fn half_and_double_outputs_are_checked_on_every_backend() {
     let records = run_ok(dir.path(), "s.yaml", "out");
     assert_eq!(records.len(), 4);
     for r in &records {
-        assert!(
-            r.status == Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
-            "{}: {:?} {:?} {:?}",
-            r.case.id,
-            r.status,
-            r.reason,
-            r.parity
-        );
+        common::assert_ok_and_agrees(r);
     }
 }

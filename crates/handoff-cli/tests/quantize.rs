@@ -1352,14 +1352,7 @@ fn a_model_with_external_data_runs_everywhere_and_new_weights_rebuild_what_was_m
                 assert_eq!(r.status, Status::Unsupported, "{:?}", r.reason);
                 continue;
             }
-            assert!(
-                r.status == Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
-                "{}: {:?} {:?} {:?}",
-                r.case.id,
-                r.status,
-                r.reason,
-                r.parity
-            );
+            common::assert_ok_and_agrees(r);
             assert!(
                 r.accuracy.as_ref().is_none_or(|a| a.passed),
                 "{:?}",

@@ -180,3 +180,15 @@ pub fn init_models(dir: &Path) {
     );
     write_model(&g.finish(13), &dir.join("state.onnx")).unwrap();
 }
+
+/// The case ran and its outputs agree with the reference backend.
+pub fn assert_ok_and_agrees(r: &ResultRecord) {
+    assert!(
+        r.status == handoff_runner::Status::Ok && r.parity.as_ref().is_some_and(|p| p.ok),
+        "{}: {:?} {:?} {:?}",
+        r.case.id,
+        r.status,
+        r.reason,
+        r.parity
+    );
+}
