@@ -96,10 +96,11 @@ pub fn data_files(model: &ModelProto) -> Result<BTreeMap<String, String>, String
     Ok(files)
 }
 
-/// The sha256 and size of a model and every data file it points into,
-/// read from `dir`: the plain sha256 of the `.onnx` bytes when it has
-/// none, else the sha256 of those bytes' sha256 and each file's name and
-/// sha256, so a change to either is a change of model.
+/// The sha256 and size of the model at `path` (its bytes, decoded as
+/// `model`) and every data file it points into, read from beside it: the
+/// plain sha256 of the `.onnx` bytes when it has none, else the sha256 of
+/// those bytes' sha256 and each file's name and sha256, so a change to
+/// either is a change of model.
 pub fn content_sha256(
     path: &Path,
     bytes: &[u8],
