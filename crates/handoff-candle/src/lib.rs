@@ -341,18 +341,20 @@ impl Prepared for CandleOnnxPrepared {
 
     fn run(&mut self) -> Result<(), BackendError> {
         // candle computes eagerly on the CPU: outputs exist when this returns.
+        // Only a failure is searched for its node: an unsupported op or
+        // data type already names what stopped it.
         self.last =
-            candle_onnx::simple_eval(&self.model, self.inputs.clone()).map_err(|e| {
-                match (
-                    classify(&e),
-                    failing_node(&self.model, &self.inputs, &message(&e)),
-                ) {
-                    (BackendError::Failed(why), Some(node)) => {
-                        BackendError::Failed(format!("{node}: {why}"))
+            candle_onnx::simple_eval(&self.model, self.inputs.clone()).map_err(
+                |e| match classify(&e) {
+                    BackendError::Failed(why) => {
+                        match failing_node(&self.model, &self.inputs, &message(&e)) {
+                            Some(node) => BackendError::Failed(format!("{node}: {why}")),
+                            None => BackendError::Failed(why),
+                        }
                     }
-                    (other, _) => other,
-                }
-            })?;
+                    other => other,
+                },
+            )?;
         Ok(())
     }
 
