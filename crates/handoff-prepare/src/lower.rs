@@ -73,9 +73,14 @@ impl Tools {
     /// model as it is now (its sha256, external data included), so a new
     /// export at the same path is lowered again.
     pub(crate) fn cached_lowering_of(&self, onnx: &Path, backend: &str) -> Option<Lowered> {
+        let source = handoff_onnx::external::file_sha256(onnx).ok()?;
+        self.cached_lowering_from(onnx, backend, &source)
+    }
+
+    /// [`Self::cached_lowering_of`] for a source whose sha256 is `source`.
+    fn cached_lowering_from(&self, onnx: &Path, backend: &str, source: &str) -> Option<Lowered> {
         let out = self.derived_path(onnx, &lowered_file_name(onnx, backend));
         let prov = Provenance::load(&out).filter(|_| out.is_file())?;
-        let source = handoff_onnx::external::file_sha256(onnx).ok()?;
         let steps: Vec<_> = prov
             .steps
             .iter()
@@ -101,7 +106,8 @@ impl Tools {
         specs: &[TensorSpec],
     ) -> Result<Option<Lowered>, PrepareError> {
         self.ort_ready();
-        if let Some(cached) = self.cached_lowering_of(onnx, backend_name) {
+        let source = handoff_onnx::external::file_sha256(onnx)?;
+        if let Some(cached) = self.cached_lowering_from(onnx, backend_name, &source) {
             return Ok(Some(cached));
         }
         let out = self.derived(onnx, &lowered_file_name(onnx, backend_name))?;
@@ -148,7 +154,6 @@ impl Tools {
         std::fs::rename(&tmp, &out).map_err(PrepareError::io(&out))?;
         let bytes = std::fs::read(&out).map_err(PrepareError::io(&out))?;
         let mut prov = derived_provenance(onnx);
-        let source = handoff_onnx::external::file_sha256(onnx)?;
         for op in &lowered_ops {
             prov.steps.push(Step {
                 name: format!("lower:{op}"),
