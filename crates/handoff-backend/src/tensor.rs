@@ -13,14 +13,24 @@ use serde::{Deserialize, Serialize};
 #[serde(rename_all = "lowercase")]
 pub enum DType {
     F32,
+    /// Half precision (an fp16 export's float inputs): filled as f32 and
+    /// rounded to the nearest f16.
+    F16,
     I64,
     I32,
+}
+
+impl DType {
+    pub fn is_float(self) -> bool {
+        matches!(self, DType::F32 | DType::F16)
+    }
 }
 
 impl fmt::Display for DType {
     fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
         f.write_str(match self {
             DType::F32 => "f32",
+            DType::F16 => "f16",
             DType::I64 => "i64",
             DType::I32 => "i32",
         })
@@ -30,6 +40,7 @@ impl fmt::Display for DType {
 #[derive(Debug, Clone, PartialEq)]
 pub enum TensorData {
     F32(Vec<f32>),
+    F16(Vec<half::f16>),
     I64(Vec<i64>),
     I32(Vec<i32>),
 }
@@ -38,6 +49,7 @@ impl TensorData {
     pub fn len(&self) -> usize {
         match self {
             TensorData::F32(v) => v.len(),
+            TensorData::F16(v) => v.len(),
             TensorData::I64(v) => v.len(),
             TensorData::I32(v) => v.len(),
         }
@@ -50,6 +62,7 @@ impl TensorData {
     pub fn dtype(&self) -> DType {
         match self {
             TensorData::F32(_) => DType::F32,
+            TensorData::F16(_) => DType::F16,
             TensorData::I64(_) => DType::I64,
             TensorData::I32(_) => DType::I32,
         }
@@ -59,9 +72,39 @@ impl TensorData {
     pub fn to_f64(&self) -> Vec<f64> {
         match self {
             TensorData::F32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            TensorData::F16(v) => v.iter().map(|&x| f64::from(x)).collect(),
             TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
         }
+    }
+
+    /// The values as little-endian bytes, as ONNX raw data, safetensors and
+    /// numpy's `<f4`/`<f2`/`<i8`/`<i4` lay them out.
+    pub fn to_le_bytes(&self) -> Vec<u8> {
+        match self {
+            TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+        }
+    }
+
+    /// Values of `dtype` from little-endian bytes; `None` when `raw` is not
+    /// a whole number of them.
+    pub fn from_le_bytes(dtype: DType, raw: &[u8]) -> Option<Self> {
+        fn chunks<const N: usize, T>(raw: &[u8], f: fn([u8; N]) -> T) -> Option<Vec<T>> {
+            raw.len().is_multiple_of(N).then(|| {
+                raw.chunks_exact(N)
+                    .map(|c| f(c.try_into().expect("N bytes")))
+                    .collect()
+            })
+        }
+        Some(match dtype {
+            DType::F32 => TensorData::F32(chunks(raw, f32::from_le_bytes)?),
+            DType::F16 => TensorData::F16(chunks(raw, half::f16::from_le_bytes)?),
+            DType::I64 => TensorData::I64(chunks(raw, i64::from_le_bytes)?),
+            DType::I32 => TensorData::I32(chunks(raw, i32::from_le_bytes)?),
+        })
     }
 }
 
@@ -115,7 +158,13 @@ impl TensorSpec {
     pub fn generate(&self, seed: u64) -> Tensor {
         let mut rng = SplitMix64::new(seed ^ fnv1a(self.name.as_bytes()));
         let n = self.numel();
-        let data = match (self.dtype, &self.fill) {
+        // Half-precision inputs draw the same values as f32 ones, rounded.
+        let drawn = if self.dtype == DType::F16 {
+            DType::F32
+        } else {
+            self.dtype
+        };
+        let data = match (drawn, &self.fill) {
             (_, Fill::File(path)) => {
                 // The plan read and checked the file; failing here means it
                 // changed since, which no input can stand in for.
@@ -131,7 +180,9 @@ impl TensorSpec {
             (dtype, Fill::Values(v)) => {
                 let at = |i: usize| if v.is_empty() { 0 } else { v[i % v.len()] };
                 match dtype {
-                    DType::F32 => TensorData::F32((0..n).map(|i| at(i) as f32).collect()),
+                    DType::F32 | DType::F16 => {
+                        TensorData::F32((0..n).map(|i| at(i) as f32).collect())
+                    }
                     DType::I64 => TensorData::I64((0..n).map(at).collect()),
                     DType::I32 => TensorData::I32((0..n).map(|i| at(i) as i32).collect()),
                 }
@@ -163,6 +214,13 @@ impl TensorSpec {
                     .map(|_| rng.range_i64(min.floor() as i64, max.ceil() as i64) as i32)
                     .collect(),
             ),
+            (DType::F16, _) => unreachable!("drawn as f32"),
+        };
+        let data = match data {
+            TensorData::F32(v) if self.dtype == DType::F16 => {
+                TensorData::F16(v.into_iter().map(half::f16::from_f32).collect())
+            }
+            data => data,
         };
         Tensor {
             name: self.name.clone(),
@@ -295,7 +353,7 @@ pub enum TensorFileError {
 }
 
 /// Reads a serialised ONNX `TensorProto` (`input_0.pb`, `output_0.pb` of
-/// the ONNX test-data layout) of f32, i64 or i32.
+/// the ONNX test-data layout) of f32, f16, i64 or i32.
 pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
     let err = |detail: String| TensorFileError::Io {
         path: path.display().to_string(),
@@ -303,32 +361,34 @@ pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
     };
     let t = handoff_onnx::inspect::read_tensor(path).map_err(|e| err(e.to_string()))?;
     let shape: Vec<usize> = t.dims.iter().map(|&d| d as usize).collect();
-    let raw = |size: usize| t.raw_data.chunks_exact(size);
-    let elem = handoff_onnx::ElemType::from_onnx(t.data_type);
-    let data = match elem {
-        handoff_onnx::ElemType::F32 if t.raw_data.is_empty() => TensorData::F32(t.float_data),
-        handoff_onnx::ElemType::F32 => TensorData::F32(
-            raw(4)
-                .map(|b| f32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect(),
-        ),
-        handoff_onnx::ElemType::I64 if t.raw_data.is_empty() => TensorData::I64(t.int64_data),
-        handoff_onnx::ElemType::I64 => TensorData::I64(
-            raw(8)
-                .map(|b| i64::from_le_bytes(b.try_into().expect("8 bytes")))
-                .collect(),
-        ),
-        handoff_onnx::ElemType::I32 if t.raw_data.is_empty() => TensorData::I32(t.int32_data),
-        handoff_onnx::ElemType::I32 => TensorData::I32(
-            raw(4)
-                .map(|b| i32::from_le_bytes(b.try_into().expect("4 bytes")))
-                .collect(),
-        ),
+    use handoff_onnx::ElemType;
+    let dtype = match ElemType::from_onnx(t.data_type) {
+        ElemType::F32 => DType::F32,
+        ElemType::F16 => DType::F16,
+        ElemType::I64 => DType::I64,
+        ElemType::I32 => DType::I32,
         other => {
             return Err(err(format!(
-                "{other} tensors are not supported (f32, i64, i32)"
+                "{other} tensors are not supported (f32, f16, i64, i32)"
             )));
         }
+    };
+    let data = if t.raw_data.is_empty() {
+        match dtype {
+            DType::F32 => TensorData::F32(t.float_data),
+            // Without raw data, ONNX keeps f16 bit patterns in `int32_data`.
+            DType::F16 => TensorData::F16(
+                t.int32_data
+                    .iter()
+                    .map(|&b| half::f16::from_bits(b as u16))
+                    .collect(),
+            ),
+            DType::I64 => TensorData::I64(t.int64_data),
+            DType::I32 => TensorData::I32(t.int32_data),
+        }
+    } else {
+        TensorData::from_le_bytes(dtype, &t.raw_data)
+            .ok_or_else(|| err(format!("{} raw bytes of {dtype}", t.raw_data.len())))?
     };
     Ok(Tensor {
         name: t.name,
@@ -340,22 +400,14 @@ pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
 /// Writes `tensor` as a serialised ONNX `TensorProto` (raw data).
 pub fn write_pb(path: &Path, tensor: &Tensor) -> Result<(), TensorFileError> {
     use handoff_onnx::ElemType;
-    let (elem, raw): (ElemType, Vec<u8>) = match &tensor.data {
-        TensorData::F32(v) => (
-            ElemType::F32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        TensorData::I64(v) => (
-            ElemType::I64,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
-        TensorData::I32(v) => (
-            ElemType::I32,
-            v.iter().flat_map(|x| x.to_le_bytes()).collect(),
-        ),
+    let elem = match tensor.data.dtype() {
+        DType::F32 => ElemType::F32,
+        DType::F16 => ElemType::F16,
+        DType::I64 => ElemType::I64,
+        DType::I32 => ElemType::I32,
     };
     let dims: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
-    let proto = handoff_onnx::builder::tensor(&tensor.name, elem, &dims, raw);
+    let proto = handoff_onnx::builder::tensor(&tensor.name, elem, &dims, tensor.data.to_le_bytes());
     std::fs::write(path, proto.encode_to_bytes()).map_err(|e| TensorFileError::Io {
         path: path.display().to_string(),
         detail: e.to_string(),
@@ -374,17 +426,13 @@ pub fn save_tensors(path: &Path, tensors: &[Tensor]) -> Result<(), TensorFileErr
         .iter()
         .enumerate()
         .map(|(i, t)| {
-            let (dtype, raw) = match &t.data {
-                TensorData::F32(v) => {
-                    (Dtype::F32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-                }
-                TensorData::I64(v) => {
-                    (Dtype::I64, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-                }
-                TensorData::I32(v) => {
-                    (Dtype::I32, v.iter().flat_map(|x| x.to_le_bytes()).collect())
-                }
+            let dtype = match t.data.dtype() {
+                DType::F32 => Dtype::F32,
+                DType::F16 => Dtype::F16,
+                DType::I64 => Dtype::I64,
+                DType::I32 => Dtype::I32,
             };
+            let raw = t.data.to_le_bytes();
             // Position first so order survives the format's sorted keys.
             (format!("{i:04}:{}", t.name), dtype, t.shape.clone(), raw)
         })
@@ -418,24 +466,15 @@ pub fn load_tensors(path: &Path) -> Result<Vec<Tensor>, TensorFileError> {
         .map(|key| {
             let view = st.tensor(&key).map_err(|e| err(e.to_string()))?;
             let raw = view.data();
-            let data = match view.dtype() {
-                Dtype::F32 => TensorData::F32(
-                    raw.chunks_exact(4)
-                        .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                ),
-                Dtype::I64 => TensorData::I64(
-                    raw.chunks_exact(8)
-                        .map(|c| i64::from_le_bytes(c.try_into().unwrap_or([0; 8])))
-                        .collect(),
-                ),
-                Dtype::I32 => TensorData::I32(
-                    raw.chunks_exact(4)
-                        .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                        .collect(),
-                ),
+            let dtype = match view.dtype() {
+                Dtype::F32 => DType::F32,
+                Dtype::F16 => DType::F16,
+                Dtype::I64 => DType::I64,
+                Dtype::I32 => DType::I32,
                 other => return Err(err(format!("unexpected dtype {other:?}"))),
             };
+            let data = TensorData::from_le_bytes(dtype, raw)
+                .ok_or_else(|| err(format!("`{key}`: {} bytes of {dtype}", raw.len())))?;
             let name = key
                 .split_once(':')
                 .map_or(key.clone(), |(_, n)| n.to_owned());
@@ -477,6 +516,17 @@ mod tests {
             panic!("dtype")
         };
         assert!(v.iter().all(|x| (-1.0..1.0).contains(x)));
+        // Half precision draws the same values, rounded to the nearest f16.
+        let half = TensorSpec {
+            dtype: DType::F16,
+            ..spec
+        };
+        let TensorData::F16(h) = half.generate(7).data else {
+            panic!("dtype")
+        };
+        let rounded: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
+        assert_eq!(h, rounded);
+        assert_ne!(h.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), v);
     }
 
     #[test]
@@ -510,9 +560,20 @@ mod tests {
                 shape: vec![1, 2],
                 data: TensorData::I64(vec![3, 4]),
             },
+            Tensor {
+                name: "x16".into(),
+                shape: vec![3],
+                data: TensorData::F16([0.5, -1.25, 65504.0].map(half::f16::from_f32).to_vec()),
+            },
         ];
         save_tensors(&path, &ts).unwrap();
         assert_eq!(load_tensors(&path).unwrap(), ts);
+        // ONNX test data (`input_0.pb`) of every dtype.
+        for (i, tensor) in ts.iter().enumerate() {
+            let pb = dir.join(format!("input_{i}.pb"));
+            write_pb(&pb, tensor).unwrap();
+            assert_eq!(read_pb(&pb).unwrap(), *tensor);
+        }
         std::fs::remove_dir_all(&dir).unwrap();
     }
 }

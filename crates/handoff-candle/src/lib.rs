@@ -294,6 +294,7 @@ struct CandleOnnxPrepared {
 pub fn to_candle(t: &Tensor, dev: &CDevice) -> Result<CTensor, BackendError> {
     match &t.data {
         TensorData::F32(v) => CTensor::from_slice(v, t.shape.as_slice(), dev),
+        TensorData::F16(v) => CTensor::from_slice(v, t.shape.as_slice(), dev),
         TensorData::I64(v) => CTensor::from_slice(v, t.shape.as_slice(), dev),
         TensorData::I32(v) => {
             // candle has no i32: widen, as the ONNX ops it has accept i64.

@@ -431,9 +431,9 @@ fn tract_runs_what_it_cannot_analyse_symbolically_with_concrete_shapes() {
     );
 }
 
-/// A model computing in half precision (an fp16 export) gets a check that
-/// allows what fp16 keeps (about 3 significant digits), says why, and its
-/// suite runs on every backend.
+/// A model computing in half precision (an fp16 export, with an input in
+/// half precision too) gets a check that allows what fp16 keeps (about 3
+/// significant digits), says why, and its suite runs on every backend.
 #[test]
 fn a_half_precision_model_gets_a_check_that_fits_half_precision() {
     use handoff_onnx::builder::attr_int;
@@ -454,12 +454,16 @@ fn a_half_precision_model_gets_a_check_that_fits_half_precision() {
         g.node("Cast", &[&x], vec![attr_int("to", 10)]),
         g.node("Cast", &[&w], vec![attr_int("to", 10)]),
     );
-    g.node_to("MatMul", &[&x16, &w16], vec![], "y");
+    let bias = g.input("bias", ElemType::F16, &[D::Sym("batch"), D::Fixed(64)]);
+    let xw = g.node("MatMul", &[&x16, &w16], vec![]);
+    g.node_to("Add", &[&xw, &bias], vec![], "y");
     g.output("y", ElemType::F16, &[D::Sym("batch"), D::Fixed(64)]);
     write_model(&g.finish(13), &d.join("m.onnx")).unwrap();
     let text = common::handoff_ok(&["init", "m.onnx"], d);
     assert!(
-        text.contains("# y in half precision")
+        text.contains(
+            "{name: bias, dtype: f16, shape: [batch, 64], fill: {random: {min: -1, max: 1}}}"
+        ) && text.contains("# y in half precision")
             && text.contains("\ncheck: {reference: ort, atol: 1e-2, rtol: 1e-2}\n"),
         "{text}"
     );

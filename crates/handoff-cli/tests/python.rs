@@ -71,7 +71,7 @@ fn python_baseline_runs_and_its_failures_are_cells() {
 /// A model with half- and double-precision outputs (an fp16 export) is
 /// checked on every backend, its outputs compared as f32, not refused.
 #[test]
-fn half_and_double_outputs_are_checked_on_every_backend() {
+fn half_inputs_and_half_and_double_outputs_are_checked_on_every_backend() {
     use handoff_onnx::ElemType;
     use handoff_onnx::builder::{D, GraphBuilder, attr_int, write_model};
     handoff_python::setup().expect("python baseline environment");
@@ -83,8 +83,10 @@ fn half_and_double_outputs_are_checked_on_every_backend() {
         &[8, 4],
         (0..32).map(|i| i as f32 / 32.0 - 0.5).collect(),
     );
+    let x16 = g.input("x16", ElemType::F16, &[D::Sym("batch"), D::Fixed(4)]);
     let y = g.node("MatMul", &[&x, &w], vec![]);
-    g.node_to("Cast", &[&y], vec![attr_int("to", 10)], "half");
+    let y16 = g.node("Cast", &[&y], vec![attr_int("to", 10)]);
+    g.node_to("Add", &[&y16, &x16], vec![], "half");
     g.node_to("Cast", &[&y], vec![attr_int("to", 11)], "double");
     g.output("half", ElemType::F16, &[D::Sym("batch"), D::Fixed(4)]);
     g.output("double", ElemType::F64, &[D::Sym("batch"), D::Fixed(4)]);

@@ -168,6 +168,9 @@ impl Prepared for OrtPrepared {
                     TensorData::F32(v) => ort::value::Tensor::from_array((shape, v.clone()))
                         .map_err(err)?
                         .into_dyn(),
+                    TensorData::F16(v) => ort::value::Tensor::from_array((shape, v.clone()))
+                        .map_err(err)?
+                        .into_dyn(),
                     TensorData::I64(v) => ort::value::Tensor::from_array((shape, v.clone()))
                         .map_err(err)?
                         .into_dyn(),
@@ -228,27 +231,9 @@ fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
         }
         // Compared as f32, which holds every half and most double values
         // exactly; the check's tolerance is the suite's.
-        TensorElementType::Float16 => {
-            let (s, d) = v.try_extract_tensor::<half::f16>().map_err(err)?;
-            (
-                s.to_vec(),
-                TensorData::F32(d.iter().map(|x| x.to_f32()).collect()),
-            )
-        }
-        TensorElementType::Bfloat16 => {
-            let (s, d) = v.try_extract_tensor::<half::bf16>().map_err(err)?;
-            (
-                s.to_vec(),
-                TensorData::F32(d.iter().map(|x| x.to_f32()).collect()),
-            )
-        }
-        TensorElementType::Float64 => {
-            let (s, d) = v.try_extract_tensor::<f64>().map_err(err)?;
-            (
-                s.to_vec(),
-                TensorData::F32(d.iter().map(|&x| x as f32).collect()),
-            )
-        }
+        TensorElementType::Float16 => as_f32(v, half::f16::to_f32).map_err(err)?,
+        TensorElementType::Bfloat16 => as_f32(v, half::bf16::to_f32).map_err(err)?,
+        TensorElementType::Float64 => as_f32(v, |x: f64| x as f32).map_err(err)?,
         other => {
             return Err(BackendError::Unsupported(format!(
                 "output dtype {other:?} of `{name}`"
@@ -260,4 +245,15 @@ fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
         shape: shape.iter().map(|&d| d as usize).collect(),
         data,
     })
+}
+
+fn as_f32<T: ort::value::PrimitiveTensorElementType + Copy>(
+    v: &DynValue,
+    to_f32: fn(T) -> f32,
+) -> Result<(Vec<i64>, TensorData), ort::Error> {
+    let (s, d) = v.try_extract_tensor::<T>()?;
+    Ok((
+        s.to_vec(),
+        TensorData::F32(d.iter().map(|&x| to_f32(x)).collect()),
+    ))
 }

@@ -17,7 +17,7 @@ use std::path::PathBuf;
 use std::process::{Child, ChildStdin, ChildStdout, Command, Stdio};
 
 use handoff_backend::{
-    Backend, BackendError, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
+    Backend, BackendError, DType, Device, ExecutionKind, ModelRef, PrepareOptions, Prepared, Probe,
     Tensor, TensorData,
 };
 use serde_json::{Value, json};
@@ -340,12 +340,13 @@ impl Prepared for Worker {
         let mut list = Vec::new();
         for (i, t) in inputs.iter().enumerate() {
             let path = self.scratch.join(format!("in{i}.bin"));
-            let (dtype, bytes): (&str, Vec<u8>) = match &t.data {
-                TensorData::F32(v) => ("<f4", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                TensorData::I64(v) => ("<i8", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
-                TensorData::I32(v) => ("<i4", v.iter().flat_map(|x| x.to_le_bytes()).collect()),
+            let dtype = match t.data.dtype() {
+                DType::F32 => "<f4",
+                DType::F16 => "<f2",
+                DType::I64 => "<i8",
+                DType::I32 => "<i4",
             };
-            std::fs::write(&path, bytes)
+            std::fs::write(&path, t.data.to_le_bytes())
                 .map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
             list.push(json!({"name": t.name, "dtype": dtype, "shape": t.shape, "path": path}));
         }

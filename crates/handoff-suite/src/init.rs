@@ -29,7 +29,7 @@ pub enum InitError {
     },
     #[error(transparent)]
     Onnx(#[from] handoff_onnx::inspect::OnnxError),
-    #[error("input `{name}` is {dtype}: handoff feeds f32, i64 and i32 inputs only")]
+    #[error("input `{name}` is {dtype}: handoff feeds f32, f16, i64 and i32 inputs only")]
     InputType { name: String, dtype: String },
     #[error("input `{name}` declares no shape: write its `inputs` entry by hand")]
     NoShape { name: String },
@@ -78,6 +78,7 @@ pub fn onnx_suite(
     for input in &info.inputs {
         let (dtype, kind) = match input.elem {
             ElemType::F32 => ("f32", "float"),
+            ElemType::F16 => ("f16", "float"),
             ElemType::I64 => ("i64", "int"),
             ElemType::I32 => ("i32", "int"),
             other => {

@@ -1783,6 +1783,7 @@ fn text_inputs(info: &ModelInfo, path: &str, ctx: &mut Ctx<'_>) -> Vec<InputTemp
 pub(crate) fn dtype_of(elem: ElemType) -> Option<DType> {
     match elem {
         ElemType::F32 => Some(DType::F32),
+        ElemType::F16 => Some(DType::F16),
         ElemType::I64 => Some(DType::I64),
         ElemType::I32 => Some(DType::I32),
         _ => None,
@@ -1917,7 +1918,7 @@ fn check_inputs(
                 check_symbol(ctx, format!("{p}.shape[{k}]"), s, dims);
             }
         }
-        if spec.fill.is_none() && spec.dtype != DType::F32 {
+        if spec.fill.is_none() && !spec.dtype.is_float() {
             ctx.err(
                 format!("{p}.fill"),
                 format!("integer input `{}` needs a fill, e.g. `fill: {{random_int: {{min: 0, max: 30522}}}}` for token ids or `fill: {{constant: 1}}` for a mask", spec.name),
@@ -1962,13 +1963,13 @@ fn derive_inputs(
         .collect();
     let mut out = Vec::new();
     for mi in &info.inputs {
-        if mi.elem != ElemType::F32 {
+        let Some(dtype) = dtype_of(mi.elem).filter(|d| d.is_float()) else {
             ctx.err(
                 format!("{path}.inputs"),
-                format!("model input `{mi}` is not f32: list the model's inputs with a `fill` for each (e.g. token ids)"),
+                format!("model input `{mi}` is not f32 or f16: list the model's inputs with a `fill` for each (e.g. token ids)"),
             );
             continue;
-        }
+        };
         let Some(model_dims) = &mi.dims else {
             ctx.err(
                 format!("{path}.inputs"),
@@ -2003,7 +2004,7 @@ fn derive_inputs(
         }
         out.push(InputTemplate {
             name: mi.name.clone(),
-            dtype: DType::F32,
+            dtype,
             shape,
             fill: TemplateFill::Fill(Fill::Random {
                 min: -1.0,

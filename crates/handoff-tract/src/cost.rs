@@ -5,7 +5,7 @@
 
 use std::path::Path;
 
-use handoff_backend::{DType, TensorSpec};
+use handoff_backend::TensorSpec;
 use tract_onnx::prelude::*;
 use tract_onnx::tract_core::ops::Cost;
 
@@ -56,11 +56,7 @@ pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, CostError> {
                 path: path.to_owned(),
                 name: name.clone(),
             })?;
-        let dt = match spec.dtype {
-            DType::F32 => f32::datum_type(),
-            DType::I64 => i64::datum_type(),
-            DType::I32 => i32::datum_type(),
-        };
+        let dt = crate::datum_type(spec.dtype);
         model = model
             .with_input_fact(i, InferenceFact::dt_shape(dt, spec.shape.iter().copied()))
             .map_err(e)?;
@@ -99,7 +95,7 @@ pub fn flops(path: &Path, inputs: &[TensorSpec]) -> Result<f64, CostError> {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use handoff_backend::Fill;
+    use handoff_backend::{DType, Fill};
     use handoff_onnx::synthetic::{Kind, SyntheticSpec};
 
     #[test]

@@ -141,16 +141,23 @@ fn with_concrete_inputs(
         let spec = specs.iter().find(|s| s.name == name).ok_or_else(|| {
             BackendError::InvalidModel(format!("no shape given for input `{name}`"))
         })?;
-        let dt = match spec.dtype {
-            handoff_backend::DType::F32 => f32::datum_type(),
-            handoff_backend::DType::I64 => i64::datum_type(),
-            handoff_backend::DType::I32 => i32::datum_type(),
-        };
         model = model
-            .with_input_fact(i, InferenceFact::dt_shape(dt, &spec.shape))
+            .with_input_fact(
+                i,
+                InferenceFact::dt_shape(datum_type(spec.dtype), &spec.shape),
+            )
             .map_err(|e| classify(&e, true))?;
     }
     Ok(model)
+}
+
+pub(crate) fn datum_type(dtype: handoff_backend::DType) -> DatumType {
+    match dtype {
+        handoff_backend::DType::F32 => f32::datum_type(),
+        handoff_backend::DType::F16 => f16::datum_type(),
+        handoff_backend::DType::I64 => i64::datum_type(),
+        handoff_backend::DType::I32 => i32::datum_type(),
+    }
 }
 
 /// Names the way out when tract cannot plan a model with symbolic dims.
@@ -262,6 +269,7 @@ impl Prepared for TractPrepared {
             .map(|t| {
                 let tensor = match &t.data {
                     TensorData::F32(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
+                    TensorData::F16(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
                     TensorData::I64(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
                     TensorData::I32(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
                 }
