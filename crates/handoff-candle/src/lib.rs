@@ -62,6 +62,7 @@ impl Backend for CandleOnnxBackend {
         check_threads(options.threads)?;
         let mut proto = read_onnx(model.path())?;
         raw_constants(&mut proto);
+        shape_slices(&mut proto);
         let graph = proto
             .graph
             .as_ref()
@@ -82,22 +83,27 @@ impl Backend for CandleOnnxBackend {
 fn read_onnx(path: &Path) -> Result<candle_onnx::onnx::ModelProto, BackendError> {
     let invalid = |e: String| BackendError::InvalidModel(format!("{}: {e}", path.display()));
     let proto = candle_onnx::read_file(path).map_err(|e| invalid(message(&e)))?;
-    let external = |t: &candle_onnx::onnx::TensorProto| {
-        t.data_location == candle_onnx::onnx::tensor_proto::DataLocation::External as i32
-            || !t.external_data.is_empty()
-    };
-    if !proto
-        .graph
-        .iter()
-        .flat_map(|g| &g.initializer)
-        .any(external)
-    {
+    if !proto.graph.as_ref().is_some_and(has_external_data) {
         return Ok(proto);
     }
     let whole =
         handoff_onnx::external::read_model_inline(path).map_err(|e| invalid(e.to_string()))?;
     prost::Message::decode(prost::Message::encode_to_vec(&whole).as_slice())
         .map_err(|e| invalid(e.to_string()))
+}
+
+/// Whether any tensor of `g` or its subgraphs (initializers and tensor
+/// attributes) keeps its bytes in an external data file.
+fn has_external_data(g: &candle_onnx::onnx::GraphProto) -> bool {
+    let external = |t: &candle_onnx::onnx::TensorProto| {
+        t.data_location == candle_onnx::onnx::tensor_proto::DataLocation::External as i32
+            || !t.external_data.is_empty()
+    };
+    g.initializer.iter().any(external)
+        || g.node.iter().flat_map(|n| &n.attribute).any(|a| {
+            a.t.iter().chain(&a.tensors).any(external)
+                || a.g.iter().chain(&a.graphs).any(has_external_data)
+        })
 }
 
 /// Moves tensor values stored in typed fields (`float_data`, `int64_data`,
@@ -169,6 +175,60 @@ fn raw_constants(model: &mut candle_onnx::onnx::ModelProto) {
     if let Some(g) = model.graph.as_mut() {
         graph(g);
     }
+}
+
+/// Rewrites each `Shape` node with a `start` or `end` (opset 15 on;
+/// PyTorch's default exporter writes them for reads such as
+/// `x.shape[0]`) into a plain `Shape` and a `Slice` of it: the same values
+/// by the ONNX spec. candle-onnx 0.11 reads `end` as inclusive, shapes the
+/// result by the input's rank and refuses an `end` equal to the rank ("axis
+/// 2 is too large, tensor rank 2"), so every such node failed or was wrong.
+fn shape_slices(model: &mut candle_onnx::onnx::ModelProto) {
+    use candle_onnx::onnx::{NodeProto, TensorProto, tensor_proto::DataType};
+    let Some(g) = model.graph.as_mut() else {
+        return;
+    };
+    let mut nodes = Vec::with_capacity(g.node.len());
+    for mut node in std::mem::take(&mut g.node) {
+        let bound = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i);
+        let (start, end) = (bound("start"), bound("end"));
+        let standard = node.domain.is_empty() || node.domain == "ai.onnx";
+        if node.op_type != "Shape" || !standard || (start.is_none() && end.is_none()) {
+            nodes.push(node);
+            continue;
+        }
+        let out = node.output[0].clone();
+        let whole = format!("{out}__handoff_shape");
+        let mut slice_inputs = vec![whole.clone()];
+        for (what, v) in [
+            ("start", start.unwrap_or(0)),
+            ("end", end.unwrap_or(i64::MAX)),
+            ("axis", 0),
+        ] {
+            let name = format!("{whole}_{what}");
+            g.initializer.push(TensorProto {
+                name: name.clone(),
+                dims: vec![1],
+                data_type: DataType::Int64 as i32,
+                raw_data: v.to_le_bytes().to_vec(),
+                ..Default::default()
+            });
+            slice_inputs.push(name);
+        }
+        node.attribute
+            .retain(|a| a.name != "start" && a.name != "end");
+        node.output[0] = whole;
+        let slice = NodeProto {
+            name: format!("{}__handoff_slice", node.name),
+            op_type: "Slice".into(),
+            input: slice_inputs,
+            output: vec![out],
+            ..Default::default()
+        };
+        nodes.push(node);
+        nodes.push(slice);
+    }
+    g.node = nodes;
 }
 
 const ONNX_CPU_ONLY: &str =
@@ -643,6 +703,45 @@ impl Prepared for CandleNativePrepared {
 mod tests {
     use super::*;
 
+    /// External data is found where it hides: in a subgraph (an `If`
+    /// branch) as well as among the top-level initializers.
+    #[test]
+    fn external_data_is_found_in_subgraphs() {
+        use candle_onnx::onnx::{AttributeProto, GraphProto, NodeProto, TensorProto};
+        let external = TensorProto {
+            data_location: candle_onnx::onnx::tensor_proto::DataLocation::External as i32,
+            ..Default::default()
+        };
+        let branch = GraphProto {
+            initializer: vec![external.clone()],
+            ..Default::default()
+        };
+        let with_branch = |g: GraphProto| GraphProto {
+            node: vec![NodeProto {
+                op_type: "If".into(),
+                attribute: vec![AttributeProto {
+                    g: Some(g),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(has_external_data(&with_branch(branch)));
+        assert!(!has_external_data(&with_branch(GraphProto::default())));
+        let constant = GraphProto {
+            node: vec![NodeProto {
+                attribute: vec![AttributeProto {
+                    t: Some(external),
+                    ..Default::default()
+                }],
+                ..Default::default()
+            }],
+            ..Default::default()
+        };
+        assert!(has_external_data(&constant));
+    }
+
     /// Without a GPU or without the feature a cuda case is refused with the
     /// reason, never run on the CPU instead; a CUDA build next to a driver
     /// finds the device.
@@ -724,6 +823,37 @@ mod tests {
             ),
             other => panic!("{other:?}"),
         }
+    }
+
+    /// `Shape` with `start` and `end` (PyTorch's exporter reading one dim,
+    /// `end` equal to the rank, a negative `start`) gives the dims the ONNX
+    /// spec says.
+    #[test]
+    fn shape_with_start_and_end_reads_the_dims_it_names() {
+        use handoff_onnx::ElemType;
+        use handoff_onnx::builder::{D, GraphBuilder, attr_int};
+        let mut g = GraphBuilder::new("shape-slices");
+        let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(6)]);
+        let rows = g.node("Shape", &[&x], vec![attr_int("end", 1)]);
+        let cols = g.node(
+            "Shape",
+            &[&x],
+            vec![attr_int("start", -1), attr_int("end", 2)],
+        );
+        let swapped = g.node("Concat", &[&cols, &rows], vec![attr_int("axis", 0)]);
+        g.node_to("Reshape", &[&x, &swapped], vec![], "y");
+        g.output("y", ElemType::F32, &[D::Fixed(6), D::Fixed(2)]);
+        let (mut p, input) = bound(
+            g.finish(15),
+            handoff_backend::Fill::Random {
+                min: -1.0,
+                max: 1.0,
+            },
+        );
+        p.run().unwrap();
+        let out = p.outputs().unwrap();
+        assert_eq!(out[0].shape, vec![6, 2]);
+        assert_eq!(out[0].data, input.data);
     }
 
     /// Older exporters store tensor values in `int64_data` or `float_data`;
