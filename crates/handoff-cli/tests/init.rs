@@ -375,7 +375,8 @@ fn a_backend_that_panics_after_lowering_is_a_failed_cell_not_a_crash() {
 
 /// A model whose symbolic shapes tract cannot analyse (a dim times itself;
 /// torch.onnx's BERT exports stop it the same way): its tract cells say how
-/// to run it, `shapes: concrete` runs it, and `handoff init` finds that.
+/// to run it, `shapes: concrete` runs it, also where the exporter declared
+/// symbolic shapes of intermediate values, and `handoff init` finds that.
 #[test]
 fn tract_runs_what_it_cannot_analyse_symbolically_with_concrete_shapes() {
     use handoff_onnx::builder::attr_int;
@@ -390,6 +391,8 @@ fn tract_runs_what_it_cannot_analyse_symbolically_with_concrete_shapes() {
     let col = g.node("Unsqueeze", &[&x, &a2], vec![]);
     let row = g.node("Unsqueeze", &[&x, &a1], vec![]);
     let outer = g.node("Mul", &[&col, &row], vec![]);
+    let symbolic = [D::Sym("batch"), D::Sym("seq"), D::Sym("seq")];
+    g.value_info(&outer, ElemType::F32, &symbolic);
     g.node_to("Flatten", &[&outer], vec![attr_int("axis", 1)], "y");
     g.output("y", ElemType::F32, &[D::Sym("batch"), D::Sym("flat")]);
     write_model(&g.finish(17), &d.join("m.onnx")).unwrap();

@@ -97,6 +97,12 @@ impl GraphBuilder {
         self.graph.output.push(value_info(name, elem, dims));
     }
 
+    /// Declares the type and shape of an intermediate value, as exporters
+    /// do (`value_info`).
+    pub fn value_info(&mut self, name: &str, elem: ElemType, dims: &[D]) {
+        self.graph.value_info.push(value_info(name, elem, dims));
+    }
+
     /// Adds an initializer; a second call with the same name and contents
     /// reuses the first (ONNX Runtime warns about duplicates and stops
     /// treating them as constants, which costs it constant folding).

@@ -79,7 +79,13 @@ impl Backend for TractBackend {
                 .model_for_path(model.path())
                 .map_err(|e| classify(&e, true))?
         } else {
+            // With every input pinned, tract infers the rest; the
+            // exporter's symbolic shapes of intermediate values and outputs
+            // (`batch,8,16,16` from PyTorch's exporter) would contradict the
+            // pinned ones ("Impossible to unify Sym(batch) with Val(1)").
             let mut onnx = tract_onnx::onnx()
+                .with_ignore_value_info(concrete)
+                .with_ignore_output_shapes(concrete)
                 .model_for_path(model.path())
                 .map_err(|e| classify(&e, true))?;
             if concrete {
