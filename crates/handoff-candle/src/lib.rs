@@ -10,6 +10,7 @@
 //! With the `cuda` feature, candle-native runs on `cuda:0`; candle-onnx stays
 //! CPU-only because it builds every initializer on the CPU.
 
+mod compat;
 mod models;
 pub mod qbert;
 
@@ -61,8 +62,7 @@ impl Backend for CandleOnnxBackend {
         require_cpu(options.device)?;
         check_threads(options.threads)?;
         let mut proto = read_onnx(model.path())?;
-        raw_constants(&mut proto);
-        shape_slices(&mut proto);
+        compat::for_candle_onnx(&mut proto);
         let graph = proto
             .graph
             .as_ref()
@@ -83,152 +83,13 @@ impl Backend for CandleOnnxBackend {
 fn read_onnx(path: &Path) -> Result<candle_onnx::onnx::ModelProto, BackendError> {
     let invalid = |e: String| BackendError::InvalidModel(format!("{}: {e}", path.display()));
     let proto = candle_onnx::read_file(path).map_err(|e| invalid(message(&e)))?;
-    if !proto.graph.as_ref().is_some_and(has_external_data) {
+    if !proto.graph.as_ref().is_some_and(compat::has_external_data) {
         return Ok(proto);
     }
     let whole =
         handoff_onnx::external::read_model_inline(path).map_err(|e| invalid(e.to_string()))?;
     prost::Message::decode(prost::Message::encode_to_vec(&whole).as_slice())
         .map_err(|e| invalid(e.to_string()))
-}
-
-/// Whether any tensor of `g` or its subgraphs (initializers and tensor
-/// attributes) keeps its bytes in an external data file.
-fn has_external_data(g: &candle_onnx::onnx::GraphProto) -> bool {
-    let external = |t: &candle_onnx::onnx::TensorProto| {
-        t.data_location == candle_onnx::onnx::tensor_proto::DataLocation::External as i32
-            || !t.external_data.is_empty()
-    };
-    g.initializer.iter().any(external)
-        || g.node.iter().flat_map(|n| &n.attribute).any(|a| {
-            a.t.iter().chain(&a.tensors).any(external)
-                || a.g.iter().chain(&a.graphs).any(has_external_data)
-        })
-}
-
-/// Moves tensor values stored in typed fields (`float_data`, `int64_data`,
-/// `int32_data` for bool and 8/16-bit types: what older exporters write)
-/// into `raw_data`. candle-onnx reads tensor attributes (`ConstantOfShape`'s
-/// `value`, say) and bool or 8/16-bit tensors from `raw_data` only, so it
-/// saw an empty buffer ("Shape mismatch, got buffer of size 0 which is
-/// compatible with shape [1]"). The same values in the other encoding:
-/// nothing about the computation changes.
-fn raw_constants(model: &mut candle_onnx::onnx::ModelProto) {
-    fn graph(g: &mut candle_onnx::onnx::GraphProto) {
-        g.initializer.iter_mut().for_each(tensor);
-        for node in &mut g.node {
-            for attr in &mut node.attribute {
-                attr.t.iter_mut().for_each(tensor);
-                attr.tensors.iter_mut().for_each(tensor);
-                if let Some(sub) = attr.g.as_mut() {
-                    graph(sub);
-                }
-                attr.graphs.iter_mut().for_each(graph);
-            }
-        }
-    }
-    fn tensor(t: &mut candle_onnx::onnx::TensorProto) {
-        if !t.raw_data.is_empty() {
-            return;
-        }
-        let raw: Vec<u8> = if !t.float_data.is_empty() {
-            std::mem::take(&mut t.float_data)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect()
-        } else if !t.int64_data.is_empty() {
-            std::mem::take(&mut t.int64_data)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect()
-        } else if !t.double_data.is_empty() {
-            std::mem::take(&mut t.double_data)
-                .iter()
-                .flat_map(|v| v.to_le_bytes())
-                .collect()
-        } else if !t.int32_data.is_empty() {
-            // int32_data also carries bool, int8/16, uint8/16 and fp16
-            // values, one per element, in the raw width of the type.
-            use candle_onnx::onnx::tensor_proto::DataType;
-            let values = std::mem::take(&mut t.int32_data);
-            match DataType::try_from(t.data_type) {
-                Ok(DataType::Int32) => values.iter().flat_map(|v| v.to_le_bytes()).collect(),
-                Ok(DataType::Int8 | DataType::Uint8 | DataType::Bool) => {
-                    values.iter().map(|v| *v as u8).collect()
-                }
-                Ok(DataType::Int16 | DataType::Uint16 | DataType::Float16 | DataType::Bfloat16) => {
-                    values
-                        .iter()
-                        .flat_map(|v| (*v as u16).to_le_bytes())
-                        .collect()
-                }
-                _ => {
-                    t.int32_data = values;
-                    return;
-                }
-            }
-        } else {
-            return;
-        };
-        t.raw_data = raw;
-    }
-    if let Some(g) = model.graph.as_mut() {
-        graph(g);
-    }
-}
-
-/// Rewrites each `Shape` node with a `start` or `end` (opset 15 on;
-/// PyTorch's default exporter writes them for reads such as
-/// `x.shape[0]`) into a plain `Shape` and a `Slice` of it: the same values
-/// by the ONNX spec. candle-onnx 0.11 reads `end` as inclusive, shapes the
-/// result by the input's rank and refuses an `end` equal to the rank ("axis
-/// 2 is too large, tensor rank 2"), so every such node failed or was wrong.
-fn shape_slices(model: &mut candle_onnx::onnx::ModelProto) {
-    use candle_onnx::onnx::{NodeProto, TensorProto, tensor_proto::DataType};
-    let Some(g) = model.graph.as_mut() else {
-        return;
-    };
-    let mut nodes = Vec::with_capacity(g.node.len());
-    for mut node in std::mem::take(&mut g.node) {
-        let bound = |name: &str| node.attribute.iter().find(|a| a.name == name).map(|a| a.i);
-        let (start, end) = (bound("start"), bound("end"));
-        let standard = node.domain.is_empty() || node.domain == "ai.onnx";
-        if node.op_type != "Shape" || !standard || (start.is_none() && end.is_none()) {
-            nodes.push(node);
-            continue;
-        }
-        let out = node.output[0].clone();
-        let whole = format!("{out}__handoff_shape");
-        let mut slice_inputs = vec![whole.clone()];
-        for (what, v) in [
-            ("start", start.unwrap_or(0)),
-            ("end", end.unwrap_or(i64::MAX)),
-            ("axis", 0),
-        ] {
-            let name = format!("{whole}_{what}");
-            g.initializer.push(TensorProto {
-                name: name.clone(),
-                dims: vec![1],
-                data_type: DataType::Int64 as i32,
-                raw_data: v.to_le_bytes().to_vec(),
-                ..Default::default()
-            });
-            slice_inputs.push(name);
-        }
-        node.attribute
-            .retain(|a| a.name != "start" && a.name != "end");
-        node.output[0] = whole;
-        let slice = NodeProto {
-            name: format!("{}__handoff_slice", node.name),
-            op_type: "Slice".into(),
-            input: slice_inputs,
-            output: vec![out],
-            ..Default::default()
-        };
-        nodes.push(node);
-        nodes.push(slice);
-    }
-    g.node = nodes;
 }
 
 const ONNX_CPU_ONLY: &str =
@@ -703,45 +564,6 @@ impl Prepared for CandleNativePrepared {
 mod tests {
     use super::*;
 
-    /// External data is found where it hides: in a subgraph (an `If`
-    /// branch) as well as among the top-level initializers.
-    #[test]
-    fn external_data_is_found_in_subgraphs() {
-        use candle_onnx::onnx::{AttributeProto, GraphProto, NodeProto, TensorProto};
-        let external = TensorProto {
-            data_location: candle_onnx::onnx::tensor_proto::DataLocation::External as i32,
-            ..Default::default()
-        };
-        let branch = GraphProto {
-            initializer: vec![external.clone()],
-            ..Default::default()
-        };
-        let with_branch = |g: GraphProto| GraphProto {
-            node: vec![NodeProto {
-                op_type: "If".into(),
-                attribute: vec![AttributeProto {
-                    g: Some(g),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        assert!(has_external_data(&with_branch(branch)));
-        assert!(!has_external_data(&with_branch(GraphProto::default())));
-        let constant = GraphProto {
-            node: vec![NodeProto {
-                attribute: vec![AttributeProto {
-                    t: Some(external),
-                    ..Default::default()
-                }],
-                ..Default::default()
-            }],
-            ..Default::default()
-        };
-        assert!(has_external_data(&constant));
-    }
-
     /// Without a GPU or without the feature a cuda case is refused with the
     /// reason, never run on the CPU instead; a CUDA build next to a driver
     /// finds the device.
@@ -854,6 +676,36 @@ mod tests {
         let out = p.outputs().unwrap();
         assert_eq!(out[0].shape, vec![6, 2]);
         assert_eq!(out[0].data, input.data);
+    }
+
+    /// `Unsqueeze` of several axes, some beyond the input's rank, as an
+    /// input (opset 13 on) and as an attribute (before).
+    #[test]
+    fn unsqueeze_of_several_axes_beyond_the_input_rank() {
+        use handoff_onnx::ElemType;
+        use handoff_onnx::builder::{D, GraphBuilder, attr_ints};
+        for opset in [11, 13] {
+            let mut g = GraphBuilder::new("unsqueeze");
+            let x = g.input("x", ElemType::F32, &[D::Fixed(2), D::Fixed(6)]);
+            let flat_shape = g.init_i64("flat", &[1], vec![12]);
+            let flat = g.node("Reshape", &[&x, &flat_shape], vec![]);
+            if opset >= 13 {
+                let axes = g.init_i64("axes", &[2], vec![2, 1]);
+                g.node_to("Unsqueeze", &[&flat, &axes], vec![], "y");
+            } else {
+                g.node_to("Unsqueeze", &[&flat], vec![attr_ints("axes", &[2, 1])], "y");
+            }
+            g.output(
+                "y",
+                ElemType::F32,
+                &[D::Fixed(12), D::Fixed(1), D::Fixed(1)],
+            );
+            let (mut p, input) = bound(g.finish(opset), handoff_backend::Fill::Constant(0.5));
+            p.run().unwrap();
+            let out = p.outputs().unwrap();
+            assert_eq!(out[0].shape, vec![12, 1, 1], "opset {opset}");
+            assert_eq!(out[0].data, input.data);
+        }
     }
 
     /// Older exporters store tensor values in `int64_data` or `float_data`;
