@@ -434,6 +434,49 @@ fn tract_runs_what_it_cannot_analyse_symbolically_with_concrete_shapes() {
     );
 }
 
+/// tract fails on an fp16 `Gemm` (it scales by `alpha` in f32) whatever
+/// the shapes: its cell names the failure and does not send the user to
+/// concrete shapes, which were tried and do not help.
+#[test]
+fn a_tract_failure_that_concrete_shapes_do_not_mend_gets_no_such_hint() {
+    use handoff_onnx::builder::{attr_float, attr_int};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut g = GraphBuilder::new("half-gemm");
+    let x = g.input("x", ElemType::F16, &[D::Sym("batch"), D::Fixed(4)]);
+    let w = g.input("w", ElemType::F16, &[D::Fixed(4), D::Fixed(4)]);
+    let c = g.input("c", ElemType::F16, &[D::Fixed(4)]);
+    // As PyTorch's exporter writes an `nn.Linear`.
+    let attrs = vec![
+        attr_float("alpha", 1.0),
+        attr_float("beta", 1.0),
+        attr_int("transB", 1),
+    ];
+    g.node_to("Gemm", &[&x, &w, &c], attrs, "y");
+    g.output("y", ElemType::F16, &[D::Sym("batch"), D::Fixed(4)]);
+    write_model(&g.finish(13), &d.join("m.onnx")).unwrap();
+    std::fs::write(
+        d.join("s.yaml"),
+        "name: t\nmodels:\n  - id: m\n    source: {onnx: m.onnx}\n\
+         backends: [ort, tract]\nthreads: [1]\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 100ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let records = common::run_ok(d, "s.yaml", "out");
+    let tract: Vec<_> = records
+        .iter()
+        .filter(|r| r.case.backend == "tract")
+        .collect();
+    assert_eq!(tract.len(), 1);
+    let reason = tract[0].reason.clone().unwrap_or_default();
+    assert_eq!(tract[0].status, Status::Failed, "{reason}");
+    assert!(
+        reason.contains("Gemm") && !reason.contains("concrete"),
+        "{reason}"
+    );
+    common::assert_ok_and_agrees(records.iter().find(|r| r.case.backend == "ort").unwrap());
+}
+
 /// A model computing in half precision (an fp16 export, with an input in
 /// half precision too) gets a check that allows what fp16 keeps (about 3
 /// significant digits), says why, and its suite runs on every backend.

@@ -10,6 +10,7 @@ pub mod cost;
 
 pub use cost::{CostError, flops};
 
+use std::path::Path;
 use std::sync::Arc;
 
 use handoff_backend::{
@@ -78,24 +79,22 @@ impl Backend for TractBackend {
             nnef()
                 .model_for_path(model.path())
                 .map_err(|e| classify(&e, true))?
+                .into_optimized()
+                .map_err(|e| classify(&e, false))?
         } else {
-            // With every input pinned, tract infers the rest; the
-            // exporter's symbolic shapes of intermediate values and outputs
-            // (`batch,8,16,16` from PyTorch's exporter) would contradict the
-            // pinned ones ("Impossible to unify Sym(batch) with Val(1)").
-            let mut onnx = tract_onnx::onnx()
-                .with_ignore_value_info(concrete)
-                .with_ignore_output_shapes(concrete)
-                .model_for_path(model.path())
-                .map_err(|e| classify(&e, true))?;
-            if concrete {
-                onnx = with_concrete_inputs(onnx, &options.inputs)?;
+            let pinned = concrete.then_some(options.inputs.as_slice());
+            match optimized_onnx(model.path(), pinned) {
+                Ok(typed) => typed,
+                // The cell points to concrete shapes only where they were
+                // tried and plan: a failure that has nothing to do with
+                // symbolic dims (an op tract lacks, a dtype it mixes) gets
+                // no such hint.
+                Err(e) if !concrete && plans_concrete(model.path(), &options.inputs) => {
+                    return Err(with_shapes_hint(e));
+                }
+                Err(e) => return Err(e),
             }
-            onnx.into_typed()
-                .map_err(|e| with_shapes_hint(classify(&e, true), concrete))?
-        }
-        .into_optimized()
-        .map_err(|e| with_shapes_hint(classify(&e, false), concrete))?;
+        };
         let output_names = output_names(&typed)?;
         #[cfg(feature = "cuda")]
         if let Some(runtime) = gpu {
@@ -132,6 +131,39 @@ impl Backend for TractBackend {
     }
 }
 
+/// The ONNX model at `path` typed and optimised, with its inputs pinned to
+/// `concrete` when given.
+fn optimized_onnx(
+    path: &Path,
+    concrete: Option<&[handoff_backend::TensorSpec]>,
+) -> Result<TypedModel, BackendError> {
+    // With every input pinned, tract infers the rest; the exporter's
+    // symbolic shapes of intermediate values and outputs (`batch,8,16,16`
+    // from PyTorch's exporter) would contradict the pinned ones
+    // ("Impossible to unify Sym(batch) with Val(1)").
+    let mut onnx = tract_onnx::onnx()
+        .with_ignore_value_info(concrete.is_some())
+        .with_ignore_output_shapes(concrete.is_some())
+        .model_for_path(path)
+        .map_err(|e| classify(&e, true))?;
+    if let Some(specs) = concrete {
+        onnx = with_concrete_inputs(onnx, specs)?;
+    }
+    onnx.into_typed()
+        .map_err(|e| classify(&e, true))?
+        .into_optimized()
+        .map_err(|e| classify(&e, false))
+}
+
+/// Whether tract plans the model with its inputs pinned to `specs` (a
+/// panic in tract counts as no).
+fn plans_concrete(path: &Path, specs: &[handoff_backend::TensorSpec]) -> bool {
+    std::panic::catch_unwind(std::panic::AssertUnwindSafe(|| {
+        optimized_onnx(path, Some(specs)).is_ok()
+    }))
+    .unwrap_or(false)
+}
+
 /// Pins each model input to the shape and type this case feeds it
 /// (`backend_options: {tract: {shapes: concrete}}`).
 fn with_concrete_inputs(
@@ -166,13 +198,14 @@ pub(crate) fn datum_type(dtype: handoff_backend::DType) -> DatumType {
     }
 }
 
-/// Names the way out when tract cannot plan a model with symbolic dims.
-fn with_shapes_hint(e: BackendError, concrete: bool) -> BackendError {
+/// Names the way out when tract cannot plan a model with symbolic dims
+/// and plans it with the case's shapes.
+fn with_shapes_hint(e: BackendError) -> BackendError {
     const HINT: &str =
-        "; tract may plan it for each case's shapes: backend_options: {tract: {shapes: concrete}}";
+        "; with each case's shapes tract plans it: backend_options: {tract: {shapes: concrete}}";
     match e {
-        BackendError::InvalidModel(m) if !concrete => BackendError::InvalidModel(m + HINT),
-        BackendError::Failed(m) if !concrete => BackendError::Failed(m + HINT),
+        BackendError::InvalidModel(m) => BackendError::InvalidModel(m + HINT),
+        BackendError::Failed(m) => BackendError::Failed(m + HINT),
         other => other,
     }
 }
