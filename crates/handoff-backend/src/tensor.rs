@@ -18,6 +18,9 @@ pub enum DType {
     F16,
     I64,
     I32,
+    /// Masks (`key_padding_mask` of a PyTorch Transformer): filled as an
+    /// i64 input would be, non-zero is true.
+    Bool,
 }
 
 impl DType {
@@ -33,6 +36,7 @@ impl fmt::Display for DType {
             DType::F16 => "f16",
             DType::I64 => "i64",
             DType::I32 => "i32",
+            DType::Bool => "bool",
         })
     }
 }
@@ -43,6 +47,7 @@ pub enum TensorData {
     F16(Vec<half::f16>),
     I64(Vec<i64>),
     I32(Vec<i32>),
+    Bool(Vec<bool>),
 }
 
 impl TensorData {
@@ -52,6 +57,7 @@ impl TensorData {
             TensorData::F16(v) => v.len(),
             TensorData::I64(v) => v.len(),
             TensorData::I32(v) => v.len(),
+            TensorData::Bool(v) => v.len(),
         }
     }
 
@@ -65,6 +71,7 @@ impl TensorData {
             TensorData::F16(_) => DType::F16,
             TensorData::I64(_) => DType::I64,
             TensorData::I32(_) => DType::I32,
+            TensorData::Bool(_) => DType::Bool,
         }
     }
 
@@ -75,17 +82,19 @@ impl TensorData {
             TensorData::F16(v) => v.iter().map(|&x| f64::from(x)).collect(),
             TensorData::I64(v) => v.iter().map(|&x| x as f64).collect(),
             TensorData::I32(v) => v.iter().map(|&x| f64::from(x)).collect(),
+            TensorData::Bool(v) => v.iter().map(|&x| f64::from(u8::from(x))).collect(),
         }
     }
 
     /// The values as little-endian bytes, as ONNX raw data, safetensors and
-    /// numpy's `<f4`/`<f2`/`<i8`/`<i4` lay them out.
+    /// numpy's `<f4`/`<f2`/`<i8`/`<i4`/`|b1` lay them out (a bool a byte).
     pub fn to_le_bytes(&self) -> Vec<u8> {
         match self {
             TensorData::F32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::F16(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::I64(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
             TensorData::I32(v) => v.iter().flat_map(|x| x.to_le_bytes()).collect(),
+            TensorData::Bool(v) => v.iter().map(|&x| u8::from(x)).collect(),
         }
     }
 
@@ -104,6 +113,7 @@ impl TensorData {
             DType::F16 => TensorData::F16(chunks(raw, half::f16::from_le_bytes)?),
             DType::I64 => TensorData::I64(chunks(raw, i64::from_le_bytes)?),
             DType::I32 => TensorData::I32(chunks(raw, i32::from_le_bytes)?),
+            DType::Bool => TensorData::Bool(raw.iter().map(|&b| b != 0).collect()),
         })
     }
 }
@@ -158,11 +168,12 @@ impl TensorSpec {
     pub fn generate(&self, seed: u64) -> Tensor {
         let mut rng = SplitMix64::new(seed ^ fnv1a(self.name.as_bytes()));
         let n = self.numel();
-        // Half-precision inputs draw the same values as f32 ones, rounded.
-        let drawn = if self.dtype == DType::F16 {
-            DType::F32
-        } else {
-            self.dtype
+        // Half-precision inputs draw the same values as f32 ones, rounded;
+        // masks those of i64 ones, non-zero true.
+        let drawn = match self.dtype {
+            DType::F16 => DType::F32,
+            DType::Bool => DType::I64,
+            other => other,
         };
         let data = match (drawn, &self.fill) {
             (_, Fill::File(path)) => {
@@ -183,7 +194,7 @@ impl TensorSpec {
                     DType::F32 | DType::F16 => {
                         TensorData::F32((0..n).map(|i| at(i) as f32).collect())
                     }
-                    DType::I64 => TensorData::I64((0..n).map(at).collect()),
+                    DType::I64 | DType::Bool => TensorData::I64((0..n).map(at).collect()),
                     DType::I32 => TensorData::I32((0..n).map(|i| at(i) as i32).collect()),
                 }
             }
@@ -214,11 +225,14 @@ impl TensorSpec {
                     .map(|_| rng.range_i64(min.floor() as i64, max.ceil() as i64) as i32)
                     .collect(),
             ),
-            (DType::F16, _) => unreachable!("drawn as f32"),
+            (DType::F16 | DType::Bool, _) => unreachable!("drawn as f32 or i64"),
         };
         let data = match data {
             TensorData::F32(v) if self.dtype == DType::F16 => {
                 TensorData::F16(v.into_iter().map(half::f16::from_f32).collect())
+            }
+            TensorData::I64(v) if self.dtype == DType::Bool => {
+                TensorData::Bool(v.into_iter().map(|x| x != 0).collect())
             }
             data => data,
         };
@@ -353,7 +367,7 @@ pub enum TensorFileError {
 }
 
 /// Reads a serialised ONNX `TensorProto` (`input_0.pb`, `output_0.pb` of
-/// the ONNX test-data layout) of f32, f16, i64 or i32.
+/// the ONNX test-data layout) of f32, f16, i64, i32 or bool.
 pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
     let err = |detail: String| TensorFileError::Io {
         path: path.display().to_string(),
@@ -367,9 +381,10 @@ pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
         ElemType::F16 => DType::F16,
         ElemType::I64 => DType::I64,
         ElemType::I32 => DType::I32,
+        ElemType::Bool => DType::Bool,
         other => {
             return Err(err(format!(
-                "{other} tensors are not supported (f32, f16, i64, i32)"
+                "{other} tensors are not supported (f32, f16, i64, i32, bool)"
             )));
         }
     };
@@ -385,6 +400,7 @@ pub fn read_pb(path: &Path) -> Result<Tensor, TensorFileError> {
             ),
             DType::I64 => TensorData::I64(t.int64_data),
             DType::I32 => TensorData::I32(t.int32_data),
+            DType::Bool => TensorData::Bool(t.int32_data.iter().map(|&b| b != 0).collect()),
         }
     } else {
         TensorData::from_le_bytes(dtype, &t.raw_data)
@@ -405,6 +421,7 @@ pub fn write_pb(path: &Path, tensor: &Tensor) -> Result<(), TensorFileError> {
         DType::F16 => ElemType::F16,
         DType::I64 => ElemType::I64,
         DType::I32 => ElemType::I32,
+        DType::Bool => ElemType::Bool,
     };
     let dims: Vec<i64> = tensor.shape.iter().map(|&d| d as i64).collect();
     let proto = handoff_onnx::builder::tensor(&tensor.name, elem, &dims, tensor.data.to_le_bytes());
@@ -431,6 +448,7 @@ pub fn save_tensors(path: &Path, tensors: &[Tensor]) -> Result<(), TensorFileErr
                 DType::F16 => Dtype::F16,
                 DType::I64 => Dtype::I64,
                 DType::I32 => Dtype::I32,
+                DType::Bool => Dtype::BOOL,
             };
             let raw = t.data.to_le_bytes();
             // Position first so order survives the format's sorted keys.
@@ -471,6 +489,7 @@ pub fn load_tensors(path: &Path) -> Result<Vec<Tensor>, TensorFileError> {
                 Dtype::F16 => DType::F16,
                 Dtype::I64 => DType::I64,
                 Dtype::I32 => DType::I32,
+                Dtype::BOOL => DType::Bool,
                 other => return Err(err(format!("unexpected dtype {other:?}"))),
             };
             let data = TensorData::from_le_bytes(dtype, raw)
@@ -527,6 +546,23 @@ mod tests {
         let rounded: Vec<half::f16> = v.iter().map(|&x| half::f16::from_f32(x)).collect();
         assert_eq!(h, rounded);
         assert_ne!(h.iter().map(|x| x.to_f32()).collect::<Vec<_>>(), v);
+        // Masks draw as i64 inputs do, non-zero true.
+        let ints = TensorSpec {
+            dtype: DType::I64,
+            fill: Fill::RandomInt { min: 0, max: 2 },
+            ..half
+        };
+        let mask = TensorSpec {
+            dtype: DType::Bool,
+            ..ints.clone()
+        };
+        let (TensorData::I64(i), TensorData::Bool(b)) =
+            (ints.generate(7).data, mask.generate(7).data)
+        else {
+            panic!("dtype")
+        };
+        assert_eq!(b, i.iter().map(|&x| x != 0).collect::<Vec<_>>());
+        assert!(b.contains(&true) && b.contains(&false), "{b:?}");
     }
 
     #[test]
@@ -564,6 +600,11 @@ mod tests {
                 name: "x16".into(),
                 shape: vec![3],
                 data: TensorData::F16([0.5, -1.25, 65504.0].map(half::f16::from_f32).to_vec()),
+            },
+            Tensor {
+                name: "mask".into(),
+                shape: vec![2, 2],
+                data: TensorData::Bool(vec![true, false, false, true]),
             },
         ];
         save_tensors(&path, &ts).unwrap();

@@ -222,6 +222,11 @@ pub fn to_candle(t: &Tensor, dev: &CDevice) -> Result<CTensor, BackendError> {
             let w: Vec<i64> = v.iter().map(|&x| i64::from(x)).collect();
             CTensor::from_slice(&w, t.shape.as_slice(), dev)
         }
+        // candle has no bool: u8 0/1, as candle-onnx reads bool tensors.
+        TensorData::Bool(v) => {
+            let b: Vec<u8> = v.iter().map(|&x| u8::from(x)).collect();
+            CTensor::from_slice(&b, t.shape.as_slice(), dev)
+        }
     }
     .map_err(|e| BackendError::Failed(format!("input `{}`: {}", t.name, message(&e))))
 }

@@ -70,6 +70,67 @@ fn python_baseline_runs_and_its_failures_are_cells() {
 
 /// A model with half- and double-precision outputs (an fp16 export) is
 /// checked on every backend, its outputs compared as f32, not refused.
+/// A bool mask input (a PyTorch Transformer's `key_padding_mask`): `handoff
+/// init` writes it with a fill, and every backend and the Python baseline
+/// are fed the same mask, true and false mixed.
+#[test]
+fn a_bool_mask_input_is_fed_to_every_backend() {
+    use handoff_onnx::ElemType;
+    use handoff_onnx::builder::{D, GraphBuilder, write_model};
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let mut g = GraphBuilder::new("masked");
+    let x = g.input("x", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    let mask = g.input(
+        "key_padding_mask",
+        ElemType::Bool,
+        &[D::Sym("batch"), D::Fixed(8)],
+    );
+    let zero = g.init_f32("zero", &[1], vec![0.0]);
+    g.node_to("Where", &[&mask, &zero, &x], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    write_model(&g.finish(13), &d.join("m.onnx")).unwrap();
+    let text = common::handoff_ok(&["init", "m.onnx"], d);
+    let line = "{name: key_padding_mask, dtype: bool, shape: [batch, 8], fill: {constant: 0}}";
+    assert!(text.contains(line), "{text}");
+    let quick = text
+        .replace(
+            line,
+            &line.replace("{constant: 0}", "{random_int: {min: 0, max: 2}}"),
+        )
+        .replace("min_time: 1s", "min_time: 20ms")
+        .replace("max_time: 3s", "max_time: 100ms")
+        .replace("warmup: 300ms", "warmup: 10ms")
+        .replace("threads: [1, 2]", "threads: [1]");
+    std::fs::write(d.join("s.yaml"), quick).unwrap();
+    let records = run_ok(d, "s.yaml", "out");
+    let backends: Vec<&str> = records.iter().map(|r| r.case.backend.as_str()).collect();
+    assert_eq!(
+        backends
+            .iter()
+            .filter(|b| **b == "python-onnxruntime")
+            .count(),
+        2,
+        "{backends:?}"
+    );
+    for r in &records {
+        common::assert_ok_and_agrees(r);
+    }
+    // The fill draws both values, so a backend that read the mask wrongly
+    // would disagree with ort above.
+    let spec = handoff_backend::TensorSpec {
+        name: "key_padding_mask".into(),
+        dtype: handoff_backend::DType::Bool,
+        shape: vec![1, 8],
+        fill: handoff_backend::Fill::RandomInt { min: 0, max: 2 },
+    };
+    let handoff_backend::TensorData::Bool(m) = spec.generate(42).data else {
+        panic!("bool");
+    };
+    assert!(m.contains(&true) && m.contains(&false), "{m:?}");
+}
+
 #[test]
 fn half_inputs_and_half_and_double_outputs_are_checked_on_every_backend() {
     use handoff_onnx::ElemType;

@@ -177,6 +177,9 @@ impl Prepared for OrtPrepared {
                     TensorData::I32(v) => ort::value::Tensor::from_array((shape, v.clone()))
                         .map_err(err)?
                         .into_dyn(),
+                    TensorData::Bool(v) => ort::value::Tensor::from_array((shape, v.clone()))
+                        .map_err(err)?
+                        .into_dyn(),
                 };
                 Ok((t.name.clone(), value))
             })

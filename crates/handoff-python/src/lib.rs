@@ -345,6 +345,7 @@ impl Prepared for Worker {
                 DType::F16 => "<f2",
                 DType::I64 => "<i8",
                 DType::I32 => "<i4",
+                DType::Bool => "|b1",
             };
             std::fs::write(&path, t.data.to_le_bytes())
                 .map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
@@ -394,44 +395,34 @@ impl Prepared for Worker {
                     .unwrap_or_default();
                 let bytes = std::fs::read(&path)
                     .map_err(|e| BackendError::Failed(format!("{}: {e}", path.display())))?;
-                let data = match o.get("dtype").and_then(Value::as_str) {
-                    Some("float32") => TensorData::F32(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|c| f32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect(),
-                    ),
-                    Some("int64") => TensorData::I64(
-                        bytes
-                            .chunks_exact(8)
-                            .map(|c| i64::from_le_bytes(c.try_into().expect("8 bytes")))
-                            .collect(),
-                    ),
-                    Some("int32") => TensorData::I32(
-                        bytes
-                            .chunks_exact(4)
-                            .map(|c| i32::from_le_bytes([c[0], c[1], c[2], c[3]]))
-                            .collect(),
-                    ),
+                let dtype = o.get("dtype").and_then(Value::as_str);
+                let data = match dtype {
+                    Some("float32") => TensorData::from_le_bytes(DType::F32, &bytes),
+                    Some("int64") => TensorData::from_le_bytes(DType::I64, &bytes),
+                    Some("int32") => TensorData::from_le_bytes(DType::I32, &bytes),
                     // Compared as f32, as on the Rust backends.
-                    Some("float16") => TensorData::F32(
-                        bytes
-                            .chunks_exact(2)
-                            .map(|c| half::f16::from_le_bytes([c[0], c[1]]).to_f32())
-                            .collect(),
-                    ),
-                    Some("float64") => TensorData::F32(
+                    Some("float16") => TensorData::from_le_bytes(DType::F16, &bytes).map(|d| {
+                        TensorData::F32(d.to_f64().into_iter().map(|x| x as f32).collect())
+                    }),
+                    Some("float64") => Some(TensorData::F32(
                         bytes
                             .chunks_exact(8)
                             .map(|c| f64::from_le_bytes(c.try_into().expect("8 bytes")) as f32)
                             .collect(),
-                    ),
+                    )),
                     other => {
                         return Err(BackendError::Unsupported(format!(
                             "output dtype {other:?} of `{name}`"
                         )));
                     }
-                };
+                }
+                .ok_or_else(|| {
+                    BackendError::Failed(format!(
+                        "output `{name}`: {} bytes of {}",
+                        bytes.len(),
+                        dtype.unwrap_or("?")
+                    ))
+                })?;
                 Ok(Tensor { name, shape, data })
             })
             .collect()

@@ -29,7 +29,7 @@ pub enum InitError {
     },
     #[error(transparent)]
     Onnx(#[from] handoff_onnx::inspect::OnnxError),
-    #[error("input `{name}` is {dtype}: handoff feeds f32, f16, i64 and i32 inputs only")]
+    #[error("input `{name}` is {dtype}: handoff feeds f32, f16, i64, i32 and bool inputs only")]
     InputType { name: String, dtype: String },
     #[error("input `{name}` declares no shape: write its `inputs` entry by hand")]
     NoShape { name: String },
@@ -81,6 +81,7 @@ pub fn onnx_suite(
             ElemType::F16 => ("f16", "float"),
             ElemType::I64 => ("i64", "int"),
             ElemType::I32 => ("i32", "int"),
+            ElemType::Bool => ("bool", "bool"),
             other => {
                 return Err(InitError::InputType {
                     name: input.name.clone(),
@@ -139,6 +140,16 @@ pub fn onnx_suite(
                 "{constant: 0}".to_owned(),
                 "CHECK: looks like a recurrent or cached state: zeros, as at the first step"
                     .to_owned(),
+            )
+        } else if kind == "bool" && lower.contains("padding") {
+            (
+                "{constant: 0}".to_owned(),
+                "a padding mask: no position padded".to_owned(),
+            )
+        } else if kind == "bool" {
+            (
+                "{constant: 1}".to_owned(),
+                "CHECK: a bool input, all true (an HF-style mask: every position attended); a mask where true means ignore wants {constant: 0}".to_owned(),
             )
         } else if kind == "float" {
             (

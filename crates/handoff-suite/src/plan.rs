@@ -1786,6 +1786,7 @@ pub(crate) fn dtype_of(elem: ElemType) -> Option<DType> {
         ElemType::F16 => Some(DType::F16),
         ElemType::I64 => Some(DType::I64),
         ElemType::I32 => Some(DType::I32),
+        ElemType::Bool => Some(DType::Bool),
         _ => None,
     }
 }
@@ -1921,7 +1922,7 @@ fn check_inputs(
         if spec.fill.is_none() && !spec.dtype.is_float() {
             ctx.err(
                 format!("{p}.fill"),
-                format!("integer input `{}` needs a fill, e.g. `fill: {{random_int: {{min: 0, max: 30522}}}}` for token ids or `fill: {{constant: 1}}` for a mask", spec.name),
+                format!("{} input `{}` needs a fill, e.g. `fill: {{random_int: {{min: 0, max: 30522}}}}` for token ids or `fill: {{constant: 1}}` for a mask", if spec.dtype == DType::Bool { "bool" } else { "integer" }, spec.name),
             );
         }
         let fill = fill_of(ctx, format!("{p}.fill"), spec.fill.as_ref());

@@ -195,6 +195,7 @@ pub(crate) fn datum_type(dtype: handoff_backend::DType) -> DatumType {
         handoff_backend::DType::F16 => f16::datum_type(),
         handoff_backend::DType::I64 => i64::datum_type(),
         handoff_backend::DType::I32 => i32::datum_type(),
+        handoff_backend::DType::Bool => bool::datum_type(),
     }
 }
 
@@ -311,6 +312,7 @@ impl Prepared for TractPrepared {
                     TensorData::F16(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
                     TensorData::I64(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
                     TensorData::I32(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
+                    TensorData::Bool(v) => tract_onnx::prelude::Tensor::from_shape(&t.shape, v),
                 }
                 .map_err(err)?;
                 Ok(tensor.into_tvalue())
