@@ -238,6 +238,14 @@ pub fn from_candle(name: &str, t: &CTensor) -> Result<Tensor, BackendError> {
     let data = match t.dtype() {
         CDType::F32 => TensorData::F32(flat.to_vec1::<f32>().map_err(err)?),
         CDType::I64 => TensorData::I64(flat.to_vec1::<i64>().map_err(err)?),
+        // candle's bool (candle-onnx's Equal, Not, ...) and uint8: compared
+        // by value, 0 and 1 against the other backends' false and true.
+        CDType::U8 => TensorData::I64(
+            flat.to_dtype(CDType::I64)
+                .map_err(err)?
+                .to_vec1::<i64>()
+                .map_err(err)?,
+        ),
         CDType::F16 | CDType::BF16 | CDType::F64 => TensorData::F32(
             flat.to_dtype(CDType::F32)
                 .map_err(err)?

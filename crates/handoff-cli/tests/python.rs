@@ -72,9 +72,10 @@ fn python_baseline_runs_and_its_failures_are_cells() {
 /// checked on every backend, its outputs compared as f32, not refused.
 /// A bool mask input (a PyTorch Transformer's `key_padding_mask`): `handoff
 /// init` writes it with a fill, and every backend and the Python baseline
-/// are fed the same mask, true and false mixed.
+/// are fed the same mask, true and false mixed; a bool output is compared
+/// too.
 #[test]
-fn a_bool_mask_input_is_fed_to_every_backend() {
+fn a_bool_mask_input_and_a_bool_output_on_every_backend() {
     use handoff_onnx::ElemType;
     use handoff_onnx::builder::{D, GraphBuilder, write_model};
     handoff_python::setup().expect("python baseline environment");
@@ -89,7 +90,9 @@ fn a_bool_mask_input_is_fed_to_every_backend() {
     );
     let zero = g.init_f32("zero", &[1], vec![0.0]);
     g.node_to("Where", &[&mask, &zero, &x], vec![], "y");
+    g.node_to("Not", &[&mask], vec![], "kept");
     g.output("y", ElemType::F32, &[D::Sym("batch"), D::Fixed(8)]);
+    g.output("kept", ElemType::Bool, &[D::Sym("batch"), D::Fixed(8)]);
     write_model(&g.finish(13), &d.join("m.onnx")).unwrap();
     let text = common::handoff_ok(&["init", "m.onnx"], d);
     let line = "{name: key_padding_mask, dtype: bool, shape: [batch, 8], fill: {constant: 0}}";

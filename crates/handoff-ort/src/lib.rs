@@ -232,6 +232,10 @@ fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
             let (s, d) = v.try_extract_tensor::<i32>().map_err(err)?;
             (s.to_vec(), TensorData::I32(d.to_vec()))
         }
+        TensorElementType::Bool => {
+            let (s, d) = v.try_extract_tensor::<bool>().map_err(err)?;
+            (s.to_vec(), TensorData::Bool(d.to_vec()))
+        }
         // Compared as f32, which holds every half and most double values
         // exactly; the check's tolerance is the suite's.
         TensorElementType::Float16 => as_f32(v, half::f16::to_f32).map_err(err)?,

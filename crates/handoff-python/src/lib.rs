@@ -400,6 +400,7 @@ impl Prepared for Worker {
                     Some("float32") => TensorData::from_le_bytes(DType::F32, &bytes),
                     Some("int64") => TensorData::from_le_bytes(DType::I64, &bytes),
                     Some("int32") => TensorData::from_le_bytes(DType::I32, &bytes),
+                    Some("bool") => TensorData::from_le_bytes(DType::Bool, &bytes),
                     // Compared as f32, as on the Rust backends.
                     Some("float16") => TensorData::from_le_bytes(DType::F16, &bytes).map(|d| {
                         TensorData::F32(d.to_f64().into_iter().map(|x| x as f32).collect())

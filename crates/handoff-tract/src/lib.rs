@@ -360,6 +360,13 @@ impl Prepared for TractPrepared {
                             .copied()
                             .collect(),
                     ),
+                    DatumType::Bool => TensorData::Bool(
+                        v.to_plain_array_view::<bool>()
+                            .map_err(err)?
+                            .iter()
+                            .copied()
+                            .collect(),
+                    ),
                     // Compared as f32, as on the other backends.
                     DatumType::F16 | DatumType::F64 => TensorData::F32(
                         v.cast_to::<f32>()
