@@ -1,6 +1,8 @@
 //! Spec-valid encodings that candle-onnx 0.11 reads wrongly, rewritten in
-//! memory into equivalent ones it reads right. Each rewrite keeps the
+//! memory into equivalent ones it reads right, and the check for weights
+//! in external data files, which it does not read. Each rewrite keeps the
 //! computation as the ONNX spec defines it; the model file is untouched.
+//! The node rewrites cover the main graph, not subgraphs.
 
 use candle_onnx::onnx::{GraphProto, ModelProto, NodeProto, TensorProto, tensor_proto::DataType};
 
