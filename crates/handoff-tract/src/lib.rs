@@ -189,6 +189,11 @@ fn with_concrete_inputs(
     Ok(model)
 }
 
+/// The values of `t`, row-major.
+fn plain<T: Datum + Copy>(t: &tract_onnx::prelude::Tensor) -> TractResult<Vec<T>> {
+    Ok(t.to_plain_array_view::<T>()?.iter().copied().collect())
+}
+
 pub(crate) fn datum_type(dtype: handoff_backend::DType) -> DatumType {
     match dtype {
         handoff_backend::DType::F32 => f32::datum_type(),
@@ -339,44 +344,15 @@ impl Prepared for TractPrepared {
             .map(|(v, name)| {
                 let err = |e: TractError| BackendError::Failed(format!("output `{name}`: {e}"));
                 let data = match v.datum_type() {
-                    DatumType::F32 => TensorData::F32(
-                        v.to_plain_array_view::<f32>()
-                            .map_err(err)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
-                    DatumType::I64 => TensorData::I64(
-                        v.to_plain_array_view::<i64>()
-                            .map_err(err)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
-                    DatumType::I32 => TensorData::I32(
-                        v.to_plain_array_view::<i32>()
-                            .map_err(err)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
-                    DatumType::Bool => TensorData::Bool(
-                        v.to_plain_array_view::<bool>()
-                            .map_err(err)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
+                    DatumType::F32 => TensorData::F32(plain(v).map_err(err)?),
+                    DatumType::I64 => TensorData::I64(plain(v).map_err(err)?),
+                    DatumType::I32 => TensorData::I32(plain(v).map_err(err)?),
+                    DatumType::Bool => TensorData::Bool(plain(v).map_err(err)?),
                     // Compared as f32, as on the other backends.
-                    DatumType::F16 | DatumType::F64 => TensorData::F32(
-                        v.cast_to::<f32>()
-                            .map_err(err)?
-                            .to_plain_array_view::<f32>()
-                            .map_err(err)?
-                            .iter()
-                            .copied()
-                            .collect(),
-                    ),
+                    DatumType::F16 | DatumType::F64 => {
+                        let wide = v.cast_to::<f32>().map_err(err)?;
+                        TensorData::F32(plain(&wide).map_err(err)?)
+                    }
                     other => {
                         return Err(BackendError::Unsupported(format!(
                             "output dtype {other:?} of `{name}`"
