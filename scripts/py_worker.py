@@ -1,7 +1,7 @@
 """The python-onnxruntime baseline worker. handoff starts it (in
 .cache/venv-python-ort) and talks JSON lines over stdin/stdout:
 
-  {"cmd": "load", "model": PATH, "threads": N}
+  {"cmd": "load", "model": PATH, "threads": N, "optimization": LEVEL, "denormals": "keep"|"flush"}
   {"cmd": "bind", "inputs": [{"name", "dtype", "shape", "path"}]}   raw little-endian files
   {"cmd": "run"}       -> {"ok": true, "inner_ns": N}   session.run timed inside Python
   {"cmd": "outputs", "dir": DIR} -> each output written raw to DIR, with dtype and shape
@@ -51,8 +51,17 @@ def main() -> int:
                     "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
                     "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
                 }[req.get("optimization", "all")]
+                flush = req.get("denormals", "keep") == "flush"
+                if flush:
+                    so.add_session_config_entry("session.set_denormal_as_zero", "1")
                 t0 = time.perf_counter_ns()
                 sess = ort.InferenceSession(req["model"], so, providers=["CPUExecutionProvider"])
+                # ORT sets DAZ/FTZ on the thread that creates the process's
+                # first session (this worker's only one) as well as on its
+                # pool threads; the Rust backend sets the same per run.
+                tiny = np.float32(1e-30) * np.float32(1e-10)
+                if flush and tiny != 0:
+                    raise RuntimeError(f"denormals: flush did not take on the calling thread (1e-30 * 1e-10 = {tiny})")
                 reply = {
                     "ok": True,
                     "version": ort.__version__,

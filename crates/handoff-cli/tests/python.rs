@@ -168,3 +168,72 @@ fn half_inputs_and_half_and_double_outputs_are_checked_on_every_backend() {
         common::assert_ok_and_agrees(r);
     }
 }
+
+/// `denormals: flush` zeroes subnormal results in Rust ort and in the
+/// Python baseline alike, at one thread too, where ORT's own setting (pool
+/// threads only) changes nothing; `keep` leaves them, as ORT does.
+#[test]
+fn flushed_denormals_are_zero_on_the_calling_thread_in_rust_and_python() {
+    use handoff_backend::{
+        Backend, DType, Device, Fill, ModelRef, PrepareOptions, Tensor, TensorData, TensorSpec,
+    };
+    use handoff_onnx::ElemType;
+    use handoff_onnx::builder::{D, GraphBuilder, write_model};
+    handoff_python::setup().expect("python baseline environment");
+    let dir = tempfile::tempdir().unwrap();
+    let mut g = GraphBuilder::new("tiny");
+    let x = g.input("x", ElemType::F32, &[D::Fixed(16)]);
+    let s = g.init_f32("s", &[1], vec![1e-10]);
+    g.node_to("Mul", &[&x, &s], vec![], "y");
+    g.output("y", ElemType::F32, &[D::Fixed(16)]);
+    let path = dir.path().join("m.onnx");
+    write_model(&g.finish(13), &path).unwrap();
+    let model = ModelRef {
+        path,
+        id: "tiny".into(),
+        hf_dir: None,
+    };
+    let x = Tensor {
+        name: "x".into(),
+        shape: vec![16],
+        data: TensorData::F32(vec![1e-30; 16]),
+    };
+    let spec = TensorSpec {
+        name: "x".into(),
+        dtype: DType::F32,
+        shape: vec![16],
+        fill: Fill::Constant(1e-30),
+    };
+    let backends: [Box<dyn Backend>; 2] = [
+        Box::new(handoff_ort::OrtBackend),
+        Box::new(handoff_python::PythonOrtBackend),
+    ];
+    for backend in &backends {
+        // Flush first: ORT then sets the flags of the thread that creates
+        // the process's first session, which must not leak into `keep`.
+        for (denormals, subnormal) in [("flush", false), ("keep", true), ("flush", false)] {
+            let options = PrepareOptions {
+                device: Device::Cpu,
+                threads: 1,
+                inputs: vec![spec.clone()],
+                options: serde_json::json!({"denormals": denormals}),
+            };
+            let mut p = backend.prepare(&model, &options).unwrap();
+            p.bind(std::slice::from_ref(&x)).unwrap();
+            p.run().unwrap();
+            let TensorData::F32(y) = &p.outputs().unwrap()[0].data else {
+                panic!("f32 output");
+            };
+            let what = format!("{} with denormals: {denormals}: {y:?}", backend.name());
+            if subnormal {
+                assert!(y.iter().all(|v| *v > 0.0 && !v.is_normal()), "{what}");
+            } else {
+                assert!(y.iter().all(|v| *v == 0.0), "{what}");
+            }
+        }
+    }
+    // Flushing is scoped to each session and run: this thread still keeps
+    // subnormals.
+    let tiny = std::hint::black_box(1e-30_f32);
+    assert!(tiny * std::hint::black_box(1e-10_f32) > 0.0);
+}

@@ -7,6 +7,7 @@
 //! are copied to host memory by `Session::run`, so the clock includes the
 //! device-to-host copy and stops after the GPU finished.
 
+pub mod denormals;
 pub mod provision;
 
 use std::sync::OnceLock;
@@ -101,8 +102,20 @@ impl Backend for OrtBackend {
             _ => GraphOptimizationLevel::All,
         };
         let e = |e: ort::Error<_>| BackendError::Failed(e.to_string());
-        #[allow(unused_mut)]
+        let flush = match options.options.get("denormals").and_then(|v| v.as_str()) {
+            Some("flush") if !denormals::SUPPORTED => {
+                return Err(BackendError::Unsupported(format!(
+                    "denormals: flush is implemented for x86_64 only, not {}",
+                    std::env::consts::ARCH
+                )));
+            }
+            Some("flush") => true,
+            _ => false,
+        };
         let mut builder = Session::builder(env).map_err(|e| BackendError::Failed(e.to_string()))?;
+        if flush {
+            builder = builder.with_flush_to_zero().map_err(e)?;
+        }
         #[cfg(feature = "cuda")]
         if options.device == Device::Cuda {
             builder = builder
@@ -112,6 +125,9 @@ impl Backend for OrtBackend {
                     .error_on_failure()])
                 .map_err(|e| BackendError::Unavailable(format!("no CUDA device: {e}")))?;
         }
+        // ORT sets the creating thread's flags for the process's first
+        // session; the scope undoes that, so they stay this thread's own.
+        let denormals = denormals::Scoped::start(flush);
         let session = builder
             .with_intra_threads(options.threads)
             .map_err(e)?
@@ -123,6 +139,7 @@ impl Backend for OrtBackend {
             .map_err(e)?
             .commit_from_file(model.path())
             .map_err(|err| classify(err.to_string()))?;
+        drop(denormals);
         let output_names = session
             .outputs()
             .iter()
@@ -130,6 +147,7 @@ impl Backend for OrtBackend {
             .collect();
         Ok(Box::new(OrtPrepared {
             session,
+            flush,
             inputs: Vec::new(),
             output_names,
             last: Vec::new(),
@@ -152,6 +170,9 @@ fn classify(msg: String) -> BackendError {
 
 struct OrtPrepared {
     session: Session,
+    /// `denormals: flush`: DAZ and FTZ on the calling thread during `run`
+    /// (`keep`: both off, whatever an earlier session of the process set).
+    flush: bool,
     inputs: Vec<(String, DynValue)>,
     output_names: Vec<String>,
     last: Vec<DynValue>,
@@ -190,6 +211,7 @@ impl Prepared for OrtPrepared {
     fn run(&mut self) -> Result<(), BackendError> {
         let inputs: Vec<(&str, &DynValue)> =
             self.inputs.iter().map(|(n, v)| (n.as_str(), v)).collect();
+        let _denormals = denormals::Scoped::start(self.flush);
         let outputs = self
             .session
             .run(inputs)

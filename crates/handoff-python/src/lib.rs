@@ -207,13 +207,16 @@ impl Backend for PythonOrtBackend {
     ) -> Result<Box<dyn Prepared>, BackendError> {
         handoff_backend::require_cpu(options.device)?;
         let python = interpreter().map_err(|e| BackendError::Unavailable(e.to_string()))?;
-        // The suite's ORT graph optimisation level (`backend_options.ort`),
-        // as the Rust ort backend uses it; ORT's default otherwise.
-        let optimization = options
-            .options
-            .get("optimization")
-            .and_then(|v| v.as_str())
-            .unwrap_or("all");
+        // The suite's ORT settings (`backend_options.ort`), as the Rust ort
+        // backend uses them; ORT's defaults otherwise.
+        let setting = |key: &str, default: &'static str| {
+            options
+                .options
+                .get(key)
+                .and_then(|v| v.as_str())
+                .unwrap_or(default)
+                .to_owned()
+        };
         let worker = Worker::start(
             &python,
             WORKER_PY,
@@ -221,7 +224,8 @@ impl Backend for PythonOrtBackend {
                 "cmd": "load",
                 "model": model.path(),
                 "threads": options.threads,
-                "optimization": optimization,
+                "optimization": setting("optimization", "all"),
+                "denormals": setting("denormals", "keep"),
             }),
         )?;
         Ok(Box::new(worker))
