@@ -71,6 +71,19 @@ pub fn machine_line(ctx: &RunContext<'_>) -> Option<String> {
             " Each switch from AVX to legacy-SSE instructions costs {ns:.0} ns on this CPU (probe); tract 0.23.9's x86 kernels make such switches (its AVX2 int8 kernel in every step), so tract's figures here include that cost (see docs/backends.md in handoff)."
         ));
     }
+    // Named where ORT ran: its softmax is what writes subnormals.
+    let has_ort = env
+        .get("backends")
+        .is_some_and(|b| b.get("ort").is_some() || b.get("python-onnxruntime").is_some());
+    if let Some(ns) = env
+        .get("subnormal_ns")
+        .and_then(serde_json::Value::as_f64)
+        .filter(|ns| has_ort && *ns > handoff_results::SUBNORMAL_NOTABLE_NS)
+    {
+        line.push_str(&format!(
+            " A multiply on subnormal floats costs {ns:.0} ns more than on normal ones on this CPU (probe); ORT's softmax writes subnormals where an attention mask hides positions, so padded batches on ORT include that cost unless the suite sets `backend_options: {{ort: {{denormals: flush}}}}` (see docs/backends.md in handoff)."
+        ));
+    }
     let var = |k: &str| {
         env.get("env_vars")
             .and_then(|v| v.get(k))
@@ -487,6 +500,29 @@ mod tests {
         // A build without tract has nothing that pays it.
         let slim = line_with(154.2, serde_json::json!({"ort": "1.31.1"}));
         assert!(!slim.contains("legacy-SSE"), "{slim}");
+    }
+
+    #[test]
+    fn the_machine_line_names_costly_subnormals_where_ort_ran() {
+        let line = |ns: f64, backends: serde_json::Value| {
+            let env = serde_json::json!({"cpu_model": "Intel Xeon", "logical_cores": 2,
+                "cpu_class": "x86-amx", "cpu_flags": ["avx2"], "subnormal_ns": ns,
+                "backends": backends});
+            machine_line(&RunContext {
+                env: Some(&env),
+                ..Default::default()
+            })
+            .unwrap()
+        };
+        let ort = serde_json::json!({"ort": "1.31.1"});
+        let with = line(37.4, ort.clone());
+        assert!(
+            with.ends_with(" A multiply on subnormal floats costs 37 ns more than on normal ones on this CPU (probe); ORT's softmax writes subnormals where an attention mask hides positions, so padded batches on ORT include that cost unless the suite sets `backend_options: {ort: {denormals: flush}}` (see docs/backends.md in handoff)."),
+            "{with}"
+        );
+        assert!(!line(0.8, ort).contains("subnormal"));
+        let tract_only = line(37.4, serde_json::json!({"tract": "0.23.9"}));
+        assert!(!tract_only.contains("subnormal"), "{tract_only}");
     }
 
     #[test]

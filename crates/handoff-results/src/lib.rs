@@ -50,6 +50,12 @@ pub struct MachineLoad {
 /// 150 ns on the Intel Xeon VMs this project runs on) is far above.
 pub const SSE_AFTER_AVX_NOTABLE_NS: f64 = 10.0;
 
+/// A multiply on subnormal floats costing more than this (ns) over a normal
+/// one is named in reports: a cycle or two of noise stay below it,
+/// microcode assists (about 40 ns on the Intel Xeon VMs this project runs
+/// on) are far above.
+pub const SUBNORMAL_NOTABLE_NS: f64 = 5.0;
+
 /// Everything needed to know whether two runs are comparable.
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 pub struct Fingerprint {
@@ -70,6 +76,11 @@ pub struct Fingerprint {
     /// so left out of [`Fingerprint::hash`].
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub sse_after_avx_ns: Option<f64>,
+    /// Extra ns a multiply with a subnormal operand and result costs on
+    /// this CPU (a probe; ORT's masked softmax writes subnormals). Measured,
+    /// so left out of [`Fingerprint::hash`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub subnormal_ns: Option<f64>,
     pub os: String,
     pub kernel: String,
     pub handoff_version: String,
@@ -86,6 +97,7 @@ impl Fingerprint {
     pub fn hash(&self) -> String {
         let facts = Self {
             sse_after_avx_ns: None,
+            subnormal_ns: None,
             ..self.clone()
         };
         let json = serde_json::to_vec(&facts).unwrap_or_default();

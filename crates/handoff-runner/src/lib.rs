@@ -10,6 +10,7 @@ pub mod machine;
 pub mod measure;
 pub mod rounds;
 pub mod run;
+pub mod subnormal;
 pub mod worker;
 
 // The results format lives in handoff-results; these paths stay for the

@@ -303,6 +303,7 @@ pub fn collect_fingerprint(backends: BTreeMap<String, String>) -> Fingerprint {
                 .to_owned(),
             cpu_hidden: handoff_convert::isa::Isa::hidden(),
             sse_after_avx_ns: crate::avx_sse::sse_after_avx_ns(),
+            subnormal_ns: crate::subnormal::subnormal_ns(),
             os,
             kernel: std::fs::read_to_string("/proc/sys/kernel/osrelease")
                 .map(|s| s.trim().to_owned())
@@ -383,6 +384,7 @@ mod tests {
         let a = collect_fingerprint(BTreeMap::new());
         let b = Fingerprint {
             sse_after_avx_ns: Some(a.sse_after_avx_ns.unwrap_or(0.0) + 100.0),
+            subnormal_ns: Some(a.subnormal_ns.unwrap_or(0.0) + 100.0),
             ..a.clone()
         };
         assert_eq!(a.hash(), b.hash());

@@ -133,6 +133,15 @@ pub fn list_backends(registry: &Registry) -> Result<ExitCode> {
             "  each switch from AVX to legacy-SSE code costs {ns:.0} ns on this CPU: tract's x86 kernels switch, so its timings include that (docs/backends.md)"
         )?;
     }
+    if let Some(ns) = registry
+        .get("ort")
+        .and_then(|_| handoff_runner::subnormal::subnormal_ns())
+        .filter(|ns| *ns > handoff_results::SUBNORMAL_NOTABLE_NS)
+    {
+        outln!(
+            "  a multiply on subnormal floats costs {ns:.0} ns more on this CPU: ORT's masked softmax writes them, so padded batches on ort pay it unless `denormals: flush` (docs/backends.md)"
+        )?;
+    }
     match handoff_backend::nvidia_driver() {
         Some(v) => outln!("NVIDIA driver {v}")?,
         None => outln!(
