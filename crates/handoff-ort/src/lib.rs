@@ -185,24 +185,14 @@ impl Prepared for OrtPrepared {
             .iter()
             .map(|t| {
                 let shape: Vec<i64> = t.shape.iter().map(|&d| d as i64).collect();
-                let value: DynValue = match &t.data {
-                    TensorData::F32(v) => ort::value::Tensor::from_array((shape, v.clone()))
-                        .map_err(err)?
-                        .into_dyn(),
-                    TensorData::F16(v) => ort::value::Tensor::from_array((shape, v.clone()))
-                        .map_err(err)?
-                        .into_dyn(),
-                    TensorData::I64(v) => ort::value::Tensor::from_array((shape, v.clone()))
-                        .map_err(err)?
-                        .into_dyn(),
-                    TensorData::I32(v) => ort::value::Tensor::from_array((shape, v.clone()))
-                        .map_err(err)?
-                        .into_dyn(),
-                    TensorData::Bool(v) => ort::value::Tensor::from_array((shape, v.clone()))
-                        .map_err(err)?
-                        .into_dyn(),
+                let value = match &t.data {
+                    TensorData::F32(v) => dyn_value(shape, v),
+                    TensorData::F16(v) => dyn_value(shape, v),
+                    TensorData::I64(v) => dyn_value(shape, v),
+                    TensorData::I32(v) => dyn_value(shape, v),
+                    TensorData::Bool(v) => dyn_value(shape, v),
                 };
-                Ok((t.name.clone(), value))
+                Ok((t.name.clone(), value.map_err(err)?))
             })
             .collect::<Result<_, BackendError>>()?;
         Ok(())
@@ -229,6 +219,14 @@ impl Prepared for OrtPrepared {
             .map(|(v, name)| to_tensor(name, v))
             .collect()
     }
+}
+
+/// An ORT tensor holding a copy of `v`.
+fn dyn_value<T: ort::value::PrimitiveTensorElementType + Clone + std::fmt::Debug + 'static>(
+    shape: Vec<i64>,
+    v: &[T],
+) -> Result<DynValue, ort::Error> {
+    Ok(ort::value::Tensor::from_array((shape, v.to_vec()))?.into_dyn())
 }
 
 fn to_tensor(name: &str, v: &DynValue) -> Result<Tensor, BackendError> {
