@@ -758,8 +758,7 @@ impl<'a> Runner<'a> {
                     .join("partial")
                     .join(format!("{}.json", sanitize(&case.id))),
             ),
-            backend_options: self
-                .plan
+            backend_options: model
                 .backend_options
                 .get(&case.backend)
                 .cloned()

@@ -17,7 +17,10 @@ use serde::{Deserialize, Serialize};
 
 use crate::error::{Problem, SuiteError};
 use crate::locate::Locator;
-use crate::raw::{RawDim, RawFill, RawInput, RawIsolation, RawModel, RawSuite, SyntheticKindName};
+use crate::raw::{
+    RawDim, RawFill, RawInput, RawIsolation, RawModel, RawModelBackendOptions, RawSuite,
+    SyntheticKindName,
+};
 use crate::scenario::{Scenario, ScenarioSpec, build_scenarios};
 use crate::shapes::ShapeLimits;
 use crate::text::{CALIBRATION_SENTENCES, DEFAULT_SENTENCES, Encoded, encode};
@@ -220,6 +223,9 @@ pub struct PlanModel {
     /// The ONNX Runtime library this model's `ort` cases load (the suite's
     /// `ort_library`), absolute; `None`: the provisioned one.
     pub ort_library: Option<PathBuf>,
+    /// Settings per backend for this model's cases: the suite's
+    /// `backend_options` with the model's own over them.
+    pub backend_options: BTreeMap<String, serde_json::Value>,
     /// Recorded outputs every backend is checked against (`check.expected`).
     pub expected: Option<Arc<crate::expected::Expected>>,
 }
@@ -760,26 +766,11 @@ fn build(
         ctx.err("timeout", "must be more than zero");
     }
 
-    let mut backend_options = BTreeMap::new();
-    if let Some(o) = &raw.backend_options.ort {
-        // The Python baseline runs the same ONNX Runtime: the same session
-        // options, or "Rust vs Python" would compare two configurations.
-        for name in ["ort", "python-onnxruntime"] {
-            backend_options.insert(name.to_owned(), serde_json::to_value(o).unwrap_or_default());
-        }
-    }
-    if let Some(o) = &raw.backend_options.tract {
-        backend_options.insert(
-            "tract".to_owned(),
-            serde_json::to_value(o).unwrap_or_default(),
-        );
-    }
-    if let Some(o) = &raw.backend_options.mock {
-        backend_options.insert(
-            "mock".to_owned(),
-            serde_json::to_value(o).unwrap_or_default(),
-        );
-    }
+    let backend_options = options_by_backend(
+        raw.backend_options.ort.as_ref(),
+        raw.backend_options.tract.as_ref(),
+        raw.backend_options.mock.as_ref(),
+    );
 
     let suite_scenarios = match &raw.scenarios {
         Some(r) => build_scenarios(r, "scenarios", &backends, &mut |p, m| ctx.err(p, m)),
@@ -832,6 +823,8 @@ fn build(
         }
         if let Some(model) = built {
             let mut model = model;
+            model.backend_options =
+                with_model_options(&backend_options, rm.backend_options.as_ref());
             let before = ctx.problems.len();
             model.scenarios = match &rm.scenarios {
                 Some(r) => {
@@ -954,6 +947,58 @@ fn build(
         pending: Vec::new(),
         outside: Vec::new(),
     }
+}
+
+/// Each backend's settings as JSON for the backend to read, unset fields
+/// left out.
+fn options_by_backend(
+    ort: Option<&crate::raw::OrtOptions>,
+    tract: Option<&crate::raw::TractOptions>,
+    mock: Option<&handoff_backend::mock::MockOptions>,
+) -> BTreeMap<String, serde_json::Value> {
+    fn json<T: serde::Serialize>(o: &T) -> serde_json::Value {
+        let mut v = serde_json::to_value(o).unwrap_or_default();
+        if let serde_json::Value::Object(m) = &mut v {
+            m.retain(|_, v| !v.is_null());
+        }
+        v
+    }
+    let mut out = BTreeMap::new();
+    if let Some(o) = ort {
+        // The Python baseline runs the same ONNX Runtime: the same session
+        // options, or "Rust vs Python" would compare two configurations.
+        for name in ["ort", "python-onnxruntime"] {
+            out.insert(name.to_owned(), json(o));
+        }
+    }
+    if let Some(o) = tract {
+        out.insert("tract".to_owned(), json(o));
+    }
+    if let Some(o) = mock {
+        out.insert("mock".to_owned(), json(o));
+    }
+    out
+}
+
+/// The suite's backend settings with a model's own over them, field by
+/// field (every field of theirs is optional: an unset one is left out).
+fn with_model_options(
+    suite: &BTreeMap<String, serde_json::Value>,
+    model: Option<&RawModelBackendOptions>,
+) -> BTreeMap<String, serde_json::Value> {
+    let mut out = suite.clone();
+    let own = model.map(|m| options_by_backend(m.ort.as_ref(), m.tract.as_ref(), None));
+    for (backend, own) in own.unwrap_or_default() {
+        match (out.get_mut(&backend), own) {
+            (Some(serde_json::Value::Object(base)), serde_json::Value::Object(own)) => {
+                base.extend(own);
+            }
+            (_, own) => {
+                out.insert(backend, own);
+            }
+        }
+    }
+    out
 }
 
 /// A model's `backends` must be among the suite's.
@@ -1353,6 +1398,7 @@ fn build_model(
         not_run,
         ort_library,
         expected,
+        backend_options: BTreeMap::new(),
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
         verify_conversion(&model, dir, tools.as_ref(), path, ctx);

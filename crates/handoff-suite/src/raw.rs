@@ -125,6 +125,12 @@ pub struct RawModel {
     /// the reference backend on the provisioned library.
     #[serde(default)]
     pub ort_library: Option<PathBuf>,
+    /// This model's backend settings, over the suite's `backend_options`
+    /// field by field. Two entries of one model with different settings
+    /// (`ort: {denormals: flush}` beside `keep`) compare them in one
+    /// interleaved run.
+    #[serde(default)]
+    pub backend_options: Option<RawModelBackendOptions>,
     /// Outputs the model's author recorded, to check every backend against.
     #[serde(default)]
     pub check: Option<RawModelCheck>,
@@ -347,6 +353,14 @@ pub struct RawBackendOptions {
     pub ort: Option<OrtOptions>,
     pub tract: Option<TractOptions>,
     pub mock: Option<MockOptions>,
+}
+
+/// A model's own settings of the real backends (the mock's stay suite-wide).
+#[derive(Debug, Clone, Default, Deserialize, Serialize, JsonSchema)]
+#[serde(deny_unknown_fields)]
+pub struct RawModelBackendOptions {
+    pub ort: Option<OrtOptions>,
+    pub tract: Option<TractOptions>,
 }
 
 #[derive(Debug, Clone, Default, PartialEq, Deserialize, Serialize, JsonSchema)]

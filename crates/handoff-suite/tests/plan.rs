@@ -90,6 +90,52 @@ fn defaults_are_documented_values() {
     assert_eq!(plan.case_count(), 1);
 }
 
+/// A model's own `backend_options` go over the suite's field by field and
+/// reach the Python baseline where they are ORT's; the other models keep
+/// the suite's.
+#[test]
+fn a_models_backend_options_go_over_the_suites() {
+    let dir = tempfile::tempdir().unwrap();
+    let file = dir.path().join("suite.yaml");
+    std::fs::write(
+        &file,
+        "name: opts
+models:
+  - id: keep
+    source: {synthetic: {kind: mlp, width: 8, depth: 1}}
+  - id: flush
+    source: {synthetic: {kind: mlp, width: 8, depth: 1}}
+    backend_options: {ort: {denormals: flush}}
+backends: [mock, ort]
+backend_options:
+  ort: {optimization: basic}
+",
+    )
+    .unwrap();
+    let plan = Plan::from_file(&file, &options(dir.path())).unwrap();
+    let of = |id: &str| {
+        let m = plan.models.iter().find(|m| m.id == id).unwrap();
+        serde_json::to_value(&m.backend_options).unwrap()
+    };
+    assert_eq!(
+        of("keep"),
+        serde_json::json!({
+            "ort": {"optimization": "basic"},
+            "python-onnxruntime": {"optimization": "basic"},
+        })
+    );
+    assert_eq!(
+        of("flush"),
+        serde_json::json!({
+            "ort": {"optimization": "basic", "denormals": "flush"},
+            "python-onnxruntime": {"optimization": "basic", "denormals": "flush"},
+        })
+    );
+    // Both entries feed the same inputs: one group, compared in its rounds.
+    let keys: std::collections::BTreeSet<String> = plan.cases().map(|c| c.group_key()).collect();
+    assert_eq!(keys.len(), 1, "{keys:?}");
+}
+
 #[test]
 fn typo_in_a_key_names_line_and_column() {
     insta::assert_snapshot!(errors(&format!("{BASE}thread: [2]\n")));
