@@ -1,15 +1,16 @@
 #!/usr/bin/env bash
 # What subnormal floats cost ONNX Runtime on padded batches, in one
 # interleaved run: MiniLM-L6 as the quickstart runs it (its 32 sentences
-# padded to 128 tokens, fp32 and int8-dynamic) at batch 8, listed twice:
-# `minilm-keep` with ORT's default (`denormals: keep`) on ort, tract and
-# Python onnxruntime, and `minilm-flush` with `backend_options: {ort:
-# {denormals: flush}}` on ort and Python onnxruntime. Both see the same
-# inputs, so they are one comparison group: flush against keep is a paired
-# ratio with its CI, like every other pair.
+# padded to 128 tokens, fp32 and int8-dynamic) at batch 8 on ort, tract
+# and Python onnxruntime, listed twice: `minilm-keep` with ORT's default
+# (`denormals: keep`) and `minilm-flush` with `backend_options: {ort:
+# {denormals: flush}}`. Both see the same inputs, so they are one
+# comparison group: flush against keep is a paired ratio with its CI, like
+# every other pair, and tract, which the flag does not touch, is measured
+# under both names as a control that should read no difference.
 # WITH_TORCH=1 adds PyTorch eager (python-torch, after `handoff setup
-# --torch`, about 3 GB) beside `minilm-keep`: the flag does not touch it,
-# so it shows what the flag does to the hand-off from PyTorch.
+# --torch`, about 3 GB), a second control, and the hand-off from PyTorch
+# with and without the flag.
 #
 #   [WITH_TORCH=1] scripts/eval_denormals.sh [OUT=reports/eval-denormals-<time>]
 #
@@ -47,7 +48,7 @@ name: denormals
 description: MiniLM-L6 on padded sentences, ORT with subnormals kept and flushed, in one interleaved run.
 models:
 $(model keep "$backends")
-$(model flush "ort, python-onnxruntime")
+$(model flush "$backends")
 backends: [$backends]
 threads: [1, 2]
 batch: [8]

@@ -22,9 +22,11 @@ pub enum PairKind {
     Backend,
     /// More threads against the fewest, same model and backend.
     Threads,
-    /// Another model of the group (a precision variant, a lowered copy, a
-    /// second file with the same inputs) against the group's first model,
-    /// same backend and threads.
+    /// Another model of the group against one it derives from or stands
+    /// beside, same backend and threads: a precision variant or lowered
+    /// copy against its own model (`m@int8-dynamic` against `m`); another
+    /// entry (a second file or other settings with the same inputs)
+    /// against the group's first, variant against the same variant.
     Model,
 }
 
@@ -135,18 +137,34 @@ fn pair(kind: PairKind, a: &ResultRecord, b: &ResultRecord, inner: bool) -> Opti
     ))
 }
 
+/// A model id as the entry it comes from and what was derived from it:
+/// `("m", "@int8-dynamic")`, `("m", "+lowered")`, `("m", "")`. A suffix
+/// counts only where its entry is among `models`, so an id that merely
+/// contains `@` stays whole.
+fn entry_and_form<'a>(model: &'a str, models: &[&str]) -> (&'a str, &'a str) {
+    let cut = model
+        .find('@')
+        .or_else(|| model.strip_suffix("+lowered").map(str::len));
+    match cut {
+        Some(i) if models.contains(&&model[..i]) => model.split_at(i),
+        _ => (model, ""),
+    }
+}
+
 /// The pairs of one group's records (all from one repeat): each backend
-/// against `reference`, more threads against the fewest, each other model
-/// against the group's first.
+/// against `reference`, more threads against the fewest, each variant
+/// against its own model, and each other entry against the group's first,
+/// form for form.
 pub fn group_comparisons(records: &[ResultRecord], reference: &str) -> Vec<Comparison> {
     let ok: Vec<&ResultRecord> = records
         .iter()
         .filter(|r| r.status == Status::Ok && r.rounds.is_some())
         .collect();
-    let first_model = records
+    let models: Vec<&str> = records.iter().map(|r| r.case.model.as_str()).collect();
+    let first_entry = records
         .iter()
         .min_by_key(|r| r.index)
-        .map(|r| r.case.model.as_str());
+        .map(|r| entry_and_form(&r.case.model, &models).0);
     let mut out = Vec::new();
     for b in &ok {
         let c = &b.case;
@@ -174,17 +192,91 @@ pub fn group_comparisons(records: &[ResultRecord], reference: &str) -> Vec<Compa
         {
             out.extend(pair(PairKind::Threads, a, b, false));
         }
-        if first_model.is_some_and(|m| m != c.model)
-            && let Some(a) = ok.iter().find(|a| {
-                Some(a.case.model.as_str()) == first_model
-                    && a.case.backend == c.backend
-                    && a.case.threads == c.threads
+        let (entry, form) = entry_and_form(&c.model, &models);
+        let against = |model: &str| {
+            ok.iter().find(move |a| {
+                a.case.model == model && a.case.backend == c.backend && a.case.threads == c.threads
             })
+        };
+        if !form.is_empty()
+            && let Some(a) = against(entry)
+        {
+            out.extend(pair(PairKind::Model, a, b, false));
+        }
+        if let Some(first) = first_entry
+            && first != entry
+            && let Some(a) = against(&format!("{first}{form}"))
         {
             out.extend(pair(PairKind::Model, a, b, false));
         }
     }
     out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_variant_is_split_from_its_entry_only_where_the_entry_is_there() {
+        let models = ["m", "m@int8-dynamic", "m+lowered", "n@home"];
+        assert_eq!(
+            entry_and_form("m@int8-dynamic", &models),
+            ("m", "@int8-dynamic")
+        );
+        assert_eq!(entry_and_form("m+lowered", &models), ("m", "+lowered"));
+        assert_eq!(entry_and_form("m", &models), ("m", ""));
+        assert_eq!(entry_and_form("n@home", &models), ("n@home", ""));
+    }
+
+    fn record(index: usize, model: &str, scale: f64) -> ResultRecord {
+        let medians: Vec<f64> = (0..8).map(|i| scale * (10.0 + f64::from(i % 3))).collect();
+        serde_json::from_value(serde_json::json!({
+            "schema": 1, "suite": "s", "index": index, "status": "ok", "env": "e",
+            "case": {"id": format!("{model}/ort/cpu/t1/b8"), "model": model,
+                "model_sha256": "", "model_source": "", "backend": "ort",
+                "backend_version": null, "execution": null, "device": "cpu",
+                "threads": 1, "batch": 8, "dims": {}, "scenario": "single-stream"},
+            "samples_ms": medians,
+            "rounds": {"group": "g", "order_seed": 1, "block_runs": vec![1; 8],
+                "block_medians_ms": medians},
+        }))
+        .unwrap()
+    }
+
+    /// Two entries of one model (ORT settings, say), each with an int8
+    /// variant: each variant against its own fp32, and the second entry
+    /// against the first form for form; not int8 of one against fp32 of
+    /// the other.
+    #[test]
+    fn variants_pair_with_their_own_model_and_entries_form_for_form() {
+        let records = [
+            record(0, "keep", 1.0),
+            record(1, "keep@int8", 0.5),
+            record(2, "flush", 0.8),
+            record(3, "flush@int8", 0.3),
+        ];
+        let pairs: Vec<(String, String)> = group_comparisons(&records, "ort")
+            .into_iter()
+            .filter(|c| c.kind == PairKind::Model)
+            .map(|c| {
+                (
+                    c.a.split('/').next().unwrap().to_owned(),
+                    c.b.split('/').next().unwrap().to_owned(),
+                )
+            })
+            .collect();
+        let want = [
+            ("keep", "keep@int8"),
+            ("keep", "flush"),
+            ("flush", "flush@int8"),
+            ("keep@int8", "flush@int8"),
+        ];
+        assert_eq!(
+            pairs,
+            want.map(|(a, b)| (a.to_owned(), b.to_owned())).to_vec()
+        );
+    }
 }
 
 /// Reads `comparisons.jsonl` (missing file: none; a torn last line of an
