@@ -30,7 +30,11 @@ off. Tokenisation is the same in both, and the same as `handoff serve`'s.
   python fastapi_server.py --model M.onnx --tokenizer tokenizer.json \
       --threads 1 --seq 128 [--runtime onnxruntime|torch] [--hf-dir DIR] \
       [--task embed|text-classification] \
+      [--optimization disable|basic|extended|all] [--denormals keep|flush] \
       [--host 127.0.0.1] [--port 0] [--watch-stdin]
+
+--optimization and --denormals are the suite's `backend_options.ort`, as
+the per-call Python baseline applies them (onnxruntime only).
 
 It prints `listening on http://HOST:PORT` once the model is loaded; with
 --watch-stdin it exits when its stdin closes (its parent is gone). Exit
@@ -59,7 +63,37 @@ def parse_args():
     p.add_argument("--runtime", choices=["onnxruntime", "torch"], default="onnxruntime")
     p.add_argument("--hf-dir", help="the HF directory (config.json + model.safetensors), for --runtime torch")
     p.add_argument("--task", choices=["embed", "text-classification"], default="embed")
+    p.add_argument("--optimization", choices=["disable", "basic", "extended", "all"], default="all")
+    p.add_argument("--denormals", choices=["keep", "flush"], default="keep")
     return p.parse_args()
+
+
+def flush_denormals_here():
+    """A function that sets DAZ and FTZ on the thread that calls it
+    (MXCSR |= 0x8040). ORT's session.set_denormal_as_zero sets its pool
+    threads and, once, the thread that creates the first session; FastAPI
+    runs each request on a pool thread of its own, which at one intra-op
+    thread does all the work, so each call sets it there. Python has no
+    call for MXCSR: this runs five x86-64 instructions from an executable
+    page."""
+    import ctypes
+    import mmap
+    import platform
+
+    if platform.machine() not in ("x86_64", "AMD64"):
+        raise RuntimeError(f"--denormals flush is implemented for x86_64 only, not {platform.machine()}")
+    code = bytes(
+        [0x0F, 0xAE, 0x5C, 0x24, 0xFC]  # stmxcsr [rsp-4]
+        + [0x81, 0x4C, 0x24, 0xFC, 0x40, 0x80, 0x00, 0x00]  # or dword [rsp-4], 0x8040
+        + [0x0F, 0xAE, 0x54, 0x24, 0xFC]  # ldmxcsr [rsp-4]
+        + [0x8B, 0x44, 0x24, 0xFC]  # mov eax, [rsp-4]
+        + [0xC3]  # ret
+    )
+    page = mmap.mmap(-1, len(code), prot=mmap.PROT_READ | mmap.PROT_WRITE | mmap.PROT_EXEC)
+    page.write(code)
+    set_flags = ctypes.CFUNCTYPE(ctypes.c_uint32)(ctypes.addressof(ctypes.c_char.from_buffer(page)))
+    set_flags.page = page  # mapped as long as the function lives
+    return set_flags
 
 
 def load_onnxruntime(args):
@@ -70,11 +104,27 @@ def load_onnxruntime(args):
     opts = ort.SessionOptions()
     opts.intra_op_num_threads = args.threads
     opts.inter_op_num_threads = 1
+    opts.graph_optimization_level = {
+        "disable": ort.GraphOptimizationLevel.ORT_DISABLE_ALL,
+        "basic": ort.GraphOptimizationLevel.ORT_ENABLE_BASIC,
+        "extended": ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED,
+        "all": ort.GraphOptimizationLevel.ORT_ENABLE_ALL,
+    }[args.optimization]
+    flush = None
+    if args.denormals == "flush":
+        opts.add_session_config_entry("session.set_denormal_as_zero", "1")
+        flush = flush_denormals_here()
+        flush()
+        tiny = np.float32(1e-30) * np.float32(1e-10)
+        if tiny != 0:
+            raise RuntimeError(f"--denormals flush did not take (1e-30 * 1e-10 = {tiny})")
     sess = ort.InferenceSession(args.model, opts, providers=["CPUExecutionProvider"])
     names = [i.name for i in sess.get_inputs()]
 
     def run(fields):
         feeds = {n: np.asarray(fields[n], dtype=np.int64) for n in names}
+        if flush is not None:
+            flush()
         return sess.run(None, feeds)[-1]
 
     return run

@@ -24,6 +24,7 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
          \x20 - {http: {qps: [10], peak_p99: 200ms, duration: 3s, min_queries: 30, backends: [ort, python-onnxruntime]}}\n\
          \x20 - {server: {qps: [50], duration: 1s, min_queries: 30, backends: [tract]}}\n\
          \x20 - {multi-stream: {streams: [2], duration: 300ms, backends: [tract]}}\n\
+         backend_options: {ort: {denormals: flush}}\n\
          timeout: 60s\n\
          measure: {warmup: 10ms, min_iterations: 5, min_time: 20ms, max_time: 300ms, target_ci: 0.2}\n",
     )
@@ -47,6 +48,9 @@ fn http_server_and_multi_stream_scenarios_run_and_report() {
         } else {
             assert!(server.starts_with("handoff serve"), "{server}");
         }
+        // Both servers got the suite's ORT settings (and started with them:
+        // the FastAPI service checks that flushing took).
+        assert!(server.ends_with(" (denormals: flush)"), "{server}");
         assert!(load.server_rss_mb.is_some_and(|mb| mb > 1.0));
         assert_eq!(r.samples_ms.len() as u64, load.completed);
         if r.case.id.ends_with("http@10qps") {
@@ -244,6 +248,23 @@ fn serve_refuses_a_port_in_use_and_remote_hosts() {
     let err = String::from_utf8_lossy(&out.stderr);
     assert_eq!(out.status.code(), Some(2), "{err}");
     assert!(err.contains("not a loopback address"), "{err}");
+    // Settings are checked as a suite's would be, before anything loads.
+    let out = handoff(
+        &[
+            "serve",
+            "m.onnx",
+            "--backend-options",
+            r#"{"denormal": "flush"}"#,
+        ],
+        dir.path(),
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains(r#"--backend-options {"denormal": "flush"}"#)
+            && err.contains("unknown field `denormal`"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -353,12 +374,19 @@ fn the_fastapi_service_answers_keep_alive_requests_as_fast_as_fresh_ones() {
     handoff_python::setup().expect("python baseline environment");
     let dir = tempfile::tempdir().unwrap();
     let (bert, model) = tiny_converted_bert(dir.path(), 1);
-    let mut child = handoff_python::fastapi_command(&model, &bert.join("tokenizer.json"), 1, 8, 8)
-        .unwrap()
-        .stdin(std::process::Stdio::piped())
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut child = handoff_python::fastapi_command(
+        &model,
+        &bert.join("tokenizer.json"),
+        1,
+        8,
+        8,
+        &serde_json::Value::Null,
+    )
+    .unwrap()
+    .stdin(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
     let addr = ready_address(&mut child, "listening on http://");
     let connect = || {
         let s = std::net::TcpStream::connect(&addr).unwrap();

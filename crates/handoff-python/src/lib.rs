@@ -102,22 +102,23 @@ pub const FASTAPI_SERVER: &str = "FastAPI + uvicorn (Python) + onnxruntime";
 /// The command that starts `scripts/fastapi_server.py` (the Python side of
 /// the serving comparison) on a free loopback port; it prints
 /// `listening on http://ADDR` once the model is loaded and exits when its
-/// stdin closes.
+/// stdin closes. `ort_options`: the suite's `backend_options.ort`, applied
+/// as the per-call Python baseline applies them.
 pub fn fastapi_command(
     model: &std::path::Path,
     tokenizer: &std::path::Path,
     threads: u32,
     seq: u32,
     max_batch: u32,
+    ort_options: &Value,
 ) -> Result<Command, PythonError> {
-    Ok(fastapi_in(
-        &interpreter()?,
-        model,
-        tokenizer,
-        threads,
-        seq,
-        max_batch,
-    ))
+    let mut cmd = fastapi_in(&interpreter()?, model, tokenizer, threads, seq, max_batch);
+    for key in ["optimization", "denormals"] {
+        if let Some(v) = ort_options.get(key).and_then(Value::as_str) {
+            cmd.arg(format!("--{key}")).arg(v);
+        }
+    }
+    Ok(cmd)
 }
 
 /// `scripts/fastapi_server.py` in `python`, for the runtime its

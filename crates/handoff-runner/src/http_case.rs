@@ -41,6 +41,9 @@ pub struct ServerSpec {
     pub endpoint: Endpoint,
     /// Dynamic batching wait of the server (`None`: each request alone).
     pub batch_wait: Option<Duration>,
+    /// The backend's settings for this model (`backend_options`), as the
+    /// per-call cases use them; `Null`: its defaults.
+    pub backend_options: serde_json::Value,
 }
 
 /// A server command and a description for the report.

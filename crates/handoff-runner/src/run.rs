@@ -855,6 +855,11 @@ impl<'a> Runner<'a> {
                 .load()
                 .map_or(handoff_suite::Endpoint::Embed, |l| l.endpoint),
             batch_wait: case.scenario.load().and_then(|l| l.batch_wait),
+            backend_options: model
+                .backend_options
+                .get(&case.backend)
+                .cloned()
+                .unwrap_or(serde_json::Value::Null),
         };
         Ok((spec, sentences))
     }

@@ -83,6 +83,9 @@ pub struct ServeConfig {
     /// request for more to run with it in one call (up to `max_batch`
     /// texts). Zero: every request runs alone, as it arrives.
     pub batch_wait: std::time::Duration,
+    /// The backend's settings, as a suite's `backend_options` gives them
+    /// (`{"denormals": "flush"}` for ort); `Null`: its defaults.
+    pub backend_options: serde_json::Value,
 }
 
 /// What a request may cost the server.
@@ -580,7 +583,7 @@ impl<'b> Model<'b> {
                         fill: handoff_backend::Fill::Constant(0.0),
                     })
                     .collect(),
-                options: serde_json::Value::Null,
+                options: self.config.backend_options.clone(),
             };
             let prepared = self.backend.prepare(&self.config.model, &options)?;
             self.sessions.insert(batch, prepared);

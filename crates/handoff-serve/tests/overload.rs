@@ -28,6 +28,8 @@ struct SlowSession {
 
 static CALLS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
 static SESSIONS: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
+/// The backend settings each session was prepared with.
+static OPTIONS: std::sync::Mutex<Vec<serde_json::Value>> = std::sync::Mutex::new(Vec::new());
 
 impl Backend for Slow {
     fn name(&self) -> &'static str {
@@ -44,6 +46,7 @@ impl Backend for Slow {
     }
     fn prepare(&self, _: &ModelRef, o: &PrepareOptions) -> Result<Box<dyn Prepared>, BackendError> {
         SESSIONS.fetch_add(1, std::sync::atomic::Ordering::SeqCst);
+        OPTIONS.lock().unwrap().push(o.options.clone());
         Ok(Box::new(SlowSession {
             batch: o.inputs[0].shape[0],
             tokens: Vec::new(),
@@ -143,6 +146,7 @@ fn start_with_timeout(
         addr: "127.0.0.1:0".parse().unwrap(),
         max_batch: 8,
         batch_wait,
+        backend_options: serde_json::json!({"denormals": "flush"}),
         limits: Limits {
             queue,
             body_bytes: 4096,
@@ -163,8 +167,11 @@ fn overload_is_shed_with_503_bad_input_gets_4xx_and_service_continues() {
     let dir = tempfile::tempdir().unwrap();
     let addr = start(dir.path(), 2, Duration::ZERO);
     let sessions = || SESSIONS.load(std::sync::atomic::Ordering::SeqCst);
-    // Batch sizes 1, 2, 4 and 8 (`max_batch` 8), loaded before it is ready.
+    // Batch sizes 1, 2, 4 and 8 (`max_batch` 8), loaded before it is ready,
+    // each with the backend settings the server was given.
     assert_eq!(sessions(), 4);
+    let options = OPTIONS.lock().unwrap().clone();
+    assert_eq!(options, vec![serde_json::json!({"denormals": "flush"}); 4]);
     let ok = br#"{"texts": ["a a"]}"#;
     // Sixteen clients against a 20 ms model and a queue of two.
     let answers: Vec<(u16, String, String)> = std::thread::scope(|s| {

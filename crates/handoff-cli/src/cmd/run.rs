@@ -469,6 +469,22 @@ pub fn timestamp() -> String {
 
 /// How `handoff run` starts the server of an `http` case: FastAPI for
 /// python-onnxruntime, this binary's `serve` for every other backend.
+/// A server's backend settings for its description (` (denormals: flush)`),
+/// so a report says what each side ran.
+fn settings(options: &serde_json::Value) -> String {
+    let fields: Vec<String> = options
+        .as_object()
+        .into_iter()
+        .flatten()
+        .filter_map(|(k, v)| v.as_str().map(|v| format!("{k}: {v}")))
+        .collect();
+    if fields.is_empty() {
+        String::new()
+    } else {
+        format!(" ({})", fields.join(", "))
+    }
+}
+
 fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
     let exe = std::env::current_exe().context("cannot find the handoff executable")?;
     Ok(handoff_runner::ServerLauncher(Arc::new(
@@ -522,11 +538,16 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
                     spec.threads,
                     spec.seq,
                     spec.max_batch,
+                    &spec.backend_options,
                 )
                 .map_err(|e| (handoff_runner::Status::Unavailable, e.to_string()))?;
                 return Ok(handoff_runner::Launch {
                     command: cmd,
-                    server: handoff_python::FASTAPI_SERVER.into(),
+                    server: format!(
+                        "{}{}",
+                        handoff_python::FASTAPI_SERVER,
+                        settings(&spec.backend_options)
+                    ),
                 });
             }
             let mut cmd = std::process::Command::new(&exe);
@@ -546,7 +567,19 @@ fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
             if let Some(d) = &spec.hf_dir {
                 cmd.arg("--hf-dir").arg(d);
             }
-            let mut server = format!("handoff serve (Rust, axum) + {}", spec.backend);
+            if spec
+                .backend_options
+                .as_object()
+                .is_some_and(|o| !o.is_empty())
+            {
+                cmd.arg("--backend-options")
+                    .arg(spec.backend_options.to_string());
+            }
+            let mut server = format!(
+                "handoff serve (Rust, axum) + {}{}",
+                spec.backend,
+                settings(&spec.backend_options)
+            );
             if let Some(w) = spec.batch_wait {
                 let ms = w.as_secs_f64() * 1e3;
                 cmd.args(["--batch-wait-ms", &ms.to_string()]);

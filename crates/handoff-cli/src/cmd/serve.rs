@@ -63,6 +63,10 @@ pub struct ServeCmd {
     /// --max-batch texts). 0: each request runs alone.
     #[arg(long, default_value_t = 0.0)]
     pub batch_wait_ms: f64,
+    /// The backend's settings as JSON, the fields of a suite's
+    /// `backend_options` for it (ort: `{"denormals": "flush"}`).
+    #[arg(long, value_name = "JSON")]
+    pub backend_options: Option<String>,
     /// Address to listen on. Only loopback is allowed unless
     /// --allow-remote: this is a benchmark server, not a hardened one.
     #[arg(long, default_value = "127.0.0.1")]
@@ -75,6 +79,25 @@ pub struct ServeCmd {
     /// Exit when stdin closes (how `handoff run` stops its servers).
     #[arg(long, hide = true)]
     pub watch_stdin: bool,
+}
+
+/// `--backend-options`, checked as a suite's `backend_options` entry for
+/// the backend is (unknown fields and values are errors).
+#[cfg(feature = "serve")]
+fn backend_options(backend: &str, text: &str) -> Result<serde_json::Value> {
+    use handoff_suite::raw::{OrtOptions, TractOptions};
+    let value: serde_json::Value = serde_json::from_str(text)?;
+    anyhow::ensure!(value.is_object(), "not a JSON object");
+    match backend {
+        "ort" => {
+            serde_json::from_value::<OrtOptions>(value.clone())?;
+        }
+        "tract" => {
+            serde_json::from_value::<TractOptions>(value.clone())?;
+        }
+        _ => {}
+    }
+    Ok(value)
 }
 
 /// Exit codes of `handoff serve` that `handoff run` reads as a cell status.
@@ -122,6 +145,11 @@ fn serve(registry: &Registry, a: ServeCmd) -> Result<ExitCode> {
         );
     }
     let device = handoff_backend::Device::from(a.device);
+    let backend_options = match &a.backend_options {
+        None => serde_json::Value::Null,
+        Some(text) => backend_options(&a.backend, text)
+            .with_context(|| format!("--backend-options {text}"))?,
+    };
     let backend = registry.get(&a.backend).with_context(|| {
         format!(
             "unknown backend `{}` (known: {})",
@@ -161,6 +189,7 @@ fn serve(registry: &Registry, a: ServeCmd) -> Result<ExitCode> {
         limits,
         batch_wait: std::time::Duration::try_from_secs_f64(a.batch_wait_ms / 1e3)
             .context("--batch-wait-ms must be a duration of 0 or more")?,
+        backend_options,
     };
     // Before loading: a port in use fails in a millisecond, not after.
     let listener = handoff_serve::bind(addr)?;
