@@ -213,6 +213,41 @@ pub fn group_comparisons(records: &[ResultRecord], reference: &str) -> Vec<Compa
     out
 }
 
+/// Reads `comparisons.jsonl` (missing file: none; a torn last line of an
+/// interrupted run is skipped).
+pub fn read_comparisons(path: &Path) -> Vec<Comparison> {
+    let Ok(file) = std::fs::File::open(path) else {
+        return Vec::new();
+    };
+    std::io::BufReader::new(file)
+        .lines()
+        .map_while(Result::ok)
+        .filter_map(|l| serde_json::from_str(&l).ok())
+        .collect()
+}
+
+/// The comparison of `b` against `a` on `metric`, if one was measured.
+pub fn find<'c>(all: &'c [Comparison], a: &str, b: &str, metric: &str) -> Option<&'c Comparison> {
+    all.iter()
+        .find(|c| c.a == a && c.b == b && c.metric == metric)
+}
+
+/// "1.23x [1.20, 1.26]" style text, or "no measurable difference (+-2.1%)".
+pub fn describe(c: &Comparison) -> String {
+    match c.verdict {
+        Verdict::NoMeasurableDifference => {
+            format!("no measurable difference (±{:.1}%)", 100.0 * c.half_width())
+        }
+        v => format!(
+            "{:.3}x [{:.3}, {:.3}] {}",
+            c.ratio,
+            c.ci95[0],
+            c.ci95[1],
+            v.as_str()
+        ),
+    }
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -276,40 +311,5 @@ mod tests {
             pairs,
             want.map(|(a, b)| (a.to_owned(), b.to_owned())).to_vec()
         );
-    }
-}
-
-/// Reads `comparisons.jsonl` (missing file: none; a torn last line of an
-/// interrupted run is skipped).
-pub fn read_comparisons(path: &Path) -> Vec<Comparison> {
-    let Ok(file) = std::fs::File::open(path) else {
-        return Vec::new();
-    };
-    std::io::BufReader::new(file)
-        .lines()
-        .map_while(Result::ok)
-        .filter_map(|l| serde_json::from_str(&l).ok())
-        .collect()
-}
-
-/// The comparison of `b` against `a` on `metric`, if one was measured.
-pub fn find<'c>(all: &'c [Comparison], a: &str, b: &str, metric: &str) -> Option<&'c Comparison> {
-    all.iter()
-        .find(|c| c.a == a && c.b == b && c.metric == metric)
-}
-
-/// "1.23x [1.20, 1.26]" style text, or "no measurable difference (+-2.1%)".
-pub fn describe(c: &Comparison) -> String {
-    match c.verdict {
-        Verdict::NoMeasurableDifference => {
-            format!("no measurable difference (±{:.1}%)", 100.0 * c.half_width())
-        }
-        v => format!(
-            "{:.3}x [{:.3}, {:.3}] {}",
-            c.ratio,
-            c.ci95[0],
-            c.ci95[1],
-            v.as_str()
-        ),
     }
 }
