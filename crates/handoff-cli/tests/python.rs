@@ -170,8 +170,9 @@ fn half_inputs_and_half_and_double_outputs_are_checked_on_every_backend() {
 }
 
 /// `denormals: flush` zeroes subnormal results in Rust ort and in the
-/// Python baseline alike, at one thread too, where ORT's own setting (pool
-/// threads only) changes nothing; `keep` leaves them, as ORT does.
+/// Python baseline alike, at one thread too, where ORT's own setting
+/// reaches the caller only for a process's first session; `keep` leaves
+/// them, as ORT does.
 #[test]
 fn flushed_denormals_are_zero_on_the_calling_thread_in_rust_and_python() {
     use handoff_backend::{

@@ -758,11 +758,7 @@ impl<'a> Runner<'a> {
                     .join("partial")
                     .join(format!("{}.json", sanitize(&case.id))),
             ),
-            backend_options: model
-                .backend_options
-                .get(&case.backend)
-                .cloned()
-                .unwrap_or(serde_json::Value::Null),
+            backend_options: model.options_for(&case.backend),
             env: match (&model.ort_library, &mode) {
                 (Some(lib), JobMode::Measure { .. }) if case.backend == "ort" => {
                     [("ORT_DYLIB_PATH".to_owned(), lib.display().to_string())].into()
@@ -855,11 +851,7 @@ impl<'a> Runner<'a> {
                 .load()
                 .map_or(handoff_suite::Endpoint::Embed, |l| l.endpoint),
             batch_wait: case.scenario.load().and_then(|l| l.batch_wait),
-            backend_options: model
-                .backend_options
-                .get(&case.backend)
-                .cloned()
-                .unwrap_or(serde_json::Value::Null),
+            backend_options: model.options_for(&case.backend),
         };
         Ok((spec, sentences))
     }

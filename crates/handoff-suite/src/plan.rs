@@ -291,8 +291,6 @@ pub struct Plan {
     pub memory_limit_mb: Option<u64>,
     pub suite_timeout: Option<Duration>,
     pub seed: u64,
-    /// Validated options per backend, as JSON for the backend to read.
-    pub backend_options: BTreeMap<String, serde_json::Value>,
     /// What preparing the plan would still make, one line each (a line
     /// says when the cases of what it makes cannot be listed until then).
     /// Empty for a plan built with [`Preparation::Build`].
@@ -541,6 +539,15 @@ impl Plan {
 }
 
 impl PlanModel {
+    /// This model's settings for `backend`, as JSON for it to read (`Null`:
+    /// its defaults).
+    pub fn options_for(&self, backend: &str) -> serde_json::Value {
+        self.backend_options
+            .get(backend)
+            .cloned()
+            .unwrap_or(serde_json::Value::Null)
+    }
+
     /// The model's inputs at a batch size and dims.
     pub fn concrete_inputs(&self, batch: u32, dims: &BTreeMap<String, u32>) -> Vec<TensorSpec> {
         self.inputs
@@ -943,7 +950,6 @@ fn build(
         memory_limit_mb: raw.memory_limit_mb,
         suite_timeout: raw.suite_timeout.map(|d| d.0),
         seed: raw.seed.unwrap_or(42),
-        backend_options,
         pending: Vec::new(),
         outside: Vec::new(),
     }

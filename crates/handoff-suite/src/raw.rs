@@ -389,8 +389,8 @@ pub struct OrtOptions {
     /// Subnormal floats: `keep` (default, ORT's) or `flush`: read and
     /// written as zero (DAZ + FTZ) on every thread that runs the session,
     /// the calling thread included. ORT's own `session.set_denormal_as_zero`
-    /// sets only its pool threads, and at one thread the caller does all
-    /// the work. A masked softmax writes subnormals (ORT's exp never
+    /// sets its pool threads and, once per process, the thread that creates
+    /// the first session; at one thread the caller does all the work. A masked softmax writes subnormals (ORT's exp never
     /// returns 0), which cost hundreds of cycles each on some x86 CPUs.
     /// x86_64 only.
     pub denormals: Option<OrtDenormals>,

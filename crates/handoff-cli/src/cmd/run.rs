@@ -467,8 +467,6 @@ pub fn timestamp() -> String {
     )
 }
 
-/// How `handoff run` starts the server of an `http` case: FastAPI for
-/// python-onnxruntime, this binary's `serve` for every other backend.
 /// A server's backend settings for its description (` (denormals: flush)`),
 /// so a report says what each side ran.
 fn settings(options: &serde_json::Value) -> String {
@@ -485,6 +483,8 @@ fn settings(options: &serde_json::Value) -> String {
     }
 }
 
+/// How `handoff run` starts the server of an `http` case: FastAPI for
+/// python-onnxruntime, this binary's `serve` for every other backend.
 fn server_launcher() -> Result<handoff_runner::ServerLauncher> {
     let exe = std::env::current_exe().context("cannot find the handoff executable")?;
     Ok(handoff_runner::ServerLauncher(Arc::new(
