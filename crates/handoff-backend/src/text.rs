@@ -35,6 +35,9 @@ pub fn set_fixed_length(tok: &mut Tokenizer, seq: usize) -> Result<(), TextError
 /// Loads a tokenizer.json and fixes its length to `seq`. The error says
 /// what is wrong, not which file (the caller knows how to name it).
 pub fn load_fixed_length(path: &Path, seq: usize) -> Result<Tokenizer, TextError> {
+    if let Some(p) = handoff_onnx::lfs::LfsPointer::at(path) {
+        return Err(TextError::NotATokenizer(format!("it is {p}")));
+    }
     let mut tok =
         Tokenizer::from_file(path).map_err(|e| TextError::NotATokenizer(e.to_string()))?;
     set_fixed_length(&mut tok, seq)?;

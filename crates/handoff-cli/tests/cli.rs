@@ -988,6 +988,24 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
         String::from_utf8_lossy(&o.stderr)
     );
     assert!(String::from_utf8_lossy(&o.stderr).contains("missing.onnx"));
+    // A head that is a Git LFS pointer (`git show` of a model in LFS) is
+    // named as one, at the model's entry in the user's suite and with its
+    // flag.
+    std::fs::write(
+        d.join("pointer.onnx"),
+        "version https://git-lfs.github.com/spec/v1\n\
+         oid sha256:4d7a214614ab2935c943f9e0ff69d22eadbb8f32b1258daaa5e2ca24d17e2393\n\
+         size 90312345\n",
+    )
+    .unwrap();
+    let o = ab("small.onnx", "pointer.onnx", "pointer");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("suite.yaml:4:5: models[0].source: --head: ")
+            && err.contains("pointer.onnx is a Git LFS pointer (object sha256:4d7a2146…, 90.3 MB)"),
+        "{err}"
+    );
 }
 
 /// `handoff ab --base-ort/--head-ort`: the same model on two ONNX Runtime

@@ -12,6 +12,7 @@ use std::path::{Path, PathBuf};
 
 use handoff_onnx::builder::{D, GraphBuilder, attr_float, attr_int, attr_ints, write_model};
 use handoff_onnx::inspect::{ElemType, sha256_hex};
+use handoff_onnx::lfs::LfsPointer;
 use handoff_onnx::proto::ModelProto;
 use serde::Deserialize;
 
@@ -124,6 +125,12 @@ impl BertConfig {
             path: path.to_owned(),
             detail: e.to_string(),
         })?;
+        if let Some(p) = LfsPointer::parse(text.as_bytes()) {
+            return Err(ConvertError::Read {
+                path: path.to_owned(),
+                detail: format!("it is {p}"),
+            });
+        }
         Self::parse(path, &text)
     }
 
@@ -423,6 +430,12 @@ pub fn build(src: &HfDir) -> Result<(ModelProto, BertConfig), ConvertError> {
         path: src.safetensors.clone(),
         detail: e.to_string(),
     })?;
+    if let Some(p) = LfsPointer::parse(&bytes) {
+        return Err(ConvertError::Read {
+            path: src.safetensors.clone(),
+            detail: format!("it is {p}"),
+        });
+    }
     let st = safetensors::SafeTensors::deserialize(&bytes).map_err(|e| ConvertError::Read {
         path: src.safetensors.clone(),
         detail: format!("not a safetensors file: {e}"),
@@ -1031,6 +1044,23 @@ mod tests {
             .to_string();
         assert!(
             err.contains("tensor `encoder.layer.1.attention.self.query.weight` is missing"),
+            "{err}"
+        );
+        assert!(!out.exists());
+        // Weights left in Git LFS (a checkout without the objects).
+        std::fs::write(dir.path().join("config.json"), &cfg).unwrap();
+        std::fs::write(
+            dir.path().join("model.safetensors"),
+            "version https://git-lfs.github.com/spec/v1\noid sha256:53aa51172d142c89\nsize 90868376\n",
+        )
+        .unwrap();
+        let err = convert(&HfDir::new(dir.path()), &out)
+            .unwrap_err()
+            .to_string();
+        assert!(
+            err.contains(
+                "model.safetensors: it is a Git LFS pointer (object sha256:53aa5117…, 90.9 MB)"
+            ),
             "{err}"
         );
         assert!(!out.exists());

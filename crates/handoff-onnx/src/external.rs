@@ -137,13 +137,15 @@ pub fn file_sha256(path: &Path) -> Result<String, OnnxError> {
 }
 
 fn read_data_file(path: &Path, dir: &Path, file: &str, first: &str) -> Result<Vec<u8>, OnnxError> {
-    std::fs::read(dir.join(file)).map_err(|e| OnnxError::Invalid {
+    let data = std::fs::read(dir.join(file)).map_err(|e| OnnxError::Invalid {
         path: path.to_owned(),
         detail: format!(
             "cannot read external data file {} (weights of initializer `{first}` and maybe others): {e}",
             dir.join(file).display()
         ),
-    })
+    })?;
+    crate::inspect::not_a_pointer(&dir.join(file), &data)?;
+    Ok(data)
 }
 
 /// Reads a model with every external tensor's bytes moved into

@@ -20,6 +20,11 @@ pub enum OnnxError {
     },
     #[error("{path} is not a valid ONNX model (protobuf decode failed: {detail})")]
     Decode { path: PathBuf, detail: String },
+    #[error("{path} is {pointer}")]
+    LfsPointer {
+        path: PathBuf,
+        pointer: crate::lfs::LfsPointer,
+    },
     #[error("{path} is not a valid ONNX model: {detail}")]
     Invalid { path: PathBuf, detail: String },
     #[error("cannot write model {path}: {source}")]
@@ -228,6 +233,7 @@ impl ModelInfo {
 }
 
 pub fn decode(path: &Path, bytes: &[u8]) -> Result<ModelProto, OnnxError> {
+    not_a_pointer(path, bytes)?;
     ModelProto::decode(bytes).map_err(|e| OnnxError::Decode {
         path: path.to_owned(),
         detail: e.to_string(),
@@ -242,6 +248,17 @@ pub fn read_model(path: &Path) -> Result<ModelProto, OnnxError> {
     decode(path, &bytes)
 }
 
+/// An error naming `path` if `bytes` are a Git LFS pointer.
+pub fn not_a_pointer(path: &Path, bytes: &[u8]) -> Result<(), OnnxError> {
+    match crate::lfs::LfsPointer::parse(bytes) {
+        Some(pointer) => Err(OnnxError::LfsPointer {
+            path: path.to_owned(),
+            pointer,
+        }),
+        None => Ok(()),
+    }
+}
+
 /// A serialised `TensorProto`, as in the ONNX test-data layout
 /// (`test_data_set_N/input_K.pb`), checked like an initializer.
 pub fn read_tensor(path: &Path) -> Result<TensorProto, OnnxError> {
@@ -253,6 +270,7 @@ pub fn read_tensor(path: &Path) -> Result<TensorProto, OnnxError> {
         path: path.to_owned(),
         detail,
     };
+    not_a_pointer(path, &bytes)?;
     let t = TensorProto::decode(bytes.as_slice()).map_err(|e| OnnxError::Decode {
         path: path.to_owned(),
         detail: e.to_string(),

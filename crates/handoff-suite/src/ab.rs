@@ -8,6 +8,9 @@ use std::path::Path;
 
 use serde_yaml_ng::Value;
 
+use crate::error::Problem;
+use crate::locate::Locator;
+
 /// The id the base file gets.
 pub fn base_id(id: &str) -> String {
     format!("{id}.base")
@@ -78,6 +81,78 @@ pub fn ab_suite(text: &str, id: &str, base: Side<'_>, head: Side<'_>) -> Result<
     serde_yaml_ng::to_string(&doc).map_err(|e| AbError::Yaml(e.to_string()))
 }
 
+/// `problems` found in the A/B suite that [`ab_suite`] made from `text`,
+/// told against `text` itself: the A/B suite is YAML written anew (no
+/// comments, other lines), so its positions and `models[0]`/`models[1]`
+/// mean nothing in the user's file. A problem of one side points at model
+/// `id`'s entry and says which side (and flag) it comes from; one that
+/// both sides share is said once.
+pub fn relocate(
+    text: &str,
+    id: &str,
+    problems: Vec<Problem>,
+    base: Side<'_>,
+    head: Side<'_>,
+) -> Vec<Problem> {
+    let index = serde_yaml_ng::from_str::<Value>(text).ok().and_then(|doc| {
+        doc.get("models")?
+            .as_sequence()?
+            .iter()
+            .position(|m| m.get("id").and_then(Value::as_str) == Some(id))
+    });
+    let locator = Locator::new(text);
+    let split = |p: &Problem| -> Option<(usize, String)> {
+        ["models[0]", "models[1]"]
+            .iter()
+            .position(|prefix| p.path.starts_with(prefix))
+            .map(|side| (side, p.path["models[0]".len()..].to_owned()))
+    };
+    let mut out: Vec<Problem> = Vec::new();
+    for (i, p) in problems.iter().enumerate() {
+        let (path, message) = match (split(p), index) {
+            (Some((side, rest)), Some(k)) => {
+                let shared = problems.iter().enumerate().any(|(j, q)| {
+                    j != i
+                        && q.message == p.message
+                        && split(q).is_some_and(|(s, r)| s != side && r == rest)
+                });
+                if shared && side == 1 {
+                    continue;
+                }
+                let path = format!("models[{k}]{rest}");
+                let message = if shared {
+                    p.message.clone()
+                } else {
+                    let (name, flags, sd) = if side == 0 {
+                        ("base", ["--base", "--base-ort"], base)
+                    } else {
+                        ("head", ["--head", "--head-ort"], head)
+                    };
+                    let label = if rest.starts_with(".source") && sd.file.is_some() {
+                        flags[0].to_owned()
+                    } else if rest.starts_with(".ort_library") && sd.ort_library.is_some() {
+                        flags[1].to_owned()
+                    } else {
+                        format!("the A/B {name}")
+                    };
+                    format!("{label}: {}", p.message)
+                };
+                (path, message)
+            }
+            _ => (p.path.clone(), p.message.clone()),
+        };
+        let loc = locator.find(&path);
+        out.push(Problem {
+            file: p.file.clone(),
+            line: loc.map(|l| l.line),
+            column: loc.map(|l| l.column),
+            path,
+            message,
+        });
+    }
+    out
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -123,6 +198,42 @@ backends: [ort]
         assert_eq!(models[1]["source"]["onnx"], "m.onnx");
         assert_eq!(models[0]["ort_library"], "old/libonnxruntime.so");
         assert_eq!(models[1]["ort_library"], "/new/lib.so");
+    }
+
+    #[test]
+    fn problems_point_at_the_users_entry_and_say_their_side() {
+        let file = |p: &'static str| Side {
+            file: Some(Path::new(p)),
+            ort_library: None,
+        };
+        let problem = |path: &str, message: &str| Problem {
+            file: "s.yaml".into(),
+            line: Some(99),
+            column: Some(9),
+            path: path.into(),
+            message: message.into(),
+        };
+        let found = relocate(
+            SUITE,
+            "m",
+            vec![
+                problem("models[1].source", "h.onnx is a Git LFS pointer"),
+                problem("models[0].variants[1]", "no such variant"),
+                problem("models[1].variants[1]", "no such variant"),
+                problem("backends[0]", "unknown backend"),
+            ],
+            Side::default(),
+            file("h.onnx"),
+        );
+        let said: Vec<String> = found.iter().map(ToString::to_string).collect();
+        assert_eq!(
+            said,
+            [
+                "s.yaml:6:5: models[1].source: --head: h.onnx is a Git LFS pointer",
+                "s.yaml:7:22: models[1].variants[1]: no such variant",
+                "s.yaml:8:12: backends[0]: unknown backend",
+            ]
+        );
     }
 
     #[test]

@@ -103,6 +103,9 @@ pub fn encode(
     sentences: &[String],
     seqs: &[u32],
 ) -> Result<BTreeMap<u32, Encoded>, String> {
+    if let Some(p) = handoff_onnx::lfs::LfsPointer::at(tokenizer) {
+        return Err(format!("{} is {p}", tokenizer.display()));
+    }
     let mut tok = Tokenizer::from_file(tokenizer)
         .map_err(|e| format!("{}: not a tokenizer.json: {e}", tokenizer.display()))?;
     let mut out = BTreeMap::new();

@@ -6,7 +6,7 @@ use std::sync::Arc;
 
 use anyhow::{Context, Result};
 use handoff_backend::Registry;
-use handoff_suite::Plan;
+use handoff_suite::{Plan, SuiteError};
 
 use crate::backends::plan_options;
 use crate::cmd::run::{RunArgs, run_plan, timestamp};
@@ -235,9 +235,7 @@ impl AbCmd {
         let here = |p: Option<PathBuf>| p.map(std::path::absolute).transpose();
         let (base, head, base_ort, head_ort) =
             (here(base)?, here(head)?, here(base_ort)?, here(head_ort)?);
-        let ab = handoff_suite::ab::ab_suite(
-            &text,
-            &model,
+        let sides = (
             handoff_suite::ab::Side {
                 file: base.as_deref(),
                 ort_library: base_ort.as_deref(),
@@ -246,14 +244,21 @@ impl AbCmd {
                 file: head.as_deref(),
                 ort_library: head_ort.as_deref(),
             },
-        )
-        .with_context(|| format!("{}", suite.display()))?;
+        );
+        let ab = handoff_suite::ab::ab_suite(&text, &model, sides.0, sides.1)
+            .with_context(|| format!("{}", suite.display()))?;
         // Relative paths in the suite still resolve from its directory.
         let plan = Plan::from_str(
             &suite,
             &ab,
             &plan_options(registry, handoff_suite::Preparation::Build),
-        )?;
+        )
+        .map_err(|e| match e {
+            SuiteError::Invalid(problems) => SuiteError::Invalid(handoff_suite::ab::relocate(
+                &text, &model, problems, sides.0, sides.1,
+            )),
+            other => other,
+        })?;
         let out = out.unwrap_or_else(|| {
             PathBuf::from("reports").join(format!("ab-{model}-{}", timestamp()))
         });
