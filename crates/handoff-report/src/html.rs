@@ -41,10 +41,10 @@ window.addEventListener('load',function(){var im=document.images,n=0;for(var i=0
 document.body.setAttribute('data-images-loaded',n+'/'+im.length);});";
 
 /// `backend t2 b8 seq=128`: a case in the chart and the recommendation.
-fn label(r: &ResultRecord) -> String {
+fn label(r: &ResultRecord, section: &str) -> String {
     format!(
         "{} t{} b{} {}",
-        crate::backend_label(r),
+        crate::summary::row_label(r, section),
         r.case.threads,
         r.case.batch,
         crate::dim_items(r).join(",")
@@ -52,7 +52,7 @@ fn label(r: &ResultRecord) -> String {
 }
 
 /// A horizontal bar chart of p50 (with the p99 tick) for the ok cases.
-fn chart(rows: &[&ResultRecord]) -> String {
+fn chart(rows: &[&ResultRecord], section: &str) -> String {
     let ok: Vec<&&ResultRecord> = rows
         .iter()
         .filter(|r| r.status == Status::Ok && r.latency_ms.is_some())
@@ -80,7 +80,7 @@ fn chart(rows: &[&ResultRecord]) -> String {
              <line x1='{:.1}' x2='{:.1}' y1='{y}' y2='{}' stroke='#b91c1c' stroke-width='2'/><text x='{:.1}' y='{}'>{:.3}</text>",
             lw - 6.0,
             y + 12.0,
-            esc(&label(r)),
+            esc(&label(r, section)),
             l.p50 * scale,
             l.p50,
             l.p99,
@@ -158,6 +158,7 @@ struct ModelView {
     random: bool,
     /// Passing batch-1 cases the recommendation does not rest on.
     passed_over: usize,
+    lowered_note: Option<String>,
     latency: Option<Rec>,
     throughput: Option<Rec>,
     /// Inline SVG built with [`esc`], marked safe.
@@ -225,7 +226,11 @@ pub fn report_html(
     let (steady, loaded) = crate::split_scenarios(records);
     let models: Vec<ModelView> = crate::model_summaries(&steady)
         .iter()
-        .map(|m| model_view(m, b64(m.id)))
+        .map(|m| {
+            let mut images = b64(m.id);
+            images.extend(m.lowered.map(b64).unwrap_or_default());
+            model_view(m, images)
+        })
         .collect();
     let mut tables = Vec::new();
     let mut table = |title: &str, note: String, images: Vec<String>, t: Option<crate::Table>| {
@@ -375,11 +380,11 @@ fn model_view(m: &crate::ModelSummary<'_>, images: Vec<String>) -> ModelView {
         })
     };
     let latency = m.lowest_p99.as_ref().map(|p| Rec {
-        label: label(p.case),
+        label: label(p.case, m.id),
         text: format!("p99 {} ms at batch 1{}", fmt_ms(p99(p.case)), python_p99(p)),
     });
     let throughput = m.highest_throughput.as_ref().map(|p| Rec {
-        label: label(p.case),
+        label: label(p.case, m.id),
         text: format!(
             "{} items/s{}",
             fmt_rate(p.case.throughput_items_s.unwrap_or(0.0)),
@@ -393,15 +398,16 @@ fn model_view(m: &crate::ModelSummary<'_>, images: Vec<String>) -> ModelView {
         sha: first.map(|r| r.case.model_sha256[..16.min(r.case.model_sha256.len())].to_owned()),
         random: m.random_source.is_some(),
         passed_over: m.passed_over,
+        lowered_note: m.lowered.map(|l| crate::lowered_note(l, false)),
         latency,
         throughput,
-        chart: minijinja::Value::from_safe_string(chart(&m.rows)),
+        chart: minijinja::Value::from_safe_string(chart(&m.rows, m.id)),
         images,
-        rows: m.rows.iter().map(|r| table_row(r)).collect(),
+        rows: m.rows.iter().map(|r| table_row(r, m.id)).collect(),
     }
 }
 
-fn table_row(r: &ResultRecord) -> Vec<Cell> {
+fn table_row(r: &ResultRecord, section: &str) -> Vec<Cell> {
     let text = |t: String, class: &str| Cell {
         text: t,
         raw: None,
@@ -409,7 +415,7 @@ fn table_row(r: &ResultRecord) -> Vec<Cell> {
     };
     let l = r.latency_ms.as_ref();
     let dims = crate::dim_items(r);
-    let backend = crate::backend_label(r);
+    let backend = crate::summary::row_label(r, section);
     let mut cells = vec![
         text(backend, "l"),
         text(r.case.device.to_string(), "l"),

@@ -338,6 +338,15 @@ fn short(text: &str, max: usize) -> String {
     }
 }
 
+/// What a section that folds in a lowered copy says of its rows
+/// (`markdown`: with its emphasis; else plain text).
+pub(crate) fn lowered_note(lowered: &str, markdown: bool) -> String {
+    let (em, code) = if markdown { ("*", "`") } else { ("", "") };
+    format!(
+        "Rows marked {em}lowered copy{em} ran {code}{lowered}{code}: this model with the ops those backends lack rewritten into simpler ones, checked against ONNX Runtime on the original, and measured in the same rounds as the rest."
+    )
+}
+
 /// One model's section of summary.md.
 fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
     let _ = writeln!(out, "## {}\n", escape_md(m.id));
@@ -355,6 +364,10 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
             m.passed_over
         );
     }
+    if let Some(lowered) = m.lowered {
+        let _ = writeln!(out, "{}\n", lowered_note(&escape_md(lowered), true));
+    }
+    let label = |r: &ResultRecord| escape_md(&summary::row_label(r, m.id));
     if let Some(pick) = &m.lowest_p99 {
         let best = pick.case;
         // The runner-up on another backend, measured in the same rounds:
@@ -362,7 +375,7 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
         let versus = pick.runner_up.as_ref().map_or(String::new(), |(r, x)| {
             format!(
                 " Next best, {} at {} thread(s), p50 vs this: {}.",
-                escape_md(&backend_label(r)),
+                label(r),
                 r.case.threads,
                 paired::ratio_text(x)
             )
@@ -370,7 +383,7 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
         let _ = writeln!(
             out,
             "Lowest p99 at batch 1: **{}**, {} thread(s): p99 {} ms, p50 {} ms.{versus}\n",
-            escape_md(&backend_label(best)),
+            label(best),
             best.case.threads,
             fmt_ms(p99(best)),
             fmt_ms(best.latency_ms.as_ref().map_or(f64::NAN, |l| l.p50))
@@ -381,7 +394,7 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
         let _ = writeln!(
             out,
             "Highest throughput: **{}**, {} thread(s), batch {}: {} items/s.\n",
-            escape_md(&backend_label(best)),
+            label(best),
             best.case.threads,
             best.case.batch,
             best.throughput_items_s.map_or("-".into(), fmt_rate)
@@ -395,7 +408,7 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
         let _ = writeln!(
             out,
             "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
-            escape_md(&row.backend),
+            label(r),
             row.threads,
             row.batch,
             escape_md(&row.dims),

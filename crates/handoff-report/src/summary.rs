@@ -13,7 +13,11 @@ use crate::paired;
 #[derive(Debug)]
 pub struct ModelSummary<'a> {
     pub id: &'a str,
-    /// Its one-query-at-a-time cases, in result order.
+    /// Its lowered copy (`id+lowered`), when one ran: the model as the
+    /// backends that lack one of its ops run it, so its rows belong here.
+    pub lowered: Option<&'a str>,
+    /// Its one-query-at-a-time cases, in result order; the lowered copy's
+    /// after the model's own.
     pub rows: Vec<&'a ResultRecord>,
     /// The source of a seeded random-weights stand-in: every view of its
     /// numbers says so.
@@ -47,15 +51,53 @@ pub fn p99(r: &ResultRecord) -> f64 {
 
 /// The summaries of every model in `records` (one-query-at-a-time rows
 /// only; see [`crate::split_scenarios`]), in order of first appearance.
+/// A lowered copy of a model in the run gets no section of its own.
 pub fn model_summaries(records: &[ResultRecord]) -> Vec<ModelSummary<'_>> {
-    crate::models(records)
-        .into_iter()
-        .map(|m| model_summary(m, records))
+    let ids = crate::models(records);
+    ids.iter()
+        .filter(|id| lowered_from(id, &ids).is_none())
+        .map(|&m| {
+            let lowered = ids
+                .iter()
+                .copied()
+                .find(|l| lowered_from(l, &ids) == Some(m));
+            model_summary(m, lowered, records)
+        })
         .collect()
 }
 
-fn model_summary<'a>(id: &'a str, records: &'a [ResultRecord]) -> ModelSummary<'a> {
-    let rows: Vec<&ResultRecord> = records.iter().filter(|r| r.case.model == id).collect();
+/// The model `id` is the lowered copy of, where that model is in `ids`.
+fn lowered_from<'a>(id: &'a str, ids: &[&str]) -> Option<&'a str> {
+    id.strip_suffix("+lowered").filter(|m| ids.contains(m))
+}
+
+/// A row's backend as its model's section names it: the lowered copy's
+/// rows say so.
+pub fn row_label(r: &ResultRecord, section: &str) -> String {
+    let label = crate::backend_label(r);
+    if r.case.model == section {
+        label
+    } else if let Some(inner) = label.strip_suffix(')') {
+        format!("{inner}, lowered copy)")
+    } else {
+        format!("{label} (lowered copy)")
+    }
+}
+
+fn model_summary<'a>(
+    id: &'a str,
+    lowered: Option<&'a str>,
+    records: &'a [ResultRecord],
+) -> ModelSummary<'a> {
+    let rows: Vec<&ResultRecord> = records
+        .iter()
+        .filter(|r| r.case.model == id)
+        .chain(
+            records
+                .iter()
+                .filter(|r| Some(r.case.model.as_str()) == lowered),
+        )
+        .collect();
     let random_source = rows
         .iter()
         .find(|r| r.case.random_weights())
@@ -109,6 +151,7 @@ fn model_summary<'a>(id: &'a str, records: &'a [ResultRecord]) -> ModelSummary<'
         });
     ModelSummary {
         id,
+        lowered,
         rows,
         random_source,
         passed_over,

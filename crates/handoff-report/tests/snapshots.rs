@@ -274,3 +274,48 @@ fn the_variants_table_says_what_stays_fp32() {
         "{row}"
     );
 }
+
+/// A lowered copy (made for a backend that lacks an op of the model) is
+/// that backend's form of the model: its rows join the model's section,
+/// marked, rather than a section of its own whose only backend "wins".
+#[test]
+fn a_lowered_copy_is_shown_in_its_models_section() {
+    let mut records = fixture();
+    for r in records
+        .iter_mut()
+        .filter(|r| r.case.model == "mlp" && r.case.backend == "candle-onnx" && r.case.batch == 1)
+    {
+        r.case.model = "mlp+lowered".into();
+    }
+    let summaries = handoff_report::model_summaries(&records);
+    assert!(summaries.iter().all(|m| m.id != "mlp+lowered"));
+    let mlp = summaries.iter().find(|m| m.id == "mlp").unwrap();
+    assert_eq!(mlp.lowered, Some("mlp+lowered"));
+    assert_eq!(
+        mlp.rows
+            .iter()
+            .filter(|r| r.case.model == "mlp+lowered")
+            .count(),
+        2
+    );
+    let md = handoff_report::summary_markdown("q", &records, false, &Default::default());
+    assert!(!md.contains("## mlp+lowered"), "{md}");
+    assert!(
+        md.contains("Rows marked *lowered copy* ran `mlp+lowered`"),
+        "{md}"
+    );
+    assert!(
+        md.contains("| candle-onnx (interp., lowered copy) | 1 | 1 |"),
+        "{md}"
+    );
+    let html = handoff_report::html::report_html(
+        "q",
+        &records,
+        None,
+        false,
+        &Default::default(),
+        &Default::default(),
+    );
+    assert!(html.contains("Rows marked lowered copy ran mlp+lowered:"));
+    assert!(html.contains("candle-onnx (interp., lowered copy)"));
+}

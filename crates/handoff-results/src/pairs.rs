@@ -168,12 +168,20 @@ pub fn group_comparisons(records: &[ResultRecord], reference: &str) -> Vec<Compa
     let mut out = Vec::new();
     for b in &ok {
         let c = &b.case;
-        if c.backend != reference
-            && let Some(a) = ok.iter().find(|a| {
-                a.case.backend == reference
-                    && a.case.model == c.model
-                    && a.case.threads == c.threads
+        let reference_on = |model: &str| {
+            ok.iter().find(move |a| {
+                a.case.backend == reference && a.case.model == model && a.case.threads == c.threads
             })
+        };
+        // A lowered copy is the backend's form of the model it was lowered
+        // from: where the reference did not run the copy, it is compared
+        // with the reference on that model (same inputs, same rounds).
+        let lowered_from = c
+            .model
+            .strip_suffix("+lowered")
+            .filter(|m| models.contains(m));
+        if c.backend != reference
+            && let Some(a) = reference_on(&c.model).or_else(|| lowered_from.and_then(reference_on))
         {
             out.extend(pair(PairKind::Backend, a, b, false));
             if b.rounds
@@ -265,11 +273,15 @@ mod tests {
     }
 
     fn record(index: usize, model: &str, scale: f64) -> ResultRecord {
+        record_on(index, model, "ort", scale)
+    }
+
+    fn record_on(index: usize, model: &str, backend: &str, scale: f64) -> ResultRecord {
         let medians: Vec<f64> = (0..8).map(|i| scale * (10.0 + f64::from(i % 3))).collect();
         serde_json::from_value(serde_json::json!({
             "schema": 1, "suite": "s", "index": index, "status": "ok", "env": "e",
-            "case": {"id": format!("{model}/ort/cpu/t1/b8"), "model": model,
-                "model_sha256": "", "model_source": "", "backend": "ort",
+            "case": {"id": format!("{model}/{backend}/cpu/t1/b8"), "model": model,
+                "model_sha256": "", "model_source": "", "backend": backend,
                 "backend_version": null, "execution": null, "device": "cpu",
                 "threads": 1, "batch": 8, "dims": {}, "scenario": "single-stream"},
             "samples_ms": medians,
@@ -310,6 +322,35 @@ mod tests {
         assert_eq!(
             pairs,
             want.map(|(a, b)| (a.to_owned(), b.to_owned())).to_vec()
+        );
+    }
+
+    /// A backend that runs only the lowered copy (it lacks an op of the
+    /// original) is compared with the reference on the original; a
+    /// backend that runs the original is compared on it, as before.
+    #[test]
+    fn a_lowered_copy_is_its_backends_form_of_the_model() {
+        let mut unsupported = record_on(1, "m", "candle-onnx", 1.0);
+        unsupported.status = Status::Unsupported;
+        let records = [
+            record(0, "m", 1.0),
+            unsupported,
+            record_on(2, "m+lowered", "candle-onnx", 2.0),
+            record_on(3, "m", "tract", 1.5),
+        ];
+        let pairs: Vec<(String, String)> = group_comparisons(&records, "ort")
+            .into_iter()
+            .filter(|c| c.kind == PairKind::Backend)
+            .map(|c| (c.a, c.b))
+            .collect();
+        assert_eq!(
+            pairs,
+            [
+                ("m/ort/cpu/t1/b8", "m+lowered/candle-onnx/cpu/t1/b8"),
+                ("m/ort/cpu/t1/b8", "m/tract/cpu/t1/b8"),
+            ]
+            .map(|(a, b)| (a.to_owned(), b.to_owned()))
+            .to_vec()
         );
     }
 }
