@@ -250,6 +250,9 @@ impl<'a> Runner<'a> {
             flops: &mut flops,
             env: &env_hash,
         };
+        if let Some(note) = self.oversubscription() {
+            observer.warning(&note);
+        }
         'units: for rep in 0..repeat {
             let pending: Vec<Case> = self
                 .selected()
@@ -431,7 +434,7 @@ impl<'a> Runner<'a> {
     /// measured in rounds (its key, case ids, estimated memory with every
     /// session alive) and the notes of groups split to fit in memory.
     pub fn group_preview(&self) -> (Vec<GroupPreview>, Vec<String>) {
-        let mut notes = Vec::new();
+        let mut notes: Vec<String> = self.oversubscription().into_iter().collect();
         let groups = self
             .units(self.selected().collect(), &mut notes)
             .into_iter()
@@ -445,6 +448,22 @@ impl<'a> Runner<'a> {
             })
             .collect();
         (groups, notes)
+    }
+
+    /// What the selected CPU cases that ask for more threads than this
+    /// process may run at once (its affinity and cgroup quota) will show:
+    /// their threads take turns on the CPUs, so their latency includes
+    /// waiting for one.
+    pub fn oversubscription(&self) -> Option<String> {
+        let cpus = available_cpus();
+        let most = self
+            .selected()
+            .filter(|c| c.device == handoff_backend::Device::Cpu && c.threads > cpus)
+            .map(|c| c.threads)
+            .max()?;
+        Some(format!(
+            "threads up to {most} on the {cpus} logical CPU(s) this run may use: those cases' threads take turns on the CPUs, so their latency includes waiting for one; their cells say `oversubscribed`"
+        ))
     }
 
     /// A rough upper bound of a case's memory in interleaved rounds, per
@@ -1046,7 +1065,7 @@ impl<'a> Runner<'a> {
                 scenario: case.scenario.label(),
             },
             status,
-            reason: report.reason,
+            reason: with_oversubscription(report.reason, case, status),
             load_ms: report.load_ms,
             first_ms: report.first_ms,
             latency_ms: latency,
@@ -1251,6 +1270,28 @@ pub fn is_selected(case: &Case, filters: &[String], shard: Option<(u32, u32)>) -
         && shard.is_none_or(|(i, n)| case.index as u32 % n == i - 1)
 }
 
+/// Logical CPUs this process may run on at once.
+fn available_cpus() -> u32 {
+    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+}
+
+/// A measured CPU case's note, with `oversubscribed: ...` added where it
+/// asked for more threads than the process may run at once.
+fn with_oversubscription(reason: Option<String>, case: &Case, status: Status) -> Option<String> {
+    let cpus = available_cpus();
+    if status != Status::Ok || case.device != handoff_backend::Device::Cpu || case.threads <= cpus {
+        return reason;
+    }
+    let note = format!(
+        "oversubscribed: {} threads on {cpus} logical CPU(s)",
+        case.threads
+    );
+    Some(match reason {
+        Some(r) => format!("{r}; {note}"),
+        None => note,
+    })
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -1268,6 +1309,31 @@ mod tests {
             inputs: Vec::new(),
             scenario: Default::default(),
         }
+    }
+
+    #[test]
+    fn a_case_with_more_threads_than_cpus_says_it_is_oversubscribed() {
+        let cpus = available_cpus();
+        let over = case("a", cpus + 1);
+        assert_eq!(
+            with_oversubscription(Some("parity unchecked: x".into()), &over, Status::Ok),
+            Some(format!(
+                "parity unchecked: x; oversubscribed: {} threads on {cpus} logical CPU(s)",
+                cpus + 1
+            ))
+        );
+        // Only measured CPU cases; a failure keeps its reason alone.
+        assert_eq!(
+            with_oversubscription(None, &case("b", cpus), Status::Ok),
+            None
+        );
+        assert_eq!(
+            with_oversubscription(Some("boom".into()), &over, Status::Failed),
+            Some("boom".into())
+        );
+        let mut gpu = over.clone();
+        gpu.device = handoff_backend::Device::Cuda;
+        assert_eq!(with_oversubscription(None, &gpu, Status::Ok), None);
     }
 
     #[test]
