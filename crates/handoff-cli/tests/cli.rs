@@ -888,6 +888,7 @@ models:
 backends: [ort]
 threads: [1]
 batch: [8]
+dims: {seq: [8]}
 measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, target_ci: 0.01, rounds: 10}
 ",
     )
@@ -939,6 +940,18 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
             .contains("model file changed"),
         "{rows:?}"
     );
+    // The head's input is twice as wide, yet both were measured in the
+    // same rounds: the change comes from paired rounds.
+    let groups: std::collections::BTreeSet<String> =
+        std::fs::read_to_string(d.join("grown/results.jsonl"))
+            .unwrap()
+            .lines()
+            .map(|l| {
+                let r: serde_json::Value = serde_json::from_str(l).unwrap();
+                r["rounds"]["group"].as_str().unwrap().to_owned()
+            })
+            .collect();
+    assert_eq!(groups.len(), 1, "{groups:?}");
     // The same run gated again without measuring: p90, and a threshold the
     // change does not reach.
     let regate = |model: &str, extra: &[&str]| {
@@ -998,6 +1011,27 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
          size 90312345\n",
     )
     .unwrap();
+    // A head whose inputs have other dims has no case to pair with the
+    // base's: an error that shows both interfaces, not 'missing' rows.
+    handoff_onnx::builder::write_model(
+        &SyntheticSpec {
+            kind: Kind::Encoder,
+            width: 32,
+            depth: 1,
+            seed: 0,
+        }
+        .build(),
+        &d.join("encoder.onnx"),
+    )
+    .unwrap();
+    let o = ab("small.onnx", "encoder.onnx", "reshaped");
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("take inputs with other dims")
+            && err.contains("head hidden: f32[batch, seq, 32]"),
+        "{err}"
+    );
     let o = ab("small.onnx", "pointer.onnx", "pointer");
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");

@@ -1308,6 +1308,7 @@ mod tests {
             dims: Default::default(),
             inputs: Vec::new(),
             scenario: Default::default(),
+            group: None,
         }
     }
 

@@ -66,6 +66,9 @@ pub fn ab_suite(text: &str, id: &str, base: Side<'_>, head: Side<'_>) -> Result<
         let mut m = entry.clone();
         if let Some(map) = m.as_mapping_mut() {
             map.insert("id".into(), new_id.into());
+            // One group: a head whose inputs changed (a wider input, another
+            // shape) is still measured in the base's rounds.
+            map.insert("group".into(), id.into());
             if let Some(path) = side.file {
                 let mut source = serde_yaml_ng::Mapping::new();
                 source.insert("onnx".into(), path.display().to_string().into());
@@ -79,6 +82,54 @@ pub fn ab_suite(text: &str, id: &str, base: Side<'_>, head: Side<'_>) -> Result<
     };
     *models = vec![side(base_id(id), base), side(head_id(id), head)];
     serde_yaml_ng::to_string(&doc).map_err(|e| AbError::Yaml(e.to_string()))
+}
+
+/// Why the base and head cases of `plan` (an A/B suite of model `id`)
+/// cannot be compared case for case, if they cannot: the two share one
+/// group, so a head with other input values or widths pairs with the base,
+/// but a head whose inputs have other named dims (another rank, an added
+/// sequence axis) has cases at other dims, and the gate would read every
+/// case as removed.
+pub fn unpaired(plan: &crate::Plan, id: &str) -> Option<String> {
+    let (base, head) = (base_id(id), head_id(id));
+    let side = |prefix: &str| {
+        plan.cases()
+            .filter_map(|c| {
+                let rest = c.model.strip_prefix(prefix)?;
+                (rest.is_empty() || rest.starts_with(['@', '+'])).then(|| {
+                    (
+                        (
+                            rest.to_owned(),
+                            c.backend.clone(),
+                            c.device,
+                            c.threads,
+                            c.batch,
+                            c.dims.clone(),
+                            c.scenario.label(),
+                        ),
+                        c.group_key(),
+                    )
+                })
+            })
+            .collect::<Vec<_>>()
+    };
+    let (b, h) = (side(&base), side(&head));
+    let alone = b.iter().filter(|case| !h.contains(case)).count();
+    if alone == 0 {
+        return None;
+    }
+    let inputs = |model: &str| {
+        plan.model(model).map_or_else(String::new, |m| {
+            let list: Vec<String> = m.info.inputs.iter().map(ToString::to_string).collect();
+            format!("{} ({})", list.join(", "), m.path.display())
+        })
+    };
+    Some(format!(
+        "the base and head models take inputs with other dims, so {alone} of the {} base case(s) have no head case at the same batch and dims to compare with: base {}; head {}. `handoff ab` compares two versions of one model's interface; a change of input dims needs the consumers changed too, and a suite of its own",
+        b.len(),
+        inputs(&base),
+        inputs(&head)
+    ))
 }
 
 /// `problems` found in the A/B suite that [`ab_suite`] made from `text`,
@@ -178,6 +229,10 @@ backends: [ort]
         let models = doc["models"].as_sequence().unwrap();
         assert_eq!(models.len(), 2);
         assert_eq!(models[0]["id"], "m.base");
+        assert_eq!(
+            (&models[0]["group"], &models[1]["group"]),
+            (&"m".into(), &"m".into())
+        );
         assert_eq!(models[0]["source"]["onnx"], "a/m.onnx");
         assert_eq!(models[1]["id"], "m.head");
         assert_eq!(models[1]["source"]["onnx"], "/abs/m2.onnx");

@@ -228,6 +228,9 @@ pub struct PlanModel {
     pub backend_options: BTreeMap<String, serde_json::Value>,
     /// Recorded outputs every backend is checked against (`check.expected`).
     pub expected: Option<Arc<crate::expected::Expected>>,
+    /// The suite's `group`: measured in rounds with the group's other
+    /// models whatever their inputs.
+    pub group: Option<String>,
 }
 
 /// What a precision variant is and how far it is from fp32.
@@ -316,29 +319,37 @@ pub struct Case {
     pub inputs: Vec<TensorSpec>,
     #[serde(default)]
     pub scenario: Scenario,
+    /// Its model's `group`, if any: it stands for the inputs in
+    /// [`Case::group_key`].
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub group: Option<String>,
 }
 
 impl Case {
     /// Cases with the same key are measured in interleaved rounds and
     /// compared with each other: the same inputs (so a model and its
-    /// precision variants, or two copies of one file, fall together), device,
-    /// batch, dims and scenario; any backend and thread count.
+    /// precision variants, or two copies of one file, fall together) or the
+    /// same model `group`, device, batch, dims and scenario; any backend and
+    /// thread count.
     pub fn group_key(&self) -> String {
         use sha2::Digest;
-        let inputs = serde_json::to_vec(&self.inputs).unwrap_or_default();
-        let digest = sha2::Sha256::digest(&inputs);
         let mut k = format!("{}-b{}", self.device, self.batch);
         for (n, v) in &self.dims {
             k.push_str(&format!("-{n}{v}"));
         }
-        k.push_str(&format!(
-            "-{}-in{:02x}{:02x}{:02x}{:02x}",
-            self.scenario.label().replace(' ', "_"),
-            digest[0],
-            digest[1],
-            digest[2],
-            digest[3]
-        ));
+        k.push('-');
+        k.push_str(&self.scenario.label().replace(' ', "_"));
+        match &self.group {
+            Some(g) => k.push_str(&format!("-g{g}")),
+            None => {
+                let inputs = serde_json::to_vec(&self.inputs).unwrap_or_default();
+                let digest = sha2::Sha256::digest(&inputs);
+                k.push_str(&format!(
+                    "-in{:02x}{:02x}{:02x}{:02x}",
+                    digest[0], digest[1], digest[2], digest[3]
+                ));
+            }
+        }
         k
     }
 
@@ -501,6 +512,7 @@ impl Plan {
                                             dims: dims.clone(),
                                             inputs: inputs.clone(),
                                             scenario: spec.scenario.clone(),
+                                            group: m.group.clone(),
                                         });
                                     }
                                 }
@@ -647,6 +659,15 @@ fn nonempty_positive(
     }
 }
 
+/// What a model id or group may be made of.
+const NAME_RULE: &str = "use only letters, digits, `-`, `_` and `.` (`@` and `+` name a model's variants and lowered copies, `/` separates the parts of a case id)";
+
+fn is_name(s: &str) -> bool {
+    !s.is_empty()
+        && s.chars()
+            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
+}
+
 fn build(
     raw: &RawSuite,
     base: &Path,
@@ -654,12 +675,7 @@ fn build(
     ctx: &mut Ctx<'_>,
     text: &str,
 ) -> Plan {
-    if raw.name.trim().is_empty()
-        || !raw
-            .name
-            .chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-    {
+    if !is_name(&raw.name) {
         ctx.err("name", "must be non-empty and use only letters, digits, `-`, `_` and `.` (it names the results directory)");
     }
     if raw.models.is_empty() {
@@ -799,6 +815,13 @@ fn build(
     let mut models: Vec<PlanModel> = Vec::new();
     for (i, rm) in raw.models.iter().enumerate() {
         let path = format!("models[{i}]");
+        if !is_name(&rm.id) {
+            ctx.err(format!("{path}.id"), format!("`{}`: {NAME_RULE}", rm.id));
+            continue;
+        }
+        if let Some(g) = rm.group.as_ref().filter(|g| !is_name(g)) {
+            ctx.err(format!("{path}.group"), format!("`{g}`: {NAME_RULE}"));
+        }
         if models.iter().any(|m| m.id == rm.id) {
             ctx.err(
                 format!("{path}.id"),
@@ -1405,6 +1428,7 @@ fn build_model(
         ort_library,
         expected,
         backend_options: BTreeMap::new(),
+        group: rm.group.clone(),
     };
     if let (Some(dir), Some(tools)) = (&model.hf_dir, &options.tools) {
         verify_conversion(&model, dir, tools.as_ref(), path, ctx);

@@ -134,6 +134,14 @@ pub struct RawModel {
     /// Outputs the model's author recorded, to check every backend against.
     #[serde(default)]
     pub check: Option<RawModelCheck>,
+    /// Measure this model in the same interleaved rounds as the other
+    /// models of this group (same letters as an id), at equal batch and
+    /// dims, although their inputs differ: two versions of a model whose
+    /// input width changed, or two architectures for one task. Their paired
+    /// ratios then hold as for one model's variants. Models with identical
+    /// inputs share rounds without it.
+    #[serde(default)]
+    pub group: Option<String>,
 }
 
 /// A model's own reference data.

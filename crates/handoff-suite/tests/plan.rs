@@ -136,6 +136,47 @@ backend_options:
     assert_eq!(keys.len(), 1, "{keys:?}");
 }
 
+/// Two models with different inputs share rounds only when given one
+/// `group`; an id or group with a character the case grammar uses is an
+/// error at its position.
+#[test]
+fn a_group_puts_models_with_other_inputs_in_one_rounds_group() {
+    let dir = tempfile::tempdir().unwrap();
+    let suite = |group: &str| {
+        format!(
+            "name: g
+models:
+  - id: narrow
+    source: {{synthetic: {{kind: mlp, width: 8, depth: 1}}}}{group}
+  - id: wide
+    source: {{synthetic: {{kind: mlp, width: 16, depth: 1}}}}{group}
+backends: [ort]
+"
+        )
+    };
+    let keys = |yaml: String| {
+        let file = dir.path().join("suite.yaml");
+        std::fs::write(&file, yaml).unwrap();
+        let plan = Plan::from_file(&file, &options(dir.path())).unwrap();
+        plan.cases()
+            .map(|c| c.group_key())
+            .collect::<std::collections::BTreeSet<_>>()
+            .len()
+    };
+    assert_eq!(keys(suite("")), 2);
+    assert_eq!(keys(suite("\n    group: mlps")), 1);
+    let err = errors(&suite("\n    group: my/mlps"));
+    assert!(
+        err.contains("suite.yaml:5:5: models[0].group: `my/mlps`: use only letters"),
+        "{err}"
+    );
+    let err = errors(&suite("").replace("id: wide", "id: wide@2"));
+    assert!(
+        err.contains("suite.yaml:5:5: models[1].id: `wide@2`: use only letters"),
+        "{err}"
+    );
+}
+
 #[test]
 fn typo_in_a_key_names_line_and_column() {
     insta::assert_snapshot!(errors(&format!("{BASE}thread: [2]\n")));

@@ -259,6 +259,9 @@ impl AbCmd {
             )),
             other => other,
         })?;
+        if let Some(why) = handoff_suite::ab::unpaired(&plan, &model) {
+            anyhow::bail!("{}: {why}", suite.display());
+        }
         let out = out.unwrap_or_else(|| {
             PathBuf::from("reports").join(format!("ab-{model}-{}", timestamp()))
         });
