@@ -109,6 +109,24 @@ pub fn ensure_ort(quiet: bool) {
     let _ = quiet;
 }
 
+/// Creates the Python baseline's environment (pinned packages from PyPI,
+/// as `handoff setup` does) if it is not there; on failure its cells say
+/// why, and other backends still run.
+pub fn ensure_python(quiet: bool) {
+    if handoff_python::interpreter().is_ok() {
+        return;
+    }
+    if !quiet {
+        crate::out::errln!(
+            "the Python baseline's environment is not set up; creating it from PyPI ({})…",
+            handoff_python::PYTHON_ORT_PACKAGES.join(" ")
+        );
+    }
+    if let Err(e) = handoff_python::setup() {
+        crate::out::errln!("warning: {e}; python-onnxruntime cells will be `unavailable`");
+    }
+}
+
 #[cfg(test)]
 mod tests {
     #[test]

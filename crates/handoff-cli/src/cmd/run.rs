@@ -13,7 +13,7 @@ use handoff_runner::{Observer, ResultRecord, RunOptions, Runner};
 use handoff_suite::{Case, Plan, Preparation};
 use indicatif::{ProgressBar, ProgressStyle};
 
-use crate::backends::{ensure_ort, plan_options};
+use crate::backends::{ensure_ort, ensure_python, plan_options};
 use crate::out::{errln, outln};
 
 /// Run a suite: every case, streamed to <out>/results.jsonl, then a table.
@@ -185,6 +185,9 @@ pub fn run_plan(
     } = args;
     if plan.backends.iter().any(|b| b == "ort") || plan.check.reference == "ort" {
         ensure_ort(quiet);
+    }
+    if plan.backends.iter().any(|b| b == "python-onnxruntime") {
+        ensure_python(quiet);
     }
     let out = resume
         .clone()
