@@ -238,3 +238,40 @@ fn flushed_denormals_are_zero_on_the_calling_thread_in_rust_and_python() {
     let tiny = std::hint::black_box(1e-30_f32);
     assert!(tiny * std::hint::black_box(1e-10_f32) > 0.0);
 }
+
+/// A suite that lists python-onnxruntime on a machine without the
+/// environment gets it created by `handoff run` (pinned, from PyPI), as
+/// libonnxruntime is, rather than `unavailable: run handoff setup` cells.
+#[test]
+fn run_creates_a_missing_python_environment() {
+    let lib = handoff_ort::provision::fetch().expect("libonnxruntime from the project cache");
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: py\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 16, depth: 1}}\n\
+         backends: [ort, python-onnxruntime]\nthreads: [1]\nbatch: [1]\n\
+         measure: {warmup: 10ms, min_iterations: 5, min_time: 50ms, max_time: 200ms, target_ci: 0.2}\n",
+    )
+    .unwrap();
+    let cache = dir.path().join("empty-cache");
+    let out = handoff_env(
+        &["run", "s.yaml", "--out", "r"],
+        dir.path(),
+        &[
+            ("HANDOFF_CACHE", cache.to_str().unwrap()),
+            ("ORT_DYLIB_PATH", lib.to_str().unwrap()),
+        ],
+    );
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert_eq!(out.status.code(), Some(0), "{err}");
+    assert!(err.contains("creating it from PyPI"), "{err}");
+    assert!(cache.join("venv-python-ort/bin/python").is_file());
+    let records = read_results(&dir.path().join("r/results.jsonl"))
+        .unwrap()
+        .records;
+    let py = records
+        .iter()
+        .find(|r| r.case.backend == "python-onnxruntime")
+        .unwrap();
+    assert_eq!(py.status, Status::Ok, "{:?}", py.reason);
+}
