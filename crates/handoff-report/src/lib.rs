@@ -400,7 +400,7 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
             best.throughput_items_s.map_or("-".into(), fmt_rate)
         );
     }
-    scaling_section(out, &m.rows);
+    scaling_section(out, &m.rows, m.id);
     out.push_str("| backend | threads | batch | dims | status | p50 ms | p99 ms | items/s | parity max abs | notes |\n");
     out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
     for r in &m.rows {
@@ -861,7 +861,7 @@ fn variants_table(out: &mut String, records: &[ResultRecord]) {
 
 /// Speed-up from the fewest to the most threads, per backend, batch and
 /// dims, so a thread setting that does not take effect is visible.
-fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
+fn scaling_section(out: &mut String, rows: &[&ResultRecord], section: &str) {
     let mut lines = Vec::new();
     let mut unexplained = false;
     for r in rows.iter().filter(|r| r.status == Status::Ok) {
@@ -869,6 +869,7 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
             .iter()
             .filter(|o| {
                 o.status == Status::Ok
+                    && o.case.model == r.case.model
                     && o.case.backend == r.case.backend
                     && o.case.device == r.case.device
                     && o.case.batch == r.case.batch
@@ -925,7 +926,7 @@ fn scaling_section(out: &mut String, rows: &[&ResultRecord]) {
         unexplained |= !faster;
         lines.push(format!(
             "| {} | {} | {} | {min_t} -> {max_t} | {speedup:.2}x{range} | {verdict} |",
-            escape_md(&backend_label(r)),
+            escape_md(&summary::row_label(r, section)),
             r.case.batch,
             escape_md(&dims(r)),
         ));

@@ -308,6 +308,13 @@ fn a_lowered_copy_is_shown_in_its_models_section() {
         md.contains("| candle-onnx (interp., lowered copy) | 1 | 1 |"),
         "{md}"
     );
+    // Its thread scaling too.
+    assert!(
+        md.lines()
+            .any(|l| l.starts_with("| candle-onnx (interp., lowered copy) |")
+                && l.contains("1 -> 2")),
+        "{md}"
+    );
     let html = handoff_report::html::report_html(
         "q",
         &records,
