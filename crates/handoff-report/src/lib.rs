@@ -300,6 +300,7 @@ pub fn summary_markdown(
         for line in serving_decisions(&loaded) {
             out.push_str(&format!("\n{line}\n"));
         }
+        out.push('\n');
     }
     variants_table(&mut out, records);
     out
