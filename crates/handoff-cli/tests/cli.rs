@@ -1186,3 +1186,39 @@ fn a_random_classifier_stand_in_runs_says_what_it_is_and_gates_int8_on_labels() 
     assert!(summary.contains("only its speed does"), "{summary}");
     assert!(summary.contains("top label as fp32 on"), "{summary}");
 }
+
+/// More threads than the machine's CPUs is measured as asked, but said
+/// before anything runs: by `validate` (on stderr, so `--json` stays
+/// clean) and by `run --dry-run`.
+#[test]
+fn validate_warns_of_more_threads_than_cpus() {
+    let dir = tempfile::tempdir().unwrap();
+    std::fs::write(
+        dir.path().join("s.yaml"),
+        "name: t\nmodels:\n  - id: mlp\n    source: {synthetic: {kind: mlp, width: 8, depth: 1}}\n\
+         backends: [ort]\nthreads: [1, 1024]\n",
+    )
+    .unwrap();
+    for args in [
+        &["validate", "s.yaml", "--json"][..],
+        &["run", "s.yaml", "--dry-run"],
+    ] {
+        let o = handoff(args, dir.path());
+        let (out, err) = (
+            String::from_utf8_lossy(&o.stdout),
+            String::from_utf8_lossy(&o.stderr),
+        );
+        assert_eq!(o.status.code(), Some(0), "{args:?}: {err}");
+        let said = format!("{out}{err}");
+        assert!(
+            said.contains("warning: threads up to 1024 on the ")
+                && said.contains("their cells say `oversubscribed`"),
+            "{args:?}: {said}"
+        );
+    }
+    // `--json` is a JSON line per case, and nothing else.
+    let o = handoff(&["validate", "s.yaml", "--json"], dir.path());
+    for line in String::from_utf8_lossy(&o.stdout).lines() {
+        serde_json::from_str::<serde_json::Value>(line).expect("stdout stays JSON lines");
+    }
+}

@@ -99,6 +99,11 @@ impl ValidateCmd {
         let Self { suite, json } = self;
         let plan = Plan::from_file(&suite, &plan_options(registry, Preparation::Describe))?;
         print_plan(&plan, json, &|_| true)?;
+        // On stderr: `--json` keeps stdout for the plan.
+        let runner = Runner::new(&plan, registry, RunOptions::new(PathBuf::new()));
+        if let Some(note) = runner.oversubscription() {
+            errln!("warning: {note}");
+        }
         Ok(ExitCode::SUCCESS)
     }
 }
