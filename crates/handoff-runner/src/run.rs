@@ -1270,9 +1270,10 @@ pub fn is_selected(case: &Case, filters: &[String], shard: Option<(u32, u32)>) -
         && shard.is_none_or(|(i, n)| case.index as u32 % n == i - 1)
 }
 
-/// Logical CPUs this process may run on at once.
+/// Logical CPUs this process may run on at once (its affinity and cgroup
+/// quota), as a thread count.
 fn available_cpus() -> u32 {
-    std::thread::available_parallelism().map_or(1, |n| u32::try_from(n.get()).unwrap_or(u32::MAX))
+    u32::try_from(crate::machine::cpu_count()).unwrap_or(u32::MAX)
 }
 
 /// A measured CPU case's note, with `oversubscribed: ...` added where it
