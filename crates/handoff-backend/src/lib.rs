@@ -7,6 +7,7 @@
 //! outputs are materialised (on a GPU: after a device synchronisation).
 
 pub mod home;
+pub mod ids;
 pub mod mock;
 pub mod tensor;
 pub mod text;

@@ -569,10 +569,7 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
             .records
             .iter()
             .filter_map(|r| {
-                let rest = r.case.model.strip_prefix(prefix)?;
-                if !(rest.is_empty() || rest.starts_with('@') || rest.starts_with('+')) {
-                    return None;
-                }
+                let rest = handoff_backend::ids::form_of(&r.case.model, prefix)?;
                 let mut r = r.clone();
                 r.case.model = format!("{id}{rest}");
                 r.case.id = r.case.id.replacen(prefix, id, 1);

@@ -329,7 +329,7 @@ fn same_call_of_base(a: &ResultRecord, b: &ResultRecord) -> bool {
 /// The model a precision variant (`id@variant`) or lowered copy
 /// (`id+lowered`) was made from.
 pub(crate) fn base_model(id: &str) -> &str {
-    id.split(['@', '+']).next().unwrap_or_default()
+    handoff_backend::ids::split(id).0
 }
 
 /// The same call on another backend: model, threads, batch, dims, device,

@@ -137,16 +137,12 @@ fn pair(kind: PairKind, a: &ResultRecord, b: &ResultRecord, inner: bool) -> Opti
     ))
 }
 
-/// A model id as the entry it comes from and what was derived from it:
-/// `("m", "@int8-dynamic")`, `("m", "+lowered")`, `("m", "")`. A suffix
-/// counts only where its entry is among `models`, so an id that merely
-/// contains `@` stays whole.
+/// [`handoff_backend::ids::split`], where a suffix counts only if its entry
+/// is among `models`: results written before ids were checked may hold an id
+/// that merely contains `@`, and it stays whole.
 fn entry_and_form<'a>(model: &'a str, models: &[&str]) -> (&'a str, &'a str) {
-    let cut = model
-        .find('@')
-        .or_else(|| model.strip_suffix("+lowered").map(str::len));
-    match cut {
-        Some(i) if models.contains(&&model[..i]) => model.split_at(i),
+    match handoff_backend::ids::split(model) {
+        (entry, form) if !form.is_empty() && models.contains(&entry) => (entry, form),
         _ => (model, ""),
     }
 }

@@ -95,21 +95,19 @@ pub fn unpaired(plan: &crate::Plan, id: &str) -> Option<String> {
     let side = |prefix: &str| {
         plan.cases()
             .filter_map(|c| {
-                let rest = c.model.strip_prefix(prefix)?;
-                (rest.is_empty() || rest.starts_with(['@', '+'])).then(|| {
+                let form = handoff_backend::ids::form_of(&c.model, prefix)?;
+                Some((
                     (
-                        (
-                            rest.to_owned(),
-                            c.backend.clone(),
-                            c.device,
-                            c.threads,
-                            c.batch,
-                            c.dims.clone(),
-                            c.scenario.label(),
-                        ),
-                        c.group_key(),
-                    )
-                })
+                        form.to_owned(),
+                        c.backend.clone(),
+                        c.device,
+                        c.threads,
+                        c.batch,
+                        c.dims.clone(),
+                        c.scenario.label(),
+                    ),
+                    c.group_key(),
+                ))
             })
             .collect::<Vec<_>>()
     };

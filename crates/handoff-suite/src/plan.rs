@@ -10,6 +10,7 @@ use handoff_convert::bert::HfDir;
 use handoff_convert::fetch::PypiModel;
 use handoff_convert::provenance::{Check as ProvCheck, Provenance};
 
+use handoff_backend::ids::{NAME_RULE, is_name};
 use handoff_backend::{DType, Device, Fill, TensorSpec};
 use handoff_onnx::synthetic::{Kind, SyntheticSpec};
 use handoff_onnx::{Dim, ElemType, ModelInfo};
@@ -660,14 +661,6 @@ fn nonempty_positive(
 }
 
 /// What a model id or group may be made of.
-const NAME_RULE: &str = "use only letters, digits, `-`, `_` and `.` (`@` and `+` name a model's variants and lowered copies, `/` separates the parts of a case id)";
-
-fn is_name(s: &str) -> bool {
-    !s.is_empty()
-        && s.chars()
-            .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
-}
-
 fn build(
     raw: &RawSuite,
     base: &Path,

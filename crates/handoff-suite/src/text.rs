@@ -3,8 +3,6 @@
 use std::collections::BTreeMap;
 use std::path::Path;
 
-use tokenizers::Tokenizer;
-
 /// Default sentences: varied length, punctuation and vocabulary, 32 of them
 /// so a batch of 32 (the conversion check) has no repeats.
 pub const DEFAULT_SENTENCES: [&str; 32] = [
@@ -103,11 +101,8 @@ pub fn encode(
     sentences: &[String],
     seqs: &[u32],
 ) -> Result<BTreeMap<u32, Encoded>, String> {
-    if let Some(p) = handoff_onnx::lfs::LfsPointer::at(tokenizer) {
-        return Err(format!("{} is {p}", tokenizer.display()));
-    }
-    let mut tok = Tokenizer::from_file(tokenizer)
-        .map_err(|e| format!("{}: not a tokenizer.json: {e}", tokenizer.display()))?;
+    let mut tok = handoff_backend::text::load(tokenizer)
+        .map_err(|e| format!("{}: {e}", tokenizer.display()))?;
     let mut out = BTreeMap::new();
     for &seq in seqs {
         handoff_backend::text::set_fixed_length(&mut tok, seq as usize)
