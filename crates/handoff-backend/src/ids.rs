@@ -14,6 +14,28 @@ pub fn is_name(s: &str) -> bool {
             .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_' || c == '.')
 }
 
+/// The id of `entry`'s precision variant `name`.
+pub fn variant_id(entry: &str, name: &str) -> String {
+    format!("{entry}@{name}")
+}
+
+/// The id of the lowered copy of `model`.
+pub fn lowered_id(model: &str) -> String {
+    format!("{model}+lowered")
+}
+
+/// The precision variant `model` is, if it is one: `int8-dynamic` for
+/// `m@int8-dynamic`.
+pub fn variant(model: &str) -> Option<&str> {
+    model.split_once('@').map(|(_, v)| v)
+}
+
+/// The model `model` is the lowered copy of, if it is one: `m` for
+/// `m+lowered`, `m@int8-dynamic` for `m@int8-dynamic+lowered`.
+pub fn lowered_from(model: &str) -> Option<&str> {
+    model.strip_suffix("+lowered")
+}
+
 /// A model id as the entry it comes from and what was derived from it:
 /// `("m", "@int8-dynamic")`, `("m", "+lowered")`, `("m", "")`.
 pub fn split(model: &str) -> (&str, &str) {
@@ -43,6 +65,13 @@ mod tests {
         assert_eq!(form_of("m.base", "m.base"), Some(""));
         assert_eq!(form_of("m.base2", "m.base"), None);
         assert_eq!(form_of("m", "m.base"), None);
+        assert_eq!(
+            variant(&variant_id("m", "int8-dynamic")),
+            Some("int8-dynamic")
+        );
+        assert_eq!(variant("m"), None);
+        assert_eq!(lowered_from(&lowered_id("m@fp16")), Some("m@fp16"));
+        assert_eq!(lowered_from("m"), None);
         assert!(is_name("bert_base-v1.2"));
         assert!(!is_name("a@b") && !is_name("a b") && !is_name("a/b") && !is_name(""));
     }

@@ -348,9 +348,9 @@ impl Backend for CandleNativeBackend {
         if device.is_cpu() {
             check_threads(options.threads)?;
         }
-        let quantized = match model.id.split_once('@') {
+        let quantized = match handoff_backend::ids::variant(&model.id) {
             None => None,
-            Some((_, variant)) => match qbert::ggml_dtype(variant) {
+            Some(variant) => match qbert::ggml_dtype(variant) {
                 Some(q) => Some(q),
                 None => {
                     return Err(BackendError::Unsupported(format!(

@@ -124,12 +124,13 @@ impl Backend for PythonTorchBackend {
         handoff_backend::require_cpu(options.device)?;
         // bf16 autocast is PyTorch's own precision variant; the others are
         // ONNX rewrites.
-        let precision = match model.id.split_once(['@', '+']) {
-            None => "fp32",
-            Some((_, "torch-bf16")) => "bf16",
-            Some((_, variant)) => {
+        let precision = match handoff_backend::ids::split(&model.id).1 {
+            "" => "fp32",
+            "@torch-bf16" => "bf16",
+            form => {
                 return Err(BackendError::Unsupported(format!(
-                    "`{variant}` is an ONNX rewrite; python-torch runs the safetensors model (in fp32, or bf16 autocast as the torch-bf16 variant)"
+                    "`{}` is an ONNX rewrite; python-torch runs the safetensors model (in fp32, or bf16 autocast as the torch-bf16 variant)",
+                    &form[1..]
                 )));
             }
         };

@@ -633,8 +633,8 @@ pub fn serving_gain(records: &[ResultRecord]) -> Option<Table> {
                         "python-torch" => "PyTorch".to_owned(),
                         other => other.trim_start_matches("python-").to_owned(),
                     };
-                    match p.case.model.split_once('@') {
-                        Some((_, variant)) => format!("{on} ({variant})"),
+                    match handoff_backend::ids::variant(&p.case.model) {
+                        Some(variant) => format!("{on} ({variant})"),
                         None => on,
                     }
                 },

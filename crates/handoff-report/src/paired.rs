@@ -394,8 +394,8 @@ pub fn torch_gain_table(records: &[ResultRecord]) -> Option<Table> {
                 p.case.threads.to_string(),
                 p.case.batch.to_string(),
                 escape_md(&dims(p)),
-                escape_md(&match r.case.model.split_once('@') {
-                    Some((_, variant)) if bf16 => format!("{} ({variant})", r.case.backend),
+                escape_md(&match handoff_backend::ids::variant(&r.case.model) {
+                    Some(variant) if bf16 => format!("{} ({variant})", r.case.backend),
                     _ => r.case.backend.clone(),
                 }),
                 fmt_ms(rs.p50),

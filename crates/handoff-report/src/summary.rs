@@ -68,7 +68,7 @@ pub fn model_summaries(records: &[ResultRecord]) -> Vec<ModelSummary<'_>> {
 
 /// The model `id` is the lowered copy of, where that model is in `ids`.
 fn lowered_from<'a>(id: &'a str, ids: &[&str]) -> Option<&'a str> {
-    id.strip_suffix("+lowered").filter(|m| ids.contains(m))
+    handoff_backend::ids::lowered_from(id).filter(|m| ids.contains(m))
 }
 
 /// A row's backend as its model's section names it: the lowered copy's

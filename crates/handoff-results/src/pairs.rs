@@ -172,10 +172,8 @@ pub fn group_comparisons(records: &[ResultRecord], reference: &str) -> Vec<Compa
         // A lowered copy is the backend's form of the model it was lowered
         // from: where the reference did not run the copy, it is compared
         // with the reference on that model (same inputs, same rounds).
-        let lowered_from = c
-            .model
-            .strip_suffix("+lowered")
-            .filter(|m| models.contains(m));
+        let lowered_from =
+            handoff_backend::ids::lowered_from(&c.model).filter(|m| models.contains(m));
         if c.backend != reference
             && let Some(a) = reference_on(&c.model).or_else(|| lowered_from.and_then(reference_on))
         {

@@ -838,8 +838,8 @@ impl<'a> Runner<'a> {
         // A precision variant is an ONNX file of its own; its tokenizer is
         // its source model's.
         let tokenizer_dir = model.hf_dir.as_ref().or_else(|| {
-            let (base, _) = model.id.split_once('@')?;
-            self.plan.model(base)?.hf_dir.as_ref()
+            let (entry, _) = handoff_backend::ids::split(&model.id);
+            self.plan.model(entry)?.hf_dir.as_ref()
         });
         let (Some(tokenizer_dir), Some(sentences)) = (tokenizer_dir, &model.sentences) else {
             return Err(Box::new(WorkerReport {

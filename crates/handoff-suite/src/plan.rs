@@ -1685,7 +1685,7 @@ fn precision_variants(
             Ok(v) => match info(&v.path) {
                 Ok(info) => out.push(PlanModel {
                     backends: only,
-                    id: format!("{}@{name}", model.id),
+                    id: handoff_backend::ids::variant_id(&model.id, name),
                     path: v.path,
                     source: format!("{}@{name}", model.source),
                     info,
@@ -1791,7 +1791,7 @@ fn lowered_variants(
             Ok(None) => {}
             Ok(Some(lowered)) => match ModelInfo::load(&lowered.path) {
                 Ok(info) => {
-                    let id = format!("{}+lowered", model.id);
+                    let id = handoff_backend::ids::lowered_id(&model.id);
                     if let Some(existing) = out
                         .iter_mut()
                         .find(|m| m.id == id && m.path == lowered.path)
