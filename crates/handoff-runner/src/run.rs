@@ -835,8 +835,8 @@ impl<'a> Runner<'a> {
         case: &Case,
         model: &'m handoff_suite::PlanModel,
     ) -> Result<(crate::http_case::ServerSpec, &'m [String]), Box<WorkerReport>> {
-        // A precision variant is an ONNX file of its own; its tokenizer is
-        // its source model's.
+        // A precision variant or lowered copy is an ONNX file of its own;
+        // its tokenizer is its suite entry's.
         let tokenizer_dir = model.hf_dir.as_ref().or_else(|| {
             let (entry, _) = handoff_backend::ids::split(&model.id);
             self.plan.model(entry)?.hf_dir.as_ref()
