@@ -2,10 +2,11 @@
 //! call (re-materialising initializers each time): it is an interpreter and
 //! results label it so.
 //!
-//! candle's matmuls use rayon's global pool, whose size is fixed per process
-//! (`RAYON_NUM_THREADS`), so a case asking for N threads must run in a
-//! process started with that value; `prepare` refuses rather than silently
-//! measure a different thread count.
+//! candle decides how many threads a matmul uses from `RAYON_NUM_THREADS`,
+//! read per process, so a case asking for N threads must run in a process
+//! started with that value; `prepare` refuses rather than silently measure a
+//! different thread count. At two or more threads each call runs inside a
+//! private pool of that size (see `run_pool`).
 //!
 //! With the `cuda` feature, candle-native runs on `cuda:0`; candle-onnx stays
 //! CPU-only because it builds every initializer on the CPU.
@@ -73,6 +74,7 @@ impl Backend for CandleOnnxBackend {
             inputs: HashMap::new(),
             output_names,
             last: HashMap::new(),
+            pool: run_pool(options.threads, true)?,
         }))
     }
 }
@@ -210,6 +212,33 @@ struct CandleOnnxPrepared {
     inputs: HashMap<String, CTensor>,
     output_names: Vec<String>,
     last: HashMap<String, CTensor>,
+    pool: Option<rayon::ThreadPool>,
+}
+
+/// A pool of `threads` workers for each call to run inside, none at one
+/// thread or off the CPU. Called from a thread outside rayon's pool, every
+/// parallel matmul hands its work to the pool and puts the caller to sleep
+/// until it is done: two cross-thread wake-ups a matmul, and one thread
+/// more than the case's count competing for the CPUs. Inside the pool the
+/// thread walking the model is one of the workers and joins in.
+fn run_pool(threads: usize, on_cpu: bool) -> Result<Option<rayon::ThreadPool>, BackendError> {
+    if threads < 2 || !on_cpu {
+        return Ok(None);
+    }
+    rayon::ThreadPoolBuilder::new()
+        .num_threads(threads)
+        .thread_name(|i| format!("candle-{i}"))
+        .build()
+        .map(Some)
+        .map_err(|e| BackendError::Failed(format!("a {threads}-thread pool: {e}")))
+}
+
+/// `f` on `pool` if there is one, else on this thread.
+fn in_pool<R: Send>(pool: Option<&rayon::ThreadPool>, f: impl FnOnce() -> R + Send) -> R {
+    match pool {
+        Some(pool) => pool.install(f),
+        None => f(),
+    }
 }
 
 pub fn to_candle(t: &Tensor, dev: &CDevice) -> Result<CTensor, BackendError> {
@@ -278,18 +307,19 @@ impl Prepared for CandleOnnxPrepared {
         // candle computes eagerly on the CPU: outputs exist when this returns.
         // Only a failure is searched for its node: an unsupported op or
         // data type already names what stopped it.
-        self.last =
-            candle_onnx::simple_eval(&self.model, self.inputs.clone()).map_err(
-                |e| match classify(&e) {
-                    BackendError::Failed(why) => {
-                        match failing_node(&self.model, &self.inputs, &message(&e)) {
-                            Some(node) => BackendError::Failed(format!("{node}: {why}")),
-                            None => BackendError::Failed(why),
-                        }
-                    }
-                    other => other,
-                },
-            )?;
+        let (model, inputs) = (&self.model, &self.inputs);
+        self.last = in_pool(self.pool.as_ref(), || {
+            candle_onnx::simple_eval(model, inputs.clone())
+        })
+        .map_err(|e| match classify(&e) {
+            BackendError::Failed(why) => {
+                match failing_node(&self.model, &self.inputs, &message(&e)) {
+                    Some(node) => BackendError::Failed(format!("{node}: {why}")),
+                    None => BackendError::Failed(why),
+                }
+            }
+            other => other,
+        })?;
         Ok(())
     }
 
@@ -423,6 +453,7 @@ impl Backend for CandleNativeBackend {
             }
         };
         Ok(Box::new(CandleNativePrepared {
+            pool: run_pool(options.threads, device.is_cpu())?,
             encoder,
             head,
             device,
@@ -481,28 +512,12 @@ struct CandleNativePrepared {
     /// input_ids, token_type_ids (BERT only), attention_mask
     inputs: Option<(CTensor, Option<CTensor>, CTensor)>,
     last: Vec<CTensor>,
+    pool: Option<rayon::ThreadPool>,
 }
 
-impl Prepared for CandleNativePrepared {
-    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
-        let find = |name: &str| {
-            inputs
-                .iter()
-                .find(|t| t.name == name)
-                .ok_or_else(|| {
-                    BackendError::Failed(format!("candle-native needs an input named `{name}`"))
-                })
-                .and_then(|t| to_candle(t, &self.device))
-        };
-        let types = match self.encoder {
-            Encoder::Distil(_) => None,
-            _ => Some(find("token_type_ids")?),
-        };
-        self.inputs = Some((find("input_ids")?, types, find("attention_mask")?));
-        Ok(())
-    }
-
-    fn run(&mut self) -> Result<(), BackendError> {
+impl CandleNativePrepared {
+    /// The model's outputs for the bound inputs.
+    fn forward(&self) -> Result<Vec<CTensor>, BackendError> {
         use candle_core::Module;
         let (ids, types, mask) = self
             .inputs
@@ -556,7 +571,32 @@ impl Prepared for CandleNativePrepared {
         // CUDA kernels are queued asynchronously: the clock stops only once
         // they have finished (a no-op on the CPU).
         self.device.synchronize().map_err(e)?;
-        self.last = vec![hidden, answer];
+        Ok(vec![hidden, answer])
+    }
+}
+
+impl Prepared for CandleNativePrepared {
+    fn bind(&mut self, inputs: &[Tensor]) -> Result<(), BackendError> {
+        let find = |name: &str| {
+            inputs
+                .iter()
+                .find(|t| t.name == name)
+                .ok_or_else(|| {
+                    BackendError::Failed(format!("candle-native needs an input named `{name}`"))
+                })
+                .and_then(|t| to_candle(t, &self.device))
+        };
+        let types = match self.encoder {
+            Encoder::Distil(_) => None,
+            _ => Some(find("token_type_ids")?),
+        };
+        self.inputs = Some((find("input_ids")?, types, find("attention_mask")?));
+        Ok(())
+    }
+
+    fn run(&mut self) -> Result<(), BackendError> {
+        let this = &*self;
+        self.last = in_pool(self.pool.as_ref(), || this.forward())?;
         Ok(())
     }
 
