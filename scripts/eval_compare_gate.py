@@ -1,5 +1,7 @@
 """Summarises scripts/eval_compare_gate.sh: per set of `handoff ab` runs,
-how many runs regressed, per case and in all, with the changes measured."""
+how many runs regressed, per case and in all, with the changes measured,
+and how many of the runs were outliers (beyond 1.3x their case's median:
+a tail quantile with more than half its tail among them moves with them)."""
 import json
 import statistics
 import sys
@@ -35,15 +37,39 @@ sets = {
     "aa-p90": ("same file, p90 (the p99 runs)", "false regression"),
     "slow-p90": ("+10% FLOPs head, p90 (the p99 runs)", "detected"),
 }
+def outliers(run):
+    """Per case id (the model's .base/.head folded): the larger of the two
+    sides' shares of runs beyond 1.3x their median."""
+    f = run / "results.jsonl"
+    if not f.exists():
+        return {}
+    worst = {}
+    for line in f.read_text().splitlines():
+        r = json.loads(line)
+        s = r.get("samples_ms") or []
+        if not s:
+            continue
+        m = statistics.median(s)
+        share = sum(1 for x in s if x > 1.3 * m) / len(s)
+        case = r["case"]["id"].replace("enc.base/", "enc/").replace("enc.head/", "enc/")
+        worst[case] = max(worst.get(case, 0.0), share)
+    return worst
+
+
 targets = {
     f"{side}-{m}": ("<= 1/20" if side == "aa" else ">= 19/20")
     for side in ("aa", "slow")
     for m in ("p50", "p90", "p95", "p99")
 }
-print("| set | runs | runs with a regression | target | case | regressed | improved | other verdicts | CI covers no change | median change | median CI half-width |")
-print("|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|")
+print("| set | runs | runs with a regression | target | case | regressed | improved | other verdicts | CI covers no change | median change | median CI half-width | outliers: median, max |")
+print("|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---|")
+def spread(v):
+    return f"{statistics.median(v) * 100:.2f}%, {max(v) * 100:.2f}%" if v else "-"
+
+
 for name, (what, _) in sets.items():
     per_case = defaultdict(list)
+    shares = defaultdict(list)
     any_reg = runs = 0
     for i in range(1, n + 1):
         f = out / f"{name}-{i}" / "ab.json"
@@ -54,6 +80,10 @@ for name, (what, _) in sets.items():
         any_reg += any(r["verdict"] == "regressed" for r in rows)
         for r in rows:
             per_case[r["id"]].append(r)
+        # p90 and p95 are gated again on the p99 runs' samples.
+        measured = out / f"{name.replace('-p90', '-p99').replace('-p95', '-p99')}-{i}"
+        for case, share in outliers(measured).items():
+            shares[case].append(share)
     first = True
     for case in sorted(per_case):
         rs = per_case[case]
@@ -67,6 +97,7 @@ for name, (what, _) in sets.items():
         print(
             f"| {name + ': ' + what if first else ''} | {runs if first else ''} | {any_reg if first else ''} | {targets[name] if first else ''} "
             f"| {case} | {verdicts['regressed']} | {verdicts['improved']} | {other or '-'} | {covers}/{len(rs)} "
-            f"| {statistics.median(changes) * 100:+.1f}% | ±{statistics.median(half) * 100:.1f}% |"
+            f"| {statistics.median(changes) * 100:+.1f}% | ±{statistics.median(half) * 100:.1f}% "
+            f"| {spread(shares[case])} |"
         )
         first = False

@@ -217,6 +217,60 @@ fn p90_gates_the_body_and_not_the_slowest_runs() {
     );
 }
 
+/// A tail quantile with more outliers above it than half its tail (runs
+/// beyond 1.3x the median) is set by them, not by the model: the row says
+/// so and carries each side's share; one in the body of the distribution
+/// does not.
+#[test]
+fn a_tail_quantile_set_by_outliers_says_so() {
+    let gate = |base: ResultRecord, head: ResultRecord, metric| {
+        let opts = Options {
+            metric,
+            threshold: 0.02,
+            ..Options::default()
+        };
+        let c = handoff_compare::compare_ab(&run(vec![base, head]), "m", &opts);
+        assert_eq!(c.rows.len(), 1, "{:?}", c.rows);
+        c.rows[0].clone()
+    };
+    use handoff_compare::Metric::{P50, P90, P99};
+    // 5% of runs at 3x and 4x the median: p99 is among them.
+    let row = gate(
+        ab_side("m.base", 1.0, 3.0),
+        ab_side("m.head", 1.0, 4.0),
+        P99,
+    );
+    assert_eq!(row.outliers, Some([0.05, 0.05]));
+    let note = row.note.unwrap_or_default();
+    assert!(
+        note.contains("p99 lies among outliers: 5.0% of base's and 5.0% of head's runs took over 1.3x their median"),
+        "{note}"
+    );
+    // p90 has 10% of runs above it, half of them outliers at most: no note.
+    let row = gate(
+        ab_side("m.base", 1.0, 3.0),
+        ab_side("m.head", 1.0, 4.0),
+        P90,
+    );
+    assert_eq!(row.outliers, Some([0.05, 0.05]));
+    assert!(!row.note.unwrap_or_default().contains("outliers"));
+    // A slow 5% within 1.3x of the median is the body of the distribution.
+    let row = gate(
+        ab_side("m.base", 1.0, 1.2),
+        ab_side("m.head", 1.0, 1.25),
+        P99,
+    );
+    assert_eq!(row.outliers, Some([0.0, 0.0]));
+    assert!(!row.note.unwrap_or_default().contains("outliers"));
+    // The median gate does not look at the tail.
+    let row = gate(
+        ab_side("m.base", 1.0, 3.0),
+        ab_side("m.head", 1.0, 4.0),
+        P50,
+    );
+    assert_eq!(row.outliers, None);
+}
+
 /// A case timed while something else used the CPU (a parallel build) is
 /// judged only beyond what that load can do to one side (2x), in a
 /// comparison of two runs and in one `ab` run: the load does not hit both
