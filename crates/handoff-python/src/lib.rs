@@ -248,6 +248,8 @@ impl Worker {
     /// Starts `script` (a worker speaking the JSON-lines protocol of
     /// `scripts/py_worker.py`) in `python` and sends it `load`.
     fn start(python: &std::path::Path, script: &str, load: &Value) -> Result<Self, BackendError> {
+        static SWEEP: std::sync::Once = std::sync::Once::new();
+        SWEEP.call_once(|| sweep_stale_scratch(&std::env::temp_dir()));
         let scratch = std::env::temp_dir().join(format!(
             "handoff-py-{}-{}",
             std::process::id(),
@@ -325,6 +327,33 @@ fn classify(msg: String) -> BackendError {
             BackendError::InvalidModel(msg)
         }
         None => BackendError::Failed(format!("python: {msg}")),
+    }
+}
+
+/// Removes the scratch directories of workers whose process is gone: a case
+/// killed at its timeout or by a signal cannot run its drops. Where there is
+/// no `/proc` to ask, nothing is removed.
+fn sweep_stale_scratch(tmp: &std::path::Path) {
+    let proc = std::path::Path::new("/proc");
+    if !proc.join("self").exists() {
+        return;
+    }
+    let Ok(entries) = std::fs::read_dir(tmp) else {
+        return;
+    };
+    for entry in entries.flatten() {
+        let name = entry.file_name();
+        let Some(pid) = name
+            .to_str()
+            .and_then(|n| n.strip_prefix("handoff-py-"))
+            .and_then(|rest| rest.split('-').next())
+            .and_then(|p| p.parse::<u32>().ok())
+        else {
+            continue;
+        };
+        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+            let _ = std::fs::remove_dir_all(entry.path());
+        }
     }
 }
 
@@ -432,5 +461,31 @@ impl Prepared for Worker {
                 Ok(Tensor { name, shape, data })
             })
             .collect()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    /// A worker killed at its timeout leaves its scratch directory; the
+    /// next process removes it, and keeps those of live processes.
+    #[test]
+    fn scratch_of_a_dead_worker_is_removed_and_a_live_ones_kept() {
+        let tmp = tempfile::tempdir().unwrap();
+        let mut child = std::process::Command::new("true").spawn().unwrap();
+        let dead = child.id();
+        child.wait().unwrap();
+        let gone = tmp.path().join(format!("handoff-py-{dead}-0"));
+        let live = tmp
+            .path()
+            .join(format!("handoff-py-{}-3", std::process::id()));
+        let other = tmp.path().join("handoff-pyx");
+        for d in [&gone, &live, &other] {
+            std::fs::create_dir_all(d).unwrap();
+            std::fs::write(d.join("in0.bin"), b"x").unwrap();
+        }
+        super::sweep_stale_scratch(tmp.path());
+        assert!(!gone.exists());
+        assert!(live.exists());
+        assert!(other.exists());
     }
 }
