@@ -332,7 +332,9 @@ fn classify(msg: String) -> BackendError {
 
 /// Removes the scratch directories of workers whose process is gone: a case
 /// killed at its timeout or by a signal cannot run its drops. Where there is
-/// no `/proc` to ask, nothing is removed.
+/// no `/proc` to ask, nothing is removed; nor is a directory changed in the
+/// last [`STALE_AFTER`] (a process in another PID namespace that shares
+/// this `/tmp` is not in our `/proc`).
 fn sweep_stale_scratch(tmp: &std::path::Path) {
     let proc = std::path::Path::new("/proc");
     if !proc.join("self").exists() {
@@ -351,11 +353,19 @@ fn sweep_stale_scratch(tmp: &std::path::Path) {
         else {
             continue;
         };
-        if pid != std::process::id() && !proc.join(pid.to_string()).exists() {
+        let old = entry
+            .metadata()
+            .and_then(|m| m.modified())
+            .ok()
+            .and_then(|t| t.elapsed().ok())
+            .is_some_and(|age| age >= STALE_AFTER);
+        if old && pid != std::process::id() && !proc.join(pid.to_string()).exists() {
             let _ = std::fs::remove_dir_all(entry.path());
         }
     }
 }
+
+const STALE_AFTER: std::time::Duration = std::time::Duration::from_secs(3600);
 
 impl Drop for Worker {
     fn drop(&mut self) {
@@ -466,8 +476,9 @@ impl Prepared for Worker {
 
 #[cfg(test)]
 mod tests {
-    /// A worker killed at its timeout leaves its scratch directory; the
-    /// next process removes it, and keeps those of live processes.
+    /// A worker killed at its timeout leaves its scratch directory; a later
+    /// process removes it once it is an hour old, and keeps those of live
+    /// processes and recent ones.
     #[test]
     fn scratch_of_a_dead_worker_is_removed_and_a_live_ones_kept() {
         let tmp = tempfile::tempdir().unwrap();
@@ -475,16 +486,25 @@ mod tests {
         let dead = child.id();
         child.wait().unwrap();
         let gone = tmp.path().join(format!("handoff-py-{dead}-0"));
+        let recent = tmp.path().join(format!("handoff-py-{dead}-1"));
         let live = tmp
             .path()
             .join(format!("handoff-py-{}-3", std::process::id()));
         let other = tmp.path().join("handoff-pyx");
-        for d in [&gone, &live, &other] {
+        for d in [&gone, &recent, &live, &other] {
             std::fs::create_dir_all(d).unwrap();
             std::fs::write(d.join("in0.bin"), b"x").unwrap();
         }
+        let two_hours_ago = std::time::SystemTime::now() - std::time::Duration::from_secs(7200);
+        for d in [&gone, &live, &other] {
+            std::fs::File::open(d)
+                .unwrap()
+                .set_modified(two_hours_ago)
+                .unwrap();
+        }
         super::sweep_stale_scratch(tmp.path());
         assert!(!gone.exists());
+        assert!(recent.exists());
         assert!(live.exists());
         assert!(other.exists());
     }
