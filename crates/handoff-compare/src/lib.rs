@@ -29,14 +29,20 @@ pub enum Metric {
 }
 
 impl Metric {
-    /// The quantile of a tail metric (`None` for p50 and the mean).
-    fn tail_quantile(self) -> Option<f64> {
+    /// The quantile the metric reads (`None` for the mean).
+    fn quantile(self) -> Option<f64> {
         match self {
+            Metric::P50 => Some(0.5),
             Metric::P90 => Some(0.90),
             Metric::P95 => Some(0.95),
             Metric::P99 => Some(0.99),
-            Metric::P50 | Metric::Mean => None,
+            Metric::Mean => None,
         }
+    }
+
+    /// The quantile of a tail metric (`None` for p50 and the mean).
+    fn tail_quantile(self) -> Option<f64> {
+        self.quantile().filter(|q| *q > 0.5)
     }
 
     fn name(self) -> &'static str {
@@ -360,12 +366,9 @@ fn group(run: &Run) -> BTreeMap<String, Vec<&ResultRecord>> {
 fn metric_of(samples: &[f64], metric: Metric) -> f64 {
     let mut s = samples.to_vec();
     s.sort_by(f64::total_cmp);
-    match metric {
-        Metric::P50 => handoff_stats::quantile_sorted(&s, 0.5),
-        Metric::P90 => handoff_stats::quantile_sorted(&s, 0.90),
-        Metric::P95 => handoff_stats::quantile_sorted(&s, 0.95),
-        Metric::P99 => handoff_stats::quantile_sorted(&s, 0.99),
-        Metric::Mean => s.iter().sum::<f64>() / s.len() as f64,
+    match metric.quantile() {
+        Some(q) => handoff_stats::quantile_sorted(&s, q),
+        None => s.iter().sum::<f64>() / s.len() as f64,
     }
 }
 
@@ -524,10 +527,10 @@ fn compare_case(
         row.verdict = decide_busy(ratio, [est.lo, est.hi], threshold);
         row.note = with_changes(busy);
     }
-    if let Some(q) = opts.metric.tail_quantile() {
+    if opts.metric.tail_quantile().is_some() {
         let shares = [outlier_share(&bs), outlier_share(&hs)];
         row.outliers = Some(shares);
-        if let Some(t) = tail_note(opts.metric, q, shares) {
+        if let Some(t) = tail_note(opts.metric, shares) {
             row.note = Some(match row.note.take() {
                 Some(n) => format!("{n}; {t}"),
                 None => t,
@@ -548,18 +551,17 @@ fn outlier_share(samples: &[f64]) -> f64 {
     if samples.is_empty() {
         return 0.0;
     }
-    let mut s = samples.to_vec();
-    s.sort_by(f64::total_cmp);
-    let cut = OUTLIER_FACTOR * handoff_stats::quantile_sorted(&s, 0.5);
-    s.iter().filter(|x| **x > cut).count() as f64 / s.len() as f64
+    let cut = OUTLIER_FACTOR * handoff_stats::median(samples);
+    samples.iter().filter(|x| **x > cut).count() as f64 / samples.len() as f64
 }
 
-/// Why a tail quantile `q` cannot be trusted: when outliers make up more
+/// Why a tail metric cannot be trusted: when outliers make up more
 /// than half of the runs above it, the quantile sits where they begin and
 /// moves with how many each side happened to meet (a p99 gate here raised a
 /// false alarm at 1.9% and missed 10% more work at intervals of +-6-15%),
 /// not with the model.
-fn tail_note(metric: Metric, q: f64, [base, head]: [f64; 2]) -> Option<String> {
+fn tail_note(metric: Metric, [base, head]: [f64; 2]) -> Option<String> {
+    let q = metric.tail_quantile()?;
     // 1e-9: 1 - 0.9 is a little under 0.1 in binary.
     (base.max(head) > (1.0 - q) / 2.0 + 1e-9).then(|| {
         let m = metric.name();
