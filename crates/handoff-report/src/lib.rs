@@ -52,7 +52,26 @@ pub fn terminal_table(records: &[ResultRecord]) -> String {
     for r in &rows {
         line(r, &mut out);
     }
+    if let Some(note) = max_time_note(records) {
+        let _ = writeln!(out, "{note}");
+    }
     out
+}
+
+/// Said once under a table instead of on every row: on a 2-vCPU machine
+/// most cases use their whole `max_time`, and the ±CI column already shows
+/// how wide each interval ended.
+pub fn max_time_note(records: &[ResultRecord]) -> Option<String> {
+    let n = records
+        .iter()
+        .filter(|r| r.status == Status::Ok && r.stop == Some(handoff_results::StopReason::MaxTime))
+        .count();
+    (n > 0).then(|| {
+        format!(
+            "{n} of {} case(s) used their `max_time` before the p50's 95% CI reached the suite's `target_ci`: their ±CI is as narrow as that time allowed.",
+            records.len()
+        )
+    })
 }
 
 /// `seq=128`-style items of a case's symbolic dims.
@@ -98,9 +117,6 @@ fn notes(r: &ResultRecord) -> String {
                 "BUSY machine ({:.1} cores used by others)",
                 r.machine.as_ref().map_or(0.0, |m| m.other_cpu_cores)
             ));
-        }
-        if r.stop == Some(handoff_results::StopReason::MaxTime) {
-            n.push("CI target not met (max_time)".into());
         }
     }
     if let (Some(inner), Some(lat)) = (&r.inner_latency_ms, &r.latency_ms) {
@@ -233,6 +249,9 @@ pub fn summary_markdown(
         let _ = writeln!(out, "{}\n", escape_md(&line));
     }
     if let Some(note) = paired::measurement_note(ctx, records) {
+        let _ = writeln!(out, "{note}\n");
+    }
+    if let Some(note) = max_time_note(records) {
         let _ = writeln!(out, "{note}\n");
     }
     if !ctx.not_run.is_empty() {
@@ -402,19 +421,20 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
         );
     }
     scaling_section(out, &m.rows, m.id);
-    out.push_str("| backend | threads | batch | dims | status | p50 ms | p99 ms | items/s | parity max abs | notes |\n");
-    out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---|\n");
+    out.push_str("| backend | threads | batch | dims | status | p50 ms | ±95% CI | p99 ms | items/s | parity max abs | notes |\n");
+    out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|\n");
     for r in &m.rows {
         let row = Row::of(r);
         let _ = writeln!(
             out,
-            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
+            "| {} | {} | {} | {} | {} | {} | {} | {} | {} | {} | {} |",
             label(r),
             row.threads,
             row.batch,
             escape_md(&row.dims),
             row.status,
             row.p50,
+            row.ci,
             row.p99,
             row.rate,
             r.parity
