@@ -103,21 +103,41 @@ pub(crate) fn backend_label(r: &ResultRecord) -> String {
 }
 
 fn notes(r: &ResultRecord) -> String {
+    let mut n = other_notes(r);
+    n.extend(accuracy_note(r));
+    n.join("; ")
+}
+
+/// A precision variant's accuracy gate, as a note: the same for every row of
+/// the variant unless a row's gate was recomputed elsewhere.
+fn accuracy_note(r: &ResultRecord) -> Option<String> {
+    let a = r.accuracy.as_ref()?;
+    Some(format!(
+        "{}{}: cos {:.4} vs fp32{}{}",
+        if a.passed { "" } else { "ACCURACY-FAIL " },
+        a.variant,
+        a.min_cosine,
+        if a.size_bytes > 0 {
+            format!(", {:.1} MB", a.size_bytes as f64 / 1e6)
+        } else {
+            String::new()
+        },
+        a.regate_note()
+            .map_or_else(String::new, |w| format!(" ({w})"))
+    ))
+}
+
+/// Every note of a row but its accuracy gate's.
+fn other_notes(r: &ResultRecord) -> Vec<String> {
     let mut n = Vec::new();
-    if r.status != Status::Ok {
-        if let Some(reason) = &r.reason {
-            n.push(reason.clone());
-        }
-    } else {
-        if let Some(reason) = &r.reason {
-            n.push(reason.clone());
-        }
-        if r.machine.as_ref().is_some_and(|m| m.busy) {
-            n.push(format!(
-                "BUSY machine ({:.1} cores used by others)",
-                r.machine.as_ref().map_or(0.0, |m| m.other_cpu_cores)
-            ));
-        }
+    if let Some(reason) = &r.reason {
+        n.push(reason.clone());
+    }
+    if r.status == Status::Ok && r.machine.as_ref().is_some_and(|m| m.busy) {
+        n.push(format!(
+            "BUSY machine ({:.1} cores used by others)",
+            r.machine.as_ref().map_or(0.0, |m| m.other_cpu_cores)
+        ));
     }
     if let (Some(inner), Some(lat)) = (&r.inner_latency_ms, &r.latency_ms) {
         n.push(format!(
@@ -130,22 +150,7 @@ fn notes(r: &ResultRecord) -> String {
     if let Some(e) = r.expected.as_ref().filter(|e| e.ok) {
         n.push(format!("{}: ok, max abs {:.0e}", e.reference, e.max_abs));
     }
-    if let Some(a) = &r.accuracy {
-        n.push(format!(
-            "{}{}: cos {:.4} vs fp32{}{}",
-            if a.passed { "" } else { "ACCURACY-FAIL " },
-            a.variant,
-            a.min_cosine,
-            if a.size_bytes > 0 {
-                format!(", {:.1} MB", a.size_bytes as f64 / 1e6)
-            } else {
-                String::new()
-            },
-            a.regate_note()
-                .map_or_else(String::new, |w| format!(" ({w})"))
-        ));
-    }
-    n.join("; ")
+    n
 }
 
 /// A case's cells as the terminal table and summary.md show them.
@@ -421,6 +426,21 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
         );
     }
     scaling_section(out, &m.rows, m.id);
+    // A variant's passed gate is one fact about its file: said once above
+    // the table rather than on every row, unless rows differ. A failed gate
+    // stays on every row it disqualifies.
+    let gates: Vec<Option<String>> = m.rows.iter().map(|r| accuracy_note(r)).collect();
+    let passed = m
+        .rows
+        .iter()
+        .all(|r| r.accuracy.as_ref().is_some_and(|a| a.passed));
+    let shared_gate = match gates.first() {
+        Some(Some(first)) if passed && gates.iter().all(|g| g.as_ref() == Some(first)) => {
+            let _ = writeln!(out, "Accuracy gate of every row: {}.\n", escape_md(first));
+            true
+        }
+        _ => false,
+    };
     out.push_str("| backend | threads | batch | dims | status | p50 ms | ±95% CI | p99 ms | items/s | parity max abs | notes |\n");
     out.push_str("|---|---:|---:|---|---|---:|---:|---:|---:|---:|---|\n");
     for r in &m.rows {
@@ -440,7 +460,11 @@ fn model_markdown(out: &mut String, m: &ModelSummary<'_>) {
             r.parity
                 .as_ref()
                 .map_or("-".into(), |p| format!("{:.1e}", p.max_abs)),
-            escape_md(&row.notes),
+            escape_md(&if shared_gate {
+                other_notes(r).join("; ")
+            } else {
+                row.notes
+            }),
         );
     }
     out.push('\n');

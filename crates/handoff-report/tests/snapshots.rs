@@ -275,6 +275,79 @@ fn the_variants_table_says_what_stays_fp32() {
     );
 }
 
+/// A variant's gate is stated once above its section's table when every
+/// row shares it and it passed; a failed gate stays on every row.
+#[test]
+fn a_shared_passed_gate_is_said_once_and_a_failed_one_on_every_row() {
+    let variant_rows = |passed: bool| -> Vec<ResultRecord> {
+        fixture()
+            .into_iter()
+            .filter(|r| r.case.model == "mlp" && r.case.backend == "ort")
+            .map(|mut r| {
+                r.case.model = "mlp@int8-dynamic".into();
+                r.case.id = r.case.id.replacen("mlp", "mlp@int8-dynamic", 1);
+                r.accuracy = Some(handoff_results::Accuracy {
+                    variant: "int8-dynamic".into(),
+                    compared: "output `y`: variant on ort vs fp32 on ort, 1 thread".into(),
+                    min_cosine: if passed { 0.9974 } else { 0.9871 },
+                    max_abs: 0.1,
+                    threshold_min_cosine: 0.995,
+                    label_agreement: None,
+                    passed,
+                    size_bytes: 23_000_000,
+                    fp32_size_bytes: 90_300_000,
+                    cpu_class: Some("x86-avx2".into()),
+                    built: None,
+                    kept_fp32: None,
+                });
+                r
+            })
+            .collect()
+    };
+    let section = |md: &str| -> String {
+        let start = md
+            .find("## mlp@int8-dynamic")
+            .expect("the variant's section");
+        md[start..].to_owned()
+    };
+    let rows = |md: &str, needle: &str| {
+        md.lines()
+            .filter(|l| l.starts_with("| ort |") && l.contains(needle))
+            .count()
+    };
+
+    let ok = section(&handoff_report::summary_markdown(
+        "q",
+        &variant_rows(true),
+        false,
+        &Default::default(),
+    ));
+    assert_eq!(
+        ok.matches("int8-dynamic: cos 0.9974 vs fp32, 23.0 MB")
+            .count(),
+        1,
+        "{ok}"
+    );
+    assert!(
+        ok.contains("Accuracy gate of every row: int8-dynamic: cos 0.9974"),
+        "{ok}"
+    );
+    assert_eq!(rows(&ok, "cos 0.9974"), 0, "{ok}");
+
+    let failed = section(&handoff_report::summary_markdown(
+        "q",
+        &variant_rows(false),
+        false,
+        &Default::default(),
+    ));
+    assert!(!failed.contains("Accuracy gate of every row"), "{failed}");
+    assert_eq!(
+        rows(&failed, "ACCURACY-FAIL int8-dynamic: cos 0.9871"),
+        4,
+        "{failed}"
+    );
+}
+
 /// A lowered copy (made for a backend that lacks an op of the model) is
 /// that backend's form of the model: its rows join the model's section,
 /// marked, rather than a section of its own whose only backend "wins".
