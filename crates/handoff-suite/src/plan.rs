@@ -165,7 +165,7 @@ fn default_processes() -> u32 {
 }
 
 /// More processes per case than this are refused: each holds a session.
-pub const MAX_PROCESSES: u32 = 8;
+pub const MAX_PROCESSES: u32 = 32;
 
 /// Short blocks pair better: these VMs' speed moves within a second, so two
 /// cases' blocks should be close in time (a 1 s `min_time` gives 33 ms blocks,

@@ -329,7 +329,7 @@ pub struct RawMeasure {
     /// comes from the block medians, so it needs at least 3.
     pub rounds: Option<u32>,
     /// Interleaved measurement: worker processes per case (default 2, at
-    /// most 8), used in turn from round to round. Each process has a speed
+    /// most 32), used in turn from round to round. Each process has a speed
     /// of its own for its whole life; with two or more, the spread between
     /// them is estimated across the group and widens the CIs. 1 saves
     /// preparation time and memory, but its CIs cannot see that spread.

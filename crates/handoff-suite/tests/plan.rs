@@ -195,7 +195,7 @@ fn bad_duration_names_the_field() {
 #[test]
 fn measure_limits_are_reported_together() {
     insta::assert_snapshot!(errors(&format!(
-        "{BASE}measure:\n  rounds: 2\n  processes: 9\n"
+        "{BASE}measure:\n  rounds: 2\n  processes: 33\n"
     )));
 }
 
