@@ -23,7 +23,8 @@ for p in "$p1" "$p2"; do
   sed -e 's/^threads: \[1, 2\]/threads: [2]/' \
     -e "s/processes: [0-9]*,/processes: $p,/" \
     -e "s/^name: aa/name: aa-t2-p$p/" suites/aa.yaml > "$out/aa-p$p.yaml"
-  grep -q "processes: $p," "$out/aa-p$p.yaml" && grep -q "^threads: \[2\]" "$out/aa-p$p.yaml"
+  grep -q "processes: $p," "$out/aa-p$p.yaml"
+  grep -q "^threads: \[2\]" "$out/aa-p$p.yaml"
 done
 for i in $(seq 1 "$n"); do
   for p in "$p1" "$p2"; do
