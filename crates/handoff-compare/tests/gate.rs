@@ -188,6 +188,65 @@ fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
     assert!(!md.contains("separate runs"), "{md}");
 }
 
+/// A stretch of consecutive slow runs (the host stalling the VM) sets the
+/// p99 of whichever side met it; a tail gate of an interleaved run, when
+/// asked, sets it aside on both sides and says how many runs it left out.
+#[test]
+fn a_tail_gate_sets_host_stalls_aside_and_counts_them() {
+    let mut base = ab_side("m.base", 1.0, 1.0);
+    for s in &mut base.samples_ms[45..51] {
+        *s = 1.6;
+    }
+    let gate = |set_stalls_aside| {
+        let opts = Options {
+            metric: handoff_compare::Metric::P99,
+            threshold: 0.02,
+            set_stalls_aside,
+            ..Options::default()
+        };
+        let c = handoff_compare::compare_ab(
+            &run(vec![base.clone(), ab_side("m.head", 1.1, 1.0)]),
+            "m",
+            &opts,
+        );
+        assert_eq!(c.rows.len(), 1, "{:?}", c.rows);
+        c
+    };
+    let c = gate(true);
+    let row = &c.rows[0];
+    assert_eq!(row.verdict, Verdict::Regressed, "{row:?}");
+    assert!((row.ratio.unwrap() - 1.1).abs() < 0.01, "{row:?}");
+    let note = row.note.clone().unwrap_or_default();
+    assert!(
+        note.contains("host stalls set aside (3+ consecutive runs over 1.3x the median): base 6 runs in 1 stretch(es), head none"),
+        "{note}"
+    );
+    assert!(handoff_compare::markdown(&c).contains("Host stalls were set aside first"));
+    // Kept, the stall is base's p99 and hides the 10%.
+    let row = &gate(false).rows[0];
+    assert_ne!(row.verdict, Verdict::Regressed, "{row:?}");
+    assert_eq!(row.stalls, None);
+    // Many more stretches on head's side may be the model's own: said.
+    let mut head = ab_side("m.head", 1.0, 1.0);
+    for at in [25, 105, 205] {
+        for s in &mut head.samples_ms[at..at + 4] {
+            *s = 1.6;
+        }
+    }
+    let opts = Options {
+        metric: handoff_compare::Metric::P99,
+        threshold: 0.02,
+        set_stalls_aside: true,
+        ..Options::default()
+    };
+    let c = handoff_compare::compare_ab(&run(vec![ab_side("m.base", 1.0, 1.0), head]), "m", &opts);
+    let note = c.rows[0].note.clone().unwrap_or_default();
+    assert!(
+        note.contains("base none, head 12 runs in 3 stretch(es); head met 3 stall stretches against base's 0: if the model causes them, gate without `--set-stalls-aside`"),
+        "{note}"
+    );
+}
+
 /// p90 is read from the body of the distribution: a change in the slowest
 /// 5% of runs alone leaves it unchanged (and regresses p99), a 10% slower
 /// body regresses it.

@@ -112,6 +112,8 @@ impl CompareCmd {
             noise_k,
             allow_env_mismatch,
             allow_missing,
+            // Separate runs have no paired rounds to set stalls aside from.
+            set_stalls_aside: false,
         };
         let b = handoff_compare::Run::load(&base)?;
         let h = handoff_compare::Run::load(&head)?;
@@ -204,6 +206,11 @@ pub struct AbCmd {
     /// another --metric or --threshold); its ab.md is left as it was.
     #[arg(long, requires = "out")]
     pub gate_only: bool,
+    /// With a tail metric (p90, p95, p99, mean): leave host stalls out on
+    /// both sides (stretches of 3+ consecutive runs of a block over 1.3x
+    /// the median); the note counts them.
+    #[arg(long)]
+    pub set_stalls_aside: bool,
 }
 
 impl AbCmd {
@@ -223,10 +230,17 @@ impl AbCmd {
             json,
             quiet,
             gate_only,
+            set_stalls_aside,
         } = self;
+        let opts = handoff_compare::Options {
+            threshold,
+            metric: metric.into(),
+            set_stalls_aside,
+            ..Default::default()
+        };
         if gate_only {
             let out = out.expect("clap requires --out with --gate-only");
-            return gate(&out, &model, threshold, metric, markdown, json, false);
+            return gate(&out, &model, &opts, markdown, json, false);
         }
         let text = std::fs::read_to_string(&suite)
             .with_context(|| format!("cannot read {}", suite.display()))?;
@@ -282,7 +296,7 @@ impl AbCmd {
         if code != ExitCode::SUCCESS {
             return Ok(code);
         }
-        gate(&out, &model, threshold, metric, markdown, json, true)
+        gate(&out, &model, &opts, markdown, json, true)
     }
 }
 
@@ -292,19 +306,13 @@ impl AbCmd {
 fn gate(
     out: &Path,
     model: &str,
-    threshold: f64,
-    metric: MetricArg,
+    opts: &handoff_compare::Options,
     markdown: Option<PathBuf>,
     json: Option<PathBuf>,
     save: bool,
 ) -> Result<ExitCode> {
     let run = handoff_compare::Run::load(out)?;
-    let opts = handoff_compare::Options {
-        threshold,
-        metric: metric.into(),
-        ..Default::default()
-    };
-    let c = handoff_compare::compare_ab(&run, model, &opts);
+    let c = handoff_compare::compare_ab(&run, model, opts);
     // compare_ab's own matching decides which cases belong to the model.
     if c.rows.is_empty() {
         anyhow::bail!(
