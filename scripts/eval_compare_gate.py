@@ -1,7 +1,8 @@
 """Summarises scripts/eval_compare_gate.sh: per set of `handoff ab` runs,
 how many runs regressed, per case and in all, with the changes measured,
 and how many of the runs were outliers (beyond 1.3x their case's median:
-a tail quantile with more than half its tail among them moves with them)."""
+a tail quantile with more than half its tail among them moves with them),
+and in how many runs a gate with `--set-stalls-aside` left some out."""
 import json
 import statistics
 import sys
@@ -32,6 +33,8 @@ sets = {
     "slow-p50": ("+5% FLOPs head, p50", "detected"),
     "aa-p99": ("same file, p99", "false regression"),
     "slow-p99": ("+10% FLOPs head, p99", "detected"),
+    "aa-p99s": ("same file, p99, host stalls set aside (the p99 runs)", "false regression"),
+    "slow-p99s": ("+10% FLOPs head, p99, host stalls set aside (the p99 runs)", "detected"),
     "aa-p95": ("same file, p95 (the p99 runs)", "false regression"),
     "slow-p95": ("+10% FLOPs head, p95 (the p99 runs)", "detected"),
     "aa-p90": ("same file, p90 (the p99 runs)", "false regression"),
@@ -59,10 +62,10 @@ def outliers(run):
 targets = {
     f"{side}-{m}": ("<= 1/20" if side == "aa" else ">= 19/20")
     for side in ("aa", "slow")
-    for m in ("p50", "p90", "p95", "p99")
+    for m in ("p50", "p90", "p95", "p99", "p99s")
 }
-print("| set | runs | runs with a regression | target | case | regressed | improved | other verdicts | CI covers no change | median change | median CI half-width | outliers: median, max |")
-print("|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---|")
+print("| set | runs | runs with a regression | target | case | regressed | improved | other verdicts | CI covers no change | median change | median CI half-width | outliers: median, max | runs with stalls set aside |")
+print("|---|---:|---:|---|---|---:|---:|---|---:|---:|---:|---|---:|")
 def spread(v):
     return f"{statistics.median(v) * 100:.2f}%, {max(v) * 100:.2f}%" if v else "-"
 
@@ -81,7 +84,7 @@ for name, (what, _) in sets.items():
         for r in rows:
             per_case[r["id"]].append(r)
         # p90 and p95 are gated again on the p99 runs' samples.
-        measured = out / f"{name.replace('-p90', '-p99').replace('-p95', '-p99')}-{i}"
+        measured = out / f"{name.replace('-p90', '-p99').replace('-p95', '-p99').replace('-p99s', '-p99')}-{i}"
         for case, share in outliers(measured).items():
             shares[case].append(share)
     first = True
@@ -94,10 +97,12 @@ for name, (what, _) in sets.items():
         changes = [r["ratio"] - 1 for r in rs if r.get("ratio")]
         covers = sum(1 for r in rs if r.get("ratio_ci95") and r["ratio_ci95"][0] <= 1 <= r["ratio_ci95"][1])
         half = [(r["ratio_ci95"][1] - r["ratio_ci95"][0]) / 2 for r in rs if r.get("ratio_ci95")]
+        stalled = sum(1 for r in rs if any(s["runs"] for s in r.get("stalls") or []))
+        stalls = f"{stalled}/{len(rs)}" if any("stalls" in r for r in rs) else "-"
         print(
             f"| {name + ': ' + what if first else ''} | {runs if first else ''} | {any_reg if first else ''} | {targets[name] if first else ''} "
             f"| {case} | {verdicts['regressed']} | {verdicts['improved']} | {other or '-'} | {covers}/{len(rs)} "
             f"| {statistics.median(changes) * 100:+.1f}% | ±{statistics.median(half) * 100:.1f}% "
-            f"| {spread(shares[case])} |"
+            f"| {spread(shares[case])} | {stalls} |"
         )
         first = False

@@ -14,7 +14,8 @@
 # P99_RUNS=K runs the two p99 sets K times instead of N, P50_RUNS=K the
 # p50 sets. The p99 runs are then gated again on p95 and p90 (`handoff ab
 # --gate-only`: the same samples, nothing measured again) as the sets
-# aa-p95, slow-p95, aa-p90 and slow-p90.
+# aa-p95, slow-p95, aa-p90 and slow-p90, and on p99 with host stalls set
+# aside (`--set-stalls-aside`) as aa-p99s and slow-p99s.
 # HANDOFF_BIN picks the binary (default target/release/handoff, built if
 # missing). A run directory that is complete is not measured again, so an
 # interrupted evaluation continues where it stopped.
@@ -86,13 +87,16 @@ for i in $(seq 1 "$n"); do
 done
 for i in $(seq 1 "$k"); do
   for set in aa:d20 slow:d22; do
-    for metric in p95 p90; do
+    # p99s: p99 again with host stalls set aside, to show what that changes.
+    for metric in p95 p90 p99s; do
       run="$out/${set%%:*}-p99-$i" dir="$out/${set%%:*}-$metric-$i"
       if [ ! -s "$run/ab.json" ] || [ -s "$dir/ab.json" ]; then continue; fi
       mkdir -p "$dir"
+      flags=(--metric "${metric%s}")
+      if [ "$metric" = p99s ]; then flags+=(--set-stalls-aside); fi
       code=0
       (cd "$out" && "$bin" ab gate.yaml --model enc --base d20.onnx --head "${set#*:}.onnx" \
-        --out "$run" --gate-only --metric "$metric" --json "$dir/ab.json" >/dev/null) || code=$?
+        --out "$run" --gate-only "${flags[@]}" --json "$dir/ab.json" >/dev/null) || code=$?
       if [ "$code" -gt 1 ]; then
         echo "handoff ab --gate-only exited $code" >&2
         exit "$code"
