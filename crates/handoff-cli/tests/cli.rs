@@ -983,6 +983,19 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
         std::fs::read(d.join("grown/results.jsonl")).unwrap(),
         measured
     );
+    // p99 with host stalls set aside gates the same run; on p50 the flag
+    // would do nothing and is refused.
+    let o = regate("mlp", &["--metric", "p99", "--set-stalls-aside"]);
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert_eq!(o.status.code(), Some(1), "{md}");
+    assert!(md.contains("Host stalls were set aside first"), "{md}");
+    let o = regate("mlp", &["--set-stalls-aside"]);
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert_eq!(o.status.code(), Some(2), "{err}");
+    assert!(
+        err.contains("--set-stalls-aside applies to a tail metric"),
+        "{err}"
+    );
     // A model the run did not measure is an error, not an empty pass.
     let o = regate("mlpp", &[]);
     let err = String::from_utf8_lossy(&o.stderr);

@@ -232,6 +232,13 @@ impl AbCmd {
             gate_only,
             set_stalls_aside,
         } = self;
+        if set_stalls_aside && matches!(metric, MetricArg::P50) {
+            // p50 comes from per-round medians, which a stall of a few runs
+            // barely moves: the flag would do nothing, so say so.
+            anyhow::bail!(
+                "--set-stalls-aside applies to a tail metric (--metric p90, p95, p99 or mean); p50 is read from the rounds' medians"
+            );
+        }
         let opts = handoff_compare::Options {
             threshold,
             metric: metric.into(),
