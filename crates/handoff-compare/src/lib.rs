@@ -335,6 +335,14 @@ fn env_differences(base: &Run, head: &Run) -> Vec<String> {
 
 /// Compares head with base.
 pub fn compare(base: &Run, head: &Run, opts: &Options) -> Result<Comparison, CompareError> {
+    let mut c = compare_rows(base, head, opts)?;
+    add_tail_notes(&mut c);
+    Ok(c)
+}
+
+/// [`compare`] before the tail notes, which are written last from each
+/// row's final outlier shares.
+fn compare_rows(base: &Run, head: &Run, opts: &Options) -> Result<Comparison, CompareError> {
     let env_differences = env_differences(base, head);
     if !env_differences.is_empty() && !opts.allow_env_mismatch {
         return Err(CompareError::EnvMismatch(env_differences));
@@ -537,16 +545,22 @@ fn compare_case(
         row.note = with_changes(busy);
     }
     if opts.metric.tail_quantile().is_some() {
-        let shares = [outlier_share(&bs), outlier_share(&hs)];
-        row.outliers = Some(shares);
-        if let Some(t) = tail_note(opts.metric, shares) {
+        row.outliers = Some([outlier_share(&bs), outlier_share(&hs)]);
+    }
+    row
+}
+
+/// Appends to each row of a tail metric why its quantile cannot be
+/// trusted, when [`tail_note`] finds that outliers set it.
+fn add_tail_notes(c: &mut Comparison) {
+    for row in &mut c.rows {
+        if let Some(t) = row.outliers.and_then(|o| tail_note(c.metric, o)) {
             row.note = Some(match row.note.take() {
                 Some(n) => format!("{n}; {t}"),
                 None => t,
             });
         }
     }
-    row
 }
 
 /// Runs slower than this multiple of their case's median are outliers for
@@ -665,7 +679,7 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
         }
     };
     let (base, head) = (side(&base_id), side(&head_id));
-    let mut c = compare(
+    let mut c = compare_rows(
         &base,
         &head,
         &Options {
@@ -716,6 +730,7 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
             row.verdict = decide_busy(ratio, ci95, floor);
         }
     }
+    add_tail_notes(&mut c);
     c
 }
 
@@ -789,20 +804,10 @@ fn paired_estimate(
 }
 
 /// Puts what a tail metric of an interleaved run measured on `row`: the
-/// stalls it set aside and the outliers among the runs it kept (replacing
-/// the note [`compare`] wrote from all runs).
+/// stalls it set aside and the outliers among the runs it kept (from which
+/// the tail note is written last).
 fn restate_tail(row: &mut Row, metric: Metric, stalls: [Stalls; 2], shares: [f64; 2]) {
-    let old = row.outliers.and_then(|o| tail_note(metric, o));
-    let mut parts: Vec<String> = row
-        .note
-        .take()
-        .map(|n| match &old {
-            Some(t) => n.replace(&format!("; {t}"), "").replace(t.as_str(), ""),
-            None => n,
-        })
-        .filter(|n| !n.is_empty())
-        .into_iter()
-        .collect();
+    let mut parts: Vec<String> = row.note.take().into_iter().collect();
     if stalls.iter().any(|s| s.runs > 0) {
         let side = |s: Stalls| match s.runs {
             0 => "none".to_string(),
@@ -826,7 +831,6 @@ fn restate_tail(row: &mut Row, metric: Metric, stalls: [Stalls; 2], shares: [f64
         row.outliers = Some(shares);
     }
     row.stalls = Some(stalls);
-    parts.extend(tail_note(metric, shares));
     row.note = (!parts.is_empty()).then(|| parts.join("; "));
 }
 
