@@ -984,11 +984,31 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
         measured
     );
     // p99 with host stalls set aside gates the same run; on p50 the flag
-    // would do nothing and is refused.
-    let o = regate("mlp", &["--metric", "p99", "--set-stalls-aside"]);
+    // would do nothing and is refused. Ten short rounds measured while the
+    // other tests load the machine leave p99's CI wide enough to be
+    // inconclusive at times, so this checks the wiring, not the verdict
+    // (the gate's tests check the verdict on fixed samples).
+    let o = regate(
+        "mlp",
+        &[
+            "--metric",
+            "p99",
+            "--set-stalls-aside",
+            "--json",
+            "p99.json",
+        ],
+    );
     let md = String::from_utf8_lossy(&o.stdout);
-    assert_eq!(o.status.code(), Some(1), "{md}");
+    assert!(matches!(o.status.code(), Some(0 | 1)), "{md}");
     assert!(md.contains("Host stalls were set aside first"), "{md}");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("p99.json")).unwrap()).unwrap();
+    let row = &c["rows"][0];
+    assert_eq!(row["id"], "mlp/ort/cpu/t1/b8", "{row}");
+    assert!(row["stalls"].is_array(), "{row}");
+    let regressed = row["verdict"] == "regressed";
+    assert_eq!(o.status.code() == Some(1), regressed, "{md}");
+    assert!(regressed || row["verdict"] == "inconclusive", "{md}");
     let o = regate("mlp", &["--set-stalls-aside"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
