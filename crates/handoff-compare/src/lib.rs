@@ -778,28 +778,27 @@ fn paired_estimate(
         handoff_results::pairs::round_samples(a)?,
         handoff_results::pairs::round_samples(b)?,
     );
-    let stat = |s: &[f64]| metric_of(s, metric);
-    if !set_stalls_aside {
-        let est = handoff_stats::compare::paired_round_bootstrap(&ra, &rb, stat, 0x5eed)?;
-        return Some(Paired {
-            ratio: est.ratio,
-            ci95: [est.lo, est.hi],
-            stalls: None,
-        });
-    }
-    let aside =
-        |r: &[&[f64]]| handoff_stats::compare::without_host_stalls(r, OUTLIER_FACTOR, STALL_RUNS);
-    let ((ka, sa), (kb, sb)) = (aside(&ra), aside(&rb));
-    let (sla, slb): (Vec<&[f64]>, Vec<&[f64]>) = (
+    let (ka, kb, stalls) = if set_stalls_aside {
+        let aside = |r: &[&[f64]]| {
+            handoff_stats::compare::without_host_stalls(r, OUTLIER_FACTOR, STALL_RUNS)
+        };
+        let ((ka, sa), (kb, sb)) = (aside(&ra), aside(&rb));
+        (ka, kb, Some([sa, sb]))
+    } else {
+        let owned = |r: &[&[f64]]| r.iter().map(|s| s.to_vec()).collect::<Vec<_>>();
+        (owned(&ra), owned(&rb), None)
+    };
+    let (sa, sb): (Vec<&[f64]>, Vec<&[f64]>) = (
         ka.iter().map(Vec::as_slice).collect(),
         kb.iter().map(Vec::as_slice).collect(),
     );
-    let est = handoff_stats::compare::paired_round_bootstrap(&sla, &slb, stat, 0x5eed)?;
+    let stat = |s: &[f64]| metric_of(s, metric);
+    let est = handoff_stats::compare::paired_round_bootstrap(&sa, &sb, stat, 0x5eed)?;
     let share = |k: &[Vec<f64>]| outlier_share(&k.concat());
     Some(Paired {
         ratio: est.ratio,
         ci95: [est.lo, est.hi],
-        stalls: Some(([sa, sb], [share(&ka), share(&kb)])),
+        stalls: stalls.map(|s| (s, [share(&ka), share(&kb)])),
     })
 }
 
