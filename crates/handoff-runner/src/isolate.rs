@@ -169,7 +169,7 @@ pub fn run_in_process_linked(
     })) {
         Ok(r) => r,
         Err(panic) => {
-            let msg = handoff_backend::panic_message(&*panic);
+            let msg = handoff_backend::with_cuda_hint(handoff_backend::panic_message(&*panic));
             WorkerReport {
                 status: Some(Status::Failed),
                 reason: Some(format!("panic in backend: {msg}")),
@@ -294,16 +294,20 @@ impl Spawned {
                 }
                 Err(RecvTimeoutError::Timeout) => {}
             }
-            if start.elapsed() >= timeout || stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+            let stopped = stop.is_some_and(|s| s.load(Ordering::SeqCst));
+            if start.elapsed() >= timeout || stopped {
                 self.kill();
                 let tail = self.stderr_tail().0;
+                // A stopped case is not recorded (a resume runs it again);
+                // the reason only says what happened if it ever were.
+                let why = if stopped {
+                    "killed: the run was interrupted".to_owned()
+                } else {
+                    format!("killed after {:.0}s", timeout.as_secs_f64())
+                };
                 return Waited::Ended(WorkerReport {
                     status: Some(Status::Timeout),
-                    reason: Some(format!(
-                        "killed after {:.0}s{}",
-                        timeout.as_secs_f64(),
-                        tail_note(&tail)
-                    )),
+                    reason: Some(format!("{why}{}", tail_note(&tail))),
                     ..Default::default()
                 });
             }

@@ -349,6 +349,11 @@ pub fn run_group<'w>(
             }
         }
     }
+    // A stop that came during a block killed workers: their cells would
+    // read as timeouts they were not, and a resume would skip them.
+    if stop.is_some_and(|s| s.load(Ordering::SeqCst)) {
+        return None;
+    }
     // Everything the group's workers (and their children) did is the
     // group's own work; anything else is someone else's.
     let load = load_before.load_until(&crate::machine::CpuSnapshot::now());
@@ -604,6 +609,51 @@ mod tests {
         assert_eq!(measured(&out[0]), 20);
         assert_eq!(out[0].rounds.block_medians_ms.len(), 20);
         assert_eq!(out[1].rounds.block_medians_ms.len(), 20);
+    }
+
+    /// A worker killed by the stop flag in its first block, as a worker
+    /// process is when the run is interrupted.
+    struct Interrupted<'a>(&'a AtomicBool);
+
+    impl CaseWorker for Interrupted<'_> {
+        fn block(&mut self, _: f64, _: u64) -> Result<BlockResult, WorkerReport> {
+            self.0.store(true, Ordering::SeqCst);
+            Err(WorkerReport {
+                status: Some(crate::record::Status::Timeout),
+                reason: Some("killed".into()),
+                samples_ms: vec![1.0; 3],
+                ..Default::default()
+            })
+        }
+        fn finish(self: Box<Self>) -> WorkerReport {
+            WorkerReport::default()
+        }
+        fn pid(&self) -> Option<u32> {
+            None
+        }
+    }
+
+    #[test]
+    fn a_group_interrupted_inside_a_block_is_not_recorded() {
+        let policy = Measure {
+            warmup: Duration::ZERO,
+            min_iterations: 1,
+            max_iterations: 1_000_000,
+            min_time: Duration::from_millis(100),
+            max_time: Duration::from_secs(1),
+            target_ci: 0.0,
+            rounds: 3,
+            processes: 1,
+            settle: Duration::from_millis(50),
+        };
+        let stop = AtomicBool::new(false);
+        // Whichever case runs first, the interrupt ends every live worker.
+        let started: Vec<Result<Vec<Box<dyn CaseWorker>>, WorkerReport>> = vec![
+            Ok(vec![Box::new(Interrupted(&stop))]),
+            Ok(vec![Box::new(Interrupted(&stop))]),
+        ];
+        let out = run_group(started, &[1, 1], "g", &policy, 7, Some(&stop), &mut |_| {});
+        assert!(out.is_none());
     }
 
     #[test]
