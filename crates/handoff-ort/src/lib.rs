@@ -118,9 +118,13 @@ impl Backend for OrtBackend {
         }
         #[cfg(feature = "cuda")]
         if options.device == Device::Cuda {
+            // An f32 case computes in f32, as candle and tract do: TF32
+            // matmuls (10-bit mantissas) miss the parity check's 1e-3 on an
+            // encoder and would be a precision choice of their own.
             builder = builder
                 .with_execution_providers([ort::ep::CUDA::default()
                     .with_device_id(0)
+                    .with_tf32(false)
                     .build()
                     .error_on_failure()])
                 .map_err(|e| BackendError::Unavailable(format!("no CUDA device: {e}")))?;
