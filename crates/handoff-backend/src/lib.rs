@@ -323,6 +323,20 @@ pub fn panic_message(payload: &(dyn std::any::Any + Send)) -> String {
         .unwrap_or_else(|| "unknown panic".into())
 }
 
+/// `msg` with what to do about a CUDA error whose text alone does not say
+/// it: a stub `libcuda` (the link-time stand-in a CUDA toolkit ships in
+/// `lib64/stubs`) found before the driver's, which tract-cuda reports as
+/// "Could not find system default CUDA device".
+pub fn with_cuda_hint(msg: String) -> String {
+    if msg.contains("CUDA_ERROR_STUB_LIBRARY") {
+        format!(
+            "{msg} (a stub libcuda was loaded instead of the NVIDIA driver's: take the CUDA toolkit's `stubs` folder off LD_LIBRARY_PATH)"
+        )
+    } else {
+        msg
+    }
+}
+
 /// Pulls the op name out of a runtime's error text when it says an op is
 /// missing, so the cell reads `unsupported: op LayerNormalization`.
 pub fn unsupported_op_from_message(msg: &str) -> Option<String> {
@@ -351,6 +365,20 @@ pub fn unsupported_op_from_message(msg: &str) -> Option<String> {
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn a_stub_libcuda_is_named_and_other_errors_are_left_alone() {
+        // As tract-cuda panicked on an H200 with a toolkit's lib64/stubs on
+        // LD_LIBRARY_PATH.
+        let seen = "Could not create CUDA context: Could not find system default CUDA device\n\nCaused by:\n    DriverError(CUDA_ERROR_STUB_LIBRARY, \"<Failure when calling cuGetErrorString()>\")";
+        let hinted = with_cuda_hint(seen.to_owned());
+        assert!(hinted.starts_with(seen), "{hinted}");
+        assert!(
+            hinted.ends_with("take the CUDA toolkit's `stubs` folder off LD_LIBRARY_PATH)"),
+            "{hinted}"
+        );
+        assert_eq!(with_cuda_hint("out of memory".into()), "out of memory");
+    }
 
     #[test]
     fn finds_op_names_in_runtime_messages() {
