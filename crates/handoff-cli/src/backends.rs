@@ -145,4 +145,33 @@ mod tests {
             assert!(names.contains(&n), "{n} missing from {names:?}");
         }
     }
+
+    /// Every suite shipped in `suites/` is valid as it stands against this
+    /// build's backends (described, not prepared: nothing is downloaded).
+    #[test]
+    fn every_shipped_suite_validates() {
+        let dir = tempfile::tempdir().unwrap();
+        let options = handoff_suite::PlanOptions {
+            model_cache: dir.path().join("cache"),
+            known_backends: super::registry()
+                .names()
+                .into_iter()
+                .map(String::from)
+                .collect(),
+            tools: None,
+            preparation: handoff_suite::Preparation::Describe,
+        };
+        let suites = std::path::Path::new(env!("CARGO_MANIFEST_DIR")).join("../../suites");
+        let mut seen = 0;
+        for entry in std::fs::read_dir(&suites).unwrap() {
+            let path = entry.unwrap().path();
+            if path.extension().is_some_and(|e| e == "yaml") {
+                if let Err(e) = handoff_suite::Plan::from_file(&path, &options) {
+                    panic!("{}: {e}", path.display());
+                }
+                seen += 1;
+            }
+        }
+        assert!(seen >= 10, "{seen} suites in {}", suites.display());
+    }
 }
