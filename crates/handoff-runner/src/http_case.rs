@@ -715,6 +715,11 @@ pub fn alternate(
             }
         }
     }
+    // A Ctrl-C reaches the servers too: one that it ended in the last
+    // round would otherwise be recorded as failed.
+    if stop.is_some_and(|s| s.load(std::sync::atomic::Ordering::SeqCst)) {
+        return None;
+    }
     Some(
         live.into_iter()
             .zip(out)
