@@ -298,8 +298,8 @@ impl Spawned {
             if start.elapsed() >= timeout || stopped {
                 self.kill();
                 let tail = self.stderr_tail().0;
-                // A stopped case is not recorded (a resume runs it again);
-                // the reason only says what happened if it ever were.
+                // An interrupted case is not recorded (a resume runs it
+                // again); its reason still says why it was killed.
                 let why = if stopped {
                     "killed: the run was interrupted".to_owned()
                 } else {
