@@ -557,6 +557,21 @@ mod tests {
         assert_eq!(spawned, [0, 1, 2, 3, 6, 7, 8, 9, 10]);
     }
 
+    /// A policy that stops only on time (no CI target).
+    fn policy(min_time: Duration, max_time: Duration, rounds: u32) -> Measure {
+        Measure {
+            warmup: Duration::ZERO,
+            min_iterations: 1,
+            max_iterations: 1_000_000,
+            min_time,
+            max_time,
+            target_ci: 0.0,
+            rounds,
+            processes: 1,
+            settle: Duration::from_millis(50),
+        }
+    }
+
     /// One run of `ms` per block, by the clock of the test.
     struct Fixed {
         ms: f64,
@@ -583,17 +598,7 @@ mod tests {
 
     #[test]
     fn a_case_far_slower_than_its_group_leaves_after_six_rounds() {
-        let policy = Measure {
-            warmup: Duration::ZERO,
-            min_iterations: 1,
-            max_iterations: 1_000_000,
-            min_time: Duration::from_secs(1),
-            max_time: Duration::from_secs(2),
-            target_ci: 0.0,
-            rounds: 30,
-            processes: 1,
-            settle: Duration::from_millis(50),
-        };
+        let policy = policy(Duration::from_secs(1), Duration::from_secs(2), 30);
         // 100 ms blocks: the fast case measures 100 ms a round; the slow
         // one 5 s, ten times max_time after four rounds.
         let started: Vec<Result<Vec<Box<dyn CaseWorker>>, WorkerReport>> = vec![
@@ -635,17 +640,7 @@ mod tests {
 
     #[test]
     fn a_group_interrupted_inside_a_block_is_not_recorded() {
-        let policy = Measure {
-            warmup: Duration::ZERO,
-            min_iterations: 1,
-            max_iterations: 1_000_000,
-            min_time: Duration::from_millis(100),
-            max_time: Duration::from_secs(1),
-            target_ci: 0.0,
-            rounds: 3,
-            processes: 1,
-            settle: Duration::from_millis(50),
-        };
+        let policy = policy(Duration::from_millis(100), Duration::from_secs(1), 3);
         let stop = AtomicBool::new(false);
         // Whichever case runs first, the interrupt ends every live worker.
         let started: Vec<Result<Vec<Box<dyn CaseWorker>>, WorkerReport>> = vec![
