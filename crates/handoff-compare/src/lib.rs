@@ -655,7 +655,8 @@ fn decide(ratio: f64, [lo, hi]: [f64; 2], threshold: f64) -> Verdict {
 /// missing cases and accuracy are judged as in [`compare`]; the p50 ratio
 /// and its CI are the paired ones from the interleaved rounds (drift
 /// cancels in them), widened by the between-process variance; other
-/// metrics come from a paired bootstrap over the same rounds. A case
+/// metrics come from a paired bootstrap over the same rounds, widened
+/// alike. A case
 /// without rounds both sides ran keeps the unpaired estimate of
 /// [`compare`].
 pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
@@ -757,9 +758,9 @@ struct Paired {
 }
 
 /// `b / a` of the metric with its 95% CI from rounds both ran: p50 from the
-/// per-round medians (widened by the between-process variance), other
-/// metrics by a paired bootstrap over rounds, host stalls set aside when
-/// `set_stalls_aside`.
+/// per-round medians, other metrics by a paired bootstrap over rounds (host
+/// stalls set aside when `set_stalls_aside`), both widened by the
+/// between-process variance.
 fn paired_estimate(
     a: &ResultRecord,
     b: &ResultRecord,
@@ -793,7 +794,12 @@ fn paired_estimate(
         kb.iter().map(Vec::as_slice).collect(),
     );
     let stat = |s: &[f64]| metric_of(s, metric);
-    let est = handoff_stats::compare::paired_round_bootstrap(&sa, &sb, stat, 0x5eed)?;
+    // Each side's speed also depends on its worker processes (where their
+    // memory landed), a shift of the whole distribution that the rounds of
+    // so few processes cannot show: the interval carries it as p50's does.
+    let term = |r: &ResultRecord| r.rounds.as_ref().map_or(0.0, |i| i.process_term());
+    let est = handoff_stats::compare::paired_round_bootstrap(&sa, &sb, stat, 0x5eed)?
+        .widened(term(a) + term(b));
     let share = |k: &[Vec<f64>]| outlier_share(&k.concat());
     Some(Paired {
         ratio: est.ratio,
@@ -865,7 +871,7 @@ pub fn markdown(c: &Comparison) -> String {
     if c.interleaved && c.metric == Metric::P50 {
         out.push_str("> Base and head were measured in one run, in interleaved rounds: the change and its 95% CI come from the per-round head/base ratios (the machine's drift cancels in them), widened by the speed spread between worker processes. A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
     } else if c.interleaved {
-        out.push_str("> Base and head were measured in one run, in interleaved rounds, so the machine's drift hit both alike: the change and its 95% CI are a paired bootstrap over rounds (each draw takes the same rounds' samples on both sides, so drift cancels and a slow stretch that hit whole blocks counts as one draw, not as many independent samples). A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
+        out.push_str("> Base and head were measured in one run, in interleaved rounds, so the machine's drift hit both alike: the change and its 95% CI are a paired bootstrap over rounds (each draw takes the same rounds' samples on both sides, so drift cancels and a slow stretch that hit whole blocks counts as one draw, not as many independent samples), widened by the speed spread between worker processes. A change counts when the CI excludes 0 and it is beyond the threshold.\n\n");
         if c.rows.iter().any(|r| r.stalls.is_some()) {
             let _ = writeln!(
                 out,

@@ -188,6 +188,42 @@ fn an_ab_run_gated_on_p99_says_it_was_interleaved() {
     assert!(!md.contains("separate runs"), "{md}");
 }
 
+/// A worker process keeps a speed of its own for its life, which shifts
+/// its side's whole distribution, tail included: a tail gate's interval
+/// carries the between-process variance as p50's does, so a 3% change
+/// that processes 2% apart in speed could make is not called a regression.
+#[test]
+fn a_tail_interval_carries_the_speed_spread_between_processes() {
+    let gate = |process_var: Option<f64>| {
+        let side = |model, ms| {
+            let mut r = ab_side(model, ms, 1.0);
+            let info = r.rounds.as_mut().unwrap();
+            info.processes = 3;
+            info.process_var = process_var;
+            r
+        };
+        let opts = Options {
+            metric: handoff_compare::Metric::P90,
+            threshold: 0.02,
+            ..Options::default()
+        };
+        let c = handoff_compare::compare_ab(
+            &run(vec![side("m.base", 1.0), side("m.head", 1.03)]),
+            "m",
+            &opts,
+        );
+        c.rows[0].clone()
+    };
+    let alone = gate(None);
+    assert_eq!(alone.verdict, Verdict::Regressed, "{alone:?}");
+    // 2% between processes, averaged over three per side: about +-3.2%.
+    let spread = gate(Some(0.02f64.powi(2)));
+    assert_eq!(spread.verdict, Verdict::Inconclusive, "{spread:?}");
+    let [lo, hi] = spread.ratio_ci95.unwrap();
+    assert!(lo < 1.0 && hi > 1.06, "{spread:?}");
+    assert!((spread.ratio.unwrap() - 1.03).abs() < 1e-9, "{spread:?}");
+}
+
 /// A stretch of consecutive slow runs (the host stalling the VM) sets the
 /// p99 of whichever side met it; a tail gate of an interleaved run, when
 /// asked, sets it aside on both sides and says how many runs it left out.

@@ -10,6 +10,25 @@ pub struct RatioEstimate {
     pub hi: f64,
 }
 
+impl RatioEstimate {
+    /// The 95% interval widened by an independent variance component of
+    /// the log ratio (e.g. the between-process variance of both sides, which
+    /// a bootstrap over rounds of a few processes cannot see), keeping its
+    /// asymmetry about `ratio` (clamped into the interval: a percentile
+    /// bootstrap's interval need not contain its estimate, and widening
+    /// must never move a bound inwards).
+    pub fn widened(self, extra_log_var: f64) -> Self {
+        let (lo, hi) = (self.lo.ln(), self.hi.ln());
+        let (lo, hi) =
+            crate::rounds::widen_log(self.ratio.ln().clamp(lo, hi), lo, hi, extra_log_var);
+        Self {
+            lo: lo.exp(),
+            hi: hi.exp(),
+            ..self
+        }
+    }
+}
+
 /// At most this many samples per side enter the pairwise differences
 /// (evenly spaced in run order), keeping the cost at ~1M pairs.
 pub const MAX_SAMPLES: usize = 1000;
@@ -194,6 +213,31 @@ pub fn without_host_stalls(
 mod tests {
     use super::*;
     use crate::synth;
+
+    /// Widening adds the variance in quadrature on the log scale and never
+    /// moves a bound inwards, even for an estimate outside its interval.
+    #[test]
+    fn a_widened_interval_adds_variance_and_contains_the_old_one() {
+        let e = RatioEstimate {
+            ratio: 1.1,
+            lo: 1.1 * (-0.0196f64).exp(),
+            hi: 1.1 * 0.0196f64.exp(),
+        };
+        // se 0.01 on the log scale, plus 0.01^2: se 0.01 * sqrt(2).
+        let w = e.widened(1e-4);
+        assert!(
+            ((w.hi / 1.1).ln() - 0.0196 * 2f64.sqrt()).abs() < 1e-4,
+            "{w:?}"
+        );
+        assert!(
+            ((1.1 / w.lo).ln() - 0.0196 * 2f64.sqrt()).abs() < 1e-4,
+            "{w:?}"
+        );
+        assert_eq!(e.widened(0.0), e);
+        let off = RatioEstimate { ratio: 0.9, ..e };
+        let w = off.widened(1e-4);
+        assert!(w.lo <= e.lo && w.hi >= e.hi, "{w:?}");
+    }
 
     #[test]
     fn a_ten_percent_shift_with_cov_3_percent_is_detected() {

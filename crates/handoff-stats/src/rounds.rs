@@ -138,7 +138,7 @@ pub fn paired_ratio(a: &[f64], b: &[f64]) -> Option<PairedRatio> {
 /// centre is scaled by `sqrt(se^2 + extra) / se`, where `se` is the
 /// interval's own standard error (half its width / 1.96), so its asymmetry
 /// is kept.
-fn widen_log(c: f64, lo: f64, hi: f64, extra: f64) -> (f64, f64) {
+pub(crate) fn widen_log(c: f64, lo: f64, hi: f64, extra: f64) -> (f64, f64) {
     if extra.is_nan() || extra <= 0.0 {
         return (lo, hi);
     }
