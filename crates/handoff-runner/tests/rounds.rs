@@ -101,8 +101,14 @@ fn every_case_runs_once_per_round_in_a_seeded_order() {
         assert_eq!(slots, (0..6).collect::<Vec<_>>(), "round {r}");
         assert!(info.iter().all(|i| i.block_runs[r] >= 1));
     }
-    // Not the same order every round.
+    // Not the same order every round, and balanced: in the first six
+    // rounds (a cycle for six cases) every case took every place once.
     assert!((1..rounds).any(|r| info[0].slots[r] != info[0].slots[0]));
+    for i in &info {
+        let mut places = i.slots[..6].to_vec();
+        places.sort_unstable();
+        assert_eq!(places, (0..6).collect::<Vec<_>>(), "{:?}", i.slots);
+    }
     // Two workers per case by default, used in turn; the spread between
     // them is estimated for each case and kept with it.
     for i in &info {
