@@ -10,6 +10,7 @@
 # The FLOPs of the three files (tract's cost model) are printed.
 #
 #   scripts/eval_compare_gate.sh [N=20] [OUT=reports/eval-gate-<time>]
+#   REGATE=1 scripts/eval_compare_gate.sh N OUT   # gate OUT's runs again
 #
 # P99_RUNS=K runs the two p99 sets K times instead of N, P50_RUNS=K the
 # p50 sets. The p99 runs are then gated again on p95 and p90 (`handoff ab
@@ -75,6 +76,22 @@ ab() { # $1 = name, $2 = head file, $3 = metric, $4 = run number
 }
 k=${P99_RUNS:-$n}
 k50=${P50_RUNS:-$n}
+head_of() { # the head file of a set
+  case "$1" in aa-*) echo d20.onnx ;; slow-p50) echo d21.onnx ;; *) echo d22.onnx ;; esac
+}
+if [ -n "${REGATE:-}" ]; then
+  # Gate every stored run again with $bin (after a change to the gate),
+  # measuring nothing; the sets derived from the p99 runs follow below.
+  for run in "$out"/aa-p50-* "$out"/slow-p50-* "$out"/aa-p99-* "$out"/slow-p99-*; do
+    [ -s "$run/ab.json" ] || continue
+    set=$(basename "$run") && set=${set%-*}
+    (cd "$out" && "$bin" ab gate.yaml --model enc --base d20.onnx --head "$(head_of "$set")" \
+      --out "$run" --gate-only --metric "${set#*-}" --json "$run/ab.json.tmp" >/dev/null) || true
+    [ -s "$run/ab.json.tmp" ] || { echo "gating $run again failed" >&2; exit 2; }
+    mv "$run/ab.json.tmp" "$run/ab.json"
+  done
+  rm -rf "$out"/aa-p9[05]-* "$out"/slow-p9[05]-* "$out"/aa-p99s-* "$out"/slow-p99s-*
+fi
 for i in $(seq 1 "$n"); do
   if [ "$i" -le "$k50" ]; then
     ab aa-p50 d20.onnx p50 "$i"
