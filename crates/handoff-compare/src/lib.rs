@@ -740,11 +740,12 @@ pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
 /// shared host slowed the VM for that window (tens of milliseconds), not
 /// the model. `--set-stalls-aside` leaves such stretches out of a tail
 /// metric on both sides. On the 2-vCPU VMs measured they set a one-thread
-/// encoder's p99 on whichever side met them; set aside, a p99 gate found
-/// 10% more work in 19-20 of 20 runs instead of 16, but raised two false
-/// alarms in 20 A/A runs instead of one, and at p90/p95 more false alarms
-/// in a noisy hour, so it is not the default. A model's own slow runs come
-/// one at a time and stay.
+/// encoder's p99 on whichever side met them; set aside (with balanced
+/// rounds), a p99 gate found 10% more work in 20 of 20 runs instead of 17
+/// and raised no false alarm in 20 A/A runs. Not the default: measured in
+/// one hour so far, and a model that stalls in bursts of its own would
+/// have them left out (the row counts them on each side). A model's own
+/// slow runs come one at a time and stay.
 pub const STALL_RUNS: usize = 3;
 
 pub use handoff_stats::compare::Stalls;
