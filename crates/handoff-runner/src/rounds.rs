@@ -117,8 +117,9 @@ impl BalancedOrder {
 
 /// A Williams design for `n` treatments: rows `r = 0..n` are `first + r
 /// (mod n)` with `first = 0, 1, n-1, 2, n-2, ...`, a Latin square in which
-/// every ordered pair of treatments stands side by side exactly once; for
-/// odd `n` the mirrored rows are added, and then twice.
+/// every ordered pair of treatments stands side by side exactly once. For
+/// odd `n` the square alone does not balance neighbours, so its mirrored
+/// rows are added: `2n` rows, every ordered pair side by side twice.
 fn williams(n: usize) -> Vec<Vec<usize>> {
     let first: Vec<usize> = (0..n)
         .map(|j| match j {
