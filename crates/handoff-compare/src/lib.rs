@@ -656,9 +656,8 @@ fn decide(ratio: f64, [lo, hi]: [f64; 2], threshold: f64) -> Verdict {
 /// and its CI are the paired ones from the interleaved rounds (drift
 /// cancels in them), widened by the between-process variance; other
 /// metrics come from a paired bootstrap over the same rounds, widened
-/// alike. A case
-/// without rounds both sides ran keeps the unpaired estimate of
-/// [`compare`].
+/// alike. A case without rounds both sides ran keeps the unpaired estimate
+/// of [`compare`].
 pub fn compare_ab(run: &Run, id: &str, opts: &Options) -> Comparison {
     let (base_id, head_id) = (format!("{id}.base"), format!("{id}.head"));
     let side = |prefix: &str| -> Run {
