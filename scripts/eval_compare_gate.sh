@@ -60,6 +60,21 @@ check: {reference: ort, atol: 1e-3, rtol: 1e-3}
 timeout: 60s
 YAML
 
+head_of() { # the head file of a measured set
+  case "$1" in aa-*) echo d20.onnx ;; slow-p50) echo d21.onnx ;; *) echo d22.onnx ;; esac
+}
+
+gate_again() { # $1 = measured run, $2 = head file, $3 = JSON out, $4... = flags
+  local run=$1 head=$2 json=$3 code=0
+  shift 3
+  (cd "$out" && "$bin" ab gate.yaml --model enc --base d20.onnx --head "$head" \
+    --out "$run" --gate-only "$@" --json "$json" >/dev/null) || code=$?
+  if [ "$code" -gt 1 ]; then
+    echo "handoff ab --gate-only exited $code" >&2
+    exit "$code"
+  fi
+}
+
 ab() { # $1 = name, $2 = head file, $3 = metric, $4 = run number
   local dir="$out/$1-$4"
   if [ -s "$dir/ab.json" ]; then return; fi
@@ -76,48 +91,35 @@ ab() { # $1 = name, $2 = head file, $3 = metric, $4 = run number
 }
 k=${P99_RUNS:-$n}
 k50=${P50_RUNS:-$n}
-head_of() { # the head file of a set
-  case "$1" in aa-*) echo d20.onnx ;; slow-p50) echo d21.onnx ;; *) echo d22.onnx ;; esac
-}
 if [ -n "${REGATE:-}" ]; then
   # Gate every stored run again with $bin (after a change to the gate),
   # measuring nothing; the sets derived from the p99 runs follow below.
   for run in "$out"/aa-p50-* "$out"/slow-p50-* "$out"/aa-p99-* "$out"/slow-p99-*; do
     [ -s "$run/ab.json" ] || continue
-    set=$(basename "$run") && set=${set%-*}
-    (cd "$out" && "$bin" ab gate.yaml --model enc --base d20.onnx --head "$(head_of "$set")" \
-      --out "$run" --gate-only --metric "${set#*-}" --json "$run/ab.json.tmp" >/dev/null) || true
-    [ -s "$run/ab.json.tmp" ] || { echo "gating $run again failed" >&2; exit 2; }
+    name=$(basename "$run") && name=${name%-*}
+    gate_again "$run" "$(head_of "$name")" "$run/ab.json.tmp" --metric "${name#*-}"
     mv "$run/ab.json.tmp" "$run/ab.json"
   done
   rm -rf "$out"/aa-p9[05]-* "$out"/slow-p9[05]-* "$out"/aa-p99s-* "$out"/slow-p99s-*
 fi
 for i in $(seq 1 "$n"); do
   if [ "$i" -le "$k50" ]; then
-    ab aa-p50 d20.onnx p50 "$i"
-    ab slow-p50 d21.onnx p50 "$i"
+    for name in aa-p50 slow-p50; do ab "$name" "$(head_of "$name")" p50 "$i"; done
   fi
   if [ "$i" -le "$k" ]; then
-    ab aa-p99 d20.onnx p99 "$i"
-    ab slow-p99 d22.onnx p99 "$i"
+    for name in aa-p99 slow-p99; do ab "$name" "$(head_of "$name")" p99 "$i"; done
   fi
 done
 for i in $(seq 1 "$k"); do
-  for set in aa:d20 slow:d22; do
+  for side in aa slow; do
     # p99s: p99 again with host stalls set aside, to show what that changes.
     for metric in p95 p90 p99s; do
-      run="$out/${set%%:*}-p99-$i" dir="$out/${set%%:*}-$metric-$i"
+      run="$out/$side-p99-$i" dir="$out/$side-$metric-$i"
       if [ ! -s "$run/ab.json" ] || [ -s "$dir/ab.json" ]; then continue; fi
       mkdir -p "$dir"
       flags=(--metric "${metric%s}")
       if [ "$metric" = p99s ]; then flags+=(--set-stalls-aside); fi
-      code=0
-      (cd "$out" && "$bin" ab gate.yaml --model enc --base d20.onnx --head "${set#*:}.onnx" \
-        --out "$run" --gate-only "${flags[@]}" --json "$dir/ab.json" >/dev/null) || code=$?
-      if [ "$code" -gt 1 ]; then
-        echo "handoff ab --gate-only exited $code" >&2
-        exit "$code"
-      fi
+      gate_again "$run" "$(head_of "$side-p99")" "$dir/ab.json" "${flags[@]}"
     done
   done
 done
