@@ -11,6 +11,7 @@ pub mod record;
 use std::collections::BTreeMap;
 use std::path::PathBuf;
 
+use handoff_stats::rounds::ProcessVariance;
 use serde::{Deserialize, Serialize};
 
 pub use pairs::{Comparison, read_comparisons};
@@ -160,6 +161,10 @@ pub struct RoundsInfo {
     /// widens its CI and its ratios; `None` with one process per case.
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub process_var: Option<f64>,
+    /// Degrees of freedom of `process_var`'s estimate (records without it
+    /// are read as one less than their processes, the fewest it can have).
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub process_df: Option<f64>,
 }
 
 fn one() -> u32 {
@@ -182,9 +187,15 @@ impl RoundsInfo {
 
     /// The variance this case's median carries from its processes' own
     /// speeds: its between-process variance over the number of
-    /// processes it was averaged over (0 when not estimated).
-    pub fn process_term(&self) -> f64 {
-        self.process_var.unwrap_or(0.0) / f64::from(self.processes.max(1))
+    /// processes it was averaged over (none when not estimated).
+    pub fn process_term(&self) -> ProcessVariance {
+        let Some(var) = self.process_var else {
+            return ProcessVariance::NONE;
+        };
+        let df = self
+            .process_df
+            .unwrap_or_else(|| f64::from(self.processes.max(2) - 1));
+        ProcessVariance { var, df }.over(self.processes)
     }
 }
 

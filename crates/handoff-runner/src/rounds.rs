@@ -441,7 +441,8 @@ pub fn run_group<'w>(
         .filter(|c| c.info.processes > 1)
         .zip(process_var)
     {
-        c.info.process_var = v;
+        c.info.process_var = v.map(|v| v.var);
+        c.info.process_df = v.map(|v| v.df).filter(|d| d.is_finite());
     }
     Some(
         cases

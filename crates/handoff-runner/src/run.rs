@@ -667,8 +667,7 @@ impl<'a> Runner<'a> {
             if let Some(ci) = handoff_stats::rounds::round_ci_with_processes(
                 lat.p50,
                 &medians,
-                info.process_var.unwrap_or(0.0),
-                info.processes,
+                info.process_term(),
             ) {
                 lat.p50_ci95 = ci;
             }

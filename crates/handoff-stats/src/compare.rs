@@ -17,10 +17,9 @@ impl RatioEstimate {
     /// asymmetry about `ratio` (clamped into the interval: a percentile
     /// bootstrap's interval need not contain its estimate, and widening
     /// must never move a bound inwards).
-    pub fn widened(self, extra_log_var: f64) -> Self {
+    pub fn widened(self, extra: crate::rounds::ProcessVariance) -> Self {
         let (lo, hi) = (self.lo.ln(), self.hi.ln());
-        let (lo, hi) =
-            crate::rounds::widen_log(self.ratio.ln().clamp(lo, hi), lo, hi, extra_log_var);
+        let (lo, hi) = crate::rounds::widen_log(self.ratio.ln().clamp(lo, hi), lo, hi, extra);
         Self {
             lo: lo.exp(),
             hi: hi.exp(),
@@ -212,6 +211,7 @@ pub fn without_host_stalls(
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::rounds::ProcessVariance;
     use crate::synth;
 
     /// Widening adds the variance in quadrature on the log scale and never
@@ -224,7 +224,7 @@ mod tests {
             hi: 1.1 * 0.0196f64.exp(),
         };
         // se 0.01 on the log scale, plus 0.01^2: se 0.01 * sqrt(2).
-        let w = e.widened(1e-4);
+        let w = e.widened(ProcessVariance::known(1e-4));
         assert!(
             ((w.hi / 1.1).ln() - 0.0196 * 2f64.sqrt()).abs() < 1e-4,
             "{w:?}"
@@ -233,9 +233,9 @@ mod tests {
             ((1.1 / w.lo).ln() - 0.0196 * 2f64.sqrt()).abs() < 1e-4,
             "{w:?}"
         );
-        assert_eq!(e.widened(0.0), e);
+        assert_eq!(e.widened(ProcessVariance::NONE), e);
         let off = RatioEstimate { ratio: 0.9, ..e };
-        let w = off.widened(1e-4);
+        let w = off.widened(ProcessVariance::known(1e-4));
         assert!(w.lo <= e.lo && w.hi >= e.hi, "{w:?}");
     }
 

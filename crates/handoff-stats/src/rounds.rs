@@ -133,38 +133,132 @@ pub fn paired_ratio(a: &[f64], b: &[f64]) -> Option<PairedRatio> {
     })
 }
 
+/// A variance of a log latency (or of a log ratio) that comes from the
+/// worker processes' own speeds, with the degrees of freedom of its
+/// estimate. A variance estimated from three processes is itself very
+/// uncertain (two degrees of freedom: one estimate in ten is below a tenth
+/// of the true variance), so an interval that carries it uses Student's t
+/// for those degrees of freedom, not the normal quantile.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct ProcessVariance {
+    pub var: f64,
+    /// Degrees of freedom of `var`'s estimate; infinite when it is known.
+    pub df: f64,
+}
+
+impl ProcessVariance {
+    /// No process component.
+    pub const NONE: Self = Self {
+        var: 0.0,
+        df: f64::INFINITY,
+    };
+
+    /// A variance taken as known exactly: normal quantiles.
+    pub fn known(var: f64) -> Self {
+        Self {
+            var,
+            df: f64::INFINITY,
+        }
+    }
+
+    /// The variance of a mean over `n` processes' speeds (same degrees of
+    /// freedom).
+    pub fn over(self, n: u32) -> Self {
+        Self {
+            var: self.var / f64::from(n.max(1)),
+            ..self
+        }
+    }
+
+    /// The sum of two independent components, its degrees of freedom by
+    /// Welch-Satterthwaite.
+    pub fn plus(self, other: Self) -> Self {
+        let var = self.var + other.var;
+        let part = |v: Self| {
+            if v.var > 0.0 {
+                v.var * v.var / v.df
+            } else {
+                0.0
+            }
+        };
+        let d = part(self) + part(other);
+        Self {
+            var,
+            df: if d > 0.0 {
+                var * var / d
+            } else {
+                f64::INFINITY
+            },
+        }
+    }
+}
+
+/// Student's t 97.5% quantile for `df` degrees of freedom, any real
+/// `df >= 1` (less is taken as 1, infinite gives the normal quantile):
+/// exact at 1 and 2, the Cornish-Fisher expansion from 3 on (within 0.1%
+/// there), interpolated in `1 / df` between.
+pub fn t975(df: f64) -> f64 {
+    if df.is_nan() || df > 1e9 {
+        return Z95;
+    }
+    let cornish_fisher = |v: f64| {
+        let z = Z95;
+        let (z3, z5, z7, z9) = (z.powi(3), z.powi(5), z.powi(7), z.powi(9));
+        z + (z3 + z) / (4.0 * v)
+            + (5.0 * z5 + 16.0 * z3 + 3.0 * z) / (96.0 * v * v)
+            + (3.0 * z7 + 19.0 * z5 + 17.0 * z3 - 15.0 * z) / (384.0 * v.powi(3))
+            + (79.0 * z9 + 776.0 * z7 + 1482.0 * z5 - 1920.0 * z3 - 945.0 * z)
+                / (92160.0 * v.powi(4))
+    };
+    const T1: f64 = 12.706_205;
+    const T2: f64 = 4.302_653;
+    let lerp =
+        |(x0, y0): (f64, f64), (x1, y1): (f64, f64), x: f64| y0 + (y1 - y0) * (x - x0) / (x1 - x0);
+    let df = df.max(1.0);
+    if df >= 3.0 {
+        cornish_fisher(df)
+    } else if df >= 2.0 {
+        lerp((0.5, T2), (1.0 / 3.0, cornish_fisher(3.0)), 1.0 / df)
+    } else {
+        lerp((1.0, T1), (0.5, T2), 1.0 / df)
+    }
+}
+
 /// Widens a log-scale interval `(centre, lo, hi)` by an independent
 /// variance component `extra` (of the log): each side's distance from the
-/// centre is scaled by `sqrt(se^2 + extra) / se`, where `se` is the
+/// centre is scaled by `t sqrt(se^2 + extra) / (z se)`, where `se` is the
 /// interval's own standard error (half its width / 1.96), so its asymmetry
-/// is kept.
-pub(crate) fn widen_log(c: f64, lo: f64, hi: f64, extra: f64) -> (f64, f64) {
-    if extra.is_nan() || extra <= 0.0 {
+/// is kept, and `t` is Student's quantile for the sum's degrees of freedom
+/// (Welch-Satterthwaite; the interval's own, from dozens of rounds, count
+/// as exact).
+pub(crate) fn widen_log(c: f64, lo: f64, hi: f64, extra: ProcessVariance) -> (f64, f64) {
+    let v = extra.var;
+    if v.is_nan() || v <= 0.0 {
         return (lo, hi);
     }
     let se = (hi - lo) / (2.0 * Z95);
     if se <= 0.0 {
-        let h = Z95 * extra.sqrt();
+        let h = t975(extra.df) * v.sqrt();
         return (c - h, c + h);
     }
-    let f = (se * se + extra).sqrt() / se;
+    let df = extra.df * (1.0 + se * se / v).powi(2);
+    let f = t975(df) * (se * se + v).sqrt() / (Z95 * se);
     (c - (c - lo) * f, c + (hi - c) * f)
 }
 
 const Z95: f64 = 1.959_964;
 
-/// [`round_ci`] with the between-process variance of the log latency
-/// (`process_var`, see [`process_variance`]) for a case measured on
-/// `processes` worker processes: its median is an average over that many
+/// [`round_ci`] with the variance the case's median carries from its
+/// worker processes' own speeds (see [`process_variances`]; already over
+/// the number of processes): its median is an average over that many
 /// process speeds, which the block medians of so few processes cannot show.
 pub fn round_ci_with_processes(
     p50: f64,
     block_medians: &[f64],
-    process_var: f64,
-    processes: u32,
+    process: ProcessVariance,
 ) -> Option<[f64; 2]> {
     let (c, lo, hi) = log_hodges_lehmann(block_medians)?;
-    let (lo, hi) = widen_log(c, lo, hi, process_var / f64::from(processes.max(1)));
+    let (lo, hi) = widen_log(c, lo, hi, process);
     Some([p50 * (lo - c).exp(), p50 * (hi - c).exp()])
 }
 
@@ -172,9 +266,9 @@ impl PairedRatio {
     /// The interval widened by an independent variance component of the log
     /// ratio (e.g. the between-process variance of both sides); the verdict
     /// follows the wider interval.
-    pub fn widened(self, extra_log_var: f64) -> Self {
+    pub fn widened(self, extra: ProcessVariance) -> Self {
         let c = self.ratio.ln();
-        let (lo, hi) = widen_log(c, self.ci95[0].ln(), self.ci95[1].ln(), extra_log_var);
+        let (lo, hi) = widen_log(c, self.ci95[0].ln(), self.ci95[1].ln(), extra);
         let ci95 = [lo.exp(), hi.exp()];
         Self {
             ci95,
@@ -207,7 +301,12 @@ impl PairedRatio {
 /// three quarters of the cases' estimates (the quarter left out is where
 /// such a slow process shows). `None` for a case without two processes of
 /// three rounds each (every case, with one process); never below 0.
-pub fn process_variances(series: &[Vec<Option<(usize, f64)>>]) -> Vec<Option<f64>> {
+///
+/// Degrees of freedom: a case's own estimate from `k` processes has
+/// `k - 1`; the group's typical value, a mean of several cases' estimates,
+/// has theirs combined (Welch-Satterthwaite), which is what makes two or
+/// three processes per case usable at all.
+pub fn process_variances(series: &[Vec<Option<(usize, f64)>>]) -> Vec<Option<ProcessVariance>> {
     let logs: Vec<Vec<Option<(usize, f64)>>> = series
         .iter()
         .map(|s| {
@@ -229,7 +328,7 @@ pub fn process_variances(series: &[Vec<Option<(usize, f64)>>]) -> Vec<Option<f64
             s.iter().map(|x| x.map(|(k, l)| (k, l - centre))).collect()
         })
         .collect();
-    let own: Vec<Option<f64>> = deviations
+    let own: Vec<Option<ProcessVariance>> = deviations
         .iter()
         .enumerate()
         .map(|(c, s)| {
@@ -266,17 +365,29 @@ pub fn process_variances(series: &[Vec<Option<(usize, f64)>>]) -> Vec<Option<f64
             let mean = located.iter().map(|(m, _)| m).sum::<f64>() / n;
             let between = located.iter().map(|(m, _)| (m - mean).powi(2)).sum::<f64>() / (n - 1.0);
             let noise = located.iter().map(|(_, v)| v).sum::<f64>() / n;
-            Some((between - noise).max(0.0))
+            Some(ProcessVariance {
+                var: (between - noise).max(0.0),
+                df: n - 1.0,
+            })
         })
         .collect();
-    let mut known: Vec<f64> = own.iter().flatten().copied().collect();
+    let mut known: Vec<ProcessVariance> = own.iter().flatten().copied().collect();
     if known.is_empty() {
         return own;
     }
-    known.sort_by(f64::total_cmp);
+    known.sort_by(|a, b| a.var.total_cmp(&b.var));
     let lower = &known[..(known.len() * 3).div_ceil(4)];
-    let typical = lower.iter().sum::<f64>() / lower.len() as f64;
-    own.into_iter().map(|v| v.map(|v| v.max(typical))).collect()
+    let m = lower.len() as f64;
+    let sum = lower
+        .iter()
+        .fold(ProcessVariance::NONE, |sum, v| sum.plus(*v));
+    let typical = ProcessVariance {
+        var: sum.var / m,
+        ..sum
+    };
+    own.into_iter()
+        .map(|v| v.map(|v| if v.var >= typical.var { v } else { typical }))
+        .collect()
 }
 
 /// Spread of a series of canary times: each value relative to their
@@ -370,7 +481,7 @@ mod tests {
     }
 
     /// The variances of cases 0 and 1, which every test pair compares.
-    fn pair_var(g: &[Vec<Option<(usize, f64)>>]) -> (f64, f64) {
+    fn pair_var(g: &[Vec<Option<(usize, f64)>>]) -> (ProcessVariance, ProcessVariance) {
         let v = process_variances(g);
         (v[0].unwrap(), v[1].unwrap())
     }
@@ -382,16 +493,16 @@ mod tests {
         for seed in 0..300 {
             let g = group_with_processes(8, 3, 30, 0.02, 1.0, seed);
             let (va, vb) = pair_var(&g);
-            estimates.push(va.sqrt());
+            estimates.push(va.var.sqrt());
             let r = paired_ratio(&medians_of(&g[0]), &medians_of(&g[1])).unwrap();
             plain += usize::from(r.verdict == Verdict::NoMeasurableDifference);
-            let w = r.widened((va + vb) / 3.0);
+            let w = r.widened(va.plus(vb).over(3));
             assert!(w.ci95[0] <= r.ci95[0] && w.ci95[1] >= r.ci95[1]);
             widened += usize::from(w.verdict == Verdict::NoMeasurableDifference);
             let g = group_with_processes(8, 3, 30, 0.02, 1.10, seed + 50_000);
             let (va, vb) = pair_var(&g);
             let r = paired_ratio(&medians_of(&g[0]), &medians_of(&g[1])).unwrap();
-            found += usize::from(r.widened((va + vb) / 3.0).verdict == Verdict::Slower);
+            found += usize::from(r.widened(va.plus(vb).over(3)).verdict == Verdict::Slower);
         }
         let sd = crate::median(&estimates);
         assert!(
@@ -409,6 +520,60 @@ mod tests {
     }
 
     #[test]
+    fn t_quantiles_match_the_tables_and_widening_follows_the_degrees_of_freedom() {
+        for (df, t) in [
+            (1.0, 12.706),
+            (2.0, 4.303),
+            (3.0, 3.182),
+            (4.0, 2.776),
+            (6.0, 2.447),
+            (10.0, 2.228),
+            (30.0, 2.042),
+            (f64::INFINITY, 1.960),
+        ] {
+            assert!((t975(df) / t - 1.0).abs() < 2e-3, "df {df}: {}", t975(df));
+        }
+        // Between table points it moves monotonically.
+        let ts: Vec<f64> = (10..60).map(|i| t975(f64::from(i) / 10.0)).collect();
+        assert!(ts.windows(2).all(|w| w[1] < w[0]), "{ts:?}");
+        // Two components: the variances add, the degrees of freedom by
+        // Welch-Satterthwaite (equal variances, 2 each: 4).
+        let v = ProcessVariance { var: 1e-4, df: 2.0 };
+        let sum = v.plus(v);
+        assert!((sum.var - 2e-4).abs() < 1e-12 && (sum.df - 4.0).abs() < 1e-9);
+        assert_eq!(v.plus(ProcessVariance::NONE), v);
+        // A process term of few degrees of freedom widens more than a
+        // known one of the same size, and the rounds' own width dilutes it.
+        let (c, lo, hi) = (0.0, -0.0196, 0.0196);
+        let known = widen_log(c, lo, hi, ProcessVariance::known(1e-4)).1;
+        let few = widen_log(c, lo, hi, ProcessVariance { var: 1e-4, df: 2.0 }).1;
+        assert!((known - 0.0196 * 2f64.sqrt()).abs() < 1e-4, "{known}");
+        // Sum's df: 2 (1 + 1)^2 = 8.
+        assert!((few / known - t975(8.0) / 1.959_964).abs() < 1e-4, "{few}");
+    }
+
+    /// A group like a gate's (four cases, three processes each): the
+    /// process variances come from few processes, and normal quantiles
+    /// for them give intervals that miss more often than they say.
+    #[test]
+    fn few_processes_need_t_quantiles_to_cover() {
+        let (mut normal, mut t) = (0, 0);
+        for seed in 0..1000 {
+            let g = group_with_processes(4, 3, 60, 0.02, 1.0, seed);
+            let (va, vb) = pair_var(&g);
+            let r = paired_ratio(&medians_of(&g[0]), &medians_of(&g[1])).unwrap();
+            let known = ProcessVariance::known(va.var + vb.var).over(3);
+            normal += usize::from(r.widened(known).verdict == Verdict::NoMeasurableDifference);
+            t += usize::from(
+                r.widened(va.plus(vb).over(3)).verdict == Verdict::NoMeasurableDifference,
+            );
+        }
+        // Nominal 950 of 1000 (binomial sd 7).
+        assert!(normal <= 940, "normal quantiles covered {normal}/1000");
+        assert!((940..=965).contains(&t), "t quantiles covered {t}/1000");
+    }
+
+    #[test]
     fn a_slow_process_widens_its_own_case_and_no_other() {
         let (mut own, mut others) = (Vec::new(), Vec::new());
         for seed in 0..100 {
@@ -420,12 +585,12 @@ mod tests {
                 }
             }
             let v = process_variances(&g);
-            own.push(v[5].unwrap().sqrt());
+            own.push(v[5].unwrap().var.sqrt());
             others.extend(
                 v.iter()
                     .enumerate()
                     .filter(|(c, _)| *c != 5)
-                    .map(|(_, v)| v.unwrap().sqrt()),
+                    .map(|(_, v)| v.unwrap().var.sqrt()),
             );
         }
         // Three processes at 1.5, 1, 1: sd of the logs 0.23.
@@ -447,7 +612,11 @@ mod tests {
     #[test]
     fn process_variance_is_near_zero_without_process_effects_and_needs_two_processes() {
         let estimates: Vec<f64> = (0..100)
-            .map(|seed| pair_var(&group_with_processes(8, 2, 30, 0.0, 1.0, seed)).0)
+            .map(|seed| {
+                pair_var(&group_with_processes(8, 2, 30, 0.0, 1.0, seed))
+                    .0
+                    .var
+            })
             .collect();
         // Noise alone: the moment estimate is centred near 0 (clamped).
         assert!(crate::median(&estimates).sqrt() < 0.006, "{estimates:?}");
@@ -456,7 +625,8 @@ mod tests {
                 .iter()
                 .all(Option::is_none)
         );
-        let ci = round_ci_with_processes(10.0, &[10.0; 12], 0.0004, 2).unwrap();
+        let term = ProcessVariance::known(0.0004).over(2);
+        let ci = round_ci_with_processes(10.0, &[10.0; 12], term).unwrap();
         // A constant series has no width of its own: the process term alone.
         assert!((ci[1] / 10.0 - (1.959_964 * 0.0002f64.sqrt()).exp()).abs() < 1e-9);
     }
