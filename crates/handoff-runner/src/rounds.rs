@@ -147,7 +147,12 @@ fn williams(n: usize) -> Vec<Vec<usize>> {
 /// group ran slower for its whole life here (of twelve, the first about
 /// 1.2% slower than its case's other workers and the last 0.8% faster,
 /// medians over 60 runs of one-thread encoders on ort and tract), and the
-/// paired ratios compare the cases' `k`-th workers round by round.
+/// paired ratios compare the cases' `k`-th workers round by round. That
+/// removes a trend over the starts; what a whole stratum shares cancels
+/// in the ratios anyway (round `r` runs every case's worker `r %
+/// per_case`), and the extra slowness of a group's very first starts
+/// (+1.3% for the first, seen with a seed per run) stays, as a spread
+/// between a case's workers that its intervals carry.
 ///
 /// Strata come in pairs, an order and its reverse (every case's places sum
 /// to `cases - 1`); an odd number of strata opens with three whose places
