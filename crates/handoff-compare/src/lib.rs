@@ -797,15 +797,8 @@ fn paired_estimate(
     // Each side's speed also depends on its worker processes (where their
     // memory landed), a shift of the whole distribution that the rounds of
     // so few processes cannot show: the interval carries it as p50's does.
-    let term = |r: &ResultRecord| {
-        r.rounds
-            .as_ref()
-            .map_or(handoff_stats::rounds::ProcessVariance::NONE, |i| {
-                i.process_term()
-            })
-    };
     let est = handoff_stats::compare::paired_round_bootstrap(&sa, &sb, stat, 0x5eed)?
-        .widened(term(a).plus(term(b)));
+        .widened(a.process_term().plus(b.process_term()));
     let share = |k: &[Vec<f64>]| outlier_share(&k.concat());
     Some(Paired {
         ratio: est.ratio,

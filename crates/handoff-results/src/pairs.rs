@@ -5,7 +5,7 @@
 use std::io::BufRead;
 use std::path::Path;
 
-use handoff_stats::rounds::{PairedRatio, ProcessVariance, Verdict, paired_ratio};
+use handoff_stats::rounds::{PairedRatio, Verdict, paired_ratio};
 use serde::{Deserialize, Serialize};
 
 use crate::record::{ResultRecord, Status};
@@ -122,12 +122,7 @@ pub fn round_samples(r: &ResultRecord) -> Option<Vec<&[f64]>> {
 /// interval widened by both sides' between-process variance.
 pub fn ratio_of(a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<PairedRatio> {
     let r = paired_ratio(&medians(a, false)?, &medians(b, inner)?)?;
-    let term = |x: &ResultRecord| {
-        x.rounds
-            .as_ref()
-            .map_or(ProcessVariance::NONE, |i| i.process_term())
-    };
-    Some(r.widened(term(a).plus(term(b))))
+    Some(r.widened(a.process_term().plus(b.process_term())))
 }
 
 fn pair(kind: PairKind, a: &ResultRecord, b: &ResultRecord, inner: bool) -> Option<Comparison> {

@@ -272,6 +272,15 @@ impl ResultRecord {
     pub fn recommendable(&self) -> bool {
         self.passes() && self.parity.is_some() && !self.machine.as_ref().is_some_and(|m| m.busy)
     }
+
+    /// The variance this case's median carries from its worker processes'
+    /// own speeds ([`crate::RoundsInfo::process_term`]); none without rounds.
+    pub fn process_term(&self) -> handoff_stats::rounds::ProcessVariance {
+        self.rounds.as_ref().map_or(
+            handoff_stats::rounds::ProcessVariance::NONE,
+            crate::RoundsInfo::process_term,
+        )
+    }
 }
 
 fn is_zero(v: &u32) -> bool {

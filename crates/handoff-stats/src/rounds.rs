@@ -377,14 +377,10 @@ pub fn process_variances(series: &[Vec<Option<(usize, f64)>>]) -> Vec<Option<Pro
     }
     known.sort_by(|a, b| a.var.total_cmp(&b.var));
     let lower = &known[..(known.len() * 3).div_ceil(4)];
-    let m = lower.len() as f64;
-    let sum = lower
+    let typical = lower
         .iter()
-        .fold(ProcessVariance::NONE, |sum, v| sum.plus(*v));
-    let typical = ProcessVariance {
-        var: sum.var / m,
-        ..sum
-    };
+        .fold(ProcessVariance::NONE, |sum, v| sum.plus(*v))
+        .over(lower.len() as u32);
     own.into_iter()
         .map(|v| v.map(|v| if v.var >= typical.var { v } else { typical }))
         .collect()
