@@ -996,24 +996,16 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
         std::fs::read(d.join("grown/results.jsonl")).unwrap(),
         measured
     );
-    // p99 with host stalls set aside gates the same run; on p50 the flag
-    // would do nothing and is refused. Ten short rounds measured while the
-    // other tests load the machine leave p99's CI wide enough to be
-    // inconclusive at times, so this checks the wiring, not the verdict
-    // (the gate's tests check the verdict on fixed samples).
-    let o = regate(
-        "mlp",
-        &[
-            "--metric",
-            "p99",
-            "--set-stalls-aside",
-            "--json",
-            "p99.json",
-        ],
-    );
+    // p99 gates the same run, leaving out rounds with a host stall unless
+    // `--keep-stalls`; on p50 that flag would do nothing and is refused.
+    // Ten short rounds measured while the other tests load the machine
+    // leave p99's CI wide enough to be inconclusive at times, so this
+    // checks the wiring, not the verdict (the gate's tests check the
+    // verdict on fixed samples).
+    let o = regate("mlp", &["--metric", "p99", "--json", "p99.json"]);
     let md = String::from_utf8_lossy(&o.stdout);
     assert!(matches!(o.status.code(), Some(0 | 1)), "{md}");
-    assert!(md.contains("Host stalls were set aside first"), "{md}");
+    assert!(md.contains("Rounds with a host stall are left out"), "{md}");
     let c: serde_json::Value =
         serde_json::from_slice(&std::fs::read(d.join("p99.json")).unwrap()).unwrap();
     let row = &c["rows"][0];
@@ -1022,11 +1014,20 @@ measure: {warmup: 50ms, min_iterations: 5, min_time: 300ms, max_time: 600ms, tar
     let regressed = row["verdict"] == "regressed";
     assert_eq!(o.status.code() == Some(1), regressed, "{md}");
     assert!(regressed || row["verdict"] == "inconclusive", "{md}");
-    let o = regate("mlp", &["--set-stalls-aside"]);
+    let o = regate(
+        "mlp",
+        &["--metric", "p99", "--keep-stalls", "--json", "kept.json"],
+    );
+    let md = String::from_utf8_lossy(&o.stdout);
+    assert!(!md.contains("host stall"), "{md}");
+    let c: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(d.join("kept.json")).unwrap()).unwrap();
+    assert!(c["rows"][0].get("stalls").is_none(), "{c}");
+    let o = regate("mlp", &["--keep-stalls"]);
     let err = String::from_utf8_lossy(&o.stderr);
     assert_eq!(o.status.code(), Some(2), "{err}");
     assert!(
-        err.contains("--set-stalls-aside applies to a tail metric"),
+        err.contains("--keep-stalls applies to a tail metric"),
         "{err}"
     );
     // A model the run did not measure is an error, not an empty pass.

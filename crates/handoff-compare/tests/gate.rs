@@ -1,7 +1,7 @@
 //! The gate on the changes users make: matched by logical identity, with
 //! failures, missing cases and accuracy failures as regressions.
 
-use handoff_compare::{Options, Run, Verdict, compare};
+use handoff_compare::{Options, Run, StalledRounds, Verdict, compare};
 use handoff_results::{ResultRecord, Status};
 
 /// One `ok` ort case with 400 samples around `ms`.
@@ -225,19 +225,20 @@ fn a_tail_interval_carries_the_speed_spread_between_processes() {
 }
 
 /// A stretch of consecutive slow runs (the host stalling the VM) sets the
-/// p99 of whichever side met it; a tail gate of an interleaved run, when
-/// asked, sets it aside on both sides and says how many runs it left out.
+/// p99 of whichever side met it; a tail gate of an interleaved run leaves
+/// that round out on both sides and says how many it left out, unless told
+/// to keep them.
 #[test]
-fn a_tail_gate_sets_host_stalls_aside_and_counts_them() {
+fn a_tail_gate_leaves_rounds_with_host_stalls_out_and_counts_them() {
     let mut base = ab_side("m.base", 1.0, 1.0);
     for s in &mut base.samples_ms[45..51] {
         *s = 1.6;
     }
-    let gate = |set_stalls_aside| {
+    let gate = |keep_stalls| {
         let opts = Options {
             metric: handoff_compare::Metric::P99,
             threshold: 0.02,
-            set_stalls_aside,
+            keep_stalls,
             ..Options::default()
         };
         let c = handoff_compare::compare_ab(
@@ -248,20 +249,35 @@ fn a_tail_gate_sets_host_stalls_aside_and_counts_them() {
         assert_eq!(c.rows.len(), 1, "{:?}", c.rows);
         c
     };
-    let c = gate(true);
+    let c = gate(false);
     let row = &c.rows[0];
     assert_eq!(row.verdict, Verdict::Regressed, "{row:?}");
     assert!((row.ratio.unwrap() - 1.1).abs() < 0.01, "{row:?}");
     let note = row.note.clone().unwrap_or_default();
     assert!(
-        note.contains("host stalls set aside (3+ consecutive runs over 1.3x the median): base 6 runs in 1 stretch(es), head none"),
+        note.contains("1 of 20 rounds left out on both sides for host stalls (3+ consecutive runs over 1.3x the median): base met 1 stall (6 runs), head none"),
         "{note}"
     );
-    assert!(handoff_compare::markdown(&c).contains("Host stalls were set aside first"));
+    let [b, h] = row.stalls.unwrap();
+    assert_eq!((b.rounds, h.rounds), (1, 0), "{row:?}");
+    assert_eq!(
+        row.stalled_rounds,
+        Some(StalledRounds {
+            stalled: 1,
+            rounds: 20,
+            left_out: true
+        })
+    );
+    assert!(
+        handoff_compare::markdown(&c)
+            .contains("Rounds with a host stall are left out on both sides")
+    );
     // Kept, the stall is base's p99 and hides the 10%.
-    let row = &gate(false).rows[0];
+    let c = gate(true);
+    let row = &c.rows[0];
     assert_ne!(row.verdict, Verdict::Regressed, "{row:?}");
     assert_eq!(row.stalls, None);
+    assert!(!handoff_compare::markdown(&c).contains("host stall"));
     // Many more stretches on head's side may be the model's own: said.
     let mut head = ab_side("m.head", 1.0, 1.0);
     for at in [25, 105, 205] {
@@ -272,14 +288,42 @@ fn a_tail_gate_sets_host_stalls_aside_and_counts_them() {
     let opts = Options {
         metric: handoff_compare::Metric::P99,
         threshold: 0.02,
-        set_stalls_aside: true,
         ..Options::default()
     };
-    let c = handoff_compare::compare_ab(&run(vec![ab_side("m.base", 1.0, 1.0), head]), "m", &opts);
+    let c = handoff_compare::compare_ab(
+        &run(vec![ab_side("m.base", 1.0, 1.0), head.clone()]),
+        "m",
+        &opts,
+    );
     let note = c.rows[0].note.clone().unwrap_or_default();
     assert!(
-        note.contains("base none, head 12 runs in 3 stretch(es); head met 3 stall stretches against base's 0: if the model causes them, gate without `--set-stalls-aside`"),
+        note.contains("3 of 20 rounds left out on both sides for host stalls (3+ consecutive runs over 1.3x the median): base met none, head 3 stalls (12 runs); head met 3 stalls against base's 0: if the model causes them, gate with `--keep-stalls`"),
         "{note}"
+    );
+    assert_eq!(c.rows[0].verdict, Verdict::Unchanged, "{:?}", c.rows[0]);
+    // Stalls in more than a fifth of the rounds are no longer rare events
+    // to leave out: every round is kept, and head's stalls set its p99.
+    for at in [65, 145, 185] {
+        for s in &mut head.samples_ms[at..at + 4] {
+            *s = 1.6;
+        }
+    }
+    let c = handoff_compare::compare_ab(&run(vec![ab_side("m.base", 1.0, 1.0), head]), "m", &opts);
+    let row = &c.rows[0];
+    let note = row.note.clone().unwrap_or_default();
+    assert!(
+        note.contains("every round kept: 6 of 20 held host stalls (3+ consecutive runs over 1.3x the median): base met none, head 6 stalls (24 runs); beyond 20% of the rounds, the calm rest would be a selection too narrow to judge from"),
+        "{note}"
+    );
+    assert!(!note.contains("--keep-stalls"), "{note}");
+    assert_eq!(row.verdict, Verdict::Regressed, "{row:?}");
+    assert_eq!(
+        row.stalled_rounds,
+        Some(StalledRounds {
+            stalled: 6,
+            rounds: 20,
+            left_out: false
+        })
     );
 }
 

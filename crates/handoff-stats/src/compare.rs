@@ -153,59 +153,83 @@ pub fn paired_round_bootstrap<F: Fn(&[f64]) -> f64>(
     })
 }
 
-/// Runs set aside by [`without_host_stalls`].
+/// What one side of a paired comparison met of host stalls, and what
+/// [`without_stalled_rounds`] left out for them.
 #[derive(Debug, Clone, Copy, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 pub struct Stalls {
-    /// Runs left out.
+    /// Runs in the stretches.
     pub runs: usize,
     /// Stretches they came in.
     pub stretches: usize,
+    /// Rounds in which this side met a stretch: left out on both sides.
+    #[serde(default)]
+    pub rounds: usize,
 }
 
-/// `blocks` (one per round, each in run order) without the stretches of at
-/// least `min_runs` consecutive runs slower than `factor` x the median of
-/// all of them. A shared host that stops or slows the VM for tens of
-/// milliseconds slows every run in that window: on the 2-vCPU VMs measured
-/// such stretches (5-6 consecutive runs at 1.3-1.5x) set a one-thread
-/// encoder's p99 on whichever side met them, in 12 of 40 paired runs. A
-/// model's own slow runs (a page fault, an allocator's trim) come one at a
-/// time and are kept.
-pub fn without_host_stalls(
-    blocks: &[&[f64]],
+/// Per block: the runs in stretches of at least `min_runs` consecutive runs
+/// slower than `cut`, and how many stretches (a stretch does not continue
+/// into the next block).
+fn stretches(block: &[f64], cut: f64, min_runs: usize) -> (usize, usize) {
+    let (mut runs, mut count, mut len) = (0, 0, 0);
+    for x in block.iter().chain([&f64::NEG_INFINITY]) {
+        if *x > cut {
+            len += 1;
+            continue;
+        }
+        if len >= min_runs.max(1) {
+            runs += len;
+            count += 1;
+        }
+        len = 0;
+    }
+    (runs, count)
+}
+
+/// The rounds of a paired comparison (`base[r]` and `head[r]`: each side's
+/// block of round `r`, in run order) with every round in which either side
+/// met a **host stall** left out on both sides: a stretch of at least
+/// `min_runs` consecutive runs slower than `factor` x that side's median.
+/// A left-out round's blocks come back empty (the pairing by index holds).
+///
+/// A shared host that stops or slows the VM for tens of milliseconds slows
+/// every run in that window, and the runs around it less visibly; on the
+/// 2-vCPU VMs measured such windows set a one-thread encoder's p99 on
+/// whichever side met them. A model's own slow runs come one at a time and
+/// stay. The round goes, not only the stretch: the runs the host slowed
+/// around it, below the cut, would otherwise still set that side's tail,
+/// and leaving it out on both sides keeps the pairs.
+pub fn without_stalled_rounds<'a>(
+    base: &[&'a [f64]],
+    head: &[&'a [f64]],
     factor: f64,
     min_runs: usize,
-) -> (Vec<Vec<f64>>, Stalls) {
-    let all: Vec<f64> = blocks.iter().flat_map(|b| b.iter().copied()).collect();
-    let mut stalls = Stalls::default();
-    if all.is_empty() {
-        return (blocks.iter().map(|b| b.to_vec()).collect(), stalls);
+) -> (Vec<&'a [f64]>, Vec<&'a [f64]>, [Stalls; 2]) {
+    let per_block = |side: &[&[f64]]| -> Vec<(usize, usize)> {
+        let all: Vec<f64> = side.iter().flat_map(|b| b.iter().copied()).collect();
+        if all.is_empty() {
+            return vec![(0, 0); side.len()];
+        }
+        let cut = factor * crate::median(&all);
+        side.iter().map(|b| stretches(b, cut, min_runs)).collect()
+    };
+    let (sb, sh) = (per_block(base), per_block(head));
+    let mut met = [Stalls::default(); 2];
+    let (mut kb, mut kh) = (
+        Vec::with_capacity(base.len()),
+        Vec::with_capacity(head.len()),
+    );
+    for (r, (b, h)) in base.iter().zip(head).enumerate() {
+        let (xb, xh) = (sb[r], sh[r]);
+        for (m, (runs, count)) in met.iter_mut().zip([xb, xh]) {
+            m.runs += runs;
+            m.stretches += count;
+            m.rounds += usize::from(count > 0);
+        }
+        let stalled = xb.1 > 0 || xh.1 > 0;
+        kb.push(if stalled { &b[..0] } else { *b });
+        kh.push(if stalled { &h[..0] } else { *h });
     }
-    let cut = factor * crate::median(&all);
-    let kept = blocks
-        .iter()
-        .map(|b| {
-            let mut out = Vec::with_capacity(b.len());
-            let mut i = 0;
-            while i < b.len() {
-                let start = i;
-                while i < b.len() && b[i] > cut {
-                    i += 1;
-                }
-                if i - start >= min_runs.max(1) {
-                    stalls.runs += i - start;
-                    stalls.stretches += 1;
-                } else {
-                    out.extend_from_slice(&b[start..i]);
-                }
-                if i < b.len() {
-                    out.push(b[i]);
-                    i += 1;
-                }
-            }
-            out
-        })
-        .collect();
-    (kept, stalls)
+    (kb, kh, met)
 }
 
 #[cfg(test)]
@@ -372,31 +396,33 @@ mod tests {
     }
 
     #[test]
-    fn stretches_of_slow_runs_are_set_aside_and_single_slow_runs_kept() {
-        // The median of all runs is 1.0, so the cut is at 1.3.
+    fn a_stretch_of_slow_runs_leaves_its_round_out_on_both_sides_and_single_slow_runs_stay() {
+        // Every side's median is 1.0, so the cut is at 1.3.
         let calm = [1.0; 20];
         let a: &[f64] = &[1.0, 1.0, 1.5, 1.6, 1.4, 1.0, 2.0, 1.0];
         let b: &[f64] = &[1.4, 1.4, 1.0, 1.0, 1.9, 1.0, 1.5, 1.5];
-        let (kept, s) = without_host_stalls(&[a, b, &calm], 1.3, 3);
-        assert_eq!(kept[0], vec![1.0, 1.0, 1.0, 2.0, 1.0]);
-        // Two slow runs in a row are not a stretch of three; a stretch
-        // does not continue into the next block.
-        assert_eq!(kept[1], b.to_vec());
-        assert_eq!(kept[2], calm.to_vec());
+        let at_end: &[f64] = &[1.0, 1.0, 1.0, 1.0, 1.0, 1.4, 1.4, 1.4];
+        let base = [a, b, &calm[..], &calm[..]];
+        let head = [&calm[..], &calm[..], &calm[..], at_end];
+        let (kb, kh, s) = without_stalled_rounds(&base, &head, 1.3, 3);
+        // Two slow runs in a row are not a stretch of three, nor is a
+        // single one; a stretch that ends its block counts.
+        assert_eq!(kb, vec![&[][..], b, &calm[..], &[][..]]);
+        assert_eq!(kh, vec![&[][..], &calm[..], &calm[..], &[][..]]);
+        let one = Stalls {
+            runs: 3,
+            stretches: 1,
+            rounds: 1,
+        };
+        assert_eq!(s, [one, one]);
+        let (kb, _, s) = without_stalled_rounds(&base, &head, 1.3, 2);
+        assert!(kb[0].is_empty() && kb[1].is_empty() && !kb[2].is_empty());
         assert_eq!(
-            s,
+            s[0],
             Stalls {
-                runs: 3,
-                stretches: 1
-            }
-        );
-        let (kept, s) = without_host_stalls(&[b, &calm], 1.3, 2);
-        assert_eq!(kept[0], vec![1.0, 1.0, 1.9, 1.0]);
-        assert_eq!(
-            s,
-            Stalls {
-                runs: 4,
-                stretches: 2
+                runs: 7,
+                stretches: 3,
+                rounds: 2
             }
         );
     }
@@ -416,14 +442,14 @@ mod tests {
     }
 
     #[test]
-    fn setting_host_stalls_aside_recovers_a_p99_change_they_hid() {
+    fn leaving_stalled_rounds_out_recovers_a_p99_change_they_hid() {
         let (base, head) = (calm(120, 20, 1.0, 11), calm(120, 20, 1.1, 12));
-        let stalls = |v: &[Vec<f64>]| without_host_stalls(&slices(v), 1.3, 3).1;
+        let (sb, sh) = (slices(&base), slices(&head));
         assert_eq!(
-            (stalls(&base), stalls(&head)),
-            (Stalls::default(), Stalls::default())
+            without_stalled_rounds(&sb, &sh, 1.3, 3).2,
+            [Stalls::default(); 2]
         );
-        let clean = paired_round_bootstrap(&slices(&base), &slices(&head), p99, 3).unwrap();
+        let clean = paired_round_bootstrap(&sb, &sh, p99, 3).unwrap();
         assert!(clean.lo > 1.0, "{clean:?}");
         // Stretches at 1.6x on base only hide the change in the pooled p99.
         let mut stalled = base.clone();
@@ -432,20 +458,50 @@ mod tests {
                 *x *= 1.6;
             }
         }
-        let hidden = paired_round_bootstrap(&slices(&stalled), &slices(&head), p99, 3).unwrap();
+        let hidden = paired_round_bootstrap(&slices(&stalled), &sh, p99, 3).unwrap();
         assert!(hidden.lo <= 1.0, "{hidden:?}");
-        let (kept, s) = without_host_stalls(&slices(&stalled), 1.3, 3);
+        let (kb, kh, s) = without_stalled_rounds(&slices(&stalled), &sh, 1.3, 3);
         assert_eq!(
             s,
-            Stalls {
-                runs: 24,
-                stretches: 3
-            }
+            [
+                Stalls {
+                    runs: 24,
+                    stretches: 3,
+                    rounds: 3
+                },
+                Stalls::default()
+            ]
         );
-        let found = paired_round_bootstrap(&slices(&kept), &slices(&head), p99, 3).unwrap();
+        let found = paired_round_bootstrap(&kb, &kh, p99, 3).unwrap();
         assert!(
             found.lo > 1.0 && (found.ratio - 1.1).abs() < 0.03,
             "{found:?}"
         );
+    }
+
+    /// A host that slows the VM slows the runs around a stretch too, below
+    /// the cut: left in, they set one side's p99; the round goes with them.
+    #[test]
+    fn the_runs_slowed_around_a_stall_leave_with_its_round() {
+        let (base, head) = (calm(120, 20, 1.0, 21), calm(120, 20, 1.0, 22));
+        let mut stalled = base.clone();
+        for r in [3, 17, 30, 52, 71, 90, 104] {
+            for (i, x) in stalled[r].iter_mut().enumerate() {
+                *x *= if (8..11).contains(&i) { 1.6 } else { 1.25 };
+            }
+        }
+        let sh = slices(&head);
+        // The stretches' own runs alone out: the slowed runs (6% of base's)
+        // still make base's p99 about 1.25/1.12 slower than head's.
+        let runs_only: Vec<Vec<f64>> = stalled
+            .iter()
+            .map(|b| b.iter().copied().filter(|&x| x <= 1.3 * 1.0).collect())
+            .collect();
+        let left = paired_round_bootstrap(&slices(&runs_only), &sh, p99, 5).unwrap();
+        assert!(left.hi < 0.95, "{left:?}");
+        let (kb, kh, s) = without_stalled_rounds(&slices(&stalled), &sh, 1.3, 3);
+        assert_eq!(s[0].rounds, 7);
+        let out = paired_round_bootstrap(&kb, &kh, p99, 5).unwrap();
+        assert!(out.lo <= 1.0 && 1.0 <= out.hi, "{out:?}");
     }
 }

@@ -112,8 +112,8 @@ impl CompareCmd {
             noise_k,
             allow_env_mismatch,
             allow_missing,
-            // Separate runs have no paired rounds to set stalls aside from.
-            set_stalls_aside: false,
+            // Separate runs have no paired rounds to leave out.
+            keep_stalls: false,
         };
         let b = handoff_compare::Run::load(&base)?;
         let h = handoff_compare::Run::load(&head)?;
@@ -206,10 +206,14 @@ pub struct AbCmd {
     /// another --metric or --threshold); its ab.md is left as it was.
     #[arg(long, requires = "out")]
     pub gate_only: bool,
-    /// With a tail metric (p90, p95, p99, mean): leave host stalls out on
-    /// both sides (stretches of 3+ consecutive runs of a block over 1.3x
-    /// the median); the note counts them.
+    /// With a tail metric (p90, p95, p99, mean): keep the rounds in which
+    /// either side met a host stall (3+ consecutive runs of a block over
+    /// 1.3x the median), which are otherwise left out on both sides.
     #[arg(long)]
+    pub keep_stalls: bool,
+    /// Stalled rounds are left out by default; accepted so that existing
+    /// scripts keep working.
+    #[arg(long, hide = true, conflicts_with = "keep_stalls")]
     pub set_stalls_aside: bool,
 }
 
@@ -230,19 +234,25 @@ impl AbCmd {
             json,
             quiet,
             gate_only,
+            keep_stalls,
             set_stalls_aside,
         } = self;
-        if set_stalls_aside && matches!(metric, MetricArg::P50) {
+        if (keep_stalls || set_stalls_aside) && matches!(metric, MetricArg::P50) {
             // p50 comes from per-round medians, which a stall of a few runs
             // barely moves: the flag would do nothing, so say so.
+            let flag = if keep_stalls {
+                "--keep-stalls"
+            } else {
+                "--set-stalls-aside"
+            };
             anyhow::bail!(
-                "--set-stalls-aside applies to a tail metric (--metric p90, p95, p99 or mean); p50 is read from the rounds' medians"
+                "{flag} applies to a tail metric (--metric p90, p95, p99 or mean); p50 is read from the rounds' medians, with every round"
             );
         }
         let opts = handoff_compare::Options {
             threshold,
             metric: metric.into(),
-            set_stalls_aside,
+            keep_stalls,
             ..Default::default()
         };
         if gate_only {
